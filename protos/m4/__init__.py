@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for MobileFM (see protos/generate.py)."""
