@@ -1,0 +1,73 @@
+"""`m4d`: flags + config → run the daemon. Exit 0 after a clean shutdown, 1 when start-up
+fails (bad image, failed self-test, socket in use), 2 for a bad configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from m4d import __version__
+from m4d.config import ConfigError, describe_defaults, load_config
+from m4d.logs import setup_logging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="m4d", description="The M4 model daemon.")
+    p.add_argument("--config", type=Path, help="config file (default /etc/m4/m4d.toml; "
+                   "env M4D_CONFIG)")
+    p.add_argument("--image", help="firmware image directory to serve")
+    p.add_argument("--app-socket", help="Unix socket for apps (default /run/m4/app.sock)")
+    p.add_argument("--admin-socket", help="Unix socket for administrators "
+                   "(default /run/m4/admin.sock)")
+    p.add_argument("--runtime-dir", type=Path,
+                   help="put app.sock and admin.sock in this directory")
+    p.add_argument("--weight-format", help="int4, int8, bfloat16 or float32")
+    p.add_argument("--compute-dtype", help="bfloat16 or float32")
+    p.add_argument("--threads", help="torch threads (0 = one per core)")
+    p.add_argument("--kv-slots", help="generation sequences that run at once")
+    p.add_argument("--max-context", help="longest prompt + output, in tokens")
+    p.add_argument("--max-queue", help="waiting requests before UNAVAILABLE")
+    p.add_argument("--self-test", help="strict, warn or off")
+    p.add_argument("--log-format", help="json or text")
+    p.add_argument("--log-level", help="debug, info, warning or error")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration and exit")
+    p.add_argument("--version", action="version", version=f"m4d {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {k: getattr(args, k) for k in (
+        "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads",
+        "kv_slots", "max_context", "max_queue", "self_test", "log_format", "log_level")}
+    if args.runtime_dir is not None:
+        overrides["app_socket"] = overrides["app_socket"] or str(args.runtime_dir / "app.sock")
+        overrides["admin_socket"] = (overrides["admin_socket"]
+                                     or str(args.runtime_dir / "admin.sock"))
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"m4d: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        for key, _ in describe_defaults():
+            print(f"{key} = {getattr(config, key)!r}")
+        return 0
+    setup_logging(config.log_format, config.log_level)
+    logging.getLogger(__name__).info("m4d starting", extra={"version": __version__,
+                                                            "image": str(config.image)})
+    from m4d.server.app import serve  # torch and grpc load after the config is known good
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; fall back anyway
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Every setting of m4d and its default, in one place.
+
+Sources, later ones winning: the defaults below, the TOML config file
+(`/etc/m4/m4d.toml`, or `--config`), environment variables `M4D_<KEY>` (upper case), and
+command-line flags. Every value is validated here; an error names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("/etc/m4/m4d.toml")
+RUNTIME_DIR = Path("/run/m4")
+STATE_DIR = Path("/var/lib/m4")
+
+WEIGHT_FORMATS = ("int4", "int8", "bfloat16", "float32")
+COMPUTE_DTYPES = ("bfloat16", "float32")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SELF_TEST_MODES = ("strict", "warn", "off")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names the key, the source and the fix."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's settings. Field comments are the documentation of each key."""
+
+    # Unix socket for apps (the Inference service, health, reflection).
+    app_socket: Path = RUNTIME_DIR / "app.sock"
+    # Unix socket for administrators (the Admin service). Separate from the app socket.
+    admin_socket: Path = RUNTIME_DIR / "admin.sock"
+    # File mode of the app socket: every local app may connect.
+    app_socket_mode: int = 0o666
+    # File mode of the admin socket: owner and admin group only.
+    admin_socket_mode: int = 0o660
+    # The firmware image directory to serve.
+    image: Path = STATE_DIR / "images" / "default"
+    # How backbone weights are held in memory: int4 keeps the checkpoint's Q4_1 exactly.
+    weight_format: str = "int4"
+    # The dtype of activations. int4/int8 weights need bfloat16 to be fast on CPU.
+    compute_dtype: str = "bfloat16"
+    # Torch threads for the executor; 0 means one per CPU core.
+    threads: int = 0
+    # Generation sequences that can run at once (KV cache rows).
+    kv_slots: int = 16
+    # Longest sequence (prompt + generated tokens) a request may use.
+    max_context: int = 2048
+    # Tokens the model processes per scheduler step (decode tokens + one prefill chunk).
+    step_token_budget: int = 256
+    # Requests waiting for a KV slot before new ones are refused with UNAVAILABLE.
+    max_queue: int = 64
+    # Most texts in one Embed call, and most texts the encoder runs in one batch.
+    max_batch_texts: int = 64
+    # Longest text accepted in any field, in characters.
+    max_text_chars: int = 32_768
+    # Largest request message, in bytes; larger ones are refused by gRPC.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # max_tokens when a Generate call does not say.
+    default_max_tokens: int = 256
+    # Seconds in-flight calls get to finish after SIGTERM before they are cut off.
+    drain_timeout: float = 30.0
+    # Run the image's self-test at start: strict = refuse to serve when it fails.
+    self_test: str = "strict"
+    # Log lines as JSON objects (for journald and collectors) or as plain text.
+    log_format: str = "json"
+    # Least severe level that is logged.
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
+        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_choice("log_format", self.log_format, LOG_FORMATS)
+        _check_choice("log_level", self.log_level, LOG_LEVELS)
+        _check_choice("self_test", self.self_test, SELF_TEST_MODES)
+        if self.weight_format in ("int4", "int8") and self.compute_dtype != "bfloat16":
+            raise ConfigError(
+                f"weight_format={self.weight_format} needs compute_dtype=bfloat16 "
+                "(the CPU int4/int8 kernels take bfloat16 activations)"
+            )
+        for key in ("kv_slots", "max_context", "step_token_budget", "max_queue",
+                    "max_batch_texts", "max_text_chars", "max_message_bytes",
+                    "default_max_tokens"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (got {self.threads}); 0 means all cores")
+        if self.drain_timeout < 0:
+            raise ConfigError(f"drain_timeout must be >= 0 seconds (got {self.drain_timeout})")
+        if self.default_max_tokens >= self.max_context:
+            raise ConfigError(
+                f"default_max_tokens ({self.default_max_tokens}) must be below "
+                f"max_context ({self.max_context})"
+            )
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or (os.cpu_count() or 1)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _fields() -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, raw: Any, source: str) -> Any:
+    """Turns a raw value (TOML value or environment string) into the field's type."""
+    kind = _fields()[key].type
+    try:
+        if kind == "Path":
+            if not isinstance(raw, str) or not raw:
+                raise TypeError("a non-empty path string")
+            return Path(raw)
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise TypeError("an integer")
+            if isinstance(raw, str):
+                return int(raw, 0)  # accepts 0o660 for socket modes
+            if not isinstance(raw, int):
+                raise TypeError("an integer")
+            return raw
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise TypeError("a number")
+            return float(raw)
+        if kind == "str":
+            if not isinstance(raw, str):
+                raise TypeError("a string")
+            return raw
+    except (TypeError, ValueError) as exc:
+        expected = exc.args[0] if isinstance(exc, TypeError) else f"a valid {kind}"
+        raise ConfigError(f"{source}: {key} must be {expected} (got {raw!r})") from None
+    raise AssertionError(f"unhandled config type {kind} for {key}")
+
+
+def load_config(
+    config_file: Path | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Builds the Config from file, environment and flag overrides (in that order)."""
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    fields = _fields()
+
+    path = config_file
+    if path is None and env.get("M4D_CONFIG"):
+        path = Path(env["M4D_CONFIG"])
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG_FILE
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        for key, raw in data.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(fields))}"
+                )
+            values[key] = _coerce(key, raw, str(path))
+    elif explicit:
+        raise ConfigError(f"config file {path} does not exist")
+
+    for key in fields:
+        name = f"M4D_{key.upper()}"
+        if name in env:
+            values[key] = _coerce(key, env[name], f"environment {name}")
+
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = raw if not isinstance(raw, str) else _coerce(key, raw, f"--{key}")
+
+    try:
+        return Config(**values)
+    except ConfigError as exc:
+        source = str(path) if path.exists() else "settings"
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def describe_defaults() -> list[tuple[str, Any]]:
+    """(key, default) pairs, for `m4d --print-config` and documentation."""
+    cfg = Config()
+    return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(Config)]
+
+
+__all__ = ["Config", "ConfigError", "describe_defaults", "load_config"]

@@ -1,0 +1,311 @@
+"""The engine: the one owner of serving state, and the executor loop that drives the model.
+
+Servicers call `submit()` from the event loop and read a `RequestStream`; the engine's
+worker thread takes requests from its inbox, asks the scheduler what to run, runs it on
+the runtime (torch, never on the event loop), and posts events back to each request's
+stream with `call_soon_threadsafe`. Cancellation and deadlines are checked every step: a
+cancelled sequence leaves its KV row before the next step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from m4d.engine.requests import (
+    ClassifyRequest,
+    EmbedRequest,
+    Event,
+    Failed,
+    GenerateRequest,
+    PredictNextRequest,
+    Predictions,
+    RequestBase,
+    TextDelta,
+    Timings,
+    Usage,
+    WordPrediction,
+)
+from m4d.engine.encoder import EncoderWork, run_encoder_batch
+from m4d.engine.scheduler import Scheduler, SeqState
+from m4d.engine.sequence import Sequence
+from m4d.errors import Cancelled, DeadlineExceeded, Internal, M4Error, Unavailable
+from m4d.executor.runtime import Runtime
+from m4d.executor.sampling import sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    in_flight: int = 0
+    total: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    tokens_generated: int = 0
+    tokens_prompted: int = 0
+    steps: int = 0
+    active_sequences: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+_STREAMING = (TextDelta,)  # events after which more events follow
+
+
+class RequestStream:
+    """The event loop's end of one request: iterate for events, cancel to stop the work."""
+
+    def __init__(self, engine: Engine, request: RequestBase) -> None:
+        self._engine = engine
+        self.request = request
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.done = False
+
+    def _post(self, event: Event) -> None:  # called on the worker thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._queue.get()
+            yield event
+            if not isinstance(event, _STREAMING):
+                self.done = True
+                return
+
+    async def result(self) -> Event:
+        """The final event of a non-streaming request; raises its error."""
+        async for event in self:
+            if isinstance(event, Failed):
+                raise event.error
+            if self.done:
+                return event
+        raise Internal("request ended without a result")
+
+    def cancel(self) -> None:
+        if not self.done:
+            self._engine.cancel(self.request.id)
+
+
+
+
+class Engine:
+    def __init__(self, runtime: Runtime, *, kv_slots: int, token_budget: int,
+                 max_queue: int, max_batch_texts: int) -> None:
+        self.runtime = runtime
+        self.scheduler = Scheduler(kv_slots, token_budget, max_queue)
+        self.max_queue = max_queue
+        self.max_batch_texts = max_batch_texts
+        self.stats = EngineStats()
+        self._lock = threading.Condition()
+        self._inbox: collections.deque[tuple[RequestBase, RequestStream]] = collections.deque()
+        self._cancels: set[int] = set()
+        self._streams: dict[int, RequestStream] = {}
+        self._sequences: dict[int, Sequence] = {}
+        self._encoder_queue: collections.deque[EncoderWork] = collections.deque()
+        self._aux_queue: collections.deque[tuple[PredictNextRequest, RequestStream]] = (
+            collections.deque())
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.frozen = threading.Event()  # tests freeze the worker to check the watchdog
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="m4-executor-cpu", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- the event loop's side ---------------------------------------------------------
+
+    def submit(self, request: RequestBase) -> RequestStream:
+        """Queues a request; raises Unavailable at once when the queue is full."""
+        stream = RequestStream(self, request)
+        with self._lock:
+            if self._stopping:
+                raise Unavailable("the daemon is shutting down; retry on the next start",
+                                  retry_after=5.0)
+            waiting = len(self._inbox) + self.scheduler.num_waiting + len(self._encoder_queue)
+            if waiting >= self.max_queue:
+                self.stats.rejected += 1
+                raise Unavailable(
+                    f"busy: {waiting} requests are waiting (limit {self.max_queue}); "
+                    "retry shortly", retry_after=0.5)
+            self._inbox.append((request, stream))
+            self._streams[request.id] = stream
+            self.stats.in_flight += 1
+            self._lock.notify()
+        return stream
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            if request_id in self._streams:
+                self._cancels.add(request_id)
+                self._lock.notify()
+
+    # ---- the worker thread ---------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._cancels or self.scheduler.seqs
+                    or self._encoder_queue or self._aux_queue)
+
+    def _run(self) -> None:
+        log.info("executor started", extra={"device": str(self.runtime.device)})
+        while True:
+            with self._lock:
+                while not self._has_work() and not self._stopping:
+                    self._lock.wait(timeout=1.0)
+                    self.stats.last_progress = time.monotonic()  # idle is healthy
+                if self._stopping and not self._has_work():
+                    return
+                inbox = list(self._inbox)
+                self._inbox.clear()
+                cancels = set(self._cancels)
+                self._cancels.clear()
+            while self.frozen.is_set():
+                time.sleep(0.05)
+            try:
+                self._admit(inbox)
+                self._expire(cancels)
+                self._step()
+                self._run_encoder()
+                self._run_aux()
+            except Exception as exc:  # a runtime failure must not kill the daemon
+                log.exception("executor step failed")
+                self._fail_all(Internal(f"model step failed: {exc}"))
+            self.stats.last_progress = time.monotonic()
+
+    def _admit(self, inbox: list[tuple[RequestBase, RequestStream]]) -> None:
+        for request, stream in inbox:
+            if isinstance(request, GenerateRequest):
+                seq = Sequence(request, stream, self.runtime.tokenizer)
+                self._sequences[request.id] = seq
+                self.scheduler.add(SeqState(
+                    id=request.id, priority=int(request.priority), arrival=request.arrival,
+                    prompt_len=len(request.prompt_ids),
+                    max_new_tokens=request.sampling.max_tokens))
+            elif isinstance(request, (EmbedRequest, ClassifyRequest)):
+                self._encoder_queue.append(EncoderWork(request, stream))
+            elif isinstance(request, PredictNextRequest):
+                self._aux_queue.append((request, stream))
+            else:
+                self._finish(request.id, Failed(Internal(f"unknown request {request!r}")))
+
+    def _expire(self, cancels: set[int]) -> None:
+        now = time.monotonic()
+        for rid in cancels:
+            if rid in self._streams:
+                self.stats.cancelled += 1
+                log.info("request cancelled by client", extra={"request": rid})
+                self._finish(rid, Failed(Cancelled("cancelled by the client")))
+        for rid, stream in list(self._streams.items()):
+            if stream.request.expired(now):
+                self.stats.cancelled += 1
+                log.info("request deadline exceeded", extra={"request": rid})
+                self._finish(rid, Failed(DeadlineExceeded(
+                    "the deadline passed before the request finished")))
+
+    def _finish(self, rid: int, event: Event) -> None:
+        """Ends a request: frees its KV row and queue entries, posts the last event."""
+        stream = self._streams.pop(rid, None)
+        self.scheduler.finish(rid)
+        self._sequences.pop(rid, None)
+        if stream is None:
+            return
+        self._encoder_queue = collections.deque(
+            w for w in self._encoder_queue if w.request.id != rid)
+        self._aux_queue = collections.deque(w for w in self._aux_queue if w[0].id != rid)
+        self.stats.in_flight -= 1
+        self.stats.total += 1
+        stream._post(event)
+
+    def _fail_all(self, error: M4Error) -> None:
+        for rid in list(self._streams):
+            self._finish(rid, Failed(error))
+
+    # ---- generation ----------------------------------------------------------------
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        self.stats.active_sequences = len(self.scheduler.running)
+        if plan.empty:
+            return
+        now = time.monotonic()
+        if plan.decode:
+            seqs = [self._sequences[sid] for sid, _ in plan.decode]
+            logits = self.runtime.decode(
+                [row for _, row in plan.decode],
+                [s.last_token for s in seqs],
+                [s.next_position for s in seqs])
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            for seq, token in zip(seqs, tokens, strict=True):
+                self._on_token(seq, token)
+        for chunk in plan.prefill:
+            seq = self._sequences[chunk.seq_id]
+            if chunk.start == 0:
+                seq.started(now)
+            ids = seq.request.prompt_ids[chunk.start:chunk.start + chunk.length]
+            logits = self.runtime.prefill(chunk.row, ids, chunk.start)
+            self.stats.tokens_prompted += chunk.length
+            if chunk.last:
+                seq.prefilled(time.monotonic())
+                token = sample(logits[None], [seq.params], [seq.generator])[0]
+                self._on_token(seq, token)
+        self.scheduler.update(plan)
+        self.stats.steps += 1
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        self.stats.tokens_generated += 1
+        delta, finished = seq.add_token(token, self.runtime.max_context)
+        if delta is not None:
+            seq.stream._post(delta)
+        if finished is not None:
+            self._finish(seq.request.id, finished)
+
+    # ---- encoder and auxiliary work ------------------------------------------------
+
+    def _run_encoder(self) -> None:
+        if not self._encoder_queue:
+            return
+        batch: list[EncoderWork] = []
+        texts = 0
+        while self._encoder_queue and (
+                not batch or texts + self._encoder_queue[0].num_texts <= self.max_batch_texts):
+            work = self._encoder_queue.popleft()
+            batch.append(work)
+            texts += work.num_texts
+        for work, event in run_encoder_batch(self.runtime, batch):
+            if not isinstance(event, Failed):
+                self.stats.tokens_prompted += event.usage.prompt_tokens  # type: ignore[union-attr]
+            self._finish(work.request.id, event)
+
+    def _run_aux(self) -> None:
+        if not self._aux_queue:
+            return
+        request, _ = self._aux_queue.popleft()
+        started = time.monotonic()
+        words = self.runtime.next_words(request.prompt_ids, request.num_predictions)
+        end = time.monotonic()
+        self.stats.tokens_prompted += len(request.prompt_ids)
+        timings = Timings(queue_ms=(started - request.arrival) * 1e3,
+                          prefill_ms=(end - started) * 1e3,
+                          total_ms=(end - request.arrival) * 1e3)
+        self._finish(request.id, Predictions(
+            [WordPrediction(w, p) for w, p in words],
+            Usage(prompt_tokens=len(request.prompt_ids)), timings))
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.stats.__dict__, kv_slots=self.scheduler.num_rows)

@@ -1,0 +1,116 @@
+"""One generation sequence as the engine runs it: its tokens, its streamed text, how it ends.
+
+Turns sampled token ids into text deltas: incremental detokenization (never a broken
+UTF-8 character), stop strings (never streamed, even when they arrive split over several
+tokens), end-of-sequence, max_tokens and the context limit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from m4d.engine.requests import (
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+    TextDelta,
+    Timings,
+    Usage,
+)
+from m4d.executor.sampling import make_generator
+from m4d.model.tokenizer import IncrementalDecoder, TextTokenizer
+
+
+class Sequence:
+    def __init__(self, request: GenerateRequest, stream: object, tokenizer: TextTokenizer | None,
+                 ) -> None:
+        assert tokenizer is not None
+        self.request = request
+        self.stream = stream  # a RequestStream; typed loosely to avoid an import cycle
+        self.params: SamplingParams = request.sampling
+        self.generator: torch.Generator | None = make_generator(request.sampling)
+        self.eos_id = tokenizer.eos_id
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.tokens: list[int] = []
+        self._held = ""  # text held back because it may be the start of a stop string
+        self._held_ids: list[int] = []
+        self._start = 0.0
+        self._first_token = 0.0
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
+
+    @property
+    def next_position(self) -> int:
+        """The position of last_token, which the next decode step feeds."""
+        return len(self.request.prompt_ids) + len(self.tokens) - 1
+
+    def started(self, now: float) -> None:
+        self._start = now
+
+    def prefilled(self, now: float) -> None:
+        self._first_token = now
+
+    def add_token(self, token: int, max_context: int) -> tuple[TextDelta | None, Finished | None]:
+        """Records a sampled token; returns the text to stream and, at the end, the finish."""
+        self.tokens.append(token)
+        if token == self.eos_id and not self.params.ignore_eos:
+            return self._flush(), self._finished(FinishReason.EOS)
+        self._held += self.decoder.add(token)
+        self._held_ids.append(token)
+        stop_at = self._find_stop()
+        if stop_at is not None:
+            self._held = self._held[:stop_at]
+            return self._flush(), self._finished(FinishReason.STOP)
+        if len(self.tokens) >= self.params.max_tokens:
+            self._held += self.decoder.flush()
+            return self._flush(), self._finished(FinishReason.LENGTH)
+        if len(self.request.prompt_ids) + len(self.tokens) >= max_context:
+            self._held += self.decoder.flush()
+            return self._flush(), self._finished(FinishReason.CONTEXT)
+        keep = self._holdback()
+        if keep == len(self._held):
+            return None, None
+        text, self._held = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
+        ids, self._held_ids = self._held_ids, []
+        return TextDelta(text, tuple(ids)), None
+
+    def _find_stop(self) -> int | None:
+        found = [i for s in self.params.stop if (i := self._held.find(s)) >= 0]
+        return min(found) if found else None
+
+    def _holdback(self) -> int:
+        """Length of the longest suffix of the held text that could begin a stop string."""
+        best = 0
+        for stop in self.params.stop:
+            for n in range(min(len(stop) - 1, len(self._held)), best, -1):
+                if self._held.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def _flush(self) -> TextDelta | None:
+        if not self._held and not self._held_ids:
+            return None
+        delta = TextDelta(self._held, tuple(self._held_ids))
+        self._held, self._held_ids = "", []
+        return delta
+
+    def _finished(self, reason: FinishReason) -> Finished:
+        import time
+
+        end = time.monotonic()
+        arrival = self.request.arrival
+        first = self._first_token or end
+        timings = Timings(
+            queue_ms=(self._start - arrival) * 1e3 if self._start else 0.0,
+            prefill_ms=(first - self._start) * 1e3 if self._start else 0.0,
+            decode_ms=(end - first) * 1e3,
+            first_token_ms=(first - arrival) * 1e3,
+            total_ms=(end - arrival) * 1e3,
+        )
+        usage = Usage(prompt_tokens=len(self.request.prompt_ids),
+                      completion_tokens=len(self.tokens))
+        return Finished(reason, usage, timings)

@@ -1,0 +1,51 @@
+"""Domain errors of m4d: what went wrong, independent of the transport.
+
+The server converts each kind to its gRPC status in one place (`m4d.server.status`);
+nothing below the server knows about gRPC.
+"""
+
+from __future__ import annotations
+
+
+class M4Error(Exception):
+    """Base of every error a caller should see; the message is shown to the caller."""
+
+
+class InvalidArgument(M4Error):
+    """The request is wrong: unknown task, wrong input kind, empty, too long, bad value."""
+
+
+class ResourceExhausted(M4Error):
+    """The caller's quota is used up."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(M4Error):
+    """The daemon cannot take the request now: busy, loading, swapping or shutting down."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(M4Error):
+    """The request's deadline passed before it finished."""
+
+
+class Cancelled(M4Error):
+    """The client cancelled the request."""
+
+
+class FailedPrecondition(M4Error):
+    """An operation on something in the wrong state."""
+
+
+class PermissionDenied(M4Error):
+    """The caller is not allowed to do this."""
+
+
+class Internal(M4Error):
+    """A bug or a failure of the model runtime; logged with its traceback."""

@@ -1,0 +1,201 @@
+"""The model runtime: an image's components loaded into torch, and the operations the
+engine runs on them (prefill, batched decode, encoding, next-word prediction).
+
+Every method here runs on the executor thread; nothing here is async or knows gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m4d.config import Config
+from m4d.errors import InvalidArgument
+from m4d.model.bert import BertConfig, load_bert
+from m4d.model.llama import Llama, LlamaConfig, load_llama
+from m4d.model.tokenizer import ChatTemplate, TextTokenizer
+from m4image.verify import VerifiedImage
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    name: str
+    kind: str
+    parameters: int
+    weight_format: str
+    compute_dtype: str
+    device: str
+
+
+class Runtime:
+    """Holds the loaded backbone and text encoder of one firmware image."""
+
+    def __init__(self, image: VerifiedImage, config: Config) -> None:
+        self.image = image
+        self.config = config
+        self.device = torch.device("cpu")
+        self.compute_dtype = DTYPES[config.compute_dtype]
+        self.components: list[ComponentInfo] = []
+        self.backbone: Llama | None = None
+        self.tokenizer: TextTokenizer | None = None
+        self.chat_template: ChatTemplate | None = None
+        self.encoder: Any = None
+        self.encoder_tokenizer: TextTokenizer | None = None
+        self.encoder_spec: dict[str, Any] = {}
+        self.max_context = config.max_context
+
+    # ---- loading -------------------------------------------------------------------
+
+    def load(self) -> None:
+        torch.set_num_threads(self.config.torch_threads)
+        comps = self.image.manifest.components
+        for name, spec in comps.items():
+            started = time.monotonic()
+            if spec["kind"] == "llama":
+                self._load_backbone(name, spec)
+            elif spec["kind"] == "bert":
+                self._load_encoder(name, spec)
+            else:
+                log.warning("component %s has kind %r that this daemon does not run",
+                            name, spec["kind"])
+                continue
+            log.info("loaded component", extra={"component": name, "kind": spec["kind"],
+                                                 "seconds": round(time.monotonic() - started, 2)})
+
+    def _path(self, relative: str) -> Path:
+        return self.image.path / relative
+
+    def _load_backbone(self, name: str, spec: dict[str, Any]) -> None:
+        cfg = LlamaConfig.from_dict(spec["config"])
+        model = load_llama(self._path(spec["weights"]), cfg,
+                           weight_format=self.config.weight_format,
+                           compute_dtype=self.compute_dtype, device=self.device)
+        self.max_context = min(self.config.max_context, cfg.max_seq_len)
+        model.setup_caches(self.config.kv_slots, self.max_context, self.compute_dtype)
+        self.backbone = model
+        self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]))
+        template = spec.get("chat_template")
+        if template:
+            self.chat_template = ChatTemplate(template, self.tokenizer)
+        self.components.append(ComponentInfo(
+            name, "llama", _count_parameters(spec), self.config.weight_format,
+            self.config.compute_dtype, str(self.device)))
+
+    def _load_encoder(self, name: str, spec: dict[str, Any]) -> None:
+        cfg = BertConfig.from_dict(spec["config"])
+        self.encoder = load_bert(self._path(spec["weights"]), cfg,
+                                 compute_dtype=self.compute_dtype, device=self.device)
+        self.encoder_tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]))
+        self.encoder_spec = spec
+        self.components.append(ComponentInfo(
+            name, "bert", sum(p.numel() for p in self.encoder.parameters()),
+            self.config.compute_dtype, self.config.compute_dtype, str(self.device)))
+
+    # ---- backbone ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: list[int], start: int) -> torch.Tensor:
+        """Puts a prompt chunk into KV row `row`; returns the last position's logits [V]."""
+        assert self.backbone is not None
+        tokens = torch.tensor([ids], dtype=torch.long)  # [1, S]
+        pos = torch.arange(start, start + len(ids), dtype=torch.long)[None]  # [1, S]
+        rows = torch.tensor([row], dtype=torch.long)
+        logits = self.backbone(tokens, pos, rows, last_only=True)  # [1, 1, V]
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each sequence, each at its own position; returns logits [B, V]."""
+        assert self.backbone is not None
+        tok = torch.tensor(tokens, dtype=torch.long)[:, None]  # [B, 1]
+        pos = torch.tensor(positions, dtype=torch.long)[:, None]  # [B, 1]
+        contiguous = rows == list(range(len(rows)))
+        row_t = None if contiguous else torch.tensor(rows, dtype=torch.long)
+        logits = self.backbone(tok, pos, row_t, last_only=True)  # [B, 1, V]
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def next_words(self, ids: list[int], n: int, max_word_tokens: int = 4) -> list[tuple[str, float]]:
+        """The n most likely next words after `ids` with their probabilities (M4 T1).
+
+        A word is a token that starts with a space (or a word-start after a newline)
+        followed by letters or digits, extended greedily while the model's most likely
+        next token continues the same word; its probability is the product of the steps.
+        """
+        assert self.backbone is not None and self.tokenizer is not None
+        tok = self.tokenizer
+        context = torch.tensor([ids], dtype=torch.long)
+        probs = torch.softmax(self.backbone.forward_full(context)[0, -1].float(), dim=-1)
+        top = torch.topk(probs, min(8 * n, probs.numel()))
+        starts: list[tuple[int, float]] = []
+        for p, t in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            piece = tok.decode([t])
+            if _starts_word(piece):
+                starts.append((t, p))
+            if len(starts) >= 3 * n:
+                break
+        if not starts:
+            return []
+        seqs = [[t] for t, _ in starts]
+        word_probs = [p for _, p in starts]
+        open_rows = list(range(len(seqs)))
+        for _ in range(max_word_tokens - 1):
+            if not open_rows:
+                break
+            batch = torch.tensor([ids + seqs[r] for r in open_rows], dtype=torch.long)
+            step = torch.softmax(self.backbone.forward_full(batch)[:, -1].float(), dim=-1)
+            best_p, best_t = step.max(dim=-1)
+            still_open = []
+            for i, r in enumerate(open_rows):
+                t, p = int(best_t[i]), float(best_p[i])
+                if _continues_word(tok.decode([t])):
+                    seqs[r].append(t)
+                    word_probs[r] *= p
+                    still_open.append(r)
+            open_rows = still_open
+        merged: dict[str, float] = {}
+        for seq, p in zip(seqs, word_probs, strict=True):
+            word = tok.decode(seq).strip()
+            if word:
+                merged[word] = merged.get(word, 0.0) + p
+        return sorted(merged.items(), key=lambda kv: -kv[1])[:n]
+
+    # ---- text encoder --------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Pooled (and normalised, if the head says so) embeddings [N, D], token counts."""
+        from m4d.model.bert import embed
+
+        if self.encoder is None or self.encoder_tokenizer is None:
+            raise InvalidArgument("this image has no text encoder")
+        max_len = int(self.encoder_spec.get("max_seq_len", 256))
+        vectors, counts = embed(self.encoder, self.encoder_tokenizer.raw, texts, max_len,
+                                normalize=bool(self.encoder_spec.get("normalize", True)))
+        return vectors.float(), counts
+
+
+def _starts_word(piece: str) -> bool:
+    stripped = piece.lstrip(" \n")
+    return piece != stripped and stripped[:1].isalnum()
+
+
+def _continues_word(piece: str) -> bool:
+    return bool(piece) and not piece[0].isspace() and (piece[0].isalnum() or piece[0] in "'-")
+
+
+def _count_parameters(spec: dict[str, Any]) -> int:
+    cfg = spec["config"]
+    d, f, v, n = cfg["dim"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_layers"]
+    kv = cfg["n_kv_heads"] * (d // cfg["n_heads"])
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * f + 2 * d
+    return int(v * d + n * per_layer + d)

@@ -1,0 +1,152 @@
+"""The gRPC servers and the process life cycle: startup → serve → graceful shutdown.
+
+Two grpc.aio servers: apps on the app socket (Inference, health, reflection) and
+administrators on the admin socket (Admin, health). SIGTERM or SIGINT drains: health
+goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls finish (up to
+drain_timeout); a second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from m4.admin.v1 import admin_pb2, admin_pb2_grpc
+from m4.inference.v1 import inference_pb2, inference_pb2_grpc
+
+from m4d.config import Config
+from m4d.server.admin import AdminServicer
+from m4d.server.daemon import Daemon, State
+from m4d.server.inference import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+class SocketInUse(RuntimeError):
+    """Another process already serves on the socket path."""
+
+
+def prepare_socket(path: Path) -> None:
+    """Creates the socket's directory; removes a stale socket, refuses a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_socket():
+        raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink()  # stale: its daemon is gone
+    else:
+        raise SocketInUse(f"{path} is in use by a running daemon; stop it or choose another path")
+    finally:
+        probe.close()
+
+
+def _options(config: Config) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def _start_server(path: Path, mode: int, config: Config,
+                        register: list[object]) -> grpc.aio.Server:
+    prepare_socket(path)
+    server = grpc.aio.server(options=_options(config))
+    for add in register:
+        add(server)  # type: ignore[operator]
+    server.add_insecure_port(f"unix://{path}")
+    await server.start()
+    os.chmod(path, mode)
+    return server
+
+
+async def serve(config: Config) -> int:
+    """Runs the daemon until a signal; returns the process exit code."""
+    daemon = Daemon(config)
+    app_health = health.aio.HealthServicer()
+    admin_health = health.aio.HealthServicer()
+
+    async def set_health(serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for h, names in ((app_health, ("", INFERENCE)), (admin_health, ("", ADMIN))):
+            for name in names:
+                await h.set(name, status)
+
+    await set_health(False)
+    app_server = await _start_server(config.app_socket, config.app_socket_mode, config, [
+        lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(daemon), s),
+        lambda s: health_pb2_grpc.add_HealthServicer_to_server(app_health, s),
+        lambda s: reflection.enable_server_reflection(
+            (INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
+    ])
+    admin_server = await _start_server(config.admin_socket, config.admin_socket_mode, config, [
+        lambda s: admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(daemon), s),
+        lambda s: health_pb2_grpc.add_HealthServicer_to_server(admin_health, s),
+        lambda s: reflection.enable_server_reflection(
+            (ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
+    ])
+    log.info("listening", extra={"app_socket": str(config.app_socket),
+                                 "admin_socket": str(config.admin_socket)})
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+            stop.set()
+        else:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    exit_code = 0
+    try:
+        load = asyncio.create_task(daemon.load())
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if load in done:
+            load.result()  # raises a load failure
+            await set_health(True)
+            await stopped
+        else:
+            load.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await load
+        if daemon.state is State.READY:
+            await set_health(False)
+            await daemon.drain(config.drain_timeout)
+    except Exception as exc:
+        log.error("start-up failed: %s", exc, extra={"error": type(exc).__name__})
+        exit_code = 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await asyncio.gather(app_server.stop(grace=1.0), admin_server.stop(grace=1.0))
+        daemon.stop()
+        for path in (config.app_socket, config.admin_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        log.info("stopped", extra={"exit_code": exit_code})
+    return exit_code

@@ -1,0 +1,141 @@
+"""The Inference servicer: a thin adapter from gRPC calls to engine requests.
+
+Each handler validates and converts the request (`convert`), submits it to the engine,
+and converts the engine's events back. When the client goes away, the handler's
+CancelledError cancels the request in the engine, which frees its KV row within a step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+from m4.inference.v1 import inference_pb2 as pb
+from m4.inference.v1 import inference_pb2_grpc as pb_grpc
+
+from m4d.engine.engine import RequestStream
+from m4d.engine.requests import (
+    Caller,
+    Embeddings,
+    Failed,
+    Finished,
+    GenerateRequest,
+    Predictions,
+    Ranked,
+    RequestBase,
+    TextDelta,
+)
+from m4d.errors import Internal
+from m4d.server.status import streaming, unary
+
+if TYPE_CHECKING:
+    from m4d.server.daemon import Daemon
+
+APP_NAME_KEY = "m4-app-name"
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    """The caller's identity; the app name from metadata is a label, never an identity."""
+    app = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == APP_NAME_KEY and isinstance(value, str):
+            app = value[:64]
+    return Caller(app=app)
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def _submit(self, request: RequestBase) -> RequestStream:
+        return self.daemon.engine_for_requests().submit(request)
+
+    @unary
+    async def ListTasks(self, request: pb.ListTasksRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
+        return self.daemon.converter().task_table()
+
+    @streaming
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        conv = self.daemon.converter()
+        domain = conv.generate(request, caller_of(context), deadline_of(context))
+        async for msg in self._generate(domain):
+            yield msg
+
+    async def _generate(self, domain: GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        conv = self.daemon.converter()
+        stream = await self._submit(domain)
+        first = True
+        try:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    msg = conv.delta(event)
+                    if first:
+                        msg.model.CopyFrom(conv.model_info())
+                        first = False
+                    yield msg
+                elif isinstance(event, Finished):
+                    yield conv.finished(event)
+                elif isinstance(event, Failed):
+                    raise event.error
+        finally:
+            stream.cancel()  # a no-op when the stream ended; frees the KV row otherwise
+
+    async def _unary(self, domain: RequestBase) -> object:
+        stream = await self._submit(domain)
+        try:
+            return await stream.result()
+        finally:
+            stream.cancel()
+
+    @unary
+    async def Embed(self, request: pb.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        conv = self.daemon.converter()
+        event = await self._unary(conv.embed(request, caller_of(context), deadline_of(context)))
+        assert isinstance(event, Embeddings)
+        return conv.embeddings(event)
+
+    @unary
+    async def Classify(self, request: pb.ClassifyRequest,
+                       context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        conv = self.daemon.converter()
+        event = await self._unary(conv.classify(request, caller_of(context), deadline_of(context)))
+        assert isinstance(event, Ranked)
+        return conv.ranked(event)
+
+    @unary
+    async def PredictNext(self, request: pb.PredictNextRequest,
+                          context: grpc.aio.ServicerContext) -> pb.PredictNextResponse:
+        conv = self.daemon.converter()
+        event = await self._unary(
+            conv.predict_next(request, caller_of(context), deadline_of(context)))
+        assert isinstance(event, Predictions)
+        return conv.predictions(event)
+
+    @streaming
+    async def Run(self, request: pb.RunRequest,
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunResponse]:
+        conv = self.daemon.converter()
+        domain = conv.run(request, caller_of(context), deadline_of(context))
+        if isinstance(domain, GenerateRequest):
+            async for msg in self._generate(domain):
+                yield conv.run_response(msg)
+            return
+        event = await self._unary(domain)
+        if isinstance(event, Embeddings):
+            yield conv.run_response(conv.embeddings(event))
+        elif isinstance(event, Ranked):
+            yield conv.run_response(conv.ranked(event))
+        elif isinstance(event, Predictions):
+            yield conv.run_response(conv.predictions(event))
+        else:
+            raise Internal(f"task {request.task!r} produced an unexpected result")

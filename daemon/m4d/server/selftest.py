@@ -1,0 +1,92 @@
+"""The image's self-test, run through the real engine path before the daemon says READY.
+
+The manifest records prompts with their expected greedy outputs (computed by the image
+builder with the float32 reference path); the daemon must reproduce them in the weight
+format and dtype it serves, or it is not fit to serve this image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from m4.inference.v1 import inference_pb2 as pb
+
+from m4d.engine.engine import Engine
+from m4d.engine.requests import Caller, Embeddings, Failed, TextDelta
+from m4d.server.convert import Converter
+
+log = logging.getLogger(__name__)
+
+SYSTEM = Caller(uid=0, app="self-test")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    detail: str
+
+
+async def run_self_test(checks: Sequence[dict[str, Any]], conv: Converter,
+                        engine: Engine) -> list[CheckResult]:
+    results = []
+    for i, check in enumerate(checks):
+        name = f"{i}:{check.get('task')}"
+        try:
+            if "expected_token_ids" in check:
+                results.append(await _generation(name, check, conv, engine))
+            elif check.get("task") == "embed":
+                results.append(await _embedding(name, check, conv, engine))
+            else:
+                results.append(CheckResult(name, False, f"unknown self-test check {check!r}"))
+        except Exception as exc:  # noqa: BLE001 - a failing check is a result, not a crash
+            results.append(CheckResult(name, False, f"{name} raised {exc!r}"))
+    return results
+
+
+async def _generation(name: str, check: dict[str, Any], conv: Converter,
+                      engine: Engine) -> CheckResult:
+    sampling = pb.SamplingParams(max_tokens=int(check["max_tokens"]), temperature=0.0)
+    request = pb.GenerateRequest(task=check["task"], sampling=sampling)
+    value = check["input"]
+    if check["task"] == "chat" or isinstance(value, list):
+        messages = value if isinstance(value, list) else [{"role": "user", "content": value}]
+        request.chat.messages.extend(pb.ChatMessage(**m) for m in messages)
+    else:
+        request.prompt = value
+    domain = conv.generate(request, SYSTEM, None)
+    tokens: list[int] = []
+    text = ""
+    async for event in engine.submit(domain):
+        if isinstance(event, TextDelta):
+            tokens.extend(event.token_ids)
+            text += event.text
+        elif isinstance(event, Failed):
+            raise event.error
+    expected = [int(t) for t in check["expected_token_ids"]]
+    got = tokens[:len(expected)]
+    if got == expected:
+        return CheckResult(name, True, f"{name}: {len(expected)} greedy tokens match ({text!r})")
+    same = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                min(len(got), len(expected)))
+    return CheckResult(name, False, f"{name}: greedy output differs from token {same}: "
+                       f"got {text!r}, expected {check.get('expected_text')!r}")
+
+
+async def _embedding(name: str, check: dict[str, Any], conv: Converter,
+                     engine: Engine) -> CheckResult:
+    data = check["input"]
+    texts = [data["query"], *data["candidates"]]
+    domain = conv.embed(pb.EmbedRequest(task="embed", texts=texts), SYSTEM, None)
+    event = await engine.submit(domain).result()
+    assert isinstance(event, Embeddings)
+    q, *cands = event.vectors
+    sims = [sum(a * b for a, b in zip(q, c, strict=True)) for c in cands]
+    best = max(range(len(sims)), key=sims.__getitem__)
+    expected = int(check["expected_best"])
+    ok = best == expected
+    return CheckResult(name, ok, f"{name}: nearest candidate {best}, expected {expected} "
+                       f"(similarities {[round(s, 3) for s in sims]})")
