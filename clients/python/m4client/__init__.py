@@ -1,1 +1,109 @@
+"""m4client: the Python client of m4d, the daemon that serves the M4 model on the device.
 
+    from m4client import Client
+
+    with Client(app_name="notes") as m4:
+        print(m4.complete("The capital of France is", max_tokens=8).text)
+        print(m4.embed(["hello", "world"]).numpy().shape)
+
+`Client` (sync) and `AsyncClient` (asyncio) call the app socket, `AdminClient` and
+`AsyncAdminClient` the admin socket. Results are the dataclasses of `m4client.types`; every
+failure is an `M4Error` whose `.code` is the gRPC status code name.
+"""
+
+from __future__ import annotations
+
+from ._channel import (
+    ADDRESS_ENV,
+    ADMIN_ADDRESS_ENV,
+    APP_NAME_METADATA,
+    DEFAULT_ADDRESS,
+    DEFAULT_ADMIN_ADDRESS,
+    resolve_address,
+    to_target,
+)
+from ._stream import AsyncStream, Stream
+from .aio import AsyncAdminClient, AsyncClient
+from .client import AdminClient, Client
+from .errors import (
+    CallCancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    M4Error,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from .types import (
+    Audio,
+    ChatMessage,
+    ClassifyResult,
+    ComponentStatus,
+    DaemonStatus,
+    EmbedResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationResult,
+    Image,
+    IOSpec,
+    LabelScore,
+    ModelInfo,
+    PredictNextResult,
+    Priority,
+    RunChunk,
+    RunResult,
+    Task,
+    TaskTable,
+    Tensor,
+    Timings,
+    Usage,
+    WordPrediction,
+)
+
+__all__ = [
+    "ADDRESS_ENV",
+    "ADMIN_ADDRESS_ENV",
+    "APP_NAME_METADATA",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_ADMIN_ADDRESS",
+    "AdminClient",
+    "AsyncAdminClient",
+    "AsyncClient",
+    "AsyncStream",
+    "Audio",
+    "CallCancelledError",
+    "ChatMessage",
+    "ClassifyResult",
+    "Client",
+    "ComponentStatus",
+    "DaemonStatus",
+    "DeadlineExceededError",
+    "EmbedResult",
+    "FailedPreconditionError",
+    "FinishReason",
+    "GenerationChunk",
+    "GenerationResult",
+    "IOSpec",
+    "Image",
+    "InvalidArgumentError",
+    "LabelScore",
+    "M4Error",
+    "ModelInfo",
+    "PermissionDeniedError",
+    "PredictNextResult",
+    "Priority",
+    "ResourceExhaustedError",
+    "RunChunk",
+    "RunResult",
+    "Stream",
+    "Task",
+    "TaskTable",
+    "Tensor",
+    "Timings",
+    "UnavailableError",
+    "Usage",
+    "WordPrediction",
+    "resolve_address",
+    "to_target",
+]

@@ -1,0 +1,304 @@
+"""The synchronous client: `Client` for apps (app socket) and `AdminClient` (admin socket).
+
+A thin layer over the generated stubs: each method builds its request in `_convert`, calls
+the stub with the call's deadline and metadata, and converts the answer back. Streaming
+methods return a `Stream` that cancels the call when closed or dropped.
+
+    with Client() as m4:
+        for chunk in m4.generate("Once upon a time", max_tokens=32):
+            print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar, Unpack
+
+import grpc
+from m4.admin.v1 import admin_pb2, admin_pb2_grpc
+from m4.inference.v1 import inference_pb2 as pb
+from m4.inference.v1 import inference_pb2_grpc as pb_grpc
+
+from . import _convert
+from ._channel import CHANNEL_OPTIONS, call_metadata, resolve_address
+from ._options import GenerateOptions, SamplingOptions
+from ._stream import Stream, collect_generation, collect_run
+from .errors import UnavailableError, from_rpc_error
+from .types import (
+    ChatMessage,
+    ClassifyResult,
+    DaemonStatus,
+    EmbedResult,
+    GenerationChunk,
+    GenerationResult,
+    InputValue,
+    PredictNextResult,
+    Priority,
+    RunChunk,
+    RunResult,
+    TaskTable,
+)
+
+R = TypeVar("R")
+
+
+class _SyncBase:
+    """Channel, deadline and metadata handling shared by `Client` and `AdminClient`."""
+
+    def __init__(
+        self, address: str | None, *, admin: bool, app_name: str | None, timeout: float | None
+    ) -> None:
+        self.target = resolve_address(address, admin=admin)
+        self.timeout = timeout
+        self._metadata = call_metadata(app_name)
+        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the channel connects; `UnavailableError` after `timeout` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(
+                f"m4d not reachable at {self.target} within {timeout}s"
+            ) from None
+
+    def wait_serving(self, timeout: float | None = None) -> None:
+        """Block until the daemon's health says SERVING (model loaded, self-test passed).
+
+        Watches the standard grpc.health.v1 stream, so it wakes on the change, no polling.
+        `UnavailableError` after `timeout` seconds.
+        """
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        try:
+            for reply in stub.Watch(request, timeout=timeout, wait_for_ready=True):
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise from_rpc_error(exc) from None
+        raise UnavailableError(f"m4d at {self.target} was not serving within {timeout}s")
+
+    def close(self) -> None:
+        """Close the channel; running streams are cancelled."""
+        self._channel.close()
+
+    def __enter__(self: R) -> R:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Client(_SyncBase):
+    """Calls the Inference service of m4d (default `unix:///run/m4/app.sock`, env M4_ADDRESS).
+
+    `address` may be a gRPC target or a socket path; `app_name` is sent as the `m4-app-name`
+    metadata (a label; the daemon identifies callers by their uid); `timeout` is the default
+    deadline of every call in seconds (None: no deadline), overridable per call.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        app_name: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(address, admin=False, app_name=app_name, timeout=timeout)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        task: str = "",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        priority: Priority | str | None = None,
+        timeout: float | None = None,
+    ) -> Stream[GenerationChunk]:
+        """Continue `prompt` as is, streamed; None leaves a parameter at the daemon's default."""
+        params = _convert.sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+        )
+        request = _convert.generate_request(
+            prompt=prompt, task=task, params=params, prio=_convert.priority(priority)
+        )
+        return self._generate(request, timeout)
+
+    def chat(
+        self,
+        messages: Iterable[ChatMessage | Mapping[str, str]],
+        *,
+        task: str = "",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        priority: Priority | str | None = None,
+        timeout: float | None = None,
+    ) -> Stream[GenerationChunk]:
+        """The assistant's next message for a conversation, streamed."""
+        params = _convert.sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+        )
+        request = _convert.generate_request(
+            chat=_convert.chat_messages(messages),
+            task=task,
+            params=params,
+            prio=_convert.priority(priority),
+        )
+        return self._generate(request, timeout)
+
+    def complete(self, prompt: str, **options: Unpack[GenerateOptions]) -> GenerationResult:
+        """`generate()` run to the end: the whole text, finish reason, usage, timings."""
+        with self.generate(prompt, **options) as stream:
+            return collect_generation(stream)
+
+    def chat_complete(
+        self,
+        messages: Iterable[ChatMessage | Mapping[str, str]],
+        **options: Unpack[GenerateOptions],
+    ) -> GenerationResult:
+        """`chat()` run to the end."""
+        with self.chat(messages, **options) as stream:
+            return collect_generation(stream)
+
+    def _generate(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> Stream[GenerationChunk]:
+        call = self._stub.Generate(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return Stream(call, _convert.generation_chunk)
+
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        *,
+        task: str = "",
+        priority: Priority | str | None = None,
+        timeout: float | None = None,
+    ) -> EmbedResult:
+        """One vector per text (a single string counts as one text)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        request = pb.EmbedRequest(task=task, texts=texts, priority=_convert.priority(priority))
+        return _convert.embed_result(self._unary(self._stub.Embed, request, timeout))
+
+    def classify(
+        self,
+        text: str,
+        labels: Sequence[str] = (),
+        *,
+        task: str = "",
+        priority: Priority | str | None = None,
+        timeout: float | None = None,
+    ) -> ClassifyResult:
+        """Rank `labels` for `text`, best first (labels may be empty if the task has its own)."""
+        request = pb.ClassifyRequest(
+            task=task, text=text, labels=list(labels), priority=_convert.priority(priority)
+        )
+        return _convert.classify_result(self._unary(self._stub.Classify, request, timeout))
+
+    def predict_next(
+        self,
+        text: str,
+        n: int = 0,
+        *,
+        task: str = "",
+        priority: Priority | str | None = None,
+        timeout: float | None = None,
+    ) -> PredictNextResult:
+        """The `n` most likely next words after `text` (0: the daemon's default, 5)."""
+        request = pb.PredictNextRequest(
+            task=task, text=text, num_predictions=n, priority=_convert.priority(priority)
+        )
+        return _convert.predict_next_result(self._unary(self._stub.PredictNext, request, timeout))
+
+    def list_tasks(self, *, timeout: float | None = None) -> TaskTable:
+        """The active image's task table."""
+        response = self._unary(self._stub.ListTasks, pb.ListTasksRequest(), timeout)
+        return _convert.task_table(response)
+
+    def run(
+        self,
+        task: str,
+        inputs: Mapping[str, InputValue],
+        *,
+        num_predictions: int = 0,
+        priority: Priority | str | None = None,
+        timeout: float | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> Stream[RunChunk]:
+        """Run any task by id with named inputs, streamed (see `types.InputValue`).
+
+        `sampling` takes the keyword arguments of `generate()` (max_tokens, temperature, ...).
+        """
+        request = pb.RunRequest(
+            task=task,
+            inputs=_convert.run_inputs(inputs),
+            sampling=_convert.sampling(**sampling),
+            num_predictions=num_predictions,
+            priority=_convert.priority(priority),
+        )
+        call = self._stub.Run(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        return Stream(call, _convert.run_chunk)
+
+    def run_complete(self, task: str, inputs: Mapping[str, InputValue], **kwargs: Any) -> RunResult:
+        """`run()` to the end: joined text and every other output."""
+        with self.run(task, inputs, **kwargs) as stream:
+            return collect_run(stream)
+
+
+class AdminClient(_SyncBase):
+    """Calls the Admin service (default `unix:///run/m4/admin.sock`, env M4_ADMIN_ADDRESS)."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        app_name: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(address, admin=True, app_name=app_name, timeout=timeout)
+        self._stub = admin_pb2_grpc.AdminStub(self._channel)
+
+    def status(self, *, timeout: float | None = None) -> DaemonStatus:
+        """What the daemon runs and how busy it is."""
+        response = self._unary(self._stub.Status, admin_pb2.StatusRequest(), timeout)
+        return _convert.daemon_status(response)

@@ -1,0 +1,342 @@
+"""Result and input types of the M4 client: small dataclasses, no protobuf.
+
+This is the public vocabulary of `m4client`. Every result keeps the protobuf message it was
+built from in `.raw` (excluded from repr and equality) for callers that need a field this
+module does not surface; nothing else here exposes generated code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class Priority(enum.StrEnum):
+    """How urgent a call is; the daemon may cap a caller's class."""
+
+    SYSTEM = "system"
+    FOREGROUND = "foreground"
+    BACKGROUND = "background"
+
+
+class FinishReason(enum.StrEnum):
+    """Why a generation ended."""
+
+    EOS = "eos"
+    LENGTH = "length"
+    STOP = "stop"
+    CONTEXT = "context"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens consumed and produced by one call."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time of one call went, in milliseconds, measured by the daemon."""
+
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    first_token_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The firmware image that produced a response."""
+
+    image_name: str = ""
+    image_version: str = ""
+    image_digest: str = ""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a chat conversation: role is "system", "user" or "assistant"."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One streamed piece of a generation; the last one carries finish_reason and usage."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    model: ModelInfo | None = None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this chunk ends the generation."""
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A whole generation: the joined text and what the last chunk reported."""
+
+    text: str
+    finish_reason: FinishReason | None
+    usage: Usage
+    timings: Timings
+    model: ModelInfo | None
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """One vector per input text, in input order."""
+
+    vectors: list[list[float]]
+    dimensions: int
+    usage: Usage
+    timings: Timings
+    model: ModelInfo | None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def __iter__(self) -> Iterator[list[float]]:
+        return iter(self.vectors)
+
+    def numpy(self) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """The vectors as a float32 array of shape [N, dimensions] (imports numpy lazily)."""
+        import numpy as np
+
+        return np.asarray(self.vectors, dtype=np.float32).reshape(len(self.vectors), -1)
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """A label and how well it fits: score is a probability, raw_score what it came from."""
+
+    label: str
+    score: float
+    raw_score: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """All labels, best first; iterating yields LabelScore, `pairs()` yields (label, score)."""
+
+    labels: list[LabelScore]
+    usage: Usage
+    timings: Timings
+    model: ModelInfo | None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[LabelScore]:
+        return iter(self.labels)
+
+    def __getitem__(self, index: int) -> LabelScore:
+        return self.labels[index]
+
+    @property
+    def best(self) -> LabelScore | None:
+        """The best label, or None when the daemon returned none."""
+        return self.labels[0] if self.labels else None
+
+    def pairs(self) -> list[tuple[str, float]]:
+        """The ranking as (label, score) tuples."""
+        return [(ls.label, ls.score) for ls in self.labels]
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """label → score."""
+        return {ls.label: ls.score for ls in self.labels}
+
+
+@dataclass(frozen=True)
+class WordPrediction:
+    """One predicted next word and its probability."""
+
+    word: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class PredictNextResult:
+    """The predicted next words, most likely first."""
+
+    predictions: list[WordPrediction]
+    usage: Usage
+    timings: Timings
+    model: ModelInfo | None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def __iter__(self) -> Iterator[WordPrediction]:
+        return iter(self.predictions)
+
+    @property
+    def words(self) -> list[str]:
+        """Just the words, most likely first."""
+        return [p.word for p in self.predictions]
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One input or output of a task."""
+
+    name: str
+    kind: str
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+    required: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One entry of the active image's task table."""
+
+    id: str
+    m4_id: str
+    path: int
+    description: str
+    modules: tuple[str, ...]
+    adapter: str
+    head: str
+    labels: tuple[str, ...]
+    inputs: tuple[IOSpec, ...]
+    outputs: tuple[IOSpec, ...]
+    rpc: str
+    streaming: bool
+
+
+@dataclass(frozen=True)
+class TaskTable:
+    """Every task of the active image and the image it belongs to."""
+
+    tasks: list[Task]
+    model: ModelInfo | None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self.tasks)
+
+    def get(self, task_id: str) -> Task | None:
+        """The task with this id, or None."""
+        return next((t for t in self.tasks if t.id == task_id), None)
+
+
+@dataclass(frozen=True)
+class Image:
+    """An encoded image (PNG, JPEG, WebP) as a task input."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Encoded audio (WAV) as a task input."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A dense tensor input: little-endian row-major bytes of `dtype` with `shape`."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+#: What `run()` accepts as one input value: a text, a list of texts, a chat, an image, audio,
+#: a Tensor or a numpy array (sent as a tensor).
+InputValue: TypeAlias = (
+    "str | Sequence[str] | Sequence[ChatMessage | Mapping[str, str]] | Image | Audio | Tensor"
+    " | np.ndarray[Any, Any]"
+)
+
+
+@dataclass(frozen=True)
+class RunChunk:
+    """One streamed message of `run()`; which fields are set depends on the task's outputs."""
+
+    text: str = ""
+    embeddings: list[list[float]] = field(default_factory=list)
+    labels: list[LabelScore] = field(default_factory=list)
+    predictions: list[WordPrediction] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    model: ModelInfo | None = None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A whole `run()`: joined text and every other output, with the last usage seen."""
+
+    text: str
+    embeddings: list[list[float]]
+    labels: list[LabelScore]
+    predictions: list[WordPrediction]
+    finish_reason: FinishReason | None
+    usage: Usage
+    timings: Timings
+    model: ModelInfo | None
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One module of the loaded image."""
+
+    name: str
+    kind: str
+    parameters: int
+    weight_format: str
+    compute_dtype: str
+    device: str
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """What the daemon is running and how busy it is (AdminClient.status)."""
+
+    image_name: str
+    image_version: str
+    image_digest: str
+    daemon_version: str
+    state: str
+    uptime_seconds: float
+    memory_rss_bytes: int
+    requests_in_flight: int
+    requests_total: int
+    requests_cancelled: int
+    requests_rejected: int
+    tokens_generated: int
+    tokens_prompted: int
+    active_sequences: int
+    kv_slots: int
+    components: list[ComponentStatus]
+    threads: int
+    raw: Any = field(default=None, repr=False, compare=False)

@@ -1,0 +1,121 @@
+"""m4ctl's admin nouns: `status` (admin socket) and `image build|verify` (local files).
+
+`m4image` is imported inside the image commands only, so the user verbs start fast and
+work where the image tooling (and its heavy dependencies) is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from m4client import AdminClient
+
+from . import _output as out
+
+
+class ImageToolError(Exception):
+    """An image command failed; the message is the whole story (exit code 1)."""
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with AdminClient(
+        args.admin_address, app_name=args.app_name or None, timeout=args.timeout
+    ) as admin:
+        s = admin.status()
+    if args.json:
+        out.json_line(s.raw)
+        return 0
+    rows = [
+        ("image", f"{s.image_name} {s.image_version}".strip() or "-"),
+        ("digest", s.image_digest or "-"),
+        (
+            "daemon",
+            f"{s.daemon_version or '?'}, {s.state}, up {out.human_duration(s.uptime_seconds)}",
+        ),
+        ("memory", f"{out.human_bytes(s.memory_rss_bytes)} RSS, {s.threads} threads"),
+        (
+            "requests",
+            f"{s.requests_in_flight} in flight, {s.requests_total:,} total, "
+            f"{s.requests_cancelled:,} cancelled, {s.requests_rejected:,} rejected",
+        ),
+        ("tokens", f"{s.tokens_generated:,} generated, {s.tokens_prompted:,} prompted"),
+        ("sequences", f"{s.active_sequences} active / {s.kv_slots} KV slots"),
+    ]
+    if args.quiet:
+        rows = [rows[0], ("state", s.state)]
+    width = max(len(k) for k, _ in rows) + 1
+    lines = [f"{k + ':':<{width}} {v}" for k, v in rows]
+    if s.components and not args.quiet:
+        lines.append("components:")
+        comp = [
+            (
+                c.name,
+                c.kind,
+                f"{out.human_count(c.parameters)} params",
+                f"{c.weight_format}/{c.compute_dtype}",
+                c.device,
+            )
+            for c in s.components
+        ]
+        lines += ["  " + line for line in out.table(comp)]
+    out.write("".join(line + "\n" for line in lines))
+    return 0
+
+
+def _image_modules() -> tuple[Any, Any]:
+    """m4image.build and m4image.verify, imported now; ImageToolError when missing."""
+    try:
+        import m4image.build as build
+        import m4image.verify as verify
+    except ImportError as exc:
+        raise ImageToolError(f"image tooling is not available: {exc}") from None
+    return build, verify
+
+
+def _image_summary(image: Any) -> dict[str, str]:
+    return {
+        "path": str(image.path),
+        "name": image.manifest.name,
+        "version": image.manifest.version,
+        "digest": image.digest,
+    }
+
+
+def _print_image(verb: str, image: Any, args: argparse.Namespace) -> None:
+    info = _image_summary(image)
+    if args.json:
+        out.write(json.dumps(info) + "\n")
+    elif args.quiet:
+        out.write(info["digest"] + "\n")
+    else:
+        out.write(f"{verb} {info['name']} {info['version']} at {info['path']}\n")
+        out.write(f"digest: {info['digest']}\n")
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    build, verify = _image_modules()
+    progress = out.Progress(args.quiet)
+    try:
+        image = build.build_default_image(Path(args.output), progress=progress, force=args.force)
+    except verify.ImageError as exc:
+        raise ImageToolError(str(exc)) from None
+    finally:
+        progress.finish()
+    _print_image("built", image, args)
+    return 0
+
+
+def cmd_image_verify(args: argparse.Namespace) -> int:
+    _, verify = _image_modules()
+    progress = out.Progress(args.quiet)
+    try:
+        image = verify.verify_image(Path(args.dir), progress=progress)
+    except verify.ImageError as exc:
+        raise ImageToolError(str(exc)) from None
+    finally:
+        progress.finish()
+    _print_image("verified", image, args)
+    return 0

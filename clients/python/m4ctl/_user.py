@@ -1,0 +1,255 @@
+"""m4ctl's user verbs: generate, chat, embed, classify, predict-next, tasks, run.
+
+Each command takes the parsed arguments, calls the app socket through `m4client.Client`
+and prints through `_output`. Streams are used in `with` blocks, so Ctrl-C or a closed
+pipe cancels the call on the daemon before m4ctl exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from m4client import (
+    Audio,
+    ChatMessage,
+    Client,
+    GenerationChunk,
+    Image,
+    M4Error,
+    Stream,
+)
+from m4client._stream import collect_generation
+
+from . import _output as out
+from ._parser import UsageError
+
+
+def client(args: argparse.Namespace) -> Client:
+    """The app-socket client the global flags describe."""
+    return Client(args.address, app_name=args.app_name or None, timeout=args.timeout)
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling keyword arguments of generate()/chat()/run() from the flags."""
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+        "ignore_eos": args.ignore_eos,
+    }
+
+
+def _print_stream(stream: Stream[GenerationChunk], args: argparse.Namespace) -> str:
+    """Print a generation as it arrives (text or JSON lines); return the text."""
+    chunks: list[GenerationChunk] = []
+    with stream:
+        for chunk in stream:
+            chunks.append(chunk)
+            if args.json:
+                out.json_line(chunk.raw)
+            else:
+                out.write(chunk.text)
+    if not args.json:
+        out.write("\n")
+    result = collect_generation(chunks)
+    if args.stats:
+        out.stats(result.usage, result.timings, result.model, result.finish_reason)
+    return result.text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        stream = m4.generate(args.prompt, task=args.task, priority=args.priority, **sampling(args))
+        _print_stream(stream, args)
+    return 0
+
+
+def _read_turns(interactive: bool) -> Iterable[str]:
+    """User lines until EOF or /exit; a "> " prompt only on a terminal."""
+    while True:
+        if interactive:
+            try:
+                line = input("> ")
+            except EOFError:
+                out.write("\n")
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+        line = line.rstrip("\r\n")
+        if line.strip() == "/exit":
+            return
+        if line.strip():
+            yield line
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    history: list[ChatMessage] = []
+    if args.system:
+        history.append(ChatMessage("system", args.system))
+    interactive = args.message is None and sys.stdin.isatty()
+    turns: Iterable[str] = [args.message] if args.message is not None else _read_turns(interactive)
+    with client(args) as m4:
+        for text in turns:
+            history.append(ChatMessage("user", text))
+            stream = m4.chat(history, task=args.task, priority=args.priority, **sampling(args))
+            try:
+                reply = _print_stream(stream, args)
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                out.write("\n")  # Ctrl-C at a terminal stops this reply, not the chat
+                history.pop()
+                continue
+            history.append(ChatMessage("assistant", reply))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        result = m4.embed(args.texts, task=args.task, priority=args.priority)
+    if args.json:
+        out.json_line(result.raw)
+        return 0
+    for i, (text, vector) in enumerate(zip(args.texts, result.vectors, strict=False)):
+        out.write(out.vector_line(i, vector, None if args.quiet else text) + "\n")
+    return 0
+
+
+def _labels(values: list[str]) -> list[str]:
+    return [label.strip() for value in values for label in value.split(",") if label.strip()]
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        result = m4.classify(
+            args.text, _labels(args.labels), task=args.task, priority=args.priority
+        )
+    if args.json:
+        out.json_line(result.raw)
+    else:
+        out.write("".join(line + "\n" for line in out.ranking_lines(result.labels, args.quiet)))
+    return 0
+
+
+def cmd_predict_next(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        result = m4.predict_next(args.text, args.n, task=args.task, priority=args.priority)
+    if args.json:
+        out.json_line(result.raw)
+    else:
+        lines = out.prediction_lines(result.predictions, args.quiet)
+        out.write("".join(line + "\n" for line in lines))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    timeout = args.timeout if args.timeout is not None else 300.0
+    with Client(args.address, app_name=args.app_name or None) as m4:
+        m4.wait_serving(timeout)
+    if not args.quiet:
+        out.write(f"m4d at {m4.target} is serving\n")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        table = m4.list_tasks()
+    if args.json:
+        out.json_line(table.raw)
+        return 0
+    if args.quiet:
+        out.write("".join(t.id + "\n" for t in table))
+        return 0
+
+    def sig(specs: Iterable[Any]) -> str:
+        return ", ".join(f"{s.name}:{s.kind}" + ("" if s.required else "?") for s in specs)
+
+    rows = [("ID", "M4", "PATH", "MODULES", "INPUTS → OUTPUTS")]
+    rows += [
+        (
+            t.id,
+            t.m4_id or "-",
+            str(t.path),
+            ",".join(t.modules) or "-",
+            f"{sig(t.inputs)} → {sig(t.outputs)}",
+        )
+        for t in table
+    ]
+    out.write("".join(line + "\n" for line in out.table(rows)))
+    return 0
+
+
+def _input_kinds(m4: Client, task: str) -> dict[str, str]:
+    """The task's input kinds by name, or {} if the task table cannot say."""
+    try:
+        spec = m4.list_tasks().get(task)
+    except M4Error:
+        return {}
+    return {s.name: s.kind for s in spec.inputs} if spec else {}
+
+
+def _parse_input(item: str, kinds: dict[str, str]) -> tuple[str, Any]:
+    """NAME=VALUE or NAME=@FILE → (name, value), typed by the task's input kind."""
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--input expects NAME=VALUE or NAME=@FILE (got {item!r})")
+    kind = kinds.get(name, "text")
+    data: bytes | None = None
+    if value.startswith("@"):
+        try:
+            data = Path(value[1:]).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--input {name}: cannot read {value[1:]}: {exc.strerror}") from None
+    if kind in ("image", "audio"):
+        if data is None:
+            raise UsageError(f"--input {name} is {kind}: pass a file as {name}=@FILE")
+        return name, Image(data) if kind == "image" else Audio(data)
+    if kind == "tensor":
+        raise UsageError(f"--input {name} is a tensor; use the Python client for tensors")
+    text = data.decode("utf-8", errors="replace") if data is not None else value
+    if kind == "texts":
+        sep_char = "\n" if data is not None else ","
+        return name, [t.strip() for t in text.split(sep_char) if t.strip()]
+    if kind == "chat":
+        return name, [ChatMessage("user", text)]
+    return name, text
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        kinds = _input_kinds(m4, args.task) if args.inputs else {}
+        inputs = dict(_parse_input(item, kinds) for item in args.inputs)
+        stream = m4.run(
+            args.task,
+            inputs,
+            num_predictions=args.num_predictions,
+            priority=args.priority,
+            **sampling(args),
+        )
+        mid_line = False  # streamed text was written without its final newline
+        with stream:
+            for chunk in stream:
+                if args.json:
+                    out.json_line(chunk.raw)
+                    continue
+                if chunk.text:
+                    out.write(chunk.text)
+                    mid_line = not chunk.text.endswith("\n")
+                lines = [out.vector_line(i, v) for i, v in enumerate(chunk.embeddings)]
+                lines += out.ranking_lines(chunk.labels, args.quiet)
+                lines += out.prediction_lines(chunk.predictions, args.quiet)
+                if lines:
+                    out.write("\n" * mid_line + "".join(line + "\n" for line in lines))
+                    mid_line = False
+    if mid_line:
+        out.write("\n")
+    return 0
