@@ -85,6 +85,10 @@ class Config:
                 f"weight_format={self.weight_format} needs compute_dtype=bfloat16 "
                 "(the CPU int4/int8 kernels take bfloat16 activations)"
             )
+        if self.weight_format in ("bfloat16", "float32") and self.compute_dtype != self.weight_format:
+            raise ConfigError(
+                f"weight_format={self.weight_format} computes in {self.weight_format}; "
+                f"set compute_dtype={self.weight_format}")
         for key in ("kv_slots", "max_context", "step_token_budget", "max_queue",
                     "max_batch_texts", "max_text_chars", "max_message_bytes",
                     "default_max_tokens"):
@@ -111,6 +115,10 @@ class Config:
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
+
+
+_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string",
+             "Path": "a non-empty path string"}
 
 
 def _fields() -> dict[str, dataclasses.Field[Any]]:
@@ -142,7 +150,7 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
                 raise TypeError("a string")
             return raw
     except (TypeError, ValueError) as exc:
-        expected = exc.args[0] if isinstance(exc, TypeError) else f"a valid {kind}"
+        expected = exc.args[0] if isinstance(exc, TypeError) else _EXPECTED[kind]
         raise ConfigError(f"{source}: {key} must be {expected} (got {raw!r})") from None
     raise AssertionError(f"unhandled config type {kind} for {key}")
 

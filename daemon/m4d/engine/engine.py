@@ -14,7 +14,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,12 +72,10 @@ class RequestStream:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        while True:
+        while not self.done:
             event = await self._queue.get()
+            self.done = not isinstance(event, _STREAMING)
             yield event
-            if not isinstance(event, _STREAMING):
-                self.done = True
-                return
 
     async def result(self) -> Event:
         """The final event of a non-streaming request; raises its error."""
@@ -114,6 +112,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.frozen = threading.Event()  # tests freeze the worker to check the watchdog
+        self.on_idle: Callable[[], None] | None = None  # called on the worker thread
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -227,9 +226,13 @@ class Engine:
         self._encoder_queue = collections.deque(
             w for w in self._encoder_queue if w.request.id != rid)
         self._aux_queue = collections.deque(w for w in self._aux_queue if w[0].id != rid)
-        self.stats.in_flight -= 1
-        self.stats.total += 1
+        with self._lock:
+            self.stats.in_flight -= 1
+            self.stats.total += 1
+            idle = self.stats.in_flight == 0
         stream._post(event)
+        if idle and self.on_idle is not None:
+            self.on_idle()
 
     def _fail_all(self, error: M4Error) -> None:
         for rid in list(self._streams):

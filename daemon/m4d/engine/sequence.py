@@ -58,7 +58,7 @@ class Sequence:
         self.tokens.append(token)
         if token == self.eos_id and not self.params.ignore_eos:
             return self._flush(), self._finished(FinishReason.EOS)
-        self._held += self.decoder.add(token)
+        self._held += self.decoder.push(token)
         self._held_ids.append(token)
         stop_at = self._find_stop()
         if stop_at is not None:

@@ -82,10 +82,12 @@ class Runtime:
         self.max_context = min(self.config.max_context, cfg.max_seq_len)
         model.setup_caches(self.config.kv_slots, self.max_context, self.compute_dtype)
         self.backbone = model
-        self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]))
+        self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]),
+                                                 bos_id=cfg.bos_id, eos_id=cfg.eos_id)
         template = spec.get("chat_template")
         if template:
-            self.chat_template = ChatTemplate(template, self.tokenizer)
+            self.chat_template = ChatTemplate(template, bos_token=self.tokenizer.bos_token,
+                                              eos_token=self.tokenizer.eos_token)
         self.components.append(ComponentInfo(
             name, "llama", _count_parameters(spec), self.config.weight_format,
             self.config.compute_dtype, str(self.device)))
@@ -174,13 +176,14 @@ class Runtime:
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
         """Pooled (and normalised, if the head says so) embeddings [N, D], token counts."""
-        from m4d.model.bert import embed
+        from m4d.model.bert import embed_with_counts
 
         if self.encoder is None or self.encoder_tokenizer is None:
             raise InvalidArgument("this image has no text encoder")
         max_len = int(self.encoder_spec.get("max_seq_len", 256))
-        vectors, counts = embed(self.encoder, self.encoder_tokenizer.raw, texts, max_len,
-                                normalize=bool(self.encoder_spec.get("normalize", True)))
+        vectors, counts = embed_with_counts(
+            self.encoder, self.encoder_tokenizer.tokenizer, texts, max_len,
+            normalize=bool(self.encoder_spec.get("normalize", True)))
         return vectors.float(), counts
 
 

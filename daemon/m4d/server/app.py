@@ -75,6 +75,14 @@ async def _start_server(path: Path, mode: int, config: Config,
     return server
 
 
+async def _stop_servers(servers: list[tuple[grpc.aio.Server, Path]]) -> None:
+    """Stops the servers this process started and removes only their sockets."""
+    await asyncio.gather(*(server.stop(grace=1.0) for server, _ in servers))
+    for _, path in servers:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 async def serve(config: Config) -> int:
     """Runs the daemon until a signal; returns the process exit code."""
     daemon = Daemon(config)
@@ -89,18 +97,26 @@ async def serve(config: Config) -> int:
                 await h.set(name, status)
 
     await set_health(False)
-    app_server = await _start_server(config.app_socket, config.app_socket_mode, config, [
-        lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(daemon), s),
-        lambda s: health_pb2_grpc.add_HealthServicer_to_server(app_health, s),
-        lambda s: reflection.enable_server_reflection(
-            (INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
-    ])
-    admin_server = await _start_server(config.admin_socket, config.admin_socket_mode, config, [
-        lambda s: admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(daemon), s),
-        lambda s: health_pb2_grpc.add_HealthServicer_to_server(admin_health, s),
-        lambda s: reflection.enable_server_reflection(
-            (ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
-    ])
+    servers: list[tuple[grpc.aio.Server, Path]] = []
+    try:
+        servers.append((await _start_server(config.app_socket, config.app_socket_mode, config, [
+            lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(
+                InferenceServicer(daemon), s),
+            lambda s: health_pb2_grpc.add_HealthServicer_to_server(app_health, s),
+            lambda s: reflection.enable_server_reflection(
+                (INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
+        ]), config.app_socket))
+        servers.append((await _start_server(
+            config.admin_socket, config.admin_socket_mode, config, [
+                lambda s: admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(daemon), s),
+                lambda s: health_pb2_grpc.add_HealthServicer_to_server(admin_health, s),
+                lambda s: reflection.enable_server_reflection(
+                    (ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
+            ]), config.admin_socket))
+    except (SocketInUse, OSError, RuntimeError) as exc:
+        log.error("cannot listen: %s", exc)
+        await _stop_servers(servers)
+        return 1
     log.info("listening", extra={"app_socket": str(config.app_socket),
                                  "admin_socket": str(config.admin_socket)})
 
@@ -143,10 +159,7 @@ async def serve(config: Config) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await asyncio.gather(app_server.stop(grace=1.0), admin_server.stop(grace=1.0))
+        await _stop_servers(servers)
         daemon.stop()
-        for path in (config.app_socket, config.admin_socket):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
         log.info("stopped", extra={"exit_code": exit_code})
     return exit_code

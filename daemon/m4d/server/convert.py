@@ -117,7 +117,7 @@ class Converter:
             prompt = self.render_chat(req.chat.messages)
             field = "chat"
         else:
-            prompt = self.text("prompt", req.prompt)
+            prompt = self.apply_template(task, self.text("prompt", req.prompt))
             field = "prompt"
         expected = _input_kind(task)
         if expected and expected != which:
@@ -126,6 +126,16 @@ class Converter:
         sampling = self.sampling(req.sampling, len(ids))
         return GenerateRequest(task=task_id, priority=_PRIORITY.get(req.priority, Priority.FOREGROUND),
                                caller=caller, deadline=deadline, prompt_ids=ids, sampling=sampling)
+
+    def apply_template(self, task: dict[str, Any], prompt: str) -> str:
+        """A task's prompt template: "" passes the text as is; "chat" renders it as one user
+        turn with the backbone's chat template; any other string has {prompt} replaced."""
+        template = task.get("prompt_template") or ""
+        if not template:
+            return prompt
+        if template == "chat":
+            return self.render_chat([pb.ChatMessage(role="user", content=prompt)])
+        return template.replace("{prompt}", prompt)
 
     def render_chat(self, messages: Sequence[pb.ChatMessage]) -> str:
         if not messages:

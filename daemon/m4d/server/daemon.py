@@ -42,8 +42,6 @@ class Daemon:
         self.engine: Engine | None = None
         self._converter: Converter | None = None
         self.on_state_change: list[Callable[[State], None]] = []
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # ---- what the servicers use ----------------------------------------------------
 
@@ -104,13 +102,19 @@ class Daemon:
     async def drain(self, timeout: float) -> None:
         """Refuses new calls and waits (up to timeout) for in-flight ones to finish."""
         self._set_state(State.DRAINING)
-        deadline = time.monotonic() + timeout
-        while self.engine is not None and self.engine.stats.in_flight > 0:
-            if time.monotonic() >= deadline:
-                log.warning("drain timeout: cutting off in-flight calls",
-                            extra={"in_flight": self.engine.stats.in_flight})
-                break
-            await asyncio.sleep(0.05)
+        engine = self.engine
+        if engine is None:
+            return
+        loop = asyncio.get_running_loop()
+        idle = asyncio.Event()
+        engine.on_idle = lambda: loop.call_soon_threadsafe(idle.set)
+        if engine.stats.in_flight == 0:
+            return
+        try:
+            await asyncio.wait_for(idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("drain timeout: cutting off in-flight calls",
+                        extra={"in_flight": engine.stats.in_flight})
 
     def stop(self) -> None:
         if self.engine is not None:

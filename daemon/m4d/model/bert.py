@@ -1,0 +1,304 @@
+"""Executor stage, text encoder: a BERT-family encoder (e.g. all-MiniLM-L6-v2) and its pooling head.
+
+Matches Hugging Face ``BertModel`` (post-LN, absolute positions, GELU FFN) with a mean-pool
+plus optional L2-normalisation head as sentence-transformers applies it. Weights are loaded
+from a firmware image's safetensors file by mmap; both our canonical tensor names (what the
+image builder writes) and the Hugging Face names (with or without a ``bert.`` prefix) are
+accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+
+
+@dataclass
+class BertConfig:
+    """Architecture of a BERT encoder; field names follow the Hugging Face ``config.json``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; use one of {sorted(_ACTIVATIONS)}")
+        self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+        """Build from a Hugging Face config dict (extra keys ignored) or from ``to_dict()``."""
+        pos = d.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise ValueError(f"unsupported position_embedding_type {pos!r}; only 'absolute'")
+        names = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The constructor fields only (derived fields are recomputed)."""
+        d = asdict(self)
+        d.pop("head_dim")
+        return d
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": lambda x: F.gelu(x),  # exact (erf), as HF "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.wo = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        # x: [B, S, D]; mask: [B, 1, 1, S] bool, True = attend
+        b, s, d = x.shape
+        h, dh = self.config.num_attention_heads, self.config.head_dim
+        q, k, v = self.wqkv(x).split(d, dim=-1)  # each [B, S, D]
+        q, k, v = (t.view(b, s, h, dh).transpose(1, 2) for t in (q, k, v))  # [B, H, S, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, Dh]
+        out: Tensor = self.wo(y.transpose(1, 2).reshape(b, s, d))  # [B, S, D]
+        return out
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.w2(self.act(self.w1(x)))  # [B, S, D] -> [B, S, F] -> [B, S, D]
+        return out
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN: x = LN(x + attn(x)); x = LN(x + ffn(x)), as BERT."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.attention_norm(x + self.attention(x, mask))
+        out: Tensor = self.ffn_norm(x + self.feed_forward(x))
+        return out
+
+
+class BertEncoder(nn.Module):
+    """Token ids -> contextual hidden states [B, S, D]."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.emb_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        # input_ids, attention_mask, token_type_ids: [B, S]
+        s = input_ids.shape[1]
+        if s > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {s} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        pos = torch.arange(s, device=input_ids.device)  # [S]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.tok_embeddings(input_ids) + self.pos_embeddings(pos) + self.type_embeddings(token_type_ids)
+        x = self.emb_norm(x)  # [B, S, D]
+        mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x  # type: ignore[no-any-return]  # [B, S, D]
+
+
+class MeanPool(nn.Module):
+    """Head ``mean_pool_l2``: mean over unmasked tokens, then L2 normalisation if configured."""
+
+    def __init__(self, normalize: bool = True) -> None:
+        super().__init__()
+        self.normalize = normalize
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        # hidden: [B, S, D]; attention_mask: [B, S] -> [B, D] (always float32)
+        m = attention_mask.to(torch.float32).unsqueeze(-1)  # [B, S, 1]
+        summed = (hidden.to(torch.float32) * m).sum(dim=1)  # [B, D]
+        pooled = summed / m.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: canonical names <-> Hugging Face names
+
+_HF_LAYER = {
+    "attention.output.dense": "attention.wo",
+    "attention.output.LayerNorm": "attention_norm",
+    "intermediate.dense": "feed_forward.w1",
+    "output.dense": "feed_forward.w2",
+    "output.LayerNorm": "ffn_norm",
+}
+_HF_TOP = {
+    "embeddings.word_embeddings": "tok_embeddings",
+    "embeddings.position_embeddings": "pos_embeddings",
+    "embeddings.token_type_embeddings": "type_embeddings",
+    "embeddings.LayerNorm": "emb_norm",
+}
+# HF tensors that the encoder does not use (pooler is BERT's NSP head; position_ids a buffer).
+_HF_UNUSED = ("pooler.", "embeddings.position_ids", "cls.")
+
+
+def canonical_names(config: BertConfig) -> list[str]:
+    """The tensor names a firmware image stores for this encoder (our module's state dict)."""
+    with torch.device("meta"):
+        return list(BertEncoder(config).state_dict().keys())
+
+
+def hf_to_canonical(get: Any, names: Sequence[str], config: BertConfig) -> dict[str, Tensor]:
+    """Map Hugging Face BertModel tensors to canonical ones.
+
+    ``get(name) -> Tensor`` reads one tensor; ``names`` lists what is available. A ``bert.``
+    prefix (BertForX checkpoints) is stripped. q/k/v are concatenated into ``wqkv``.
+    """
+    prefix = "bert." if any(n.startswith("bert.embeddings.") for n in names) else ""
+    have = set(names)
+    out: dict[str, Tensor] = {}
+
+    def take(hf: str) -> Tensor:
+        full = prefix + hf
+        if full not in have:
+            raise KeyError(f"tensor {full!r} missing from the checkpoint")
+        return get(full)  # type: ignore[no-any-return]
+
+    for hf, ours in _HF_TOP.items():
+        for p in ("weight", "bias"):
+            if hf == "embeddings.LayerNorm" or p == "weight":
+                out[f"{ours}.{p}"] = take(f"{hf}.{p}")
+    for i in range(config.num_hidden_layers):
+        base = f"encoder.layer.{i}."
+        for p in ("weight", "bias"):
+            out[f"layers.{i}.attention.wqkv.{p}"] = torch.cat(
+                [take(f"{base}attention.self.{n}.{p}") for n in ("query", "key", "value")], dim=0
+            )
+            for hf, ours in _HF_LAYER.items():
+                out[f"layers.{i}.{ours}.{p}"] = take(f"{base}{hf}.{p}")
+    return out
+
+
+def load_bert(
+    weights_file: str | Path,
+    config: BertConfig,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BertEncoder:
+    """Build on meta, mmap the safetensors file and assign its tensors; returns an eval model."""
+    with torch.device("meta"):
+        model = BertEncoder(config)
+    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
+        names = list(f.keys())
+        expected = set(model.state_dict().keys())
+        if expected <= set(names):
+            state = {n: f.get_tensor(n) for n in expected}
+        else:
+            state = hf_to_canonical(f.get_tensor, names, config)
+    for name, t in state.items():
+        if not t.is_floating_point():
+            raise ValueError(f"tensor {name!r} in {weights_file} is {t.dtype}, expected floating point")
+        state[name] = t.to(device=device, dtype=compute_dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization + forward
+
+
+def configure_tokenizer(tokenizer: Any, max_seq_len: int, pad_id: int = 0) -> None:
+    """Pad to the longest text of a batch and truncate to ``max_seq_len`` (idempotent)."""
+    trunc = tokenizer.truncation
+    if trunc is None or trunc.get("max_length") != max_seq_len:
+        tokenizer.enable_truncation(max_length=max_seq_len)
+    pad = tokenizer.padding
+    if pad is None or pad.get("length") is not None or pad.get("pad_id") != pad_id:
+        pad_token = tokenizer.id_to_token(pad_id) or "[PAD]"
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+
+
+@torch.inference_mode()
+def embed_with_counts(
+    model: BertEncoder,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_seq_len: int,
+    *,
+    normalize: bool = True,
+    batch_size: int = 64,
+) -> tuple[Tensor, list[int]]:
+    """Embed texts with a ``tokenizers.Tokenizer``: float32 [N, D] and each text's token count
+    (after truncation, special tokens included: what the encoder actually processed)."""
+    if max_seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings {model.config.max_position_embeddings}")
+    configure_tokenizer(tokenizer, max_seq_len, model.config.pad_token_id)
+    device = model.tok_embeddings.weight.device
+    head = MeanPool(normalize)
+    chunks: list[Tensor] = []
+    counts: list[int] = []
+    for start in range(0, len(texts), batch_size):
+        encs = tokenizer.encode_batch(list(texts[start : start + batch_size]))
+        ids = torch.tensor([e.ids for e in encs], dtype=torch.long, device=device)  # [B, S]
+        mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.long, device=device)
+        types = torch.tensor([e.type_ids for e in encs], dtype=torch.long, device=device)
+        chunks.append(head(model(ids, mask, types), mask))  # [B, D]
+        counts.extend(int(sum(e.attention_mask)) for e in encs)
+    if not chunks:
+        return torch.empty(0, model.config.hidden_size), counts
+    return torch.cat(chunks), counts  # [N, D], [N]
+
+
+def embed(
+    model: BertEncoder,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_seq_len: int,
+    *,
+    normalize: bool = True,
+    batch_size: int = 64,
+) -> Tensor:
+    """Embed texts with a ``tokenizers.Tokenizer``: returns float32 [N, D]."""
+    return embed_with_counts(
+        model, tokenizer, texts, max_seq_len, normalize=normalize, batch_size=batch_size
+    )[0]

@@ -1,0 +1,341 @@
+"""The M4 text decoder: a Llama network with a slot-addressed KV cache (model stage).
+
+gpt-fast style: a dataclass config from the firmware manifest, plain modules, a static KV
+cache set up explicitly, weights built under ``torch.device("meta")`` and assigned from an
+mmap'd safetensors file written by ``m4image.importers``.
+
+Layout notes:
+* q/k/v and gate/up are fused into one linear each at load time (fewer kernel launches; decode
+  is limited by per-step overhead on this CPU, not by bandwidth).
+* RoPE uses the Hugging Face ``rotate_half`` convention; the GGUF importer undoes llama.cpp's
+  row permutation of q/k so the stored weights are HF-style.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m4d.model.quant import WeightFile, build_linear
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = ("int4", "int8", "bfloat16", "float32")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    bos_id: int | None = None
+    eos_id: int | None = None
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"bad head layout: dim {self.dim}, heads {self.n_heads}, kv heads {self.n_kv_heads}"
+            )
+        self.head_dim = self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        names = {f.name for f in fields(cls) if f.init}
+        unknown = set(d) - names - {"head_dim"}
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig keys in manifest: {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("head_dim")
+        return d
+
+
+class KVCache(nn.Module):
+    """Per-layer static cache. Row = slot (one sequence); positions written in place."""
+
+    k: torch.Tensor  # [n_slots, n_kv_heads, max_seq, head_dim]
+    v: torch.Tensor  # [n_slots, n_kv_heads, max_seq, head_dim]
+
+    def __init__(self, n_slots: int, n_kv_heads: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        shape = (n_slots, n_kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, Hkv, S, Dh] at input_pos [B, S]; return [B, Hkv, length, Dh] views."""
+        b = k.shape[0]
+        row_idx = rows if rows is not None else torch.arange(b, device=k.device)
+        idx = (row_idx[:, None], slice(None), input_pos)  # advanced dims first: [B, S, Hkv, Dh]
+        self.k[idx] = k.transpose(1, 2)
+        self.v[idx] = v.transpose(1, 2)
+        if rows is None:  # fast path: compact rows 0..B-1, a view
+            return self.k[:b, :, :length], self.v[:b, :, :length]
+        return self.k[rows, :, :length], self.v[rows, :, :length]
+
+
+def rope_tables(head_dim: int, max_seq: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin float32 [max_seq, head_dim] (HF layout: the half-frequencies repeated twice)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(max_seq, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, S, H, Dh]; cos/sin: [B, S, 1, Dh] in x's dtype
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # HF order: normalize in fp32, cast back, then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wqkv: nn.Module = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=False)
+        self.wo: nn.Module = nn.Linear(self.q_size, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+                rows: torch.Tensor | None, length: int) -> torch.Tensor:
+        # x: [B, S, D]; mask: [B, 1, S, L] bool or None (= causal, cache-free)
+        b, s, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(b, s, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Dh], [B, Hkv, S, Dh]
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            if self.kv_cache is None or input_pos is None:
+                raise RuntimeError("cached forward needs setup_caches() first")
+            k, v = self.kv_cache.update(k, v, input_pos, rows, length)  # [B, Hkv, L, Dh]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(b, s, self.q_size)  # [B, S, H*Dh]
+        out: torch.Tensor = self.wo(y)
+        return out
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.ffn_dim = cfg.ffn_dim
+        self.w13: nn.Module = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate ++ up
+        self.w2: nn.Module = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split([self.ffn_dim, self.ffn_dim], dim=-1)  # [B, S, F] each
+        out: torch.Tensor = self.w2(F.silu(gate) * up)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+                rows: torch.Tensor | None, length: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, rows, length)
+        out: torch.Tensor = h + self.feed_forward(self.ffn_norm(h))
+        return out
+
+
+class Llama(nn.Module):
+    rope_cos: torch.Tensor  # [max_seq_len, Dh] float32
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # Tied: holds the embedding matrix itself, multiplied with F.linear.
+        self.output: nn.Module = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.cache_slots = 0
+        self.cache_seq = 0
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [b for b in self.layers if isinstance(b, Block)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def init_rope(self, device: torch.device | str = "cpu") -> None:
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_base)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def setup_caches(self, n_slots: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+        if max_seq > self.config.max_seq_len:
+            raise ValueError(f"max_seq {max_seq} exceeds the model's context {self.config.max_seq_len}")
+        dtype = dtype or self.dtype
+        device = self.tok_embeddings.weight.device
+        for layer in self.blocks:
+            layer.attention.kv_cache = KVCache(n_slots, self.config.n_kv_heads, max_seq,
+                                               self.config.head_dim, dtype, device)
+        self.cache_slots, self.cache_seq = n_slots, max_seq
+
+    def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # pos: [B, S] -> cos, sin: [B, S, 1, Dh]
+        return (self.rope_cos[pos].unsqueeze(2).to(dtype), self.rope_sin[pos].unsqueeze(2).to(dtype))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.output(self.norm(x))
+        return logits.float()
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor,
+                rows: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens, input_pos: [B, S]; rows: [B] cache rows (None = rows 0..B-1).
+
+        Returns float32 logits [B, S, V] (or [B, 1, V] with last_only).
+        """
+        if self.cache_slots == 0:
+            raise RuntimeError("call setup_caches() before the cached forward")
+        if tokens.shape != input_pos.shape:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and input_pos {tuple(input_pos.shape)} differ")
+        b = tokens.shape[0]
+        if rows is None and b > self.cache_slots:
+            raise ValueError(f"batch {b} exceeds the {self.cache_slots} cache rows")
+        length = int(input_pos.max().item()) + 1  # attend over cache positions [0, length)
+        if length > self.cache_seq or int(input_pos.min().item()) < 0:
+            raise ValueError(f"positions must lie in [0, {self.cache_seq}), got up to {length - 1}")
+        # mask: [B, 1, S, L], True = may attend
+        mask = (torch.arange(length, device=tokens.device)[None, None, :] <= input_pos[:, :, None])
+        mask = mask.unsqueeze(1)
+        x = self.tok_embeddings(tokens)  # [B, S, D]
+        cos, sin = self._rope(input_pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos, rows, length)
+        if last_only:
+            x = x[:, -1:]
+        return self._head(x)
+
+    @torch.inference_mode()
+    def forward_full(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Cache-free causal forward. tokens [B, S] -> float32 logits [B, S, V]."""
+        b, s = tokens.shape
+        pos = torch.arange(s, device=tokens.device).expand(b, s)
+        x = self.tok_embeddings(tokens)
+        cos, sin = self._rope(pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, None, None, s)
+        return self._head(x)
+
+
+@torch.inference_mode()
+def greedy_generate(model: Llama, prompt_ids: list[int], max_new_tokens: int,
+                    eos_id: int | None) -> list[int]:
+    """Reference greedy loop on cache row 0. Returns new ids; stops after eos (not included)."""
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    need = len(prompt_ids) + max_new_tokens
+    if model.cache_slots < 1 or model.cache_seq < need:
+        model.setup_caches(max(model.cache_slots, 1), need)
+    tokens = torch.tensor([prompt_ids], dtype=torch.long)
+    pos = torch.arange(len(prompt_ids)).unsqueeze(0)
+    logits = model(tokens, pos, last_only=True)  # [1, 1, V]
+    out: list[int] = []
+    for i in range(max_new_tokens):
+        nxt = int(logits[0, -1].argmax().item())
+        if eos_id is not None and nxt == eos_id:
+            break
+        out.append(nxt)
+        if i == max_new_tokens - 1:
+            break
+        p = len(prompt_ids) + i
+        logits = model(torch.tensor([[nxt]]), torch.tensor([[p]]))
+    return out
+
+
+def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
+               compute_dtype: torch.dtype, device: str = "cpu") -> Llama:
+    """Build the network on meta, then assign weights converted to ``weight_format``.
+
+    weight_format: "int4" (exact from stored Q4_1; group-32 min/max quantization from dense),
+    "int8" (per-channel symmetric from the dense weights), "bfloat16", "float32" (dense).
+    Norms are kept in the compute dtype, the (tied) LM head dense in the compute dtype.
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    dense_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(weight_format)
+    if dense_dtype is not None and compute_dtype != dense_dtype:
+        raise ValueError(f"weight_format {weight_format!r} computes in {dense_dtype}, not {compute_dtype}")
+    if weight_format in ("int4", "int8") and compute_dtype != torch.bfloat16:
+        log.warning("%s weights with %s activations: the CPU kernels are 12-27x slower than bf16",
+                    weight_format, compute_dtype)
+    with torch.device("meta"):
+        model = Llama(config)
+    with WeightFile(weights_file) as wf:
+        def dense(name: str) -> nn.Parameter:
+            return nn.Parameter(wf.dense(name).to(compute_dtype), requires_grad=False)
+
+        emb = dense("model.embed_tokens.weight")  # [V, D]
+        if emb.shape != (config.vocab_size, config.dim):
+            raise ValueError(f"embedding shape {tuple(emb.shape)} does not match the config")
+        model.tok_embeddings.weight = emb
+        head = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
+        head.weight = emb if config.tie_embeddings else dense("lm_head.weight")
+        model.output = head
+        model.norm.weight = dense("model.norm.weight")
+        for i, layer in enumerate(model.blocks):
+            p = f"model.layers.{i}."
+            layer.attention_norm.weight = dense(p + "input_layernorm.weight")
+            layer.ffn_norm.weight = dense(p + "post_attention_layernorm.weight")
+            att, ffn = p + "self_attn.", p + "mlp."
+            layer.attention.wqkv = build_linear(
+                wf, [att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"],
+                weight_format, compute_dtype)
+            layer.attention.wo = build_linear(wf, [att + "o_proj.weight"], weight_format, compute_dtype)
+            layer.feed_forward.w13 = build_linear(
+                wf, [ffn + "gate_proj.weight", ffn + "up_proj.weight"], weight_format, compute_dtype)
+            layer.feed_forward.w2 = build_linear(wf, [ffn + "down_proj.weight"], weight_format, compute_dtype)
+    model.init_rope(device)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"weights missing after load: {leftover[:5]}")
+    return model.to(device).eval()

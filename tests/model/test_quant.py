@@ -1,0 +1,119 @@
+"""Weight-only quantized linears and the GGUF block codecs against dense references."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from m4d.model.quant import (
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    WeightFile,
+    dequantize_q4_1,
+    dequantize_q8_0,
+    pack_int4,
+    split_q4_1_blocks,
+    split_q8_0_blocks,
+    unpack_int4,
+)
+from m4image.importers.gguf_llama import unpermute_rows
+
+
+@pytest.fixture(scope="module")
+def reader(gguf_path):
+    return gguf.GGUFReader(str(gguf_path))
+
+
+def _tensor(reader, name: str):
+    return next(t for t in reader.tensors if t.name == name)
+
+
+def test_q4_1_block_decode_by_hand() -> None:
+    d, m = np.float16(0.5), np.float16(-1.25)
+    q = np.arange(32) % 16  # element j has value j % 16
+    qs = (q[:16] | (q[16:] << 4)).astype(np.uint8)  # GGUF: low nibble j, high nibble j + 16
+    block = np.concatenate([np.frombuffer(d.tobytes() + m.tobytes(), np.uint8), qs])[None]
+    qweight, scales, mins = split_q4_1_blocks(block)
+    assert qweight.shape == (1, 16) and scales.shape == mins.shape == (1, 1)
+    assert qweight[0, 0] == (0 | (1 << 4))  # our order: byte i = element 2i | element 2i+1 << 4
+    assert unpack_int4(torch.from_numpy(qweight)).tolist() == [q.tolist()]
+    w = dequantize_q4_1(*(torch.from_numpy(a) for a in (qweight, scales, mins)))
+    assert w.tolist() == [(q * 0.5 - 1.25).tolist()]
+
+
+def test_pack_unpack_roundtrip() -> None:
+    q = np.random.default_rng(0).integers(0, 16, (7, 64))
+    assert unpack_int4(torch.from_numpy(pack_int4(q))).numpy().tolist() == q.tolist()
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.3.ffn_down.weight", "blk.29.attn_v.weight"])
+def test_q4_1_split_matches_gguf_dequantize(reader, name: str) -> None:
+    t = _tensor(reader, name)
+    ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+    parts = [torch.from_numpy(a) for a in split_q4_1_blocks(np.asarray(t.data))]
+    assert torch.equal(dequantize_q4_1(*parts), ref)
+
+
+def test_q8_0_split_matches_gguf_dequantize(reader) -> None:
+    t = _tensor(reader, "token_embd.weight")
+    ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+    qw, sc = split_q8_0_blocks(np.asarray(t.data))
+    assert qw.dtype == np.int8 and sc.dtype == np.float16
+    assert torch.equal(dequantize_q8_0(torch.from_numpy(qw), torch.from_numpy(sc)), ref)
+
+
+def test_int4_linear_from_q4_1_matches_dense(reader) -> None:
+    t = _tensor(reader, "blk.5.ffn_gate.weight")  # [1536, 576]
+    qw, sc, mn = (torch.from_numpy(a) for a in split_q4_1_blocks(np.asarray(t.data)))
+    w = dequantize_q4_1(qw, sc, mn)  # [N, K] float32
+    x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(0))
+    ref = x @ w.t()
+    # fp32 activations: scale/zero kept in fp32, so the kernel is exact up to summation order
+    lin32 = Int4WeightOnlyLinear.from_q4_1(qw, sc, mn, dtype=torch.float32)
+    assert (lin32(x) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    # bf16: the nibbles are exact; scale and zero round to bf16 (8 significant bits)
+    lin = Int4WeightOnlyLinear.from_q4_1(qw, sc, mn, dtype=torch.bfloat16)
+    wb = lin.dequantized()
+    assert (wb - w).abs().max().item() <= 2 ** -8 * (sc.float().abs().max() * 8 + mn.float().abs().max()).item()
+    xb = x.bfloat16()
+    dense = xb.float() @ wb.t()
+    y = lin(xb)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, w.shape[0])
+    assert (y.float() - dense).abs().max().item() <= 1e-2 * dense.abs().max().item()
+    # batched leading dims
+    assert lin(xb.view(5, 1, -1)).shape == (5, 1, w.shape[0])
+
+
+def test_int4_from_float_and_int8_match_their_dequantized_weights() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(192, 576, generator=g) * 0.05
+    x = torch.randn(3, 576, generator=g).bfloat16()
+    for lin in (Int4WeightOnlyLinear.from_float(w), Int8WeightOnlyLinear.from_float(w)):
+        dense = x.float() @ lin.dequantized().t()
+        y = lin(x).float()
+        assert (y - dense).abs().max().item() <= 1e-2 * dense.abs().max().item(), type(lin)
+    i4 = Int4WeightOnlyLinear.from_float(w).dequantized()
+    i8 = Int8WeightOnlyLinear.from_float(w).dequantized()
+    assert (i4 - w).abs().max().item() <= 0.6 * (w.max() - w.min()).item() / 15
+    assert (i8 - w).abs().max().item() <= 0.51 * w.abs().max().item() / 127 + 1e-3
+
+
+def test_unpermute_inverts_llama_cpp_permute() -> None:
+    n_head, head_dim, k = 3, 8, 5
+    w = np.arange(n_head * head_dim * k, dtype=np.float32).reshape(n_head * head_dim, k)
+    # llama.cpp convert_hf_to_gguf.py: reshape(n_head, 2, hd/2, ...).swapaxes(1, 2)
+    permuted = w.reshape(n_head, 2, head_dim // 2, k).swapaxes(1, 2).reshape(w.shape)
+    assert np.array_equal(unpermute_rows(permuted, n_head), w)
+
+
+def test_weight_file_kinds(imported_llama) -> None:
+    with WeightFile(imported_llama.weights) as wf:
+        assert wf.kind("model.embed_tokens.weight") == "q8_0"
+        assert wf.kind("model.layers.0.self_attn.q_proj.weight") == "q4_1"
+        assert wf.kind("model.norm.weight") == "dense"
+        qw, sc, mn = wf.q4_1("model.layers.0.mlp.down_proj.weight")
+        assert (qw.dtype, sc.dtype, mn.dtype) == (torch.uint8, torch.float16, torch.float16)
+        assert qw.shape == (576, 768) and sc.shape == mn.shape == (576, 48)
+        with pytest.raises(KeyError, match="not found"):
+            wf.kind("model.layers.99.mlp.down_proj.weight")

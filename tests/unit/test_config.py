@@ -1,0 +1,48 @@
+"""Settings: defaults, file < environment < flags, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from m4d.config import Config, ConfigError, load_config
+
+
+def test_defaults_use_system_paths() -> None:
+    cfg = load_config(Path("/dev/null"), env={})
+    assert cfg.app_socket == Path("/run/m4/app.sock")
+    assert cfg.admin_socket == Path("/run/m4/admin.sock")
+    assert cfg == Config()
+
+
+def test_file_env_and_flags_in_that_order(tmp_path: Path) -> None:
+    f = tmp_path / "m4d.toml"
+    f.write_text('kv_slots = 4\nmax_queue = 9\napp_socket = "/tmp/a.sock"\n')
+    cfg = load_config(f, env={"M4D_MAX_QUEUE": "11", "M4D_ADMIN_SOCKET_MODE": "0o640"},
+                      overrides={"app_socket": "/tmp/b.sock", "kv_slots": None})
+    assert cfg.kv_slots == 4
+    assert cfg.max_queue == 11
+    assert cfg.admin_socket_mode == 0o640
+    assert cfg.app_socket == Path("/tmp/b.sock")
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("kv_slot = 3\n", "unknown key 'kv_slot'"),
+    ("kv_slots = 'many'\n", "kv_slots must be an integer"),
+    ("kv_slots = 0\n", "kv_slots must be > 0"),
+    ("weight_format = 'int3'\n", "weight_format must be one of"),
+    ("weight_format = 'int4'\ncompute_dtype = 'float32'\n", "needs compute_dtype=bfloat16"),
+    ("kv_slots = [\n", "not valid TOML"),
+])
+def test_bad_file_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    f = tmp_path / "m4d.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")) as err:
+        load_config(f, env={})
+    assert str(f) in str(err.value)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
