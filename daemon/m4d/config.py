@@ -53,8 +53,11 @@ class Config:
     kv_slots: int = 16
     # Longest sequence (prompt + generated tokens) a request may use.
     max_context: int = 2048
-    # Tokens the model processes per scheduler step (decode tokens + one prefill chunk).
-    step_token_budget: int = 256
+    # Prompt tokens per prefill chunk; chunks start at multiples of this, whatever the load.
+    prefill_chunk: int = 256
+    # Tokens the model processes per scheduler step: a decode token per running sequence
+    # plus prompt chunks. Must be at least prefill_chunk + kv_slots.
+    step_token_budget: int = 512
     # Requests waiting for a KV slot before new ones are refused with UNAVAILABLE.
     max_queue: int = 64
     # Most texts in one Embed call, and most texts the encoder runs in one batch.
@@ -89,11 +92,16 @@ class Config:
             raise ConfigError(
                 f"weight_format={self.weight_format} computes in {self.weight_format}; "
                 f"set compute_dtype={self.weight_format}")
-        for key in ("kv_slots", "max_context", "step_token_budget", "max_queue",
+        for key in ("kv_slots", "max_context", "prefill_chunk", "step_token_budget", "max_queue",
                     "max_batch_texts", "max_text_chars", "max_message_bytes",
                     "default_max_tokens"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
+        if self.step_token_budget < self.prefill_chunk + self.kv_slots:
+            raise ConfigError(
+                f"step_token_budget ({self.step_token_budget}) must be at least prefill_chunk "
+                f"+ kv_slots ({self.prefill_chunk} + {self.kv_slots}) so a prompt chunk always "
+                "fits beside every decoding sequence")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (got {self.threads}); 0 means all cores")
         if self.drain_timeout < 0:

@@ -27,7 +27,7 @@ def run(s: Scheduler, steps: int) -> list:
 
 
 def test_long_prompt_is_chunked_and_decoders_keep_running() -> None:
-    s = Scheduler(num_rows=4, token_budget=64, max_waiting=8)
+    s = Scheduler(num_rows=4, token_budget=67, max_waiting=8, chunk_size=63)
     s.add(seq(1, prompt=10))
     plan = s.schedule()
     s.update(plan)
@@ -81,9 +81,35 @@ def test_waiting_queue_bound() -> None:
     assert not s.can_accept()
 
 
-@pytest.mark.parametrize("budget", [1, 7, 33])
-def test_budget_never_exceeded_under_load(budget: int) -> None:
-    s = Scheduler(num_rows=3, token_budget=budget, max_waiting=50)
+def chunk_starts(s: Scheduler, seq_id: int, steps: int = 200) -> list[int]:
+    starts = []
+    for _ in range(steps):
+        plan = s.schedule()
+        starts += [c.start for c in plan.prefill if c.seq_id == seq_id]
+        s.update(plan)
+        if seq_id in s.seqs and not s.seqs[seq_id].prefilling:
+            break
+    return starts
+
+
+def test_chunk_boundaries_do_not_depend_on_load() -> None:
+    alone = Scheduler(num_rows=4, token_budget=40, max_waiting=8, chunk_size=16)
+    alone.add(seq(9, prompt=70))
+    busy = Scheduler(num_rows=4, token_budget=40, max_waiting=8, chunk_size=16)
+    for i in range(3):
+        busy.add(seq(i, prompt=30 + i, max_new=100))
+    busy.add(seq(9, prompt=70, arrival=10.0))
+    assert chunk_starts(alone, 9) == chunk_starts(busy, 9) == [0, 16, 32, 48, 64]
+
+
+def test_budget_must_hold_a_chunk_beside_every_decoder() -> None:
+    with pytest.raises(ValueError, match="must hold a prefill chunk"):
+        Scheduler(num_rows=8, token_budget=20, max_waiting=4, chunk_size=16)
+
+
+@pytest.mark.parametrize(("budget", "chunk"), [(4, 1), (10, 7), (40, 33)])
+def test_budget_never_exceeded_under_load(budget: int, chunk: int) -> None:
+    s = Scheduler(num_rows=3, token_budget=budget, max_waiting=50, chunk_size=chunk)
     for i in range(10):
         s.add(seq(i, prompt=5 + 13 * i))
     plans = run(s, 40)

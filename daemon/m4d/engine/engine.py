@@ -94,10 +94,10 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime, *, kv_slots: int, token_budget: int,
+    def __init__(self, runtime: Runtime, *, kv_slots: int, token_budget: int, prefill_chunk: int,
                  max_queue: int, max_batch_texts: int) -> None:
         self.runtime = runtime
-        self.scheduler = Scheduler(kv_slots, token_budget, max_queue)
+        self.scheduler = Scheduler(kv_slots, token_budget, max_queue, prefill_chunk)
         self.max_queue = max_queue
         self.max_batch_texts = max_batch_texts
         self.stats = EngineStats()

@@ -57,9 +57,16 @@ class StepPlan:
 class Scheduler:
     """Owns KV rows and the waiting queue; the engine reports tokens and finishes."""
 
-    def __init__(self, num_rows: int, token_budget: int, max_waiting: int) -> None:
+    def __init__(self, num_rows: int, token_budget: int, max_waiting: int,
+                 chunk_size: int | None = None) -> None:
+        chunk_size = chunk_size or max(1, token_budget - num_rows)
+        if token_budget < chunk_size + num_rows:
+            raise ValueError(
+                f"token_budget ({token_budget}) must hold a prefill chunk ({chunk_size}) "
+                f"beside a decode token for every row ({num_rows})")
         self.num_rows = num_rows
         self.token_budget = token_budget
+        self.chunk_size = chunk_size
         self.max_waiting = max_waiting
         self._free_rows = list(range(num_rows - 1, -1, -1))  # pop() gives the lowest
         self._waiting: list[tuple[int, float, int]] = []  # heap of (priority, arrival, id)
@@ -100,23 +107,30 @@ class Scheduler:
                 plan.decode.append((seq.id, seq.row))
                 budget -= 1
         for seq in sorted(self.running.values(), key=lambda s: (s.priority, s.arrival)):
-            if budget <= 0:
-                break
-            if seq.prefilling:
-                budget -= self._plan_chunk(plan, seq, budget)
-        while budget > 0 and self._free_rows and self._waiting:
-            _, _, seq_id = heapq.heappop(self._waiting)
+            if seq.prefilling and self._next_chunk(seq) <= budget:
+                budget -= self._plan_chunk(plan, seq)
+        while self._free_rows and self._waiting:
+            seq_id = self._waiting[0][2]
             seq = self.seqs.get(seq_id)
             if seq is None:
-                continue  # finished while waiting
+                heapq.heappop(self._waiting)  # finished while waiting
+                continue
+            if self._next_chunk(seq) > budget:
+                break
+            heapq.heappop(self._waiting)
             seq.row = self._free_rows.pop()
             self.running[seq.id] = seq
-            budget -= self._plan_chunk(plan, seq, budget)
+            budget -= self._plan_chunk(plan, seq)
         return plan
 
-    def _plan_chunk(self, plan: StepPlan, seq: SeqState, budget: int) -> int:
+    def _next_chunk(self, seq: SeqState) -> int:
+        """The next prompt chunk: up to the next multiple of chunk_size."""
+        end = min(seq.prompt_len, (seq.computed // self.chunk_size + 1) * self.chunk_size)
+        return end - seq.computed
+
+    def _plan_chunk(self, plan: StepPlan, seq: SeqState) -> int:
         assert seq.row is not None
-        length = min(budget, seq.prompt_len - seq.computed)
+        length = self._next_chunk(seq)
         plan.prefill.append(
             PrefillChunk(seq.id, seq.row, seq.computed, length,
                          last=seq.computed + length == seq.prompt_len)

@@ -77,6 +77,7 @@ class Daemon:
         await asyncio.to_thread(runtime.load)
         engine = Engine(runtime, kv_slots=self.config.kv_slots,
                         token_budget=self.config.step_token_budget,
+                        prefill_chunk=self.config.prefill_chunk,
                         max_queue=self.config.max_queue,
                         max_batch_texts=self.config.max_batch_texts)
         engine.start()
