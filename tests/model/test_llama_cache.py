@@ -140,3 +140,21 @@ def test_random_tiny_network_shapes_mask_and_errors() -> None:
         net(torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long))
     cfg = LlamaConfig.from_dict(net.config.to_dict())
     assert cfg == net.config
+
+
+def test_random_tiny_network_bf16_decode_path_matches_full_forward() -> None:
+    """The bf16 single-query attention path (fp32 math) against SDPA in forward_full."""
+    net = _random_tiny_network().to(torch.bfloat16)
+    net.init_rope()
+    net.setup_caches(3, 16)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 64, (1, n), generator=g) for n in (6, 3, 9)]
+    rows = [2, 0, 1]
+    for s, r in zip(seqs, rows, strict=True):
+        net(s[:, :-1], torch.arange(s.shape[1] - 1)[None], rows=torch.tensor([r]))
+    tokens = torch.cat([s[:, -1:] for s in seqs])  # [3, 1]
+    pos = torch.tensor([[s.shape[1] - 1] for s in seqs])
+    step = net(tokens, pos, rows=torch.tensor(rows))  # [3, 1, V]
+    for i, s in enumerate(seqs):
+        full = net.forward_full(s)[0, -1]
+        assert (step[i, 0] - full).abs().max().item() <= 0.05 * full.abs().max().item()

@@ -66,19 +66,26 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] in ``NIBBLE_ORDER`` -> int32 [N, K] with values 0..15."""
-    lo = (qweight & 0x0F).to(torch.int32)
-    hi = (qweight >> 4).to(torch.int32)
-    return torch.stack([lo, hi], dim=-1).reshape(qweight.shape[0], -1)
+    """uint8 [N, K/2] in ``NIBBLE_ORDER`` -> int32 [N, K] with values 0..15.
+
+    Done in numpy: small element-wise torch ops go through the intra-op thread pool, which on a
+    busy 2-core machine made loading several times slower.
+    """
+    packed = qweight.contiguous().numpy()
+    q = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.int32)
+    q[:, 0::2] = packed & 0x0F
+    q[:, 1::2] = packed >> 4
+    return torch.from_numpy(q)
 
 
 def dequantize_q4_1(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """Stored Q4_1 tensors -> float32 [N, K] (exact: fp16 * small int + fp16 in fp32)."""
-    q = unpack_int4(qweight).to(torch.float32)  # [N, K]
+    q = unpack_int4(qweight).numpy().astype(np.float32)  # [N, K]
     n, k = q.shape
-    g = q.view(n, k // Q4_1_GROUP, Q4_1_GROUP)
-    w = g * scales.to(torch.float32)[:, :, None] + mins.to(torch.float32)[:, :, None]
-    return w.reshape(n, k)
+    g = q.reshape(n, k // Q4_1_GROUP, Q4_1_GROUP)
+    g *= scales.numpy().astype(np.float32)[:, :, None]
+    g += mins.numpy().astype(np.float32)[:, :, None]
+    return torch.from_numpy(g.reshape(n, k))
 
 
 # --------------------------------------------------------------------------- Q8_0 codec
@@ -98,8 +105,9 @@ def split_q8_0_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_q8_0(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Stored Q8_0 tensors -> float32 [N, K]."""
     n, k = qweight.shape
-    g = qweight.to(torch.float32).view(n, k // Q8_0_GROUP, Q8_0_GROUP)
-    return (g * scales.to(torch.float32)[:, :, None]).reshape(n, k)
+    g = qweight.contiguous().numpy().astype(np.float32).reshape(n, k // Q8_0_GROUP, Q8_0_GROUP)
+    g *= scales.numpy().astype(np.float32)[:, :, None]
+    return torch.from_numpy(g.reshape(n, k))
 
 
 # --------------------------------------------------------------------------- linears
@@ -143,9 +151,10 @@ class Int4WeightOnlyLinear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
     ) -> Int4WeightOnlyLinear:
         """Exact mapping of stored Q4_1 (``NIBBLE_ORDER``) onto torch's layout."""
-        d = scales.to(torch.float32)
-        zeros = mins.to(torch.float32) + 8.0 * d
-        return cls(unpack_int4(qweight), d, zeros, group_size=Q4_1_GROUP, dtype=dtype)
+        d = scales.numpy().astype(np.float32)  # [N, K/32]
+        zeros = mins.numpy().astype(np.float32) + 8.0 * d  # torch: (q - 8) * d + zero
+        return cls(unpack_int4(qweight), torch.from_numpy(d), torch.from_numpy(zeros),
+                   group_size=Q4_1_GROUP, dtype=dtype)
 
     @classmethod
     def from_float(
@@ -267,7 +276,8 @@ def build_linear(wf: WeightFile, names: list[str], weight_format: str,
     """One linear whose output rows are the named weights concatenated (fused q/k/v, gate/up)."""
     if weight_format == "int4" and all(wf.kind(n) == "q4_1" for n in names):
         parts = [wf.q4_1(n) for n in names]
-        qw, sc, mn = (torch.cat([p[i] for p in parts]) for i in range(3))
+        qw, sc, mn = (torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
+                      for i in range(3))  # numpy: see unpack_int4
         return Int4WeightOnlyLinear.from_q4_1(qw, sc, mn, dtype=dtype)
     w = torch.cat([wf.dense(n) for n in names])  # [sum N, K] float32
     if weight_format == "int4":
