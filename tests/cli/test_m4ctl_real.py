@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -31,11 +32,19 @@ def test_generate_json_prints_each_message(daemon) -> None:
 
 def test_chat_keeps_the_conversation(daemon) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "m4ctl", "chat", "--temperature", "0", "--max-tokens", "40"],
+        [sys.executable, "-m", "m4ctl", "chat", "--temperature", "0", "--max-tokens", "40",
+         "--stats"],
         input="My name is Ada.\nWhat is my name?\n", capture_output=True, text=True,
         timeout=180, env=daemon.env())
     assert out.returncode == 0, out.stderr
-    assert "Ada" in out.stdout.split("\n", 1)[1], out.stdout
+    usage = [tuple(int(n) for n in re.findall(r"(\d+) (?:prompt|completion)", line))
+             for line in out.stderr.splitlines() if line.startswith("tokens:")]
+    assert len(usage) == 2, out.stderr
+    (p1, c1), (p2, _) = usage
+    # the second turn carries the first question and answer (the 135M model's memory of
+    # them is its own business; the history reaching it is ours)
+    assert p2 > p1 + c1, out.stderr
+    assert len([line for line in out.stdout.splitlines() if line.strip()]) >= 2
 
 
 def test_embed_json_has_unit_vectors(daemon) -> None:
