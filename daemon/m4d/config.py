@@ -23,6 +23,7 @@ COMPUTE_DTYPES = ("bfloat16", "float32")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SELF_TEST_MODES = ("strict", "warn", "off")
+QUEUE_POLICIES = ("fair", "priority", "fcfs")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,17 @@ class Config:
     step_token_budget: int = 512
     # Requests waiting for a KV slot before new ones are refused with UNAVAILABLE.
     max_queue: int = 64
+    # Queue policy: "fair" (priority classes, weighted fair share per uid, aging),
+    # "priority" (strict classes) or "fcfs".
+    queue_policy: str = "fair"
+    # Seconds a starved class waits before it is served as the next more urgent one.
+    aging_seconds: float = 5.0
+    # Requests one uid may have in flight; more get RESOURCE_EXHAUSTED.
+    uid_max_concurrent: int = 32
+    # Tokens (prompt + max_tokens) per second one uid may ask for; 0 means no limit.
+    uid_tokens_per_second: float = 0.0
+    # KV cache tokens shared by all sequences (blocks of 16); 0 means kv_slots * max_context.
+    kv_pool_tokens: int = 0
     # Most texts in one Embed call, and most texts the encoder runs in one batch.
     max_batch_texts: int = 64
     # Longest text accepted in any field, in characters.
@@ -83,6 +95,10 @@ class Config:
         _check_choice("log_format", self.log_format, LOG_FORMATS)
         _check_choice("log_level", self.log_level, LOG_LEVELS)
         _check_choice("self_test", self.self_test, SELF_TEST_MODES)
+        _check_choice("queue_policy", self.queue_policy, QUEUE_POLICIES)
+        for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.weight_format in ("int4", "int8") and self.compute_dtype != "bfloat16":
             raise ConfigError(
                 f"weight_format={self.weight_format} needs compute_dtype=bfloat16 "
@@ -93,7 +109,7 @@ class Config:
                 f"weight_format={self.weight_format} computes in {self.weight_format}; "
                 f"set compute_dtype={self.weight_format}")
         for key in ("kv_slots", "max_context", "prefill_chunk", "step_token_budget", "max_queue",
-                    "max_batch_texts", "max_text_chars", "max_message_bytes",
+                    "max_batch_texts", "max_text_chars", "max_message_bytes", "uid_max_concurrent",
                     "default_max_tokens"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
@@ -135,7 +151,7 @@ def _fields() -> dict[str, dataclasses.Field[Any]]:
 
 def _coerce(key: str, raw: Any, source: str) -> Any:
     """Turns a raw value (TOML value or environment string) into the field's type."""
-    kind = _fields()[key].type
+    kind = str(_fields()[key].type)
     try:
         if kind == "Path":
             if not isinstance(raw, str) or not raw:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from m4d.engine.requests import (
     ClassifyRequest,
-    EmbedRequest,
     Embeddings,
+    EmbedRequest,
     Event,
     LabelScore,
     Ranked,

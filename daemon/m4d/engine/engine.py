@@ -18,24 +18,35 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from m4d.engine.admission import Admission, AdmissionConfig
+from m4d.engine.encoder import EncoderWork, run_encoder_batch
+from m4d.engine.kvpool import KVCapacityError, KVPool
+from m4d.engine.policy import QueuePolicy
 from m4d.engine.requests import (
     ClassifyRequest,
     EmbedRequest,
     Event,
     Failed,
     GenerateRequest,
-    PredictNextRequest,
     Predictions,
+    PredictNextRequest,
+    Priority,
     RequestBase,
     TextDelta,
     Timings,
     Usage,
     WordPrediction,
 )
-from m4d.engine.encoder import EncoderWork, run_encoder_batch
 from m4d.engine.scheduler import Scheduler, SeqState
 from m4d.engine.sequence import Sequence
-from m4d.errors import Cancelled, DeadlineExceeded, Internal, M4Error, Unavailable
+from m4d.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    M4Error,
+    Unavailable,
+)
 from m4d.executor.runtime import Runtime
 from m4d.executor.sampling import sample
 
@@ -50,6 +61,7 @@ class EngineStats:
     rejected: int = 0
     tokens_generated: int = 0
     tokens_prompted: int = 0
+    preempted: int = 0
     steps: int = 0
     active_sequences: int = 0
     last_progress: float = field(default_factory=time.monotonic)
@@ -93,11 +105,40 @@ class RequestStream:
 
 
 
+def _estimate(request: RequestBase) -> int:
+    """Tokens a request may cost, charged to its uid's token bucket at admission."""
+    if isinstance(request, GenerateRequest):
+        return len(request.prompt_ids) + request.sampling.max_tokens
+    if isinstance(request, PredictNextRequest):
+        return len(request.prompt_ids)
+    if isinstance(request, EmbedRequest):
+        return sum(len(t) for t in request.texts) // 4 + 1
+    if isinstance(request, ClassifyRequest):
+        return len(request.text) // 4 + 1
+    return 1
+
+
+@dataclass
+class _Ticket:
+    """What a request holds in admission until it ends."""
+
+    uid: int
+    klass: int
+    weight: float
+    estimate: int
+
+
 class Engine:
     def __init__(self, runtime: Runtime, *, kv_slots: int, token_budget: int, prefill_chunk: int,
-                 max_queue: int, max_batch_texts: int) -> None:
+                 max_queue: int, max_batch_texts: int, policy: QueuePolicy | str = "fair",
+                 kv_tokens: int | None = None, kv_block: int = 16,
+                 admission: AdmissionConfig | None = None) -> None:
         self.runtime = runtime
-        self.scheduler = Scheduler(kv_slots, token_budget, max_queue, prefill_chunk)
+        kv = KVPool(kv_tokens, kv_block) if kv_tokens else None
+        self.scheduler = Scheduler(kv_slots, token_budget, max_queue, prefill_chunk,
+                                   policy=policy, kv=kv)
+        self.admission = Admission(admission)
+        self._tickets: dict[int, _Ticket] = {}
         self.max_queue = max_queue
         self.max_batch_texts = max_batch_texts
         self.stats = EngineStats()
@@ -142,6 +183,15 @@ class Engine:
                 raise Unavailable(
                     f"busy: {waiting} requests are waiting (limit {self.max_queue}); "
                     "retry shortly", retry_after=0.5)
+            uid, estimate = request.caller.uid, _estimate(request)
+            decision = self.admission.check(uid, int(request.priority), estimate,
+                                            time.monotonic())
+            error = decision.error()
+            if error is not None:
+                self.stats.rejected += 1
+                raise error
+            request.priority = Priority(decision.klass)  # max_class may lower it
+            self._tickets[request.id] = _Ticket(uid, decision.klass, decision.weight, estimate)
             self._inbox.append((request, stream))
             self._streams[request.id] = stream
             self.stats.in_flight += 1
@@ -189,12 +239,18 @@ class Engine:
     def _admit(self, inbox: list[tuple[RequestBase, RequestStream]]) -> None:
         for request, stream in inbox:
             if isinstance(request, GenerateRequest):
-                seq = Sequence(request, stream, self.runtime.tokenizer)
-                self._sequences[request.id] = seq
-                self.scheduler.add(SeqState(
-                    id=request.id, priority=int(request.priority), arrival=request.arrival,
-                    prompt_len=len(request.prompt_ids),
-                    max_new_tokens=request.sampling.max_tokens))
+                ticket = self._tickets.get(request.id)
+                try:
+                    self.scheduler.add(SeqState(
+                        id=request.id, priority=int(request.priority), arrival=request.arrival,
+                        prompt_len=len(request.prompt_ids),
+                        max_new_tokens=request.sampling.max_tokens,
+                        uid=request.caller.uid, weight=ticket.weight if ticket else 1.0,
+                        deadline=request.deadline))
+                except KVCapacityError as exc:
+                    self._finish(request.id, Failed(InvalidArgument(str(exc))))
+                    continue
+                self._sequences[request.id] = Sequence(request, stream, self.runtime.tokenizer)
             elif isinstance(request, (EmbedRequest, ClassifyRequest)):
                 self._encoder_queue.append(EncoderWork(request, stream))
             elif isinstance(request, PredictNextRequest):
@@ -210,7 +266,8 @@ class Engine:
                 log.info("request cancelled by client", extra={"request": rid})
                 self._finish(rid, Failed(Cancelled("cancelled by the client")))
         for rid, stream in list(self._streams.items()):
-            if stream.request.expired(now):
+            # generation deadlines are the scheduler's: they come back in plan.expired
+            if rid not in self.scheduler.seqs and stream.request.expired(now):
                 self.stats.cancelled += 1
                 log.info("request deadline exceeded", extra={"request": rid})
                 self._finish(rid, Failed(DeadlineExceeded(
@@ -220,13 +277,19 @@ class Engine:
         """Ends a request: frees its KV row and queue entries, posts the last event."""
         stream = self._streams.pop(rid, None)
         self.scheduler.finish(rid)
-        self._sequences.pop(rid, None)
+        seq = self._sequences.pop(rid, None)
+        ticket = self._tickets.pop(rid, None)
         if stream is None:
             return
         self._encoder_queue = collections.deque(
             w for w in self._encoder_queue if w.request.id != rid)
         self._aux_queue = collections.deque(w for w in self._aux_queue if w[0].id != rid)
         with self._lock:
+            if ticket is not None:
+                used = (len(seq.request.prompt_ids) + len(seq.tokens) if seq is not None
+                        else ticket.estimate)
+                self.admission.release(ticket.uid, ticket.klass,
+                                       unused_tokens=max(0, ticket.estimate - used))
             self.stats.in_flight -= 1
             self.stats.total += 1
             idle = self.stats.in_flight == 0
@@ -241,11 +304,19 @@ class Engine:
     # ---- generation ----------------------------------------------------------------
 
     def _step(self) -> None:
-        plan = self.scheduler.schedule()
+        now = time.monotonic()
+        plan = self.scheduler.schedule(now)
+        for rid in plan.expired:  # already out of the scheduler: fail them
+            self.stats.cancelled += 1
+            log.info("request deadline exceeded", extra={"request": rid})
+            self._finish(rid, Failed(DeadlineExceeded(
+                "the deadline passed before the request finished")))
+        for rid in plan.preempted:  # lost its KV row: a later chunk re-prefills it
+            self.stats.preempted += 1
+            log.info("sequence preempted", extra={"request": rid})
         self.stats.active_sequences = len(self.scheduler.running)
         if plan.empty:
             return
-        now = time.monotonic()
         if plan.decode:
             seqs = [self._sequences[sid] for sid, _ in plan.decode]
             logits = self.runtime.decode(
@@ -257,13 +328,15 @@ class Engine:
                 self._on_token(seq, token)
         for chunk in plan.prefill:
             seq = self._sequences[chunk.seq_id]
-            if chunk.start == 0:
+            resumed = bool(seq.tokens)  # preempted before: re-prefills prompt + generated
+            if chunk.start == 0 and not resumed:
                 seq.started(now)
-            ids = seq.request.prompt_ids[chunk.start:chunk.start + chunk.length]
+            ids = (seq.request.prompt_ids + seq.tokens)[chunk.start:chunk.start + chunk.length]
             logits = self.runtime.prefill(chunk.row, ids, chunk.start)
             self.stats.tokens_prompted += chunk.length
             if chunk.last:
-                seq.prefilled(time.monotonic())
+                if not resumed:
+                    seq.prefilled(time.monotonic())
                 token = sample(logits[None], [seq.params], [seq.generator])[0]
                 self._on_token(seq, token)
         self.scheduler.update(plan)
@@ -272,7 +345,7 @@ class Engine:
     def _on_token(self, seq: Sequence, token: int) -> None:
         self.stats.tokens_generated += 1
         delta, finished = seq.add_token(token, self.runtime.max_context)
-        if delta is not None:
+        if delta is not None and seq.stream is not None:
             seq.stream._post(delta)
         if finished is not None:
             self._finish(seq.request.id, finished)

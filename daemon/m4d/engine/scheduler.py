@@ -1,16 +1,32 @@
 """The generation scheduler: a pure policy that decides what runs in each model step.
 
-Plain data in, a plan out: no torch, no grpc, no asyncio. Each step has a token budget;
-every running sequence that has finished its prompt decodes one token, and what is left of
-the budget goes to prompt chunks (chunked prefill), so a long prompt never stalls the
-other streams. Waiting sequences are admitted into free KV rows by the queue policy
-(priority class first, then arrival).
+Plain data in, a plan out: no torch, no grpc, no asyncio, no clock (the engine passes
+`now`). Each step has a token budget; every running sequence that has finished its prefill
+decodes one token, and what is left of the budget goes to prompt chunks cut at fixed
+multiples of chunk_size (chunked prefill), so a long prompt never stalls other streams.
+
+Three limits are never exceeded: the token budget, the KV rows and the KV memory pool
+(`KVPool`). Waiting sequences are admitted into free rows in the queue policy's order
+(`policy.py`). A step runs in this order:
+
+1. deadlines: expired sequences, waiting or running, leave at once (`plan.expired`);
+2. running sequences, most important first (rank, then admission order), get their decode
+   token or next prompt chunk; one that needs KV memory may preempt those after it;
+3. waiting sequences are admitted head first; when the head finds no row or no memory, it
+   may preempt running work of a strictly lower class (latest admitted first).
+
+A preempted sequence loses its row and memory and waits again (`plan.preempted`); its
+generated tokens are kept and it resumes by re-prefilling prompt + generated tokens.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
+
+from m4d.engine.kvpool import KVCapacityError, KVPool
+from m4d.engine.policy import QueuePolicy, make_policy
+
+__all__ = ["KVCapacityError", "PrefillChunk", "Scheduler", "SeqState", "StepPlan"]
 
 
 @dataclass
@@ -18,32 +34,46 @@ class SeqState:
     """The scheduler's view of one generation sequence."""
 
     id: int
-    priority: int  # lower is more urgent
+    priority: int  # class: 0 system, 1 foreground, 2 background; lower is more urgent
     arrival: float
     prompt_len: int
     max_new_tokens: int
-    computed: int = 0  # prompt tokens already in the KV cache
+    computed: int = 0  # tokens in the KV cache: prompt, then generated tokens fed back
     generated: int = 0  # tokens sampled so far
     row: int | None = None  # KV cache row while running
+    uid: int = -1  # the caller, for fair share
+    weight: float = 1.0  # the caller's share within its class
+    deadline: float | None = None  # monotonic seconds; expires when now >= deadline
+    resumed: int = 0  # generated tokens to re-prefill after a preemption
+    rank: int = 0  # the class it was admitted with (after aging), while running
+    admit_no: int = 0  # admission counter: higher was admitted later
+    preemptions: int = 0
+
+    @property
+    def prefill_len(self) -> int:
+        """Tokens to put in the cache before decoding: the prompt (+ generated, resumed)."""
+        return self.prompt_len + self.resumed
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < self.prompt_len
+        return self.computed < self.prefill_len
 
 
 @dataclass(frozen=True)
 class PrefillChunk:
     seq_id: int
     row: int
-    start: int  # first prompt position of the chunk
+    start: int  # first position of the chunk in prompt + generated tokens
     length: int
-    last: bool  # the chunk ends the prompt: sample the first token from it
+    last: bool  # the chunk ends the prefill: sample the next token from it
 
 
 @dataclass
 class StepPlan:
     decode: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, row)
     prefill: list[PrefillChunk] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)  # lost their row: re-prefill later
+    expired: list[int] = field(default_factory=list)  # deadline passed: already forgotten
 
     @property
     def empty(self) -> bool:
@@ -55,10 +85,11 @@ class StepPlan:
 
 
 class Scheduler:
-    """Owns KV rows and the waiting queue; the engine reports tokens and finishes."""
+    """Owns KV rows, KV memory and the waiting queue; the engine reports tokens and ends."""
 
     def __init__(self, num_rows: int, token_budget: int, max_waiting: int,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, *, policy: QueuePolicy | str = "fair",
+                 kv: KVPool | None = None) -> None:
         chunk_size = chunk_size or max(1, token_budget - num_rows)
         if token_budget < chunk_size + num_rows:
             raise ValueError(
@@ -68,8 +99,12 @@ class Scheduler:
         self.token_budget = token_budget
         self.chunk_size = chunk_size
         self.max_waiting = max_waiting
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.kv = kv if kv is not None else KVPool(1 << 62, 1)  # default: rows are the limit
         self._free_rows = list(range(num_rows - 1, -1, -1))  # pop() gives the lowest
-        self._waiting: list[tuple[int, float, int]] = []  # heap of (priority, arrival, id)
+        self._waiting: dict[int, SeqState] = {}
+        self._admitted = 0
+        self._now = 0.0
         self.seqs: dict[int, SeqState] = {}
         self.running: dict[int, SeqState] = {}
 
@@ -78,74 +113,140 @@ class Scheduler:
     def can_accept(self) -> bool:
         return len(self._waiting) < self.max_waiting
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
     def add(self, seq: SeqState) -> None:
+        """Queues a sequence; raises KVCapacityError (a ValueError) if it could never fit."""
+        if seq.prompt_len < 1:
+            raise ValueError(f"request {seq.id} has an empty prompt")
+        self.kv.check_fits(seq.id, seq.prompt_len + seq.max_new_tokens)
+        active = {s.uid for s in self.seqs.values()}
+        if seq.uid not in active:
+            self.policy.activate(seq, active)
         self.seqs[seq.id] = seq
-        heapq.heappush(self._waiting, (seq.priority, seq.arrival, seq.id))
+        self._waiting[seq.id] = seq
 
     def finish(self, seq_id: int) -> None:
-        """Forget a sequence (done, cancelled or failed) and free its KV row at once."""
+        """Forget a sequence (done, cancelled or failed): its row and memory are free now."""
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             return
-        if self.running.pop(seq_id, None) is not None and seq.row is not None:
+        self._waiting.pop(seq_id, None)
+        self._release(seq)
+
+    def _release(self, seq: SeqState) -> None:
+        if self.running.pop(seq.id, None) is not None and seq.row is not None:
             self._free_rows.append(seq.row)
             self._free_rows.sort(reverse=True)
-        # a waiting entry is skipped lazily in schedule()
-
-    @property
-    def num_waiting(self) -> int:
-        return sum(1 for _, _, i in self._waiting if i in self.seqs and i not in self.running)
+        seq.row = None
+        self.kv.release(seq.id)
 
     # ---- planning ------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, now: float | None = None) -> StepPlan:
+        """Plans one step at `now` (monotonic seconds; the last one seen if None)."""
+        if now is not None:
+            self._now = now
+        now = self._now
         plan = StepPlan()
-        budget = self.token_budget
-        for seq in self.running.values():
-            if not seq.prefilling and budget > 0:
-                assert seq.row is not None
-                plan.decode.append((seq.id, seq.row))
-                budget -= 1
-        for seq in sorted(self.running.values(), key=lambda s: (s.priority, s.arrival)):
-            if seq.prefilling and self._next_chunk(seq) <= budget:
-                budget -= self._plan_chunk(plan, seq)
-        while self._free_rows and self._waiting:
-            seq_id = self._waiting[0][2]
-            seq = self.seqs.get(seq_id)
-            if seq is None:
-                heapq.heappop(self._waiting)  # finished while waiting
-                continue
-            if self._next_chunk(seq) > budget:
-                break
-            heapq.heappop(self._waiting)
+        for seq in list(self.seqs.values()):
+            if seq.deadline is not None and now >= seq.deadline:
+                self.finish(seq.id)
+                plan.expired.append(seq.id)
+
+        order = sorted(self.running.values(), key=self._run_key)
+        for prefill in (False, True):  # decode tokens first, then prompt chunks
+            for seq in order:
+                if seq.id not in self.running or seq.prefilling != prefill:
+                    continue
+                n = self._next_chunk(seq) if prefill else 1
+                later = [s for s in self.running.values() if self._run_key(s) > self._run_key(seq)]
+                if n <= self._left(plan) and self._make_room(plan, seq, seq.computed + n, later):
+                    self._plan(plan, seq, n)
+
+        for klass, seq in self.policy.order(list(self._waiting.values()), now):
+            if seq.id in plan.preempted:
+                continue  # not back in the same step it was pushed out
+            n = self._next_chunk(seq)
+            lower = [s for s in self.running.values() if s.rank > self.policy.base(seq)]
+            if n > self._left(plan) or not self._make_room(plan, seq, n, lower, need_row=True):
+                break  # strict queue order: nobody overtakes the head
+            del self._waiting[seq.id]
             seq.row = self._free_rows.pop()
+            seq.rank = klass
+            self.policy.admitted(seq, now)
+            self._admitted += 1
+            seq.admit_no = self._admitted
             self.running[seq.id] = seq
-            budget -= self._plan_chunk(plan, seq)
+            self._plan(plan, seq, n)
         return plan
 
+    def _run_key(self, seq: SeqState) -> tuple[int, int]:
+        return (seq.rank, seq.admit_no)
+
+    def _left(self, plan: StepPlan) -> int:
+        return self.token_budget - plan.num_tokens
+
     def _next_chunk(self, seq: SeqState) -> int:
-        """The next prompt chunk: up to the next multiple of chunk_size."""
-        end = min(seq.prompt_len, (seq.computed // self.chunk_size + 1) * self.chunk_size)
+        """The next prefill chunk: up to the next multiple of chunk_size."""
+        end = min(seq.prefill_len, (seq.computed // self.chunk_size + 1) * self.chunk_size)
         return end - seq.computed
 
-    def _plan_chunk(self, plan: StepPlan, seq: SeqState) -> int:
+    def _make_room(self, plan: StepPlan, seq: SeqState, tokens: int, victims: list[SeqState],
+                   need_row: bool = False) -> bool:
+        """Makes the cache hold `tokens` of `seq` (and gives it a row), preempting as few
+        victims as possible, latest admitted of the lowest rank first. False, with nothing
+        preempted or taken, when even all the victims would not be enough."""
+        victims = sorted(victims, key=self._run_key, reverse=True)
+        blocks = self.kv.needed(seq.id, tokens)
+        rows = 1 if need_row else 0
+        chosen: list[SeqState] = []
+        freed_blocks = freed_rows = 0
+        for victim in victims:
+            if blocks <= self.kv.free + freed_blocks and rows <= len(self._free_rows) + freed_rows:
+                break
+            chosen.append(victim)
+            freed_blocks += self.kv.held(victim.id)
+            freed_rows += 1
+        if blocks > self.kv.free + freed_blocks or rows > len(self._free_rows) + freed_rows:
+            return False
+        for victim in chosen:
+            self._preempt(plan, victim)
+        taken = self.kv.grow(seq.id, tokens)
+        assert taken
+        return True
+
+    def _preempt(self, plan: StepPlan, seq: SeqState) -> None:
+        self._release(seq)
+        plan.decode = [d for d in plan.decode if d[0] != seq.id]
+        plan.prefill = [c for c in plan.prefill if c.seq_id != seq.id]
+        plan.preempted.append(seq.id)
+        seq.resumed = seq.generated
+        seq.computed = 0
+        seq.preemptions += 1
+        self._waiting[seq.id] = seq
+
+    def _plan(self, plan: StepPlan, seq: SeqState, n: int) -> None:
         assert seq.row is not None
-        length = self._next_chunk(seq)
-        plan.prefill.append(
-            PrefillChunk(seq.id, seq.row, seq.computed, length,
-                         last=seq.computed + length == seq.prompt_len)
-        )
-        return length
+        if not seq.prefilling:
+            plan.decode.append((seq.id, seq.row))
+            return
+        plan.prefill.append(PrefillChunk(seq.id, seq.row, seq.computed, n,
+                                         last=seq.computed + n == seq.prefill_len))
 
     def update(self, plan: StepPlan) -> None:
-        """Records that a plan ran: prompt chunks are cached, decoders got a token."""
+        """Records that a plan ran: chunks are cached, decoders fed a token and got one."""
         for chunk in plan.prefill:
             seq = self.seqs.get(chunk.seq_id)
             if seq is not None:
                 seq.computed += chunk.length
-                if chunk.last:
-                    seq.generated += 1
+                seq.generated += int(chunk.last)
+                self.policy.charge(seq, chunk.length)
         for seq_id, _ in plan.decode:
             seq = self.seqs.get(seq_id)
             if seq is not None:
+                seq.computed += 1
                 seq.generated += 1
+                self.policy.charge(seq, 1)

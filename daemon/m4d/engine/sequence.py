@@ -7,6 +7,8 @@ tokens), end-of-sequence, max_tokens and the context limit.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from m4d.engine.requests import (
@@ -21,13 +23,16 @@ from m4d.engine.requests import (
 from m4d.executor.sampling import make_generator
 from m4d.model.tokenizer import IncrementalDecoder, TextTokenizer
 
+if TYPE_CHECKING:
+    from m4d.engine.engine import RequestStream
+
 
 class Sequence:
-    def __init__(self, request: GenerateRequest, stream: object, tokenizer: TextTokenizer | None,
-                 ) -> None:
+    def __init__(self, request: GenerateRequest, stream: RequestStream | None,
+                 tokenizer: TextTokenizer | None) -> None:
         assert tokenizer is not None
         self.request = request
-        self.stream = stream  # a RequestStream; typed loosely to avoid an import cycle
+        self.stream = stream  # None only in tests that drive a Sequence by hand
         self.params: SamplingParams = request.sampling
         self.generator: torch.Generator | None = make_generator(request.sampling)
         self.eos_id = tokenizer.eos_id

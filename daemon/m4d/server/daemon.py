@@ -13,14 +13,17 @@ import logging
 import time
 from collections.abc import Callable
 
+from m4image.verify import VerifiedImage, verify_image
+
 from m4d import __version__
 from m4d.config import Config
+from m4d.engine.admission import AdmissionConfig, UidQuota
 from m4d.engine.engine import Engine
+from m4d.engine.policy import make_policy
 from m4d.errors import Unavailable
 from m4d.executor.runtime import Runtime
 from m4d.server.convert import Converter, ImageInfo
 from m4d.server.selftest import run_self_test
-from m4image.verify import VerifiedImage, verify_image
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,11 @@ class Daemon:
         runtime = Runtime(image, self.config)
         await asyncio.to_thread(runtime.load)
         engine = Engine(runtime, kv_slots=self.config.kv_slots,
+                        policy=make_policy(self.config.queue_policy,
+                                           aging=self.config.aging_seconds or None)
+                        if self.config.queue_policy != "fcfs" else "fcfs",
+                        kv_tokens=self.config.kv_pool_tokens or None,
+                        admission=admission_config(self.config),
                         token_budget=self.config.step_token_budget,
                         prefill_chunk=self.config.prefill_chunk,
                         max_queue=self.config.max_queue,
@@ -108,7 +116,11 @@ class Daemon:
             return
         loop = asyncio.get_running_loop()
         idle = asyncio.Event()
-        engine.on_idle = lambda: loop.call_soon_threadsafe(idle.set)
+
+        def wake() -> None:  # runs on the executor thread
+            loop.call_soon_threadsafe(idle.set)
+
+        engine.on_idle = wake
         if engine.stats.in_flight == 0:
             return
         try:
@@ -124,6 +136,18 @@ class Daemon:
     @property
     def uptime(self) -> float:
         return time.monotonic() - self.started
+
+
+def admission_config(config: Config) -> AdmissionConfig:
+    """The engine's admission limits from the daemon's settings."""
+    unlimited = 1e15  # finite, so bucket arithmetic never meets inf - inf
+    rate = config.uid_tokens_per_second or unlimited
+    burst = rate * 4 if config.uid_tokens_per_second else unlimited
+    return AdmissionConfig(
+        class_limits={0: config.max_queue, 1: config.max_queue + config.kv_slots,
+                      2: config.max_queue + config.kv_slots},
+        quota=UidQuota(max_concurrent=config.uid_max_concurrent, tokens_per_second=rate,
+                       burst_tokens=burst))
 
 
 class SelfTestFailed(RuntimeError):

@@ -1,0 +1,125 @@
+"""Admission control: the gate in front of the engine's queues, answered at submit time.
+
+Pure bookkeeping with the time passed in. `check()` says at once whether a request may
+enter: ok; busy (the daemon holds as many requests of that class as it may → UNAVAILABLE
+with a retry hint); or quota (the caller's uid has too many requests in flight, or has used
+up its tokens per second → RESOURCE_EXHAUSTED with a retry hint). An admitted request holds
+its place until `release()`, which the engine calls however the request ends.
+
+Per uid: a cap on concurrent requests, a token bucket charged with the request's estimated
+tokens (prompt + max_tokens; what it did not use is refunded on release), a fair-share
+weight, and a cap on its class (`max_class`: a uid capped at 2 always runs as background).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from m4d.errors import M4Error, ResourceExhausted, Unavailable
+
+CLASS_NAMES = {0: "system", 1: "foreground", 2: "background"}
+
+
+@dataclass(frozen=True)
+class UidQuota:
+    max_concurrent: int = 8  # requests in flight
+    tokens_per_second: float = 2000.0  # token bucket refill rate
+    burst_tokens: float = 8000.0  # token bucket size
+
+
+@dataclass
+class AdmissionConfig:
+    # Requests of each class the daemon holds at once (waiting + running); absent: no limit.
+    class_limits: dict[int, int] = field(default_factory=lambda: {0: 16, 1: 64, 2: 64})
+    quota: UidQuota = field(default_factory=UidQuota)  # every uid's, unless in `quotas`
+    quotas: dict[int, UidQuota] = field(default_factory=dict)
+    max_class: dict[int, int] = field(default_factory=dict)  # uid -> most urgent class allowed
+    weights: dict[int, float] = field(default_factory=dict)  # uid -> fair-share weight (1.0)
+    busy_retry_after: float = 0.5  # seconds, the hint when a class queue is full
+    concurrent_retry_after: float = 1.0  # seconds, the hint when a uid has too many
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: Literal["ok", "busy", "quota"]
+    klass: int  # the class granted: the one asked for, capped by max_class
+    weight: float = 1.0
+    message: str = ""
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def error(self) -> M4Error | None:
+        """The error to answer with: Unavailable when busy, ResourceExhausted over quota."""
+        if self.status == "busy":
+            return Unavailable(self.message, retry_after=self.retry_after)
+        if self.status == "quota":
+            return ResourceExhausted(self.message, retry_after=self.retry_after)
+        return None
+
+
+@dataclass
+class _Bucket:
+    level: float
+    stamp: float
+
+
+class Admission:
+    def __init__(self, config: AdmissionConfig | None = None) -> None:
+        self.config = config or AdmissionConfig()
+        self.in_flight: dict[int, int] = {}  # uid -> requests
+        self.per_class: dict[int, int] = {}  # class -> requests
+        self._buckets: dict[int, _Bucket] = {}
+
+    def quota(self, uid: int) -> UidQuota:
+        return self.config.quotas.get(uid, self.config.quota)
+
+    def check(self, uid: int, klass: int, est_tokens: int, now: float) -> Decision:
+        """Admits the request (and counts it until release) or says why not."""
+        cfg, quota = self.config, self.quota(uid)
+        klass = max(klass, cfg.max_class.get(uid, 0))
+        weight = cfg.weights.get(uid, 1.0)
+
+        def refuse(status: Literal["busy", "quota"], retry: float, message: str) -> Decision:
+            return Decision(status, klass, weight, message, round(retry, 3))
+
+        running = self.in_flight.get(uid, 0)
+        if running >= quota.max_concurrent:
+            return refuse("quota", cfg.concurrent_retry_after,
+                          f"uid {uid} already has {running} requests in flight (limit "
+                          f"{quota.max_concurrent}); retry when one finishes")
+        bucket = self._refill(uid, quota, now)
+        cost = min(float(est_tokens), quota.burst_tokens)  # a big request waits for a full bucket
+        if bucket.level < cost:
+            wait = (cost - bucket.level) / quota.tokens_per_second
+            return refuse("quota", wait,
+                          f"uid {uid} is over its rate of {quota.tokens_per_second:g} tokens/s; "
+                          f"retry in {wait:.1f} s")
+        queued, limit = self.per_class.get(klass, 0), cfg.class_limits.get(klass)
+        if limit is not None and queued >= limit:
+            name = CLASS_NAMES.get(klass, f"class {klass}")
+            return refuse("busy", cfg.busy_retry_after,
+                          f"busy: {queued} {name} requests are in the daemon (limit {limit}); "
+                          f"retry in {cfg.busy_retry_after:g} s")
+        bucket.level -= cost
+        self.in_flight[uid] = running + 1
+        self.per_class[klass] = queued + 1
+        return Decision("ok", klass, weight)
+
+    def release(self, uid: int, klass: int, unused_tokens: int = 0) -> None:
+        """A request admitted as `klass` ended; refunds the tokens it did not use."""
+        self.in_flight[uid] = max(0, self.in_flight.get(uid, 0) - 1)
+        self.per_class[klass] = max(0, self.per_class.get(klass, 0) - 1)
+        bucket = self._buckets.get(uid)
+        if bucket is not None and unused_tokens > 0:
+            bucket.level = min(self.quota(uid).burst_tokens, bucket.level + unused_tokens)
+
+    def _refill(self, uid: int, quota: UidQuota, now: float) -> _Bucket:
+        bucket = self._buckets.setdefault(uid, _Bucket(quota.burst_tokens, now))
+        elapsed = max(0.0, now - bucket.stamp)
+        bucket.level = min(quota.burst_tokens, bucket.level + elapsed * quota.tokens_per_second)
+        bucket.stamp = max(bucket.stamp, now)
+        return bucket

@@ -1,0 +1,127 @@
+"""Queue policies: the order in which waiting generation sequences get a KV row.
+
+A policy is a small object the scheduler consults; it never touches rows, memory or the
+plan. `order(waiting, now)` returns the waiting queue head first, each sequence with the
+class it would run with; `base(seq)` is the class it was submitted with (0 system,
+1 foreground, 2 background), which decides whom it may preempt. The scheduler tells it
+`admitted(seq, now)`, every token served (`charge`, prefill and decode alike) and when a
+uid that had no work gets some (`activate`).
+
+Aging is per class, not per request: a class moves up one level for every `aging` seconds
+it has had work waiting without admitting any. A class that is being served never ages,
+so aging cannot undo fair share inside a class (per-request aging would: the uid with the
+deepest queue always has the oldest requests), while a starved class always gets through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+
+class Queued(Protocol):
+    """What a policy reads of a sequence (SeqState has all of it)."""
+
+    id: int
+    priority: int
+    arrival: float
+    uid: int
+    weight: float
+
+
+Q = TypeVar("Q", bound=Queued)
+
+
+class QueuePolicy:
+    """First come, first served: one class for everyone, so nothing preempts anything."""
+
+    name = "fcfs"
+
+    def base(self, seq: Queued) -> int:
+        return 0
+
+    def order(self, waiting: Sequence[Q], now: float) -> list[tuple[int, Q]]:
+        return [(0, s) for s in sorted(waiting, key=lambda s: (s.arrival, s.id))]
+
+    def admitted(self, seq: Queued, now: float) -> None:
+        pass
+
+    def activate(self, seq: Queued, active_uids: set[int]) -> None:
+        pass
+
+    def charge(self, seq: Queued, tokens: int) -> None:
+        pass
+
+
+class PriorityPolicy(QueuePolicy):
+    """Class first (aged when `aging` seconds is given), then arrival."""
+
+    name = "priority"
+
+    def __init__(self, aging: float | None = None) -> None:
+        if aging is not None and aging <= 0:
+            raise ValueError(f"aging must be a positive number of seconds, not {aging}")
+        self.aging = aging
+        self._last_admit: dict[int, float] = {}  # class -> when it last admitted a sequence
+
+    def base(self, seq: Queued) -> int:
+        return seq.priority
+
+    def classes(self, waiting: Sequence[Queued], now: float) -> dict[int, int]:
+        """Each waiting class's effective class: one level up per `aging` seconds starved."""
+        since: dict[int, float] = {}
+        for s in waiting:
+            since[s.priority] = min(since.get(s.priority, s.arrival), s.arrival)
+        if self.aging is None:
+            return {c: c for c in since}
+        aging = self.aging
+        return {c: max(0, c - int(max(0.0, now - max(t, self._last_admit.get(c, t))) // aging))
+                for c, t in since.items()}
+
+    def tiebreak(self, seq: Queued) -> float:
+        return 0.0
+
+    def order(self, waiting: Sequence[Q], now: float) -> list[tuple[int, Q]]:
+        eff = self.classes(waiting, now)
+        keyed = sorted(waiting, key=lambda s: (eff[s.priority], self.tiebreak(s), s.arrival, s.id))
+        return [(eff[s.priority], s) for s in keyed]
+
+    def admitted(self, seq: Queued, now: float) -> None:
+        self._last_admit[seq.priority] = now
+
+
+class FairPolicy(PriorityPolicy):
+    """Class (aged), then weighted fair share between uids, then arrival.
+
+    Each uid has a virtual time: the tokens it was served divided by its weight. The uid
+    furthest behind goes first, so saturating uids get tokens in proportion to their
+    weights. A uid that was idle restarts at the least virtual time of the busy uids: idle
+    time is not saved up as credit.
+    """
+
+    name = "fair"
+
+    def __init__(self, aging: float | None = 5.0) -> None:
+        super().__init__(aging)
+        self.vtime: dict[int, float] = {}
+
+    def tiebreak(self, seq: Queued) -> float:
+        return self.vtime.get(seq.uid, 0.0)
+
+    def activate(self, seq: Queued, active_uids: set[int]) -> None:
+        busy = [self.vtime.get(u, 0.0) for u in active_uids]
+        floor = min(busy) if busy else max(self.vtime.values(), default=0.0)
+        self.vtime[seq.uid] = max(self.vtime.get(seq.uid, 0.0), floor)
+
+    def charge(self, seq: Queued, tokens: int) -> None:
+        self.vtime[seq.uid] = self.vtime.get(seq.uid, 0.0) + tokens / max(seq.weight, 1e-6)
+
+
+def make_policy(name: str, **options: float | None) -> QueuePolicy:
+    """"fcfs", "priority" (strict classes; aging only if given) or "fair" (the default:
+    classes aged every 5 s of starvation, weighted fair share per uid)."""
+    policies: dict[str, type[QueuePolicy]] = {
+        "fcfs": QueuePolicy, "priority": PriorityPolicy, "fair": FairPolicy}
+    if name not in policies:
+        raise ValueError(f"unknown queue policy {name!r}; choose one of {sorted(policies)}")
+    return policies[name](**options)

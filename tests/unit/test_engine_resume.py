@@ -1,0 +1,108 @@
+"""The engine side of preemption, with a fake runtime whose next token depends on every
+token in the KV row: a sequence that is preempted and re-prefilled from prompt + generated
+tokens must stream exactly the tokens it streams when it runs alone.
+
+Skipped until engine.py takes `kv_tokens` and reports `stats.preempted` (the scheduler
+change the engine owner applies)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from m4d.engine.engine import Engine
+from m4d.engine.requests import (
+    Caller,
+    Finished,
+    GenerateRequest,
+    Priority,
+    SamplingParams,
+    TextDelta,
+)
+
+VOCAB = 97
+
+
+class FakeTokenizer:
+    eos_id = -1
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return "".join(chr(33 + i % 90) for i in ids)
+
+
+class FakeRuntime:
+    """Rows of token ids stand in for the KV cache; the next token hashes the whole row."""
+
+    device = "cpu"
+    tokenizer = FakeTokenizer()
+    max_context = 512
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list[int]] = {}
+
+    def _next(self, row: int) -> torch.Tensor:
+        logits = torch.zeros(VOCAB)
+        logits[hash(tuple(self.rows[row])) % VOCAB] = 1.0
+        return logits
+
+    def prefill(self, row: int, ids: list[int], start: int) -> torch.Tensor:
+        cache = self.rows.setdefault(row, [])
+        assert len(cache) >= start, f"a chunk at {start} but the row holds {len(cache)}"
+        self.rows[row] = cache[:start] + list(ids)
+        return self._next(row)
+
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        time.sleep(0.002)  # long enough for the foreground request to arrive mid-run
+        out = []
+        for row, token, pos in zip(rows, tokens, positions, strict=True):
+            assert len(self.rows[row]) == pos, f"decode at {pos}, row holds {len(self.rows[row])}"
+            self.rows[row].append(token)
+            out.append(self._next(row))
+        return torch.stack(out)
+
+
+Req = tuple[int, Priority, int, int]  # key, class, prompt length, max_tokens
+
+
+async def serve(reqs: list[Req], slots: int, kv_tokens: int | None) -> tuple[dict[int, list[int]], int]:
+    engine = Engine(FakeRuntime(), kv_slots=slots, token_budget=16 + slots,  # type: ignore[arg-type]
+                    prefill_chunk=16, max_queue=16, max_batch_texts=4, kv_tokens=kv_tokens)
+    engine.start()
+    out: dict[int, list[int]] = {}
+
+    async def one(key: int, klass: Priority, prompt: int, max_tokens: int) -> None:
+        request = GenerateRequest(
+            task="generate", priority=klass, caller=Caller(uid=1000 + key),
+            prompt_ids=[(7 * key + i) % VOCAB for i in range(prompt)],
+            sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        tokens: list[int] = []
+        async for event in engine.submit(request):
+            if isinstance(event, TextDelta):
+                tokens += event.token_ids
+            else:
+                assert isinstance(event, Finished), event
+        out[key] = tokens
+
+    try:
+        tasks = []
+        for r in reqs:
+            tasks.append(asyncio.create_task(one(*r)))
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+    finally:
+        engine.stop()
+    return out, engine.stats.preempted  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kv_tokens", [None, 200])
+async def test_preempted_sequences_resume_to_the_same_tokens(kv_tokens: int | None) -> None:
+    reqs: list[Req] = [(1, Priority.BACKGROUND, 40, 120), (2, Priority.BACKGROUND, 33, 120),
+                       (3, Priority.FOREGROUND, 20, 30), (4, Priority.SYSTEM, 50, 20)]
+    alone: dict[int, list[int]] = {}
+    for r in reqs:
+        alone.update((await serve([r], slots=4, kv_tokens=None))[0])
+    busy, preempted = await serve(reqs, slots=2, kv_tokens=kv_tokens)
+    assert preempted > 0, "the foreground requests should have preempted background work"
+    assert busy == alone
