@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from m4.admin.v1 import admin_pb2, admin_pb2_grpc
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
-
 from m4d.model.llama import LlamaConfig, greedy_generate, load_llama
 from m4d.model.tokenizer import ChatTemplate, TextTokenizer
 from m4image.verify import verify_image
@@ -121,7 +120,7 @@ def test_eight_concurrent_clients_get_their_own_answers(stub, reference) -> None
             ids, _, _ = collect(stub.Generate(pb.GenerateRequest(
                 task="complete", prompt=PROMPTS[i], sampling=greedy(24))))
             results[i] = ids
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
@@ -241,9 +240,8 @@ def test_status_reports_image_and_memory(admin) -> None:
 
 
 def test_admin_is_not_served_on_the_app_socket(daemon) -> None:
-    with grpc.insecure_channel(daemon.address) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=5)
+    with grpc.insecure_channel(daemon.address) as channel, pytest.raises(grpc.RpcError) as err:
+        admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

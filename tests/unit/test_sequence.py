@@ -8,7 +8,6 @@ from pathlib import Path
 
 import gguf
 import pytest
-
 from m4d.engine.requests import (
     Caller,
     FinishReason,

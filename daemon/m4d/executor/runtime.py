@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from m4image.verify import VerifiedImage
 
 from m4d.config import Config
 from m4d.errors import InvalidArgument
 from m4d.model.bert import BertConfig, load_bert
 from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4d.model.tokenizer import ChatTemplate, TextTokenizer
-from m4image.verify import VerifiedImage
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,13 @@ class Runtime:
                                                  "seconds": round(time.monotonic() - started, 2)})
 
     def _path(self, relative: str) -> Path:
-        return self.image.path / relative
+        return Path(self.image.path) / relative
 
     def _load_backbone(self, name: str, spec: dict[str, Any]) -> None:
         cfg = LlamaConfig.from_dict(spec["config"])
         model = load_llama(self._path(spec["weights"]), cfg,
                            weight_format=self.config.weight_format,
-                           compute_dtype=self.compute_dtype, device=self.device)
+                           compute_dtype=self.compute_dtype, device=str(self.device))
         self.max_context = min(self.config.max_context, cfg.max_seq_len)
         model.setup_caches(self.config.kv_slots, self.max_context, self.compute_dtype)
         self.backbone = model
@@ -111,7 +111,7 @@ class Runtime:
         tokens = torch.tensor([ids], dtype=torch.long)  # [1, S]
         pos = torch.arange(start, start + len(ids), dtype=torch.long)[None]  # [1, S]
         rows = torch.tensor([row], dtype=torch.long)
-        logits = self.backbone(tokens, pos, rows, last_only=True)  # [1, 1, V]
+        logits: torch.Tensor = self.backbone(tokens, pos, rows, last_only=True)  # [1, 1, V]
         return logits[0, -1]
 
     @torch.inference_mode()
@@ -122,7 +122,7 @@ class Runtime:
         pos = torch.tensor(positions, dtype=torch.long)[:, None]  # [B, 1]
         contiguous = rows == list(range(len(rows)))
         row_t = None if contiguous else torch.tensor(rows, dtype=torch.long)
-        logits = self.backbone(tok, pos, row_t, last_only=True)  # [B, 1, V]
+        logits: torch.Tensor = self.backbone(tok, pos, row_t, last_only=True)  # [B, 1, V]
         return logits[:, -1]
 
     @torch.inference_mode()

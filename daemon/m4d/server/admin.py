@@ -28,7 +28,7 @@ def rss_bytes() -> int:
         return 0
 
 
-class AdminServicer(pb_grpc.AdminServicer):
+class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 

@@ -1,9 +1,13 @@
 """The gRPC servers and the process life cycle: startup → serve → graceful shutdown.
 
 Two grpc.aio servers: apps on the app socket (Inference, health, reflection) and
-administrators on the admin socket (Admin, health). SIGTERM or SIGINT drains: health
-goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls finish (up to
-drain_timeout); a second signal forces the exit.
+administrators on the admin socket (Admin, health). Each listens on a private socket
+(`<app socket dir>/.m4d-private/`, mode 0700) behind a PeerRelay that owns the public
+socket (bound here, or passed by systemd as "app" / "admin") and tells the servicers the
+caller's uid from SO_PEERCRED. Under systemd: READY=1 once the model is loaded,
+STOPPING=1 on the way out. SIGTERM or SIGINT drains: health goes NOT_SERVING, new calls
+get UNAVAILABLE, in-flight calls finish (up to drain_timeout); a second signal forces
+the exit.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -23,9 +28,11 @@ from m4.admin.v1 import admin_pb2, admin_pb2_grpc
 from m4.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from m4d.config import Config
+from m4d.server import systemd
 from m4d.server.admin import AdminServicer
 from m4d.server.daemon import Daemon, State
 from m4d.server.inference import InferenceServicer
+from m4d.server.relay import PeerRelay, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +70,57 @@ def _options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
-async def _start_server(path: Path, mode: int, config: Config,
+def _relays(config: Config) -> tuple[PeerRelay, PeerRelay]:
+    """The app and admin relays: on systemd's sockets when it passed them, else on paths."""
+    sockets = systemd.listen_fds()  # {} unless socket-activated
+    private = private_dir(config.app_socket.parent / ".m4d-private")
+    app = PeerRelay(sockets.pop("app", config.app_socket), private / "app.sock",
+                    mode=config.app_socket_mode, name="app")
+    admin = PeerRelay(sockets.pop("admin", config.admin_socket), private / "admin.sock",
+                      mode=config.admin_socket_mode, name="admin")
+    for name, sock in sockets.items():
+        log.warning("ignoring a socket from systemd", extra={"fd_name": name})
+        sock.close()
+    return app, admin
+
+
+async def _start_server(relay: PeerRelay, config: Config,
                         register: list[object]) -> grpc.aio.Server:
-    prepare_socket(path)
+    """A grpc.aio server on the relay's private socket, then the relay in front of it."""
+    backend = Path(relay.backend_sockaddr)
+    prepare_socket(backend)
     server = grpc.aio.server(options=_options(config))
     for add in register:
         add(server)  # type: ignore[operator]
-    server.add_insecure_port(f"unix://{path}")
+    server.add_insecure_port(relay.backend_target)
     await server.start()
-    os.chmod(path, mode)
+    os.chmod(backend, 0o600)
+    try:
+        await relay.start()
+    except BaseException:
+        await server.stop(None)
+        raise
     return server
 
 
-async def _stop_servers(servers: list[tuple[grpc.aio.Server, Path]]) -> None:
-    """Stops the servers this process started and removes only their sockets."""
-    await asyncio.gather(*(server.stop(grace=1.0) for server, _ in servers))
-    for _, path in servers:
+async def _stop_servers(servers: list[tuple[grpc.aio.Server, PeerRelay]]) -> None:
+    """Stops the servers and their relays; removes only sockets this process bound.
+
+    The relays stop accepting at once and keep piping until the gRPC servers close their
+    connections (their GOAWAY reaches the clients through the relays)."""
+    await asyncio.gather(*(server.stop(grace=1.0) for server, _ in servers),
+                         *(relay.stop(grace=2.0) for _, relay in servers))
+    for _, relay in servers:
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            Path(relay.backend_sockaddr).unlink()
+
+
+def _notify(send: Callable[[], bool]) -> None:
+    """sd_notify that never stops the daemon: a failure is logged."""
+    try:
+        send()
+    except systemd.SystemdError as exc:
+        log.warning("cannot notify systemd: %s", exc)
 
 
 async def serve(config: Config) -> int:
@@ -97,28 +137,28 @@ async def serve(config: Config) -> int:
                 await h.set(name, status)
 
     await set_health(False)
-    servers: list[tuple[grpc.aio.Server, Path]] = []
+    servers: list[tuple[grpc.aio.Server, PeerRelay]] = []
     try:
-        servers.append((await _start_server(config.app_socket, config.app_socket_mode, config, [
+        app_relay, admin_relay = _relays(config)
+        servers.append((await _start_server(app_relay, config, [
             lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(
-                InferenceServicer(daemon), s),
+                InferenceServicer(daemon, peers=app_relay), s),
             lambda s: health_pb2_grpc.add_HealthServicer_to_server(app_health, s),
             lambda s: reflection.enable_server_reflection(
                 (INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
-        ]), config.app_socket))
-        servers.append((await _start_server(
-            config.admin_socket, config.admin_socket_mode, config, [
-                lambda s: admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(daemon), s),
-                lambda s: health_pb2_grpc.add_HealthServicer_to_server(admin_health, s),
-                lambda s: reflection.enable_server_reflection(
-                    (ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
-            ]), config.admin_socket))
-    except (SocketInUse, OSError, RuntimeError) as exc:
+        ]), app_relay))
+        servers.append((await _start_server(admin_relay, config, [
+            lambda s: admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(daemon), s),
+            lambda s: health_pb2_grpc.add_HealthServicer_to_server(admin_health, s),
+            lambda s: reflection.enable_server_reflection(
+                (ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
+        ]), admin_relay))
+    except (SocketInUse, OSError, RuntimeError) as exc:  # RelayError, SystemdError too
         log.error("cannot listen: %s", exc)
         await _stop_servers(servers)
         return 1
-    log.info("listening", extra={"app_socket": str(config.app_socket),
-                                 "admin_socket": str(config.admin_socket)})
+    log.info("listening", extra={"app_socket": app_relay.address,
+                                 "admin_socket": admin_relay.address})
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -145,11 +185,13 @@ async def serve(config: Config) -> int:
         if load in done:
             load.result()  # raises a load failure
             await set_health(True)
+            _notify(lambda: systemd.ready("serving"))
             await stopped
         else:
             load.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await load
+        _notify(systemd.stopping)
         if daemon.state is State.READY:
             await set_health(False)
             await daemon.drain(config.drain_timeout)

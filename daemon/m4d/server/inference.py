@@ -28,21 +28,11 @@ from m4d.engine.requests import (
     TextDelta,
 )
 from m4d.errors import Internal
+from m4d.server.identity import PeerLookup, caller_from_context
 from m4d.server.status import streaming, unary
 
 if TYPE_CHECKING:
     from m4d.server.daemon import Daemon
-
-APP_NAME_KEY = "m4-app-name"
-
-
-def caller_of(context: grpc.aio.ServicerContext) -> Caller:
-    """The caller's identity; the app name from metadata is a label, never an identity."""
-    app = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == APP_NAME_KEY and isinstance(value, str):
-            app = value[:64]
-    return Caller(app=app)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -50,9 +40,14 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, daemon: Daemon) -> None:
+class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
+    def __init__(self, daemon: Daemon, peers: PeerLookup | None = None) -> None:
         self.daemon = daemon
+        self.peers = peers  # the app socket's PeerRelay: who is behind each connection
+
+    def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:
+        """uid and pid from the kernel (via the relay); the app name is only a label."""
+        return caller_from_context(context, self.peers)
 
     async def _submit(self, request: RequestBase) -> RequestStream:
         return self.daemon.engine_for_requests().submit(request)
@@ -66,7 +61,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         conv = self.daemon.converter()
-        domain = conv.generate(request, caller_of(context), deadline_of(context))
+        domain = conv.generate(request, self.caller_of(context), deadline_of(context))
         async for msg in self._generate(domain):
             yield msg
 
@@ -100,7 +95,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         conv = self.daemon.converter()
-        event = await self._unary(conv.embed(request, caller_of(context), deadline_of(context)))
+        event = await self._unary(
+            conv.embed(request, self.caller_of(context), deadline_of(context)))
         assert isinstance(event, Embeddings)
         return conv.embeddings(event)
 
@@ -108,7 +104,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Classify(self, request: pb.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         conv = self.daemon.converter()
-        event = await self._unary(conv.classify(request, caller_of(context), deadline_of(context)))
+        event = await self._unary(
+            conv.classify(request, self.caller_of(context), deadline_of(context)))
         assert isinstance(event, Ranked)
         return conv.ranked(event)
 
@@ -117,7 +114,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                           context: grpc.aio.ServicerContext) -> pb.PredictNextResponse:
         conv = self.daemon.converter()
         event = await self._unary(
-            conv.predict_next(request, caller_of(context), deadline_of(context)))
+            conv.predict_next(request, self.caller_of(context), deadline_of(context)))
         assert isinstance(event, Predictions)
         return conv.predictions(event)
 
@@ -125,7 +122,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Run(self, request: pb.RunRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunResponse]:
         conv = self.daemon.converter()
-        domain = conv.run(request, caller_of(context), deadline_of(context))
+        domain = conv.run(request, self.caller_of(context), deadline_of(context))
         if isinstance(domain, GenerateRequest):
             async for msg in self._generate(domain):
                 yield conv.run_response(msg)

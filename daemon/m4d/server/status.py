@@ -56,7 +56,7 @@ def unary(fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
             return await fn(self, request, context)
         except errors.M4Error as exc:
             await abort(context, exc)
-        except Exception as exc:  # noqa: BLE001 - converted to INTERNAL, logged
+        except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             await abort(context, exc)
@@ -75,7 +75,7 @@ def streaming(fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[R
                 yield item
         except errors.M4Error as exc:
             await abort(context, exc)
-        except Exception as exc:  # noqa: BLE001 - converted to INTERNAL, logged
+        except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             await abort(context, exc)
