@@ -1,18 +1,25 @@
 """Firmware image, verification: the gate every image passes before the store or daemon uses it.
 
-Order (as RAUC): read manifest.json (size-capped), check the signature hook, parse the
-manifest strictly, refuse unsafe paths, links and unlisted files, then check every listed
-file's size and sha256. Only ``verify_image`` creates a ``VerifiedImage``.
+Order (as RAUC): read manifest.json once (size-capped), check the signature over exactly those
+bytes (a ``Keyring`` or a ``SignatureCheck`` hook), parse the manifest strictly, check that it
+is meant for this device (``compatible``) and this daemon (``min_daemon_version``), refuse
+unsafe paths, links and unlisted files, then check every listed file's size and sha256. Only
+``verify_image`` creates a ``VerifiedImage``.
+
+``check_manifest`` is the same gate for the manifest alone; the image store's streamed install
+uses it before it writes any payload byte, then hashes each file while writing it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from m4image.fsutil import sha256_fd
 from m4image.manifest import (
@@ -24,10 +31,16 @@ from m4image.manifest import (
     ManifestError,
 )
 
+if TYPE_CHECKING:
+    from m4image.keys import Keyring
+
 __all__ = [
+    "MAX_SIGNATURE_BYTES",
+    "DaemonTooOldError",
     "ExtraFileError",
     "HashMismatchError",
     "ImageError",
+    "IncompatibleImageError",
     "ManifestError",
     "MissingFileError",
     "SignatureCheck",
@@ -35,8 +48,17 @@ __all__ = [
     "SizeMismatchError",
     "UnsafePathError",
     "VerifiedImage",
+    "check_file_table",
+    "check_manifest",
+    "check_relative_path",
+    "parse_version",
+    "read_manifest_bytes",
+    "read_signature_bytes",
+    "scan_files",
     "verify_image",
 ]
+
+MAX_SIGNATURE_BYTES = 4096  # manifest.sig is a small JSON document (see m4image.sign)
 
 _REBUILD = "rebuild or re-download the image (m4ctl image build / install)"
 
@@ -62,13 +84,22 @@ class UnsafePathError(ImageError):
 
 
 class SignatureError(ImageError):
-    """manifest.sig does not verify (raised by a SignatureCheck; signing comes later)."""
+    """manifest.sig is missing or does not verify; m4image.keys defines one subclass per cause."""
+
+
+class IncompatibleImageError(ImageError):
+    """The manifest's ``compatible`` string is not this device's: the image is for other hardware."""
+
+
+class DaemonTooOldError(ImageError):
+    """The manifest's ``min_daemon_version`` is newer than the daemon that would load it."""
 
 
 # Signature hook: called with the exact manifest bytes and the bytes of manifest.sig (None when
-# absent) before the manifest is parsed; raises SignatureError to reject. When no check is
-# given, manifest.sig is ignored whether or not it is present.
-SignatureCheck = Callable[[bytes, "bytes | None"], None]
+# absent) before the manifest is parsed; raises SignatureError to reject, and may return the id
+# of the key that signed (kept in VerifiedImage.signed_by). When neither a check nor a keyring
+# is given, manifest.sig is ignored whether or not it is present (development images).
+SignatureCheck = Callable[[bytes, "bytes | None"], "str | None"]
 
 _TOKEN = object()
 
@@ -80,6 +111,7 @@ class VerifiedImage:
     path: Path
     manifest: Manifest
     digest: str  # sha256 hex of the manifest.json bytes: the image's identity
+    signed_by: str | None = None  # key id that signed it; None when no signature was checked
     _token: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -113,7 +145,8 @@ def check_relative_path(rel: str) -> PurePosixPath:
     return p
 
 
-def _read_manifest(root: Path) -> bytes:
+def read_manifest_bytes(root: Path) -> bytes:
+    """The exact bytes of ``root/manifest.json`` (no links, regular file, size-capped), read once."""
     path = root / MANIFEST_NAME
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -138,7 +171,27 @@ def _read_manifest(root: Path) -> bytes:
         os.close(fd)
 
 
-def _scan(root: Path) -> set[str]:
+def read_signature_bytes(root: Path) -> bytes | None:
+    """The bytes of ``root/manifest.sig`` (capped), or None when the image has none."""
+    path = root / SIGNATURE_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if os.path.islink(path):
+            raise UnsafePathError(f"{path} is a symbolic link; images must hold regular files: {_REBUILD}") from None
+        raise SignatureError(f"cannot read {path}: {e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{path} is not a regular file: {_REBUILD}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(MAX_SIGNATURE_BYTES + 1)  # the checker refuses anything over the cap
+    finally:
+        os.close(fd)
+
+
+def scan_files(root: Path) -> set[str]:
     """Every regular file under root as a relative POSIX path; links and special files raise."""
     found: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -184,28 +237,113 @@ def _check_file(root: Path, rel: str, size: int, sha256: str) -> None:
         os.close(fd)
 
 
+_VERSION = re.compile(r"^(\d+(?:\.\d+)*)(?:[-+.]?[0-9A-Za-z.+-]*)?$")
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"0.1.0"`` -> ``(0, 1, 0)``; a suffix (``0.2.0rc1``, ``0.2.0+local``) is ignored.
+
+    Trailing zeros do not count (``1.0`` == ``1.0.0``). Raises ValueError on anything else.
+    """
+    m = _VERSION.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a dotted version number such as 0.1.0")
+    parts = [int(x) for x in m.group(1).split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def check_file_table(manifest: Manifest) -> None:
+    """Every listed path is safe, and no listed file is also the folder of another one."""
+    folders: set[str] = set()
+    for rel in manifest.files:
+        check_relative_path(rel)
+        parts = rel.split("/")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    clash = sorted(folders & set(manifest.files))
+    if clash:
+        raise UnsafePathError(
+            f"manifest lists {clash[0]!r} both as a file and as the folder of other files: {_REBUILD}"
+        )
+
+
+def check_manifest(
+    data: bytes,
+    signature: bytes | None,
+    *,
+    signature_check: SignatureCheck | None = None,
+    expected_compatible: str | None = None,
+    daemon_version: str | None = None,
+) -> tuple[Manifest, str | None]:
+    """The manifest half of verification, on bytes already read once.
+
+    Signature first (over exactly ``data``), then the strict parse, then ``compatible`` and
+    ``min_daemon_version``, then the file table's paths. Returns the manifest and the signing
+    key id (None when no signature check was asked for).
+    """
+    key_id = signature_check(data, signature) if signature_check is not None else None
+    manifest = Manifest.from_json(data)
+    if expected_compatible is not None and manifest.compatible != expected_compatible:
+        raise IncompatibleImageError(
+            f"image {manifest.name} {manifest.version} is built for {manifest.compatible!r}, "
+            f"this device is {expected_compatible!r}; get the image built for {expected_compatible!r}"
+        )
+    if daemon_version is not None:
+        try:
+            needed = parse_version(manifest.min_daemon_version)
+        except ValueError as e:
+            raise ManifestError(f"manifest.min_daemon_version: {e}; {_REBUILD}") from None
+        if parse_version(daemon_version) < needed:
+            raise DaemonTooOldError(
+                f"image {manifest.name} {manifest.version} needs m4d >= {manifest.min_daemon_version}, "
+                f"this daemon is {daemon_version}; update m4d first, then install the image"
+            )
+    check_file_table(manifest)
+    return manifest, key_id
+
+
+def _signature_check_for(keyring: Keyring) -> SignatureCheck:
+    from m4image.sign import KeyringSignatureCheck
+
+    return KeyringSignatureCheck(keyring)
+
+
 def verify_image(
     directory: str | Path,
     *,
+    keyring: Keyring | None = None,
     signature_check: SignatureCheck | None = None,
+    expected_compatible: str | None = None,
+    daemon_version: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> VerifiedImage:
-    """Verify an image directory; return a VerifiedImage or raise an ImageError subclass."""
+    """Verify an image directory; return a VerifiedImage or raise an ImageError subclass.
+
+    With ``keyring`` (or a ``signature_check`` hook) manifest.sig must verify against a trusted,
+    unrevoked key before anything else is looked at. Without either the signature is not
+    checked: development images. ``expected_compatible`` and ``daemon_version`` are checked
+    when given.
+    """
+    if keyring is not None and signature_check is not None:
+        raise ValueError("pass keyring or signature_check, not both")
+    if keyring is not None:
+        signature_check = _signature_check_for(keyring)
     root = Path(directory)
     if root.is_symlink():
         raise UnsafePathError(f"{root} is a symbolic link; pass the image directory itself")
     if not root.is_dir():
         raise ManifestError(f"{root} is not a directory; expected a firmware image directory")
-    data = _read_manifest(root)
-    if signature_check is not None:
-        sig_path = root / SIGNATURE_NAME
-        sig = sig_path.read_bytes() if sig_path.is_file() and not sig_path.is_symlink() else None
-        signature_check(data, sig)
-    manifest = Manifest.from_json(data)
-
-    for rel in manifest.files:
-        check_relative_path(rel)
-    present = _scan(root) - {MANIFEST_NAME, SIGNATURE_NAME}
+    data = read_manifest_bytes(root)
+    signature = read_signature_bytes(root) if signature_check is not None else None
+    manifest, key_id = check_manifest(
+        data,
+        signature,
+        signature_check=signature_check,
+        expected_compatible=expected_compatible,
+        daemon_version=daemon_version,
+    )
+    present = scan_files(root) - {MANIFEST_NAME, SIGNATURE_NAME}
     extra = sorted(present - set(manifest.files))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
@@ -219,5 +357,9 @@ def verify_image(
         if progress:
             progress("verify files", i, total)
     return VerifiedImage(
-        path=root.resolve(), manifest=manifest, digest=hashlib.sha256(data).hexdigest(), _token=_TOKEN
+        path=root.resolve(),
+        manifest=manifest,
+        digest=hashlib.sha256(data).hexdigest(),
+        signed_by=key_id,
+        _token=_TOKEN,
     )

@@ -327,7 +327,8 @@ def fake_m4image(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
 
     def image(path: Path) -> Any:
         manifest = types.SimpleNamespace(name="m4-default", version="1.2.3")
-        return types.SimpleNamespace(path=path, manifest=manifest, digest="ab" * 32)
+        return types.SimpleNamespace(path=path, manifest=manifest, digest="ab" * 32,
+                                     signed_by=None)
 
     def build_default_image(output: Path, *, progress: Any = None, force: bool = False) -> Any:
         calls.build.append((output, force))
@@ -335,7 +336,7 @@ def fake_m4image(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
             progress(stage, done, total)
         return image(output)
 
-    def verify_image(directory: Path, *, progress: Any = None) -> Any:
+    def verify_image(directory: Path, *, progress: Any = None, **checks: Any) -> Any:
         calls.verify.append(directory)
         if directory.name == "bad":
             raise SignatureError(f"{directory}/manifest.sig does not verify; re-sign the image")
@@ -360,14 +361,16 @@ def test_image_build_and_verify(
     assert fake_m4image.build == [(tmp_path / "img", True)]
     assert err.splitlines() == ["fetch", "convert: 1/1 (100%)"]  # a line per stage off a TTY
     assert out.startswith(f"built m4-default 1.2.3 at {tmp_path / 'img'}\n")
-    code, out, _ = run_main(capsys, "--json", "image", "verify", str(tmp_path / "img"))
+    code, out, _ = run_main(capsys, "--json", "image", "verify", "--unsigned",
+                            str(tmp_path / "img"))
     assert json.loads(out) == {
         "path": str(tmp_path / "img"),
         "name": "m4-default",
         "version": "1.2.3",
         "digest": "ab" * 32,
+        "signed_by": None,
     }
-    code, out, err = run_main(capsys, "image", "verify", str(tmp_path / "bad"))
+    code, out, err = run_main(capsys, "image", "verify", "--unsigned", str(tmp_path / "bad"))
     assert (code, out) == (1, "")
     assert (
         err == f"m4ctl: error: {tmp_path / 'bad'}/manifest.sig does not verify; re-sign the image\n"

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     name = args.command + (f" {args.image_command}" if args.command == "image" else "")
     try:
-        return COMMANDS[name](args)
+        return (getattr(args, "handler", None) or COMMANDS[name])(args)
     except M4Error as exc:
         err(f"{PROG}: error: {exc}")
         return EXIT_ERROR

@@ -191,4 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing DIR")
     p = add("verify", "Verify a firmware image directory (signature, then every file).", image_sub)
     p.add_argument("dir", metavar="DIR")
+    from . import _image  # image sign, image verify --keys, keys ...
+
+    _image.register(sub, parents=[common])
     return parser

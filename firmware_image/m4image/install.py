@@ -1,0 +1,354 @@
+"""Firmware image, install pipeline: verify first, then write only what was verified.
+
+``Staging`` is one install in progress: a 0700 directory under the store's ``staging/``. It
+accepts the manifest only after the signature (over the exact bytes), ``compatible``,
+``min_daemon_version``, the anti-rollback floor, the size cap and the free space are checked;
+then each listed file is written from its chunks while being hashed, so the bytes checked are
+the bytes installed, with no second read. ``commit`` hands the complete directory to the
+store, which publishes it with one rename. ``fill_from_dir`` and ``fill_from_tar`` feed a
+staging directory from an image directory or from a streamed tar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from m4image.durable import crashpoint, fsync_dir_step, write_all
+from m4image.keys import BadSignatureError, Keyring
+from m4image.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    SIGNATURE_NAME,
+    ImageError,
+    Manifest,
+    ManifestError,
+)
+from m4image.tarstream import BLOCK, MAX_PAX_BYTES, ArchiveError, TarReader
+from m4image.verify import (
+    MAX_SIGNATURE_BYTES,
+    ExtraFileError,
+    HashMismatchError,
+    MissingFileError,
+    SignatureCheck,
+    SizeMismatchError,
+    UnsafePathError,
+    check_manifest,
+    read_manifest_bytes,
+    read_signature_bytes,
+    scan_files,
+)
+
+if TYPE_CHECKING:
+    from m4image.store import Store
+
+__all__ = [
+    "DuplicateEntryError",
+    "ImageTooLargeError",
+    "InsufficientSpaceError",
+    "Staging",
+    "UnexpectedEntryError",
+    "fill_from_dir",
+    "fill_from_tar",
+]
+
+SPACE_MARGIN = 64 << 20  # keep this much free after an install
+CHUNK = 1 << 20
+
+
+class ImageTooLargeError(ImageError):
+    """The manifest's files add up to more than the store accepts."""
+
+
+class InsufficientSpaceError(ImageError):
+    """The state directory's filesystem cannot hold the image."""
+
+
+class DuplicateEntryError(ArchiveError):
+    """The install tar holds the same path twice."""
+
+
+class UnexpectedEntryError(ArchiveError):
+    """The install tar is out of order: manifest.json first, manifest.sig second, then files."""
+
+
+
+def check_entry_path(path: str) -> None:
+    bad = (
+        path.startswith("/")
+        or "\\" in path
+        or "\x00" in path
+        or any(part in ("..", ".", "") for part in path.split("/"))
+    )
+    if bad:
+        raise UnsafePathError(
+            f"the install tar holds the unsafe path {path!r} (absolute, '..' or empty parts); "
+            "the tar is malformed or malicious: nothing was installed"
+        )
+
+
+def folders(paths: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    for rel in paths:
+        parts = rel.split("/")
+        out.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+class Staging:
+    """One install in progress: a 0700 directory under ``staging/``, filled only with the
+    manifest's files, each hashed while written; ``commit`` publishes it with one rename.
+
+    It works hand in hand with its Store (state, anti-rollback check, publish), whose lock
+    the caller holds for the whole install."""
+
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring | None,
+        allow_downgrade: bool,
+        progress: Callable[[str, int, int], None] | None,
+    ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.allow_downgrade = allow_downgrade
+        self.progress = progress
+        crashpoint()
+        self.dir = Path(tempfile.mkdtemp(prefix="install-", dir=store.staging_dir))  # mode 0700
+        self.manifest: Manifest | None = None
+        self.manifest_bytes = b""
+        self.key_id: str | None = None
+        self.written: set[str] = set()
+        self.folders: set[str] = set()
+        self.made: set[str] = set()
+        self.total = 0
+        self.done = 0
+
+    def accept_manifest(self, data: bytes, signature: bytes | None) -> Manifest:
+        check: SignatureCheck | None = None
+        if self.keyring is not None:
+            from m4image.sign import KeyringSignatureCheck
+
+            check = KeyringSignatureCheck(self.keyring)
+        manifest, key_id = check_manifest(
+            data,
+            signature,
+            signature_check=check,
+            expected_compatible=self.store.compatible,
+            daemon_version=self.store.daemon_version,
+        )
+        state = self.store._load()
+        self.store._check_downgrade(manifest.name, manifest.version, manifest.security_version,
+                                    state, self.allow_downgrade)
+        self.total = sum(e.size for e in manifest.files.values())
+        if self.total > self.store.max_image_bytes:
+            raise ImageTooLargeError(
+                f"image {manifest.name} {manifest.version} holds {self.total} bytes, over this "
+                f"store's limit of {self.store.max_image_bytes}; raise the limit in the daemon's "
+                "config if the image is genuine"
+            )
+        st = os.statvfs(self.dir)
+        free = st.f_bavail * st.f_frsize
+        if free < self.total + SPACE_MARGIN:
+            raise InsufficientSpaceError(
+                f"{self.store.root} has {free} bytes free, the image needs {self.total} "
+                f"(+{SPACE_MARGIN} spare); remove unused images with `m4ctl image remove`"
+            )
+        self.manifest, self.manifest_bytes, self.key_id = manifest, data, key_id
+        self.folders = folders(manifest.files)
+        self._write_whole(MANIFEST_NAME, data)
+        if signature is not None:
+            self._write_whole(SIGNATURE_NAME, signature)
+        return manifest
+
+    def _write_whole(self, name: str, data: bytes) -> None:
+        fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            write_all(fd, data)
+            crashpoint()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _make_parents(self, rel: str) -> None:
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub not in self.made:
+                crashpoint()
+                os.mkdir(self.dir / sub, 0o755)
+                self.made.add(sub)
+
+    def write_file(self, rel: str, chunks: Iterable[bytes], declared_size: int | None = None) -> None:
+        """Write one listed file from ``chunks``, hashing the very bytes written."""
+        assert self.manifest is not None
+        entry = self.manifest.files.get(rel)
+        if entry is None:
+            raise ExtraFileError(
+                f"{rel} is not listed in the manifest; an image may only hold the files its "
+                "signed manifest lists: nothing was installed"
+            )
+        if rel in self.written:
+            raise DuplicateEntryError(f"{rel} appears twice in the install tar; nothing was installed")
+        if declared_size is not None and declared_size != entry.size:
+            what = "truncated" if declared_size < entry.size else "larger than listed"
+            raise SizeMismatchError(
+                f"{rel} is {declared_size} bytes in the tar, the manifest says {entry.size} "
+                f"({what}); re-create the tar from a verified image: nothing was installed"
+            )
+        self._make_parents(rel)
+        crashpoint()
+        fd = os.open(self.dir / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        h = hashlib.sha256()
+        n = 0
+        try:
+            for chunk in chunks:
+                n += len(chunk)
+                if n > entry.size:
+                    raise SizeMismatchError(
+                        f"{rel} is larger than the {entry.size} bytes the manifest lists: "
+                        "nothing was installed"
+                    )
+                h.update(chunk)
+                write_all(fd, chunk)
+                self.done += len(chunk)
+                if self.progress:
+                    self.progress("install", self.done, self.total)
+            if n != entry.size:
+                raise SizeMismatchError(
+                    f"{rel} is {n} bytes, the manifest says {entry.size} (truncated): "
+                    "nothing was installed"
+                )
+            if h.hexdigest() != entry.sha256:
+                raise HashMismatchError(
+                    f"{rel} has sha256 {h.hexdigest()}, the manifest says {entry.sha256} "
+                    "(corrupted in transfer or tampered): nothing was installed; get the image again"
+                )
+            crashpoint()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.written.add(rel)
+
+    def commit(self) -> str:
+        assert self.manifest is not None
+        missing = sorted(set(self.manifest.files) - self.written)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise MissingFileError(
+                f"{missing[0]}{more} is listed in the manifest but was not in the install "
+                "tar: nothing was installed; send the whole image"
+            )
+        for sub in sorted(self.made, key=lambda s: -s.count("/")):
+            fsync_dir_step(self.dir / sub)
+        digest = hashlib.sha256(self.manifest_bytes).hexdigest()
+        return self.store._publish(self, digest)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def file_chunks(path: Path, size: int) -> Iterator[bytes]:
+    """A source file's bytes (no links, regular file), one past ``size`` to detect growth."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MissingFileError(f"{path} is listed in the manifest but missing: nothing was installed") from None
+    except OSError as e:
+        raise UnsafePathError(f"{path} cannot be opened safely ({e.strerror}): nothing was installed") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{path} is not a regular file: nothing was installed")
+        left = size + 1
+        while left > 0 and (block := os.read(fd, min(CHUNK, left))):
+            left -= len(block)
+            yield block
+    finally:
+        os.close(fd)
+
+
+def fill_from_dir(staging: Staging, root: Path) -> None:
+    """Stage an image directory: the manifest read once, each listed file read once and
+    hashed as it is copied; unlisted files, links and special files are refused."""
+    manifest = staging.accept_manifest(read_manifest_bytes(root), read_signature_bytes(root))
+    extra = sorted(scan_files(root) - {MANIFEST_NAME, SIGNATURE_NAME} - set(manifest.files))
+    if extra:
+        raise ExtraFileError(
+            f"{extra[0]} is in {root} but not listed in the manifest; remove it or "
+            "rebuild the image: nothing was installed"
+        )
+    for rel, entry in sorted(manifest.files.items()):
+        staging.write_file(rel, file_chunks(root / rel, entry.size))
+
+
+def fill_from_tar(staging: Staging, chunks: Iterable[bytes]) -> None:
+    """Stage an image from an uncompressed tar arriving in chunks.
+
+    The tar must hold manifest.json first, then manifest.sig, then only files the manifest
+    lists (folders may appear too). Links, devices, unsafe or duplicate paths, unlisted
+    files, and sizes other than the manifest's are refused before their bytes are written;
+    hashes are checked as each file is written.
+    """
+    head_limit = MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES + 4 * (3 * BLOCK + MAX_PAX_BYTES)
+    reader = TarReader(chunks, limit=head_limit)
+    first = reader.next_entry()
+    if first is None or first.kind != "file" or first.path != MANIFEST_NAME:
+        got = "an empty archive" if first is None else f"{first.kind} {first.path!r}"
+        raise UnexpectedEntryError(
+            f"the install tar must start with {MANIFEST_NAME}, it starts with {got}; "
+            "create it with `python -m m4image tar DIR -o FILE` (m4image.tarstream.iter_image_tar)"
+        )
+    if first.size > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{MANIFEST_NAME} is {first.size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
+            "limit; this is not an image this daemon can load"
+        )
+    data = b"".join(reader.data(MANIFEST_NAME))
+    entry = reader.next_entry()
+    signature = None
+    if entry is not None and entry.path == SIGNATURE_NAME:
+        if entry.kind != "file":
+            raise UnsafePathError(f"{SIGNATURE_NAME} is a {entry.kind} entry; it must be a file")
+        if entry.size > MAX_SIGNATURE_BYTES:
+            raise BadSignatureError(
+                f"{SIGNATURE_NAME} is {entry.size} bytes, over {MAX_SIGNATURE_BYTES}: it "
+                "is not an m4 signature; re-sign the image"
+            )
+        signature = b"".join(reader.data(SIGNATURE_NAME))
+        entry = reader.next_entry()
+    manifest = staging.accept_manifest(data, signature)
+    n_entries = len(manifest.files) + len(staging.folders) + 2
+    reader.limit = (reader.bytes_read
+                    + sum(e.size + (-e.size % BLOCK) for e in manifest.files.values())
+                    + n_entries * (3 * BLOCK + 4096) + (1 << 20))  # fmt: skip
+    seen = {MANIFEST_NAME, SIGNATURE_NAME}
+    while entry is not None:
+        if entry.path != "" or entry.kind != "dir":
+            check_entry_path(entry.path)
+        if entry.path in seen:
+            raise DuplicateEntryError(
+                f"{entry.path!r} appears twice in the install tar (or out of order: "
+                f"{MANIFEST_NAME} first, {SIGNATURE_NAME} second); nothing was installed"
+            )
+        seen.add(entry.path)
+        if entry.kind == "dir":
+            if entry.path and entry.path not in staging.folders:
+                raise ExtraFileError(
+                    f"folder {entry.path!r} holds no file the manifest lists; "
+                    "nothing was installed"
+                )
+            reader.skip()
+        elif entry.kind == "file":
+            staging.write_file(entry.path, reader.data(entry.path), declared_size=entry.size)
+        else:
+            raise UnsafePathError(
+                f"{entry.path!r} is a {entry.kind} entry in the install tar; images "
+                "hold regular files only: nothing was installed"
+            )
+        entry = reader.next_entry()
