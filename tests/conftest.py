@@ -70,7 +70,7 @@ class DaemonProcess:
 
 
 def start_daemon(image: Path, runtime_dir: Path, *args: str, wait: bool = True,
-                 timeout: float = 300) -> DaemonProcess:
+                 timeout: float = 300, env: dict[str, str] | None = None) -> DaemonProcess:
     """Starts `python -m m4d` and (by default) waits until health says SERVING."""
     runtime_dir.mkdir(parents=True, exist_ok=True)
     log_path = runtime_dir / f"m4d-{time.monotonic_ns()}.log"  # one per process
@@ -78,7 +78,7 @@ def start_daemon(image: Path, runtime_dir: Path, *args: str, wait: bool = True,
     proc = subprocess.Popen(
         [sys.executable, "-m", "m4d", "--image", str(image), "--runtime-dir", str(runtime_dir),
          "--config", "/dev/null", *args],  # no /etc/m4/m4d.toml: defaults and flags only
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **(env or {})))
     daemon = DaemonProcess(proc, runtime_dir, log_path)
     if wait:
         wait_serving(daemon, timeout)

@@ -213,8 +213,10 @@ class Engine:
     def _run(self) -> None:
         log.info("executor started", extra={"device": str(self.runtime.device)})
         while True:
+            while self.frozen.is_set():  # test hook: a stuck worker makes no progress
+                time.sleep(0.05)
             with self._lock:
-                while not self._has_work() and not self._stopping:
+                while not self._has_work() and not self._stopping and not self.frozen.is_set():
                     self._lock.wait(timeout=1.0)
                     self.stats.last_progress = time.monotonic()  # idle is healthy
                 if self._stopping and not self._has_work():
@@ -223,8 +225,6 @@ class Engine:
                 self._inbox.clear()
                 cancels = set(self._cancels)
                 self._cancels.clear()
-            while self.frozen.is_set():
-                time.sleep(0.05)
             try:
                 self._admit(inbox)
                 self._expire(cancels)

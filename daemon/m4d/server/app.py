@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +124,42 @@ def _notify(send: Callable[[], bool]) -> None:
         log.warning("cannot notify systemd: %s", exc)
 
 
+async def _watchdog(daemon: Daemon) -> None:
+    """WATCHDOG=1 at half systemd's interval, but only while the executor makes progress:
+    a frozen worker thread stops the pings and systemd restarts the daemon."""
+    interval = systemd.watchdog_ping_interval()
+    if interval is None:
+        return
+    stale_after = max(2 * interval, 3.0)  # an idle executor reports progress every second
+    while True:
+        await asyncio.sleep(interval)
+        engine = daemon.engine
+        if engine is None:
+            continue
+        stalled = time.monotonic() - engine.stats.last_progress
+        if stalled < stale_after:
+            _notify(systemd.watchdog_ping)
+        else:
+            log.error("executor made no progress: withholding the watchdog ping",
+                      extra={"stalled_seconds": round(stalled, 1)})
+
+
+def _install_test_hooks(daemon: Daemon) -> None:
+    """With M4D_TEST_HOOKS=1 (tests only), SIGUSR1 freezes the executor thread and SIGUSR2
+    thaws it, so the watchdog can be shown to stop pinging for a stuck worker."""
+    if os.environ.get("M4D_TEST_HOOKS") != "1":
+        return
+    loop = asyncio.get_running_loop()
+
+    def freeze(on: bool) -> None:
+        if daemon.engine is not None:
+            (daemon.engine.frozen.set if on else daemon.engine.frozen.clear)()
+            log.warning("test hook: executor %s", "frozen" if on else "thawed")
+
+    loop.add_signal_handler(signal.SIGUSR1, freeze, True)
+    loop.add_signal_handler(signal.SIGUSR2, freeze, False)
+
+
 async def serve(config: Config) -> int:
     """Runs the daemon until a signal; returns the process exit code."""
     daemon = Daemon(config)
@@ -179,6 +216,8 @@ async def serve(config: Config) -> int:
 
     exit_code = 0
     try:
+        _notify(lambda: systemd.status(f"loading image {config.image}"))
+        _install_test_hooks(daemon)
         load = asyncio.create_task(daemon.load())
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -186,7 +225,9 @@ async def serve(config: Config) -> int:
             load.result()  # raises a load failure
             await set_health(True)
             _notify(lambda: systemd.ready("serving"))
+            watchdog = asyncio.create_task(_watchdog(daemon))
             await stopped
+            watchdog.cancel()
         else:
             load.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
