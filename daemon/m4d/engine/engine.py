@@ -177,7 +177,7 @@ class Engine:
             if self._stopping:
                 raise Unavailable("the daemon is shutting down; retry on the next start",
                                   retry_after=5.0)
-            waiting = len(self._inbox) + self.scheduler.num_waiting + len(self._encoder_queue)
+            waiting = self._num_waiting()
             if waiting >= self.max_queue:
                 self.stats.rejected += 1
                 raise Unavailable(
@@ -197,6 +197,16 @@ class Engine:
             self.stats.in_flight += 1
             self._lock.notify()
         return stream
+
+    def _num_waiting(self) -> int:
+        """Requests that cannot start now: generations beyond the free KV rows (whether
+        the worker has picked them up yet or not) and queued encoder work. Read from the
+        event loop while the worker runs: an estimate good to a request or two."""
+        free_rows = self.scheduler.num_rows - len(self.scheduler.running)
+        generations = sum(isinstance(r, GenerateRequest) for r, _ in self._inbox)
+        others = len(self._inbox) - generations
+        pending = generations + self.scheduler.num_waiting
+        return max(0, pending - free_rows) + others + len(self._encoder_queue)
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
@@ -384,4 +394,5 @@ class Engine:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self.stats.__dict__, kv_slots=self.scheduler.num_rows)
+            return dict(self.stats.__dict__, kv_slots=self.scheduler.num_rows,
+                        active_sequences=len(self.scheduler.running))
