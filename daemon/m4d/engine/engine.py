@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -54,6 +55,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class UidUsage:
+    """What one caller uid has asked of the engine since start."""
+
+    requests: int = 0
+    in_flight: int = 0
+    rejected: int = 0
+    tokens_prompted: int = 0
+    tokens_generated: int = 0
+    apps: set[str] = field(default_factory=set)  # labels it sent (at most 8 kept)
+
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))  # seconds
+
+
+@dataclass
 class EngineStats:
     in_flight: int = 0
     total: int = 0
@@ -65,6 +81,20 @@ class EngineStats:
     steps: int = 0
     active_sequences: int = 0
     last_progress: float = field(default_factory=time.monotonic)
+    last_batch: int = 0  # sequences in the last decode step
+    per_uid: dict[int, UidUsage] = field(default_factory=dict)
+    ttft_counts: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    ttft_sum: float = 0.0
+
+    def uid(self, uid: int) -> UidUsage:
+        return self.per_uid.setdefault(uid, UidUsage())
+
+    def observe_ttft(self, seconds: float) -> None:
+        for i, bound in enumerate(TTFT_BUCKETS):
+            if seconds <= bound:
+                self.ttft_counts[i] += 1
+                break
+        self.ttft_sum += seconds
 
 
 _STREAMING = (TextDelta,)  # events after which more events follow
@@ -180,6 +210,7 @@ class Engine:
             waiting = self._num_waiting()
             if waiting >= self.max_queue:
                 self.stats.rejected += 1
+                self.stats.uid(request.caller.uid).rejected += 1
                 raise Unavailable(
                     f"busy: {waiting} requests are waiting (limit {self.max_queue}); "
                     "retry shortly", retry_after=0.5)
@@ -189,7 +220,13 @@ class Engine:
             error = decision.error()
             if error is not None:
                 self.stats.rejected += 1
+                self.stats.uid(uid).rejected += 1
                 raise error
+            usage = self.stats.uid(uid)
+            usage.requests += 1
+            usage.in_flight += 1
+            if request.caller.app and len(usage.apps) < 8:
+                usage.apps.add(request.caller.app)
             request.priority = Priority(decision.klass)  # max_class may lower it
             self._tickets[request.id] = _Ticket(uid, decision.klass, decision.weight, estimate)
             self._inbox.append((request, stream))
@@ -303,6 +340,13 @@ class Engine:
             self.stats.in_flight -= 1
             self.stats.total += 1
             idle = self.stats.in_flight == 0
+            usage = self.stats.uid(stream.request.caller.uid)
+            usage.in_flight = max(0, usage.in_flight - 1)
+            if seq is not None:
+                usage.tokens_prompted += min(seq.prompted, len(seq.request.prompt_ids))
+                usage.tokens_generated += len(seq.tokens)
+            elif hasattr(event, "usage"):
+                usage.tokens_prompted += event.usage.prompt_tokens
         stream._post(event)
         if idle and self.on_idle is not None:
             self.on_idle()
@@ -327,6 +371,7 @@ class Engine:
         self.stats.active_sequences = len(self.scheduler.running)
         if plan.empty:
             return
+        self.stats.last_batch = len(plan.decode)
         if plan.decode:
             seqs = [self._sequences[sid] for sid, _ in plan.decode]
             logits = self.runtime.decode(
@@ -344,9 +389,12 @@ class Engine:
             ids = (seq.request.prompt_ids + seq.tokens)[chunk.start:chunk.start + chunk.length]
             logits = self.runtime.prefill(chunk.row, ids, chunk.start)
             self.stats.tokens_prompted += chunk.length
+            seq.prompted += chunk.length
             if chunk.last:
                 if not resumed:
-                    seq.prefilled(time.monotonic())
+                    first = time.monotonic()
+                    seq.prefilled(first)
+                    self.stats.observe_ttft(first - seq.request.arrival)
                 token = sample(logits[None], [seq.params], [seq.generator])[0]
                 self._on_token(seq, token)
         self.scheduler.update(plan)
@@ -395,4 +443,8 @@ class Engine:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return dict(self.stats.__dict__, kv_slots=self.scheduler.num_rows,
-                        active_sequences=len(self.scheduler.running))
+                        active_sequences=len(self.scheduler.running),
+                        waiting=self._num_waiting(),
+                        per_uid={uid: dataclasses.replace(u, apps=set(u.apps))
+                                 for uid, u in self.stats.per_uid.items()},
+                        ttft_counts=list(self.stats.ttft_counts))

@@ -38,6 +38,7 @@ class Sequence:
         self.eos_id = tokenizer.eos_id
         self.decoder = IncrementalDecoder(tokenizer)
         self.tokens: list[int] = []
+        self.prompted = 0  # prompt (and re-prefilled) tokens put into the KV cache
         self._held = ""  # text held back because it may be the start of a stop string
         self._held_ids: list[int] = []
         self._start = 0.0
