@@ -162,7 +162,8 @@ class Engine:
     def __init__(self, runtime: Runtime, *, kv_slots: int, token_budget: int, prefill_chunk: int,
                  max_queue: int, max_batch_texts: int, policy: QueuePolicy | str = "fair",
                  kv_tokens: int | None = None, kv_block: int = 16,
-                 admission: AdmissionConfig | None = None) -> None:
+                 admission: AdmissionConfig | None = None,
+                 encoder_max_wait: float = 0.002) -> None:
         self.runtime = runtime
         kv = KVPool(kv_tokens, kv_block) if kv_tokens else None
         self.scheduler = Scheduler(kv_slots, token_budget, max_queue, prefill_chunk,
@@ -171,6 +172,7 @@ class Engine:
         self._tickets: dict[int, _Ticket] = {}
         self.max_queue = max_queue
         self.max_batch_texts = max_batch_texts
+        self.encoder_max_wait = encoder_max_wait  # seconds a partial encoder batch may wait
         self.stats = EngineStats()
         self._lock = threading.Condition()
         self._inbox: collections.deque[tuple[RequestBase, RequestStream]] = collections.deque()
@@ -410,9 +412,26 @@ class Engine:
 
     # ---- encoder and auxiliary work ------------------------------------------------
 
+    def _encoder_hold(self) -> float:
+        """Seconds to hold a partial encoder batch for more texts (dynamic batching): only
+        while nothing else needs the executor and the oldest request is younger than
+        encoder_max_wait; 0 means run now."""
+        if not self._encoder_queue or self.scheduler.seqs or self._aux_queue:
+            return 0.0
+        if sum(w.num_texts for w in self._encoder_queue) >= self.max_batch_texts:
+            return 0.0
+        age = time.monotonic() - self._encoder_queue[0].request.arrival
+        return max(0.0, self.encoder_max_wait - age)
+
     def _run_encoder(self) -> None:
         if not self._encoder_queue:
             return
+        hold = self._encoder_hold()
+        if hold > 0:
+            with self._lock:  # a new request notifies; otherwise the wait times out
+                if not self._inbox and not self._cancels:
+                    self._lock.wait(timeout=hold)
+            return  # the loop comes back with whatever arrived meanwhile
         batch: list[EncoderWork] = []
         texts = 0
         while self._encoder_queue and (
