@@ -187,8 +187,10 @@ def import_gguf_llama(gguf_path: Path, out_dir: Path, progress: Progress | None 
             raise GGUFImportError(f"GGUF lacks {needed}")
 
     report("write", 0, 1)
+    # One metadata key: safetensors writes several in hash order, which would change the
+    # file's bytes (and so the image digest) from one build to the next.
     write_safetensors_atomic(tensors, out_dir / "model.safetensors",
-                             {"format": "m4-llama", "int4_nibble_order": NIBBLE_ORDER})
+                             {"format": f"m4-llama; int4 nibble order: {NIBBLE_ORDER}"})
     report("write", 1, 1)
 
     report("tokenizer", 0, 1)
