@@ -81,7 +81,12 @@ def start_daemon(image: Path, runtime_dir: Path, *args: str, wait: bool = True,
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **(env or {})))
     daemon = DaemonProcess(proc, runtime_dir, log_path)
     if wait:
-        wait_serving(daemon, timeout)
+        try:
+            wait_serving(daemon, timeout)
+        except BaseException:
+            proc.kill()  # never leak a daemon that did not come up
+            proc.wait()
+            raise
     return daemon
 
 

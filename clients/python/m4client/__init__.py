@@ -22,6 +22,7 @@ from ._channel import (
     resolve_address,
     to_target,
 )
+from ._images import ImageInfo, ImageList, InstallProgress, StoreEvent
 from ._stream import AsyncStream, Stream
 from .aio import AsyncAdminClient, AsyncClient
 from .client import AdminClient, Client
@@ -86,6 +87,9 @@ __all__ = [
     "GenerationResult",
     "IOSpec",
     "Image",
+    "ImageInfo",
+    "ImageList",
+    "InstallProgress",
     "InvalidArgumentError",
     "LabelScore",
     "M4Error",
@@ -96,6 +100,7 @@ __all__ = [
     "ResourceExhaustedError",
     "RunChunk",
     "RunResult",
+    "StoreEvent",
     "Stream",
     "Task",
     "TaskTable",

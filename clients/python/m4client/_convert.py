@@ -296,5 +296,6 @@ def daemon_status(msg: admin_pb2.StatusResponse) -> DaemonStatus:
         kv_slots=msg.kv_slots,
         components=components,
         threads=msg.threads,
+        image_operation=msg.image_operation,
         raw=msg,
     )

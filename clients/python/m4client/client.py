@@ -11,7 +11,7 @@ methods return a `Stream` that cancels the call when closed or dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
@@ -20,11 +20,12 @@ from m4.admin.v1 import admin_pb2, admin_pb2_grpc
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 
-from . import _convert
+from . import _convert, _images
 from ._channel import CHANNEL_OPTIONS, call_metadata, resolve_address
+from ._images import ImageInfo, ImageList, InstallProgress
 from ._options import GenerateOptions, SamplingOptions
 from ._stream import Stream, collect_generation, collect_run
-from .errors import UnavailableError, from_rpc_error
+from .errors import M4Error, UnavailableError, from_rpc_error
 from .types import (
     ChatMessage,
     ClassifyResult,
@@ -302,3 +303,65 @@ class AdminClient(_SyncBase):
         """What the daemon runs and how busy it is."""
         response = self._unary(self._stub.Status, admin_pb2.StatusRequest(), timeout)
         return _convert.daemon_status(response)
+
+    # ---- firmware images -------------------------------------------------------------
+
+    def install_image(
+        self,
+        tar_chunks: Iterable[bytes],
+        *,
+        total_bytes: int = 0,
+        allow_downgrade: bool = False,
+        activate: bool = False,
+        progress: Callable[[InstallProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> ImageInfo:
+        """Streams an image tar (`m4image.tarstream.iter_image_tar`) to the daemon's store.
+
+        `progress` is called with each progress message; returns the installed image.
+        """
+        requests = _images.install_requests(tar_chunks, total_bytes=total_bytes,
+                                            allow_downgrade=allow_downgrade, activate=activate)
+        try:
+            for msg in self._stub.InstallImage(requests, timeout=self._deadline(timeout),
+                                               metadata=self._metadata):
+                if msg.HasField("image"):
+                    return _images.image_info(msg.image)
+                if progress is not None:
+                    progress(_images.install_progress(msg.progress))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        raise M4Error("the install stream ended without the installed image", code="INTERNAL")
+
+    def list_images(self, *, history: bool = False, timeout: float | None = None) -> ImageList:
+        """The installed images and the boot state; with `history`, the store's events."""
+        msg = self._unary(self._stub.ListImages,
+                          admin_pb2.ListImagesRequest(include_history=history), timeout)
+        return _images.image_list(msg)
+
+    def activate_image(self, image: str, *, allow_downgrade: bool = False, now: bool = True,
+                       timeout: float | None = None) -> ImageInfo:
+        """Makes an image the trial; `now`: hot-swap to it (returns it active once its
+        self-test passed), else it is tried at the daemon's next start."""
+        msg = self._unary(self._stub.ActivateImage, admin_pb2.ActivateImageRequest(
+            image=image, allow_downgrade=allow_downgrade, now=now), timeout)
+        return _images.image_info(msg.image)
+
+    def mark_good(self, image: str = "", *, timeout: float | None = None) -> ImageInfo:
+        """Marks the trial image good by hand (`image`: the digest expected on trial)."""
+        msg = self._unary(self._stub.MarkGood, admin_pb2.MarkGoodRequest(image=image), timeout)
+        return _images.image_info(msg.image)
+
+    def rollback(self, *, allow_downgrade: bool = False, timeout: float | None = None,
+                 ) -> tuple[ImageInfo, ImageInfo | None]:
+        """Hot-swaps back to the previous good image; returns (active, previous)."""
+        msg = self._unary(self._stub.Rollback,
+                          admin_pb2.RollbackRequest(allow_downgrade=allow_downgrade), timeout)
+        previous = _images.image_info(msg.previous) if msg.HasField("previous") else None
+        return _images.image_info(msg.active), previous
+
+    def remove_image(self, image: str, *, timeout: float | None = None) -> str:
+        """Deletes an installed image that is not active, previous or on trial; its digest."""
+        msg = self._unary(self._stub.RemoveImage, admin_pb2.RemoveImageRequest(image=image),
+                          timeout)
+        return str(msg.digest)

@@ -339,4 +339,5 @@ class DaemonStatus:
     kv_slots: int
     components: list[ComponentStatus]
     threads: int
+    image_operation: str = ""  # the image operation in progress ("" when none)
     raw: Any = field(default=None, repr=False, compare=False)

@@ -99,7 +99,16 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     build, verify = _image_modules()
     progress = out.Progress(args.quiet)
     try:
-        image = build.build_default_image(Path(args.output), progress=progress, force=args.force)
+        if args.default:
+            image = build.build_default_image(Path(args.output), progress=progress,
+                                              force=args.force)
+        else:
+            image = build.build_image(
+                Path(args.output), backbone_gguf=Path(args.gguf) if args.gguf else None,
+                backbone_hf=Path(args.hf) if args.hf else None,
+                encoder=Path(args.encoder) if args.encoder else None, name=args.name,
+                version=args.version, security_version=args.security_version,
+                progress=progress, force=args.force)
     except verify.ImageError as exc:
         raise ImageToolError(str(exc)) from None
     finally:

@@ -187,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("build", "Build a firmware image.", image_sub)
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--default", action="store_true", help="the default M4 image")
+    kind.add_argument("--gguf", metavar="FILE", help="a Llama-family backbone from a GGUF file")
+    kind.add_argument("--hf", metavar="DIR",
+                      help="a Llama backbone from a Hugging Face checkpoint folder")
+    p.add_argument("--encoder", metavar="DIR",
+                   help="a sentence-transformers text encoder folder (with --gguf/--hf)")
+    p.add_argument("--name", default="m4-custom", help="the image's name (not with --default)")
+    p.add_argument("--version", default="1.0.0", help="the image's version")
+    p.add_argument("--security-version", type=int, default=1,
+                   help="the anti-rollback counter")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="image directory")
     p.add_argument("--force", action="store_true", help="replace an existing DIR")
     p = add("verify", "Verify a firmware image directory (signature, then every file).", image_sub)

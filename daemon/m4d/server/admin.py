@@ -1,22 +1,41 @@
-"""The Admin servicer, served only on the admin socket: daemon status for `m4ctl status`."""
+"""The Admin servicer, served only on the admin socket: daemon status and firmware images.
+
+A thin adapter: each handler checks the caller (the kernel's uid and groups, via the admin
+socket's PeerRelay: root, the daemon's own uid, or a member of `config.admin_group`),
+converts the request, calls the image manager (`m4d.server.images`), and converts the
+answer. Errors become status codes in `m4d.server.status` (image errors through
+`m4image.store.status_code_for`). Operations that change what is served (ActivateImage now,
+Rollback) run to completion even if the caller goes away: a swap is never left half done.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import grp
 import os
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
+from google.protobuf.timestamp_pb2 import Timestamp
 from m4.admin.v1 import admin_pb2 as pb
 from m4.admin.v1 import admin_pb2_grpc as pb_grpc
+from m4image.store import ImageEntry
 
-from m4d.server.status import unary
+from m4d.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from m4d.server.identity import PeerLookup, peer_from_context
+from m4d.server.images import ImageManager, InstallProgress
+from m4d.server.status import streaming, unary
 
 if TYPE_CHECKING:
     from m4d.server.daemon import Daemon
 
 _STATES = {"loading": pb.DAEMON_STATE_LOADING, "ready": pb.DAEMON_STATE_READY,
            "draining": pb.DAEMON_STATE_DRAINING}
+_IMAGE_STATES = {"installed": pb.IMAGE_STATE_INSTALLED, "active": pb.IMAGE_STATE_ACTIVE,
+                 "previous": pb.IMAGE_STATE_PREVIOUS, "trial": pb.IMAGE_STATE_TRIAL}
 
 
 def rss_bytes() -> int:
@@ -28,18 +47,69 @@ def rss_bytes() -> int:
         return 0
 
 
+def _timestamp(text: str) -> Timestamp:
+    ts = Timestamp()
+    with contextlib.suppress(ValueError):  # an unparsable time stays unset, the listing works
+        ts.FromJsonString(text)
+    return ts
+
+
+def image_info(e: ImageEntry) -> pb.ImageInfo:
+    return pb.ImageInfo(digest=e.digest, name=e.name, version=e.version,
+                        security_version=e.security_version, compatible=e.compatible,
+                        size_bytes=e.size, signed_by=e.signed_by or "",
+                        installed_at=_timestamp(e.installed_at), state=_IMAGE_STATES[e.state])
+
+
 class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, peers: PeerLookup | None = None) -> None:
         self.daemon = daemon
+        self.peers = peers  # the admin socket's PeerRelay: who is behind each connection
+
+    # ---- who may call --------------------------------------------------------------
+
+    def authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """Root, the daemon's own uid, or a member of the admin group; nobody else.
+
+        Without a relay (a servicer built without one) the socket's mode is the only gate."""
+        if self.peers is None:
+            return
+        peer = peer_from_context(context, self.peers)
+        if peer is None:
+            raise PermissionDenied("the caller's identity is unknown (the connection did not "
+                                   "come through the admin socket); connect to the admin socket")
+        if peer.uid in (0, os.geteuid()):
+            return
+        group = self.daemon.config.admin_group
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            gid = None
+        if gid is not None and peer.in_group(gid):
+            return
+        raise PermissionDenied(
+            f"uid {peer.uid} may not administer m4d: run as root or as a member of the "
+            f"{group!r} group (config admin_group)")
+
+    def images(self) -> ImageManager:
+        if self.daemon.images is None:
+            raise FailedPrecondition(
+                f"this daemon serves the image directory {self.daemon.config.image} as it is "
+                "(image_source = \"image\"), without an image store; start m4d with "
+                "--state-dir DIR (or image_source = \"store\") to install and activate images")
+        return self.daemon.images
+
+    # ---- status --------------------------------------------------------------------
 
     @unary
     async def Status(self, request: pb.StatusRequest,
                      context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        self.authorize(context)
         d = self.daemon
         out = pb.StatusResponse(
             daemon_version=d.version, state=_STATES[d.state.value],
             uptime_seconds=d.uptime, memory_rss_bytes=rss_bytes(),
-            threads=torch.get_num_threads())
+            threads=torch.get_num_threads(), image_operation=d.operation)
         if d.image is not None:
             out.image_name = d.image.manifest.name
             out.image_version = d.image.manifest.version
@@ -61,3 +131,96 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
                     weight_format=c.weight_format, compute_dtype=c.compute_dtype,
                     device=c.device))
         return out
+
+    # ---- images --------------------------------------------------------------------
+
+    @streaming
+    async def InstallImage(self, request_iterator: AsyncIterator[pb.InstallImageRequest],
+                           context: grpc.aio.ServicerContext,
+                           ) -> AsyncIterator[pb.InstallImageResponse]:
+        self.authorize(context)
+        images = self.images()
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "options":
+            raise InvalidArgument("an install stream starts with one InstallOptions message, "
+                                  "then the tar's bytes in chunk messages")
+        options = first.options
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("InstallOptions may only be sent once, first")
+                yield message.chunk
+
+        async for update in images.install(chunks(), total_bytes=options.total_bytes,
+                                           allow_downgrade=options.allow_downgrade,
+                                           activate=options.activate):
+            if isinstance(update, InstallProgress):
+                yield pb.InstallImageResponse(progress=pb.InstallProgress(
+                    stage=update.stage, received_bytes=update.received_bytes,
+                    total_bytes=update.total_bytes, written_bytes=update.written_bytes,
+                    image_bytes=update.image_bytes))
+            else:
+                yield pb.InstallImageResponse(image=image_info(update))
+
+    @unary
+    async def ListImages(self, request: pb.ListImagesRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListImagesResponse:
+        self.authorize(context)
+        listing = await self.images().listing()
+        out = pb.ListImagesResponse(
+            images=[image_info(e) for e in listing.images],
+            trial_attempts=listing.status.attempts,
+            max_trial_attempts=self.daemon.config.max_boot_attempts,
+            max_security_version=listing.status.max_security_version,
+            trial_digest=listing.status.trial or "")
+        if request.include_history:
+            out.history.extend(
+                pb.StoreEvent(time=_timestamp(h.get("time", "")), event=h.get("event", ""),
+                              digest=h.get("digest") or "", detail=h.get("detail", ""))
+                for h in listing.history)
+        return out
+
+    @unary
+    async def ActivateImage(self, request: pb.ActivateImageRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ActivateImageResponse:
+        self.authorize(context)
+        if not request.image:
+            raise InvalidArgument("name the image to activate: a digest (or 8+ hex digits of "
+                                  "it), a version, or name@version")
+        entry = await _complete(self.images().activate(
+            request.image, allow_downgrade=request.allow_downgrade, now=request.now))
+        return pb.ActivateImageResponse(image=image_info(entry))
+
+    @unary
+    async def MarkGood(self, request: pb.MarkGoodRequest,
+                       context: grpc.aio.ServicerContext) -> pb.MarkGoodResponse:
+        self.authorize(context)
+        entry = await self.images().mark_good(request.image)
+        return pb.MarkGoodResponse(image=image_info(entry))
+
+    @unary
+    async def Rollback(self, request: pb.RollbackRequest,
+                       context: grpc.aio.ServicerContext) -> pb.RollbackResponse:
+        self.authorize(context)
+        active, previous = await _complete(
+            self.images().rollback(allow_downgrade=request.allow_downgrade))
+        out = pb.RollbackResponse(active=image_info(active))
+        if previous is not None:
+            out.previous.CopyFrom(image_info(previous))
+        return out
+
+    @unary
+    async def RemoveImage(self, request: pb.RemoveImageRequest,
+                          context: grpc.aio.ServicerContext) -> pb.RemoveImageResponse:
+        self.authorize(context)
+        if not request.image:
+            raise InvalidArgument("name the image to remove (digest, prefix or version)")
+        return pb.RemoveImageResponse(digest=await self.images().remove(request.image))
+
+
+async def _complete(operation: Any) -> Any:
+    """Runs an operation to its end even if the caller's RPC is cancelled meanwhile."""
+    task = asyncio.ensure_future(operation)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved if orphaned
+    return await asyncio.shield(task)

@@ -33,6 +33,7 @@ from m4d.server import systemd
 from m4d.server.admin import AdminServicer
 from m4d.server.daemon import Daemon, State
 from m4d.server.inference import InferenceServicer
+from m4d.server.metrics import MetricsServer
 from m4d.server.relay import PeerRelay, private_dir
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ async def _watchdog(daemon: Daemon) -> None:
         await asyncio.sleep(interval)
         engine = daemon.engine
         if engine is None:
+            if daemon.swapping:  # a drain-mode swap: no engine for a few seconds, on purpose
+                _notify(systemd.watchdog_ping)
             continue
         stalled = time.monotonic() - engine.stats.last_progress
         if stalled < stale_after:
@@ -142,6 +145,22 @@ async def _watchdog(daemon: Daemon) -> None:
         else:
             log.error("executor made no progress: withholding the watchdog ping",
                       extra={"stalled_seconds": round(stalled, 1)})
+
+
+async def _start_metrics(config: Config, daemon: Daemon) -> MetricsServer | None:
+    if not config.metrics_listen:
+        return None
+
+    def snapshot() -> dict[str, object] | None:
+        return daemon.engine.snapshot() if daemon.engine is not None else None
+
+    def image() -> str:
+        return (f"{daemon.image.manifest.name} {daemon.image.manifest.version}"
+                if daemon.image is not None else "")
+
+    server = MetricsServer(config.metrics_listen, snapshot, image)
+    await server.start()
+    return server
 
 
 def _install_test_hooks(daemon: Daemon) -> None:
@@ -185,7 +204,8 @@ async def serve(config: Config) -> int:
                 (INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
         ]), app_relay))
         servers.append((await _start_server(admin_relay, config, [
-            lambda s: admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(daemon), s),
+            lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
+                AdminServicer(daemon, peers=admin_relay), s),
             lambda s: health_pb2_grpc.add_HealthServicer_to_server(admin_health, s),
             lambda s: reflection.enable_server_reflection(
                 (ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME), s),
@@ -226,8 +246,11 @@ async def serve(config: Config) -> int:
             await set_health(True)
             _notify(lambda: systemd.ready("serving"))
             watchdog = asyncio.create_task(_watchdog(daemon))
+            metrics = await _start_metrics(config, daemon)
             await stopped
             watchdog.cancel()
+            if metrics is not None:
+                await metrics.stop()
         else:
             load.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

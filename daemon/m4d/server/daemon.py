@@ -1,17 +1,35 @@
-"""The daemon's life cycle: start-up (verify, load, warm, self-test), serving, draining.
+"""The daemon's life cycle: start-up (verify, load, warm, self-test), serving, hot swap, draining.
 
-Holds what the servicers share: the state, the engine and the converter of the active
-image. The gRPC servers listen from the start, so health answers NOT_SERVING and
-inference answers UNAVAILABLE while the model loads; READY follows the self-test.
+Holds what the servicers share: the state and the `Serving` set (image, runtime, engine,
+converter) of the image being served. The gRPC servers listen from the start, so health
+answers NOT_SERVING and inference answers UNAVAILABLE while the model loads; READY follows
+the self-test.
+
+Where the image comes from (`config.image_source`): "image" serves the `config.image`
+directory as it is; "store" boots from the image store (`m4d.server.images`), with attempt
+counting, self-test and fallback.
+
+Hot swap (`swap`): the new image is loaded and self-tested beside the old one (swap_mode
+"overlap"), then one assignment on the event loop makes new calls use it; a call takes its
+converter and engine in one synchronous step, and a `RequestStream` holds its engine, so
+calls in flight finish on the old image, which is then drained and stopped in the
+background. With swap_mode "drain" the old image is drained and unloaded first: inference
+calls get UNAVAILABLE with a retry hint until the new one serves (at most drain_timeout +
+load + self-test seconds; the measured load time is the hint).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import enum
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from m4image.verify import VerifiedImage, verify_image
 
@@ -20,10 +38,13 @@ from m4d.config import Config
 from m4d.engine.admission import AdmissionConfig, UidQuota
 from m4d.engine.engine import Engine
 from m4d.engine.policy import make_policy
-from m4d.errors import Unavailable
+from m4d.errors import FailedPrecondition, Unavailable
 from m4d.executor.runtime import Runtime
 from m4d.server.convert import Converter, ImageInfo
 from m4d.server.selftest import run_self_test
+
+if TYPE_CHECKING:
+    from m4d.server.images import ImageManager
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +55,83 @@ class State(enum.Enum):
     DRAINING = "draining"
 
 
+@dataclass(frozen=True)
+class Serving:
+    """One loaded image: what a call needs, taken together so a swap never mixes two images."""
+
+    image: VerifiedImage
+    runtime: Runtime
+    engine: Engine
+    converter: Converter
+
+    @property
+    def label(self) -> str:
+        m = self.image.manifest
+        return f"{m.name} {m.version} ({self.image.digest[:12]})"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The self-test's outcome: `passed` only when it ran and every check passed."""
+
+    passed: bool
+    detail: str
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.version = __version__
         self.state = State.LOADING
         self.started = time.monotonic()
-        self.image: VerifiedImage | None = None
-        self.runtime: Runtime | None = None
-        self.engine: Engine | None = None
-        self._converter: Converter | None = None
+        self._serving: Serving | None = None
+        self._blocked: tuple[str, float] | None = None  # during a drain-mode swap: why, hint
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._engines: set[Engine] = set()  # every engine started and not yet stopped
+        self.load_seconds = 0.0  # the last image load + self-test: the swap's retry hint
+        self.operation = ""  # the image operation in progress, for Status
         self.on_state_change: list[Callable[[State], None]] = []
+        self.images: ImageManager | None = None
+        if config.image_source == "store":
+            from m4d.server.images import ImageManager
+
+            self.images = ImageManager(self)
 
     # ---- what the servicers use ----------------------------------------------------
 
-    def engine_for_requests(self) -> Engine:
+    @property
+    def image(self) -> VerifiedImage | None:
+        return self._serving.image if self._serving else None
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self._serving.runtime if self._serving else None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._serving.engine if self._serving else None
+
+    @property
+    def swapping(self) -> bool:
+        """True during a drain-mode swap, when no engine serves (the watchdog may skip pings)."""
+        return self._blocked is not None
+
+    def serving(self) -> Serving:
+        """The image that serves new calls; Unavailable while loading, swapping or draining."""
         if self.state is State.DRAINING:
             raise Unavailable("the daemon is shutting down; retry on the next start",
                               retry_after=5.0)
-        if self.state is not State.READY or self.engine is None:
+        if self._blocked is not None:
+            raise Unavailable(*self._blocked)
+        if self.state is not State.READY or self._serving is None:
             raise Unavailable("the model is loading; retry shortly", retry_after=2.0)
-        return self.engine
+        return self._serving
+
+    def engine_for_requests(self) -> Engine:
+        return self.serving().engine
 
     def converter(self) -> Converter:
-        self.engine_for_requests()  # same availability rule
-        assert self._converter is not None
-        return self._converter
+        return self.serving().converter
 
     # ---- life cycle ----------------------------------------------------------------
 
@@ -70,12 +142,33 @@ class Daemon:
             callback(state)
 
     async def load(self) -> None:
-        """Verifies and loads the image, warms the model and runs the self-test."""
+        """Loads the image to serve (directly, or the store's choice) and self-tests it."""
         started = time.monotonic()
+        if self.images is not None:
+            self._serving = await self.images.boot()
+        else:
+            self._serving = await self._load_directly()
+        self._set_state(State.READY)
+        log.info("ready", extra={"seconds": round(time.monotonic() - started, 2),
+                                 "image": self._serving.label})
+
+    async def _load_directly(self) -> Serving:
+        """`config.image` as it is: every hash verified, the signature not (development)."""
         image = await asyncio.to_thread(verify_image, self.config.image)
+        serving = await self.start_image(image)
+        verdict = await self.self_test(serving)
+        if not verdict.passed and self.config.self_test == "strict":
+            await self.stop_serving(serving)
+            raise SelfTestFailed(self.failure_message(serving, verdict))
+        return serving
+
+    async def start_image(self, image: VerifiedImage) -> Serving:
+        """Loads a verified image on a worker thread and starts its engine; the event loop
+        (and the engine serving now) keep running meanwhile."""
+        started = time.monotonic()
         manifest = image.manifest
-        log.info("image verified", extra={"image": manifest.name, "version": manifest.version,
-                                          "digest": image.digest, "path": str(image.path)})
+        log.info("loading image", extra={"image": manifest.name, "version": manifest.version,
+                                         "digest": image.digest, "path": str(image.path)})
         runtime = Runtime(image, self.config)
         await asyncio.to_thread(runtime.load)
         engine = Engine(runtime, kv_slots=self.config.kv_slots,
@@ -89,31 +182,124 @@ class Daemon:
                         max_queue=self.config.max_queue,
                         max_batch_texts=self.config.max_batch_texts)
         engine.start()
-        self.image, self.runtime, self.engine = image, runtime, engine
-        self._converter = Converter(
+        self._engines.add(engine)
+        converter = Converter(
             self.config, manifest.tasks, ImageInfo(manifest.name, manifest.version, image.digest),
             runtime.tokenizer, runtime.chat_template, runtime.max_context)
-        if self.config.self_test != "off":
-            results = await run_self_test(manifest.self_test, self._converter, engine)
-            failed = [r for r in results if not r.passed]
-            for r in results:
-                log.info("self-test", extra={"check": r.name, "passed": r.passed,
-                                             "detail": r.detail})
-            if failed and self.config.self_test == "strict":
-                engine.stop()
-                raise SelfTestFailed(
-                    f"image {manifest.name} {manifest.version} failed its self-test with "
-                    f"weight_format={self.config.weight_format}, compute_dtype="
-                    f"{self.config.compute_dtype}: " + "; ".join(r.detail for r in failed))
-        self._set_state(State.READY)
-        log.info("ready", extra={"seconds": round(time.monotonic() - started, 2)})
+        self.load_seconds = time.monotonic() - started
+        return Serving(image, runtime, engine, converter)
 
-    async def drain(self, timeout: float) -> None:
-        """Refuses new calls and waits (up to timeout) for in-flight ones to finish."""
-        self._set_state(State.DRAINING)
-        engine = self.engine
-        if engine is None:
-            return
+    async def self_test(self, serving: Serving) -> Verdict:
+        """Runs the image's self-test on its own engine (self_test = "off": not run)."""
+        if self.config.self_test == "off":
+            return Verdict(False, "the self-test is off (self_test = \"off\")")
+        started = time.monotonic()
+        results = await run_self_test(serving.image.manifest.self_test, serving.converter,
+                                      serving.engine)
+        for r in results:
+            log.info("self-test", extra={"check": r.name, "passed": r.passed,
+                                         "detail": r.detail, "image": serving.label})
+        self.load_seconds += time.monotonic() - started
+        failed = [r.detail for r in results if not r.passed]
+        if failed:
+            return Verdict(False, "; ".join(failed))
+        return Verdict(True, f"{len(results)} checks passed")
+
+    def failure_message(self, serving: Serving, verdict: Verdict) -> str:
+        m = serving.image.manifest
+        return (f"image {m.name} {m.version} failed its self-test with weight_format="
+                f"{self.config.weight_format}, compute_dtype={self.config.compute_dtype}: "
+                f"{verdict.detail}")
+
+    async def stop_serving(self, serving: Serving) -> None:
+        """Stops an engine (on a thread: the join may wait for its last step)."""
+        await asyncio.to_thread(serving.engine.stop)
+        self._engines.discard(serving.engine)
+
+    # ---- hot swap ------------------------------------------------------------------
+
+    async def swap(self, image: VerifiedImage,
+                   commit: Callable[[Verdict], Awaitable[None]]) -> Serving:
+        """Serve `image` from now on, without stopping service.
+
+        Loads and self-tests it, then awaits `commit(verdict)` (the store records the
+        outcome; it raises to refuse the image), then switches. A strict self-test failure
+        raises SelfTestFailed after `commit` has recorded it; the old image keeps serving
+        (in drain mode it is loaded again)."""
+        if self.config.swap_mode == "drain":
+            return await self._swap_drained(image, commit)
+        new = await self.start_image(image)
+        try:
+            await self._accept(new, commit)
+        except BaseException:
+            await self.stop_serving(new)
+            raise
+        old, self._serving = self._serving, new  # one assignment: new calls go to `new`
+        log.info("image swapped", extra={"image": new.label,
+                                         "old": old.label if old else None})
+        if old is not None:
+            self._retire(old)
+        return new
+
+    async def _accept(self, new: Serving, commit: Callable[[Verdict], Awaitable[None]]) -> None:
+        verdict = await self.self_test(new)
+        await commit(verdict)
+        if not verdict.passed and self.config.self_test == "strict":
+            raise SelfTestFailed(self.failure_message(new, verdict))
+
+    async def _swap_drained(self, image: VerifiedImage,
+                            commit: Callable[[Verdict], Awaitable[None]]) -> Serving:
+        old = self._serving
+        old_image = old.image if old is not None else None
+        hint = max(1.0, round(self.load_seconds, 1))
+        self._blocked = (
+            f"swapping to image {image.manifest.name} {image.manifest.version}: the old image "
+            "is unloaded first (swap_mode = drain); retry shortly", hint)
+        window = time.monotonic()
+        try:
+            if old is not None:
+                await self._wait_idle(old.engine, self.config.drain_timeout)
+                await self.stop_serving(old)
+                self._serving = old = None
+                await asyncio.to_thread(release_memory)
+            new: Serving | None = None
+            try:
+                new = await self.start_image(image)
+                await self._accept(new, commit)
+            except BaseException:
+                if new is not None:
+                    await self.stop_serving(new)
+                if old_image is not None:
+                    log.warning("reloading the old image", extra={"digest": old_image.digest})
+                    self._serving = await self.start_image(old_image)
+                raise
+            self._serving = new
+            return new
+        finally:
+            self._blocked = None
+            log.info("drain-mode swap window closed",
+                     extra={"seconds": round(time.monotonic() - window, 2)})
+
+    def _retire(self, old: Serving) -> None:
+        """Lets the old image's calls finish (up to drain_timeout), then stops its engine."""
+        task = asyncio.get_running_loop().create_task(self._retire_now(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire_now(self, old: Serving) -> None:
+        started = time.monotonic()
+        label, engine = old.label, old.engine
+        del old  # the engine holds the runtime: its last reference goes with `engine`
+        await self._wait_idle(engine, self.config.drain_timeout)
+        await asyncio.to_thread(engine.stop)
+        self._engines.discard(engine)
+        del engine
+        await asyncio.to_thread(release_memory)
+        log.info("old image retired", extra={"image": label,
+                                             "seconds": round(time.monotonic() - started, 2)})
+
+    async def _wait_idle(self, engine: Engine, timeout: float) -> None:
+        """Waits until the engine has no call in flight (up to timeout)."""
         loop = asyncio.get_running_loop()
         idle = asyncio.Event()
 
@@ -129,13 +315,33 @@ class Daemon:
             log.warning("drain timeout: cutting off in-flight calls",
                         extra={"in_flight": engine.stats.in_flight})
 
+    # ---- shutdown ------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Refuses new calls and waits (up to timeout) for in-flight ones to finish."""
+        self._set_state(State.DRAINING)
+        engine = self.engine
+        if engine is not None:
+            await self._wait_idle(engine, timeout)
+
     def stop(self) -> None:
-        if self.engine is not None:
-            self.engine.stop()
+        for task in list(self._retiring):
+            task.cancel()
+        for engine in list(self._engines):
+            engine.stop()
+        self._engines.clear()
 
     @property
     def uptime(self) -> float:
         return time.monotonic() - self.started
+
+
+def release_memory() -> None:
+    """Collects unreachable objects, then hands freed heap pages back to the OS
+    (glibc's malloc_trim; a no-op elsewhere): an unloaded model's memory shows as free."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def admission_config(config: Config) -> AdmissionConfig:
@@ -150,5 +356,5 @@ def admission_config(config: Config) -> AdmissionConfig:
                        burst_tokens=burst))
 
 
-class SelfTestFailed(RuntimeError):
-    """The image's self-test did not pass on this daemon."""
+class SelfTestFailed(FailedPrecondition):
+    """The image's self-test did not pass on this daemon (FAILED_PRECONDITION for an admin)."""

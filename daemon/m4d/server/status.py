@@ -1,7 +1,8 @@
 """Domain errors → gRPC status, in one place.
 
 Handlers are wrapped by `unary` or `streaming`; an M4Error raised anywhere below becomes
-its status code and message, and a retry hint travels as the `retry-after-ms` trailer
+its status code and message (an m4image ImageError: the code `m4image.store.status_code_for`
+names), and a retry hint travels as the `retry-after-ms` trailer
 (and in the message, for people). Anything else is a bug: logged with its traceback and
 answered with INTERNAL, the daemon stays up.
 """
@@ -14,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from m4image.manifest import ImageError
+from m4image.store import status_code_for
 
 from m4d import errors
 
@@ -36,12 +39,15 @@ Resp = TypeVar("Resp")
 
 async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     if isinstance(error, errors.M4Error):
-        code = CODES.get(type(error), grpc.StatusCode.INTERNAL)
+        code = next((c for cls, c in CODES.items() if isinstance(error, cls)),
+                    grpc.StatusCode.INTERNAL)  # subclasses map as their base
         message = str(error)
         retry = getattr(error, "retry_after", None)
         if retry is not None:
             context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
             message = f"{message} (retry after {retry:g} s)"
+    elif isinstance(error, ImageError):  # firmware image and store refusals: m4image's mapping
+        code, message = getattr(grpc.StatusCode, status_code_for(error)), str(error)
     else:
         log.error("unhandled error in handler", exc_info=error)
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
