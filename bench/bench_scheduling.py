@@ -148,7 +148,7 @@ class Daemon:
     passed only when given (None: the daemon's default, one per core but one)."""
 
     def __init__(self, image: Path, threads: int | None, self_test: str) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="m4bench-sched-")
+        self.tmp = tempfile.TemporaryDirectory(prefix="m4sched-")
         self.runtime_dir = Path(self.tmp.name)
         self.address = f"unix://{self.runtime_dir / 'app.sock'}"
         self.log_path = self.runtime_dir / "m4d.log"
@@ -768,7 +768,7 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:
     """Medians, ratios, targets and notes, as one JSON-able dict."""
     everything = m
-    m, selection = clean_rounds(m)
+    m, selection, quiet_batching = clean_rounds(m)
     rows: list[dict[str, Any]] = []
 
     def row(measure: str, unit: str, client: float | None, timings: float | None,
@@ -795,7 +795,7 @@ def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:
     r16 = median(vs_llama)
     row("decode, 16 streams vs llama.cpp 1 stream", "tok/s", median(agg[16]), median(tim[16]),
         median(llama), r16, "llama.cpp, 1 stream", f">= {TARGET_VS_LLAMA:g}x",
-        None if r16 is None else r16 >= TARGET_VS_LLAMA)
+        None if r16 is None or not quiet_batching else r16 >= TARGET_VS_LLAMA)
 
     # 2. priorities: foreground time to first token
     idle_c = [t.ttft_ms for t in m.idle_probes]
@@ -859,10 +859,11 @@ def round_contention(m: Measurements) -> tuple[list[float], list[float]]:
     return batching, embed
 
 
-def clean_rounds(m: Measurements) -> tuple[Measurements, list[str]]:
+def clean_rounds(m: Measurements) -> tuple[Measurements, list[str], bool]:
     """The measurements to summarise for sections 1 and 3: the rounds in which other
     processes stayed within CONTENTION_WARNING in every measurement, or every round when
-    none did. Section 2 pools its probes over all rounds. Returns notes saying which."""
+    none did. Section 2 pools its probes over all rounds. Returns notes saying which, and
+    whether section 1 had a quiet round (without one, its llama.cpp ratio means nothing)."""
     batching, embed = round_contention(m)
     keep_b = [i for i, c in enumerate(batching) if c <= CONTENTION_WARNING]
     keep_e = [i for i, c in enumerate(embed) if c <= CONTENTION_WARNING]
@@ -875,12 +876,13 @@ def clean_rounds(m: Measurements) -> tuple[Measurements, list[str]]:
             notes.append(f"{name} rows use the {len(keep)} of {total} rounds in which other "
                          f"processes stayed within {CONTENTION_WARNING:.0%} of the CPUs "
                          f"(rounds {', '.join(str(i + 1) for i in keep)})")
+    quiet_batching = bool(keep_b)
     keep_b = keep_b or list(range(len(batching)))
     keep_e = keep_e or list(range(len(embed)))
     return replace(
         m, batch_runs=[m.batch_runs[i] for i in keep_b],
         llama_runs=[m.llama_runs[i] for i in keep_b if i < len(m.llama_runs)],
-        embed_runs=[m.embed_runs[i] for i in keep_e]), notes
+        embed_runs=[m.embed_runs[i] for i in keep_e]), notes, quiet_batching
 
 
 def contention_notes(m: Measurements) -> list[str]:
@@ -1021,7 +1023,8 @@ def render_table(result: dict[str, Any]) -> str:
 
     lines = [header]
     for r in result["rows"]:
-        met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
+        met = ("yes" if r["met"] else "NO") if r["met"] is not None else (
+            "?" if r["target"] and r["ratio"] is not None else "")
         lines.append([r["measure"], r["unit"], num(r["m4d_client"]), num(r["m4d_timings"]),
                       num(r["baseline"]), num(r["ratio"], 2), r["target"], met,
                       r["baseline_is"]])
