@@ -871,7 +871,9 @@ def clean_rounds(m: Measurements) -> tuple[Measurements, list[str], bool]:
     for name, keep, total in (("batching", keep_b, len(batching)), ("embed", keep_e, len(embed))):
         if not keep:
             notes.append(f"WARNING: no {name} round ran on a quiet machine; its rows use all "
-                         f"{total} rounds and are unreliable")
+                         f"{total} rounds and are unreliable" + (
+                             " (met '?': llama.cpp was slowed by the other processes)"
+                             if name == "batching" else ""))
         elif len(keep) < total:
             notes.append(f"{name} rows use the {len(keep)} of {total} rounds in which other "
                          f"processes stayed within {CONTENTION_WARNING:.0%} of the CPUs "
