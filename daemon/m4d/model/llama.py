@@ -247,26 +247,36 @@ class Llama(nn.Module):
         return logits.float()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor,
-                rows: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor | None, input_pos: torch.Tensor,
+                rows: torch.Tensor | None = None, last_only: bool = False,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, input_pos: [B, S]; rows: [B] cache rows (None = rows 0..B-1).
 
+        ``embeds`` [B, S, D] replaces ``tokens`` when the input is not (only) token ids, as
+        in M4 path 1 where projected image or audio features sit among the prompt's tokens.
         Returns float32 logits [B, S, V] (or [B, 1, V] with last_only).
         """
+        if embeds is None:
+            if tokens is None:
+                raise ValueError("give tokens or embeds")
+            embeds = self.tok_embeddings(tokens)  # [B, S, D]
+        else:
+            embeds = embeds.to(self.dtype)
+        tokens_shape = embeds.shape[:2]
         if self.cache_slots == 0:
             raise RuntimeError("call setup_caches() before the cached forward")
-        if tokens.shape != input_pos.shape:
-            raise ValueError(f"tokens {tuple(tokens.shape)} and input_pos {tuple(input_pos.shape)} differ")
-        b = tokens.shape[0]
+        if tokens_shape != input_pos.shape:
+            raise ValueError(f"tokens {tuple(tokens_shape)} and input_pos {tuple(input_pos.shape)} differ")
+        b = tokens_shape[0]
         if rows is None and b > self.cache_slots:
             raise ValueError(f"batch {b} exceeds the {self.cache_slots} cache rows")
         length = int(input_pos.max().item()) + 1  # attend over cache positions [0, length)
         if length > self.cache_seq or int(input_pos.min().item()) < 0:
             raise ValueError(f"positions must lie in [0, {self.cache_seq}), got up to {length - 1}")
         # mask: [B, 1, S, L], True = may attend
-        mask = (torch.arange(length, device=tokens.device)[None, None, :] <= input_pos[:, :, None])
+        mask = (torch.arange(length, device=input_pos.device)[None, None, :] <= input_pos[:, :, None])
         mask = mask.unsqueeze(1)
-        x = self.tok_embeddings(tokens)  # [B, S, D]
+        x = embeds
         cos, sin = self._rope(input_pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, rows, length)
@@ -275,11 +285,16 @@ class Llama(nn.Module):
         return self._head(x)
 
     @torch.inference_mode()
-    def forward_full(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Cache-free causal forward. tokens [B, S] -> float32 logits [B, S, V]."""
-        b, s = tokens.shape
-        pos = torch.arange(s, device=tokens.device).expand(b, s)
-        x = self.tok_embeddings(tokens)
+    def forward_full(self, tokens: torch.Tensor | None,
+                     embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Cache-free causal forward. tokens [B, S] (or embeds [B, S, D]) -> float32 logits [B, S, V]."""
+        if embeds is None:
+            if tokens is None:
+                raise ValueError("give tokens or embeds")
+            embeds = self.tok_embeddings(tokens)
+        x = embeds.to(self.dtype)
+        b, s = x.shape[:2]
+        pos = torch.arange(s, device=x.device).expand(b, s)
         cos, sin = self._rope(pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, None, None, None, s)
