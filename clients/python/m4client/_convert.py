@@ -25,14 +25,17 @@ from .types import (
     GenerationChunk,
     Image,
     IOSpec,
+    KeywordHit,
     LabelScore,
     ModelInfo,
+    PcmAudio,
     PredictNextResult,
     Priority,
     RunChunk,
     Task,
     TaskTable,
     Tensor,
+    TextBox,
     Timings,
     Usage,
     WordPrediction,
@@ -122,6 +125,22 @@ def generate_request(
     return pb.GenerateRequest(task=task, prompt=prompt or "", sampling=params, priority=prio)
 
 
+def media_inputs(*, image: Any = None, audio: Any = None) -> dict[str, Any]:
+    """{"image": Image} and/or {"audio": Audio | PcmAudio}; plain bytes are wrapped."""
+    out: dict[str, Any] = {}
+    if image is not None:
+        out["image"] = image if isinstance(image, Image) else Image(bytes(image))
+    if audio is not None:
+        out["audio"] = audio if isinstance(audio, Audio | PcmAudio) else Audio(bytes(audio))
+    return out
+
+
+def ask_task(task: str | None, image: Any, audio: Any) -> str:
+    if (image is None) == (audio is None):
+        raise InvalidArgumentError("ask about one image or one audio clip: give image= or audio=")
+    return task or ("ocr-ask" if image is not None else "speech-ask")
+
+
 def run_inputs(inputs: Mapping[str, Any]) -> list[pb.Input]:
     """Input messages from {name: value}; the value's Python type picks the oneof field."""
     out: list[pb.Input] = []
@@ -133,6 +152,9 @@ def run_inputs(inputs: Mapping[str, Any]) -> list[pb.Input]:
             item.image = value.data
         elif isinstance(value, Audio):
             item.audio = value.data
+        elif isinstance(value, PcmAudio):
+            item.pcm.CopyFrom(pb.PcmAudio(data=value.data, sample_rate=value.sample_rate,
+                                          encoding=value.encoding, channels=value.channels))
         elif isinstance(value, Tensor):
             item.tensor.CopyFrom(pb.Tensor(dtype=value.dtype, shape=value.shape, data=value.data))
         elif isinstance(value, bytes | bytearray | memoryview):
@@ -265,6 +287,10 @@ def run_chunk(msg: pb.RunResponse) -> RunChunk:
         usage=_opt_usage(msg),
         timings=_opt_timings(msg),
         model=model_info(msg),
+        boxes=[TextBox(b.text, b.confidence, [(p.x, p.y) for p in b.corners]) for b in msg.boxes],
+        keywords=[KeywordHit(k.keyword, k.detected, k.score, k.heard) for k in msg.keywords],
+        source_text=msg.source_text,
+        audio_seconds=msg.audio_seconds,
         raw=msg,
     )
 

@@ -22,10 +22,12 @@ from .types import (
     FinishReason,
     GenerationChunk,
     GenerationResult,
+    KeywordHit,
     LabelScore,
     ModelInfo,
     RunChunk,
     RunResult,
+    TextBox,
     Timings,
     Usage,
     WordPrediction,
@@ -165,11 +167,18 @@ def collect_run(chunks: Iterable[RunChunk]) -> RunResult:
     embeddings: list[list[float]] = []
     labels: list[LabelScore] = []
     predictions: list[WordPrediction] = []
+    boxes: list[TextBox] = []
+    keywords: list[KeywordHit] = []
+    source, seconds = "", 0.0
     for chunk in chunks:
         fold.add(chunk)
         embeddings.extend(chunk.embeddings)
         labels.extend(chunk.labels)
         predictions.extend(chunk.predictions)
+        boxes.extend(chunk.boxes)
+        keywords.extend(chunk.keywords)
+        source = chunk.source_text or source
+        seconds = chunk.audio_seconds or seconds
     return RunResult(
         "".join(fold.text),
         embeddings,
@@ -179,4 +188,8 @@ def collect_run(chunks: Iterable[RunChunk]) -> RunResult:
         fold.usage,
         fold.timings,
         fold.model,
+        boxes,
+        keywords,
+        source,
+        seconds,
     )

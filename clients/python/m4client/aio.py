@@ -29,13 +29,16 @@ from ._options import GenerateOptions, SamplingOptions
 from ._stream import AsyncStream, collect_generation, collect_run
 from .errors import M4Error, UnavailableError, from_rpc_error
 from .types import (
+    Audio,
     ChatMessage,
     ClassifyResult,
     DaemonStatus,
     EmbedResult,
     GenerationChunk,
     GenerationResult,
+    Image,
     InputValue,
+    PcmAudio,
     PredictNextResult,
     Priority,
     RunChunk,
@@ -262,6 +265,31 @@ class AsyncClient(_AsyncBase):
         """`run()` to the end."""
         async with self.run(task, inputs, **kwargs) as stream:
             return collect_run([chunk async for chunk in stream])
+
+    # ---- images and audio (tasks of the active image; see `tasks()`) ----------------
+
+    async def transcribe(self, audio: bytes | Audio | PcmAudio, *, task: str = "transcribe",
+                   **kwargs: Any) -> RunResult:
+        """Speech to text: `result.text` is the transcript (WAV bytes or PcmAudio)."""
+        return await self.run_complete(task, _convert.media_inputs(audio=audio), **kwargs)
+
+    async def spot_keywords(self, audio: bytes | Audio | PcmAudio, keywords: Sequence[str], *,
+                      task: str = "keyword-spot", **kwargs: Any) -> RunResult:
+        """Which keywords were said: `result.keywords`, one hit per keyword, in order."""
+        inputs = {**_convert.media_inputs(audio=audio), "keywords": list(keywords)}
+        return await self.run_complete(task, inputs, **kwargs)
+
+    async def read_text(self, image: bytes | Image, *, task: str = "ocr", **kwargs: Any) -> RunResult:
+        """OCR: `result.text` (lines joined by newlines) and `result.boxes`."""
+        return await self.run_complete(task, _convert.media_inputs(image=image), **kwargs)
+
+    def ask(self, question: str, *, image: bytes | Image | None = None,
+            audio: bytes | Audio | PcmAudio | None = None, task: str | None = None,
+            **kwargs: Any) -> AsyncStream[RunChunk]:
+        """A question about an image's text or an audio clip, answered by the backbone and
+        streamed; the first chunk's `source_text` is what was read or heard."""
+        inputs = {**_convert.media_inputs(image=image, audio=audio), "question": question}
+        return self.run(_convert.ask_task(task, image, audio), inputs, **kwargs)
 
 
 class AsyncAdminClient(_AsyncBase):

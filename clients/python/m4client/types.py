@@ -261,6 +261,38 @@ class Audio:
 
 
 @dataclass(frozen=True)
+class PcmAudio:
+    """Raw PCM samples as a task's audio input: interleaved little-endian `encoding`
+    ("s16le" or "f32le") at `sample_rate` Hz (8000 to 48000), `channels` mixed to mono."""
+
+    data: bytes
+    sample_rate: int
+    encoding: str = "s16le"
+    channels: int = 1
+
+
+@dataclass(frozen=True)
+class TextBox:
+    """Text found in an image: what it says, how sure the reader is, and where (4 corners,
+    clockwise from the top-left, in pixels)."""
+
+    text: str
+    confidence: float
+    corners: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class KeywordHit:
+    """Keyword spotting: whether `keyword` was heard, how well the best-matching stretch of
+    the transcript (`heard`) matches it, in [0, 1]."""
+
+    keyword: str
+    detected: bool
+    score: float
+    heard: str
+
+
+@dataclass(frozen=True)
 class Tensor:
     """A dense tensor input: little-endian row-major bytes of `dtype` with `shape`."""
 
@@ -272,7 +304,8 @@ class Tensor:
 #: What `run()` accepts as one input value: a text, a list of texts, a chat, an image, audio,
 #: a Tensor or a numpy array (sent as a tensor).
 InputValue: TypeAlias = (
-    "str | Sequence[str] | Sequence[ChatMessage | Mapping[str, str]] | Image | Audio | Tensor"
+    "str | Sequence[str] | Sequence[ChatMessage | Mapping[str, str]] | Image | Audio | PcmAudio"
+    " | Tensor"
     " | np.ndarray[Any, Any]"
 )
 
@@ -289,6 +322,10 @@ class RunChunk:
     usage: Usage | None = None
     timings: Timings | None = None
     model: ModelInfo | None = None
+    boxes: list[TextBox] = field(default_factory=list)
+    keywords: list[KeywordHit] = field(default_factory=list)
+    source_text: str = ""
+    audio_seconds: float = 0.0
     raw: Any = field(default=None, repr=False, compare=False)
 
 
@@ -304,6 +341,11 @@ class RunResult:
     usage: Usage
     timings: Timings
     model: ModelInfo | None
+    boxes: list[TextBox] = field(default_factory=list)
+    keywords: list[KeywordHit] = field(default_factory=list)
+    # What a cascaded task answered from (a transcript, the text of an image).
+    source_text: str = ""
+    audio_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=0, metavar="N", help="how many words (default 5)")
     _call_flags(p, task_help="task id (default: predict-next)")
 
+    p = add("transcribe", "Transcribe speech in a WAV file (or raw PCM with --rate).")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--rate", type=int, default=0, metavar="HZ",
+                   help="FILE is raw 16-bit little-endian mono PCM at HZ, not WAV")
+    _call_flags(p, task_help="task id (default: transcribe)")
+
+    p = add("keywords", "Which keywords are spoken in a WAV file.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--keywords", "-k", action="append", required=True, metavar="A,B,C",
+                   help="words or phrases to listen for, comma-separated (repeatable)")
+    p.add_argument("--rate", type=int, default=0, metavar="HZ",
+                   help="FILE is raw 16-bit little-endian mono PCM at HZ, not WAV")
+    _call_flags(p, task_help="task id (default: keyword-spot)")
+
+    p = add("ocr", "Read the text in an image (PNG, JPEG, WebP).")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--boxes", action="store_true", help="print each text box with its corners")
+    _call_flags(p, task_help="task id (default: ocr)")
+
+    p = add("ask", "Ask about the text in an image or about a WAV file; the answer streams.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", metavar="FILE", help="an image whose text is read first")
+    source.add_argument("--audio", metavar="FILE", help="a WAV file that is transcribed first")
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--show-source", action="store_true",
+                   help="print what was read or heard before the answer")
+    _call_flags(p, task_help="task id (default: ocr-ask for --image, speech-ask for --audio)")
+    _sampling_flags(p)
+
     add("tasks", "List the active image's tasks.")
     add("wait", "Wait until the daemon serves (model loaded, self-test passed); "
         "--timeout bounds the wait (default 300 s).")
@@ -185,13 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     image = add("image", "Build and verify firmware images.")
     image_sub = image.add_subparsers(dest="image_command", metavar="VERB", required=True)
     p = add("build", "Build a firmware image.", image_sub)
-    kind = p.add_mutually_exclusive_group(required=True)
+    kind = p.add_mutually_exclusive_group()
     kind.add_argument("--default", action="store_true", help="the default M4 image")
     kind.add_argument("--gguf", metavar="FILE", help="a Llama-family backbone from a GGUF file")
     kind.add_argument("--hf", metavar="DIR",
                       help="a Llama backbone from a Hugging Face checkpoint folder")
     p.add_argument("--encoder", metavar="DIR",
-                   help="a sentence-transformers text encoder folder (with --gguf/--hf)")
+                   help="a sentence-transformers text encoder folder")
+    p.add_argument("--speech", metavar="DIR",
+                   help="a Whisper speech model: a CTranslate2 folder (model.bin) or a Hugging "
+                   "Face folder")
+    p.add_argument("--ocr", metavar="DIR",
+                   help="an OCR model: a folder with EasyOCR's craft_mlt_25k.pth and english_g2.pth")
     p.add_argument("--name", default="m4-custom", help="the image's name (not with --default)")
     p.add_argument("--version", default="1.0.0", help="the image's version")
     p.add_argument("--security-version", type=int, default=1,

@@ -20,6 +20,7 @@ from m4client import (
     GenerationChunk,
     Image,
     M4Error,
+    PcmAudio,
     Stream,
 )
 from m4client._stream import collect_generation
@@ -151,6 +152,86 @@ def cmd_predict_next(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _audio(args: argparse.Namespace) -> Audio | PcmAudio:
+    data = _file(args.file)
+    return PcmAudio(data, args.rate) if args.rate else Audio(data)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        result = m4.transcribe(_audio(args), task=args.task or "transcribe",
+                               priority=args.priority)
+    if args.json:
+        out.json_line({"text": result.text, "audio_seconds": result.audio_seconds})
+    else:
+        out.write(result.text + "\n")
+    return 0
+
+
+def cmd_keywords(args: argparse.Namespace) -> int:
+    words = [w.strip() for group in args.keywords for w in group.split(",") if w.strip()]
+    with client(args) as m4:
+        result = m4.spot_keywords(_audio(args), words, task=args.task or "keyword-spot",
+                                  priority=args.priority)
+    if args.json:
+        out.json_line({"transcript": result.source_text,
+                       "keywords": [vars(k) for k in result.keywords]})
+        return 0
+    rows = [("KEYWORD", "HEARD", "SCORE", "MATCH")]
+    rows += [(k.keyword, "yes" if k.detected else "no", f"{k.score:.2f}", k.heard or "-")
+             for k in result.keywords]
+    if not args.quiet:
+        out.write(f"transcript: {result.source_text}\n")
+    out.write("".join(line + "\n" for line in out.table(rows)))
+    return 0
+
+
+def cmd_ocr(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        result = m4.read_text(Image(_file(args.file)), task=args.task or "ocr",
+                              priority=args.priority)
+    if args.json:
+        out.json_line({"text": result.text, "boxes": [
+            {"text": b.text, "confidence": round(b.confidence, 4), "corners": b.corners}
+            for b in result.boxes]})
+    elif args.boxes:
+        rows = [("TEXT", "CONF", "CORNERS")]
+        rows += [(b.text, f"{b.confidence:.2f}", " ".join(f"{x},{y}" for x, y in b.corners))
+                 for b in result.boxes]
+        out.write("".join(line + "\n" for line in out.table(rows)))
+    else:
+        out.write(result.text + "\n")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    image = Image(_file(args.image)) if args.image else None
+    audio = Audio(_file(args.audio)) if args.audio else None
+    mid_line = False
+    with client(args) as m4, m4.ask(args.question, image=image, audio=audio,
+                                     task=args.task or None, priority=args.priority,
+                                     **sampling(args)) as stream:
+        for chunk in stream:
+            if args.json:
+                out.json_line(chunk.raw)
+                continue
+            if chunk.source_text and args.show_source:
+                out.write(f"[{'read' if image else 'heard'}: {chunk.source_text}]\n")
+            if chunk.text:
+                out.write(chunk.text)
+                mid_line = not chunk.text.endswith("\n")
+    if mid_line:
+        out.write("\n")
+    return 0
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     timeout = args.timeout if args.timeout is not None else 300.0
     with Client(args.address, app_name=args.app_name or None) as m4:
@@ -247,6 +328,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 lines = [out.vector_line(i, v) for i, v in enumerate(chunk.embeddings)]
                 lines += out.ranking_lines(chunk.labels, args.quiet)
                 lines += out.prediction_lines(chunk.predictions, args.quiet)
+                lines += [f"{k.keyword}\t{'heard' if k.detected else 'not heard'}\t{k.score:.2f}"
+                          for k in chunk.keywords]
+                if chunk.source_text and not args.quiet:
+                    lines.insert(0, f"[source: {chunk.source_text}]")
                 if lines:
                     out.write("\n" * mid_line + "".join(line + "\n" for line in lines))
                     mid_line = False

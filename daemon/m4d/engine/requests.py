@@ -100,6 +100,40 @@ class PredictNextRequest(RequestBase):
     num_predictions: int = 5
 
 
+class MediaOp(enum.Enum):
+    """What a media request does once its image or audio is recognised."""
+
+    TRANSCRIBE = "transcribe"  # audio -> transcript
+    KEYWORDS = "keywords"      # audio -> transcript -> which caller-given keywords were heard
+    OCR = "ocr"                # image -> text boxes in reading order
+    ANSWER = "answer"          # audio or image -> recognised text -> the backbone answers (streamed)
+
+
+@dataclass(frozen=True)
+class MediaInput:
+    """A decoded, validated image or audio clip."""
+
+    kind: str  # "audio" | "image"
+    data: object  # audio: float32 tensor [N] at the model's rate; image: an RGB PIL image
+    digest: str  # sha256 of the bytes as sent: equal inputs in one batch are encoded once
+    seconds: float = 0.0  # audio length
+
+
+@dataclass
+class MediaRequest(RequestBase):
+    """A task on an image or audio clip (M4 paths 1 and 3), run by the component ``module``."""
+
+    op: MediaOp = MediaOp.TRANSCRIBE
+    module: str = ""
+    media: MediaInput | None = None
+    keywords: list[str] = field(default_factory=list)
+    keyword_threshold: float = 0.75
+    # ANSWER: the prompt template id and the caller's question; sampling for the answer.
+    prompt_template: str = ""
+    question: str = ""
+    sampling: SamplingParams | None = None
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int = 0
@@ -177,7 +211,58 @@ class Predictions:
     timings: Timings
 
 
-Event = TextDelta | Finished | Failed | Embeddings | Ranked | Predictions
+@dataclass(frozen=True)
+class TextBox:
+    text: str
+    confidence: float
+    corners: tuple[tuple[int, int], ...]  # 4 corners, clockwise from the top-left
+
+
+@dataclass(frozen=True)
+class TextRead:
+    """OCR: the boxes in reading order and their text joined (lines by newlines)."""
+
+    boxes: list[TextBox]
+    text: str
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Transcribed:
+    text: str
+    audio_seconds: float
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class KeywordHit:
+    keyword: str
+    detected: bool
+    score: float
+    heard: str
+
+
+@dataclass(frozen=True)
+class KeywordsHeard:
+    hits: list[KeywordHit]
+    transcript: str
+    audio_seconds: float
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class SourceText:
+    """Posted before a cascaded answer streams: what the answer is built on."""
+
+    text: str
+    audio_seconds: float = 0.0
+
+
+Event = (TextDelta | Finished | Failed | Embeddings | Ranked | Predictions | TextRead
+         | Transcribed | KeywordsHeard | SourceText)
 
 
 def softmax(values: list[float], temperature: float = 1.0) -> list[float]:

@@ -7,6 +7,7 @@ message says which field is wrong, what was received and what is allowed.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,13 +24,20 @@ from m4d.engine.requests import (
     Finished,
     FinishReason,
     GenerateRequest,
+    KeywordsHeard,
+    MediaInput,
+    MediaOp,
+    MediaRequest,
     Predictions,
     PredictNextRequest,
     Priority,
     Ranked,
     SamplingParams,
+    SourceText,
     TextDelta,
+    TextRead,
     Timings,
+    Transcribed,
     Usage,
 )
 from m4d.errors import InvalidArgument
@@ -39,6 +47,11 @@ DEFAULT_TEMPERATURE = 0.7
 MAX_PREDICTIONS = 20
 MAX_STOP_STRINGS = 8
 MAX_LABELS = 64
+MAX_KEYWORDS = 32
+SPEECH_SAMPLE_RATE = 16_000  # what the speech encoder (Whisper) reads
+# How a media task's head says what it does; cascades (lm_head) answer through the backbone.
+_MEDIA_HEADS = {"transcript": MediaOp.TRANSCRIBE, "keyword_match": MediaOp.KEYWORDS,
+                "ocr_text": MediaOp.OCR, "lm_head": MediaOp.ANSWER}
 
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.FOREGROUND,
@@ -248,9 +261,11 @@ class Converter:
                 raise InvalidArgument(f"task {req.task!r} needs input {name!r} ({spec['kind']})")
             if name in inputs:
                 got = inputs[name].WhichOneof("value")
-                if got != spec["kind"]:
+                if got != spec["kind"] and not (spec["kind"] == "audio" and got == "pcm"):
                     raise InvalidArgument(
                         f"input {name!r} of task {req.task!r} must be {spec['kind']}, not {got}")
+        if any(s["kind"] in ("image", "audio") for s in specs.values()):
+            return self.media(task, req, inputs, caller, deadline)
         rpc = task.get("rpc")
         prio = req.priority
         if rpc == "Generate":
@@ -275,6 +290,103 @@ class Converter:
                 task=req.task, text=inputs["text"].text if "text" in inputs else "",
                 num_predictions=req.num_predictions, priority=prio), caller, deadline)
         raise InvalidArgument(f"task {req.task!r} cannot run on this daemon (rpc {rpc!r})")
+
+    # ---- image and audio tasks -----------------------------------------------------
+
+    def media(self, task: dict[str, Any], req: pb.RunRequest, inputs: dict[str, pb.Input],
+              caller: Caller, deadline: float | None) -> MediaRequest:
+        """A task on an image or audio clip: decoded and validated here (the caller runs
+        this off the event loop), recognised by the task's first module."""
+        op = _MEDIA_HEADS.get(task.get("head", ""))
+        if op is None or not task.get("modules"):
+            raise InvalidArgument(f"task {task['id']!r} cannot run on this daemon "
+                                  f"(head {task.get('head')!r})")
+        media: MediaInput | None = None
+        for name, item in inputs.items():
+            kind = item.WhichOneof("value")
+            if kind == "image":
+                media = self.image_input(name, item.image)
+            elif kind in ("audio", "pcm"):
+                media = self.audio_input(name, item)
+        if media is None:
+            raise InvalidArgument(f"task {task['id']!r} needs an image or audio input")
+        request = MediaRequest(task=task["id"], priority=_PRIORITY.get(req.priority, Priority.FOREGROUND),
+                               caller=caller, deadline=deadline, op=op,
+                               module=task["modules"][0], media=media)
+        if op is MediaOp.KEYWORDS:
+            words = list(inputs["keywords"].texts.values) if "keywords" in inputs else []
+            if not words:
+                raise InvalidArgument("keywords is empty; give the words to listen for")
+            request.keywords = self.texts("keywords", words, MAX_KEYWORDS)
+        if op is MediaOp.ANSWER:
+            question = inputs["question"].text if "question" in inputs else ""
+            request.question = self.text("question", question) if "question" in inputs else ""
+            request.prompt_template = task.get("prompt_template") or ""
+            if self.tokenizer is None:
+                raise InvalidArgument("this image has no language backbone")
+            # The prompt is built after recognition; reserve room for it in the context.
+            request.sampling = self.sampling(req.sampling, self.max_context // 2)
+        return request
+
+    def image_input(self, name: str, data: bytes) -> MediaInput:
+        from m4d.model.images import decode_image
+
+        if not data:
+            raise InvalidArgument(f"input {name!r} is empty; send PNG, JPEG or WebP bytes")
+        image = decode_image(data, max_bytes=self.config.max_image_bytes,
+                             max_pixels=self.config.max_image_pixels)
+        return MediaInput("image", image, hashlib.sha256(data).hexdigest())
+
+    def audio_input(self, name: str, item: pb.Input) -> MediaInput:
+        from m4d.model.audio import decode_wav, pcm_to_tensor, resample
+
+        limit = self.config.max_audio_seconds
+        if item.WhichOneof("value") == "pcm":
+            pcm = item.pcm
+            if not pcm.data:
+                raise InvalidArgument(f"input {name!r} has no PCM samples")
+            rate = pcm.sample_rate
+            audio = pcm_to_tensor(pcm.data, sample_rate=rate, encoding=pcm.encoding or "s16le",
+                                  channels=pcm.channels or 1, max_seconds=limit)
+            digest = hashlib.sha256(b"%d:%s:%d:" % (rate, (pcm.encoding or "s16le").encode(),
+                                                    pcm.channels or 1) + pcm.data).hexdigest()
+        else:
+            if not item.audio:
+                raise InvalidArgument(f"input {name!r} is empty; send WAV bytes")
+            audio, rate = decode_wav(item.audio, max_seconds=limit)
+            digest = hashlib.sha256(item.audio).hexdigest()
+        seconds = audio.numel() / rate
+        if rate != SPEECH_SAMPLE_RATE:
+            audio = resample(audio, rate, SPEECH_SAMPLE_RATE)
+        return MediaInput("audio", audio, digest, seconds)
+
+    def media_event(self, event: Any) -> pb.RunResponse:
+        """Engine events of media tasks → RunResponse."""
+        out = pb.RunResponse()
+        if isinstance(event, Transcribed):
+            out.text = event.text
+            out.audio_seconds = event.audio_seconds
+        elif isinstance(event, KeywordsHeard):
+            out.source_text = event.transcript
+            out.audio_seconds = event.audio_seconds
+            out.keywords.extend(pb.KeywordHit(keyword=h.keyword, detected=h.detected,
+                                              score=h.score, heard=h.heard) for h in event.hits)
+        elif isinstance(event, TextRead):
+            out.text = event.text
+            out.boxes.extend(pb.TextBox(text=b.text, confidence=b.confidence,
+                                        corners=[pb.Point(x=x, y=y) for x, y in b.corners])
+                             for b in event.boxes)
+        elif isinstance(event, SourceText):
+            out.source_text = event.text
+            out.audio_seconds = event.audio_seconds
+            out.model.CopyFrom(self.model_info())
+            return out
+        else:
+            raise TypeError(f"not a media event: {event!r}")
+        out.usage.CopyFrom(usage(event.usage))
+        out.timings.CopyFrom(timings(event.timings))
+        out.model.CopyFrom(self.model_info())
+        return out
 
     # ---- responses -----------------------------------------------------------------
 

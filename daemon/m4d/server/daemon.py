@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from m4image.verify import VerifiedImage, verify_image
@@ -180,7 +181,8 @@ class Daemon:
                         token_budget=self.config.step_token_budget,
                         prefill_chunk=self.config.prefill_chunk,
                         max_queue=self.config.max_queue,
-                        max_batch_texts=self.config.max_batch_texts)
+                        max_batch_texts=self.config.max_batch_texts,
+                        max_batch_media=self.config.max_batch_media)
         engine.start()
         self._engines.add(engine)
         converter = Converter(
@@ -195,7 +197,7 @@ class Daemon:
             return Verdict(False, "the self-test is off (self_test = \"off\")")
         started = time.monotonic()
         results = await run_self_test(serving.image.manifest.self_test, serving.converter,
-                                      serving.engine)
+                                      serving.engine, Path(serving.image.path))
         for r in results:
             log.info("self-test", extra={"check": r.name, "passed": r.passed,
                                          "detail": r.detail, "image": serving.label})
@@ -353,7 +355,8 @@ def admission_config(config: Config) -> AdmissionConfig:
         class_limits={0: config.max_queue, 1: config.max_queue + config.kv_slots,
                       2: config.max_queue + config.kv_slots},
         quota=UidQuota(max_concurrent=config.uid_max_concurrent, tokens_per_second=rate,
-                       burst_tokens=burst))
+                       burst_tokens=burst),
+        max_class=config.class_caps())  # uid_max_class: a uid's most urgent class
 
 
 class SelfTestFailed(FailedPrecondition):

@@ -7,6 +7,7 @@ CancelledError cancels the request in the engine, which frees its KV row within 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -22,10 +23,15 @@ from m4d.engine.requests import (
     Failed,
     Finished,
     GenerateRequest,
+    KeywordsHeard,
+    MediaRequest,
     Predictions,
     Ranked,
     RequestBase,
+    SourceText,
     TextDelta,
+    TextRead,
+    Transcribed,
 )
 from m4d.errors import Internal
 from m4d.server.identity import PeerLookup, caller_from_context
@@ -122,7 +128,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
     async def Run(self, request: pb.RunRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunResponse]:
         conv = self.daemon.converter()
-        domain = conv.run(request, self.caller_of(context), deadline_of(context))
+        caller, deadline = self.caller_of(context), deadline_of(context)
+        if any(i.WhichOneof("value") in ("image", "audio", "pcm") for i in request.inputs):
+            # decoding images and audio takes milliseconds: keep it off the event loop
+            domain = await asyncio.to_thread(conv.run, request, caller, deadline)
+        else:
+            domain = conv.run(request, caller, deadline)
+        if isinstance(domain, MediaRequest):
+            async for run_msg in self._media(domain):
+                yield run_msg
+            return
         if isinstance(domain, GenerateRequest):
             async for msg in self._generate(domain):
                 yield conv.run_response(msg)
@@ -136,3 +151,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
             yield conv.run_response(conv.predictions(event))
         else:
             raise Internal(f"task {request.task!r} produced an unexpected result")
+
+    async def _media(self, domain: MediaRequest) -> AsyncIterator[pb.RunResponse]:
+        """A media task: one answer (transcript, text boxes, keyword hits), or for a
+        cascade the recognised text first and then the backbone's streamed answer."""
+        conv = self.daemon.converter()
+        stream = await self._submit(domain)
+        try:
+            async for event in stream:
+                if isinstance(event, (Transcribed, TextRead, KeywordsHeard, SourceText)):
+                    yield conv.media_event(event)
+                elif isinstance(event, TextDelta):
+                    yield conv.run_response(conv.delta(event))
+                elif isinstance(event, Finished):
+                    yield conv.run_response(conv.finished(event))
+                elif isinstance(event, Failed):
+                    raise event.error
+                else:
+                    raise Internal(f"task {domain.task!r} produced an unexpected result")
+        finally:
+            stream.cancel()

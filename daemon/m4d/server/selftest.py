@@ -7,15 +7,17 @@ format and dtype it serves, or it is not fit to serve this image.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from m4.inference.v1 import inference_pb2 as pb
 
 from m4d.engine.engine import Engine
-from m4d.engine.requests import Caller, Embeddings, Failed, TextDelta
+from m4d.engine.requests import Caller, Embeddings, Failed, TextDelta, TextRead, Transcribed
 from m4d.server.convert import Converter
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ class CheckResult:
 
 
 async def run_self_test(checks: Sequence[dict[str, Any]], conv: Converter,
-                        engine: Engine) -> list[CheckResult]:
+                        engine: Engine, root: Path) -> list[CheckResult]:
     results = []
     for i, check in enumerate(checks):
         name = f"{i}:{check.get('task')}"
@@ -40,6 +42,9 @@ async def run_self_test(checks: Sequence[dict[str, Any]], conv: Converter,
                 results.append(await _generation(name, check, conv, engine))
             elif check.get("task") == "embed":
                 results.append(await _embedding(name, check, conv, engine))
+            elif isinstance(check.get("input"), dict) and (
+                    {"image", "audio"} & set(check["input"])):
+                results.append(await _media(name, check, conv, engine, root))
             else:
                 results.append(CheckResult(name, False, f"unknown self-test check {check!r}"))
         except Exception as exc:
@@ -90,3 +95,19 @@ async def _embedding(name: str, check: dict[str, Any], conv: Converter,
     ok = best == expected
     return CheckResult(name, ok, f"{name}: nearest candidate {best}, expected {expected} "
                        f"(similarities {[round(s, 3) for s in sims]})")
+
+
+async def _media(name: str, check: dict[str, Any], conv: Converter, engine: Engine,
+                 root: Path) -> CheckResult:
+    """An image or audio file of the image, recognised; the text must equal the reference's."""
+    request = pb.RunRequest(task=check["task"])
+    for kind, relative in check["input"].items():
+        data = (root / relative).read_bytes()  # listed in the manifest: verified at load
+        request.inputs.append(pb.Input(name=kind, image=data) if kind == "image"
+                              else pb.Input(name=kind, audio=data))
+    domain = await asyncio.to_thread(conv.run, request, SYSTEM, None)
+    event = await engine.submit(domain).result()
+    assert isinstance(event, (TextRead, Transcribed))
+    expected = check.get("expected_text") or ""
+    ok = event.text.split() == expected.split()
+    return CheckResult(name, ok, f"{name}: read {event.text!r}, expected {expected!r}")
