@@ -15,6 +15,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.torchvision_compat import declare_missing_ops
+
+declare_missing_ops()  # before any test module imports transformers or EasyOCR
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
