@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         for key, _ in describe_defaults():
             print(f"{key} = {getattr(config, key)!r}")
         return 0
+    from m4d.executor.devices import check_devices, discover  # imports torch
+
+    try:
+        check_devices(config.placement, discover())
+    except ConfigError as exc:
+        print(f"m4d: configuration error: {exc}", file=sys.stderr)
+        return 2
     setup_logging(config.log_format, config.log_level)
     logging.getLogger(__name__).info("m4d starting", extra={"version": __version__,
                                                             "image": str(config.image)})

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
+import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,37 @@ SWAP_MODES = ("overlap", "drain")
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names the key, the source and the fix."""
+
+
+CLASS_NAMES = ("system", "foreground", "background")  # priority classes, most urgent first
+_TABLE_KEY = re.compile(r"[a-z0-9_][a-z0-9_\-]*")
+DEVICE_NAME = re.compile(r"^(cpu|mps|cuda|xpu)(?::(\d+))?$")
+
+
+def check_placement(placement: dict[str, str]) -> None:
+    """Placement keys are component names or kinds (or `default`), values device names or
+    "auto"; whether the device exists is checked when the image loads (m4d.executor.devices)."""
+    if not placement:
+        raise ConfigError('placement must not be empty; use { default = "cpu" }')
+    for key, value in placement.items():
+        if not _TABLE_KEY.fullmatch(key):
+            raise ConfigError(f"placement: {key!r} is not a component name or kind "
+                              "(lower-case letters, digits, '_' and '-')")
+        if not isinstance(value, str) or (value != "auto" and not DEVICE_NAME.match(value)):
+            raise ConfigError(
+                f"placement.{key} must be \"auto\" or a device name such as \"cpu\", "
+                f"\"cuda:0\", \"xpu:0\" or \"mps\" (got {value!r})")
+
+
+def resolve_uid(key: str) -> int:
+    """A uid table key: a number, or a user name looked up now."""
+    if key.isdigit():
+        return int(key)
+    try:
+        return pwd.getpwnam(key).pw_uid
+    except KeyError:
+        raise ConfigError(f"uid_max_class: no user named {key!r} (use a uid number or an "
+                          "existing user name)") from None
 
 
 @dataclass(frozen=True)
@@ -52,8 +85,14 @@ class Config:
     compute_dtype: str = "bfloat16"
     # Torch threads for the executor; 0 means one per CPU core but one (at least one),
     # which leaves a core to the event loop and gRPC: on 2 cores, 2 torch threads beside a
-    # busy event loop decoded slower (20-28 tok/s) than 1 (30-34 tok/s).
+    # busy event loop decoded slower (20-28 tok/s) than 1 (30-34 tok/s). With components on
+    # an accelerator, 0 also leaves a core to each accelerator's executor thread.
     threads: int = 0
+    # Where each component runs: a table from component name ("backbone", "text_encoder")
+    # or kind ("llama", "bert") to a device ("cpu", "cuda:0", "xpu:0", "mps", or "auto": the
+    # best accelerator found, else cpu), with `default` for the rest. A device this machine
+    # does not have stops the daemon with an error listing the devices found.
+    placement: dict[str, str] = field(default_factory=lambda: {"default": "cpu"})
     # Generation sequences that can run at once (KV cache rows).
     kv_slots: int = 16
     # Longest sequence (prompt + generated tokens) a request may use.
@@ -74,6 +113,9 @@ class Config:
     uid_max_concurrent: int = 32
     # Tokens (prompt + max_tokens) per second one uid may ask for; 0 means no limit.
     uid_tokens_per_second: float = 0.0
+    # The most urgent priority class each listed uid (number or user name) may run as,
+    # whatever it asks for, e.g. { 65534 = "background" }; others may ask for any class.
+    uid_max_class: dict[str, str] = field(default_factory=dict)
     # KV cache tokens shared by all sequences (blocks of 16); 0 means kv_slots * max_context.
     kv_pool_tokens: int = 0
     # Most texts in one Embed call, and most texts the encoder runs in one batch.
@@ -81,7 +123,15 @@ class Config:
     # Longest text accepted in any field, in characters.
     max_text_chars: int = 32_768
     # Largest request message, in bytes; larger ones are refused by gRPC.
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Largest encoded image accepted (PNG, JPEG, WebP), in bytes.
+    max_image_bytes: int = 10 * 1024 * 1024
+    # Most pixels (width * height) an image may declare; checked before decoding.
+    max_image_pixels: int = 16_777_216
+    # Longest audio accepted, in seconds (one Whisper window is 30 s).
+    max_audio_seconds: float = 30.0
+    # Most images or audio clips the media encoders run in one batch.
+    max_batch_media: int = 8
     # max_tokens when a Generate call does not say.
     default_max_tokens: int = 256
     # Seconds in-flight calls get to finish after SIGTERM before they are cut off.
@@ -127,6 +177,12 @@ class Config:
         _check_choice("queue_policy", self.queue_policy, QUEUE_POLICIES)
         _check_choice("image_source", self.image_source, IMAGE_SOURCES)
         _check_choice("swap_mode", self.swap_mode, SWAP_MODES)
+        check_placement(self.placement)
+        for key, value in self.uid_max_class.items():
+            if value not in CLASS_NAMES:
+                raise ConfigError(f"uid_max_class.{key} must be one of "
+                                  f"{', '.join(CLASS_NAMES)} (got {value!r})")
+            resolve_uid(key)
         if self.max_boot_attempts < 1:
             raise ConfigError(f"max_boot_attempts must be >= 1 (got {self.max_boot_attempts})")
         if not self.admin_group or not self.compatible:
@@ -145,7 +201,7 @@ class Config:
                 f"set compute_dtype={self.weight_format}")
         for key in ("kv_slots", "max_context", "prefill_chunk", "step_token_budget", "max_queue",
                     "max_batch_texts", "max_text_chars", "max_message_bytes", "uid_max_concurrent",
-                    "default_max_tokens"):
+                    "default_max_tokens", "max_image_bytes", "max_image_pixels", "max_batch_media"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
         if self.step_token_budget < self.prefill_chunk + self.kv_slots:
@@ -156,6 +212,12 @@ class Config:
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (got {self.threads}); 0 means all cores "
                               "but one")
+        if not 0 < self.max_audio_seconds <= 30.0:
+            raise ConfigError(f"max_audio_seconds must be in (0, 30] (got {self.max_audio_seconds}); "
+                              "the speech model reads one 30-second window")
+        if self.max_image_bytes > self.max_message_bytes:
+            raise ConfigError(f"max_image_bytes ({self.max_image_bytes}) must not exceed "
+                              f"max_message_bytes ({self.max_message_bytes})")
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout must be >= 0 seconds (got {self.drain_timeout})")
         if self.default_max_tokens >= self.max_context:
@@ -168,6 +230,10 @@ class Config:
     def torch_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) - 1)
 
+    def class_caps(self) -> dict[int, int]:
+        """uid_max_class as uid -> class number (0 system, 1 foreground, 2 background)."""
+        return {resolve_uid(k): CLASS_NAMES.index(v) for k, v in self.uid_max_class.items()}
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
@@ -178,7 +244,28 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 _EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-             "Path": "a non-empty path string"}
+             "Path": "a non-empty path string",
+             "dict[str, str]": 'a table of strings, e.g. { default = "cpu" }'}
+
+
+def _table(key: str, raw: Any) -> dict[str, str]:
+    """A table setting from TOML (a table, or a bare string meaning { default = it }) or
+    from the environment or a flag ("name=value,name=value", or one bare value)."""
+    if isinstance(raw, dict):
+        if not all(isinstance(v, str) for v in raw.values()):
+            raise TypeError(_EXPECTED["dict[str, str]"])
+        return {str(k): v for k, v in raw.items()}
+    if not isinstance(raw, str):
+        raise TypeError(_EXPECTED["dict[str, str]"])
+    table: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            if key != "placement":
+                raise TypeError(f"name=value pairs separated by commas (got {item!r})")
+            name, value = "default", item
+        table[name.strip()] = value.strip().strip('"')
+    return table
 
 
 def _fields() -> dict[str, dataclasses.Field[Any]]:
@@ -189,6 +276,8 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
     """Turns a raw value (TOML value or environment string) into the field's type."""
     kind = str(_fields()[key].type)
     try:
+        if kind == "dict[str, str]":
+            return _table(key, raw)
         if kind == "Path":
             if not isinstance(raw, str) or not raw:
                 raise TypeError("a non-empty path string")

@@ -20,7 +20,9 @@ from .types import (
     ClassifyResult,
     ComponentStatus,
     DaemonStatus,
+    DeviceStatus,
     EmbedResult,
+    EngineLoad,
     FinishReason,
     GenerationChunk,
     Image,
@@ -37,6 +39,7 @@ from .types import (
     Tensor,
     TextBox,
     Timings,
+    UidUsage,
     Usage,
     WordPrediction,
 )
@@ -323,5 +326,29 @@ def daemon_status(msg: admin_pb2.StatusResponse) -> DaemonStatus:
         components=components,
         threads=msg.threads,
         image_operation=msg.image_operation,
+        load=engine_load(msg.load) if msg.HasField("load") else None,
+        uids=[uid_usage(u) for u in msg.uids],
+        devices=[DeviceStatus(d.name, d.kind, d.description, d.memory_bytes, d.cores,
+                              list(d.flags), list(d.components), d.executor)
+                 for d in msg.devices],
         raw=msg,
     )
+
+
+def engine_load(msg: admin_pb2.EngineLoad) -> EngineLoad:
+    return EngineLoad(
+        queues={q.priority_class: q.depth for q in msg.queues},
+        running_sequences=msg.running_sequences, decode_batch_size=msg.decode_batch_size,
+        kv_blocks_used=msg.kv_blocks_used, kv_blocks_total=msg.kv_blocks_total,
+        decode_tokens_per_second=msg.decode_tokens_per_second, ttft_p50_ms=msg.ttft_p50_ms,
+        ttft_p99_ms=msg.ttft_p99_ms, ttft_samples=msg.ttft_samples,
+        window_seconds=msg.window_seconds)
+
+
+def uid_usage(msg: admin_pb2.UidUsage) -> UidUsage:
+    return UidUsage(
+        uid=msg.uid, user=msg.user, apps=list(msg.apps), requests_ok=msg.requests_ok,
+        requests_failed=msg.requests_failed, requests_rejected=msg.requests_rejected,
+        tokens_in=msg.tokens_in, tokens_out=msg.tokens_out,
+        tokens_per_second=msg.tokens_per_second, in_flight=msg.in_flight, queued=msg.queued,
+        priority_class=msg.priority_class)

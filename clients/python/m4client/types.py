@@ -361,6 +361,54 @@ class ComponentStatus:
 
 
 @dataclass(frozen=True)
+class UidUsage:
+    """What one caller uid has asked of the daemon (the uid is the kernel's; apps are labels)."""
+
+    uid: int
+    user: str  # "" when the uid has no user name
+    apps: list[str]
+    requests_ok: int
+    requests_failed: int
+    requests_rejected: int
+    tokens_in: int
+    tokens_out: int
+    tokens_per_second: float  # generated, over the recent window
+    in_flight: int
+    queued: int
+    priority_class: str  # class of its latest request after caps; "" before any
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """The engine's load right now, and rates over a recent window."""
+
+    queues: dict[str, int]  # priority class -> requests waiting to start
+    running_sequences: int
+    decode_batch_size: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    decode_tokens_per_second: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    ttft_samples: int
+    window_seconds: float
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """A device the daemon's machine has, and the components placed on it."""
+
+    name: str
+    kind: str
+    description: str
+    memory_bytes: int
+    cores: int
+    flags: list[str]
+    components: list[str]
+    executor: str  # the executor thread running its work, "" when unused
+
+
+@dataclass(frozen=True)
 class DaemonStatus:
     """What the daemon is running and how busy it is (AdminClient.status)."""
 
@@ -382,4 +430,7 @@ class DaemonStatus:
     components: list[ComponentStatus]
     threads: int
     image_operation: str = ""  # the image operation in progress ("" when none)
+    load: EngineLoad | None = None  # None while the model loads
+    uids: list[UidUsage] = field(default_factory=list)  # lowest uid first
+    devices: list[DeviceStatus] = field(default_factory=list)  # cpu first
     raw: Any = field(default=None, repr=False, compare=False)

@@ -14,6 +14,7 @@ from typing import Any
 from m4client import AdminClient
 
 from . import _output as out
+from ._parser import UsageError
 
 
 class ImageToolError(Exception):
@@ -61,8 +62,44 @@ def cmd_status(args: argparse.Namespace) -> int:
             for c in s.components
         ]
         lines += ["  " + line for line in out.table(comp)]
+    if not args.quiet:
+        lines += _load_lines(s)
     out.write("".join(line + "\n" for line in lines))
     return 0
+
+
+def _load_lines(s: Any) -> list[str]:
+    """Devices and placement, engine load, and per-uid usage (from the same Status)."""
+    lines: list[str] = []
+    if s.devices:
+        lines.append("devices:")
+        rows: list[tuple[str, ...]] = [(d.name, d.description or "-",
+                 f"{d.cores} cores" if d.cores else out.human_bytes(d.memory_bytes),
+                 " ".join(d.flags) or "-",
+                 ("runs " + ", ".join(d.components) + f" ({d.executor})") if d.components
+                 else "unused")
+                for d in s.devices]
+        lines += ["  " + line for line in out.table(rows)]
+    load = s.load
+    if load is not None:
+        queues = ", ".join(f"{c} {n}" for c, n in load.queues.items())
+        lines.append(f"queues: {queues}")
+        lines.append(f"batch: {load.running_sequences} running, last decode step "
+                     f"{load.decode_batch_size}, KV blocks {load.kv_blocks_used}/"
+                     f"{load.kv_blocks_total}")
+        lines.append(f"rate: {load.decode_tokens_per_second:.1f} tok/s decode over "
+                     f"{load.window_seconds:g} s; TTFT p50 {load.ttft_p50_ms:.0f} ms, p99 "
+                     f"{load.ttft_p99_ms:.0f} ms ({load.ttft_samples} samples)")
+    if s.uids:
+        lines.append("callers:")
+        rows = [("uid", "user", "apps", "class", "ok", "failed", "rejected", "tokens in",
+                 "tokens out", "tok/s", "in flight", "queued")]
+        rows += [(str(u.uid), u.user or "-", ",".join(u.apps) or "-", u.priority_class or "-",
+                  str(u.requests_ok), str(u.requests_failed), str(u.requests_rejected),
+                  f"{u.tokens_in:,}", f"{u.tokens_out:,}", f"{u.tokens_per_second:.1f}",
+                  str(u.in_flight), str(u.queued)) for u in s.uids]
+        lines += ["  " + line for line in out.table(rows)]
+    return lines
 
 
 def _image_modules() -> tuple[Any, Any]:
@@ -104,8 +141,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
                                               force=args.force)
         else:
             if not any((args.gguf, args.hf, args.encoder, args.speech, args.ocr)):
-                raise ImageToolError("say what to build: --default, or any of --gguf/--hf, "
-                                     "--encoder, --speech, --ocr")
+                raise UsageError("say what to build: --default, or any of --gguf/--hf, "
+                                 "--encoder, --speech, --ocr")
             image = build.build_image(
                 Path(args.output), backbone_gguf=Path(args.gguf) if args.gguf else None,
                 backbone_hf=Path(args.hf) if args.hf else None,

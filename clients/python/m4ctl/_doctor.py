@@ -430,16 +430,20 @@ def check_accelerators(ctx: Context) -> Iterable[Check]:
         yield Check("accelerators", "warn", f"torch is not importable here ({exc})",
                     "run m4ctl from the daemon's environment (the installed m4ctl)")
         return
-    found = [f"cpu ({torch.get_num_threads()} threads)"]
-    if torch.cuda.is_available():
-        found += [f"cuda:{i} {torch.cuda.get_device_name(i)}"
-                  for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        found.append("mps")
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        found += [f"xpu:{i}" for i in range(xpu.device_count())]
+    try:
+        from m4d.config import ConfigError
+        from m4d.executor.devices import check_devices, discover
+    except ImportError:  # m4ctl without the daemon package: what torch says is enough
+        registry = None
+    else:
+        registry = discover()
+    if registry is not None:
+        found = [d.summary() for d in registry.devices]
+    else:
+        found = [f"cpu ({torch.get_num_threads()} threads)"]
+        if torch.cuda.is_available():
+            found += [f"cuda:{i} {torch.cuda.get_device_name(i)}"
+                      for i in range(torch.cuda.device_count())]
     nodes = sorted(glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd")
                    + glob.glob("/dev/dri/renderD*"))
     if nodes and len(found) == 1:
@@ -448,7 +452,32 @@ def check_accelerators(ctx: Context) -> Iterable[Check]:
                     "(CUDA, ROCm or XPU) and give m4d the device (accelerator notes in "
                     "m4d.service)")
         return
-    yield Check("accelerators", "ok", f"torch {torch.__version__}: " + ", ".join(found))
+    detail = f"torch {torch.__version__}: " + "; ".join(found)
+    if registry is not None and ctx.config is not None:  # placement: config, then daemon
+        placement = ctx.config.placement
+        try:
+            check_devices(placement, registry)
+        except ConfigError as exc:
+            yield Check("accelerators", "fail", f"{detail}; {exc}",
+                        f"edit placement in {ctx.config_file} to name a device found here")
+            return
+        detail += "; placement { " + ", ".join(f"{k} = {v}" for k, v in placement.items()) + " }"
+        running = _running_placement(ctx)
+        if running:
+            detail += f"; the daemon runs {running}"
+    yield Check("accelerators", "ok", detail)
+
+
+def _running_placement(ctx: Context) -> str:
+    """Where the running daemon placed each component (from Status), "" if unreachable."""
+    try:
+        from m4client import AdminClient, M4Error
+
+        with AdminClient(ctx.admin_address, timeout=ctx.timeout) as admin:
+            status = admin.status()
+    except (ImportError, M4Error, OSError):
+        return ""
+    return ", ".join(f"{c} on {d.name}" for d in status.devices for c in d.components)
 
 
 def _systemctl(root: Path | None, *args: str) -> str:

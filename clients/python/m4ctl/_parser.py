@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _image.register(sub, parents=[common])
 
+    from . import _top  # top
+
+    _top.register(sub, parents=[common])
+
     from . import _doctor  # doctor
 
     _doctor.register(sub, parents=[common])

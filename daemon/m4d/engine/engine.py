@@ -2,9 +2,18 @@
 
 Servicers call `submit()` from the event loop and read a `RequestStream`; the engine's
 worker thread takes requests from its inbox, asks the scheduler what to run, runs it on
-the runtime (torch, never on the event loop), and posts events back to each request's
-stream with `call_soon_threadsafe`. Cancellation and deadlines are checked every step: a
-cancelled sequence leaves its KV row before the next step runs.
+the runtime (torch, never on the event loop), and posts events back to the streams: the
+events of a step go to the loop in one `call_soon_threadsafe` (not one per token), and a
+stream whose reader is behind merges its queued text deltas into one. Cancellation and
+deadlines are checked every step: a cancelled sequence leaves its KV row before the next
+step runs.
+
+Latency of urgent work under a background load: a step runs its prompt chunks before its
+decode batch and sends their first tokens at once; while more urgent requests have been
+arriving lately, a background decode batch runs in slices of about `decode_slice_ms`, and
+the step ends early (the rest of the batch decodes in the next one) when a more urgent
+request arrives; a background encoder batch waits (at most `encoder_defer_max`) while more
+urgent generation waits to start.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 from m4d.engine.admission import Admission, AdmissionConfig
 from m4d.engine.encoder import EncoderWork, run_encoder_batch
 from m4d.engine.kvpool import KVCapacityError, KVPool
+from m4d.engine.media import MediaWork, answer_messages, final_event, run_media_batch
 from m4d.engine.policy import QueuePolicy
 from m4d.engine.requests import (
     ClassifyRequest,
@@ -29,10 +39,13 @@ from m4d.engine.requests import (
     Event,
     Failed,
     GenerateRequest,
+    MediaOp,
+    MediaRequest,
     Predictions,
     PredictNextRequest,
     Priority,
     RequestBase,
+    SourceText,
     TextDelta,
     Timings,
     Usage,
@@ -40,6 +53,7 @@ from m4d.engine.requests import (
 )
 from m4d.engine.scheduler import Scheduler, SeqState
 from m4d.engine.sequence import Sequence
+from m4d.engine.usage import RecentUsage
 from m4d.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -50,6 +64,7 @@ from m4d.errors import (
 )
 from m4d.executor.runtime import Runtime
 from m4d.executor.sampling import sample
+from m4d.executor.workers import DeviceExecutor, executors_for
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +79,8 @@ class UidUsage:
     tokens_prompted: int = 0
     tokens_generated: int = 0
     apps: set[str] = field(default_factory=set)  # labels it sent (at most 8 kept)
+    failed: int = 0  # admitted, then cancelled, expired or failed
+    klass: int = -1  # class of its latest request, after the uid_max_class cap
 
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))  # seconds
@@ -85,6 +102,8 @@ class EngineStats:
     per_uid: dict[int, UidUsage] = field(default_factory=dict)
     ttft_counts: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
     ttft_sum: float = 0.0
+    recent_ttft: collections.deque[float] = field(  # seconds, the latest, for percentiles
+        default_factory=lambda: collections.deque(maxlen=1000))
 
     def uid(self, uid: int) -> UidUsage:
         return self.per_uid.setdefault(uid, UidUsage())
@@ -95,9 +114,10 @@ class EngineStats:
                 self.ttft_counts[i] += 1
                 break
         self.ttft_sum += seconds
+        self.recent_ttft.append(seconds)
 
 
-_STREAMING = (TextDelta,)  # events after which more events follow
+_STREAMING = (TextDelta, SourceText)  # events after which more events follow
 
 
 class RequestStream:
@@ -106,16 +126,37 @@ class RequestStream:
     def __init__(self, engine: Engine, request: RequestBase) -> None:
         self._engine = engine
         self.request = request
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._events: collections.deque[Event] = collections.deque()
+        self._ready = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.done = False
 
     def _post(self, event: Event) -> None:  # called on the worker thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        self._loop.call_soon_threadsafe(self._put, event)
+
+    def _put(self, event: Event) -> None:  # called on the event loop
+        self._events.append(event)
+        self._ready.set()
+
+    async def _next(self) -> Event:
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        event = self._events.popleft()
+        if isinstance(event, TextDelta) and self._events and isinstance(self._events[0], TextDelta):
+            # the reader is behind: the deltas queued so far go out as one message
+            texts, ids = [event.text], list(event.token_ids)
+            while self._events and isinstance(self._events[0], TextDelta):
+                more = self._events.popleft()
+                assert isinstance(more, TextDelta)
+                texts.append(more.text)
+                ids.extend(more.token_ids)
+            event = TextDelta("".join(texts), tuple(ids))
+        return event
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while not self.done:
-            event = await self._queue.get()
+            event = await self._next()
             self.done = not isinstance(event, _STREAMING)
             yield event
 
@@ -133,6 +174,10 @@ class RequestStream:
             self._engine.cancel(self.request.id)
 
 
+def _deliver(batch: list[tuple[RequestStream, Event]]) -> None:
+    """On the event loop: hands a step's events to their streams, in order."""
+    for stream, event in batch:
+        stream._put(event)
 
 
 def _estimate(request: RequestBase) -> int:
@@ -145,6 +190,8 @@ def _estimate(request: RequestBase) -> int:
         return sum(len(t) for t in request.texts) // 4 + 1
     if isinstance(request, ClassifyRequest):
         return len(request.text) // 4 + 1
+    if isinstance(request, MediaRequest):  # recognition, plus the answer of a cascade
+        return 256 + (request.sampling.max_tokens if request.sampling else 0)
     return 1
 
 
@@ -163,7 +210,9 @@ class Engine:
                  max_queue: int, max_batch_texts: int, policy: QueuePolicy | str = "fair",
                  kv_tokens: int | None = None, kv_block: int = 16,
                  admission: AdmissionConfig | None = None,
-                 encoder_max_wait: float = 0.002) -> None:
+                 encoder_max_wait: float = 0.002, max_batch_media: int = 8,
+                 decode_slice_ms: float = 60.0, encoder_defer_max: float = 0.5,
+                 urgent_window: float = 5.0) -> None:
         self.runtime = runtime
         kv = KVPool(kv_tokens, kv_block) if kv_tokens else None
         self.scheduler = Scheduler(kv_slots, token_budget, max_queue, prefill_chunk,
@@ -173,6 +222,18 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch_texts = max_batch_texts
         self.encoder_max_wait = encoder_max_wait  # seconds a partial encoder batch may wait
+        # Latency of urgent work beside background work (see the module docstring): the
+        # target duration of one slice of a background decode batch (0: never slice), the
+        # longest a background encoder batch waits for urgent generation to start, and how
+        # long after the last urgent request background decode keeps being sliced.
+        self.decode_slice_ms = decode_slice_ms
+        self.encoder_defer_max = encoder_defer_max
+        self.urgent_window = urgent_window
+        self._last_urgent = -float("inf")  # monotonic time the last urgent request arrived
+        self._urgent_inbox = 0  # urgent generation requests in the inbox (under the lock)
+        self._ms_per_row = 0.0  # running estimate of decode time per batch row
+        self._outbox: list[tuple[RequestStream, Event]] = []  # events of the current step
+        self.max_batch_media = max_batch_media
         self.stats = EngineStats()
         self._lock = threading.Condition()
         self._inbox: collections.deque[tuple[RequestBase, RequestStream]] = collections.deque()
@@ -182,16 +243,24 @@ class Engine:
         self._encoder_queue: collections.deque[EncoderWork] = collections.deque()
         self._aux_queue: collections.deque[tuple[PredictNextRequest, RequestStream]] = (
             collections.deque())
+        self._media_queue: collections.deque[MediaWork] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # one executor per device in use besides the step loop's (config `placement`)
+        self.executors: dict[str, DeviceExecutor] = executors_for(runtime)
+        self._offloaded: collections.deque[tuple[EncoderWork, Event]] = collections.deque()
+        self.recent = RecentUsage()  # token counters over the last seconds, for Status
         self.frozen = threading.Event()  # tests freeze the worker to check the watchdog
         self.on_idle: Callable[[], None] | None = None  # called on the worker thread
 
     # ---- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="m4-executor-cpu", daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"m4-executor-{self.runtime.device}")
         self._thread.start()
+        for executor in self.executors.values():
+            executor.start()
 
     def stop(self) -> None:
         with self._lock:
@@ -199,6 +268,8 @@ class Engine:
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        for executor in self.executors.values():
+            executor.stop()
 
     # ---- the event loop's side ---------------------------------------------------------
 
@@ -230,7 +301,11 @@ class Engine:
             if request.caller.app and len(usage.apps) < 8:
                 usage.apps.add(request.caller.app)
             request.priority = Priority(decision.klass)  # max_class may lower it
+            usage.klass = decision.klass
             self._tickets[request.id] = _Ticket(uid, decision.klass, decision.weight, estimate)
+            if request.priority < Priority.BACKGROUND:
+                self._last_urgent = time.monotonic()
+                self._urgent_inbox += isinstance(request, GenerateRequest)
             self._inbox.append((request, stream))
             self._streams[request.id] = stream
             self.stats.in_flight += 1
@@ -245,7 +320,8 @@ class Engine:
         generations = sum(isinstance(r, GenerateRequest) for r, _ in self._inbox)
         others = len(self._inbox) - generations
         pending = generations + self.scheduler.num_waiting
-        return max(0, pending - free_rows) + others + len(self._encoder_queue)
+        return (max(0, pending - free_rows) + others + len(self._encoder_queue)
+                + len(self._media_queue))
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
@@ -257,7 +333,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         return bool(self._inbox or self._cancels or self.scheduler.seqs
-                    or self._encoder_queue or self._aux_queue)
+                    or self._encoder_queue or self._aux_queue or self._offloaded or self._media_queue)
 
     def _run(self) -> None:
         log.info("executor started", extra={"device": str(self.runtime.device)})
@@ -272,18 +348,41 @@ class Engine:
                     return
                 inbox = list(self._inbox)
                 self._inbox.clear()
+                self._urgent_inbox = 0
                 cancels = set(self._cancels)
                 self._cancels.clear()
             try:
                 self._admit(inbox)
                 self._expire(cancels)
+                self._flush_events()
                 self._step()
+                self._flush_events()
                 self._run_encoder()
+                self._flush_events()
+                self._run_media()
                 self._run_aux()
+                self._collect_offloaded()
             except Exception as exc:  # a runtime failure must not kill the daemon
                 log.exception("executor step failed")
                 self._fail_all(Internal(f"model step failed: {exc}"))
+            self._flush_events()
             self.stats.last_progress = time.monotonic()
+            self.recent.maybe_sample(self)
+
+    def _send(self, stream: RequestStream, event: Event) -> None:
+        """Queues an event for the next flush (worker thread)."""
+        self._outbox.append((stream, event))
+
+    def _flush_events(self) -> None:
+        """Posts the queued events in order: one call_soon_threadsafe per event loop."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Event]]] = {}
+        for item in batch:
+            by_loop.setdefault(item[0]._loop, []).append(item)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _admit(self, inbox: list[tuple[RequestBase, RequestStream]]) -> None:
         for request, stream in inbox:
@@ -304,6 +403,8 @@ class Engine:
                 self._encoder_queue.append(EncoderWork(request, stream))
             elif isinstance(request, PredictNextRequest):
                 self._aux_queue.append((request, stream))
+            elif isinstance(request, MediaRequest):
+                self._media_queue.append(MediaWork(request, stream))
             else:
                 self._finish(request.id, Failed(Internal(f"unknown request {request!r}")))
 
@@ -333,6 +434,7 @@ class Engine:
         self._encoder_queue = collections.deque(
             w for w in self._encoder_queue if w.request.id != rid)
         self._aux_queue = collections.deque(w for w in self._aux_queue if w[0].id != rid)
+        self._media_queue = collections.deque(w for w in self._media_queue if w.request.id != rid)
         with self._lock:
             if ticket is not None:
                 used = (len(seq.request.prompt_ids) + len(seq.tokens) if seq is not None
@@ -344,12 +446,13 @@ class Engine:
             idle = self.stats.in_flight == 0
             usage = self.stats.uid(stream.request.caller.uid)
             usage.in_flight = max(0, usage.in_flight - 1)
+            usage.failed += isinstance(event, Failed)
             if seq is not None:
                 usage.tokens_prompted += min(seq.prompted, len(seq.request.prompt_ids))
                 usage.tokens_generated += len(seq.tokens)
             elif hasattr(event, "usage"):
                 usage.tokens_prompted += event.usage.prompt_tokens
-        stream._post(event)
+        self._send(stream, event)
         if idle and self.on_idle is not None:
             self.on_idle()
 
@@ -374,15 +477,7 @@ class Engine:
         if plan.empty:
             return
         self.stats.last_batch = len(plan.decode)
-        if plan.decode:
-            seqs = [self._sequences[sid] for sid, _ in plan.decode]
-            logits = self.runtime.decode(
-                [row for _, row in plan.decode],
-                [s.last_token for s in seqs],
-                [s.next_position for s in seqs])
-            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-            for seq, token in zip(seqs, tokens, strict=True):
-                self._on_token(seq, token)
+        # prompt chunks first: a new request's first token leaves before the decode batch
         for chunk in plan.prefill:
             seq = self._sequences[chunk.seq_id]
             resumed = bool(seq.tokens)  # preempted before: re-prefills prompt + generated
@@ -399,14 +494,55 @@ class Engine:
                     self.stats.observe_ttft(first - seq.request.arrival)
                 token = sample(logits[None], [seq.params], [seq.generator])[0]
                 self._on_token(seq, token)
+        if plan.prefill:
+            self._flush_events()
+        if plan.decode:
+            done = self._decode(plan.decode)
+            del plan.decode[done:]  # not run: they decode in the next step, uncharged
         self.scheduler.update(plan)
         self.stats.steps += 1
+
+    def _decode(self, decode: list[tuple[int, int]]) -> int:
+        """Runs a step's decode batch; returns how many of its rows (from the front) ran.
+
+        The batch is ordered most urgent first. While urgent (foreground or system)
+        requests have been arriving within `urgent_window`, background rows run in slices
+        of about `decode_slice_ms`, and the rest of the batch is left for the next step
+        when an urgent generation request arrives meanwhile. The model's rows are
+        independent, so slicing changes no token."""
+        seqs = [self._sequences[sid] for sid, _ in decode]
+        background = [self.scheduler.seqs[sid].rank >= Priority.BACKGROUND for sid, _ in decode]
+        size = len(decode)
+        if (self.decode_slice_ms > 0 and background[-1] and self._ms_per_row > 0
+                and time.monotonic() - self._last_urgent < self.urgent_window):
+            size = max(4, int(self.decode_slice_ms / self._ms_per_row))
+        done = 0
+        while done < len(decode):
+            stop = min(len(decode), done + size)
+            if len(decode) - stop < size // 2:
+                stop = len(decode)  # no small tail slice
+            batch = seqs[done:stop]
+            started = time.monotonic()
+            logits = self.runtime.decode(
+                [row for _, row in decode[done:stop]],
+                [s.last_token for s in batch],
+                [s.next_position for s in batch])
+            tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
+            per_row = (time.monotonic() - started) * 1e3 / len(batch)
+            self._ms_per_row = per_row if self._ms_per_row <= 0 else (
+                0.8 * self._ms_per_row + 0.2 * per_row)
+            for seq, token in zip(batch, tokens, strict=True):
+                self._on_token(seq, token)
+            done = stop
+            if done < len(decode) and background[done] and self._urgent_inbox:
+                break  # an urgent request waits: its prefill goes before the rest
+        return done
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         self.stats.tokens_generated += 1
         delta, finished = seq.add_token(token, self.runtime.max_context)
         if delta is not None and seq.stream is not None:
-            seq.stream._post(delta)
+            self._send(seq.stream, delta)
         if finished is not None:
             self._finish(seq.request.id, finished)
 
@@ -423,9 +559,20 @@ class Engine:
         age = time.monotonic() - self._encoder_queue[0].request.arrival
         return max(0.0, self.encoder_max_wait - age)
 
+    def _urgent_generation_waiting(self) -> bool:
+        """A foreground or system generation is in the inbox or waits for its first chunk."""
+        return bool(self._urgent_inbox) or any(
+            s.priority < Priority.BACKGROUND and s.computed == 0
+            for s in self.scheduler.seqs.values())
+
     def _run_encoder(self) -> None:
         if not self._encoder_queue:
             return
+        oldest = self._encoder_queue[0].request.arrival
+        if (time.monotonic() - oldest < self.encoder_defer_max
+                and all(w.request.priority >= Priority.BACKGROUND for w in self._encoder_queue)
+                and self._urgent_generation_waiting()):
+            return  # background texts wait for the urgent request's first step
         hold = self._encoder_hold()
         if hold > 0:
             with self._lock:  # a new request notifies; otherwise the wait times out
@@ -439,7 +586,83 @@ class Engine:
             work = self._encoder_queue.popleft()
             batch.append(work)
             texts += work.num_texts
+        executor = self.executors.get(str(getattr(self.runtime, "encoder_device", "")))
+        if executor is not None:  # the encoder is on another device: its executor runs it
+            executor.submit(lambda: self._post_offloaded(list(run_encoder_batch(
+                self.runtime, batch))))
+            return
         for work, event in run_encoder_batch(self.runtime, batch):
+            if not isinstance(event, Failed):
+                self.stats.tokens_prompted += event.usage.prompt_tokens  # type: ignore[union-attr]
+            self._finish(work.request.id, event)
+
+    def _run_media(self) -> None:
+        """One batch of image or audio work: the most urgent waiting request's module, with
+        every queued request for that module up to max_batch_media, most urgent first."""
+        if not self._media_queue:
+            return
+        first = min(self._media_queue, key=lambda w: (w.request.priority, w.request.arrival))
+        module = first.request.module
+        batch = sorted((w for w in self._media_queue if w.request.module == module),
+                       key=lambda w: (w.request.priority, w.request.arrival))[:self.max_batch_media]
+        taken = {w.request.id for w in batch}
+        self._media_queue = collections.deque(
+            w for w in self._media_queue if w.request.id not in taken)
+        for result in run_media_batch(self.runtime.recognise, batch):
+            request = result.work.request
+            if request.id not in self._streams:
+                continue  # cancelled meanwhile
+            if request.op is MediaOp.ANSWER:
+                self._start_answer(request, result.work.stream, result.recognised.text)
+            else:
+                self._finish(request.id, final_event(result))
+
+    def _start_answer(self, request: MediaRequest, stream: Any, source: str) -> None:
+        """A cascade's second half: the recognised text and the question become a chat
+        prompt, and the request continues as ordinary generation on the same stream."""
+        tokenizer, template = self.runtime.tokenizer, self.runtime.chat_template
+        if tokenizer is None or template is None or request.sampling is None:
+            self._finish(request.id, Failed(InvalidArgument(
+                f"task {request.task!r} needs a backbone with a chat template")))
+            return
+        messages = answer_messages(request.prompt_template, source, request.question)
+        ids = tokenizer.encode(template.render(messages, add_generation_prompt=True))
+        room = self.runtime.max_context - len(ids)
+        if room <= 0:
+            self._finish(request.id, Failed(InvalidArgument(
+                f"the recognised text makes a {len(ids)}-token prompt; the context holds "
+                f"{self.runtime.max_context}")))
+            return
+        sampling = dataclasses.replace(request.sampling,
+                                       max_tokens=min(request.sampling.max_tokens, room))
+        generate = GenerateRequest(task=request.task, priority=request.priority,
+                                   caller=request.caller, id=request.id, arrival=request.arrival,
+                                   deadline=request.deadline, prompt_ids=ids, sampling=sampling)
+        media = request.media
+        self._send(stream, SourceText(source, media.seconds if media else 0.0))
+        ticket = self._tickets.get(request.id)
+        try:
+            self.scheduler.add(SeqState(
+                id=request.id, priority=int(request.priority), arrival=request.arrival,
+                prompt_len=len(ids), max_new_tokens=sampling.max_tokens,
+                uid=request.caller.uid, weight=ticket.weight if ticket else 1.0,
+                deadline=request.deadline))
+        except KVCapacityError as exc:
+            self._finish(request.id, Failed(InvalidArgument(str(exc))))
+            return
+        self._sequences[request.id] = Sequence(generate, stream, tokenizer)
+
+    def _post_offloaded(self, results: list[tuple[EncoderWork, Event]]) -> None:
+        """On another device's executor: hands a batch's results back to the step loop."""
+        with self._lock:
+            self._offloaded.extend(results)
+            self._lock.notify()
+
+    def _collect_offloaded(self) -> None:
+        with self._lock:
+            results = list(self._offloaded)
+            self._offloaded.clear()
+        for work, event in results:
             if not isinstance(event, Failed):
                 self.stats.tokens_prompted += event.usage.prompt_tokens  # type: ignore[union-attr]
             self._finish(work.request.id, event)

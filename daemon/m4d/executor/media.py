@@ -33,22 +33,23 @@ class MediaComponent:
 class MediaRuntime:
     """The speech recogniser and the OCR pipeline of one image, by component name."""
 
-    def __init__(self, root: Path, compute_dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, root: Path, compute_dtype: torch.dtype) -> None:
         self.root = root
         self.compute_dtype = compute_dtype
-        self.device = device
+        self.devices: dict[str, torch.device] = {}  # component name -> where it runs
         self.speech: dict[str, Any] = {}  # component name -> WhisperTranscriber
         self.ocr: dict[str, Any] = {}  # component name -> OcrPipeline
         self.sample_rates: dict[str, int] = {}
 
-    def load(self, name: str, spec: dict[str, Any]) -> MediaComponent:
+    def load(self, name: str, spec: dict[str, Any], device: torch.device) -> MediaComponent:
         kind = spec["kind"]
+        self.devices[name] = device
         if kind == "whisper":
             from m4d.model.whisper import WhisperConfig, WhisperTranscriber, load_whisper
 
             cfg = WhisperConfig.from_dict(spec["config"])
             model = load_whisper(self.root / spec["weights"], cfg, compute_dtype=self.compute_dtype,
-                                 device=str(self.device))
+                                 device=str(device))
             self.speech[name] = WhisperTranscriber(model, self.root / spec["tokenizer"], cfg)
             self.sample_rates[name] = int(spec["config"].get("sample_rate", 16_000))
             return MediaComponent(name, kind, sum(p.numel() for p in model.parameters()))

@@ -17,6 +17,8 @@ from m4image.verify import VerifiedImage
 
 from m4d.config import Config
 from m4d.errors import InvalidArgument
+from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
+from m4d.executor.media import MEDIA_KINDS, MediaRuntime
 from m4d.model.bert import BertConfig, load_bert
 from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4d.model.tokenizer import ChatTemplate, TextTokenizer
@@ -39,10 +41,23 @@ class ComponentInfo:
 class Runtime:
     """Holds the loaded backbone and text encoder of one firmware image."""
 
-    def __init__(self, image: VerifiedImage, config: Config) -> None:
+    def __init__(self, image: VerifiedImage, config: Config,
+                 registry: DeviceRegistry | None = None) -> None:
         self.image = image
         self.config = config
-        self.device = torch.device("cpu")
+        # where each component runs (config `placement`); ConfigError for a missing device
+        self.registry = registry if registry is not None else discover()
+        self.placement: Placement = place(
+            config.placement, {n: s["kind"] for n, s in image.manifest.components.items()},
+            self.registry)
+        self.backbone_name = next((n for n, s in image.manifest.components.items()
+                                   if s["kind"] == "llama"), "")
+        self.encoder_name = next((n for n, s in image.manifest.components.items()
+                                  if s["kind"] == "bert"), "")
+        # the backbone's device: where the engine's step loop runs
+        self.device = torch.device(self.placement.device_for(self.backbone_name))
+        self.encoder_device = torch.device(self.placement.device_for(self.encoder_name))
+        self.threads = cpu_threads(config.threads, self.registry, self.placement)
         self.compute_dtype = DTYPES[config.compute_dtype]
         self.components: list[ComponentInfo] = []
         self.backbone: Llama | None = None
@@ -52,11 +67,15 @@ class Runtime:
         self.encoder_tokenizer: TextTokenizer | None = None
         self.encoder_spec: dict[str, Any] = {}
         self.max_context = config.max_context
+        self.media = MediaRuntime(Path(image.path), self.compute_dtype)
 
     # ---- loading -------------------------------------------------------------------
 
     def load(self) -> None:
-        torch.set_num_threads(self.config.torch_threads)
+        torch.set_num_threads(self.threads)
+        log.info("placement", extra={"placement": self.placement.components,
+                                     "threads": self.threads,
+                                     "devices": self.registry.names()})
         comps = self.image.manifest.components
         for name, spec in comps.items():
             started = time.monotonic()
@@ -64,6 +83,12 @@ class Runtime:
                 self._load_backbone(name, spec)
             elif spec["kind"] == "bert":
                 self._load_encoder(name, spec)
+            elif spec["kind"] in MEDIA_KINDS:
+                device = torch.device(self.placement.device_for(name))
+                loaded = self.media.load(name, spec, device)
+                self.components.append(ComponentInfo(
+                    name, loaded.kind, loaded.parameters, "float32", self.config.compute_dtype,
+                    str(device)))
             else:
                 log.warning("component %s has kind %r that this daemon does not run",
                             name, spec["kind"])
@@ -95,12 +120,12 @@ class Runtime:
     def _load_encoder(self, name: str, spec: dict[str, Any]) -> None:
         cfg = BertConfig.from_dict(spec["config"])
         self.encoder = load_bert(self._path(spec["weights"]), cfg,
-                                 compute_dtype=self.compute_dtype, device=self.device)
+                                 compute_dtype=self.compute_dtype, device=self.encoder_device)
         self.encoder_tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]))
         self.encoder_spec = spec
         self.components.append(ComponentInfo(
             name, "bert", sum(p.numel() for p in self.encoder.parameters()),
-            self.config.compute_dtype, self.config.compute_dtype, str(self.device)))
+            self.config.compute_dtype, self.config.compute_dtype, str(self.encoder_device)))
 
     # ---- backbone ------------------------------------------------------------------
 
@@ -118,11 +143,23 @@ class Runtime:
     def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each sequence, each at its own position; returns logits [B, V]."""
         assert self.backbone is not None
+        b = len(rows)
+        order = sorted(range(b), key=rows.__getitem__)
+        if [rows[i] for i in order] == list(range(b)):
+            # rows 0..B-1 in some order: run them in row order, the cache's fast path (views
+            # instead of gathering each row's keys and values in every layer)
+            tok = torch.tensor([tokens[i] for i in order], dtype=torch.long)[:, None]  # [B, 1]
+            pos = torch.tensor([positions[i] for i in order], dtype=torch.long)[:, None]
+            logits: torch.Tensor = self.backbone(tok, pos, None, last_only=True)[:, -1]  # [B, V]
+            if order == list(range(b)):
+                return logits
+            back = torch.empty(b, dtype=torch.long)
+            back[torch.tensor(order, dtype=torch.long)] = torch.arange(b)
+            return logits[back]
         tok = torch.tensor(tokens, dtype=torch.long)[:, None]  # [B, 1]
         pos = torch.tensor(positions, dtype=torch.long)[:, None]  # [B, 1]
-        contiguous = rows == list(range(len(rows)))
-        row_t = None if contiguous else torch.tensor(rows, dtype=torch.long)
-        logits: torch.Tensor = self.backbone(tok, pos, row_t, last_only=True)  # [B, 1, V]
+        row_t = torch.tensor(rows, dtype=torch.long)
+        logits = self.backbone(tok, pos, row_t, last_only=True)  # [B, 1, V]
         return logits[:, -1]
 
     @torch.inference_mode()
@@ -170,6 +207,12 @@ class Runtime:
             if word:
                 merged[word] = merged.get(word, 0.0) + p
         return sorted(merged.items(), key=lambda kv: -kv[1])[:n]
+
+    # ---- images and audio ------------------------------------------------------------
+
+    def recognise(self, module: str, inputs: list[Any]) -> list[Any]:
+        """Speech to text or image to text, for a batch of decoded inputs (engine.media)."""
+        return self.media.recognise(module, inputs)
 
     # ---- text encoder --------------------------------------------------------------
 

@@ -24,7 +24,9 @@ from m4.admin.v1 import admin_pb2 as pb
 from m4.admin.v1 import admin_pb2_grpc as pb_grpc
 from m4image.store import ImageEntry
 
+from m4d.engine.usage import EngineView, usage_view
 from m4d.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from m4d.executor.devices import describe
 from m4d.server.identity import PeerLookup, peer_from_context
 from m4d.server.images import ImageManager, InstallProgress
 from m4d.server.status import streaming, unary
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 _STATES = {"loading": pb.DAEMON_STATE_LOADING, "ready": pb.DAEMON_STATE_READY,
            "draining": pb.DAEMON_STATE_DRAINING}
+_CLASSES = {0: "system", 1: "foreground", 2: "background"}
 _IMAGE_STATES = {"installed": pb.IMAGE_STATE_INSTALLED, "active": pb.IMAGE_STATE_ACTIVE,
                  "previous": pb.IMAGE_STATE_PREVIOUS, "trial": pb.IMAGE_STATE_TRIAL}
 
@@ -124,12 +127,21 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             out.tokens_prompted = s["tokens_prompted"]
             out.active_sequences = s["active_sequences"]
             out.kv_slots = s["kv_slots"]
+            view = usage_view(d.engine, d.engine.recent)
+            out.load.CopyFrom(engine_load(view))
+            out.uids.extend(uid_usage(view))
         if d.runtime is not None:
             for c in d.runtime.components:
                 out.components.append(pb.ComponentStatus(
                     name=c.name, kind=c.kind, parameters=c.parameters,
                     weight_format=c.weight_format, compute_dtype=c.compute_dtype,
                     device=c.device))
+            executors = {str(d.runtime.device): f"m4-executor-{d.runtime.device}"}  # step loop
+            if d.engine is not None:
+                executors.update((dev, ex.thread_name) for dev, ex in d.engine.executors.items())
+            for row in describe(d.runtime.registry, d.runtime.placement):
+                out.devices.append(pb.DeviceStatus(
+                    executor=executors.get(row["name"], "") if row["components"] else "", **row))
         return out
 
     # ---- images --------------------------------------------------------------------
@@ -217,6 +229,26 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         if not request.image:
             raise InvalidArgument("name the image to remove (digest, prefix or version)")
         return pb.RemoveImageResponse(digest=await self.images().remove(request.image))
+
+
+def engine_load(view: EngineView) -> pb.EngineLoad:
+    return pb.EngineLoad(
+        queues=[pb.ClassQueue(priority_class=_CLASSES.get(k, str(k)), depth=n)
+                for k, n in sorted(view.queue_depth.items())],
+        running_sequences=view.running_sequences, decode_batch_size=view.decode_batch,
+        kv_blocks_used=view.kv_blocks_used, kv_blocks_total=view.kv_blocks_total,
+        decode_tokens_per_second=view.decode_tokens_per_second,
+        ttft_p50_ms=view.ttft_p50_ms, ttft_p99_ms=view.ttft_p99_ms,
+        ttft_samples=view.ttft_samples, window_seconds=view.window_seconds)
+
+
+def uid_usage(view: EngineView) -> list[pb.UidUsage]:
+    return [pb.UidUsage(
+        uid=u.uid, user=u.user, apps=u.apps, requests_ok=u.requests_ok,
+        requests_failed=u.requests_failed, requests_rejected=u.requests_rejected,
+        tokens_in=u.tokens_in, tokens_out=u.tokens_out, tokens_per_second=u.tokens_per_second,
+        in_flight=u.in_flight, queued=u.queued, priority_class=_CLASSES.get(u.klass, ""))
+        for u in view.uids]
 
 
 async def _complete(operation: Any) -> Any:
