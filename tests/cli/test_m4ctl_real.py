@@ -73,3 +73,38 @@ def test_bad_input_is_one_line_and_exit_1(daemon) -> None:
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         "m4ctl: error: INVALID_ARGUMENT: top_p must be in (0, 1] (got 1.5)"]
+
+
+def test_transcribe_keywords_ocr_and_ask_from_files(daemon, tmp_path) -> None:
+    from tests import rendering, speech
+
+    wav = tmp_path / "speech.wav"
+    wav.write_bytes(speech.synthesize("Please call the dentist tomorrow morning."))
+    out = m4ctl(daemon, "transcribe", str(wav))
+    assert out.returncode == 0, out.stderr
+    assert "dentist" in out.stdout.lower()
+
+    out = m4ctl(daemon, "--json", "keywords", str(wav), "-k", "dentist,pizza")
+    assert out.returncode == 0, out.stderr
+    hits = {k["keyword"]: k["detected"] for k in json.loads(out.stdout)["keywords"]}
+    assert hits == {"dentist": True, "pizza": False}
+
+    png = tmp_path / "sign.png"
+    png.write_bytes(rendering.render_lines(["Platform 9", "Exit on the left"], "DejaVuSans.ttf", 36))
+    out = m4ctl(daemon, "ocr", str(png))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["Platform 9", "Exit on the left"]
+    out = m4ctl(daemon, "ocr", "--boxes", str(png))
+    assert out.returncode == 0 and "Platform 9" in out.stdout and "CORNERS" in out.stdout
+
+    out = m4ctl(daemon, "ask", "--image", str(png), "--show-source", "--temperature", "0",
+                "--max-tokens", "24", "Which platform is it?")
+    assert out.returncode == 0, out.stderr
+    first, *answer = out.stdout.splitlines()
+    assert first.startswith("[read: Platform 9")
+    assert "9" in " ".join(answer)
+
+    out = m4ctl(daemon, "run", "ocr", "--input", f"image=@{png}")
+    assert out.returncode == 0 and "Platform 9" in out.stdout, out.stderr
+    out = m4ctl(daemon, "ocr", str(tmp_path / "missing.png"))
+    assert out.returncode == 2 and "cannot read" in out.stderr
