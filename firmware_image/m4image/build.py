@@ -174,6 +174,37 @@ def media_tasks(components: dict[str, dict[str, Any]]) -> list[Task]:
             "and the text joined line by line.",
             inputs=[image], outputs=[text("text", "text", "The text, lines joined by newlines."),
                                      IOSpec("boxes", "tensor", "Each box: text, confidence, 4 corners.")]))
+    if components.get("clip", {}).get("kind") == "clip":
+        tasks += [
+            Task(id="image-classify", m4_id="T22", path=3, modules=["clip"], head="clip_zero_shot",
+                 prompt_template="a photo of a {}", rpc="Run",
+                 description="Zero-shot image classification: the caller's labels ranked by CLIP's "
+                 "probability that the image shows them (each label is read as 'a photo of a "
+                 "<label>').",
+                 inputs=[image, text("labels", "texts", "The candidate labels, in plain words.")],
+                 outputs=[text("labels", "texts", "Every label with its probability, best first.")]),
+            Task(id="image-text-retrieval", m4_id="T46", path=3, modules=["clip"],
+                 head="clip_similarity", rpc="Run",
+                 description="Image-to-text retrieval: candidate texts ranked by the cosine "
+                 "similarity of their CLIP embeddings to the image's.",
+                 inputs=[image, text("texts", "texts", "The candidate texts (captions, queries).")],
+                 outputs=[text("labels", "texts", "The texts, most similar first, with scores.")]),
+            Task(id="image-embed", m4_id="T47", path=3, modules=["clip"], head="clip_image_embed",
+                 rpc="Run",
+                 description="The image's unit vector in CLIP's joint image-text space, for an "
+                 "image index that text queries search (text-to-image retrieval).",
+                 inputs=[image],
+                 outputs=[IOSpec("embedding", "tensor", "One unit vector.", dtype="float32",
+                                 shape=[1, int(components["clip"].get("dimensions") or -1)])]),
+        ]
+    if {"vision_encoder", "projector", "backbone"} <= set(components):
+        tasks.append(Task(
+            id="vqa", m4_id="T33", path=1, modules=["vision_encoder", "projector", "backbone"],
+            head="lm_head", prompt_template="vqa", rpc="Run", streaming=True,
+            description="Visual question answering: the image's projected features take the "
+            "place of the <image> token in the prompt and the backbone answers (LLaVA / MobileVLM).",
+            inputs=[image, text("question", "text", "The question about the image.")],
+            outputs=[answer]))
     if "ocr" in components and "backbone" in components:
         tasks.append(Task(
             id="ocr-ask", m4_id="T21", path=1, modules=["ocr", "backbone"], head="lm_head",
@@ -213,6 +244,26 @@ def _import_speech(folder: Path, stage: Path, report: Progress) -> dict[str, Any
     return _prefix_paths(comp, "speech", stage / "speech")
 
 
+def _import_vlm(folder: Path, stage: Path, report: Progress) -> dict[str, dict[str, Any]]:
+    """A LLaVA (Hugging Face) or MobileVLM folder: vision encoder, projector and backbone."""
+    import json
+
+    step = lambda s, d, t: report(f"vlm: {s}", d, t)  # noqa: E731
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"{folder}/config.json cannot be read: {exc}") from None
+    if model_type == "llava":
+        from m4image.importers.llava import import_llava
+
+        parts = import_llava(folder, stage / "vlm", step)
+    else:
+        from m4image.importers.mobilevlm import import_mobilevlm
+
+        parts = import_mobilevlm(folder, stage / "vlm", step)
+    return {name: _prefix_paths(comp, "vlm", stage / "vlm") for name, comp in parts.items()}
+
+
 def _generation_checks(image: Path, backbone: dict[str, Any], progress: Progress) -> list[SelfTest]:
     import torch
     from m4d.model.llama import LlamaConfig, greedy_generate, load_llama
@@ -223,12 +274,14 @@ def _generation_checks(image: Path, backbone: dict[str, Any], progress: Progress
     model = load_llama(image / backbone["weights"], cfg, weight_format="float32", compute_dtype=torch.float32)
     progress("self-test: load fp32 reference", 1, 1)
     tok = TextTokenizer.from_file(image / backbone["tokenizer"], bos_id=cfg.bos_id, eos_id=cfg.eos_id)
-    template = ChatTemplate(backbone["chat_template"], bos_token=tok.bos_token, eos_token=tok.eos_token)
-    messages = [{"role": "user", "content": CHAT_CHECK}]
-    cases: list[tuple[str, Any, str, int]] = [
-        ("chat", messages, template.render(messages, add_generation_prompt=True), CHAT_MAX_TOKENS),
-        ("complete", GENERATE_CHECK, GENERATE_CHECK, GENERATE_MAX_TOKENS),
-    ]
+    cases: list[tuple[str, Any, str, int]] = []
+    if backbone.get("chat_template"):
+        template = ChatTemplate(backbone["chat_template"], bos_token=tok.bos_token,
+                                eos_token=tok.eos_token)
+        messages = [{"role": "user", "content": CHAT_CHECK}]
+        cases.append(("chat", messages, template.render(messages, add_generation_prompt=True),
+                      CHAT_MAX_TOKENS))
+    cases.append(("complete", GENERATE_CHECK, GENERATE_CHECK, GENERATE_MAX_TOKENS))
     model.setup_caches(n_slots=1, max_seq=256, dtype=torch.float32)
     checks = []
     for i, (task, value, prompt, max_tokens) in enumerate(cases, 1):
@@ -354,6 +407,8 @@ def build_image(
     encoder: Path | None = None,
     speech: Path | None = None,
     ocr: Path | None = None,
+    clip: Path | None = None,
+    vlm: Path | None = None,
     packages: tuple[str, str] | None = None,
     progress: Progress | None = None,
     name: str = DEFAULT_NAME,
@@ -371,12 +426,14 @@ def build_image(
     output = Path(output)
     if (output.exists() or output.is_symlink()) and not force:
         raise BuildError(f"{output} already exists; remove it or pass force=True (--force)")
-    if backbone_gguf is not None and backbone_hf is not None:
-        raise BuildError("give one backbone: a GGUF file or a Hugging Face folder, not both")
-    if all(p is None for p in (backbone_gguf, backbone_hf, encoder, speech, ocr)):
+    if sum(p is not None for p in (backbone_gguf, backbone_hf, vlm)) > 1:
+        raise BuildError("give one backbone: a GGUF file, a Hugging Face folder or a "
+                         "LLaVA/MobileVLM folder (which brings its own)")
+    if all(p is None for p in (backbone_gguf, backbone_hf, encoder, speech, ocr, clip, vlm)):
         raise BuildError("an image needs a backbone (GGUF or Hugging Face folder), a text "
-                         "encoder, a speech model or an OCR model")
-    for path in (backbone_gguf, backbone_hf, encoder, speech, ocr):
+                         "encoder, a speech model, an OCR model, a CLIP model or a "
+                         "LLaVA/MobileVLM model")
+    for path in (backbone_gguf, backbone_hf, encoder, speech, ocr, clip, vlm):
         if path is not None and not Path(path).exists():
             raise BuildError(f"{path} does not exist")
 
@@ -408,6 +465,16 @@ def build_image(
                                      "package_version": _package_version(packages[1])}
                 components["text_encoder"] = enc
                 self_test.append(_embed_check(stage, enc, report))
+            if vlm is not None:
+                parts = _import_vlm(Path(vlm), stage, report)
+                components.update(parts)
+                self_test += _generation_checks(stage, parts["backbone"], report)
+            if clip is not None:
+                from m4image.importers.hf_clip import import_hf_clip
+
+                step = lambda s, d, t: report(f"clip: {s}", d, t)  # noqa: E731
+                components["clip"] = _prefix_paths(import_hf_clip(Path(clip), stage / "clip", step),
+                                                   "clip", stage / "clip")
             if speech is not None:
                 components["speech"] = _import_speech(Path(speech), stage, report)
                 self_test.append(_speech_check(stage, components["speech"], report))

@@ -140,15 +140,18 @@ def cmd_image_build(args: argparse.Namespace) -> int:
             image = build.build_default_image(Path(args.output), progress=progress,
                                               force=args.force)
         else:
-            if not any((args.gguf, args.hf, args.encoder, args.speech, args.ocr)):
-                raise UsageError("say what to build: --default, or any of --gguf/--hf, "
-                                 "--encoder, --speech, --ocr")
+            if not any((args.gguf, args.hf, args.vlm, args.encoder, args.speech, args.ocr,
+                        args.clip)):
+                raise UsageError("say what to build: --default, or any of --gguf/--hf/--vlm, "
+                                 "--encoder, --speech, --ocr, --clip")
             image = build.build_image(
                 Path(args.output), backbone_gguf=Path(args.gguf) if args.gguf else None,
                 backbone_hf=Path(args.hf) if args.hf else None,
                 encoder=Path(args.encoder) if args.encoder else None,
                 speech=Path(args.speech) if args.speech else None,
-                ocr=Path(args.ocr) if args.ocr else None, name=args.name,
+                ocr=Path(args.ocr) if args.ocr else None,
+                clip=Path(args.clip) if args.clip else None,
+                vlm=Path(args.vlm) if args.vlm else None, name=args.name,
                 version=args.version, security_version=args.security_version,
                 progress=progress, force=args.force)
     except verify.ImageError as exc:

@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "Face folder")
     p.add_argument("--ocr", metavar="DIR",
                    help="an OCR model: a folder with EasyOCR's craft_mlt_25k.pth and english_g2.pth")
+    p.add_argument("--clip", metavar="DIR",
+                   help="a Hugging Face CLIP folder (image classification, retrieval, embedding)")
+    kind.add_argument("--vlm", metavar="DIR",
+                      help="a LLaVA (Hugging Face) or MobileVLM folder: vision encoder, projector "
+                      "and backbone (image + question -> answer)")
     p.add_argument("--name", default="m4-custom", help="the image's name (not with --default)")
     p.add_argument("--version", default="1.0.0", help="the image's version")
     p.add_argument("--security-version", type=int, default=1,

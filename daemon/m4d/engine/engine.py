@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -28,10 +29,20 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from m4d.engine.admission import Admission, AdmissionConfig
 from m4d.engine.encoder import EncoderWork, run_encoder_batch
 from m4d.engine.kvpool import KVCapacityError, KVPool
-from m4d.engine.media import MediaWork, answer_messages, final_event, run_media_batch
+from m4d.engine.media import (
+    IMAGE_MARKER,
+    MediaWork,
+    Recognised,
+    answer_messages,
+    clip_event,
+    final_event,
+    run_media_batch,
+)
 from m4d.engine.policy import QueuePolicy
 from m4d.engine.requests import (
     ClassifyRequest,
@@ -244,6 +255,7 @@ class Engine:
         self._aux_queue: collections.deque[tuple[PredictNextRequest, RequestStream]] = (
             collections.deque())
         self._media_queue: collections.deque[MediaWork] = collections.deque()
+        self._prompt_embeds: dict[int, Any] = {}  # path-1 sequences: spliced prompt [S', D]
         self._stopping = False
         self._thread: threading.Thread | None = None
         # one executor per device in use besides the step loop's (config `placement`)
@@ -435,6 +447,7 @@ class Engine:
             w for w in self._encoder_queue if w.request.id != rid)
         self._aux_queue = collections.deque(w for w in self._aux_queue if w[0].id != rid)
         self._media_queue = collections.deque(w for w in self._media_queue if w.request.id != rid)
+        self._prompt_embeds.pop(rid, None)
         with self._lock:
             if ticket is not None:
                 used = (len(seq.request.prompt_ids) + len(seq.tokens) if seq is not None
@@ -483,8 +496,12 @@ class Engine:
             resumed = bool(seq.tokens)  # preempted before: re-prefills prompt + generated
             if chunk.start == 0 and not resumed:
                 seq.started(now)
-            ids = (seq.request.prompt_ids + seq.tokens)[chunk.start:chunk.start + chunk.length]
-            logits = self.runtime.prefill(chunk.row, ids, chunk.start)
+            if chunk.seq_id in self._prompt_embeds:  # path 1: image features among the tokens
+                logits = self.runtime.prefill_embeds(
+                    chunk.row, self._chunk_embeds(seq, chunk.start, chunk.length), chunk.start)
+            else:
+                ids = (seq.request.prompt_ids + seq.tokens)[chunk.start:chunk.start + chunk.length]
+                logits = self.runtime.prefill(chunk.row, ids, chunk.start)
             self.stats.tokens_prompted += chunk.length
             seq.prompted += chunk.length
             if chunk.last:
@@ -613,20 +630,38 @@ class Engine:
             if request.id not in self._streams:
                 continue  # cancelled meanwhile
             if request.op is MediaOp.ANSWER:
-                self._start_answer(request, result.work.stream, result.recognised.text)
+                self._start_answer(request, result.work.stream, result.recognised)
+            elif request.op in (MediaOp.IMAGE_LABELS, MediaOp.IMAGE_RANK, MediaOp.IMAGE_EMBED):
+                media = self.runtime.media
+                self._finish(request.id, clip_event(
+                    result, functools.partial(media.text_features, module),
+                    media.logit_scale(module) if request.op is not MediaOp.IMAGE_EMBED else 1.0))
             else:
                 self._finish(request.id, final_event(result))
 
-    def _start_answer(self, request: MediaRequest, stream: Any, source: str) -> None:
+    def _start_answer(self, request: MediaRequest, stream: Any, recognised: Recognised) -> None:
         """A cascade's second half: the recognised text and the question become a chat
         prompt, and the request continues as ordinary generation on the same stream."""
+        source = recognised.text
         tokenizer, template = self.runtime.tokenizer, self.runtime.chat_template
-        if tokenizer is None or template is None or request.sampling is None:
+        if tokenizer is None or request.sampling is None:
             self._finish(request.id, Failed(InvalidArgument(
-                f"task {request.task!r} needs a backbone with a chat template")))
+                f"task {request.task!r} needs a language backbone")))
             return
         messages = answer_messages(request.prompt_template, source, request.question)
-        ids = tokenizer.encode(template.render(messages, add_generation_prompt=True))
+        text = (template.render(messages, add_generation_prompt=True) if template is not None
+                else "\n".join(m["content"] for m in messages) + "\n")
+        embeds = None
+        if recognised.features is not None:  # path 1: the image's features are the prompt's
+            _, projector = self.runtime.media.projector_for(request.module)
+            image_token = int(projector["image_token_id"])
+            before, _, after = text.partition(IMAGE_MARKER)
+            ids = [*tokenizer.encode(before), image_token, *tokenizer.encode(after)]
+            embeds = self.runtime.image_prompt(ids, image_token, recognised.features)
+            at = ids.index(image_token)  # one id per position, for counting and resume
+            ids = ids[:at] + [image_token] * int(recognised.features.shape[0]) + ids[at + 1:]
+        else:
+            ids = tokenizer.encode(text)
         room = self.runtime.max_context - len(ids)
         if room <= 0:
             self._finish(request.id, Failed(InvalidArgument(
@@ -651,6 +686,19 @@ class Engine:
             self._finish(request.id, Failed(InvalidArgument(str(exc))))
             return
         self._sequences[request.id] = Sequence(generate, stream, tokenizer)
+        if embeds is not None:
+            self._prompt_embeds[request.id] = embeds
+
+    def _chunk_embeds(self, seq: Sequence, start: int, length: int) -> Any:
+        """A prefill chunk of a path-1 sequence as embeddings: the spliced prompt, then (when
+        a preempted sequence resumes) its generated tokens' embeddings."""
+        embeds = self._prompt_embeds[seq.request.id]  # [S', D]
+        n = embeds.shape[0]
+        head = embeds[start:start + length]
+        if start + length <= n:
+            return head
+        tail = self.runtime.token_embeddings(seq.tokens[max(0, start - n):start + length - n])
+        return torch.cat([head, tail.to(head.dtype)]) if head.shape[0] else tail
 
     def _post_offloaded(self, results: list[tuple[EncoderWork, Event]]) -> None:
         """On another device's executor: hands a batch's results back to the step loop."""

@@ -17,15 +17,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from m4d.engine.requests import (
+    Embeddings,
     Event,
     KeywordHit,
     KeywordsHeard,
+    LabelScore,
     MediaOp,
     MediaRequest,
+    Ranked,
     TextRead,
     Timings,
     Transcribed,
     Usage,
+    softmax,
 )
 
 
@@ -42,6 +46,7 @@ class Recognised:
     text: str
     tokens: int = 0
     boxes: tuple[Any, ...] = ()
+    features: Any = None  # image embedding [E] (CLIP) or projected image tokens [N, D] (path 1)
 
 
 # ---- recognition, batched -------------------------------------------------------------
@@ -94,6 +99,29 @@ def final_event(result: BatchResult) -> Event:
     if request.op is MediaOp.OCR:
         return TextRead(list(rec.boxes), rec.text, usage, timings)
     raise ValueError(f"{request.op} is a cascade, not a final answer")
+
+
+def clip_event(result: BatchResult, text_features: Callable[[list[str]], Any],
+               logit_scale: float) -> Event:
+    """Path-3 image heads: the image's embedding, or labels/texts ranked against it.
+
+    Zero-shot labels get CLIP's own probabilities (softmax of the cosine times the
+    checkpoint's logit scale) with the cosine as the raw score; retrieval ranks the texts
+    by cosine and reports the same probabilities over the candidates."""
+    request, image = result.work.request, result.recognised.features
+    timings = Timings(queue_ms=(result.started - request.arrival) * 1e3,
+                      prefill_ms=(result.ended - result.started) * 1e3,
+                      total_ms=(time.monotonic() - request.arrival) * 1e3)
+    if request.op is MediaOp.IMAGE_EMBED:
+        vector = image.float().tolist()
+        return Embeddings([vector], len(vector), Usage(), timings)
+    prompts = [request.label_prompt.format(t) for t in request.texts]
+    texts = text_features(prompts)  # [N, E], normalised
+    cosines = (texts.float() @ image.float()).tolist()
+    probs = softmax([c * logit_scale for c in cosines])
+    ranked = sorted((LabelScore(t, p, c) for t, p, c in zip(request.texts, probs, cosines, strict=True)),
+                    key=lambda ls: -ls.raw_score)
+    return Ranked(ranked, Usage(), timings)
 
 
 # ---- keyword spotting on a transcript ----------------------------------------------------
@@ -159,14 +187,17 @@ _PROMPTS: dict[str, tuple[str, str]] = {
         "Answer the question using only what the speaker said. Be brief.",
         "The speaker said: \"{source}\"\n\nQuestion: {question}",
     ),
+    # Visual question answering (M4 T33): the image's features replace IMAGE_MARKER.
+    "vqa": ("", "<image>\n{question}"),
 }
 
+IMAGE_MARKER = "<image>"
 PROMPT_TEMPLATES = tuple(_PROMPTS)
 
 
 def answer_messages(template: str, source: str, question: str) -> list[dict[str, str]]:
     """The chat for a cascaded answer; ``template`` is a task's prompt_template."""
     system, user = _PROMPTS[template]
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": user.format(source=source.strip() or "(nothing)",
-                                                    question=question.strip())}]
+    turn = {"role": "user", "content": user.format(source=source.strip() or "(nothing)",
+                                                   question=question.strip())}
+    return [{"role": "system", "content": system}, turn] if system else [turn]

@@ -107,6 +107,9 @@ class MediaOp(enum.Enum):
     KEYWORDS = "keywords"      # audio -> transcript -> which caller-given keywords were heard
     OCR = "ocr"                # image -> text boxes in reading order
     ANSWER = "answer"          # audio or image -> recognised text -> the backbone answers (streamed)
+    IMAGE_LABELS = "image_labels"  # image -> zero-shot label probabilities (CLIP)
+    IMAGE_RANK = "image_rank"      # image -> candidate texts ranked by similarity (CLIP)
+    IMAGE_EMBED = "image_embed"    # image -> its embedding in the image-text space (CLIP)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,9 @@ class MediaRequest(RequestBase):
     media: MediaInput | None = None
     keywords: list[str] = field(default_factory=list)
     keyword_threshold: float = 0.75
+    # IMAGE_LABELS / IMAGE_RANK: the labels or candidate texts; label_prompt wraps each label
+    texts: list[str] = field(default_factory=list)
+    label_prompt: str = "{}"
     # ANSWER: the prompt template id and the caller's question; sampling for the answer.
     prompt_template: str = ""
     question: str = ""

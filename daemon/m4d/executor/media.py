@@ -19,8 +19,8 @@ from m4d.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-# Component kinds this module loads, and the module name tasks use for each.
-MEDIA_KINDS = ("whisper", "easyocr")
+# Component kinds this module loads.
+MEDIA_KINDS = ("whisper", "easyocr", "clip", "clip_vision", "projector")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class MediaRuntime:
         self.speech: dict[str, Any] = {}  # component name -> WhisperTranscriber
         self.ocr: dict[str, Any] = {}  # component name -> OcrPipeline
         self.sample_rates: dict[str, int] = {}
+        # CLIP (both towers: path-3 heads) and vision towers that feed a projector (path 1)
+        self.clips: dict[str, tuple[Any, Any, Any]] = {}  # name -> (Clip, preprocess, tokenizer)
+        self.vision: dict[str, tuple[Any, Any, dict[str, Any]]] = {}  # name -> (Clip, preprocess, spec)
+        self.projectors: dict[str, tuple[Any, dict[str, Any]]] = {}  # name -> (Projector, spec)
 
     def load(self, name: str, spec: dict[str, Any], device: torch.device) -> MediaComponent:
         kind = spec["kind"]
@@ -63,6 +67,29 @@ class MediaRuntime:
             params = sum(p.numel() for m in (pipeline.detector, pipeline.recognizer)
                          for p in m.parameters())
             return MediaComponent(name, kind, params)
+        if kind in ("clip", "clip_vision"):
+            from m4d.model.clip import ClipConfig, load_clip
+            from m4d.model.vision_preprocess import PreprocessConfig
+
+            clip = load_clip(self.root / spec["weights"], ClipConfig.from_dict(spec["config"]),
+                             compute_dtype=self.compute_dtype, device=str(device))
+            pre = PreprocessConfig.from_dict(spec["config"]["preprocess"])
+            if kind == "clip":
+                from tokenizers import Tokenizer
+
+                tokenizer = Tokenizer.from_file(str(self.root / spec["tokenizer"]))
+                self.clips[name] = (clip, pre, tokenizer)
+            else:
+                self.vision[name] = (clip, pre, spec["config"])
+            return MediaComponent(name, kind, sum(p.numel() for p in clip.parameters()))
+        if kind == "projector":
+            from m4d.model.projector import ProjectorConfig, load_projector
+
+            projector = load_projector(self.root / spec["weights"],
+                                       ProjectorConfig.from_dict(spec["config"]),
+                                       compute_dtype=self.compute_dtype, device=str(device))
+            self.projectors[name] = (projector, spec)
+            return MediaComponent(name, kind, sum(p.numel() for p in projector.parameters()))
         raise ValueError(f"component {name!r} has kind {kind!r}, not a media kind")
 
     def sample_rate(self, module: str) -> int:
@@ -86,4 +113,40 @@ class MediaRuntime:
                                         tuple((int(x), int(y)) for x, y in b.box))
                                 for b in boxes)))
             return out
+        if module in self.clips:
+            from m4d.model.vision_preprocess import preprocess
+
+            clip, pre, _ = self.clips[module]
+            device = self.devices[module]
+            feats = clip.image_features(preprocess(inputs, pre).to(device, clip.dtype))  # [B, E]
+            return [Recognised("", features=f) for f in feats]
+        if module in self.vision:
+            from m4d.model.vision_preprocess import preprocess
+
+            clip, pre, cfg = self.vision[module]
+            projector, _ = self.projector_for(module)
+            pixels = preprocess(inputs, pre).to(self.devices[module], clip.dtype)
+            hidden = clip.vision_hidden(pixels, cfg.get("vision_feature_layer", -2),
+                                        cfg.get("vision_feature_select_strategy", "default"))
+            feats = projector(hidden.to(projector.dtype))  # [B, N, D_backbone]
+            return [Recognised("", tokens=int(f.shape[0]), features=f) for f in feats]
         raise InvalidArgument(f"this image has no speech or vision component named {module!r}")
+
+    def projector_for(self, vision_module: str) -> tuple[Any, dict[str, Any]]:
+        """The projector that turns this vision encoder's features into backbone inputs."""
+        if not self.projectors:
+            raise InvalidArgument(f"this image has no projector for {vision_module!r}")
+        return next(iter(self.projectors.values()))
+
+    @torch.inference_mode()
+    def text_features(self, module: str, texts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings [N, E] (normalised) in the joint space."""
+        from m4d.model.clip import tokenize
+
+        clip, _, tokenizer = self.clips[module]
+        ids = tokenize(tokenizer, texts, clip.config.text_config).to(self.devices[module])
+        return clip.text_features(ids)  # type: ignore[no-any-return]
+
+    def logit_scale(self, module: str) -> float:
+        clip, _, _ = self.clips[module]
+        return float(clip.logit_scale.float().exp())

@@ -214,6 +214,31 @@ class Runtime:
         """Speech to text or image to text, for a batch of decoded inputs (engine.media)."""
         return self.media.recognise(module, inputs)
 
+    @torch.inference_mode()
+    def image_prompt(self, ids: list[int], image_token_id: int,
+                     features: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings [S', D] with one image's projected features [N, D] in place of
+        its placeholder token (M4 path 1, LLaVA's convention)."""
+        from m4d.model.projector import embed_prompt
+
+        assert self.backbone is not None
+        return embed_prompt(self.backbone.tok_embeddings, ids, image_token_id,
+                            features.to(self.backbone.dtype))[0]
+
+    @torch.inference_mode()
+    def token_embeddings(self, ids: list[int]) -> torch.Tensor:
+        assert self.backbone is not None
+        return self.backbone.tok_embeddings(torch.tensor(ids, dtype=torch.long))  # [S, D]
+
+    @torch.inference_mode()
+    def prefill_embeds(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """`prefill` for a chunk given as embeddings [S, D]; last position's logits [V]."""
+        assert self.backbone is not None
+        pos = torch.arange(start, start + embeds.shape[0], dtype=torch.long)[None]  # [1, S]
+        rows = torch.tensor([row], dtype=torch.long)
+        logits: torch.Tensor = self.backbone(None, pos, rows, last_only=True, embeds=embeds[None])
+        return logits[0, -1]
+
     # ---- text encoder --------------------------------------------------------------
 
     @torch.inference_mode()

@@ -51,7 +51,9 @@ MAX_KEYWORDS = 32
 SPEECH_SAMPLE_RATE = 16_000  # what the speech encoder (Whisper) reads
 # How a media task's head says what it does; cascades (lm_head) answer through the backbone.
 _MEDIA_HEADS = {"transcript": MediaOp.TRANSCRIBE, "keyword_match": MediaOp.KEYWORDS,
-                "ocr_text": MediaOp.OCR, "lm_head": MediaOp.ANSWER}
+                "ocr_text": MediaOp.OCR, "lm_head": MediaOp.ANSWER,
+                "clip_zero_shot": MediaOp.IMAGE_LABELS, "clip_similarity": MediaOp.IMAGE_RANK,
+                "clip_image_embed": MediaOp.IMAGE_EMBED}
 
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.FOREGROUND,
@@ -318,6 +320,17 @@ class Converter:
             if not words:
                 raise InvalidArgument("keywords is empty; give the words to listen for")
             request.keywords = self.texts("keywords", words, MAX_KEYWORDS)
+        if op in (MediaOp.IMAGE_LABELS, MediaOp.IMAGE_RANK):
+            name = "labels" if op is MediaOp.IMAGE_LABELS else "texts"
+            given = list(inputs[name].texts.values) if name in inputs else []
+            values = given or list(task.get("labels") or [])
+            if not values:
+                raise InvalidArgument(f"{name} is empty; give the candidate {name}")
+            request.texts = self.texts(name, values, MAX_LABELS)
+            if len(set(request.texts)) != len(request.texts):
+                raise InvalidArgument(f"{name} has duplicates")
+            if op is MediaOp.IMAGE_LABELS and "{}" in (task.get("prompt_template") or ""):
+                request.label_prompt = task["prompt_template"]
         if op is MediaOp.ANSWER:
             question = inputs["question"].text if "question" in inputs else ""
             request.question = self.text("question", question) if "question" in inputs else ""
@@ -424,6 +437,7 @@ class Converter:
         out = pb.RunResponse()
         if isinstance(msg, pb.GenerateResponse):
             out.text = msg.text
+            out.token_ids.extend(msg.token_ids)
             out.finish_reason = msg.finish_reason
         elif isinstance(msg, pb.EmbedResponse):
             out.embeddings.extend(msg.embeddings)

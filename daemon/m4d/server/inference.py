@@ -161,6 +161,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
             async for event in stream:
                 if isinstance(event, (Transcribed, TextRead, KeywordsHeard, SourceText)):
                     yield conv.media_event(event)
+                elif isinstance(event, Ranked):
+                    yield conv.run_response(conv.ranked(event))
+                elif isinstance(event, Embeddings):
+                    yield conv.run_response(conv.embeddings(event))
                 elif isinstance(event, TextDelta):
                     yield conv.run_response(conv.delta(event))
                 elif isinstance(event, Finished):
