@@ -47,6 +47,8 @@ demo: setup image
 	$(VENV)/bin/m4ctl predict-next "The stock market" && \
 	$(VENV)/bin/m4ctl classify --labels sports,politics,technology "The new phone has a faster chip." && \
 	$(VENV)/bin/m4ctl embed "some text" "other text" && \
+	$(VENV)/bin/m4ctl ocr $(IMAGE)/self_test/ocr.png && \
+	$(VENV)/bin/m4ctl ask --image $(IMAGE)/self_test/ocr.png --show-source --temperature 0 "How many words?" && \
 	$(VENV)/bin/m4ctl status
 
 test: setup

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 from m4image.importers.gguf_llama import import_gguf_llama
+
 from tests.model.conftest import smollm2_gguf_path
 
 

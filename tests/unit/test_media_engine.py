@@ -87,4 +87,6 @@ def test_cascade_prompts_hold_the_source_and_the_question() -> None:
     assert messages[0]["role"] == "system" and messages[1]["role"] == "user"
     assert "ROOM 204" in messages[1]["content"] and "Which room?" in messages[1]["content"]
     slu = answer_messages("slu", "set an alarm for seven", "")
-    assert "set an alarm for seven" in slu[1]["content"] and "JSON" in slu[0]["content"]
+    assert "set an alarm for seven" in slu[-1]["content"] and "JSON" in slu[0]["content"]
+    assert [m["role"] for m in slu[1:-1]] == ["user", "assistant"] * 3  # worked examples
+    assert all(m["content"].startswith('{"intent": "') for m in slu[2:-1:2])

@@ -6,6 +6,7 @@ JSON) and stderr carries stats, progress and errors.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -23,7 +24,10 @@ def write(text: str) -> None:
 
 
 def json_line(message: Any) -> None:
-    """One protobuf message as a line of JSON."""
+    """One protobuf message (or a plain dict) as a line of JSON."""
+    if isinstance(message, dict):
+        write(json.dumps(message) + "\n")
+        return
     write(json_format.MessageToJson(message, indent=None) + "\n")
 
 

@@ -191,6 +191,19 @@ _PROMPTS: dict[str, tuple[str, str]] = {
     "vqa": ("", "<image>\n{question}"),
 }
 
+# Worked examples before the real turn: a small backbone follows a format it has just seen
+# (SmolLM2-135M answers free-form prose to the instruction alone, valid intent JSON after these).
+_EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "slu": (
+        ("Set a timer for ten minutes.",
+         '{"intent": "set_timer", "slots": {"duration": "ten minutes"}}'),
+        ("What will the weather be like in Paris tomorrow?",
+         '{"intent": "get_weather", "slots": {"city": "Paris", "date": "tomorrow"}}'),
+        ("Play some jazz music in the living room.",
+         '{"intent": "play_music", "slots": {"genre": "jazz", "room": "living room"}}'),
+    ),
+}
+
 IMAGE_MARKER = "<image>"
 PROMPT_TEMPLATES = tuple(_PROMPTS)
 
@@ -200,4 +213,7 @@ def answer_messages(template: str, source: str, question: str) -> list[dict[str,
     system, user = _PROMPTS[template]
     turn = {"role": "user", "content": user.format(source=source.strip() or "(nothing)",
                                                    question=question.strip())}
-    return [{"role": "system", "content": system}, turn] if system else [turn]
+    shots = [m for u, a in _EXAMPLES.get(template, ())
+             for m in ({"role": "user", "content": user.format(source=u, question="")},
+                       {"role": "assistant", "content": a})]
+    return ([{"role": "system", "content": system}] if system else []) + shots + [turn]

@@ -103,16 +103,14 @@ class MediaRuntime:
             transcripts = self.speech[module].transcribe(inputs)
             return [Recognised(t.text.strip(), tokens=len(t.token_ids)) for t in transcripts]
         if module in self.ocr:
-            pipeline = self.ocr[module]
-            out = []
-            for image in inputs:
-                boxes = pipeline.read(image)
-                out.append(Recognised(
-                    pipeline.read_text(boxes),
-                    boxes=tuple(TextBox(b.text, float(b.confidence),
-                                        tuple((int(x), int(y)) for x, y in b.box))
-                                for b in boxes)))
-            return out
+            from m4d.model.ocr import read_text
+
+            # detection per image; every crop of the batch through the recogniser together
+            return [Recognised(read_text(boxes),
+                               boxes=tuple(TextBox(b.text, float(b.confidence),
+                                                   tuple((int(x), int(y)) for x, y in b.box))
+                                           for b in boxes))
+                    for boxes in self.ocr[module].read_batch(inputs)]
         if module in self.clips:
             from m4d.model.vision_preprocess import preprocess
 

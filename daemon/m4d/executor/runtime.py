@@ -228,7 +228,8 @@ class Runtime:
     @torch.inference_mode()
     def token_embeddings(self, ids: list[int]) -> torch.Tensor:
         assert self.backbone is not None
-        return self.backbone.tok_embeddings(torch.tensor(ids, dtype=torch.long))  # [S, D]
+        out: torch.Tensor = self.backbone.tok_embeddings(torch.tensor(ids, dtype=torch.long))
+        return out  # [S, D]
 
     @torch.inference_mode()
     def prefill_embeds(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
