@@ -125,7 +125,7 @@ def test_retrieval_and_embedding_match_transformers(clip_daemon) -> None:
     with Client(daemon.address, timeout=120) as m4:
         ranked = m4.run_complete("image-text-retrieval", {"image": Image(png), "texts": texts})
         embedded = m4.run_complete("image-embed", {"image": Image(png)})
-    logits, image_embed, text_embeds = _reference_scores(folder, ref, png, texts)
+    _, image_embed, text_embeds = _reference_scores(folder, ref, png, texts)
     cosines = (text_embeds @ image_embed).tolist()
     assert [ls.label for ls in ranked.labels] == [texts[i] for i in
                                                   sorted(range(4), key=lambda i: -cosines[i])]
