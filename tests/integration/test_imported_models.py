@@ -1,6 +1,7 @@
-"""Images built from Hugging Face vision checkpoints, served by the real daemon: CLIP's path-3
-heads (zero-shot classification, image-text retrieval, image embedding) and LLaVA's path 1
-(image + question -> streamed answer), each against transformers on the same inputs.
+"""Images built from Hugging Face checkpoints, served by the real daemon: CLIP's path-3 heads
+(zero-shot classification, image-text retrieval, image embedding), LLaVA's path 1 (image +
+question -> streamed answer) and a Whisper checkpoint's transcripts, each against
+transformers on the same inputs.
 
 No CLIP-style weights ship on PyPI, so the checkpoints are small random ones the tests make
 (see the closing note of the multimodal issue); the daemon must reproduce transformers'
@@ -193,3 +194,57 @@ def test_llava_answers_about_an_image_as_transformers_does(tmp_path: Path) -> No
     print(f"vqa through m4d: {got}; transformers: {expected}")
     assert got == expected and len(got) >= 1
     assert chunks[-1].usage.prompt_tokens == len(ids)
+
+
+def test_hf_whisper_image_transcribes_as_transformers_does(tmp_path: Path) -> None:
+    import shutil
+
+    import transformers
+    from m4d.model.audio import decode_wav, log_mel
+    from m4image.build import SPEECH_FOLDER, SPEECH_PACKAGE, build_image, package_dir
+    from m4client import Audio
+
+    from tests import speech
+
+    torch.manual_seed(7)
+    cfg = transformers.WhisperConfig(
+        vocab_size=51864, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=448)
+    ref = transformers.WhisperForConditionalGeneration(cfg).eval()
+    folder = tmp_path / "whisper"
+    ref.save_pretrained(folder)
+    # the real tiny.en vocabulary, so ids decode to text
+    shutil.copy(package_dir(SPEECH_PACKAGE) / SPEECH_FOLDER / "tokenizer.json", folder)
+    image = build_image(tmp_path / "image", speech=folder, name="m4-whisper")
+    daemon = start_daemon(image.path, tmp_path / "run", env=FP32)
+    wav = speech.synthesize("Water boils at one hundred degrees Celsius.")
+    try:
+        with Client(daemon.address, timeout=120) as m4:
+            got = m4.transcribe(Audio(wav)).text
+    finally:
+        daemon.stop()
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    prompt = [tok.token_to_id("<|startoftranscript|>"), tok.token_to_id("<|notimestamps|>")]
+    eot = tok.token_to_id("<|endoftext|>")
+    audio, rate = decode_wav(wav, max_seconds=30)
+    from m4d.model.audio import resample
+
+    mel = log_mel(resample(audio, rate, 16_000))[None]  # [1, 80, 3000]
+    ids = list(prompt)
+    suppress = list(ref.generation_config.suppress_tokens or [])
+    begin = list(ref.generation_config.begin_suppress_tokens or [])
+    with torch.no_grad():
+        enc = ref.model.encoder(mel)
+        for step in range(224):  # greedy as the daemon (at most 224 tokens), full forwards
+            logits = ref(encoder_outputs=enc, decoder_input_ids=torch.tensor([ids])).logits[0, -1]
+            logits[suppress] = -torch.inf
+            if step == 0:
+                logits[begin] = -torch.inf
+            nxt = int(logits.argmax())
+            if nxt == eot:
+                break
+            ids.append(nxt)
+    expected = tok.decode(ids[len(prompt):], skip_special_tokens=True).strip()
+    print(f"random Whisper through m4d: {got!r}; transformers: {expected!r}")
+    assert got == expected
