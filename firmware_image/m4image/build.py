@@ -198,6 +198,17 @@ def media_tasks(components: dict[str, dict[str, Any]]) -> list[Task]:
                  outputs=[IOSpec("embedding", "tensor", "One unit vector.", dtype="float32",
                                  shape=[1, int(components["clip"].get("dimensions") or -1)])]),
         ]
+    if "sensor" in components:
+        cfg = components["sensor"]["config"]
+        tasks.append(Task(
+            id="sensor-classify", path=3, modules=["sensor"], head="sensor_classifier", rpc="Run",
+            labels=list(cfg["labels"]),
+            description="Classify a window of sensor readings (e.g. IMU accelerometer and "
+            "gyroscope) into the head's labels.",
+            inputs=[IOSpec("window", "tensor", f"T time steps (T >= {cfg['min_steps']}) of "
+                           f"{cfg['channels']} channels.", dtype="float32",
+                           shape=[-1, int(cfg["channels"])])],
+            outputs=[text("labels", "texts", "Every label with its probability, best first.")]))
     if {"vision_encoder", "projector", "backbone"} <= set(components):
         tasks.append(Task(
             id="vqa", m4_id="T33", path=1, modules=["vision_encoder", "projector", "backbone"],
@@ -410,6 +421,7 @@ def build_image(
     ocr: Path | None = None,
     clip: Path | None = None,
     vlm: Path | None = None,
+    sensor: Path | None = None,
     packages: tuple[str, str] | None = None,
     progress: Progress | None = None,
     name: str = DEFAULT_NAME,
@@ -430,11 +442,11 @@ def build_image(
     if sum(p is not None for p in (backbone_gguf, backbone_hf, vlm)) > 1:
         raise BuildError("give one backbone: a GGUF file, a Hugging Face folder or a "
                          "LLaVA/MobileVLM folder (which brings its own)")
-    if all(p is None for p in (backbone_gguf, backbone_hf, encoder, speech, ocr, clip, vlm)):
+    if all(p is None for p in (backbone_gguf, backbone_hf, encoder, speech, ocr, clip, vlm, sensor)):
         raise BuildError("an image needs a backbone (GGUF or Hugging Face folder), a text "
                          "encoder, a speech model, an OCR model, a CLIP model or a "
-                         "LLaVA/MobileVLM model")
-    for path in (backbone_gguf, backbone_hf, encoder, speech, ocr, clip, vlm):
+                         "LLaVA/MobileVLM model or a sensor head")
+    for path in (backbone_gguf, backbone_hf, encoder, speech, ocr, clip, vlm, sensor):
         if path is not None and not Path(path).exists():
             raise BuildError(f"{path} does not exist")
 
@@ -476,6 +488,12 @@ def build_image(
                 step = lambda s, d, t: report(f"clip: {s}", d, t)  # noqa: E731
                 components["clip"] = _prefix_paths(import_hf_clip(Path(clip), stage / "clip", step),
                                                    "clip", stage / "clip")
+            if sensor is not None:
+                from m4image.importers.sensor_head import import_sensor_head
+
+                components["sensor"] = _prefix_paths(
+                    import_sensor_head(Path(sensor), stage / "sensor", report), "sensor",
+                    stage / "sensor")
             if speech is not None:
                 components["speech"] = _import_speech(Path(speech), stage, report)
                 self_test.append(_speech_check(stage, components["speech"], report))

@@ -248,3 +248,66 @@ def test_hf_whisper_image_transcribes_as_transformers_does(tmp_path: Path) -> No
     expected = tok.decode(ids[len(prompt):], skip_special_tokens=True).strip()
     print(f"random Whisper through m4d: {got!r}; transformers: {expected!r}")
     assert got == expected
+
+
+def test_sensor_windows_reach_a_classifier_head(tmp_path: Path) -> None:
+    """An IMU window (a float32 tensor [T, 6]) through a head built into an image: the same
+    probabilities as the head's arithmetic done here by hand, and bad tensors refused."""
+    import grpc
+    import numpy as np
+    from m4.inference.v1 import inference_pb2 as pb
+    from m4.inference.v1 import inference_pb2_grpc as pb_grpc
+    from m4image.build import build_image
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    labels = ["still", "walking", "shaking"]
+    folder = tmp_path / "head"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"channels": 6, "labels": labels, "hidden": [8], "min_steps": 2}))
+    w0, b0, w1, b1 = torch.randn(8, 24), torch.randn(8), torch.randn(3, 8), torch.randn(3)
+    save_file({"layers.0.weight": w0, "layers.0.bias": b0, "layers.1.weight": w1,
+               "layers.1.bias": b1}, str(folder / "model.safetensors"))
+    image = build_image(tmp_path / "image", sensor=folder, name="m4-sensor")
+    daemon = start_daemon(image.path, tmp_path / "run")
+    rng = np.random.default_rng(0)
+    window = (rng.standard_normal((50, 6)) * [0.1, 0.1, 0.1, 2, 2, 2]).astype(np.float32)
+    try:
+        with Client(daemon.address, timeout=60) as m4:
+            task = {t.id: t for t in m4.list_tasks()}["sensor-classify"]
+            assert [(s.name, s.kind, s.dtype, list(s.shape)) for s in task.inputs] == [
+                ("window", "tensor", "float32", [-1, 6])]
+            result = m4.run_complete("sensor-classify", {"window": window})
+        with grpc.insecure_channel(daemon.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            bad = {
+                "dtype": (pb.Tensor(dtype="float64", shape=[50, 6], data=window.astype(
+                    np.float64).tobytes()), "must be float32"),
+                "channels": (pb.Tensor(dtype="float32", shape=[50, 5], data=window[:, :5].tobytes()),
+                             "[-1, 6]"),
+                "bytes": (pb.Tensor(dtype="float32", shape=[50, 6], data=window.tobytes()[:-4]),
+                          "needs 1200 bytes"),
+                "nan": (pb.Tensor(dtype="float32", shape=[2, 6],
+                                  data=np.full((2, 6), np.nan, np.float32).tobytes()), "NaN"),
+                "too short": (pb.Tensor(dtype="float32", shape=[1, 6], data=window[:1].tobytes()),
+                              "T >= 2"),
+            }
+            for case, (tensor, needle) in bad.items():
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Run(pb.RunRequest(task="sensor-classify", inputs=[
+                        pb.Input(name="window", tensor=tensor)]), timeout=30))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+                assert needle in err.value.details(), (case, err.value.details())
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Run(pb.RunRequest(task="sensor-classify", inputs=[
+                    pb.Input(name="window", image=b"\x89PNG")]), timeout=30))
+            assert "must be tensor, not image" in err.value.details()
+    finally:
+        daemon.stop()
+    x = torch.from_numpy(window)
+    feats = torch.cat([x.mean(0), x.std(0, unbiased=False), x.min(0).values, x.max(0).values])
+    expected = torch.softmax(w1 @ torch.relu(w0 @ feats + b0) + b1, dim=0)
+    got = {ls.label: ls.score for ls in result.labels}
+    assert max(abs(got[k] - float(p)) for k, p in zip(labels, expected, strict=True)) <= 1e-5
+    assert [ls.label for ls in result.labels] == [labels[i] for i in expected.argsort(descending=True)]

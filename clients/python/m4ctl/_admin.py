@@ -141,9 +141,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
                                               force=args.force)
         else:
             if not any((args.gguf, args.hf, args.vlm, args.encoder, args.speech, args.ocr,
-                        args.clip)):
+                        args.clip, args.sensor)):
                 raise UsageError("say what to build: --default, or any of --gguf/--hf/--vlm, "
-                                 "--encoder, --speech, --ocr, --clip")
+                                 "--encoder, --speech, --ocr, --clip, --sensor")
             image = build.build_image(
                 Path(args.output), backbone_gguf=Path(args.gguf) if args.gguf else None,
                 backbone_hf=Path(args.hf) if args.hf else None,
@@ -151,7 +151,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
                 speech=Path(args.speech) if args.speech else None,
                 ocr=Path(args.ocr) if args.ocr else None,
                 clip=Path(args.clip) if args.clip else None,
-                vlm=Path(args.vlm) if args.vlm else None, name=args.name,
+                vlm=Path(args.vlm) if args.vlm else None,
+                sensor=Path(args.sensor) if args.sensor else None, name=args.name,
                 version=args.version, security_version=args.security_version,
                 progress=progress, force=args.force)
     except verify.ImageError as exc:

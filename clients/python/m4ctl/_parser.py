@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an OCR model: a folder with EasyOCR's craft_mlt_25k.pth and english_g2.pth")
     p.add_argument("--clip", metavar="DIR",
                    help="a Hugging Face CLIP folder (image classification, retrieval, embedding)")
+    p.add_argument("--sensor", metavar="DIR",
+                   help="a sensor-window classifier head (config.json + model.safetensors)")
     kind.add_argument("--vlm", metavar="DIR",
                       help="a LLaVA (Hugging Face) or MobileVLM folder: vision encoder, projector "
                       "and backbone (image + question -> answer)")

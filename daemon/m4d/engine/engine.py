@@ -625,7 +625,19 @@ class Engine:
         taken = {w.request.id for w in batch}
         self._media_queue = collections.deque(
             w for w in self._media_queue if w.request.id not in taken)
-        for result in run_media_batch(self.runtime.recognise, batch):
+        try:
+            results = list(run_media_batch(self.runtime.recognise, batch))
+        except M4Error as exc:  # a bad input found by the model: fail it, not its batch-mates
+            if len(batch) == 1:
+                self._finish(batch[0].request.id, Failed(exc))
+                return
+            results = []
+            for work in batch:
+                try:
+                    results += run_media_batch(self.runtime.recognise, [work])
+                except M4Error as one:
+                    self._finish(work.request.id, Failed(one))
+        for result in results:
             request = result.work.request
             if request.id not in self._streams:
                 continue  # cancelled meanwhile

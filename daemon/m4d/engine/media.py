@@ -98,6 +98,12 @@ def final_event(result: BatchResult) -> Event:
         return KeywordsHeard(hits, rec.text, media.seconds, usage, timings)
     if request.op is MediaOp.OCR:
         return TextRead(list(rec.boxes), rec.text, usage, timings)
+    if request.op is MediaOp.SENSOR_LABELS:
+        probs = [float(p) for p in rec.features]
+        ranked = sorted((LabelScore(label, p, p) for label, p in zip(request.texts, probs,
+                                                                     strict=True)),
+                        key=lambda ls: -ls.score)
+        return Ranked(ranked, usage, timings)
     raise ValueError(f"{request.op} is a cascade, not a final answer")
 
 

@@ -110,14 +110,15 @@ class MediaOp(enum.Enum):
     IMAGE_LABELS = "image_labels"  # image -> zero-shot label probabilities (CLIP)
     IMAGE_RANK = "image_rank"      # image -> candidate texts ranked by similarity (CLIP)
     IMAGE_EMBED = "image_embed"    # image -> its embedding in the image-text space (CLIP)
+    SENSOR_LABELS = "sensor_labels"  # a sensor window -> the head's label probabilities
 
 
 @dataclass(frozen=True)
 class MediaInput:
     """A decoded, validated image or audio clip."""
 
-    kind: str  # "audio" | "image"
-    data: object  # audio: float32 tensor [N] at the model's rate; image: an RGB PIL image
+    kind: str  # "audio" | "image" | "tensor"
+    data: object  # audio: float32 [N] at the model's rate; image: RGB PIL image; tensor: float32
     digest: str  # sha256 of the bytes as sent: equal inputs in one batch are encoded once
     seconds: float = 0.0  # audio length
 

@@ -2,7 +2,8 @@
 
 Turns sampled token ids into text deltas: incremental detokenization (never a broken
 UTF-8 character), stop strings (never streamed, even when they arrive split over several
-tokens), end-of-sequence, max_tokens and the context limit.
+tokens), end-of-sequence, max_tokens and the context limit. The first token is always sent
+at once, with empty text when its text is still held back.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ class Sequence:
             return self._flush(), self._finished(FinishReason.CONTEXT)
         keep = self._holdback()
         if keep == len(self._held):
+            if len(self.tokens) == 1:
+                # the first token leaves at once even when its text is not complete yet
+                # (part of a UTF-8 character or of a stop string): time to first token is
+                # the model's, not one more decode step's
+                ids, self._held_ids = self._held_ids, []
+                return TextDelta("", tuple(ids)), None
             return None, None
         text, self._held = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
         ids, self._held_ids = self._held_ids, []

@@ -20,7 +20,7 @@ from m4d.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 # Component kinds this module loads.
-MEDIA_KINDS = ("whisper", "easyocr", "clip", "clip_vision", "projector")
+MEDIA_KINDS = ("whisper", "easyocr", "clip", "clip_vision", "projector", "sensor_head")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class MediaRuntime:
         self.clips: dict[str, tuple[Any, Any, Any]] = {}  # name -> (Clip, preprocess, tokenizer)
         self.vision: dict[str, tuple[Any, Any, dict[str, Any]]] = {}  # name -> (Clip, preprocess, spec)
         self.projectors: dict[str, tuple[Any, dict[str, Any]]] = {}  # name -> (Projector, spec)
+        self.sensors: dict[str, Any] = {}  # name -> SensorHead
 
     def load(self, name: str, spec: dict[str, Any], device: torch.device) -> MediaComponent:
         kind = spec["kind"]
@@ -90,6 +91,13 @@ class MediaRuntime:
                                        compute_dtype=self.compute_dtype, device=str(device))
             self.projectors[name] = (projector, spec)
             return MediaComponent(name, kind, sum(p.numel() for p in projector.parameters()))
+        if kind == "sensor_head":
+            from m4d.model.sensor import SensorHeadConfig, load_sensor_head
+
+            head = load_sensor_head(self.root / spec["weights"],
+                                    SensorHeadConfig.from_dict(spec["config"]))
+            self.sensors[name] = head
+            return MediaComponent(name, kind, sum(p.numel() for p in head.parameters()))
         raise ValueError(f"component {name!r} has kind {kind!r}, not a media kind")
 
     def sample_rate(self, module: str) -> int:
@@ -111,6 +119,8 @@ class MediaRuntime:
                                                    tuple((int(x), int(y)) for x, y in b.box))
                                            for b in boxes))
                     for boxes in self.ocr[module].read_batch(inputs)]
+        if module in self.sensors:
+            return [Recognised("", features=p) for p in self.sensors[module](inputs)]
         if module in self.clips:
             from m4d.model.vision_preprocess import preprocess
 

@@ -53,7 +53,7 @@ SPEECH_SAMPLE_RATE = 16_000  # what the speech encoder (Whisper) reads
 _MEDIA_HEADS = {"transcript": MediaOp.TRANSCRIBE, "keyword_match": MediaOp.KEYWORDS,
                 "ocr_text": MediaOp.OCR, "lm_head": MediaOp.ANSWER,
                 "clip_zero_shot": MediaOp.IMAGE_LABELS, "clip_similarity": MediaOp.IMAGE_RANK,
-                "clip_image_embed": MediaOp.IMAGE_EMBED}
+                "clip_image_embed": MediaOp.IMAGE_EMBED, "sensor_classifier": MediaOp.SENSOR_LABELS}
 
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.FOREGROUND,
@@ -266,7 +266,7 @@ class Converter:
                 if got != spec["kind"] and not (spec["kind"] == "audio" and got == "pcm"):
                     raise InvalidArgument(
                         f"input {name!r} of task {req.task!r} must be {spec['kind']}, not {got}")
-        if any(s["kind"] in ("image", "audio") for s in specs.values()):
+        if any(s["kind"] in ("image", "audio", "tensor") for s in specs.values()):
             return self.media(task, req, inputs, caller, deadline)
         rpc = task.get("rpc")
         prio = req.priority
@@ -310,8 +310,11 @@ class Converter:
                 media = self.image_input(name, item.image)
             elif kind in ("audio", "pcm"):
                 media = self.audio_input(name, item)
+            elif kind == "tensor":
+                media = self.tensor_input(name, item.tensor,
+                                          next(s for s in task["inputs"] if s["name"] == name))
         if media is None:
-            raise InvalidArgument(f"task {task['id']!r} needs an image or audio input")
+            raise InvalidArgument(f"task {task['id']!r} needs an image, audio or tensor input")
         request = MediaRequest(task=task["id"], priority=_PRIORITY.get(req.priority, Priority.FOREGROUND),
                                caller=caller, deadline=deadline, op=op,
                                module=task["modules"][0], media=media)
@@ -320,6 +323,8 @@ class Converter:
             if not words:
                 raise InvalidArgument("keywords is empty; give the words to listen for")
             request.keywords = self.texts("keywords", words, MAX_KEYWORDS)
+        if op is MediaOp.SENSOR_LABELS:
+            request.texts = list(task.get("labels") or [])
         if op in (MediaOp.IMAGE_LABELS, MediaOp.IMAGE_RANK):
             name = "labels" if op is MediaOp.IMAGE_LABELS else "texts"
             given = list(inputs[name].texts.values) if name in inputs else []
@@ -349,6 +354,15 @@ class Converter:
         image = decode_image(data, max_bytes=self.config.max_image_bytes,
                              max_pixels=self.config.max_image_pixels)
         return MediaInput("image", image, hashlib.sha256(data).hexdigest())
+
+    def tensor_input(self, name: str, tensor: pb.Tensor, spec: dict[str, Any]) -> MediaInput:
+        from m4d.model.sensor import tensor_from_bytes
+
+        value = tensor_from_bytes(name, tensor.dtype, list(tensor.shape), tensor.data,
+                                  spec.get("dtype") or "", list(spec.get("shape") or []))
+        digest = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode()
+                                + tensor.data).hexdigest()
+        return MediaInput("tensor", value, digest)
 
     def audio_input(self, name: str, item: pb.Input) -> MediaInput:
         from m4d.model.audio import decode_wav, pcm_to_tensor, resample

@@ -129,7 +129,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunResponse]:
         conv = self.daemon.converter()
         caller, deadline = self.caller_of(context), deadline_of(context)
-        if any(i.WhichOneof("value") in ("image", "audio", "pcm") for i in request.inputs):
+        if any(i.WhichOneof("value") in ("image", "audio", "pcm", "tensor") for i in request.inputs):
             # decoding images and audio takes milliseconds: keep it off the event loop
             domain = await asyncio.to_thread(conv.run, request, caller, deadline)
         else:
