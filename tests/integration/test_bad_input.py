@@ -63,7 +63,7 @@ CASES = [
         pb.Input(name="image", image=b"\x89PNG")]), INVALID, "has no input 'image'"),
     ("run wrong kind", "Run", pb.RunRequest(task="classify", inputs=[
         pb.Input(name="text", texts=pb.TextList(values=["a"]))]), INVALID, "must be text"),
-    ("oversized message", "Embed", pb.EmbedRequest(texts=["a" * (5 * 2**20)]),
+    ("oversized message", "Embed", pb.EmbedRequest(texts=["a" * (17 * 2**20)]),
      grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
 ]
 

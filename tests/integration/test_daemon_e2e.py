@@ -236,7 +236,7 @@ def test_status_reports_image_and_memory(admin) -> None:
     assert s.state == admin_pb2.DAEMON_STATE_READY
     assert s.image_name == "m4-default" and s.memory_rss_bytes > 50 * 2**20
     assert s.uptime_seconds > 0 and s.kv_slots > 0
-    assert {c.name for c in s.components} == {"backbone", "text_encoder"}
+    assert {c.name for c in s.components} == {"backbone", "text_encoder", "speech", "ocr"}
 
 
 def test_admin_is_not_served_on_the_app_socket(daemon) -> None:

@@ -56,9 +56,10 @@ def test_devices_and_placement(loaded: DaemonProcess) -> None:
     assert s.devices and s.devices[0].name == "cpu"
     cpu = s.devices[0]
     assert cpu.cores == os.cpu_count() and cpu.memory_bytes > 0
-    assert sorted(cpu.components) == ["backbone", "text_encoder"]
+    assert sorted(cpu.components) == ["backbone", "ocr", "speech", "text_encoder"]
     assert cpu.executor == "m4-executor-cpu"
-    assert {c.name: c.device for c in s.components} == {"backbone": "cpu", "text_encoder": "cpu"}
+    assert {c.name: c.device for c in s.components} == {
+        "backbone": "cpu", "text_encoder": "cpu", "speech": "cpu", "ocr": "cpu"}
     assert s.load is not None and s.load.kv_blocks_total == 2048 // 16  # 1 row x 2048 tokens
     assert set(s.load.queues) == {"system", "foreground", "background"}
 
