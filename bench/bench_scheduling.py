@@ -924,6 +924,13 @@ def summary_notes(args: argparse.Namespace, m: Measurements) -> list[str]:
         f"M4D_UID_MAX_CONCURRENT={UID_MAX_CONCURRENT}, --threads {threads}, --self-test "
         f"{args.self_test}, failed checks: {', '.join(m.failed_checks) or 'none'}); "
         f"{args.repeats} alternating rounds")
+    m4d_threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
+    if m4d_threads != args.llama_threads:
+        notes.append(
+            f"threads differ: llama.cpp computes with {args.llama_threads}, m4d with "
+            f"{m4d_threads} torch thread(s) (its event loop and gRPC use the rest); for a "
+            f"like-for-like llama.cpp ratio run with --threads {args.llama_threads} or "
+            f"--llama-threads {m4d_threads}")
 
     # 1. batching: per-step cost and the prefill stagger
     parts = []

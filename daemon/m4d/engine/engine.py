@@ -490,8 +490,12 @@ class Engine:
         if plan.empty:
             return
         self.stats.last_batch = len(plan.decode)
-        # prompt chunks first: a new request's first token leaves before the decode batch
-        for chunk in plan.prefill:
+        # prompt chunks first, most urgent class first: a new request's first token leaves
+        # before the other chunks and the decode batch run
+        ranks = {sid: s.rank for sid, s in self.scheduler.seqs.items()}
+        for chunk in sorted(plan.prefill, key=lambda c: ranks.get(c.seq_id, 0)):
+            if self._outbox and ranks.get(chunk.seq_id, 0) >= Priority.BACKGROUND:
+                self._flush_events()  # the urgent first tokens go out before background work
             seq = self._sequences[chunk.seq_id]
             resumed = bool(seq.tokens)  # preempted before: re-prefills prompt + generated
             if chunk.start == 0 and not resumed:

@@ -27,6 +27,7 @@ from m4d.model.quant import WeightFile, build_linear
 log = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("int4", "int8", "bfloat16", "float32")
+ATTN_BLOCK = 64  # cached attention spans a multiple of this many positions (see forward)
 
 
 @dataclass
@@ -273,6 +274,12 @@ class Llama(nn.Module):
         length = int(input_pos.max().item()) + 1  # attend over cache positions [0, length)
         if length > self.cache_seq or int(input_pos.min().item()) < 0:
             raise ValueError(f"positions must lie in [0, {self.cache_seq}), got up to {length - 1}")
+        # Batch invariance: a row attends over [0, length) where length comes from the
+        # batch's furthest row; the masked tail adds exact zeros, but reductions over L
+        # (softmax sums, the P @ V matmul) split a ragged tail differently for each L.
+        # Rounding L up to a multiple of ATTN_BLOCK keeps a row's own summation the same
+        # whether it runs alone or beside longer rows.
+        length = min(self.cache_seq, -(-length // ATTN_BLOCK) * ATTN_BLOCK)
         # mask: [B, 1, S, L], True = may attend
         mask = (torch.arange(length, device=input_pos.device)[None, None, :] <= input_pos[:, :, None])
         mask = mask.unsqueeze(1)
