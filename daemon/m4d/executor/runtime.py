@@ -133,9 +133,9 @@ class Runtime:
     def prefill(self, row: int, ids: list[int], start: int) -> torch.Tensor:
         """Puts a prompt chunk into KV row `row`; returns the last position's logits [V]."""
         assert self.backbone is not None
-        tokens = torch.tensor([ids], dtype=torch.long)  # [1, S]
-        pos = torch.arange(start, start + len(ids), dtype=torch.long)[None]  # [1, S]
-        rows = torch.tensor([row], dtype=torch.long)
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, S]
+        pos = torch.arange(start, start + len(ids), dtype=torch.long, device=self.device)[None]  # [1, S]
+        rows = torch.tensor([row], dtype=torch.long, device=self.device)
         logits: torch.Tensor = self.backbone(tokens, pos, rows, last_only=True)  # [1, 1, V]
         return logits[0, -1]
 
@@ -148,17 +148,17 @@ class Runtime:
         if [rows[i] for i in order] == list(range(b)):
             # rows 0..B-1 in some order: run them in row order, the cache's fast path (views
             # instead of gathering each row's keys and values in every layer)
-            tok = torch.tensor([tokens[i] for i in order], dtype=torch.long)[:, None]  # [B, 1]
-            pos = torch.tensor([positions[i] for i in order], dtype=torch.long)[:, None]
+            tok = torch.tensor([tokens[i] for i in order], dtype=torch.long, device=self.device)[:, None]  # [B, 1]
+            pos = torch.tensor([positions[i] for i in order], dtype=torch.long, device=self.device)[:, None]
             logits: torch.Tensor = self.backbone(tok, pos, None, last_only=True)[:, -1]  # [B, V]
             if order == list(range(b)):
                 return logits
-            back = torch.empty(b, dtype=torch.long)
-            back[torch.tensor(order, dtype=torch.long)] = torch.arange(b)
+            back = torch.empty(b, dtype=torch.long, device=self.device)
+            back[torch.tensor(order, dtype=torch.long, device=self.device)] = torch.arange(b, device=self.device)
             return logits[back]
-        tok = torch.tensor(tokens, dtype=torch.long)[:, None]  # [B, 1]
-        pos = torch.tensor(positions, dtype=torch.long)[:, None]  # [B, 1]
-        row_t = torch.tensor(rows, dtype=torch.long)
+        tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
+        row_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         logits = self.backbone(tok, pos, row_t, last_only=True)  # [B, 1, V]
         return logits[:, -1]
 
@@ -172,7 +172,7 @@ class Runtime:
         """
         assert self.backbone is not None and self.tokenizer is not None
         tok = self.tokenizer
-        context = torch.tensor([ids], dtype=torch.long)
+        context = torch.tensor([ids], dtype=torch.long, device=self.device)
         probs = torch.softmax(self.backbone.forward_full(context)[0, -1].float(), dim=-1)
         top = torch.topk(probs, min(8 * n, probs.numel()))
         starts: list[tuple[int, float]] = []
@@ -190,7 +190,7 @@ class Runtime:
         for _ in range(max_word_tokens - 1):
             if not open_rows:
                 break
-            batch = torch.tensor([ids + seqs[r] for r in open_rows], dtype=torch.long)
+            batch = torch.tensor([ids + seqs[r] for r in open_rows], dtype=torch.long, device=self.device)
             step = torch.softmax(self.backbone.forward_full(batch)[:, -1].float(), dim=-1)
             best_p, best_t = step.max(dim=-1)
             still_open = []
@@ -228,15 +228,17 @@ class Runtime:
     @torch.inference_mode()
     def token_embeddings(self, ids: list[int]) -> torch.Tensor:
         assert self.backbone is not None
-        out: torch.Tensor = self.backbone.tok_embeddings(torch.tensor(ids, dtype=torch.long))
+        out: torch.Tensor = self.backbone.tok_embeddings(
+            torch.tensor(ids, dtype=torch.long, device=self.device))
         return out  # [S, D]
 
     @torch.inference_mode()
     def prefill_embeds(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """`prefill` for a chunk given as embeddings [S, D]; last position's logits [V]."""
         assert self.backbone is not None
-        pos = torch.arange(start, start + embeds.shape[0], dtype=torch.long)[None]  # [1, S]
-        rows = torch.tensor([row], dtype=torch.long)
+        pos = torch.arange(start, start + embeds.shape[0], dtype=torch.long,
+                           device=self.device)[None]  # [1, S]
+        rows = torch.tensor([row], dtype=torch.long, device=self.device)
         logits: torch.Tensor = self.backbone(None, pos, rows, last_only=True, embeds=embeds[None])
         return logits[0, -1]
 
