@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with Daemon(args.image, args.threads, "warn") as daemon, \
             Client(daemon.address, timeout=600) as client:
         log(f"m4d ready in {daemon.wait_serving(client):.1f} s")
-        meter = OtherCpuMeter([daemon.proc.pid])
+        meter = OtherCpuMeter([daemon.proc.pid, os.getpid()])  # the references run here
         # warm-up: one of each
         m4d_transcribe(client, wavs[:1], False)
         m4d_ocr(client, pngs[:1], False)
