@@ -251,8 +251,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         out.write("".join(t.id + "\n" for t in table))
         return 0
 
+    def kind(s: Any) -> str:
+        if s.kind == "tensor" and s.dtype:
+            return f"tensor<{s.dtype}{list(s.shape) if s.shape else ''}>"
+        return str(s.kind)
+
     def sig(specs: Iterable[Any]) -> str:
-        return ", ".join(f"{s.name}:{s.kind}" + ("" if s.required else "?") for s in specs)
+        return ", ".join(f"{s.name}:{kind(s)}" + ("" if s.required else "?") for s in specs)
 
     rows = [("ID", "M4", "PATH", "MODULES", "INPUTS → OUTPUTS")]
     rows += [
