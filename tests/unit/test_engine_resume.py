@@ -1,9 +1,6 @@
 """The engine side of preemption, with a fake runtime whose next token depends on every
 token in the KV row: a sequence that is preempted and re-prefilled from prompt + generated
-tokens must stream exactly the tokens it streams when it runs alone.
-
-Skipped until engine.py takes `kv_tokens` and reports `stats.preempted` (the scheduler
-change the engine owner applies)."""
+tokens must stream exactly the tokens it streams when it runs alone."""
 
 from __future__ import annotations
 
