@@ -31,11 +31,11 @@ NOBODY = 65534
 
 
 @pytest.fixture(scope="module")
-def shared_daemon(default_image: Path) -> Iterator[DaemonProcess]:
+def shared_daemon(text_image: Path) -> Iterator[DaemonProcess]:
     assert os.geteuid() == 0, "this test runs as root: it starts a client as uid 65534"
     run = Path(tempfile.mkdtemp(prefix="m4-uid-", dir="/tmp"))
     run.chmod(0o755)  # nobody must reach app.sock (0666) inside
-    d = start_daemon(default_image, run, env={"M4D_UID_MAX_CLASS": f"{NOBODY}=background"})
+    d = start_daemon(text_image, run, env={"M4D_UID_MAX_CLASS": f"{NOBODY}=background"})
     try:
         mode = d.app_socket.stat().st_mode & 0o777
         assert mode == 0o666, f"app socket mode {mode:o}: other uids could not connect"

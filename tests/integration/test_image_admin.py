@@ -43,7 +43,7 @@ WEIGHTS = "text_encoder/model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def fleet(default_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def fleet(text_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Signed variants of the default image, a dev keyring, and images that must be refused."""
     root = tmp_path_factory.mktemp("fleet")
     key = dev_keys(root / "dev")
@@ -51,7 +51,7 @@ def fleet(default_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     stranger = dev_keys(root / "stranger", trust=False)
     old = generate_keypair(root / "old")  # trusted, then revoked
     Keyring(keys).add(old.public_key)
-    src = default_image
+    src = text_image
     img: dict[str, Path] = {
         "v1": variant(src, root / "v1", key, version="1.0.0"),
         "v2": variant(src, root / "v2", key, version="1.1.0"),

@@ -25,16 +25,16 @@ from tests.integration.test_image_admin import Load, served_version, timed_m4ctl
 
 
 @pytest.fixture(scope="module")
-def images(default_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def images(text_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("boot-images")
     key = dev_keys(root / "dev")
-    selftest = json.loads((default_image / "manifest.json").read_bytes())["self_test"]
+    selftest = json.loads((text_image / "manifest.json").read_bytes())["self_test"]
     selftest[0] = dict(selftest[0], expected_token_ids=[7, *selftest[0]["expected_token_ids"][1:]])
     return {
         "keys": root / "dev" / "keys",
-        "v1": variant(default_image, root / "v1", key, version="1.0.0"),
-        "v2": variant(default_image, root / "v2", key, version="1.1.0"),
-        "bad": variant(default_image, root / "bad", key, version="1.2.0", self_test=selftest),
+        "v1": variant(text_image, root / "v1", key, version="1.0.0"),
+        "v2": variant(text_image, root / "v2", key, version="1.1.0"),
+        "bad": variant(text_image, root / "bad", key, version="1.2.0", self_test=selftest),
     }
 
 

@@ -159,11 +159,11 @@ def calibrate(world: World) -> tuple[dict[str, int], dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_kill_9_during_install_activate_rollback(default_image: Path, tmp_path: Path) -> None:
+def test_kill_9_during_install_activate_rollback(text_image: Path, tmp_path: Path) -> None:
     seed = int(os.environ.get("M4_FAULT_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     print(f"\nM4_FAULT_SEED={seed}")
-    world = World(default_image, tmp_path)
+    world = World(text_image, tmp_path)
     steps, seconds = calibrate(world)
     print(f"durable steps per operation {steps}, seconds {dict((k, round(v, 1)) for k, v in seconds.items())}")
     points: list[tuple[str, str, int | float, str]] = []

@@ -200,9 +200,9 @@ def test_hf_whisper_image_transcribes_as_transformers_does(tmp_path: Path) -> No
     import shutil
 
     import transformers
+    from m4client import Audio
     from m4d.model.audio import decode_wav, log_mel
     from m4image.build import SPEECH_FOLDER, SPEECH_PACKAGE, build_image, package_dir
-    from m4client import Audio
 
     from tests import speech
 

@@ -43,9 +43,9 @@ def run_install(destdir: Path, image: Path, **extra: str) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def destdir(tmp_path_factory: pytest.TempPathFactory, default_image: Path) -> Path:
+def destdir(tmp_path_factory: pytest.TempPathFactory, text_image: Path) -> Path:
     dest = tmp_path_factory.mktemp("destdir")
-    done = run_install(dest, default_image)
+    done = run_install(dest, text_image)
     assert done.returncode == 0, done.stdout + done.stderr
     return dest
 
@@ -82,11 +82,11 @@ def test_tree_has_every_file_with_its_mode(destdir: Path) -> None:
 
 
 def test_image_is_complete_and_readable_by_the_daemon_user(destdir: Path,
-                                                           default_image: Path) -> None:
+                                                           text_image: Path) -> None:
     from m4image.verify import verify_image
 
     installed = destdir / "usr/share/m4/images/default"
-    assert verify_image(installed).digest == verify_image(default_image).digest
+    assert verify_image(installed).digest == verify_image(text_image).digest
     for path in installed.rglob("*"):  # 0644/0755 whatever the builder wrote (it writes 0600)
         want = 0o755 if path.is_dir() else 0o644
         assert stat.S_IMODE(path.stat().st_mode) == want, path
@@ -155,21 +155,21 @@ def test_installed_daemon_reads_the_installed_config(destdir: Path) -> None:
     assert list((destdir / "usr/lib/m4/venv/lib").rglob("m4d/__pycache__/config.*.pyc"))
 
 
-def test_existing_config_is_kept(destdir: Path, default_image: Path, tmp_path: Path) -> None:
+def test_existing_config_is_kept(destdir: Path, text_image: Path, tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     shutil.copytree(destdir / "etc", dest / "etc")
     (dest / "etc/m4/m4d.toml").write_text("kv_slots = 4\n")
-    done = run_install(dest, default_image)
+    done = run_install(dest, text_image)
     assert done.returncode == 0, done.stderr
     assert (dest / "etc/m4/m4d.toml").read_text() == "kv_slots = 4\n"
     assert "keeping the existing" in done.stdout
     assert (dest / "usr/share/m4/m4d.toml").read_text() == (SYSTEMD / "m4d.toml").read_text()
 
 
-def test_bad_settings_are_refused_with_the_fix(tmp_path: Path, default_image: Path) -> None:
-    done = run_install(tmp_path / "d", default_image, PREFIX="usr")
+def test_bad_settings_are_refused_with_the_fix(tmp_path: Path, text_image: Path) -> None:
+    done = run_install(tmp_path / "d", text_image, PREFIX="usr")
     assert done.returncode == 1 and "PREFIX must be an absolute path" in done.stderr
-    done = run_install(tmp_path / "d", default_image, RUNTIME_PYTHON="/bin/false")
+    done = run_install(tmp_path / "d", text_image, RUNTIME_PYTHON="/bin/false")
     assert done.returncode == 1 and "RUNTIME_PYTHON '/bin/false' does not run" in done.stderr
     done = run_install(tmp_path / "d", tmp_path / "no-image")
     assert done.returncode == 1 and "does not verify" in done.stderr

@@ -15,8 +15,8 @@ from tests.conftest import start_daemon
 
 
 def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_calls(
-        default_image: Path, tmp_path: Path) -> None:
-    d = start_daemon(default_image, tmp_path / "run")
+        text_image: Path, tmp_path: Path) -> None:
+    d = start_daemon(text_image, tmp_path / "run")
     channel = grpc.insecure_channel(d.address)
     stub = pb_grpc.InferenceStub(channel)
     stream = stub.Generate(pb.GenerateRequest(
@@ -48,8 +48,8 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_calls(
     assert not d.app_socket.exists() and not d.admin_socket.exists()
 
 
-def test_a_live_socket_is_not_stolen(default_image: Path, daemon, tmp_path: Path) -> None:
-    second = start_daemon(default_image, daemon.runtime_dir, wait=False)
+def test_a_live_socket_is_not_stolen(text_image: Path, daemon, tmp_path: Path) -> None:
+    second = start_daemon(text_image, daemon.runtime_dir, wait=False)
     assert second.proc.wait(timeout=120) != 0
     assert "in use by a running daemon" in second.logs()
     with grpc.insecure_channel(daemon.address) as channel:

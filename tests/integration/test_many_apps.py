@@ -29,9 +29,9 @@ SUBJECTS = ["cats", "the sea", "winter", "trains", "bread", "music", "rain", "a 
 
 
 @pytest.fixture(scope="module")
-def busy_daemon(default_image: Path, tmp_path_factory: pytest.TempPathFactory):
+def busy_daemon(text_image: Path, tmp_path_factory: pytest.TempPathFactory):
     run = tmp_path_factory.mktemp("many")
-    d = start_daemon(default_image, run,
+    d = start_daemon(text_image, run,
                      env={"M4D_UID_MAX_CONCURRENT": "100", "M4D_MAX_QUEUE": "100",
                           "M4D_METRICS_LISTEN": f"unix:{run}/metrics.sock"})
     yield d
@@ -39,8 +39,8 @@ def busy_daemon(default_image: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def solo(default_image: Path):
-    image = verify_image(default_image)
+def solo(text_image: Path):
+    image = verify_image(text_image)
     spec = image.manifest.components["backbone"]
     cfg = LlamaConfig.from_dict(spec["config"])
     model = load_llama(image.path / spec["weights"], cfg, weight_format="int4",
@@ -147,9 +147,9 @@ def test_metrics_count_the_work_per_uid(busy_daemon) -> None:
     assert m["m4_requests_in_flight"] == 0
 
 
-def test_flood_beyond_the_queue_is_refused_at_once(default_image: Path, tmp_path: Path) -> None:
+def test_flood_beyond_the_queue_is_refused_at_once(text_image: Path, tmp_path: Path) -> None:
     q, slots = 4, 2
-    d = start_daemon(default_image, tmp_path / "run", "--max-queue", str(q),
+    d = start_daemon(text_image, tmp_path / "run", "--max-queue", str(q),
                      "--kv-slots", str(slots))
     callers = 2 * q + 10
     outcome: dict[int, tuple[str, float]] = {}

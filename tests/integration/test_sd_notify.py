@@ -44,10 +44,10 @@ class NotifyListener:
         return sum(1 for t, line in self.messages if line == "WATCHDOG=1" and t >= since)
 
 
-def test_ready_after_model_and_watchdog_follows_the_executor(default_image: Path,
+def test_ready_after_model_and_watchdog_follows_the_executor(text_image: Path,
                                                             tmp_path: Path) -> None:
     listener = NotifyListener(tmp_path / "notify.sock")
-    d = start_daemon(default_image, tmp_path / "run", wait=False, env={
+    d = start_daemon(text_image, tmp_path / "run", wait=False, env={
         "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000",
         "M4D_TEST_HOOKS": "1"})
     try:

@@ -125,7 +125,7 @@ class Container:
 
 
 @pytest.fixture(scope="module")
-def container(default_image: Path) -> Iterator[Container]:
+def container(text_image: Path) -> Iterator[Container]:
     if os.geteuid() != 0:
         pytest.fail("booting systemd in a container needs root (CI runs as root)")
     for name in ("systemd-analyze", "nsenter", "unshare"):
@@ -134,7 +134,7 @@ def container(default_image: Path) -> Iterator[Container]:
         pytest.fail("/lib/systemd/systemd not found: apt-get install -y systemd")
     deps = next(p for p in site.getsitepackages() if Path(p, "torch").is_dir())
     work = Path(tempfile.mkdtemp(prefix="m4-container-", dir="/dev/shm"))  # tmpfs: a valid upper
-    binds = {str(ROOT): str(ROOT), str(default_image): str(default_image), deps: DEPS}
+    binds = {str(ROOT): str(ROOT), str(text_image): str(text_image), deps: DEPS}
     box = Container(work, binds)
     try:
         box.wait_for_manager()
@@ -148,10 +148,10 @@ def container(default_image: Path) -> Iterator[Container]:
 
 
 @pytest.fixture(scope="module")
-def installed(container: Container, default_image: Path) -> Container:
+def installed(container: Container, text_image: Path) -> Container:
     done = container.run(
         "sh", str(ROOT / "systemd/install.sh"), f"PREFIX={PREFIX}", f"PYTHON={sys.executable}",
-        f"IMAGE={default_image}", "VENV_PYTHON=/usr/bin/python3", "PIP_ARGS=--no-deps")
+        f"IMAGE={text_image}", "VENV_PYTHON=/usr/bin/python3", "PIP_ARGS=--no-deps")
     assert "installed; start it with" in done.stdout, done.stdout + done.stderr
     venv_python = f"{PREFIX}/lib/m4/venv/bin/python"
     site_dir = container.run(venv_python, "-c", "import site; print(site.getsitepackages()[0])"
