@@ -195,7 +195,7 @@ def test_classify_ranks_the_right_label_first(stub) -> None:
     reply = stub.Classify(pb.ClassifyRequest(
         text="The striker scored twice and the team won the match.",
         labels=["politics", "sports", "technology"]))
-    assert [ls.label for ls in reply.labels][0] == "sports"
+    assert next(ls.label for ls in reply.labels) == "sports"
     assert abs(sum(ls.score for ls in reply.labels) - 1.0) < 1e-4
     scores = [ls.score for ls in reply.labels]
     assert scores == sorted(scores, reverse=True)

@@ -35,7 +35,7 @@ def feed(tok: TextTokenizer, text: str, **sampling) -> tuple[str, list, object]:
     seq = Sequence(req, stream=None, tokenizer=tok)
     deltas = []
     finished = None
-    for t in tok.encode(text) + [tok.eos_id]:
+    for t in [*tok.encode(text), tok.eos_id]:
         delta, finished = seq.add_token(t, max_context=10_000)
         if delta is not None:
             deltas.append(delta)
