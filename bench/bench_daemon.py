@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -142,24 +143,34 @@ def batches_of(sentences: list[str], size: int) -> list[list[str]]:
 
 
 class Daemon:
-    """A real `m4d` subprocess on a temporary runtime dir; stopped with SIGTERM on exit."""
+    """A real `m4d` subprocess on a temporary runtime dir; stopped with SIGTERM on exit.
 
-    def __init__(self, image: Path, threads: int, self_test: str) -> None:
+    `threads` None leaves the daemon's default (one per core but one); `args` and `env` add
+    flags and M4D_* settings (bench_scheduling.py uses them)."""
+
+    def __init__(self, image: Path, threads: int | None, self_test: str, *,
+                 args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="m4bench-")
         self.runtime_dir = Path(self.tmp.name)
         self.address = f"unix://{self.runtime_dir / 'app.sock'}"
         self.log_path = self.runtime_dir / "m4d.log"
         self._log = self.log_path.open("wb")
         command = [sys.executable, "-m", "m4d", "--config", "/dev/null", "--image", str(image),
-                   "--runtime-dir", str(self.runtime_dir), "--threads", str(threads),
-                   "--self-test", self_test, "--log-format", "text"]
+                   "--runtime-dir", str(self.runtime_dir), "--self-test", self_test,
+                   "--log-format", "text", *args]
+        if threads is not None:
+            command += ["--threads", str(threads)]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **(env or {})))
 
-    def wait_serving(self, client: Any, timeout: float = DAEMON_START_TIMEOUT) -> float:
+    def wait_serving(self, client: Any = None, timeout: float = DAEMON_START_TIMEOUT) -> float:
         """Block until health says SERVING; returns the seconds since the process started."""
-        from m4client import UnavailableError
+        from m4client import Client, UnavailableError
 
+        if client is None:
+            with Client(self.address, app_name="bench") as own:
+                return self.wait_serving(own, timeout)
         while True:
             if self.proc.poll() is not None:
                 raise SystemExit(f"m4d exited with {self.proc.returncode}:\n{self.log_tail()}")

@@ -66,15 +66,14 @@ def audio_seconds(wavs: list[bytes]) -> float:
     return total
 
 
-def m4d_transcribe(client: Any, wavs: list[bytes], concurrent: bool) -> tuple[float, list[str]]:
-    from m4client import Audio
-
+def through_m4d(call: Any, items: list[Any], concurrent: bool) -> tuple[float, list[str]]:
+    """Seconds for `call(item).text` over all items (one at a time or all in flight), texts."""
     started = time.perf_counter()
     if concurrent:
-        with ThreadPoolExecutor(len(wavs)) as pool:
-            texts = [r.text for r in pool.map(lambda w: client.transcribe(Audio(w)), wavs)]
+        with ThreadPoolExecutor(len(items)) as pool:
+            texts = [r.text for r in pool.map(call, items)]
     else:
-        texts = [client.transcribe(Audio(w)).text for w in wavs]
+        texts = [call(item).text for item in items]
     return time.perf_counter() - started, texts
 
 
@@ -119,18 +118,6 @@ class Ct2Whisper:
 def ocr_images() -> list[tuple[bytes, str]]:
     return [(rendering.render_lines(lines, font, size), "\n".join(lines))
             for font, size in rendering.FONTS for lines in rendering.TEST_LINES]
-
-
-def m4d_ocr(client: Any, images: list[bytes], concurrent: bool) -> tuple[float, list[str]]:
-    from m4client import Image
-
-    started = time.perf_counter()
-    if concurrent:
-        with ThreadPoolExecutor(len(images)) as pool:
-            texts = [r.text for r in pool.map(lambda b: client.read_text(Image(b)), images)]
-    else:
-        texts = [client.read_text(Image(b)).text for b in images]
-    return time.perf_counter() - started, texts
 
 
 class EasyOcr:
@@ -211,24 +198,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"m4d ready in {daemon.wait_serving(client):.1f} s")
         meter = OtherCpuMeter([daemon.proc.pid, os.getpid()])  # the references run here
         # warm-up: one of each
-        m4d_transcribe(client, wavs[:1], False)
-        m4d_ocr(client, pngs[:1], False)
+        from m4client import Audio, Image
+
+        def transcribe(wav: bytes) -> Any:
+            return client.transcribe(Audio(wav))
+
+        def read(png: bytes) -> Any:
+            return client.read_text(Image(png))
+
+        through_m4d(transcribe, wavs[:1], False)
+        through_m4d(read, pngs[:1], False)
         for c in ct2.values():
             c.transcribe(wavs[:1], False)
         easy.read(pngs[:1])
         for rep in range(args.repeats):
             log(f"repeat {rep + 1}/{args.repeats}")
-            record(speech_times, speech_texts, "m4d, one at a time", m4d_transcribe(client, wavs, False))
+            record(speech_times, speech_texts, "m4d, one at a time", through_m4d(transcribe, wavs, False))
             for ct, c in ct2.items():
                 record(speech_times, speech_texts, f"CTranslate2 {ct}, one at a time",
                        c.transcribe(wavs, False))
-            record(speech_times, speech_texts, "m4d, all in flight", m4d_transcribe(client, wavs, True))
+            record(speech_times, speech_texts, "m4d, all in flight", through_m4d(transcribe, wavs, True))
             for ct, c in ct2.items():
                 record(speech_times, speech_texts, f"CTranslate2 {ct}, one batch",
                        c.transcribe(wavs, True))
-            record(ocr_times, ocr_texts, "m4d, one at a time", m4d_ocr(client, pngs, False))
+            record(ocr_times, ocr_texts, "m4d, one at a time", through_m4d(read, pngs, False))
             record(ocr_times, ocr_texts, "EasyOCR readtext", easy.read(pngs))
-            record(ocr_times, ocr_texts, "m4d, all in flight", m4d_ocr(client, pngs, True))
+            record(ocr_times, ocr_texts, "m4d, all in flight", through_m4d(read, pngs, True))
         results["other_cpu_share"] = round(meter.other_share(), 3)
 
     base = median(speech_times["CTranslate2 float32, one at a time"])

@@ -48,16 +48,12 @@ import math
 import multiprocessing
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,6 +61,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_daemon import (  # the sibling benchmark's helpers
     PROMPT_TEXT,
+    Daemon,
     OtherCpuMeter,
     llama_generate,
     load_llama,
@@ -139,71 +136,6 @@ def foreground_prompts(count: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- the daemon
-
-
-class Daemon:
-    """A real `m4d` subprocess on a temporary runtime dir; stopped with SIGTERM on exit.
-
-    Like bench_daemon.Daemon, plus `--kv-slots` and M4D_UID_MAX_CONCURRENT; `--threads` is
-    passed only when given (None: the daemon's default, one per core but one)."""
-
-    def __init__(self, image: Path, threads: int | None, self_test: str) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="m4sched-")
-        self.runtime_dir = Path(self.tmp.name)
-        self.address = f"unix://{self.runtime_dir / 'app.sock'}"
-        self.log_path = self.runtime_dir / "m4d.log"
-        self._log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "m4d", "--config", "/dev/null", "--image", str(image),
-                   "--runtime-dir", str(self.runtime_dir), "--kv-slots", str(KV_SLOTS),
-                   "--self-test", self_test, "--log-format", "text"]
-        if threads is not None:
-            command += ["--threads", str(threads)]
-        env = dict(os.environ, M4D_UID_MAX_CONCURRENT=str(UID_MAX_CONCURRENT))
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_serving(self, timeout: float = DAEMON_START_TIMEOUT) -> float:
-        """Block until health says SERVING; returns the seconds since the process started."""
-        from m4client import Client, UnavailableError
-
-        with Client(self.address, app_name="bench-scheduling") as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"m4d exited with {self.proc.returncode}:\n"
-                                     f"{self.log_tail()}")
-                left = timeout - (time.monotonic() - self.started)
-                if left <= 0:
-                    raise SystemExit(f"m4d not serving after {timeout:.0f} s:\n"
-                                     f"{self.log_tail()}")
-                try:
-                    client.wait_serving(timeout=min(5.0, left))
-                    return time.monotonic() - self.started
-                except UnavailableError:
-                    continue
-
-    def failed_self_test_checks(self) -> list[str]:
-        """Names of the self-test checks the daemon logged as failed (text log format)."""
-        return [line.split("check=", 1)[1].split(" ", 1)[0]
-                for line in self.log_path.read_text(errors="replace").splitlines()
-                if "self-test check=" in line and "passed=False" in line]
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        self.tmp.cleanup()
 
 
 # ---------------------------------------------------------------- one Generate stream
@@ -722,7 +654,8 @@ def run(args: argparse.Namespace) -> Measurements:
                                + args.bg_streams, PROMPT_TOKENS)
     bg_prompts, prompts = prompts[max(STREAM_COUNTS):], prompts[:max(STREAM_COUNTS)]
 
-    daemon = Daemon(image, args.threads, args.self_test)
+    daemon = Daemon(image, args.threads, args.self_test, args=["--kv-slots", str(KV_SLOTS)],
+                    env={"M4D_UID_MAX_CONCURRENT": str(UID_MAX_CONCURRENT)})
     load: LoadProcess | None = None
     with daemon:
         log(f"started m4d (pid {daemon.proc.pid}); loading llama.cpp meanwhile")

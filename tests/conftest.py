@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -48,23 +47,16 @@ def text_image(default_image: Path, tmp_path_factory: pytest.TempPathFactory) ->
     For the tests of image handling, boot, install and scheduling: they start many daemons
     and install many copies, and the media components (240 MB, two more self-tests) would
     only add time to each."""
+    from tests.integration.imagetools import variant
+
     keep = {"backbone", "text_encoder"}
     data = json.loads((default_image / "manifest.json").read_bytes())
-    data["components"] = {k: v for k, v in data["components"].items() if k in keep}
-    data["tasks"] = [t for t in data["tasks"] if set(t["modules"]) <= keep]
-    ids = {t["id"] for t in data["tasks"]}
-    data["self_test"] = [c for c in data["self_test"] if c["task"] in ids]
-    data["files"] = {p: e for p, e in data["files"].items() if p.split("/")[0] in keep}
-    dst = tmp_path_factory.mktemp("text-image") / "default"
-    for rel in data["files"]:
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(default_image / rel, dst / rel)
-        except OSError:  # another file system (M4_TEST_IMAGE elsewhere)
-            shutil.copyfile(default_image / rel, dst / rel)
-    (dst / "manifest.json").write_bytes(
-        (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode())
-    return dst
+    tasks = [t for t in data["tasks"] if set(t["modules"]) <= keep]
+    ids = {t["id"] for t in tasks}
+    return variant(default_image, tmp_path_factory.mktemp("text-image") / "default", None,
+                   components={k: v for k, v in data["components"].items() if k in keep},
+                   tasks=tasks, self_test=[c for c in data["self_test"] if c["task"] in ids],
+                   files={p: e for p, e in data["files"].items() if p.split("/")[0] in keep})
 
 
 @dataclass

@@ -630,7 +630,7 @@ class Engine:
         self._media_queue = collections.deque(
             w for w in self._media_queue if w.request.id not in taken)
         try:
-            results = list(run_media_batch(self.runtime.recognise, batch))
+            results = list(run_media_batch(self.runtime.media.recognise, batch))
         except M4Error as exc:  # a bad input found by the model: fail it, not its batch-mates
             if len(batch) == 1:
                 self._finish(batch[0].request.id, Failed(exc))
@@ -638,7 +638,7 @@ class Engine:
             results = []
             for work in batch:
                 try:
-                    results += run_media_batch(self.runtime.recognise, [work])
+                    results += run_media_batch(self.runtime.media.recognise, [work])
                 except M4Error as one:
                     self._finish(work.request.id, Failed(one))
         for result in results:

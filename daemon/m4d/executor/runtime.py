@@ -210,10 +210,6 @@ class Runtime:
 
     # ---- images and audio ------------------------------------------------------------
 
-    def recognise(self, module: str, inputs: list[Any]) -> list[Any]:
-        """Speech to text or image to text, for a batch of decoded inputs (engine.media)."""
-        return self.media.recognise(module, inputs)
-
     @torch.inference_mode()
     def image_prompt(self, ids: list[int], image_token_id: int,
                      features: torch.Tensor) -> torch.Tensor:

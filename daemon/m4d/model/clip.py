@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from m4d.errors import InvalidArgument
+from m4d.model.weights import load_into
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -364,20 +364,9 @@ def load_clip(weights: str | Path, cfg: ClipConfig, *, compute_dtype: torch.dtyp
     """Build on meta, mmap the canonical safetensors file and assign; returns an eval model."""
     with torch.device("meta"):
         model = Clip(cfg)
-    expected = model.state_dict()
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        missing = sorted(set(expected) - set(f.keys()))
-        if missing:
-            raise ValueError(f"{weights} lacks {len(missing)} CLIP tensors, e.g. {missing[:3]}")
-        state = {n: f.get_tensor(n) for n in expected}
-    for name, t in state.items():
-        if t.shape != expected[name].shape:
-            raise ValueError(f"tensor {name!r} is {list(t.shape)}, the config expects {list(expected[name].shape)}")
-        # logit_scale stays float32: exp() of a bf16 scalar would round the temperature.
-        dtype = torch.float32 if name == "logit_scale" else compute_dtype
-        state[name] = t.to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    # logit_scale stays float32: exp() of a bf16 scalar would round the temperature.
+    return load_into(model, weights, what="CLIP", compute_dtype=compute_dtype, device=device,
+                     keep_float32={"logit_scale"})
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], cfg: ClipTextConfig) -> Tensor:

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
+
+from m4d.model.weights import load_into
 
 
 @dataclass
@@ -206,25 +207,14 @@ def load_craft(
     device: str | torch.device = "cpu",
 ) -> Craft:
     """Build on meta, mmap the safetensors file and assign its tensors; returns an eval model."""
-    config = config or CraftConfig()
     with torch.device("meta"):
-        model = Craft(config)
-    expected = model.state_dict().keys()
-    state: dict[str, Tensor] = {}
-    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
-        have = set(f.keys())
-        missing = [n for n in expected if n not in have]
-        if missing:
-            raise ValueError(f"{weights_file} lacks {len(missing)} detector tensors, e.g. {missing[:3]}")
-        for n in expected:
-            t = f.get_tensor(n)
-            if t.is_floating_point():
-                t = t.to(device=device, dtype=compute_dtype)
-            if t.dim() == 4:  # NHWC conv weights: oneDNN runs 10-20% faster here (640x224, 1 thread)
-                t = t.contiguous(memory_format=torch.channels_last)
-            state[n] = t
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+        model = Craft(config or CraftConfig())
+
+    def nhwc(name: str, t: Tensor) -> Tensor:  # oneDNN runs 10-20% faster (640x224, 1 thread)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    return load_into(model, weights_file, what="detector", compute_dtype=compute_dtype,
+                     device=device, prepare=nhwc)
 
 
 # ---------------------------------------------------------------------------------------------

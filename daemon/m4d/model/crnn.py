@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
+
+from m4d.model.weights import load_into
 
 
 @dataclass
@@ -156,23 +157,7 @@ def load_crnn(
     """Build on meta, mmap the safetensors file and assign its tensors; returns an eval model."""
     with torch.device("meta"):
         model = Crnn(config)
-    expected = model.state_dict().keys()
-    state: dict[str, Tensor] = {}
-    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
-        have = set(f.keys())
-        missing = [n for n in expected if n not in have]
-        if missing:
-            raise ValueError(f"{weights_file} lacks {len(missing)} recogniser tensors, e.g. {missing[:3]}")
-        for n in expected:
-            t = f.get_tensor(n)
-            state[n] = t if not t.is_floating_point() else t.to(device=device, dtype=compute_dtype)
-    cls_rows = state["classifier.weight"].shape[0]
-    if cls_rows != config.num_classes:
-        raise ValueError(
-            f"{weights_file} classifies {cls_rows} classes but the charset gives {config.num_classes}"
-        )
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
+    load_into(model, weights_file, what="recogniser", compute_dtype=compute_dtype, device=device)
     model.rnn1.lstm.flatten_parameters()
     model.rnn2.lstm.flatten_parameters()
     return model

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from m4d.errors import InvalidArgument
+from m4d.model.weights import load_into
 
 KINDS = ("linear", "mlp2x_gelu", "ldpnet", "ldpnetv2")
 
@@ -187,18 +187,7 @@ def load_projector(weights: str | Path, cfg: ProjectorConfig, *,
     """Build on meta, read the (small) safetensors file and assign; returns an eval model."""
     with torch.device("meta"):
         model = build_projector(cfg)
-    expected = model.state_dict()
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        missing = sorted(set(expected) - set(f.keys()))
-        if missing:
-            raise ValueError(f"{weights} lacks projector tensors {missing[:3]}")
-        state = {n: f.get_tensor(n) for n in expected}
-    for name, t in state.items():
-        if t.shape != expected[name].shape:
-            raise ValueError(f"tensor {name!r} is {list(t.shape)}, the config expects {list(expected[name].shape)}")
-        state[name] = t.to(device=device, dtype=compute_dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return load_into(model, weights, what="projector", compute_dtype=compute_dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------------

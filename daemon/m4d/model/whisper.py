@@ -18,12 +18,12 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from m4d.errors import InvalidArgument
 from m4d.model.audio import N_SAMPLES, SAMPLE_RATE, log_mel
+from m4d.model.weights import load_into
 
 
 @dataclass
@@ -263,17 +263,7 @@ def load_whisper(
     """Build on meta, mmap the canonical safetensors file and assign its tensors; eval model."""
     with torch.device("meta"):
         model = Whisper(cfg)
-    expected = model.state_dict()
-    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
-        missing = sorted(set(expected) - set(f.keys()))
-        if missing:
-            raise ValueError(f"{weights_file} lacks {len(missing)} Whisper tensors, e.g. {missing[:3]}")
-        state = {n: f.get_tensor(n) for n in expected}
-    for name, t in state.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise ValueError(f"tensor {name!r} has shape {list(t.shape)}, config expects {list(expected[name].shape)}")
-        state[name] = t.to(device=device, dtype=compute_dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    load_into(model, weights_file, what="Whisper", compute_dtype=compute_dtype, device=device)
     model.encoder.positions.requires_grad_(False)
     return model.eval()
 
