@@ -25,6 +25,7 @@ FORMATS = {
     "bfloat16": ("bfloat16", torch.bfloat16),
     "int8+bf16": ("int8", torch.bfloat16),
     "int4+bf16": ("int4", torch.bfloat16),
+    "w8a8+bf16": ("w8a8", torch.bfloat16),
 }
 
 

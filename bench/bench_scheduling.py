@@ -654,7 +654,10 @@ def run(args: argparse.Namespace) -> Measurements:
                                + args.bg_streams, PROMPT_TOKENS)
     bg_prompts, prompts = prompts[max(STREAM_COUNTS):], prompts[:max(STREAM_COUNTS)]
 
-    daemon = Daemon(image, args.threads, args.self_test, args=["--kv-slots", str(KV_SLOTS)],
+    extra = ["--kv-slots", str(KV_SLOTS)]
+    if args.weight_format:
+        extra += ["--weight-format", args.weight_format]
+    daemon = Daemon(image, args.threads, args.self_test, args=extra,
                     env={"M4D_UID_MAX_CONCURRENT": str(UID_MAX_CONCURRENT)})
     load: LoadProcess | None = None
     with daemon:
@@ -761,6 +764,7 @@ def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:
         "daemon_threads": args.threads if args.threads is not None
         else max(1, (os.cpu_count() or 1) - 1),
         "llama_threads": args.llama_threads,
+        "weight_format": args.weight_format or "daemon default",
         "kv_slots": KV_SLOTS,
         "repeats": args.repeats,
         "other_cpu_share": m.other_cpu,
@@ -979,7 +983,8 @@ def render_table(result: dict[str, Any]) -> str:
         return "  ".join(cells).rstrip()
 
     out = [f"m4d scheduling, {result['date']}, image {result['image']}, kv_slots "
-           f"{result['kv_slots']}, m4d {result['daemon_threads']} torch thread(s), llama.cpp "
+           f"{result['kv_slots']}, weight format {result.get('weight_format', 'daemon default')}, "
+           f"m4d {result['daemon_threads']} torch thread(s), llama.cpp "
            f"{result['llama_threads']} threads", fmt(lines[0]),
            "  ".join("-" * w for w in widths)]
     out += [fmt(line) for line in lines[1:]]
@@ -995,6 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="alternating rounds per comparison (default 3)")
     parser.add_argument("--threads", type=int, default=None,
                         help="m4d --threads (default: the daemon's own default)")
+    parser.add_argument("--weight-format", default=None,
+                        help="m4d --weight-format (default: the daemon's own, int4); w8a8 is "
+                             "the format whose GEMMs batch")
     parser.add_argument("--llama-threads", type=int, default=2,
                         help="llama.cpp n_threads and n_threads_batch (default 2)")
     parser.add_argument("--fg-requests", type=int, default=36,

@@ -158,3 +158,46 @@ def test_random_tiny_network_bf16_decode_path_matches_full_forward() -> None:
     for i, s in enumerate(seqs):
         full = net.forward_full(s)[0, -1]
         assert (step[i, 0] - full).abs().max().item() <= 0.05 * full.abs().max().item()
+
+
+@pytest.mark.parametrize("weight_format", ["w8a8", "int4"])
+def test_decode_batch_gives_each_sequence_the_logits_it_gets_alone(imported_llama,
+                                                                   weight_format: str) -> None:
+    """Continuous batching's premise, bit for bit: in the serving formats a sequence's logits
+    do not depend on how many other sequences share the step, or on their rows."""
+    model = imported_llama.load(weight_format, torch.bfloat16)
+    tok = imported_llama.tokenizer
+    texts = ["Paris is the capital of", "The three primary colours are red, yellow and",
+             "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,",
+             "Water boils at", "My favourite book is", "1, 2, 3, 5, 8,",
+             "The best way to learn a language is", "In 1969, humans first"]
+    prompts = [tok.encode(t) for t in texts]
+    n = len(prompts)
+    model.setup_caches(2 * n, 96)
+
+    def greedy_run(rows: list[int], steps: int = 6) -> list[list[torch.Tensor]]:
+        """Prefill each prompt in its row, then decode all together; logits per step."""
+        nxt, seqs = [], [list(p) for p in prompts]
+        for p, r in zip(prompts, rows, strict=True):
+            nxt.append(int(_prefill(model, p, r).argmax()))
+        out: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for _ in range(steps):
+            logits = model(torch.tensor([[t] for t in nxt]),
+                           torch.tensor([[len(s)] for s in seqs]), rows=torch.tensor(rows))
+            for i, s in enumerate(seqs):
+                s.append(nxt[i])
+                out[i].append(logits[i, 0])
+            nxt = [int(logits[i, 0].argmax()) for i in range(n)]
+        return out
+
+    batched = greedy_run([2 * i + 1 for i in range(n)])  # scattered rows, all nine at once
+    for i, p in enumerate(prompts):
+        seq, alone = list(p), []
+        logits = _prefill(model, p, 0)
+        for _ in range(6):
+            seq.append(int(logits.argmax()))
+            logits = model(torch.tensor([[seq[-1]]]), torch.tensor([[len(seq) - 1]]),
+                           rows=torch.tensor([0]))[0, 0]
+            alone.append(logits)
+        for step, (a, b) in enumerate(zip(alone, batched[i], strict=True)):
+            assert torch.equal(a, b), f"{texts[i]!r} step {step}: {(a - b).abs().max().item()}"

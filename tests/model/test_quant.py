@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 from m4d.model.quant import (
+    LO_RADIX,
     Int4WeightOnlyLinear,
+    Int8DynamicLinear,
     Int8WeightOnlyLinear,
     WeightFile,
     dequantize_q4_1,
     dequantize_q8_0,
+    onednn_int8_available,
     pack_int4,
     split_q4_1_blocks,
     split_q8_0_blocks,
@@ -117,3 +120,68 @@ def test_weight_file_kinds(imported_llama) -> None:
         assert qw.shape == (576, 768) and sc.shape == mn.shape == (576, 48)
         with pytest.raises(KeyError, match="not found"):
             wf.kind("model.layers.99.mlp.down_proj.weight")
+
+
+def _activations(m: int, k: int, seed: int) -> torch.Tensor:
+    """Decoder-like rows: mostly small values, a few outlier channels, row scales spread 100x."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, torch.randperm(k, generator=g)[:4]] *= 30.0
+    return x * torch.logspace(-1, 1, m)[torch.randperm(m, generator=g)][:, None]
+
+
+def _w8a8_reference(lin: Int8DynamicLinear, x: torch.Tensor) -> torch.Tensor:
+    """The format written out: two int8 digits per activation (found in float32, as the
+    layer does), their products with the int8 weight summed in float64 (exact integers)."""
+    scale = x.abs().amax(dim=1, keepdim=True) / 127
+    hi = torch.round(x / scale)
+    lo = torch.round((x / scale - hi) * LO_RADIX)
+    assert hi.abs().max() <= 127 and lo.abs().max() <= 127
+    w = lin.int8_weight().double()
+    acc = hi.double() @ w.t() + (lo.double() @ w.t()) / LO_RADIX
+    return acc * scale.double() * lin.scales.double()
+
+
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576)])
+def test_w8a8_linear_computes_its_format_and_is_batch_invariant(k: int, n: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = _activations(40, k, seed=n)
+    lin = Int8DynamicLinear.from_float(w, dtype=torch.float32)
+    y = lin(x)
+    ref = _w8a8_reference(lin, x)
+    # only float32 rounding of the final scaling: the sums themselves are exact
+    assert ((y.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max().item() < 1e-6
+    # two activation digits: each activation within absmax / (127 * 2 * LO_RADIX), so the
+    # output is near the unquantized product even with outlier channels (one digit: ~1e-2)
+    dense = x.double() @ lin.dequantized().double().t()
+    assert ((y.double() - dense).abs().amax(dim=1) / dense.abs().amax(dim=1)).max().item() < 1e-3
+    # a row's output is bit-identical whatever else is in the batch, and wherever it sits
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(40)])
+    for m in (2, 3, 7, 16, 17, 32, 40):
+        assert torch.equal(lin(x[:m]), alone[:m]), m
+    perm = torch.randperm(40, generator=g)
+    assert torch.equal(lin(x[perm]), alone[perm])
+    assert lin(x.view(40, 1, k).bfloat16()).shape == (40, 1, n)
+
+
+@pytest.mark.skipif(not onednn_int8_available(), reason="oneDNN int8 linear is x86-only")
+def test_w8a8_packed_onednn_path_equals_int_mm_path() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(384, 576, generator=g) * 0.05
+    x = _activations(9, 576, seed=4)
+    packed = Int8DynamicLinear.from_float(w, dtype=torch.float32, packed=True)
+    plain = Int8DynamicLinear.from_float(w, dtype=torch.float32, packed=False)
+    assert torch.equal(packed(x), plain(x))
+
+
+def test_w8a8_rejects_wrong_shapes() -> None:
+    with pytest.raises(ValueError, match="int8"):
+        Int8DynamicLinear(torch.zeros(4, 8), torch.ones(4))
+    with pytest.raises(ValueError, match="scales"):
+        Int8DynamicLinear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3))
+    lin = Int8DynamicLinear(torch.ones(4, 8, dtype=torch.int8), torch.ones(4))
+    with pytest.raises(ValueError, match="last dim 8"):
+        lin(torch.ones(2, 7))
+    # an all-zero row stays exactly zero (no division by a zero scale)
+    assert torch.equal(lin(torch.zeros(2, 8)).float(), torch.zeros(2, 4))

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m4d.model.quant import WeightFile, build_linear
+from m4d.model.quant import Int8DynamicLinear, WeightFile, build_linear
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FORMATS = ("int4", "int8", "bfloat16", "float32")
+WEIGHT_FORMATS = ("int4", "int8", "w8a8", "bfloat16", "float32")
 ATTN_BLOCK = 64  # cached attention spans a multiple of this many positions (see forward)
 
 
@@ -338,8 +338,10 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
     """Build the network on meta, then assign weights converted to ``weight_format``.
 
     weight_format: "int4" (exact from stored Q4_1; group-32 min/max quantization from dense),
-    "int8" (per-channel symmetric from the dense weights), "bfloat16", "float32" (dense).
-    Norms are kept in the compute dtype, the (tied) LM head dense in the compute dtype.
+    "int8" (per-channel symmetric from the dense weights), "w8a8" (int8 weights per channel,
+    activations as two int8 digits per row, the LM head too: the batched-serving format, see
+    ``Int8DynamicLinear``), "bfloat16", "float32" (dense). Norms are kept in the compute
+    dtype, the (tied) LM head dense in the compute dtype except with w8a8.
     """
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
@@ -359,9 +361,13 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
         if emb.shape != (config.vocab_size, config.dim):
             raise ValueError(f"embedding shape {tuple(emb.shape)} does not match the config")
         model.tok_embeddings.weight = emb
-        head = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
-        head.weight = emb if config.tie_embeddings else dense("lm_head.weight")
-        model.output = head
+        head_weight = emb if config.tie_embeddings else dense("lm_head.weight")
+        if weight_format == "w8a8":  # the head is the largest matrix: batch it like the rest
+            model.output = Int8DynamicLinear.from_float(head_weight, dtype=compute_dtype)
+        else:
+            head = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
+            head.weight = head_weight
+            model.output = head
         model.norm.weight = dense("model.norm.weight")
         for i, layer in enumerate(model.blocks):
             p = f"model.layers.{i}."
