@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -144,3 +145,9 @@ def daemon(default_image: Path, tmp_path_factory: pytest.TempPathFactory,
     d = start_daemon(default_image, tmp_path_factory.mktemp("m4d"))
     yield d
     d.stop()
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn: Ctrl-C as at a terminal. A suite started in the background by a shell
+    without job control inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -23,6 +23,8 @@ from m4.inference.v1 import inference_pb2 as pb
 from m4ctl.__main__ import main
 from test_client_fake import FakeM4d
 
+from tests.conftest import default_sigint
+
 # The fake daemon's fixtures, shared with test_client_fake.py (pytest imports test modules by
 # their basename, tests/cli being on sys.path).
 fake_m4d = fakes.fake_m4d
@@ -56,6 +58,7 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=_env(),
+        preexec_fn=default_sigint,
     )
 
 

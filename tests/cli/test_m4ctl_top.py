@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from m4client import AdminClient, Client
 
-from tests.conftest import DaemonProcess
+from tests.conftest import DaemonProcess, default_sigint
 
 APP = "top-test"
 
@@ -104,7 +104,7 @@ def test_top_json_is_one_frame(daemon: DaemonProcess, load: None) -> None:
 def test_top_refreshes_until_interrupted(daemon: DaemonProcess) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "m4ctl", "top", "--interval", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=daemon.env())
+                            env=daemon.env(), preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 30
         seen = ""
