@@ -213,9 +213,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16) -> Int8WeightOnlyLinear:
-        w = weight.to(torch.float32)
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        q, scale = quantize_rows_int8(weight.to(torch.float32))
         return cls(q, scale, dtype=dtype)
 
     def dequantized(self) -> torch.Tensor:
@@ -330,7 +328,7 @@ def onednn_int8_available() -> bool:
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric absmax int8 per row of a float32 [M, K]: (q int8 [M, K], scale float32 [M])."""
-    scale = x.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    scale = (x.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
