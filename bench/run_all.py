@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-SCRIPTS = ("bench_daemon.py", "bench_scheduling.py", "bench_backbone.py", "bench_media.py")
+SCRIPTS = ("bench_daemon.py", "bench_scheduling.py", "bench_backbone.py", "bench_media.py",
+           "bench_gil.py")
 
 
 def takes_image(script: Path) -> bool:
