@@ -11,9 +11,8 @@ Layout notes:
   row permutation of q/k so the stored weights are HF-style.
 """
 
-from __future__ import annotations
-
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ class LlamaConfig:
         self.head_dim = self.dim // self.n_heads
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         names = {f.name for f in fields(cls) if f.init}
         unknown = set(d) - names - {"head_dim"}
         if unknown:
@@ -85,9 +84,8 @@ class KVCache(nn.Module):
         """Write k/v [B, Hkv, S, Dh] at input_pos [B, S]; return [B, Hkv, length, Dh] views."""
         b = k.shape[0]
         row_idx = rows if rows is not None else torch.arange(b, device=k.device)
-        idx = (row_idx[:, None], slice(None), input_pos)  # advanced dims first: [B, S, Hkv, Dh]
-        self.k[idx] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[idx] = v.transpose(1, 2).to(self.v.dtype)
+        self.k[row_idx[:, None], :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[row_idx[:, None], :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
         if rows is None:  # fast path: compact rows 0..B-1, a view
             return self.k[:b, :, :length], self.v[:b, :, :length]
         return self.k[rows, :, :length], self.v[rows, :, :length]
@@ -200,6 +198,35 @@ class Block(nn.Module):
         return out
 
 
+class LayerStack(nn.Module):
+    """The decoder layers run in order, as one TorchScript function.
+
+    Why: torch releases the GIL inside each kernel but needs it back between the ~1500 ops
+    of a decode step, and in m4d the event loop thread holds it while it streams tokens. A
+    Python thread busy ~30% of a core made the eager 16-row step 1.6x slower in process
+    (bench/bench_gil.py); the scripted stack runs its whole loop in the TorchScript
+    interpreter, which releases the GIL once for the call. It shares the layers' weights and
+    KV caches (no copies) and computes the same numbers (tests/model/test_llama_cache.py).
+
+    ``torch.jit.script`` is deprecated as of torch 2.13 (pinned here). Its successors do not
+    do this job yet: a ``torch.compile``d graph still runs its wrapper code in Python, and
+    inductor cannot lower the w8a8 layer's oneDNN op without frozen weights. AOTInductor
+    (``torch.export`` + a compiled C++ wrapper) is the way forward when it is worth a build
+    step.
+    """
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+                rows: torch.Tensor | None, length: int) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos, rows, length)
+        return x
+
+
 class Llama(nn.Module):
     rope_cos: torch.Tensor  # [max_seq_len, Dh] float32
     rope_sin: torch.Tensor
@@ -238,6 +265,39 @@ class Llama(nn.Module):
             layer.attention.kv_cache = KVCache(n_slots, self.config.n_kv_heads, max_seq,
                                                self.config.head_dim, dtype, device)
         self.cache_slots, self.cache_seq = n_slots, max_seq
+        self._script_layers()
+
+    def _script_layers(self) -> None:
+        """(Re)builds the scripted layer stack over the current caches (see LayerStack); the
+        layers run eagerly when TorchScript cannot compile them."""
+        try:
+            with warnings.catch_warnings():  # deprecated in torch 2.13, which we pin
+                warnings.simplefilter("ignore", DeprecationWarning)
+                stack = torch.jit.script(LayerStack(self.layers))
+        except Exception as exc:  # any compile failure means: run eagerly
+            log.warning("decoder layers run eagerly: TorchScript failed: %s",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            stack = None
+        self.__dict__["_stack"] = stack  # not a submodule: it shares the layers' tensors
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Llama":  # .to(), .float(), ...
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if self.__dict__.get("_stack") is not None:  # buffers may be new tensors now
+            self._script_layers()
+        return self
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+                rows: torch.Tensor | None, length: int) -> torch.Tensor:
+        stack = self.__dict__.get("_stack")
+        if stack is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask, input_pos, rows, length)
+            return x
+        # no profiling-guided rewrites: the same graph for every batch shape
+        with torch.jit.optimized_execution(False):  # type: ignore[attr-defined]
+            out: torch.Tensor = stack(x, cos, sin, mask, input_pos, rows, length)
+        return out
 
     def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # pos: [B, S] -> cos, sin: [B, S, 1, Dh]
@@ -285,8 +345,7 @@ class Llama(nn.Module):
         mask = mask.unsqueeze(1)
         x = embeds
         cos, sin = self._rope(input_pos, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, rows, length)
+        x = self._layers(x, cos, sin, mask, input_pos, rows, length)
         if last_only:
             x = x[:, -1:]
         return self._head(x)
@@ -303,8 +362,7 @@ class Llama(nn.Module):
         b, s = x.shape[:2]
         pos = torch.arange(s, device=x.device).expand(b, s)
         cos, sin = self._rope(pos, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, None, None, None, s)
+        x = self._layers(x, cos, sin, None, None, None, s)
         return self._head(x)
 
 

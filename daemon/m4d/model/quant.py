@@ -31,8 +31,6 @@ Two roles:
   batch, and it is batch invariant by construction (see the class).
 """
 
-from __future__ import annotations
-
 import platform
 from pathlib import Path
 from typing import Any
@@ -122,9 +120,16 @@ def dequantize_q8_0(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
 # --------------------------------------------------------------------------- linears
 
 
+def _with_last_dim(x: torch.Tensor, last: int) -> list[int]:
+    """x's shape with the last dim replaced (written for TorchScript: no starred lists)."""
+    shape = list(x.shape[:-1])
+    shape.append(last)
+    return shape
+
+
 def _check_2d_in(x: torch.Tensor, in_features: int) -> torch.Tensor:
     if x.shape[-1] != in_features:
-        raise ValueError(f"expected last dim {in_features}, got shape {tuple(x.shape)}")
+        raise ValueError(f"expected last dim {in_features}, got shape {list(x.shape)}")
     return x.reshape(-1, in_features).contiguous()
 
 
@@ -158,7 +163,7 @@ class Int4WeightOnlyLinear(nn.Module):
     def from_q4_1(
         cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, *,
         dtype: torch.dtype = torch.bfloat16,
-    ) -> Int4WeightOnlyLinear:
+    ) -> "Int4WeightOnlyLinear":
         """Exact mapping of stored Q4_1 (``NIBBLE_ORDER``) onto torch's layout."""
         d = scales.numpy().astype(np.float32)  # [N, K/32]
         zeros = mins.numpy().astype(np.float32) + 8.0 * d  # torch: (q - 8) * d + zero
@@ -169,7 +174,7 @@ class Int4WeightOnlyLinear(nn.Module):
     def from_float(
         cls, weight: torch.Tensor, *, group_size: int = Q4_1_GROUP,
         dtype: torch.dtype = torch.bfloat16,
-    ) -> Int4WeightOnlyLinear:
+    ) -> "Int4WeightOnlyLinear":
         """Quantize a dense [N, K] weight: per-group min/max, 16 levels (a lossy step)."""
         n, k = weight.shape
         w = weight.to(torch.float32).reshape(n, k // group_size, group_size)
@@ -190,7 +195,7 @@ class Int4WeightOnlyLinear(nn.Module):
         y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.weight_packed, self.group_size, self.scales_and_zeros
         )
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.view(_with_last_dim(x, self.out_features))
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -212,7 +217,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("scales", scales.to(dtype).contiguous())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16) -> Int8WeightOnlyLinear:
+    def from_float(cls, weight: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16) -> "Int8WeightOnlyLinear":
         q, scale = quantize_rows_int8(weight.to(torch.float32))
         return cls(q, scale, dtype=dtype)
 
@@ -224,7 +229,7 @@ class Int8WeightOnlyLinear(nn.Module):
         # x: [..., K] -> [..., N]
         x2 = _check_2d_in(x, self.in_features).to(self.scales.dtype)
         y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.view(_with_last_dim(x, self.out_features))
 
 
 class Int8DynamicLinear(nn.Module):
@@ -265,6 +270,7 @@ class Int8DynamicLinear(nn.Module):
             )
         self.out_features, self.in_features = qweight.shape
         self.dtype = dtype
+        self.lo_radix = LO_RADIX
         self.packed = onednn_int8_available() if packed is None else packed
         if self.packed:  # the packed copy replaces the plain weight (no second copy kept)
             weight = torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None)
@@ -277,7 +283,7 @@ class Int8DynamicLinear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16,
-                   packed: bool | None = None) -> Int8DynamicLinear:
+                   packed: bool | None = None) -> "Int8DynamicLinear":
         q, scale = quantize_rows_int8(weight.to(torch.float32))
         return cls(q, scale, dtype=dtype, packed=packed)
 
@@ -297,7 +303,7 @@ class Int8DynamicLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         y = self._matmul(_check_2d_in(x, self.in_features).to(torch.float32))
-        return y.to(self.dtype).view(*x.shape[:-1], self.out_features)
+        return y.to(self.dtype).view(_with_last_dim(x, self.out_features))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [M, K] -> float32 [M, N]."""
@@ -307,7 +313,7 @@ class Int8DynamicLinear(nn.Module):
         scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30).div_(127.0)  # [M, 1]
         xs = x / scale
         hi = torch.round(xs)
-        lo = torch.round(xs.sub_(hi).mul_(LO_RADIX))
+        lo = torch.round(xs.sub_(hi).mul_(self.lo_radix))
         q = torch.cat([hi, lo])  # [2M, K], integers held in float32
         if self.packed:
             y = torch.ops.onednn.qlinear_pointwise(
@@ -315,7 +321,7 @@ class Int8DynamicLinear(nn.Module):
                 self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
         else:
             y = torch._int_mm(q.to(torch.int8), self.weight).to(torch.float32) * self.scales
-        out: torch.Tensor = y[m:].div_(LO_RADIX).add_(y[:m]).mul_(scale)
+        out: torch.Tensor = y[m:].div_(self.lo_radix).add_(y[:m]).mul_(scale)
         return out
 
 
@@ -351,7 +357,7 @@ class WeightFile:
         self._f = handle
         self._keys: set[str] = set(handle.keys())
 
-    def __enter__(self) -> WeightFile:
+    def __enter__(self) -> "WeightFile":
         return self
 
     def __exit__(self, *exc: object) -> None:
