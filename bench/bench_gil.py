@@ -4,8 +4,10 @@ In m4d the engine's worker thread runs the decoder while the event loop thread s
 torch releases the GIL inside each kernel, but the Python between the ~1500 ops of a decode
 step needs it back, and a loop thread in the middle of its Python work holds it. This script
 times the in-process decode step (SmolLM2-135M from the image, 1 torch thread) quiet and
-beside a Python thread that is busy in bursts, at two GIL switch intervals, and prints one
-table of step times and ratios to the quiet step.
+beside a Python thread that is busy in bursts, at two GIL switch intervals, with the layers
+run eagerly (one Python call per op) and as m4d runs them (``LayerStack``: one TorchScript
+call, which drops the GIL for the whole loop), and prints one table of step times and
+ratios to the quiet eager step.
 
     python bench/bench_gil.py --image build/images/default [--format int4] [--batches 1,16]
 """
@@ -69,26 +71,36 @@ def main(argv: list[str] | None = None) -> int:
     model = load_llama(args.image / spec["weights"], LlamaConfig.from_dict(spec["config"]),
                        weight_format=args.format, compute_dtype=torch.bfloat16)
     model.setup_caches(32, 512, torch.bfloat16)
+    scripted = model.__dict__["_stack"]
+    if scripted is None:
+        raise SystemExit("the layers could not be scripted (see the log); nothing to compare")
     default_switch = sys.getswitchinterval()
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        quiet = step_ms(model, batch)
-        rows.append((batch, "quiet", "-", quiet, 1.0))
-        for switch in SWITCH_INTERVALS:
-            sys.setswitchinterval(switch)
-            for busy_us, sleep_us in LOADS:
-                load = BusyPython(busy_us, sleep_us)
-                load.start()
-                ms = step_ms(model, batch)
-                load.done.set()
-                load.join()
-                rows.append((batch, f"busy {busy_us} us / sleep {sleep_us} us",
-                             f"{switch * 1e3:g} ms", ms, ms / quiet))
-        sys.setswitchinterval(default_switch)
-    print(f"decode step, {args.format} weights, 1 torch thread (ms, median of 8)")
-    print(f"{'rows':>4}  {'other Python thread':<28}  {'switch':>7}  {'step ms':>8}  {'x quiet':>7}")
-    for batch, load_name, switch_name, ms, ratio in rows:
-        print(f"{batch:>4}  {load_name:<28}  {switch_name:>7}  {ms:>8.1f}  {ratio:>7.2f}")
+        quiet = None
+        for layers, stack in (("eager", None), ("scripted", scripted)):
+            model.__dict__["_stack"] = stack
+            ms = step_ms(model, batch)
+            quiet = quiet or ms
+            rows.append((batch, layers, "quiet", "-", ms, ms / quiet))
+            for switch in SWITCH_INTERVALS:
+                sys.setswitchinterval(switch)
+                for busy_us, sleep_us in LOADS:
+                    load = BusyPython(busy_us, sleep_us)
+                    load.start()
+                    ms = step_ms(model, batch)
+                    load.done.set()
+                    load.join()
+                    rows.append((batch, layers, f"busy {busy_us} us / sleep {sleep_us} us",
+                                 f"{switch * 1e3:g} ms", ms, ms / quiet))
+            sys.setswitchinterval(default_switch)
+    print(f"decode step, {args.format} weights, 1 torch thread (ms, median of 8; x = vs the "
+          "quiet eager step of the same rows)")
+    print(f"{'rows':>4}  {'layers':<8}  {'other Python thread':<28}  {'switch':>7}  "
+          f"{'step ms':>8}  {'x':>5}")
+    for batch, layers, load_name, switch_name, ms, ratio in rows:
+        print(f"{batch:>4}  {layers:<8}  {load_name:<28}  {switch_name:>7}  {ms:>8.1f}  "
+              f"{ratio:>5.2f}")
     return 0
 
 
