@@ -80,7 +80,8 @@ class Config:
     # The firmware image directory to serve.
     image: Path = STATE_DIR / "images" / "default"
     # How backbone weights are held in memory: int4 keeps the checkpoint's Q4_1 exactly and
-    # decodes one sequence fastest; w8a8 prefills ~1.5x faster (m4d.model.quant).
+    # decodes one sequence fastest; w8a8 prefills ~1.5x faster and decodes many concurrent
+    # streams faster (m4d.model.quant, bench/README.md).
     weight_format: str = "int4"
     # The dtype of activations. int4/int8 weights need bfloat16 to be fast on CPU.
     compute_dtype: str = "bfloat16"
