@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from m4d.model.llama import Llama, LlamaConfig, load_llama
+from m4d.model.llama import LayerStack, Llama, LlamaConfig, load_llama
 
 REPO = Path(__file__).resolve().parent.parent
 # (busy microseconds, then sleep microseconds): ~13% and ~29% of a core in pure Python
@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     model = load_llama(args.image / spec["weights"], LlamaConfig.from_dict(spec["config"]),
                        weight_format=args.format, compute_dtype=torch.bfloat16)
     model.setup_caches(32, 512, torch.bfloat16)
-    scripted = model.__dict__["_stack"]
-    if scripted is None:
+    if not model.scripted:
         raise SystemExit("the layers could not be scripted (see the log); nothing to compare")
+    scripted = model.__dict__["_stack"]
     default_switch = sys.getswitchinterval()
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         quiet = None
-        for layers, stack in (("eager", None), ("scripted", scripted)):
+        for layers, stack in (("eager", LayerStack(model.layers)), ("scripted", scripted)):
             model.__dict__["_stack"] = stack
             ms = step_ms(model, batch)
             quiet = quiet or ms

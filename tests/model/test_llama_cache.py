@@ -167,7 +167,7 @@ def test_decode_batch_gives_each_sequence_the_logits_it_gets_alone(imported_llam
     do not depend on how many other sequences share the step, or on their rows."""
     model = imported_llama.load(weight_format, torch.bfloat16)
     model.setup_caches(1, 64)
-    assert model.__dict__["_stack"] is not None, "the layers must run as one scripted call"
+    assert model.scripted, "the layers must run as one TorchScript call"
     tok = imported_llama.tokenizer
     texts = ["Paris is the capital of", "The three primary colours are red, yellow and",
              "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,",

@@ -243,6 +243,9 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.cache_slots = 0
         self.cache_seq = 0
+        # the layer loop, eager until setup_caches scripts it; not a submodule (it shares the
+        # layers' tensors, which would otherwise appear twice in state_dict)
+        self.__dict__["_stack"] = LayerStack(self.layers)
 
     @property
     def blocks(self) -> list[Block]:
@@ -270,33 +273,33 @@ class Llama(nn.Module):
     def _script_layers(self) -> None:
         """(Re)builds the scripted layer stack over the current caches (see LayerStack); the
         layers run eagerly when TorchScript cannot compile them."""
+        stack: nn.Module = LayerStack(self.layers)
         try:
             with warnings.catch_warnings():  # deprecated in torch 2.13, which we pin
                 warnings.simplefilter("ignore", DeprecationWarning)
-                stack = torch.jit.script(LayerStack(self.layers))
+                stack = torch.jit.script(stack)
         except Exception as exc:  # any compile failure means: run eagerly
             log.warning("decoder layers run eagerly: TorchScript failed: %s",
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            stack = None
-        self.__dict__["_stack"] = stack  # not a submodule: it shares the layers' tensors
+        self.__dict__["_stack"] = stack
+
+    @property
+    def scripted(self) -> bool:
+        """Whether the layers run as one TorchScript call."""
+        return isinstance(self.__dict__["_stack"], torch.jit.ScriptModule)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Llama":  # .to(), .float(), ...
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        if self.__dict__.get("_stack") is not None:  # buffers may be new tensors now
+        if self.scripted:  # the script holds the old buffers: .to() may have made new ones
             self._script_layers()
         return self
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None,
                 rows: torch.Tensor | None, length: int) -> torch.Tensor:
-        stack = self.__dict__.get("_stack")
-        if stack is None:
-            for layer in self.layers:
-                x = layer(x, cos, sin, mask, input_pos, rows, length)
-            return x
-        # no profiling-guided rewrites: the same graph for every batch shape
+        # no profiling-guided rewrites of a script: the same graph for every batch shape
         with torch.jit.optimized_execution(False):  # type: ignore[attr-defined]
-            out: torch.Tensor = stack(x, cos, sin, mask, input_pos, rows, length)
+            out: torch.Tensor = self.__dict__["_stack"](x, cos, sin, mask, input_pos, rows, length)
         return out
 
     def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

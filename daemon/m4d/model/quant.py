@@ -241,9 +241,8 @@ class Int8DynamicLinear(nn.Module):
     of 0.050 against its float32 reference, ten times the int8 weights' own 0.005; with two
     it is 0.005. Both digit rows go through one GEMM, so the weight is read once per call.
 
-    Measured here (bench/bench_backbone.py, 1 and 2 threads): prefill 1.5-1.6x int4's, batched
-    decode on par with int4 at 16 and 32 rows (the GEMMs are no longer what a step waits on:
-    the model's other ~1500 small ops per step are), one-sequence decode 0.6-0.7x.
+    Against int4 (bench/README.md): prefill ~1.5x faster and 16-32 concurrent streams
+    1.1-1.3x faster, one stream 0.67x.
 
     Batch invariance holds by construction: a row's scale and digits depend on that row only,
     integer sums are exact in any order and the float scaling is per element, so a sequence
@@ -270,7 +269,7 @@ class Int8DynamicLinear(nn.Module):
             )
         self.out_features, self.in_features = qweight.shape
         self.dtype = dtype
-        self.lo_radix = LO_RADIX
+        self.lo_radix = LO_RADIX  # an attribute: TorchScript does not read float globals
         self.packed = onednn_int8_available() if packed is None else packed
         if self.packed:  # the packed copy replaces the plain weight (no second copy kept)
             weight = torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None)
