@@ -20,7 +20,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/m4/m4d.toml")
 RUNTIME_DIR = Path("/run/m4")
 STATE_DIR = Path("/var/lib/m4")
 
-WEIGHT_FORMATS = ("int4", "int8", "w8a8", "bfloat16", "float32")
+WEIGHT_FORMATS = ("int4", "w4a8", "int8", "w8a8", "bfloat16", "float32")
 COMPUTE_DTYPES = ("bfloat16", "float32")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m4d.model.quant import Int8DynamicLinear, WeightFile, build_linear
+from m4d.model import kernels
+from m4d.model.quant import KERNEL_TILE, Int8DynamicLinear, Q8_0Linear, WeightFile, build_linear
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FORMATS = ("int4", "int8", "w8a8", "bfloat16", "float32")
+WEIGHT_FORMATS = ("int4", "w4a8", "int8", "w8a8", "bfloat16", "float32")
 ATTN_BLOCK = 64  # cached attention spans a multiple of this many positions (see forward)
 
 
@@ -79,13 +80,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def write(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+              rows: torch.Tensor | None) -> torch.Tensor:
+        """Write k/v [B, Hkv, S, Dh] at input_pos [B, S] of the rows; returns the rows [B]."""
+        row_idx = rows if rows is not None else torch.arange(k.shape[0], device=k.device)
+        self.k[row_idx[:, None], :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[row_idx[:, None], :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        return row_idx
+
     def update(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
                rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, Hkv, S, Dh] at input_pos [B, S]; return [B, Hkv, length, Dh] views."""
         b = k.shape[0]
-        row_idx = rows if rows is not None else torch.arange(b, device=k.device)
-        self.k[row_idx[:, None], :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[row_idx[:, None], :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        self.write(k, v, input_pos, rows)
         if rows is None:  # fast path: compact rows 0..B-1, a view
             return self.k[:b, :, :length], self.v[:b, :, :length]
         return self.k[rows, :, :length], self.v[rows, :, :length]
@@ -142,6 +149,9 @@ class Attention(nn.Module):
         self.wqkv: nn.Module = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=False)
         self.wo: nn.Module = nn.Linear(self.q_size, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.scale = cfg.head_dim**-0.5
+        # decode reads the cache in place with m4's kernel (setup_caches turns it on)
+        self.fused_decode = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None,
@@ -158,6 +168,12 @@ class Attention(nn.Module):
         else:
             if self.kv_cache is None or input_pos is None:
                 raise RuntimeError("cached forward needs setup_caches() first")
+            if s == 1 and self.fused_decode:  # rows attend over [0, pos] of their own slot
+                row_idx = self.kv_cache.write(k, v, input_pos, rows)
+                y = torch.ops.m4.decode_attention(
+                    q.reshape(b, self.n_heads, self.head_dim), self.kv_cache.k, self.kv_cache.v,
+                    row_idx, input_pos[:, 0], self.scale).unsqueeze(2)
+                return self.wo(y.transpose(1, 2).reshape(b, s, self.q_size))
             k, v = self.kv_cache.update(k, v, input_pos, rows, length)  # [B, Hkv, L, Dh]
             if s == 1 and q.dtype != torch.float32:
                 y = _decode_attention(q, k, v, mask)
@@ -264,9 +280,12 @@ class Llama(nn.Module):
             raise ValueError(f"max_seq {max_seq} exceeds the model's context {self.config.max_seq_len}")
         dtype = dtype or self.dtype
         device = self.tok_embeddings.weight.device
+        fused = (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+                 and self.config.head_dim % 16 == 0 and kernels.available())
         for layer in self.blocks:
             layer.attention.kv_cache = KVCache(n_slots, self.config.n_kv_heads, max_seq,
                                                self.config.head_dim, dtype, device)
+            layer.attention.fused_decode = fused
         self.cache_slots, self.cache_seq = n_slots, max_seq
         self._script_layers()
 
@@ -409,6 +428,10 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
     dense_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(weight_format)
     if dense_dtype is not None and compute_dtype != dense_dtype:
         raise ValueError(f"weight_format {weight_format!r} computes in {dense_dtype}, not {compute_dtype}")
+    if weight_format == "w4a8" and not kernels.available():
+        log.warning("weight_format w4a8 needs m4's AVX-512 VNNI kernels, which are not "
+                    "available here: the same Q4_1 weights run as int4")
+        weight_format = "int4"
     if weight_format in ("int4", "int8") and compute_dtype != torch.bfloat16:
         log.warning("%s weights with %s activations: the CPU kernels are 12-27x slower than bf16",
                     weight_format, compute_dtype)
@@ -423,8 +446,14 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
             raise ValueError(f"embedding shape {tuple(emb.shape)} does not match the config")
         model.tok_embeddings.weight = emb
         head_weight = emb if config.tie_embeddings else dense("lm_head.weight")
+        head_name = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
         if weight_format == "w8a8":  # the head is the largest matrix: batch it like the rest
             model.output = Int8DynamicLinear.from_float(head_weight, dtype=compute_dtype)
+        elif weight_format == "w4a8" and config.vocab_size % KERNEL_TILE == 0:
+            # the checkpoint's Q8_0 head as it is, batched like the layers
+            model.output = (Q8_0Linear(*wf.q8_0(head_name), out_dtype=torch.float32)
+                            if wf.kind(head_name) == "q8_0"
+                            else Q8_0Linear.from_float(head_weight, out_dtype=torch.float32))
         else:
             head = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
             head.weight = head_weight

@@ -40,6 +40,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from m4d.model import kernels  # noqa: F401  (declares the torch.ops.m4 schemas)
+
 Q4_1_GROUP = 32
 Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
 Q8_0_GROUP = 32
@@ -324,6 +326,134 @@ class Int8DynamicLinear(nn.Module):
         return out
 
 
+class Q4_1Linear(nn.Module):
+    """The ``w4a8`` linear: the checkpoint's Q4_1 weights as they are, activations quantized at
+    run time per row and per 32 values to int8, as llama.cpp multiplies Q4_1 by Q8_1.
+
+    Runs ``torch.ops.m4.q4_1_linear`` (``m4d/model/kernels/m4_kernels.cpp``, AVX-512 VNNI):
+    exact int32 block sums, each unpacked weight tile reused by up to 8 rows, so a decode
+    batch costs little more than one row in weight traffic. Batch invariant by construction.
+    """
+
+    weight: torch.Tensor  # uint8, the kernel's tile layout (pack_q4_1_tiles)
+    dm: torch.Tensor  # float16, per tile and block: 16 scales d, 16 mins m
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
+        """qweight uint8 [N, K/2] in ``NIBBLE_ORDER``; scales, mins fp16 [N, K/32]."""
+        super().__init__()
+        n, k = qweight.shape[0], qweight.shape[1] * 2
+        _check_tiles(n, k, "w4a8")
+        if scales.shape != (n, k // Q4_1_GROUP) or mins.shape != scales.shape:
+            raise ValueError(f"Q4_1 scales/mins must be [{n}, {k // Q4_1_GROUP}], got "
+                             f"{tuple(scales.shape)}, {tuple(mins.shape)}")
+        self.in_features, self.out_features = k, n
+        w, dm = pack_q4_1_tiles(qweight, scales, mins)
+        self.register_buffer("weight", w)
+        self.register_buffer("dm", dm)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Q4_1Linear":
+        """Quantize a dense [N, K] weight to Q4_1 (per 32: min/max, 16 levels; lossy)."""
+        n, k = weight.shape
+        w = weight.to(torch.float32).reshape(n, k // Q4_1_GROUP, Q4_1_GROUP)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        d = ((hi - lo) / 15.0).to(torch.float16)  # the stored values are what we divide by
+        df = d.to(torch.float32).clamp(min=1e-8)
+        m = lo.to(torch.float16)
+        q = torch.round((w - m.to(torch.float32)[..., None]) / df[..., None]).clamp(0, 15)
+        packed = pack_int4(q.reshape(n, k).to(torch.uint8).numpy())
+        return cls(torch.from_numpy(packed), d, m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N] in x's dtype
+        x2 = _check_2d_in(x, self.in_features)
+        y: torch.Tensor = torch.ops.m4.q4_1_linear(x2, self.weight, self.dm, self.out_features,
+                                                   self.in_features, x.dtype)
+        return y.view(_with_last_dim(x, self.out_features))
+
+
+class Q8_0Linear(nn.Module):
+    """GGUF's Q8_0 weights (per 32: ``w = d * q``, q int8) times activations quantized per row
+    and per 32 values to int8: ``torch.ops.m4.q8_0_linear``. The ``w4a8`` format's LM head
+    (the checkpoint's tied embedding is Q8_0). Output in ``out_dtype`` (default: x's)."""
+
+    weight: torch.Tensor  # uint8 q + 128, the kernel's tile layout (pack_q8_0_tiles)
+    d: torch.Tensor  # float16 per tile and block: 16 scales
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, *,
+                 out_dtype: torch.dtype | None = None) -> None:
+        """qweight int8 [N, K]; scales fp16 [N, K/32]."""
+        super().__init__()
+        n, k = qweight.shape
+        _check_tiles(n, k, "Q8_0")
+        if qweight.dtype != torch.int8 or scales.shape != (n, k // Q8_0_GROUP):
+            raise ValueError(f"Q8_0 needs int8 [N, K] and fp16 [N, K/32], got {qweight.dtype} "
+                             f"{tuple(qweight.shape)} and {tuple(scales.shape)}")
+        self.in_features, self.out_features, self.out_dtype = k, n, out_dtype
+        w, d = pack_q8_0_tiles(qweight, scales)
+        self.register_buffer("weight", w)
+        self.register_buffer("d", d)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> "Q8_0Linear":
+        """Quantize a dense [N, K] weight to Q8_0 (per 32: absmax / 127; lossy)."""
+        n, k = weight.shape
+        w = weight.to(torch.float32).reshape(n, k // Q8_0_GROUP, Q8_0_GROUP)
+        d = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
+        inv = torch.where(d > 0, 1.0 / d.to(torch.float32), torch.zeros_like(d, dtype=torch.float32))
+        q = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8)
+        return cls(q.reshape(n, k), d, out_dtype=out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _check_2d_in(x, self.in_features)
+        y: torch.Tensor = torch.ops.m4.q8_0_linear(
+            x2, self.weight, self.d, self.out_features, self.in_features,
+            self.out_dtype or x.dtype)
+        return y.view(_with_last_dim(x, self.out_features))
+
+
+KERNEL_TILE = 16  # output channels per weight tile in m4_kernels.cpp
+
+
+def _check_tiles(n: int, k: int, what: str) -> None:
+    if n % KERNEL_TILE or k % Q4_1_GROUP:
+        raise ValueError(f"{what} needs out features % {KERNEL_TILE} == 0 and in features % "
+                         f"{Q4_1_GROUP} == 0, got [{n}, {k}]")
+
+
+def pack_q4_1_tiles(qweight: torch.Tensor, scales: torch.Tensor,
+                    mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored Q4_1 -> the kernel's layout: per tile of 16 channels and block of 32 values, 4
+    chunks of 64 bytes where chunk c, lane j, byte t holds q[j][8c + t] in its low nibble and
+    q[j][8c + 4 + t] in its high nibble; and per tile and block 16 d then 16 m (fp16)."""
+    q = unpack_int4(qweight).numpy().astype(np.uint8)  # [N, K]
+    n, k = q.shape
+    t, kb = n // KERNEL_TILE, k // Q4_1_GROUP
+    q6 = q.reshape(t, KERNEL_TILE, kb, 4, 2, 4)  # [tile, j, block, c, nibble, t]
+    packed = (q6[:, :, :, :, 0, :] | (q6[:, :, :, :, 1, :] << 4)).transpose(0, 2, 3, 1, 4)
+    d = scales.numpy().astype(np.float16).reshape(t, KERNEL_TILE, kb).transpose(0, 2, 1)
+    m = mins.numpy().astype(np.float16).reshape(t, KERNEL_TILE, kb).transpose(0, 2, 1)
+    dm = np.stack([d, m], axis=2)  # [tile, block, 2, 16]
+    return (torch.from_numpy(np.ascontiguousarray(packed).reshape(-1)),
+            torch.from_numpy(np.ascontiguousarray(dm).reshape(-1)))
+
+
+def pack_q8_0_tiles(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored Q8_0 -> the kernel's layout: per tile of 16 channels and block of 32 values, 8
+    chunks of 64 bytes where chunk g, lane j, byte t holds q[j][4g + t] + 128 (uint8: VNNI
+    multiplies unsigned by signed bytes, and the activations are the signed side); per tile
+    and block 16 scales (fp16)."""
+    q = qweight.contiguous().numpy()
+    if q.min(initial=0) < -127:
+        raise ValueError("Q8_0 values must lie in [-127, 127]")
+    n, k = q.shape
+    t, kb = n // KERNEL_TILE, k // Q8_0_GROUP
+    packed = (q.astype(np.int16) + 128).astype(np.uint8).reshape(t, KERNEL_TILE, kb, 8, 4)
+    d = scales.numpy().astype(np.float16).reshape(t, KERNEL_TILE, kb).transpose(0, 2, 1)
+    return (torch.from_numpy(np.ascontiguousarray(packed.transpose(0, 2, 3, 1, 4)).reshape(-1)),
+            torch.from_numpy(np.ascontiguousarray(d).reshape(-1)))
+
+
 def onednn_int8_available() -> bool:
     """oneDNN's packed int8 linear: x86 builds of torch with mkldnn."""
     return (bool(torch._C._has_mkldnn)
@@ -379,6 +509,9 @@ class WeightFile:
     def q4_1(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.get(f"{name}.qweight"), self.get(f"{name}.scales"), self.get(f"{name}.mins")
 
+    def q8_0(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.get(f"{name}.qweight"), self.get(f"{name}.scales")
+
     def dense(self, name: str) -> torch.Tensor:
         """The tensor dequantized to float32."""
         kind = self.kind(name)
@@ -386,18 +519,31 @@ class WeightFile:
             return self.get(name).to(torch.float32)
         if kind == "q4_1":
             return dequantize_q4_1(*self.q4_1(name))
-        return dequantize_q8_0(self.get(f"{name}.qweight"), self.get(f"{name}.scales"))
+        return dequantize_q8_0(*self.q8_0(name))
+
+
+def _tiles_fit(wf: WeightFile, name: str) -> bool:
+    kind = wf.kind(name)
+    shape = wf.get(f"{name}.qweight" if kind != "dense" else name).shape
+    k = shape[1] * 2 if kind == "q4_1" else shape[1]
+    return shape[0] % KERNEL_TILE == 0 and k % Q4_1_GROUP == 0
 
 
 def build_linear(wf: WeightFile, names: list[str], weight_format: str,
                  dtype: torch.dtype) -> nn.Module:
     """One linear whose output rows are the named weights concatenated (fused q/k/v, gate/up)."""
-    if weight_format == "int4" and all(wf.kind(n) == "q4_1" for n in names):
+    if weight_format == "w4a8" and not all(_tiles_fit(wf, n) for n in names):
+        weight_format = "int4"  # the same Q4_1 numbers through torch's kernel
+    if weight_format in ("int4", "w4a8") and all(wf.kind(n) == "q4_1" for n in names):
         parts = [wf.q4_1(n) for n in names]
         qw, sc, mn = (torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
                       for i in range(3))  # numpy: see unpack_int4
+        if weight_format == "w4a8":
+            return Q4_1Linear(qw, sc, mn)
         return Int4WeightOnlyLinear.from_q4_1(qw, sc, mn, dtype=dtype)
     w = torch.cat([wf.dense(n) for n in names])  # [sum N, K] float32
+    if weight_format == "w4a8":
+        return Q4_1Linear.from_float(w)
     if weight_format == "int4":
         return Int4WeightOnlyLinear.from_float(w, dtype=dtype)
     if weight_format == "int8":

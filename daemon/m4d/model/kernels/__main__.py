@@ -1,0 +1,5 @@
+import sys
+
+from m4d.model.kernels import main
+
+sys.exit(main())

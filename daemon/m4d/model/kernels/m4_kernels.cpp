@@ -1,0 +1,492 @@
+// M4's CPU kernels for batched decode (x86-64, AVX-512 with VNNI).
+//
+// The ops' schemas are declared in Python (m4d/model/kernels/__init__.py); this file gives
+// their CPU implementations. Python loads it only on a CPU that has every instruction set it
+// is compiled for.
+//
+// * q4_1_linear: y = x @ W^T with W in GGUF's Q4_1 (per 32 weights: w = d*q + m, q in 0..15)
+//   and x quantized at run time per row and per 32 values to int8 (xd = absmax/127,
+//   xq = round(x/xd)), as llama.cpp does. A block's dot product is then
+//     d*xd * sum(q*xq) + m * sum(x)
+//   where sum(q*xq) is exact in int32 (VNNI: u8 weights x s8 activations) and sum(x) is the
+//   block's float sum. Each unpacked weight tile is reused by up to ROWS rows, so a decode
+//   batch of 16 costs little more than one row in memory traffic.
+// * q8_0_linear: the same with GGUF's Q8_0 weights (w = d*q, q int8), stored as u8 q + 128 so
+//   the activations stay the broadcast s8 operand; 128 * sum(xq) is taken off the int32 sum.
+// * decode_attention: one query per row against a slot-addressed KV cache, read in place.
+//
+// Batch invariance: every output element is computed by the same sequence of operations
+// whatever the batch holds (rows never share a reduction, blocks are summed in order), so a
+// sequence's numbers do not depend on who it is batched with. No -ffast-math anywhere.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // values per quant block (Q4_1, Q8_0, activations)
+constexpr int64_t kTile = 16;   // output channels per weight tile (one zmm of int32/float)
+constexpr int kRows = 8;       // rows sharing one unpacked weight tile
+constexpr int64_t kRowChunk = 64;  // rows quantized and multiplied per pass
+
+// ---------------------------------------------------------------- loads and stores
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const c10::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+inline void store16(c10::BFloat16* p, __m512 v) {
+  // round to nearest even, as torch's float -> bfloat16 cast (NaN stays NaN)
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
+  __m256i hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), hi);
+}
+
+// ---------------------------------------------------------------- activation quantization
+
+// One row of K values -> per block of 32: int8 values, the scale xd, the float sum of the
+// block's x and 128 * the sum of its int8 values.
+template <typename T>
+void quantize_row(const T* x, int64_t k, int32_t* q, float* xd, float* xs, int32_t* qs128) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    __m512 v0 = load16(x + b * kBlock), v1 = load16(x + b * kBlock + 16);
+    __m512 amax = _mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1));
+    float m = _mm512_reduce_max_ps(amax);
+    float d = m / 127.0f;
+    float id = d > 0.0f ? 1.0f / d : 0.0f;
+    __m512 vid = _mm512_set1_ps(id);
+    // _mm512_cvtps_epi32 rounds to nearest even (the default MXCSR mode), as torch.round
+    __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
+    __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+    __m128i q0 = _mm512_cvtsepi32_epi8(i0), q1 = _mm512_cvtsepi32_epi8(i1);
+    qs128[b] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));  // |x / xd| <= 127
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 8), q0);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 8 + 4), q1);
+    xd[b] = d;
+    xs[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+  }
+}
+
+struct QuantRows {  // a chunk of rows, quantized
+  std::vector<int32_t> q;  // [rows, K/4]: 4 int8 (or u8) values per int32, as VNNI takes them
+  std::vector<float> d, s;  // [rows, K/32]
+  std::vector<int32_t> qs128;  // [rows, K/32]
+};
+
+template <typename T>
+void quantize_rows(const T* x, int64_t rows, int64_t k, QuantRows& out) {
+  const int64_t kb = k / kBlock;
+  out.q.resize(rows * k / 4);
+  out.d.resize(rows * kb);
+  out.s.resize(rows * kb);
+  out.qs128.resize(rows * kb);
+  for (int64_t r = 0; r < rows; ++r)
+    quantize_row(x + r * k, k, out.q.data() + r * k / 4, out.d.data() + r * kb,
+                 out.s.data() + r * kb, out.qs128.data() + r * kb);
+}
+
+// ---------------------------------------------------------------- GEMM micro-kernels
+
+// s[r] = sum over one block of wv (16 channels x 32 u8) times row r's 32 int8 (8 x 4 bytes
+// at x + r * ldx). Rows are interleaved so R independent VNNI chains are in flight.
+template <int R>
+inline void dot_rows(const __m512i* wv, const int32_t* x, int64_t ldx, __m512i* s) {
+  for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+  for (int g = 0; g < 8; ++g)
+    for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], wv[g], _mm512_set1_epi32(x[r * ldx + g]));
+}
+
+// Q4_1 tile: 16 output channels x R rows over all K. Weight layout per (tile, block): 4
+// chunks of 64 bytes; in chunk c, lane j (channel), byte t: low nibble = q[j][8c + t], high
+// nibble = q[j][8c + 4 + t] (k within the block). dm: per (tile, block) 16 fp16 d, 16 fp16 m.
+// xq, xd, xs: the first row's quantized values, scales and sums (rows kb blocks apart).
+template <int R, typename TOut>
+void q4_1_tile(const uint8_t* w, const uint16_t* dm, const int32_t* xq, const float* xd,
+               const float* xs, int64_t kb, TOut* y, int64_t ldy) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* wb = w + b * (kTile * kBlock / 2);
+    // the same block of the next tile (tiles are contiguous): streams the weights from memory
+    // one tile ahead, however many row groups read this one
+    for (int i = 0; i < 4; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + kb * (kTile * kBlock / 2) + 64 * i), _MM_HINT_T0);
+    __m512i wv[8];
+    for (int c = 0; c < 4; ++c) {
+      __m512i v = _mm512_loadu_si512(wb + 64 * c);
+      wv[2 * c] = _mm512_and_si512(v, low);
+      wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const uint16_t* dmb = dm + b * 2 * kTile;
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmb)));
+    __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmb + kTile)));
+    __m512i s[R];
+    dot_rows<R>(wv, xq + b * 8, kb * 8, s);
+    for (int r = 0; r < R; ++r) {
+      __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r * kb + b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), scale, acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * kb + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) store16(y + r * ldy, acc[r]);
+}
+
+// Q8_0 tile: weight layout per (tile, block): 8 chunks of 64 bytes; chunk g, lane j, byte t =
+// q[j][4g + t] + 128 (u8). d: 16 fp16 per (tile, block).
+template <int R, typename TOut>
+void q8_0_tile(const uint8_t* w, const uint16_t* dsc, const int32_t* xq, const float* xd,
+               const int32_t* qs128, int64_t kb, TOut* y, int64_t ldy) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* wb = w + b * kTile * kBlock;
+    for (int i = 0; i < 8; ++i)  // the next tile's block, as in q4_1_tile
+      _mm_prefetch(reinterpret_cast<const char*>(wb + kb * kTile * kBlock + 64 * i), _MM_HINT_T0);
+    __m512i wv[8];
+    for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(wb + 64 * g);
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dsc + b * kTile)));
+    __m512i s[R];
+    dot_rows<R>(wv, xq + b * 8, kb * 8, s);
+    for (int r = 0; r < R; ++r) {
+      __m512i sr = _mm512_sub_epi32(s[r], _mm512_set1_epi32(qs128[r * kb + b]));
+      __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r * kb + b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr), scale, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) store16(y + r * ldy, acc[r]);
+}
+
+// Runs `tile<R>` over rows [row0, row0 + n) in groups of kRows (the remainder by its own R).
+template <typename TileFn>
+void for_row_groups(int64_t row0, int64_t n, TileFn&& tile) {
+  int64_t r = row0;
+  for (; r + kRows <= row0 + n; r += kRows) tile(std::integral_constant<int, kRows>{}, r);
+  switch (row0 + n - r) {
+    case 15: tile(std::integral_constant<int, 15>{}, r); break;
+    case 14: tile(std::integral_constant<int, 14>{}, r); break;
+    case 13: tile(std::integral_constant<int, 13>{}, r); break;
+    case 12: tile(std::integral_constant<int, 12>{}, r); break;
+    case 11: tile(std::integral_constant<int, 11>{}, r); break;
+    case 10: tile(std::integral_constant<int, 10>{}, r); break;
+    case 9: tile(std::integral_constant<int, 9>{}, r); break;
+    case 8: tile(std::integral_constant<int, 8>{}, r); break;
+    case 7: tile(std::integral_constant<int, 7>{}, r); break;
+    case 6: tile(std::integral_constant<int, 6>{}, r); break;
+    case 5: tile(std::integral_constant<int, 5>{}, r); break;
+    case 4: tile(std::integral_constant<int, 4>{}, r); break;
+    case 3: tile(std::integral_constant<int, 3>{}, r); break;
+    case 2: tile(std::integral_constant<int, 2>{}, r); break;
+    case 1: tile(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------- op entry points
+
+void check_x(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
+}
+
+void check_out_dtype(at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16, "out dtype must be float32 or bfloat16");
+}
+
+// Shared driver: quantize rows chunk by chunk, then every tile over the chunk's rows.
+template <typename GemmFn>
+at::Tensor quantized_linear(const at::Tensor& x_in, int64_t n, int64_t k, at::ScalarType out_dtype,
+                            GemmFn&& gemm) {
+  at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options().dtype(out_dtype));
+  QuantRows xq;
+  for (int64_t c0 = 0; c0 < m; c0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, m - c0);
+    if (x.scalar_type() == at::kFloat)
+      quantize_rows(x.data_ptr<float>() + c0 * k, rows, k, xq);
+    else
+      quantize_rows(x.data_ptr<c10::BFloat16>() + c0 * k, rows, k, xq);
+    at::parallel_for(0, n / kTile, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        if (out_dtype == at::kFloat)
+          gemm(t, xq, rows, y.data_ptr<float>() + c0 * n + t * kTile, n);
+        else
+          gemm(t, xq, rows, y.data_ptr<c10::BFloat16>() + c0 * n + t * kTile, n);
+      }
+    });
+  }
+  return y;
+}
+
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm,
+                       int64_t n, int64_t k, at::ScalarType out_dtype) {
+  check_x(x, k);
+  check_out_dtype(out_dtype);
+  TORCH_CHECK(n % kTile == 0 && k % kBlock == 0, "q4_1_linear needs N % 16 == 0 and K % 32 == 0");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() == n * k / 2,
+              "packed weight must be contiguous uint8 with N*K/2 bytes");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.numel() == 2 * n * k / kBlock,
+              "scales/mins must be contiguous float16 with 2*N*K/32 values");
+  const int64_t kb = k / kBlock;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* dmp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  return quantized_linear(x, n, k, out_dtype,
+      [&](int64_t t, const QuantRows& xq, int64_t rows, auto* y, int64_t ldy) {
+        const uint8_t* wt = wp + t * kb * (kTile * kBlock / 2);
+        const uint16_t* dmt = dmp + t * kb * 2 * kTile;
+        for_row_groups(0, rows, [&](auto r_const, int64_t r) {
+          q4_1_tile<decltype(r_const)::value>(wt, dmt, xq.q.data() + r * kb * 8, xq.d.data() + r * kb,
+                                              xq.s.data() + r * kb, kb, y + r * ldy, ldy);
+        });
+      });
+}
+
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
+                       int64_t n, int64_t k, at::ScalarType out_dtype) {
+  check_x(x, k);
+  check_out_dtype(out_dtype);
+  TORCH_CHECK(n % kTile == 0 && k % kBlock == 0, "q8_0_linear needs N % 16 == 0 and K % 32 == 0");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() == n * k,
+              "packed weight must be contiguous uint8 (q + 128) with N*K values");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.numel() == n * k / kBlock,
+              "scales must be contiguous float16 with N*K/32 values");
+  const int64_t kb = k / kBlock;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  return quantized_linear(x, n, k, out_dtype,
+      [&](int64_t t, const QuantRows& xq, int64_t rows, auto* y, int64_t ldy) {
+        const int64_t off = t * kb * kTile;
+        for_row_groups(0, rows, [&](auto r_const, int64_t r) {
+          q8_0_tile<decltype(r_const)::value>(wp + off * kBlock, dp + off, xq.q.data() + r * kb * 8,
+                                              xq.d.data() + r * kb, xq.qs128.data() + r * kb, kb,
+                                              y + r * ldy, ldy);
+        });
+      });
+}
+
+// ---------------------------------------------------------------- decode attention
+
+// e^x for x <= 0 (softmax after the max is taken off): x = n ln2 + r, |r| <= ln2/2, a degree-6
+// polynomial for e^r (Cephes' coefficients, ~1 ulp) and 2^n by scalef, which goes smoothly
+// to 0 for very negative x.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// r[i] = sum of the lanes of v[i], i = 0..15, by a fixed tree of shuffles and adds.
+inline __m512 hsum16(const __m512* v) {
+  __m512 s1[8], s2[4], s3[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    s1[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                          _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a, b, c, d] partial sums
+    __m512d a = _mm512_castps_pd(s1[2 * i]), b = _mm512_castps_pd(s1[2 * i + 1]);
+    s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                          _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: [U.l0+U.l1, U.l2+U.l3, V.l0+V.l1, V.l2+V.l3]
+    s3[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2 * i], s2[2 * i + 1], 0x88),
+                          _mm512_shuffle_f32x4(s2[2 * i], s2[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s3[0], s3[1], 0x88),
+                       _mm512_shuffle_f32x4(s3[0], s3[1], 0xDD));
+}
+
+// acc[j] += p[j][t] * v[t] for GC query heads sharing one kv head, accumulators in registers.
+template <int NV, int GC, typename TKV>
+void attend_values(const float* p, int64_t ldp, const TKV* vb, int64_t len, float* out) {
+  __m512 acc[GC][NV];
+  for (int j = 0; j < GC; ++j)
+    for (int c = 0; c < NV; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    __m512 v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = load16(vb + t * NV * 16 + c * 16);
+    for (int j = 0; j < GC; ++j) {
+      __m512 w = _mm512_set1_ps(p[j * ldp + t]);
+      for (int c = 0; c < NV; ++c) acc[j][c] = _mm512_fmadd_ps(w, v[c], acc[j][c]);
+    }
+  }
+  for (int j = 0; j < GC; ++j)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + (j * NV + c) * 16, acc[j][c]);
+}
+
+// One (row, kv head): the G query heads that share it attend over positions [0, len).
+// q: G x Dh (already scaled); kb, vb: the slot's [T, Dh] for this kv head; out: G x Dh.
+template <int NV, typename TKV>
+void attend_one(const float* q, const TKV* kb, const TKV* vb, int64_t len, int64_t g,
+                float* p, int64_t ldp, float* kf, float* out) {
+  constexpr int64_t dh = NV * 16;
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {  // scores, 16 positions at a time
+    const int64_t nt = std::min<int64_t>(16, len - t0);
+    // the cache is cold here (the layer's GEMMs ran since it was written): fetch the next
+    // block of keys, and this block of values for the pass below
+    for (int64_t i = 0; i < 16 * dh * static_cast<int64_t>(sizeof(TKV)); i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(kb + (t0 + 16) * dh) + i, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(vb + t0 * dh) + i, _MM_HINT_T1);
+    }
+    for (int64_t t = 0; t < 16; ++t)
+      for (int c = 0; c < NV; ++c)
+        _mm512_storeu_ps(kf + t * dh + c * 16,
+                         t < nt ? load16(kb + (t0 + t) * dh + c * 16) : _mm512_setzero_ps());
+    for (int64_t j = 0; j < g; ++j) {
+      __m512 qv[NV], part[16];
+      for (int c = 0; c < NV; ++c) qv[c] = _mm512_loadu_ps(q + j * dh + c * 16);
+      for (int t = 0; t < 16; ++t) {
+        __m512 s = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kf + t * dh));
+        for (int c = 1; c < NV; ++c) s = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kf + t * dh + c * 16), s);
+        part[t] = s;
+      }
+      _mm512_storeu_ps(p + j * ldp + t0, hsum16(part));
+    }
+  }
+  std::vector<float> inv(g);
+  for (int64_t j = 0; j < g; ++j) {  // softmax numerators and 1 / denominator
+    float* pj = p + j * ldp;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {
+      __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, len - t0)) - 1u);
+      mx = _mm512_mask_max_ps(mx, live, mx, _mm512_loadu_ps(pj + t0));
+    }
+    __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {
+      __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, len - t0)) - 1u);
+      __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(pj + t0), m)));
+      _mm512_storeu_ps(pj + t0, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[j] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+  constexpr int cap = NV >= 8 ? 2 : NV >= 4 ? 4 : 8;  // GC * NV accumulators stay <= 16
+  for (int64_t j0 = 0; j0 < g; j0 += cap) {
+    float* o = out + j0 * dh;
+    const float* pj = p + j0 * ldp;
+    switch (std::min<int64_t>(cap, g - j0)) {
+      case 1: attend_values<NV, 1>(pj, ldp, vb, len, o); break;
+      case 2: attend_values<NV, 2>(pj, ldp, vb, len, o); break;
+      case 3: attend_values<NV, (cap >= 3 ? 3 : 1)>(pj, ldp, vb, len, o); break;
+      case 4: attend_values<NV, (cap >= 4 ? 4 : 1)>(pj, ldp, vb, len, o); break;
+      default:
+        for (int64_t j = 0; j < std::min<int64_t>(cap, g - j0); ++j)
+          attend_values<NV, 1>(pj + j * ldp, ldp, vb, len, o + j * dh);
+    }
+  }
+  for (int64_t j = 0; j < g; ++j)
+    for (int c = 0; c < NV; ++c)
+      _mm512_storeu_ps(out + j * dh + c * 16,
+                       _mm512_mul_ps(_mm512_loadu_ps(out + j * dh + c * 16), _mm512_set1_ps(inv[j])));
+}
+
+// q [B, H, Dh]; k_cache, v_cache [S, Hkv, T, Dh]; rows, pos [B] int64. Row b attends over
+// cache positions 0..pos[b] of slot rows[b], in order, in float32; returns [B, H, Dh].
+template <int NV, typename TQ, typename TKV>
+void decode_attention_impl(const TQ* q, const TKV* kc, const TKV* vc, const int64_t* rows,
+                           const int64_t* pos, int64_t nb, int64_t h, int64_t hkv, int64_t t_max,
+                           double scale, TQ* out) {
+  constexpr int64_t dh = NV * 16;
+  const int64_t g = h / hkv, ldp = (t_max + 15) / 16 * 16;
+  at::parallel_for(0, nb * hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(g * dh), of(g * dh), p(g * ldp), kf(16 * dh);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / hkv, kvh = i % hkv;
+      const int64_t base = (rows[b] * hkv + kvh) * t_max * dh;
+      const TQ* qb = q + (b * h + kvh * g) * dh;
+      for (int64_t e = 0; e < g * dh; e += 16)
+        _mm512_storeu_ps(qf.data() + e, _mm512_mul_ps(load16(qb + e), _mm512_set1_ps(static_cast<float>(scale))));
+      attend_one<NV>(qf.data(), kc + base, vc + base, pos[b] + 1, g, p.data(), ldp, kf.data(), of.data());
+      for (int64_t e = 0; e < g * dh; e += 16)
+        store16(out + (b * h + kvh * g) * dh + e, _mm512_loadu_ps(of.data() + e));
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& rows_in, const at::Tensor& pos_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 3, "q must be [B, H, Dh], got ", q_in.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must both be [S, Hkv, T, Dh]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
+              "the caches must both be float32 or bfloat16");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16,
+              "q must be float32 or bfloat16");
+  const int64_t nb = q_in.size(0), h = q_in.size(1), dh = q_in.size(2);
+  const int64_t slots = k_cache.size(0), hkv = k_cache.size(1), t_max = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dh && (dh == 32 || dh == 64 || dh == 128),
+              "head dim must match the cache's and be 32, 64 or 128, got ", dh);
+  TORCH_CHECK(hkv > 0 && h % hkv == 0, "query heads must be a multiple of kv heads");
+  at::Tensor q = q_in.contiguous();
+  at::Tensor rows = rows_in.to(at::kLong).contiguous(), pos = pos_in.to(at::kLong).contiguous();
+  TORCH_CHECK(rows.numel() == nb && pos.numel() == nb, "rows and pos need one entry per query");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nb; ++b) {
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < slots, "cache row ", rp[b], " out of range [0, ", slots, ")");
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < t_max, "position ", pp[b], " out of range [0, ", t_max, ")");
+  }
+  at::Tensor out = at::empty_like(q);
+  auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
+    if (dh == 32) decode_attention_impl<2>(qp, kp, vp, rp, pp, nb, h, hkv, t_max, scale, op);
+    else if (dh == 64) decode_attention_impl<4>(qp, kp, vp, rp, pp, nb, h, hkv, t_max, scale, op);
+    else decode_attention_impl<8>(qp, kp, vp, rp, pp, nb, h, hkv, t_max, scale, op);
+  };
+  const bool q32 = q.scalar_type() == at::kFloat, kv32 = k_cache.scalar_type() == at::kFloat;
+  if (q32 && kv32)
+    run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>());
+  else if (q32)
+    run(q.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
+        out.data_ptr<float>());
+  else if (kv32)
+    run(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+        out.data_ptr<c10::BFloat16>());
+  else
+    run(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+        v_cache.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(m4, CPU, m) {
+  m.impl("q4_1_linear", &q4_1_linear);
+  m.impl("q8_0_linear", &q8_0_linear);
+  m.impl("decode_attention", &decode_attention);
+}
