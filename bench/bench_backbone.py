@@ -3,7 +3,7 @@
 Batch 1: prefill of a 256-token prompt, then 128 greedy decode steps. Batched decode: B
 sequences (64-token prompts, prefilled untimed) decoding 32 steps together; tok/s summed.
 Formats are interleaved over rounds and the best round is kept (this machine is shared and
-drifts). Run: ``python bench/bench_backbone.py [--rounds 2] [--formats float32,int4+bf16]``.
+drifts). The KL column is each format's accuracy against float32 (see ``KL_TEXT``). Run: ``python bench/bench_backbone.py [--rounds 2] [--formats float32,int4+bf16]``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ FORMATS = {
     "int8+bf16": ("int8", torch.bfloat16),
     "int4+bf16": ("int4", torch.bfloat16),
     "w8a8+bf16": ("w8a8", torch.bfloat16),
+    "w4a8+bf16": ("w4a8", torch.bfloat16),
 }
+# Accuracy: mean next-token KL against the float32 model of the same weights over this text
+# (teacher-forced, one cached prefill); lower is closer.
+KL_TEXT = ("The history of the city goes back more than two thousand years. It was founded as a "
+           "small fishing village on the banks of the river, and over the centuries it grew into "
+           "an important centre of trade, art and learning. Today it is known for its museums, "
+           "its old bridges and its lively markets, which attract visitors from all over the world.")
 
 
 def gguf_path() -> Path:
@@ -67,6 +74,25 @@ def bench_batched(model: Llama, batch: int, prompt_len: int = 64, steps: int = 3
     return batch * steps / (time.perf_counter() - t0)
 
 
+def mean_kl_vs_fp32(component_dir: Path, config: LlamaConfig, models: dict[str, Llama],
+                    comp: dict[str, object]) -> dict[str, float]:
+    from m4d.model.tokenizer import TextTokenizer
+
+    weights = component_dir / str(comp["weights"])
+    tok = TextTokenizer.from_file(component_dir / str(comp["tokenizer"]),
+                                  bos_id=config.bos_id, eos_id=config.eos_id)
+    ids = torch.tensor([tok.encode(KL_TEXT)])
+    pos = torch.arange(ids.shape[1])[None]
+
+    def logp(model: Llama) -> torch.Tensor:
+        model.setup_caches(max(1, model.cache_slots), max(model.cache_seq, ids.shape[1]))
+        return model(ids, pos)[0].log_softmax(-1)
+
+    ref = logp(models["float32"] if "float32" in models
+               else load_llama(weights, config, weight_format="float32", compute_dtype=torch.float32))
+    return {name: float((ref.exp() * (ref - logp(m))).sum(-1).mean()) for name, m in models.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=2)
@@ -92,6 +118,7 @@ def main() -> None:
         models[name].setup_caches(max(batches), args.prompt_len + args.new_tokens + 8)
         bench_single(models[name], 32, 4)  # warm-up
 
+    kl = mean_kl_vs_fp32(component_dir, config, models, comp)
     best: dict[str, dict[str, float]] = {n: {} for n in models}
     for r in range(args.rounds):
         for name, model in models.items():
@@ -108,14 +135,14 @@ def main() -> None:
     base = best.get("float32")
     print(f"threads={args.threads} prompt={args.prompt_len} new={args.new_tokens} "
           f"rounds={args.rounds} loadavg={os.getloadavg()[0]:.1f}  (tok/s, best round; x = vs float32)")
-    print(f"| {'format':<10} | " + " | ".join(f"{c:>15}" for c in cols) + " |")
-    print("|" + "---|" * (len(cols) + 1))
+    print(f"| {'format':<10} | " + " | ".join(f"{c:>15}" for c in cols) + " |  KL vs fp32 |")
+    print("|" + "---|" * (len(cols) + 2))
     for name, row in best.items():
         cells = []
         for c in cols:
             ratio = f" ({row[c] / base[c]:.2f}x)" if base else ""
             cells.append(f"{row[c]:7.1f}{ratio}".rjust(15))
-        print(f"| {name:<10} | " + " | ".join(cells) + " |")
+        print(f"| {name:<10} | " + " | ".join(cells) + f" | {kl[name]:11.4f} |")
     tmp.cleanup()
 
 

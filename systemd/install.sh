@@ -114,6 +114,10 @@ pip_install() {  # $1: target interpreter (as it runs now, under DESTDIR)
     "$PYTHON" -m pip --python "$1" install --quiet --no-compile --no-warn-script-location \
         $PIP_ARGS "$WHEEL" || die "pip install into $1 failed"
 }
+build_kernels() {  # $1: target interpreter; m4d runs torch's kernels if this fails
+    "$1" -m m4d.model.kernels build \
+        || say "warning: m4's CPU kernels did not build; m4d will use torch's (slower) kernels"
+}
 compile_site() {  # $1: target interpreter
     for site in $("$1" -c 'import site; print(" ".join(site.getsitepackages()))'); do
         [ -d "$site" ] || continue
@@ -131,6 +135,7 @@ if [ -n "$RUNTIME_PYTHON" ]; then
     if [ "$PIP_INSTALL" != no ]; then
         say "installing into $RUNTIME_PYTHON"
         pip_install "$RUNTIME_PYTHON"
+        build_kernels "$RUNTIME_PYTHON"
     fi
     "$RUNTIME_PYTHON" -c 'import m4d, m4ctl' \
         || die "RUNTIME_PYTHON=$RUNTIME_PYTHON cannot import m4d and m4ctl"
@@ -142,6 +147,7 @@ else
     rm -rf "$venv"
     "$VENV_PYTHON" -m venv --without-pip "$venv" || die "cannot create a venv with $VENV_PYTHON"
     pip_install "$venv/bin/python"
+    build_kernels "$venv/bin/python"
     if [ -n "$DESTDIR" ]; then
         # The venv was made under DESTDIR: point its scripts and pyvenv.cfg at the final path.
         for f in "$venv"/pyvenv.cfg "$venv"/bin/*; do

@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default /run/m4/admin.sock)")
     p.add_argument("--runtime-dir", type=Path,
                    help="put app.sock and admin.sock in this directory")
-    p.add_argument("--weight-format", help="int4, int8, w8a8, bfloat16 or float32")
+    p.add_argument("--weight-format", help="w4a8, int4, int8, w8a8, bfloat16 or float32")
     p.add_argument("--compute-dtype", help="bfloat16 or float32")
     p.add_argument("--threads", help="torch threads (0 = one per core)")
     p.add_argument("--kv-slots", help="generation sequences that run at once")

@@ -160,7 +160,7 @@ def test_random_tiny_network_bf16_decode_path_matches_full_forward() -> None:
         assert (step[i, 0] - full).abs().max().item() <= 0.05 * full.abs().max().item()
 
 
-@pytest.mark.parametrize("weight_format", ["w8a8", "int4"])
+@pytest.mark.parametrize("weight_format", ["w4a8", "w8a8", "int4"])
 def test_decode_batch_gives_each_sequence_the_logits_it_gets_alone(imported_llama,
                                                                    weight_format: str) -> None:
     """Continuous batching's premise, bit for bit: in the serving formats a sequence's logits

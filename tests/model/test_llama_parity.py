@@ -6,7 +6,9 @@ import logging
 
 import pytest
 import torch
+from m4d.model import kernels
 from m4d.model.llama import Llama, greedy_generate
+from m4d.model.quant import Q4_1Linear
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +127,47 @@ def test_served_formats_give_the_fp32_answer(imported_llama, llama_fp32: Llama) 
     assert report["bfloat16"][2] == tok.decode(ref)
     assert report["int4"][2] == tok.decode(ref)
     assert "Paris" in report["int8"][2]
+
+
+@pytest.mark.skipif(not kernels.cpu_supported(), reason="w4a8 needs AVX-512 VNNI (else it runs as int4)")
+def test_w4a8_linears_are_closer_to_fp32_than_int4(imported_llama, llama_fp32: Llama) -> None:
+    """On the real weights and activations, each w4a8 linear (the Q4_1 blocks as stored times
+    two-digit int8 activations) is nearer the float32 product than torch's int4 kernel (whose
+    scales and zeros are rounded to bf16); both round their output to bf16."""
+    tok = imported_llama.tokenizer
+    ids = torch.tensor([tok.encode(imported_llama.chat.render(FRANCE))])
+    w4a8 = imported_llama.load("w4a8", torch.bfloat16)
+    int4 = imported_llama.load("int4", torch.bfloat16)
+    x = llama_fp32.tok_embeddings(ids)
+    cos, sin = llama_fp32._rope(torch.arange(ids.shape[1])[None], x.dtype)
+    for i, block in enumerate(llama_fp32.blocks):
+        attn_in = block.attention_norm(x)
+        h = x + block.attention(attn_in, cos, sin, None, None, None, ids.shape[1])
+        inputs = {"wqkv": attn_in, "w13": block.ffn_norm(h)}
+        for name, inp in inputs.items():
+            owner = (lambda b: b.attention) if name == "wqkv" else (lambda b: b.feed_forward)
+            ref = getattr(owner(block), name)(inp)
+            err = {fmt: ((getattr(owner(m.blocks[i]), name)(inp.bfloat16()).float() - ref).norm()
+                         / ref.norm()).item() for fmt, m in (("w4a8", w4a8), ("int4", int4))}
+            assert err["w4a8"] < err["int4"], (i, name, err)
+            assert err["w4a8"] < 3e-3, (i, name, err)  # about the bf16 output rounding alone
+        x = block(x, cos, sin, None, None, None, ids.shape[1])
+
+
+@pytest.mark.skipif(not kernels.cpu_supported(), reason="w4a8 needs AVX-512 VNNI (else it runs as int4)")
+def test_w4a8_tracks_fp32(imported_llama, llama_fp32: Llama) -> None:
+    """End to end: the completion self-test's 12 greedy tokens, and the next-token
+    distributions over a chat prompt within a mean KL of 0.01 of float32."""
+    tok = imported_llama.tokenizer
+    model = imported_llama.load("w4a8", torch.bfloat16)
+    assert isinstance(model.blocks[0].attention.wqkv, Q4_1Linear)
+    prompt = tok.encode("The capital of Japan is")
+    assert greedy_generate(model, prompt, 12, None) == greedy_generate(llama_fp32, prompt, 12, None)
+    ids = tok.encode(imported_llama.chat.render(FRANCE))
+    logp = {}
+    for name, m in (("w4a8", model), ("fp32", llama_fp32)):
+        m.setup_caches(1, 64)
+        logp[name] = m(torch.tensor([ids]), torch.arange(len(ids))[None])[0].log_softmax(-1)
+    kl = (logp["fp32"].exp() * (logp["fp32"] - logp["w4a8"])).sum(-1).mean().item()
+    print(f"\nw4a8 mean next-token KL vs fp32 over the chat prompt: {kl:.4f}")
+    assert kl < 0.01

@@ -173,7 +173,8 @@ class Attention(nn.Module):
                 y = torch.ops.m4.decode_attention(
                     q.reshape(b, self.n_heads, self.head_dim), self.kv_cache.k, self.kv_cache.v,
                     row_idx, input_pos[:, 0], self.scale).unsqueeze(2)
-                return self.wo(y.transpose(1, 2).reshape(b, s, self.q_size))
+                fused: torch.Tensor = self.wo(y.transpose(1, 2).reshape(b, s, self.q_size))
+                return fused
             k, v = self.kv_cache.update(k, v, input_pos, rows, length)  # [B, Hkv, L, Dh]
             if s == 1 and q.dtype != torch.float32:
                 y = _decode_attention(q, k, v, mask)

@@ -3,13 +3,13 @@
 The op schemas are declared here, so TorchScript can resolve ``torch.ops.m4.*`` whether or
 not the compiled library loaded; callers check :func:`available` before using them.
 
-The library is compiled with the system C++ compiler against the installed torch, once, by
-``python -m m4d.model.kernels build`` (``make setup`` runs it). Its file name carries a hash
-of the source, the compiler flags and the torch version, so a stale build is never loaded.
-If no build is found, :func:`load` compiles one into the first writable of ``$M4_KERNEL_DIR``,
-the package's ``_build`` directory and ``~/.cache/m4d/kernels`` (about a minute). The kernels
-need AVX-512 with VNNI; on other CPUs :func:`available` is False and the model keeps torch's
-kernels.
+The library is compiled with the system C++ compiler against the installed torch, once, at
+install time: ``python -m m4d.model.kernels build`` (``make setup`` and systemd/install.sh
+run it; ~15 s) writes it into the package's ``_build`` directory. Its file name carries a
+hash of the source, the compiler flags and the torch version, so a stale build is never
+loaded. The daemon never compiles: :func:`load` looks in ``$M4_KERNEL_DIR`` and ``_build``,
+and without a build (or without AVX-512 VNNI) :func:`available` is False and the model keeps
+torch's kernels.
 """
 
 import hashlib
@@ -31,13 +31,17 @@ SOURCE = Path(__file__).with_name("m4_kernels.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 CXX_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
              "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-             "-mf16c", "-mfma"]
+             "-mf16c", "-mfma", "-fopenmp"]
 
-_lib = torch.library.Library("m4", "DEF")
-_lib.define("q4_1_linear(Tensor x, Tensor w, Tensor dm, int n, int k, ScalarType out_dtype) -> Tensor")
-_lib.define("q8_0_linear(Tensor x, Tensor w, Tensor d, int n, int k, ScalarType out_dtype) -> Tensor")
-_lib.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, "
-            "float scale) -> Tensor")
+_lib = torch.library.Library("m4", "DEF")  # type: ignore[no-untyped-call]
+SCHEMAS = (
+    "q4_1_linear(Tensor x, Tensor w, Tensor dm, int n, int k, ScalarType out_dtype) -> Tensor",
+    "q8_0_linear(Tensor x, Tensor w, Tensor d, int n, int k, ScalarType out_dtype) -> Tensor",
+    "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, "
+    "float scale) -> Tensor",
+)
+for _schema in SCHEMAS:
+    _lib.define(_schema)  # type: ignore[no-untyped-call]
 
 _state: dict[str, bool] = {}
 _lock = threading.Lock()
@@ -69,7 +73,7 @@ def _compile_command(output: Path) -> list[str]:
     cmd = [os.environ.get("CXX", "c++"), *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in includes]
     cmd += [str(SOURCE), "-o", str(output)]
-    cmd += [f"-L{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu"]
+    cmd += [f"-L{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu", "-lgomp"]
     cmd += [f"-Wl,-rpath,{p}" for p in libdirs]
     return cmd
 
@@ -81,13 +85,12 @@ def library_name() -> str:
     return f"m4_kernels-{h.hexdigest()[:16]}.so"
 
 
+BUILD_DIR = SOURCE.parent / "_build"
+
+
 def _candidate_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("M4_KERNEL_DIR"):
-        dirs.append(Path(os.environ["M4_KERNEL_DIR"]))
-    dirs.append(SOURCE.parent / "_build")
-    dirs.append(Path.home() / ".cache" / "m4d" / "kernels")
-    return dirs
+    dirs = [Path(os.environ["M4_KERNEL_DIR"])] if os.environ.get("M4_KERNEL_DIR") else []
+    return [*dirs, BUILD_DIR]
 
 
 def find_library() -> Path | None:
@@ -98,36 +101,28 @@ def find_library() -> Path | None:
     return None
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compiles the library into ``out_dir`` (or the first writable candidate); the file
-    appears whole or not at all (compiled to a temporary name, then renamed)."""
+def build(out_dir: Path = BUILD_DIR) -> Path:
+    """Compiles the library into ``out_dir``; the file appears whole or not at all
+    (compiled to a temporary name, then renamed)."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("no C++ compiler (set CXX or install g++)")
-    dirs = [out_dir] if out_dir is not None else _candidate_dirs()
-    errors = []
-    for d in dirs:
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".m4_kernels-", suffix=".so", dir=d)
-            os.close(fd)
-        except OSError as exc:
-            errors.append(f"{d}: {exc}")
-            continue
-        try:
-            proc = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
-            target = d / library_name()
-            os.replace(tmp, target)
-            return target
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise RuntimeError("no writable directory for the kernel library: " + "; ".join(errors))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".m4_kernels-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+        target = out_dir / library_name()
+        os.replace(tmp, target)
+        return target
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load() -> bool:
-    """Loads (building if needed) the library once; returns :func:`available`."""
+    """Loads the prebuilt library once; returns :func:`available`."""
     with _lock:
         if "ok" in _state:
             return _state["ok"]
@@ -137,12 +132,17 @@ def load() -> bool:
         elif not cpu_supported():
             log.info("m4 kernels need AVX-512 with VNNI; using torch's kernels")
         else:
-            try:
-                path = find_library() or build()
-                torch.ops.load_library(str(path))
-                ok = True
-            except Exception as exc:  # no compiler, no headers, no writable dir: run without
-                log.warning("m4 kernels unavailable, using torch's kernels: %s", exc)
+            path = find_library()
+            if path is None:
+                log.warning("m4 kernels not built for this source and torch (%s); using torch's "
+                            "kernels: run 'python -m m4d.model.kernels build'", library_name())
+            else:
+                try:
+                    torch.ops.load_library(str(path))  # type: ignore[no-untyped-call]
+                    ok = True
+                except Exception as exc:  # a corrupt or foreign file: run without
+                    log.warning("m4 kernels did not load from %s, using torch's kernels: %s",
+                                path, exc)
         _state["ok"] = ok
         return ok
 
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu_supported():
         print("this CPU lacks AVX-512 VNNI: nothing to build; m4d uses torch's kernels")
         return 0
-    existing = find_library() if len(args) < 2 else None
-    path = existing or build(Path(args[1]) if len(args) > 1 else None)
+    out_dir = Path(args[1]) if len(args) > 1 else BUILD_DIR
+    existing = out_dir / library_name()
+    path = existing if existing.is_file() else build(out_dir)
     print(f"m4 kernels: {path}")
     return 0

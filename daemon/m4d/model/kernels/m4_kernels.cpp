@@ -38,6 +38,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // values per quant block (Q4_1, Q8_0, activations)
 constexpr int64_t kTile = 16;   // output channels per weight tile (one zmm of int32/float)
+constexpr float kLoRadix = 254.0f;  // the second activation digit's weight
 constexpr int kRows = 8;       // rows sharing one unpacked weight tile
 constexpr int64_t kRowChunk = 64;  // rows quantized and multiplied per pass
 
@@ -65,8 +66,10 @@ inline void store16(c10::BFloat16* p, __m512 v) {
 
 // ---------------------------------------------------------------- activation quantization
 
-// One row of K values -> per block of 32: int8 values, the scale xd, the float sum of the
-// block's x and 128 * the sum of its int8 values.
+// One row of K values -> per block of 32: two int8 digits per value, x ~ xd * (hi + lo/254)
+// with hi = round(x / xd), lo = round((x / xd - hi) * 254), both in [-127, 127] (stored as 8
+// int32 of hi then 8 of lo); the scale xd; the float sum of the block's x; and
+// 128 * (254 * sum(hi) + sum(lo)), the offset a u8 = q + 128 operand adds to the dot product.
 template <typename T>
 void quantize_row(const T* x, int64_t k, int32_t* q, float* xd, float* xs, int32_t* qs128) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
@@ -78,19 +81,28 @@ void quantize_row(const T* x, int64_t k, int32_t* q, float* xd, float* xs, int32
     float id = d > 0.0f ? 1.0f / d : 0.0f;
     __m512 vid = _mm512_set1_ps(id);
     // _mm512_cvtps_epi32 rounds to nearest even (the default MXCSR mode), as torch.round
-    __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
-    __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
-    __m128i q0 = _mm512_cvtsepi32_epi8(i0), q1 = _mm512_cvtsepi32_epi8(i1);
-    qs128[b] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));  // |x / xd| <= 127
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 8), q0);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 8 + 4), q1);
+    __m512 s0 = _mm512_mul_ps(v0, vid), s1 = _mm512_mul_ps(v1, vid);
+    __m512 h0 = _mm512_roundscale_ps(s0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 h1 = _mm512_roundscale_ps(s1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 radix = _mm512_set1_ps(kLoRadix);
+    __m512i hi0 = _mm512_cvtps_epi32(h0), hi1 = _mm512_cvtps_epi32(h1);  // |x / xd| <= 127
+    __m512i lo0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s0, h0), radix));
+    __m512i lo1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s1, h1), radix));
+    int32_t* qb = q + b * 16;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(hi0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 4), _mm512_cvtsepi32_epi8(hi1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 8), _mm512_cvtsepi32_epi8(lo0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 12), _mm512_cvtsepi32_epi8(lo1));
+    const int32_t sum_hi = _mm512_reduce_add_epi32(_mm512_add_epi32(hi0, hi1));
+    const int32_t sum_lo = _mm512_reduce_add_epi32(_mm512_add_epi32(lo0, lo1));
+    qs128[b] = 128 * (static_cast<int32_t>(kLoRadix) * sum_hi + sum_lo);
     xd[b] = d;
     xs[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
   }
 }
 
 struct QuantRows {  // a chunk of rows, quantized
-  std::vector<int32_t> q;  // [rows, K/4]: 4 int8 (or u8) values per int32, as VNNI takes them
+  std::vector<int32_t> q;  // [rows, K/32, 16]: 4 int8 per int32 as VNNI takes them; hi, lo
   std::vector<float> d, s;  // [rows, K/32]
   std::vector<int32_t> qs128;  // [rows, K/32]
 };
@@ -98,24 +110,30 @@ struct QuantRows {  // a chunk of rows, quantized
 template <typename T>
 void quantize_rows(const T* x, int64_t rows, int64_t k, QuantRows& out) {
   const int64_t kb = k / kBlock;
-  out.q.resize(rows * k / 4);
+  out.q.resize(rows * k / 2);
   out.d.resize(rows * kb);
   out.s.resize(rows * kb);
   out.qs128.resize(rows * kb);
   for (int64_t r = 0; r < rows; ++r)
-    quantize_row(x + r * k, k, out.q.data() + r * k / 4, out.d.data() + r * kb,
+    quantize_row(x + r * k, k, out.q.data() + r * k / 2, out.d.data() + r * kb,
                  out.s.data() + r * kb, out.qs128.data() + r * kb);
 }
 
 // ---------------------------------------------------------------- GEMM micro-kernels
 
-// s[r] = sum over one block of wv (16 channels x 32 u8) times row r's 32 int8 (8 x 4 bytes
-// at x + r * ldx). Rows are interleaved so R independent VNNI chains are in flight.
+// s[r] = 254 * (wv . hi_r) + (wv . lo_r) over one block: wv is 16 channels x 32 u8, row r's
+// digits are 2 x 8 x 4 int8 at x + r * ldx. Exact in int32 (|s| < 2^29). Rows are interleaved
+// so R independent VNNI chains are in flight.
 template <int R>
 inline void dot_rows(const __m512i* wv, const int32_t* x, int64_t ldx, __m512i* s) {
   for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
   for (int g = 0; g < 8; ++g)
     for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], wv[g], _mm512_set1_epi32(x[r * ldx + g]));
+  const __m512i radix = _mm512_set1_epi32(static_cast<int32_t>(kLoRadix));
+  for (int r = 0; r < R; ++r) s[r] = _mm512_mullo_epi32(s[r], radix);
+  for (int g = 0; g < 8; ++g)
+    for (int r = 0; r < R; ++r)
+      s[r] = _mm512_dpbusd_epi32(s[r], wv[g], _mm512_set1_epi32(x[r * ldx + 8 + g]));
 }
 
 // Q4_1 tile: 16 output channels x R rows over all K. Weight layout per (tile, block): 4
@@ -144,9 +162,9 @@ void q4_1_tile(const uint8_t* w, const uint16_t* dm, const int32_t* xq, const fl
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmb)));
     __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmb + kTile)));
     __m512i s[R];
-    dot_rows<R>(wv, xq + b * 8, kb * 8, s);
+    dot_rows<R>(wv, xq + b * 16, kb * 16, s);
     for (int r = 0; r < R; ++r) {
-      __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r * kb + b]));
+      __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r * kb + b] * (1.0f / kLoRadix)));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), scale, acc[r]);
       acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * kb + b]), acc[r]);
     }
@@ -169,10 +187,10 @@ void q8_0_tile(const uint8_t* w, const uint16_t* dsc, const int32_t* xq, const f
     for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(wb + 64 * g);
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dsc + b * kTile)));
     __m512i s[R];
-    dot_rows<R>(wv, xq + b * 8, kb * 8, s);
+    dot_rows<R>(wv, xq + b * 16, kb * 16, s);
     for (int r = 0; r < R; ++r) {
       __m512i sr = _mm512_sub_epi32(s[r], _mm512_set1_epi32(qs128[r * kb + b]));
-      __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r * kb + b]));
+      __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[r * kb + b] * (1.0f / kLoRadix)));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr), scale, acc[r]);
     }
   }
@@ -260,7 +278,7 @@ at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
         const uint8_t* wt = wp + t * kb * (kTile * kBlock / 2);
         const uint16_t* dmt = dmp + t * kb * 2 * kTile;
         for_row_groups(0, rows, [&](auto r_const, int64_t r) {
-          q4_1_tile<decltype(r_const)::value>(wt, dmt, xq.q.data() + r * kb * 8, xq.d.data() + r * kb,
+          q4_1_tile<decltype(r_const)::value>(wt, dmt, xq.q.data() + r * kb * 16, xq.d.data() + r * kb,
                                               xq.s.data() + r * kb, kb, y + r * ldy, ldy);
         });
       });
@@ -282,7 +300,7 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       [&](int64_t t, const QuantRows& xq, int64_t rows, auto* y, int64_t ldy) {
         const int64_t off = t * kb * kTile;
         for_row_groups(0, rows, [&](auto r_const, int64_t r) {
-          q8_0_tile<decltype(r_const)::value>(wp + off * kBlock, dp + off, xq.q.data() + r * kb * 8,
+          q8_0_tile<decltype(r_const)::value>(wp + off * kBlock, dp + off, xq.q.data() + r * kb * 16,
                                               xq.d.data() + r * kb, xq.qs128.data() + r * kb, kb,
                                               y + r * ldy, ldy);
         });
