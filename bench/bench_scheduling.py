@@ -657,6 +657,8 @@ def run(args: argparse.Namespace) -> Measurements:
     extra = ["--kv-slots", str(KV_SLOTS)]
     if args.weight_format:
         extra += ["--weight-format", args.weight_format]
+    if args.kernel_threads is not None:
+        extra += ["--kernel-threads", str(args.kernel_threads)]
     daemon = Daemon(image, args.threads, args.self_test, args=extra,
                     env={"M4D_UID_MAX_CONCURRENT": str(UID_MAX_CONCURRENT)})
     load: LoadProcess | None = None
@@ -765,6 +767,8 @@ def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:
         else max(1, (os.cpu_count() or 1) - 1),
         "llama_threads": args.llama_threads,
         "weight_format": args.weight_format or "daemon default",
+        "kernel_threads": args.kernel_threads if args.kernel_threads is not None
+        else "daemon default",
         "kv_slots": KV_SLOTS,
         "repeats": args.repeats,
         "other_cpu_share": m.other_cpu,
@@ -1001,8 +1005,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="m4d --threads (default: the daemon's own default)")
     parser.add_argument("--weight-format", default=None,
-                        help="m4d --weight-format (default: the daemon's own, int4); w8a8 is "
-                             "the format whose GEMMs batch")
+                        help="m4d --weight-format (default: the daemon's own, int4); w4a8 "
+                             "runs m4's batched VNNI GEMMs")
+    parser.add_argument("--kernel-threads", type=int, default=None,
+                        help="m4d --kernel-threads (default: the daemon's own, one per core)")
     parser.add_argument("--llama-threads", type=int, default=2,
                         help="llama.cpp n_threads and n_threads_batch (default 2)")
     parser.add_argument("--fg-requests", type=int, default=36,

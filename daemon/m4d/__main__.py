@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-format", help="w4a8, int4, int8, w8a8, bfloat16 or float32")
     p.add_argument("--compute-dtype", help="bfloat16 or float32")
     p.add_argument("--threads", help="torch threads (0 = one per core)")
+    p.add_argument("--kernel-threads", help="threads of m4's own kernels (0 = one per core)")
     p.add_argument("--kv-slots", help="generation sequences that run at once")
     p.add_argument("--max-context", help="longest prompt + output, in tokens")
     p.add_argument("--max-queue", help="waiting requests before UNAVAILABLE")
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: getattr(args, k) for k in (
-        "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads",
+        "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads", "kernel_threads",
         "kv_slots", "max_context", "max_queue", "self_test", "log_format", "log_level",
         "state_dir", "keys_dir", "require_signature", "swap_mode")}
     if args.state_dir is not None:

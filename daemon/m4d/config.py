@@ -93,6 +93,10 @@ class Config:
     # busy event loop decoded slower (20-28 tok/s) than 1 (30-34 tok/s). With components on
     # an accelerator, 0 also leaves a core to each accelerator's executor thread.
     threads: int = 0
+    # Threads for m4's own kernels (w4a8 GEMMs, decode attention), the executor's included;
+    # 0 means one per CPU core. Their helpers join a loop only when the OS gives them a core
+    # and run at nice +10, so the event loop keeps priority (m4d/model/kernels).
+    kernel_threads: int = 0
     # Where each component runs: a table from component name ("backbone", "text_encoder")
     # or kind ("llama", "bert") to a device ("cpu", "cuda:0", "xpu:0", "mps", or "auto": the
     # best accelerator found, else cpu), with `default` for the rest. A device this machine
@@ -192,7 +196,7 @@ class Config:
             raise ConfigError(f"max_boot_attempts must be >= 1 (got {self.max_boot_attempts})")
         if not self.admin_group or not self.compatible:
             raise ConfigError("admin_group and compatible must not be empty")
-        for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens"):
+        for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kernel_threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.weight_format in ("int4", "int8") and self.compute_dtype != "bfloat16":

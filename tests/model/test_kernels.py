@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,41 @@ def test_library_name_follows_the_source(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(kernels, "SOURCE", changed)
     assert kernels.library_name() != name  # a stale build is never found for new source
     assert kernels.find_library() is None or kernels.find_library().name != name
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_kernel_threads_give_the_same_bits() -> None:
+    """The pool splits loops over output tiles and attention rows, never inside a sum, so the
+    numbers do not depend on the thread count; concurrent callers each get whole results."""
+    q, d, mn = _random_q4_1(256, 576, seed=21)
+    lin = Q4_1Linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
+    x = torch.randn(33, 576, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
+    kc = torch.randn(4, 3, 40, 64, generator=torch.Generator().manual_seed(23)).to(torch.bfloat16)
+    qa = torch.randn(9, 9, 64, generator=torch.Generator().manual_seed(24)).to(torch.bfloat16)
+    rows, pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0]), torch.tensor([39, 1, 17, 5, 0, 33, 16, 15, 9])
+    before = kernels.set_threads(1)
+    try:
+        assert before == 1 and torch.ops.m4.get_threads() == 1
+        one = (lin(x), torch.ops.m4.decode_attention(qa, kc, kc, rows, pos, 0.125))
+        assert kernels.set_threads(3) == 3
+        for _ in range(3):
+            three = (lin(x), torch.ops.m4.decode_attention(qa, kc, kc, rows, pos, 0.125))
+            assert all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
+        results: list[torch.Tensor] = []
+
+        def call() -> None:
+            for _ in range(20):
+                results.append(lin(x))
+
+        workers = [threading.Thread(target=call) for _ in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert len(results) == 60 and all(torch.equal(r, one[0]) for r in results)
+        with pytest.raises(RuntimeError, match="kernel threads must be in"):
+            torch.ops.m4.set_threads(0)
+    finally:
+        kernels.set_threads(0)

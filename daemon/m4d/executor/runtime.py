@@ -20,6 +20,7 @@ from m4d.errors import InvalidArgument
 from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
 from m4d.model.bert import BertConfig, load_bert
+from m4d.model import kernels
 from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4d.model.tokenizer import ChatTemplate, TextTokenizer
 
@@ -73,8 +74,9 @@ class Runtime:
 
     def load(self) -> None:
         torch.set_num_threads(self.threads)
+        kernel_threads = kernels.set_threads(self.config.kernel_threads)
         log.info("placement", extra={"placement": self.placement.components,
-                                     "threads": self.threads,
+                                     "threads": self.threads, "kernel_threads": kernel_threads,
                                      "devices": self.registry.names()})
         comps = self.image.manifest.components
         for name, spec in comps.items():

@@ -282,7 +282,7 @@ class Llama(nn.Module):
         dtype = dtype or self.dtype
         device = self.tok_embeddings.weight.device
         fused = (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
-                 and self.config.head_dim % 16 == 0 and kernels.available())
+                 and self.config.head_dim in kernels.ATTENTION_HEAD_DIMS and kernels.available())
         for layer in self.blocks:
             layer.attention.kv_cache = KVCache(n_slots, self.config.n_kv_heads, max_seq,
                                                self.config.head_dim, dtype, device)

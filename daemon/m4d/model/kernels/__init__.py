@@ -29,16 +29,19 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("m4_kernels.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
-CXX_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
+CXX_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
              "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-             "-mf16c", "-mfma", "-fopenmp"]
+             "-mf16c", "-mfma"]
 
+ATTENTION_HEAD_DIMS = (32, 64, 128)  # what decode_attention is compiled for
 _lib = torch.library.Library("m4", "DEF")  # type: ignore[no-untyped-call]
 SCHEMAS = (
     "q4_1_linear(Tensor x, Tensor w, Tensor dm, int n, int k, ScalarType out_dtype) -> Tensor",
     "q8_0_linear(Tensor x, Tensor w, Tensor d, int n, int k, ScalarType out_dtype) -> Tensor",
     "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, "
     "float scale) -> Tensor",
+    "set_threads(int n) -> ()",
+    "get_threads() -> int",
 )
 for _schema in SCHEMAS:
     _lib.define(_schema)  # type: ignore[no-untyped-call]
@@ -73,7 +76,7 @@ def _compile_command(output: Path) -> list[str]:
     cmd = [os.environ.get("CXX", "c++"), *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in includes]
     cmd += [str(SOURCE), "-o", str(output)]
-    cmd += [f"-L{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu", "-lgomp"]
+    cmd += [f"-L{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu"]
     cmd += [f"-Wl,-rpath,{p}" for p in libdirs]
     return cmd
 
@@ -150,6 +153,16 @@ def load() -> bool:
 def available() -> bool:
     """Whether the compiled ops can be called (loads them on first use)."""
     return load()
+
+
+def set_threads(n: int) -> int:
+    """Threads the kernels' loops use, the calling one included (their own pool, apart from
+    torch's: see ``Pool`` in m4_kernels.cpp); 0 = one per CPU. Returns the count in effect
+    (1 when the kernels are not available)."""
+    if not available():
+        return 1
+    torch.ops.m4.set_threads(n if n > 0 else (os.cpu_count() or 1))
+    return int(torch.ops.m4.get_threads())
 
 
 def main(argv: list[str] | None = None) -> int:

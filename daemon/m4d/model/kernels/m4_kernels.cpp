@@ -19,7 +19,6 @@
 // whatever the batch holds (rows never share a reduction, blocks are summed in order), so a
 // sequence's numbers do not depend on who it is batched with. No -ffast-math anywhere.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -27,7 +26,17 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,6 +50,137 @@ constexpr int64_t kTile = 16;   // output channels per weight tile (one zmm of i
 constexpr float kLoRadix = 254.0f;  // the second activation digit's weight
 constexpr int kRows = 8;       // rows sharing one unpacked weight tile
 constexpr int64_t kRowChunk = 64;  // rows quantized and multiplied per pass
+
+
+// ---------------------------------------------------------------- the kernels' thread pool
+
+// Runs a loop's chunks on the calling thread and on helper threads that join when they are
+// free. Unlike an OpenMP team, the caller never waits for a helper to arrive: indices are
+// claimed from a counter tagged with the job's generation, and at the end the caller waits
+// only for chunks a helper has already claimed. So a helper that the OS has not scheduled
+// (the second core is busy with the daemon's event loop) costs nothing; one that runs takes
+// half the work. Helpers run at a lower priority (nice +10) than the process, spin briefly
+// between jobs (the linears of one decode step come tens of microseconds apart) and then
+// sleep until the next job.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool pool;
+    return pool;
+  }
+
+  // Total threads the loops use, the caller included (1 = no helpers).
+  void set_threads(int64_t n) {
+    std::lock_guard<std::mutex> guard(run_mutex_);
+    stop_helpers();
+    for (int64_t i = 1; i < n; ++i) helpers_.emplace_back([this] { helper_loop(); });
+  }
+
+  int64_t threads() const { return static_cast<int64_t>(helpers_.size()) + 1; }
+
+  // fn(begin, end) over [0, n) in chunks; returns when all of it has run.
+  template <typename F>
+  void run(int64_t n, int64_t chunk, const F& fn) {
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (n <= chunk || !busy.owns_lock() || helpers_.empty()) {  // nested or concurrent: inline
+      fn(0, n);
+      return;
+    }
+    std::function<void(int64_t, int64_t)> job = fn;
+    job_ = &job;
+    n_ = n;
+    chunk_ = chunk;
+    const uint64_t gen = ++generation_;
+    state_.store(gen << 32, std::memory_order_seq_cst);  // publishes job_, n_, chunk_
+    announced_.store(static_cast<uint32_t>(gen), std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    work(gen);
+    state_.store((gen << 32) | kClosed, std::memory_order_seq_cst);
+    while (in_flight_.load(std::memory_order_seq_cst) != 0) _mm_pause();
+    job_ = nullptr;
+  }
+
+ private:
+  static constexpr uint64_t kClosed = 0xFFFFFFFFu;
+
+  ~Pool() {
+    std::lock_guard<std::mutex> guard(run_mutex_);
+    stop_helpers();
+  }
+
+  // Claims chunks of job `gen` until none are left.
+  void work(uint64_t gen) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_seq_cst);
+      const uint64_t idx = s & 0xFFFFFFFFu;
+      if ((s >> 32) != gen || idx == kClosed || static_cast<int64_t>(idx) >= n_) return;
+      if (!state_.compare_exchange_weak(s, s + chunk_, std::memory_order_seq_cst)) continue;
+      (*job_)(static_cast<int64_t>(idx), std::min<int64_t>(n_, static_cast<int64_t>(idx) + chunk_));
+    }
+  }
+
+  void helper_loop() {
+    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+    uint32_t seen = announced_.load();
+    while (!stop_.load()) {
+      uint32_t now = announced_.load(std::memory_order_seq_cst);
+      if (now == seen) {  // spin a while, then sleep until the next job
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+        while (announced_.load() == seen && !stop_.load() && std::chrono::steady_clock::now() < until)
+          for (int i = 0; i < 64; ++i) _mm_pause();
+        if (announced_.load() == seen && !stop_.load()) {
+          std::unique_lock<std::mutex> lock(sleep_mutex_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return announced_.load(std::memory_order_seq_cst) != seen || stop_.load(); });
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        }
+        continue;
+      }
+      seen = now;
+      in_flight_.fetch_add(1, std::memory_order_seq_cst);
+      const uint64_t gen = state_.load(std::memory_order_seq_cst) >> 32;
+      if (static_cast<uint32_t>(gen) == now) work(gen);
+      in_flight_.fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+
+  void stop_helpers() {
+    {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      stop_.store(true);
+      wake_.notify_all();
+    }
+    for (auto& t : helpers_) t.join();
+    helpers_.clear();
+    stop_.store(false);
+  }
+
+  std::mutex run_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> helpers_;
+  std::atomic<uint64_t> state_{0};  // generation << 32 | next unclaimed index (kClosed: done)
+  std::atomic<uint32_t> announced_{0};  // the latest generation, for waking helpers
+  std::atomic<int> in_flight_{0}, sleepers_{0};
+  std::atomic<bool> stop_{false};
+  uint64_t generation_ = 0;
+  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+  int64_t n_ = 0, chunk_ = 1;
+};
+
+template <typename F>
+void parallel(int64_t n, int64_t chunk, const F& fn) {
+  Pool::get().run(n, chunk, fn);
+}
+
+void set_threads(int64_t n) {
+  TORCH_CHECK(n >= 1 && n <= 256, "kernel threads must be in [1, 256], got ", n);
+  Pool::get().set_threads(n);
+}
+
+int64_t get_threads() { return Pool::get().threads(); }
 
 // ---------------------------------------------------------------- loads and stores
 
@@ -249,7 +389,8 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t n, int64_t k, at::Sc
       quantize_rows(x.data_ptr<float>() + c0 * k, rows, k, xq);
     else
       quantize_rows(x.data_ptr<c10::BFloat16>() + c0 * k, rows, k, xq);
-    at::parallel_for(0, n / kTile, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t tiles = n / kTile;
+    parallel(tiles, std::max<int64_t>(1, tiles / 64), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         if (out_dtype == at::kFloat)
           gemm(t, xq, rows, y.data_ptr<float>() + c0 * n + t * kTile, n);
@@ -440,7 +581,7 @@ void decode_attention_impl(const TQ* q, const TKV* kc, const TKV* vc, const int6
                            double scale, TQ* out) {
   constexpr int64_t dh = NV * 16;
   const int64_t g = h / hkv, ldp = (t_max + 15) / 16 * 16;
-  at::parallel_for(0, nb * hkv, 1, [&](int64_t i0, int64_t i1) {
+  parallel(nb * hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf(g * dh), of(g * dh), p(g * ldp), kf(16 * dh);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / hkv, kvh = i % hkv;
@@ -507,4 +648,9 @@ TORCH_LIBRARY_IMPL(m4, CPU, m) {
   m.impl("q4_1_linear", &q4_1_linear);
   m.impl("q8_0_linear", &q8_0_linear);
   m.impl("decode_attention", &decode_attention);
+}
+
+TORCH_LIBRARY_IMPL(m4, CompositeExplicitAutograd, m) {
+  m.impl("set_threads", &set_threads);
+  m.impl("get_threads", &get_threads);
 }
