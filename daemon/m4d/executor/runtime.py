@@ -19,8 +19,8 @@ from m4d.config import Config
 from m4d.errors import InvalidArgument
 from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
-from m4d.model.bert import BertConfig, load_bert
 from m4d.model import kernels
+from m4d.model.bert import BertConfig, load_bert
 from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4d.model.tokenizer import ChatTemplate, TextTokenizer
 
