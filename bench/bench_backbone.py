@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from m4d.model import kernels
 from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4image.importers.gguf_llama import import_gguf_llama
 
@@ -97,12 +98,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kernel-threads", type=int, default=1,
+                    help="threads of m4's kernels (w4a8, decode attention); 0 = one per core")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="4,16")
     ap.add_argument("--formats", default=",".join(FORMATS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    kernel_threads = kernels.set_threads(args.kernel_threads)
     batches = [int(b) for b in args.batches.split(",")]
 
     tmp = tempfile.TemporaryDirectory(prefix="m4bench")
@@ -133,7 +137,7 @@ def main() -> None:
 
     cols = ["prefill", "decode", *(f"B={b}" for b in batches)]
     base = best.get("float32")
-    print(f"threads={args.threads} prompt={args.prompt_len} new={args.new_tokens} "
+    print(f"threads={args.threads} kernel_threads={kernel_threads} prompt={args.prompt_len} new={args.new_tokens} "
           f"rounds={args.rounds} loadavg={os.getloadavg()[0]:.1f}  (tok/s, best round; x = vs float32)")
     print(f"| {'format':<10} | " + " | ".join(f"{c:>15}" for c in cols) + " |  KL vs fp32 |")
     print("|" + "---|" * (len(cols) + 2))

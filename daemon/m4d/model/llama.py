@@ -419,10 +419,12 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
     """Build the network on meta, then assign weights converted to ``weight_format``.
 
     weight_format: "int4" (exact from stored Q4_1; group-32 min/max quantization from dense),
+    "w4a8" (the stored Q4_1 and Q8_0 head as they are, activations as two int8 digits per 32
+    values, m4's VNNI kernels; runs as int4 where they are not available),
     "int8" (per-channel symmetric from the dense weights), "w8a8" (int8 weights per channel,
     activations as two int8 digits per row, the LM head too: the batched-serving format, see
     ``Int8DynamicLinear``), "bfloat16", "float32" (dense). Norms are kept in the compute
-    dtype, the (tied) LM head dense in the compute dtype except with w8a8.
+    dtype, the (tied) LM head dense in the compute dtype except with w8a8 and w4a8.
     """
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")

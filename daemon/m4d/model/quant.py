@@ -29,6 +29,11 @@ Two roles:
   activations quantized per row at run time into two int8 digits, one integer GEMM with
   exact int32 sums (oneDNN's packed VNNI kernel on x86). It reuses each weight across the
   batch, and it is batch invariant by construction (see the class).
+
+* ``Q4_1Linear`` and ``Q8_0Linear`` (weight format ``w4a8``): the checkpoint's Q4_1 blocks
+  and Q8_0 head exactly as stored, times activations quantized per row and per 32 values to
+  two int8 digits, in m4's own AVX-512 VNNI kernels (``m4d.model.kernels``): each weight tile
+  is reused across the batch, sums are exact in int32, and rows never share a reduction.
 """
 
 import platform
