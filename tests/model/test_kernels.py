@@ -285,3 +285,26 @@ def test_kernel_threads_give_the_same_bits() -> None:
             torch.ops.m4.set_threads(0)
     finally:
         kernels.set_threads(0)
+
+
+def test_a_forked_child_runs_the_kernels_alone_and_exits_cleanly() -> None:
+    """Helper threads do not survive fork: the child must compute without them (not wait for
+    them) and exit normally, and the parent's pool must keep working."""
+    code = """if True:
+        import os, sys, torch
+        from m4d.model import kernels
+        from m4d.model.quant import Q4_1Linear
+        assert kernels.set_threads(2) == 2
+        lin = Q4_1Linear.from_float(torch.randn(256, 576))
+        x = torch.randn(16, 576)
+        ref = lin(x)
+        pid = os.fork()
+        if pid == 0:
+            ok = torch.equal(lin(x), ref) and kernels.set_threads(2) == 2 and torch.equal(lin(x), ref)
+            sys.exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), torch.equal(lin(x), ref))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "True"]

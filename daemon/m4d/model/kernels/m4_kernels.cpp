@@ -5,14 +5,17 @@
 // is compiled for.
 //
 // * q4_1_linear: y = x @ W^T with W in GGUF's Q4_1 (per 32 weights: w = d*q + m, q in 0..15)
-//   and x quantized at run time per row and per 32 values to int8 (xd = absmax/127,
-//   xq = round(x/xd)), as llama.cpp does. A block's dot product is then
-//     d*xd * sum(q*xq) + m * sum(x)
-//   where sum(q*xq) is exact in int32 (VNNI: u8 weights x s8 activations) and sum(x) is the
-//   block's float sum. Each unpacked weight tile is reused by up to ROWS rows, so a decode
-//   batch of 16 costs little more than one row in memory traffic.
+//   and x quantized at run time per row and per 32 values to two int8 digits:
+//   xd = absmax/127, hi = round(x/xd), lo = round((x/xd - hi) * 254), x ~ xd*(hi + lo/254)
+//   (one digit, llama.cpp's Q8_1, cost SmolLM2 25x the KL against float32). A block's dot
+//   product is then
+//     d*xd/254 * (254*sum(q*hi) + sum(q*lo)) + m * sum(x)
+//   where the bracket is exact in int32 (VNNI: u8 weights x s8 digits) and sum(x) is the
+//   block's float sum. Each unpacked weight tile is reused by up to kRows rows, so a decode
+//   batch of 16 costs little more than one row in weight traffic.
 // * q8_0_linear: the same with GGUF's Q8_0 weights (w = d*q, q int8), stored as u8 q + 128 so
-//   the activations stay the broadcast s8 operand; 128 * sum(xq) is taken off the int32 sum.
+//   the activations stay the broadcast s8 operand; 128 * (254*sum(hi) + sum(lo)) is taken
+//   off the int32 sum.
 // * decode_attention: one query per row against a slot-addressed KV cache, read in place.
 //
 // Batch invariance: every output element is computed by the same sequence of operations
@@ -26,6 +29,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <pthread.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -36,6 +40,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <cmath>
 #include <cstdint>
@@ -64,9 +69,13 @@ constexpr int64_t kRowChunk = 64;  // rows quantized and multiplied per pass
 // sleep until the next job.
 class Pool {
  public:
-  static Pool& get() {
-    static Pool pool;
-    return pool;
+  static Pool& get() {  // never destroyed: helpers may still be parked at process exit
+    static Pool* pool = [] {
+      auto* p = new Pool;
+      pthread_atfork(nullptr, nullptr, [] { Pool::get().after_fork_in_child(); });
+      return p;
+    }();
+    return *pool;
   }
 
   // Total threads the loops use, the caller included (1 = no helpers).
@@ -106,9 +115,16 @@ class Pool {
  private:
   static constexpr uint64_t kClosed = 0xFFFFFFFFu;
 
-  ~Pool() {
-    std::lock_guard<std::mutex> guard(run_mutex_);
-    stop_helpers();
+  // A forked child has none of the helper threads: forget them (their std::thread objects
+  // are parked on the heap, as destroying a joinable one would terminate) and run alone.
+  void after_fork_in_child() {
+    for (auto& t : helpers_) new std::thread(std::move(t));
+    helpers_.clear();
+    new (&run_mutex_) std::mutex;
+    new (&sleep_mutex_) std::mutex;
+    new (&wake_) std::condition_variable;
+    in_flight_.store(0);
+    sleepers_.store(0);
   }
 
   // Claims chunks of job `gen` until none are left.
