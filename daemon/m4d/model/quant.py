@@ -507,6 +507,11 @@ class WeightFile:
             return "q8_0"
         raise KeyError(f"tensor {name!r} not found in {self.path}")
 
+    def shape(self, key: str) -> list[int]:
+        """A stored tensor's shape, read from the header (no data is loaded)."""
+        shape: list[int] = self._f.get_slice(key).get_shape()
+        return shape
+
     def get(self, key: str) -> torch.Tensor:
         t: torch.Tensor = self._f.get_tensor(key)
         return t
@@ -529,7 +534,7 @@ class WeightFile:
 
 def _tiles_fit(wf: WeightFile, name: str) -> bool:
     kind = wf.kind(name)
-    shape = wf.get(f"{name}.qweight" if kind != "dense" else name).shape
+    shape = wf.shape(f"{name}.qweight" if kind != "dense" else name)
     k = shape[1] * 2 if kind == "q4_1" else shape[1]
     return shape[0] % KERNEL_TILE == 0 and k % Q4_1_GROUP == 0
 

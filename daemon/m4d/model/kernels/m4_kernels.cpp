@@ -387,8 +387,13 @@ void check_x(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
 }
 
-void check_out_dtype(at::ScalarType t) {
-  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16, "out dtype must be float32 or bfloat16");
+// What both linears require of their call: x [M, K] float32/bf16 on the CPU, whole weight
+// tiles and blocks, a float32 or bf16 output.
+void check_linear(const char* op, const at::Tensor& x, int64_t n, int64_t k, at::ScalarType out_dtype) {
+  check_x(x, k);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16,
+              "out dtype must be float32 or bfloat16");
+  TORCH_CHECK(n % kTile == 0 && k % kBlock == 0, op, " needs N % 16 == 0 and K % 32 == 0");
 }
 
 // Shared driver: quantize rows chunk by chunk, then every tile over the chunk's rows.
@@ -420,9 +425,7 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t n, int64_t k, at::Sc
 
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm,
                        int64_t n, int64_t k, at::ScalarType out_dtype) {
-  check_x(x, k);
-  check_out_dtype(out_dtype);
-  TORCH_CHECK(n % kTile == 0 && k % kBlock == 0, "q4_1_linear needs N % 16 == 0 and K % 32 == 0");
+  check_linear("q4_1_linear", x, n, k, out_dtype);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() == n * k / 2,
               "packed weight must be contiguous uint8 with N*K/2 bytes");
   TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.numel() == 2 * n * k / kBlock,
@@ -443,9 +446,7 @@ at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
                        int64_t n, int64_t k, at::ScalarType out_dtype) {
-  check_x(x, k);
-  check_out_dtype(out_dtype);
-  TORCH_CHECK(n % kTile == 0 && k % kBlock == 0, "q8_0_linear needs N % 16 == 0 and K % 32 == 0");
+  check_linear("q8_0_linear", x, n, k, out_dtype);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() == n * k,
               "packed weight must be contiguous uint8 (q + 128) with N*K values");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.numel() == n * k / kBlock,
@@ -526,7 +527,7 @@ void attend_values(const float* p, int64_t ldp, const TKV* vb, int64_t len, floa
 // q: G x Dh (already scaled); kb, vb: the slot's [T, Dh] for this kv head; out: G x Dh.
 template <int NV, typename TKV>
 void attend_one(const float* q, const TKV* kb, const TKV* vb, int64_t len, int64_t g,
-                float* p, int64_t ldp, float* kf, float* out) {
+                float* p, int64_t ldp, float* kf, float* inv, float* out) {
   constexpr int64_t dh = NV * 16;
   for (int64_t t0 = 0; t0 < len; t0 += 16) {  // scores, 16 positions at a time
     const int64_t nt = std::min<int64_t>(16, len - t0);
@@ -551,7 +552,6 @@ void attend_one(const float* q, const TKV* kb, const TKV* vb, int64_t len, int64
       _mm512_storeu_ps(p + j * ldp + t0, hsum16(part));
     }
   }
-  std::vector<float> inv(g);
   for (int64_t j = 0; j < g; ++j) {  // softmax numerators and 1 / denominator
     float* pj = p + j * ldp;
     __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -598,14 +598,14 @@ void decode_attention_impl(const TQ* q, const TKV* kc, const TKV* vc, const int6
   constexpr int64_t dh = NV * 16;
   const int64_t g = h / hkv, ldp = (t_max + 15) / 16 * 16;
   parallel(nb * hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(g * dh), of(g * dh), p(g * ldp), kf(16 * dh);
+    std::vector<float> qf(g * dh), of(g * dh), p(g * ldp), kf(16 * dh), inv(g);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / hkv, kvh = i % hkv;
       const int64_t base = (rows[b] * hkv + kvh) * t_max * dh;
       const TQ* qb = q + (b * h + kvh * g) * dh;
       for (int64_t e = 0; e < g * dh; e += 16)
         _mm512_storeu_ps(qf.data() + e, _mm512_mul_ps(load16(qb + e), _mm512_set1_ps(static_cast<float>(scale))));
-      attend_one<NV>(qf.data(), kc + base, vc + base, pos[b] + 1, g, p.data(), ldp, kf.data(), of.data());
+      attend_one<NV>(qf.data(), kc + base, vc + base, pos[b] + 1, g, p.data(), ldp, kf.data(), inv.data(), of.data());
       for (int64_t e = 0; e < g * dh; e += 16)
         store16(out + (b * h + kvh * g) * dh + e, _mm512_loadu_ps(of.data() + e));
     }
