@@ -28,6 +28,7 @@ FORMATS = {
     "int4+bf16": ("int4", torch.bfloat16),
     "w8a8+bf16": ("w8a8", torch.bfloat16),
     "w4a8+bf16": ("w4a8", torch.bfloat16),
+    "w4a8+fp32": ("w4a8", torch.float32),
 }
 # Accuracy: mean next-token KL against the float32 model of the same weights over this text
 # (teacher-forced, one cached prefill); lower is closer.

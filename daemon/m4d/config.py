@@ -79,14 +79,15 @@ class Config:
     admin_socket_mode: int = 0o660
     # The firmware image directory to serve.
     image: Path = STATE_DIR / "images" / "default"
-    # How backbone weights are held in memory: int4 keeps the checkpoint's Q4_1 exactly
-    # (torch's int4 kernel). w4a8 keeps them too (and the Q8_0 head) and runs m4's AVX-512
-    # VNNI kernels with activations as two int8 digits: 1.5-2x faster at every batch size and
-    # closer to float32 per linear, but its greedy answer to the image's chat self-test
-    # differs (a near tie), so it is opt-in; without AVX-512 VNNI it runs as int4. w8a8: int8
-    # weights per channel (m4d.model.quant, bench/README.md).
-    weight_format: str = "int4"
-    # The dtype of activations. int4/int8 weights need bfloat16 to be fast on CPU.
+    # How backbone weights are held in memory. w4a8 keeps the checkpoint's Q4_1 layers and
+    # Q8_0 head exactly as stored and runs m4's AVX-512 VNNI kernels (activations quantized
+    # per block to two int8 digits inside each GEMM, float32 between them): about 2x int4's
+    # speed at every batch size and the closest to float32 (bench/README.md). Without AVX-512
+    # VNNI or a kernel build it runs as int4: the same Q4_1 weights on torch's int4 kernel,
+    # in compute_dtype. w8a8: int8 weights per channel (m4d.model.quant).
+    weight_format: str = "w4a8"
+    # The dtype of activations (text encoder, media components, the KV cache, and backbone
+    # formats other than w4a8). int4/int8 weights need bfloat16 to be fast on CPU.
     compute_dtype: str = "bfloat16"
     # Torch threads for the executor; 0 means one per CPU core but one (at least one),
     # which leaves a core to the event loop and gRPC: on 2 cores, 2 torch threads beside a

@@ -56,6 +56,8 @@ from m4d.engine.requests import (
     PredictNextRequest,
     Priority,
     RequestBase,
+    Scored,
+    ScoreRequest,
     SourceText,
     TextDelta,
     Timings,
@@ -252,8 +254,8 @@ class Engine:
         self._streams: dict[int, RequestStream] = {}
         self._sequences: dict[int, Sequence] = {}
         self._encoder_queue: collections.deque[EncoderWork] = collections.deque()
-        self._aux_queue: collections.deque[tuple[PredictNextRequest, RequestStream]] = (
-            collections.deque())
+        self._aux_queue: collections.deque[
+            tuple[PredictNextRequest | ScoreRequest, RequestStream]] = collections.deque()
         self._media_queue: collections.deque[MediaWork] = collections.deque()
         self._prompt_embeds: dict[int, Any] = {}  # path-1 sequences: spliced prompt [S', D]
         self._stopping = False
@@ -413,7 +415,7 @@ class Engine:
                 self._sequences[request.id] = Sequence(request, stream, self.runtime.tokenizer)
             elif isinstance(request, (EmbedRequest, ClassifyRequest)):
                 self._encoder_queue.append(EncoderWork(request, stream))
-            elif isinstance(request, PredictNextRequest):
+            elif isinstance(request, (PredictNextRequest, ScoreRequest)):
                 self._aux_queue.append((request, stream))
             elif isinstance(request, MediaRequest):
                 self._media_queue.append(MediaWork(request, stream))
@@ -734,7 +736,15 @@ class Engine:
     def _run_aux(self) -> None:
         if not self._aux_queue:
             return
-        request, _ = self._aux_queue.popleft()
+        request = self._aux_queue[0][0]
+        if isinstance(request, ScoreRequest):
+            if self.scheduler.seqs:  # it borrows KV row 0: wait until no sequence holds a row
+                return
+            self._aux_queue.popleft()
+            self._finish(request.id, Scored(self.runtime.reference_gaps(
+                request.prompt_ids, request.reference, row=0)))
+            return
+        self._aux_queue.popleft()
         started = time.monotonic()
         words = self.runtime.next_words(request.prompt_ids, request.num_predictions)
         end = time.monotonic()

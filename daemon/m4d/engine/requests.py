@@ -100,6 +100,16 @@ class PredictNextRequest(RequestBase):
     num_predictions: int = 5
 
 
+@dataclass
+class ScoreRequest(RequestBase):
+    """Teacher-forced scoring of `reference` after `prompt_ids` on the served path (chunked
+    prefill, then one decode step per token), run when no sequence holds a KV row; the
+    self-test's tie check. Not reachable from the gRPC API."""
+
+    prompt_ids: list[int] = field(default_factory=list)
+    reference: list[int] = field(default_factory=list)
+
+
 class MediaOp(enum.Enum):
     """What a media request does once its image or audio is recognised."""
 
@@ -219,6 +229,13 @@ class Predictions:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """Per reference token: nats below the most likely token (0 = ranked first)."""
+
+    gaps: list[float]
+
+
+@dataclass(frozen=True)
 class TextBox:
     text: str
     confidence: float
@@ -268,8 +285,8 @@ class SourceText:
     audio_seconds: float = 0.0
 
 
-Event = (TextDelta | Finished | Failed | Embeddings | Ranked | Predictions | TextRead
-         | Transcribed | KeywordsHeard | SourceText)
+Event = (TextDelta | Finished | Failed | Embeddings | Ranked | Predictions | Scored
+         | TextRead | Transcribed | KeywordsHeard | SourceText)
 
 
 def softmax(values: list[float], temperature: float = 1.0) -> list[float]:
