@@ -1005,8 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="m4d --threads (default: the daemon's own default)")
     parser.add_argument("--weight-format", default=None,
-                        help="m4d --weight-format (default: the daemon's own, int4); w4a8 "
-                             "runs m4's batched VNNI GEMMs")
+                        help="m4d --weight-format (default: the daemon's own, w4a8: m4's "
+                             "batched VNNI GEMMs)")
     parser.add_argument("--kernel-threads", type=int, default=None,
                         help="m4d --kernel-threads (default: the daemon's own, one per core)")
     parser.add_argument("--llama-threads", type=int, default=2,
