@@ -229,6 +229,38 @@ def test_decode_attention_refuses_bad_input() -> None:
 # --------------------------------------------------------------------------- the build
 
 
+def test_decode_layers_refuses_bad_input() -> None:
+    d, h, hkv, dh, ffn, slots, t = 64, 2, 1, 32, 64, 2, 8
+    lin = [Q4_1Linear.from_float(torch.randn(n, k)) for n, k in
+           [((h + 2 * hkv) * dh, d), (d, h * dh), (2 * ffn, d), (d, ffn)]]
+    cache = [torch.zeros(slots, hkv, t, dh, dtype=torch.bfloat16) for _ in range(2)]
+    layer = [torch.ones(d), lin[0].weight, lin[0].dm, lin[1].weight, lin[1].dm, torch.ones(d),
+             lin[2].weight, lin[2].dm, lin[3].weight, lin[3].dm, *cache]
+    x, rows, pos = torch.randn(2, d), torch.tensor([0, 1]), torch.tensor([3, 7])
+    cos, sin = torch.ones(2, dh), torch.zeros(2, dh)
+
+    def call(**change: object) -> torch.Tensor:
+        args = dict(x=x, layers=layer, rows=rows, pos=pos, cos=cos, sin=sin)
+        args.update(change)
+        return torch.ops.m4.decode_layers(args["x"], args["layers"], args["rows"], args["pos"],
+                                          args["cos"], args["sin"], h, hkv, 1e-5, dh**-0.5)
+
+    assert call().shape == (2, d)
+    assert cache[0][1, 0, 7].abs().sum() > 0  # row 1 wrote its key at position 7
+    with pytest.raises(RuntimeError, match="12 tensors per layer"):
+        call(layers=layer[:11])
+    with pytest.raises(RuntimeError, match="cache row 2 out of range"):
+        call(rows=torch.tensor([0, 2]))
+    with pytest.raises(RuntimeError, match="position 8 out of range"):
+        call(pos=torch.tensor([0, 8]))
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        call(x=x.bfloat16())
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        call(cos=torch.ones(3, dh))
+    with pytest.raises(RuntimeError, match="norms must be"):
+        call(layers=[torch.ones(d + 1), *layer[1:]])
+
+
 def test_build_is_atomic_and_a_failed_compile_leaves_nothing(tmp_path: Path) -> None:
     env = dict(os.environ, CXX="false")  # a "compiler" that always fails
     code = ("import sys; from pathlib import Path; from m4d.model import kernels\n"

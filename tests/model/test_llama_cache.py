@@ -160,14 +160,17 @@ def test_random_tiny_network_bf16_decode_path_matches_full_forward() -> None:
         assert (step[i, 0] - full).abs().max().item() <= 0.05 * full.abs().max().item()
 
 
-@pytest.mark.parametrize("weight_format", ["w4a8", "w8a8", "int4"])
-def test_decode_batch_gives_each_sequence_the_logits_it_gets_alone(imported_llama,
-                                                                   weight_format: str) -> None:
+@pytest.mark.parametrize("weight_format,dtype", [("w4a8", torch.float32), ("w4a8", torch.bfloat16),
+                                                 ("w8a8", torch.bfloat16), ("int4", torch.bfloat16)])
+def test_decode_batch_gives_each_sequence_the_logits_it_gets_alone(imported_llama, weight_format: str,
+                                                                   dtype: torch.dtype) -> None:
     """Continuous batching's premise, bit for bit: in the serving formats a sequence's logits
-    do not depend on how many other sequences share the step, or on their rows."""
-    model = imported_llama.load(weight_format, torch.bfloat16)
-    model.setup_caches(1, 64)
+    do not depend on how many other sequences share the step, or on their rows. (w4a8 in
+    float32, as m4d serves it, decodes through the fused m4.decode_layers.)"""
+    model = imported_llama.load(weight_format, dtype)
+    model.setup_caches(1, 64, torch.bfloat16)
     assert model.scripted, "the layers must run as one TorchScript call"
+    assert model.fused == (weight_format == "w4a8" and dtype == torch.float32)
     tok = imported_llama.tokenizer
     texts = ["Paris is the capital of", "The three primary colours are red, yellow and",
              "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,",
@@ -175,7 +178,7 @@ def test_decode_batch_gives_each_sequence_the_logits_it_gets_alone(imported_llam
              "The best way to learn a language is", "In 1969, humans first"]
     prompts = [tok.encode(t) for t in texts]
     n = len(prompts)
-    model.setup_caches(2 * n, 96)
+    model.setup_caches(2 * n, 96, torch.bfloat16)
 
     def greedy_run(rows: list[int], steps: int = 6) -> list[list[torch.Tensor]]:
         """Prefill each prompt in its row, then decode all together; logits per step."""
@@ -203,3 +206,35 @@ def test_decode_batch_gives_each_sequence_the_logits_it_gets_alone(imported_llam
             alone.append(logits)
         for step, (a, b) in enumerate(zip(alone, batched[i], strict=True)):
             assert torch.equal(a, b), f"{texts[i]!r} step {step}: {(a - b).abs().max().item()}"
+
+
+def test_fused_decode_step_computes_what_the_layers_compute(imported_llama) -> None:
+    """m4.decode_layers (one call for the whole w4a8 decode step) against the same model's
+    layer-by-layer TorchScript step: same next tokens, logits within float32 reordering,
+    and the KV rows it writes are read back by the following steps alike."""
+    model = imported_llama.load("w4a8", torch.float32)
+    tok = imported_llama.tokenizer
+    prompts = [tok.encode(t) for t in ["Paris is the capital of", "Water boils at",
+                                       "The three primary colours are red, yellow and"]]
+    rows = [4, 1, 2]
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        model.fuse_decode = fused
+        model.setup_caches(5, 96, torch.bfloat16)
+        assert model.fused == fused
+        nxt = [int(_prefill(model, p, r).argmax()) for p, r in zip(prompts, rows, strict=True)]
+        pos = [len(p) for p in prompts]
+        steps = []
+        for _ in range(8):
+            logits = model(torch.tensor([[t] for t in nxt]), torch.tensor([[p] for p in pos]),
+                           rows=torch.tensor(rows))[:, 0]
+            steps.append(logits.log_softmax(-1))
+            nxt = [int(t) for t in logits.argmax(-1)]
+            pos = [p + 1 for p in pos]
+        return steps
+
+    fused, layered = run(True), run(False)
+    for i, (f, g) in enumerate(zip(fused, layered, strict=True)):
+        assert torch.equal(f.argmax(-1), g.argmax(-1)), f"step {i}: next tokens differ"
+        kl = (g.exp() * (g - f)).sum(-1).max().item()
+        assert kl < 1e-4, f"step {i}: KL {kl}"

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from m4d.model import kernels
-from m4d.model.quant import KERNEL_TILE, Int8DynamicLinear, Q8_0Linear, WeightFile, build_linear
+from m4d.model.quant import (
+    KERNEL_TILE,
+    Int8DynamicLinear,
+    Q4_1Linear,
+    Q8_0Linear,
+    WeightFile,
+    build_linear,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +239,26 @@ class LayerStack(nn.Module):
     step.
     """
 
-    def __init__(self, layers: nn.ModuleList) -> None:
+    fused: list[torch.Tensor]  # the tensors of m4.decode_layers, or empty: no fused step
+
+    def __init__(self, layers: nn.ModuleList, fused: list[torch.Tensor] | None = None,
+                 n_heads: int = 0, n_kv_heads: int = 0, eps: float = 0.0,
+                 scale: float = 0.0) -> None:
         super().__init__()
         self.layers = layers
+        self.fused = fused or []
+        self.n_heads, self.n_kv_heads, self.eps, self.scale = n_heads, n_kv_heads, eps, scale
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None,
                 rows: torch.Tensor | None, length: int) -> torch.Tensor:
+        if len(self.fused) > 0 and mask is not None and input_pos is not None and x.size(1) == 1:
+            b, d = x.size(0), x.size(2)
+            row_idx = rows if rows is not None else torch.arange(b, device=x.device)
+            out = torch.ops.m4.decode_layers(x.view(b, d), self.fused, row_idx, input_pos.view(b),
+                                             cos.view(b, -1), sin.view(b, -1), self.n_heads,
+                                             self.n_kv_heads, self.eps, self.scale)
+            return out.view(b, 1, d)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, rows, length)
         return x
@@ -260,6 +280,8 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.cache_slots = 0
         self.cache_seq = 0
+        # a decode step of a w4a8 model in float32 runs as one m4.decode_layers call
+        self.fuse_decode = True
         # the layer loop, eager until setup_caches scripts it; not a submodule (it shares the
         # layers' tensors, which would otherwise appear twice in state_dict)
         self.__dict__["_stack"] = LayerStack(self.layers)
@@ -293,7 +315,9 @@ class Llama(nn.Module):
     def _script_layers(self) -> None:
         """(Re)builds the scripted layer stack over the current caches (see LayerStack); the
         layers run eagerly when TorchScript cannot compile them."""
-        stack: nn.Module = LayerStack(self.layers)
+        stack: nn.Module = LayerStack(self.layers, self._fused_tensors(), self.config.n_heads,
+                                      self.config.n_kv_heads, self.config.norm_eps,
+                                      self.config.head_dim**-0.5)
         try:
             with warnings.catch_warnings():  # deprecated in torch 2.13, which we pin
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -302,6 +326,33 @@ class Llama(nn.Module):
             log.warning("decoder layers run eagerly: TorchScript failed: %s",
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         self.__dict__["_stack"] = stack
+
+    def _fused_tensors(self) -> list[torch.Tensor]:
+        """The layers' tensors in m4.decode_layers' order when it can run the decode step
+        (w4a8 linears, float32 activations, caches the fused attention reads), else []."""
+        blocks = self.blocks
+        if not (self.fuse_decode and blocks and self.dtype == torch.float32
+                and all(b.attention.fused_decode for b in blocks)):
+            return []
+        tensors: list[torch.Tensor] = []
+        for b in blocks:
+            att, ffn, cache = b.attention, b.feed_forward, b.attention.kv_cache
+            linears = [att.wqkv, att.wo, ffn.w13, ffn.w2]
+            if cache is None or not all(isinstance(m, Q4_1Linear) for m in linears):
+                return []
+            tensors.append(b.attention_norm.weight)
+            for m in linears[:2]:
+                tensors += [m.weight, m.dm]
+            tensors.append(b.ffn_norm.weight)
+            for m in linears[2:]:
+                tensors += [m.weight, m.dm]
+            tensors += [cache.k, cache.v]
+        return [t.detach() for t in tensors]
+
+    @property
+    def fused(self) -> bool:
+        """Whether a decode step runs as one m4.decode_layers call."""
+        return len(self.__dict__["_stack"].fused) > 0
 
     @property
     def scripted(self) -> bool:

@@ -40,6 +40,8 @@ SCHEMAS = (
     "q8_0_linear(Tensor x, Tensor w, Tensor d, int n, int k, ScalarType out_dtype) -> Tensor",
     "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, "
     "float scale) -> Tensor",
+    "decode_layers(Tensor x, Tensor[] layers, Tensor rows, Tensor pos, Tensor cos, Tensor sin, "
+    "int n_heads, int n_kv_heads, float eps, float scale) -> Tensor",
     "set_threads(int n) -> ()",
     "get_threads() -> int",
 )
