@@ -47,7 +47,7 @@ def test_a_token_the_model_does_not_pick_scores_its_distance_from_the_top(runtim
     ids = runtime.tokenizer.encode(PROMPT)
     tokens, logps = greedy(runtime, ids, 6, row=1)
     wrong = int(logps[3].argsort()[-50])  # the model's 50th choice at token 3
-    gaps = runtime.reference_gaps(ids, tokens[:3] + [wrong] + tokens[4:], row=0)
+    gaps = runtime.reference_gaps(ids, [*tokens[:3], wrong, *tokens[4:]], row=0)
     assert gaps[:3] == [0.0, 0.0, 0.0]
     # (greedy() prefills in one chunk, reference_gaps in chunks of 4: rounding differs)
     assert gaps[3] == pytest.approx(float(logps[3].max() - logps[3][wrong]), rel=0.01)

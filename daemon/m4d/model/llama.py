@@ -255,9 +255,9 @@ class LayerStack(nn.Module):
         if len(self.fused) > 0 and mask is not None and input_pos is not None and x.size(1) == 1:
             b, d = x.size(0), x.size(2)
             row_idx = rows if rows is not None else torch.arange(b, device=x.device)
-            out = torch.ops.m4.decode_layers(x.view(b, d), self.fused, row_idx, input_pos.view(b),
-                                             cos.view(b, -1), sin.view(b, -1), self.n_heads,
-                                             self.n_kv_heads, self.eps, self.scale)
+            out: torch.Tensor = torch.ops.m4.decode_layers(
+                x.view(b, d), self.fused, row_idx, input_pos.view(b), cos.view(b, -1),
+                sin.view(b, -1), self.n_heads, self.n_kv_heads, self.eps, self.scale)
             return out.view(b, 1, d)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, rows, length)
@@ -337,16 +337,12 @@ class Llama(nn.Module):
         tensors: list[torch.Tensor] = []
         for b in blocks:
             att, ffn, cache = b.attention, b.feed_forward, b.attention.kv_cache
-            linears = [att.wqkv, att.wo, ffn.w13, ffn.w2]
-            if cache is None or not all(isinstance(m, Q4_1Linear) for m in linears):
+            linears = [m for m in (att.wqkv, att.wo, ffn.w13, ffn.w2) if isinstance(m, Q4_1Linear)]
+            if cache is None or len(linears) != 4:
                 return []
-            tensors.append(b.attention_norm.weight)
-            for m in linears[:2]:
-                tensors += [m.weight, m.dm]
-            tensors.append(b.ffn_norm.weight)
-            for m in linears[2:]:
-                tensors += [m.weight, m.dm]
-            tensors += [cache.k, cache.v]
+            qkv, o, w13, w2 = linears
+            tensors += [b.attention_norm.weight, qkv.weight, qkv.dm, o.weight, o.dm,
+                        b.ffn_norm.weight, w13.weight, w13.dm, w2.weight, w2.dm, cache.k, cache.v]
         return [t.detach() for t in tensors]
 
     @property
