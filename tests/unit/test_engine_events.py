@@ -469,3 +469,65 @@ def test_only_the_first_token_is_forced_out() -> None:
     assert deltas[1:4] == [None, None, None]
     assert deltas[4] == TextDelta("🚀", tuple(ids[1:5]))
     assert _joined(deltas) == ("a🚀b", ids)
+
+
+# ---- 4. background encoder batches cut to a slice while urgent requests come -------------
+
+
+class TimedEncoder:
+    """An encoder that costs 1 ms per text (it sleeps: the cost the engine measures) and
+    records the size of every batch it runs."""
+
+    device = encoder_device = "cpu"
+    tokenizer = None
+    max_context = 64
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def embed(self, texts: list[str]) -> tuple[Any, list[int]]:
+        import time
+
+        import torch
+
+        time.sleep(0.001 * len(texts))
+        self.batches.append(len(texts))
+        return torch.ones(len(texts), 4), [1] * len(texts)
+
+
+def _encoder_batches(urgent_window: float) -> list[int]:
+    """One foreground Embed (marks urgency, measures the encoder), then 24 one-text
+    background Embeds queued while the worker is held, so it sees all of them at once."""
+    from m4d.engine.requests import EmbedRequest
+
+    runtime = TimedEncoder()
+    engine = Engine(runtime, kv_slots=2, token_budget=64, prefill_chunk=32,  # type: ignore[arg-type]
+                    max_queue=64, max_batch_texts=16, decode_slice_ms=5.0,
+                    urgent_window=urgent_window)
+
+    def embed(klass: Priority, uid: int) -> RequestStream:  # one uid each: under its quota
+        return engine.submit(EmbedRequest(task="embed", priority=klass,
+                                          caller=Caller(uid=uid), texts=[f"text {uid}"]))
+
+    async def run() -> None:
+        await embed(Priority.FOREGROUND, 999).result()
+        engine.frozen.set()
+        streams = [embed(Priority.BACKGROUND, 1000 + i) for i in range(24)]
+        engine.frozen.clear()
+        await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), timeout=30)
+
+    engine.start()
+    try:
+        asyncio.run(run())
+    finally:
+        engine.stop()
+    assert runtime.batches[0] == 1 and sum(runtime.batches[1:]) == 24
+    return runtime.batches[1:]
+
+
+def test_background_encoder_batches_are_sliced_while_urgent_requests_come() -> None:
+    # ~1 ms per text and 5 ms slices: a few texts per batch, never the full 16
+    sliced = _encoder_batches(urgent_window=1e6)
+    assert max(sliced) <= 8 and len(sliced) >= 3, sliced
+    # with no urgent request lately the encoder batches as much as it may
+    assert _encoder_batches(urgent_window=0.0) == [16, 8]
