@@ -2,8 +2,8 @@
 
 Batch 1: prefill of a 256-token prompt, then 128 greedy decode steps. Batched decode: B
 sequences (64-token prompts, prefilled untimed) decoding 32 steps together; tok/s summed.
-Formats are interleaved over rounds and the best round is kept (this machine is shared and
-drifts). The KL column is each format's accuracy against float32 (see ``KL_TEXT``). Run: ``python bench/bench_backbone.py [--rounds 2] [--formats float32,int4+bf16]``.
+The KV cache is bfloat16 except for float32, as in m4d. Formats are interleaved over
+rounds and the best round is kept (this machine is shared and drifts). The KL column is each format's accuracy against float32 (see ``KL_TEXT``). Run: ``python bench/bench_backbone.py [--rounds 2] [--formats float32,int4+bf16]``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ FORMATS = {
     "int4+bf16": ("int4", torch.bfloat16),
     "w8a8+bf16": ("w8a8", torch.bfloat16),
     "w4a8+bf16": ("w4a8", torch.bfloat16),
-    "w4a8+fp32": ("w4a8", torch.float32),
+    "w4a8+fp32": ("w4a8", torch.float32),  # as m4d serves it: decode steps in m4.decode_layers
+    "w4a8+fp32-layers": ("w4a8", torch.float32),  # the same, layer by layer in TorchScript
 }
 # Accuracy: mean next-token KL against the float32 model of the same weights over this text
 # (teacher-forced, one cached prefill); lower is closer.
@@ -87,7 +88,9 @@ def mean_kl_vs_fp32(component_dir: Path, config: LlamaConfig, models: dict[str, 
     pos = torch.arange(ids.shape[1])[None]
 
     def logp(model: Llama) -> torch.Tensor:
-        model.setup_caches(max(1, model.cache_slots), max(model.cache_seq, ids.shape[1]))
+        cache = model.blocks[0].attention.kv_cache  # keep the dtype it was set up with
+        model.setup_caches(max(1, model.cache_slots), max(model.cache_seq, ids.shape[1]),
+                           None if cache is None else cache.k.dtype)
         return model(ids, pos)[0].log_softmax(-1)
 
     ref = logp(models["float32"] if "float32" in models
@@ -120,7 +123,10 @@ def main() -> None:
     for name in args.formats.split(","):
         fmt, dtype = FORMATS[name]
         models[name] = load_llama(weights, config, weight_format=fmt, compute_dtype=dtype)
-        models[name].setup_caches(max(batches), args.prompt_len + args.new_tokens + 8)
+        models[name].fuse_decode = not name.endswith("-layers")
+        # the KV cache as m4d keeps it: bfloat16 (its compute_dtype) except for float32
+        models[name].setup_caches(max(batches), args.prompt_len + args.new_tokens + 8,
+                                  None if fmt == "float32" else torch.bfloat16)
         bench_single(models[name], 32, 4)  # warm-up
 
     kl = mean_kl_vs_fp32(component_dir, config, models, comp)

@@ -353,6 +353,10 @@ class HFEmbedder:
     """The reference embedder: transformers AutoModel, fp32, mean pooling, L2 normalisation."""
 
     def __init__(self, model_dir: Path) -> None:
+        sys.path.insert(0, str(REPO))
+        from tests.torchvision_compat import declare_missing_ops
+
+        declare_missing_ops()  # transformers imports the reference-only torchvision; see there
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
