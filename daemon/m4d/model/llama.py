@@ -6,7 +6,8 @@ mmap'd safetensors file written by ``m4image.importers``.
 
 Layout notes:
 * q/k/v and gate/up are fused into one linear each at load time (fewer kernel launches; decode
-  is limited by per-step overhead on this CPU, not by bandwidth).
+  is limited by per-step overhead on this CPU, not by bandwidth). With w4a8 in float32 a
+  whole decode step is one C++ call (see ``LayerStack``).
 * RoPE uses the Hugging Face ``rotate_half`` convention; the GGUF importer undoes llama.cpp's
   row permutation of q/k so the stored weights are HF-style.
 """
@@ -237,6 +238,11 @@ class LayerStack(nn.Module):
     inductor cannot lower the w8a8 layer's oneDNN op without frozen weights. AOTInductor
     (``torch.export`` + a compiled C++ wrapper) is the way forward when it is worth a build
     step.
+
+    With w4a8 linears and float32 activations (m4d's default), a decode step (one token per
+    row, cached) skips the loop: ``m4.decode_layers`` runs all layers in one C++ call over
+    the same weights and caches (``fused``, built by ``Llama._fused_tensors``), because the
+    ~45 small torch ops per layer that glue its GEMMs together cost a fifth of the step.
     """
 
     fused: list[torch.Tensor]  # the tensors of m4.decode_layers, or empty: no fused step
