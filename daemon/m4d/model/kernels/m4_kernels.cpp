@@ -50,6 +50,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -616,6 +617,22 @@ void decode_attention_impl(const TQ* q, const TKV* kc, const TKV* vc, const int6
   });
 }
 
+// rows and pos as int64 [nb], every row a cache slot in [0, slots) and every position in
+// [0, t_max): the attention reads and the KV write index the cache with them.
+std::pair<at::Tensor, at::Tensor> checked_rows_pos(const at::Tensor& rows_in, const at::Tensor& pos_in,
+                                                   int64_t nb, int64_t slots, int64_t t_max,
+                                                   const char* per) {
+  at::Tensor rows = rows_in.to(at::kLong).contiguous(), pos = pos_in.to(at::kLong).contiguous();
+  TORCH_CHECK(rows.numel() == nb && pos.numel() == nb, "rows and pos need one entry per ", per);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nb; ++b) {
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < slots, "cache row ", rp[b], " out of range [0, ", slots, ")");
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < t_max, "position ", pp[b], " out of range [0, ", t_max, ")");
+  }
+  return {rows, pos};
+}
+
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& rows_in, const at::Tensor& pos_in, double scale) {
   TORCH_CHECK(q_in.dim() == 3, "q must be [B, H, Dh], got ", q_in.sizes());
@@ -633,14 +650,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
               "head dim must match the cache's and be 32, 64 or 128, got ", dh);
   TORCH_CHECK(hkv > 0 && h % hkv == 0, "query heads must be a multiple of kv heads");
   at::Tensor q = q_in.contiguous();
-  at::Tensor rows = rows_in.to(at::kLong).contiguous(), pos = pos_in.to(at::kLong).contiguous();
-  TORCH_CHECK(rows.numel() == nb && pos.numel() == nb, "rows and pos need one entry per query");
+  const auto [rows, pos] = checked_rows_pos(rows_in, pos_in, nb, slots, t_max, "query");
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t b = 0; b < nb; ++b) {
-    TORCH_CHECK(rp[b] >= 0 && rp[b] < slots, "cache row ", rp[b], " out of range [0, ", slots, ")");
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < t_max, "position ", pp[b], " out of range [0, ", t_max, ")");
-  }
   at::Tensor out = at::empty_like(q);
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
     if (dh == 32) decode_attention_impl<2>(qp, kp, vp, rp, pp, nb, h, hkv, t_max, scale, op);
@@ -748,14 +760,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList layers, const at
                   cos_t.is_contiguous() && sin_t.is_contiguous() && cos_t.dim() == 2 &&
                   cos_t.sizes() == sin_t.sizes() && cos_t.size(0) == nb && cos_t.size(1) == dh,
               "cos and sin must be contiguous float32 [B, Dh]");
-  at::Tensor rows = rows_in.to(at::kLong).contiguous(), pos = pos_in.to(at::kLong).contiguous();
-  TORCH_CHECK(rows.numel() == nb && pos.numel() == nb, "rows and pos need one entry per row of x");
+  const auto [rows, pos] = checked_rows_pos(rows_in, pos_in, nb, slots, t_max, "row of x");
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t b = 0; b < nb; ++b) {
-    TORCH_CHECK(rp[b] >= 0 && rp[b] < slots, "cache row ", rp[b], " out of range [0, ", slots, ")");
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < t_max, "position ", pp[b], " out of range [0, ", t_max, ")");
-  }
   const int64_t n_layers = static_cast<int64_t>(layers.size()) / kLayerTensors;
   for (int64_t l = 0; l < n_layers; ++l) {
     const at::Tensor* t = &layers[l * kLayerTensors];
