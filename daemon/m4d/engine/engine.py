@@ -627,7 +627,7 @@ class Engine:
             if not isinstance(event, Failed):
                 self.stats.tokens_prompted += event.usage.prompt_tokens  # type: ignore[union-attr]
             self._finish(work.request.id, event)
-        per_text = (time.monotonic() - started) * 1e3 / texts
+        per_text = (time.monotonic() - started) * 1e3 / max(1, texts)
         self._ms_per_text = per_text if self._ms_per_text <= 0 else (
             0.8 * self._ms_per_text + 0.2 * per_text)
 
