@@ -3,7 +3,9 @@
 Batch 1: prefill of a 256-token prompt, then 128 greedy decode steps. Batched decode: B
 sequences (64-token prompts, prefilled untimed) decoding 32 steps together; tok/s summed.
 The KV cache is bfloat16 except for float32, as in m4d. Formats are interleaved over
-rounds and the best round is kept (this machine is shared and drifts). The KL column is each format's accuracy against float32 (see ``KL_TEXT``). Run: ``python bench/bench_backbone.py [--rounds 2] [--formats float32,int4+bf16]``.
+rounds and the best round is kept (this machine is shared and drifts). The KL column is each
+format's accuracy against float32 (see ``KL_TEXT``). Run:
+``python bench/bench_backbone.py [--rounds 2] [--formats float32,int4+bf16]``.
 """
 
 from __future__ import annotations

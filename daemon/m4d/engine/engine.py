@@ -539,8 +539,7 @@ class Engine:
         seqs = [self._sequences[sid] for sid, _ in decode]
         background = [self.scheduler.seqs[sid].rank >= Priority.BACKGROUND for sid, _ in decode]
         size = len(decode)
-        if (self.decode_slice_ms > 0 and background[-1] and self._ms_per_row > 0
-                and time.monotonic() - self._last_urgent < self.urgent_window):
+        if background[-1] and self._slicing(self._ms_per_row):
             size = max(4, int(self.decode_slice_ms / self._ms_per_row))
         done = 0
         while done < len(decode):
@@ -563,6 +562,13 @@ class Engine:
             if done < len(decode) and background[done] and self._urgent_inbox:
                 break  # an urgent request waits: its prefill goes before the rest
         return done
+
+    def _slicing(self, ms_per_item: float) -> bool:
+        """Whether background work runs in slices of about `decode_slice_ms` now: slicing is
+        on, urgent requests came within `urgent_window`, and the work's cost per item (a
+        decode row, an encoder text) has been measured."""
+        return (self.decode_slice_ms > 0 and ms_per_item > 0
+                and time.monotonic() - self._last_urgent < self.urgent_window)
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         self.stats.tokens_generated += 1
@@ -606,9 +612,8 @@ class Engine:
                     self._lock.wait(timeout=hold)
             return  # the loop comes back with whatever arrived meanwhile
         limit = self.max_batch_texts
-        if (self.decode_slice_ms > 0 and self._ms_per_text > 0
-                and time.monotonic() - self._last_urgent < self.urgent_window
-                and all(w.request.priority >= Priority.BACKGROUND for w in self._encoder_queue)):
+        if self._slicing(self._ms_per_text) and all(
+                w.request.priority >= Priority.BACKGROUND for w in self._encoder_queue):
             limit = max(1, min(limit, int(self.decode_slice_ms / self._ms_per_text)))
         batch: list[EncoderWork] = []
         texts = 0
@@ -617,12 +622,12 @@ class Engine:
             work = self._encoder_queue.popleft()
             batch.append(work)
             texts += work.num_texts
-        started = time.monotonic()
         executor = self.executors.get(str(getattr(self.runtime, "encoder_device", "")))
         if executor is not None:  # the encoder is on another device: its executor runs it
             executor.submit(lambda: self._post_offloaded(list(run_encoder_batch(
                 self.runtime, batch))))
             return
+        started = time.monotonic()
         for work, event in run_encoder_batch(self.runtime, batch):
             if not isinstance(event, Failed):
                 self.stats.tokens_prompted += event.usage.prompt_tokens  # type: ignore[union-attr]

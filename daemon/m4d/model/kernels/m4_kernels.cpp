@@ -594,12 +594,13 @@ void attend_one(const float* q, const TKV* kb, const TKV* vb, int64_t len, int64
                        _mm512_mul_ps(_mm512_loadu_ps(out + j * dh + c * 16), _mm512_set1_ps(inv[j])));
 }
 
-// q [B, H, Dh]; k_cache, v_cache [S, Hkv, T, Dh]; rows, pos [B] int64. Row b attends over
-// cache positions 0..pos[b] of slot rows[b], in order, in float32; returns [B, H, Dh].
+// q: B rows of H x Dh, ldq values apart; k_cache, v_cache [S, Hkv, T, Dh]; rows, pos [B]
+// int64. Row b attends over cache positions 0..pos[b] of slot rows[b], in order, in float32;
+// out [B, H, Dh].
 template <int NV, typename TQ, typename TKV>
-void decode_attention_impl(const TQ* q, const TKV* kc, const TKV* vc, const int64_t* rows,
-                           const int64_t* pos, int64_t nb, int64_t h, int64_t hkv, int64_t t_max,
-                           double scale, TQ* out) {
+void decode_attention_impl(const TQ* q, int64_t ldq, const TKV* kc, const TKV* vc,
+                           const int64_t* rows, const int64_t* pos, int64_t nb, int64_t h,
+                           int64_t hkv, int64_t t_max, double scale, TQ* out) {
   constexpr int64_t dh = NV * 16;
   const int64_t g = h / hkv, ldp = (t_max + 15) / 16 * 16;
   parallel(nb * hkv, 1, [&](int64_t i0, int64_t i1) {
@@ -607,7 +608,7 @@ void decode_attention_impl(const TQ* q, const TKV* kc, const TKV* vc, const int6
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / hkv, kvh = i % hkv;
       const int64_t base = (rows[b] * hkv + kvh) * t_max * dh;
-      const TQ* qb = q + (b * h + kvh * g) * dh;
+      const TQ* qb = q + b * ldq + kvh * g * dh;
       for (int64_t e = 0; e < g * dh; e += 16)
         _mm512_storeu_ps(qf.data() + e, _mm512_mul_ps(load16(qb + e), _mm512_set1_ps(static_cast<float>(scale))));
       attend_one<NV>(qf.data(), kc + base, vc + base, pos[b] + 1, g, p.data(), ldp, kf.data(), inv.data(), of.data());
@@ -615,6 +616,16 @@ void decode_attention_impl(const TQ* q, const TKV* kc, const TKV* vc, const int6
         store16(out + (b * h + kvh * g) * dh + e, _mm512_loadu_ps(of.data() + e));
     }
   });
+}
+
+// decode_attention_impl for a head dim of 32, 64 or 128 (checked by the callers).
+template <typename TQ, typename TKV>
+void attend_rows(int64_t dh, const TQ* q, int64_t ldq, const TKV* kc, const TKV* vc,
+                 const int64_t* rows, const int64_t* pos, int64_t nb, int64_t h, int64_t hkv,
+                 int64_t t_max, double scale, TQ* out) {
+  if (dh == 32) decode_attention_impl<2>(q, ldq, kc, vc, rows, pos, nb, h, hkv, t_max, scale, out);
+  else if (dh == 64) decode_attention_impl<4>(q, ldq, kc, vc, rows, pos, nb, h, hkv, t_max, scale, out);
+  else decode_attention_impl<8>(q, ldq, kc, vc, rows, pos, nb, h, hkv, t_max, scale, out);
 }
 
 // rows and pos as int64 [nb], every row a cache slot in [0, slots) and every position in
@@ -655,9 +666,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   const int64_t* pp = pos.data_ptr<int64_t>();
   at::Tensor out = at::empty_like(q);
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
-    if (dh == 32) decode_attention_impl<2>(qp, kp, vp, rp, pp, nb, h, hkv, t_max, scale, op);
-    else if (dh == 64) decode_attention_impl<4>(qp, kp, vp, rp, pp, nb, h, hkv, t_max, scale, op);
-    else decode_attention_impl<8>(qp, kp, vp, rp, pp, nb, h, hkv, t_max, scale, op);
+    attend_rows(dh, qp, h * dh, kp, vp, rp, pp, nb, h, hkv, t_max, scale, op);
   };
   const bool q32 = q.scalar_type() == at::kFloat, kv32 = k_cache.scalar_type() == at::kFloat;
   if (q32 && kv32)
@@ -722,6 +731,11 @@ void silu_mul(const float* g, const float* u, int64_t n, float* out) {
     const __m512 sig = _mm512_div_ps(num, _mm512_add_ps(one, e));
     _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, sig), load16(u + i)));
   }
+}
+
+// x += y over n values (n a multiple of 16).
+void add_into(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(x + i, _mm512_add_ps(load16(x + i), load16(y + i)));
 }
 
 template <typename TKV>
@@ -789,39 +803,28 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList layers, const at
     rms_norm_rows(xp, t[0].data_ptr<float>(), nb, d, static_cast<float>(eps), hp);
     at::Tensor y = q4_1_linear(h, t[1], t[2], qkv, d, at::kFloat);  // [B, q | k | v]
     float* yp = y.data_ptr<float>();
-    for (int64_t b = 0; b < nb; ++b) {
-      float* yb = yp + b * qkv;
-      rope_heads(yb, n_heads + n_kv_heads, dh, cp + b * dh, sp + b * dh);  // q and k
-      if (k0.scalar_type() == at::kFloat) {
-        write_kv(yb + q_size, t[10].data_ptr<float>(), n_kv_heads, t_max, dh, rp[b], pp[b]);
-        write_kv(yb + q_size + kv_size, t[11].data_ptr<float>(), n_kv_heads, t_max, dh, rp[b], pp[b]);
-      } else {
-        write_kv(yb + q_size, t[10].data_ptr<c10::BFloat16>(), n_kv_heads, t_max, dh, rp[b], pp[b]);
-        write_kv(yb + q_size + kv_size, t[11].data_ptr<c10::BFloat16>(), n_kv_heads, t_max, dh, rp[b], pp[b]);
+    // RoPE on q and k, k and v into the cache, then every row's heads attend (q read in
+    // place from y, rows qkv values apart)
+    auto attention = [&](auto* kc, auto* vc) {
+      for (int64_t b = 0; b < nb; ++b) {
+        float* yb = yp + b * qkv;
+        rope_heads(yb, n_heads + n_kv_heads, dh, cp + b * dh, sp + b * dh);
+        write_kv(yb + q_size, kc, n_kv_heads, t_max, dh, rp[b], pp[b]);
+        write_kv(yb + q_size + kv_size, vc, n_kv_heads, t_max, dh, rp[b], pp[b]);
       }
-    }
-    auto attend = [&](auto* kc, auto* vc) {  // q read from y (row stride qkv) via a packed copy
-      std::vector<float> q(nb * q_size);
-      for (int64_t b = 0; b < nb; ++b) std::memcpy(q.data() + b * q_size, yp + b * qkv, q_size * sizeof(float));
-      float* op = attn.data_ptr<float>();
-      if (dh == 32) decode_attention_impl<2>(q.data(), kc, vc, rp, pp, nb, n_heads, n_kv_heads, t_max, scale, op);
-      else if (dh == 64) decode_attention_impl<4>(q.data(), kc, vc, rp, pp, nb, n_heads, n_kv_heads, t_max, scale, op);
-      else decode_attention_impl<8>(q.data(), kc, vc, rp, pp, nb, n_heads, n_kv_heads, t_max, scale, op);
+      attend_rows(dh, yp, qkv, kc, vc, rp, pp, nb, n_heads, n_kv_heads,
+                  t_max, scale, attn.data_ptr<float>());
     };
-    if (k0.scalar_type() == at::kFloat) attend(t[10].data_ptr<float>(), t[11].data_ptr<float>());
-    else attend(t[10].data_ptr<c10::BFloat16>(), t[11].data_ptr<c10::BFloat16>());
-    at::Tensor o = q4_1_linear(attn, t[3], t[4], d, q_size, at::kFloat);
-    const float* op = o.data_ptr<float>();
-    for (int64_t i = 0; i < nb * d; i += 16) _mm512_storeu_ps(xp + i, _mm512_add_ps(load16(xp + i), load16(op + i)));
+    if (k0.scalar_type() == at::kFloat) attention(t[10].data_ptr<float>(), t[11].data_ptr<float>());
+    else attention(t[10].data_ptr<c10::BFloat16>(), t[11].data_ptr<c10::BFloat16>());
+    add_into(xp, q4_1_linear(attn, t[3], t[4], d, q_size, at::kFloat).data_ptr<float>(), nb * d);
     // feed-forward
     rms_norm_rows(xp, t[5].data_ptr<float>(), nb, d, static_cast<float>(eps), hp);
     at::Tensor gu = q4_1_linear(h, t[6], t[7], 2 * ffn, d, at::kFloat);  // [B, gate | up]
     const float* gp = gu.data_ptr<float>();
     float* ap = act.data_ptr<float>();
     for (int64_t b = 0; b < nb; ++b) silu_mul(gp + b * 2 * ffn, gp + b * 2 * ffn + ffn, ffn, ap + b * ffn);
-    at::Tensor down = q4_1_linear(act, t[8], t[9], d, ffn, at::kFloat);
-    const float* dp = down.data_ptr<float>();
-    for (int64_t i = 0; i < nb * d; i += 16) _mm512_storeu_ps(xp + i, _mm512_add_ps(load16(xp + i), load16(dp + i)));
+    add_into(xp, q4_1_linear(act, t[8], t[9], d, ffn, at::kFloat).data_ptr<float>(), nb * d);
   }
   return x;
 }
