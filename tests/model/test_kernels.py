@@ -1,9 +1,11 @@
 """m4's own CPU kernels (m4d/model/kernels) against their formats written out in float64.
 
-What they must do: compute the documented format (Q4_1 or Q8_0 weights, activations
-quantized per row and per 32 values to int8) to float32 rounding; give every row the same
-bits whatever else is in the batch; attend each row over exactly its own positions; refuse
-bad input with a message instead of reading out of bounds.
+What they must do, on every variant this CPU runs (each test that computes runs once per
+runnable variant, forced one by one): compute the documented format (GGUF-style weight
+blocks, activations quantized per row and per 32 values to int8) to float32 rounding; give
+every row the same bits whatever else is in the batch; attend each row over exactly its own
+positions; refuse bad input with a message instead of reading out of bounds. Across variants
+they must give the same bits (tests/model/test_kernel_variants.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +22,27 @@ import pytest
 import torch
 from m4d.model import kernels
 from m4d.model.quant import (
-    Q4_1Linear,
-    Q8_0Linear,
     dequantize_q4_1,
     dequantize_q8_0,
     pack_int4,
+    q4_1_from_float,
+    q4_1_linear,
+    q8_0_from_float,
+    q8_0_linear,
 )
 
-# The kernels need AVX-512 VNNI; on such a CPU (this machine, CI) they must build and load,
-# so a broken build fails here instead of skipping. Elsewhere the model keeps torch's kernels.
-pytestmark = pytest.mark.skipif(not kernels.cpu_supported(),
-                                reason="this CPU lacks AVX-512 VNNI (the kernels' target)")
+# The kernels build for every x86-64 and AArch64 CPU (a scalar variant at least): they must
+# load here, so a broken build fails instead of skipping.
+assert kernels.load(), "the m4 kernels did not build or load: run 'python -m m4d.model.kernels build'"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def loaded() -> None:
-    assert kernels.load(), "the m4 kernels did not build or load on a CPU that supports them"
+@pytest.fixture(params=kernels.runnable_variants())
+def variant(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test once per kernel variant this CPU can execute, forced one by one."""
+    before = kernels.variant()
+    assert kernels.select(request.param) == request.param
+    yield request.param
+    kernels.select(before)
 
 
 def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,26 +80,26 @@ def _random_q4_1(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.
 
 @pytest.mark.parametrize("n,k", [(16, 32), (96, 128), (48, 576)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_q4_1_linear_computes_its_format(n: int, k: int, dtype: torch.dtype) -> None:
+def test_q4_1_linear_computes_its_format(n: int, k: int, dtype: torch.dtype, variant: str) -> None:
     q, d, mn = _random_q4_1(n, k, seed=n + k)
-    lin = Q4_1Linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
+    lin = q4_1_linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
     x = torch.randn(70, k, generator=torch.Generator().manual_seed(1)).to(dtype)  # > one row chunk
     x[3] = 0.0  # an all-zero row quantizes to zeros with scale 0
     x[5, :32] = 0.0  # and so does an all-zero block
     ref = _q4_1_reference(x, q, d, mn)
-    y32 = torch.ops.m4.q4_1_linear(x, lin.weight, lin.dm, n, k, torch.float32)
+    y32 = torch.ops.m4.block_linear(x, lin.weight, lin.sc, lin.kind_code, n, k, torch.float32)
     torch.testing.assert_close(y32.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     got = lin(x)  # in x's dtype: the float32 result rounded once, to nearest even
     assert got.dtype == dtype and got.shape == (70, n)
     assert torch.equal(got, y32.to(dtype))
 
 
-def test_q4_1_linear_multiplies_by_the_stored_weights() -> None:
+def test_q4_1_linear_multiplies_by_the_stored_weights(variant: str) -> None:
     """Packing keeps every weight: with activations that quantize exactly (integers up to 127
     in each block, one of them 127), the result is x @ dequantize_q4_1(...)^T."""
     q, d, mn = _random_q4_1(64, 256, seed=3)
     qweight = torch.from_numpy(pack_int4(q))
-    lin = Q4_1Linear(qweight, torch.from_numpy(d), torch.from_numpy(mn))
+    lin = q4_1_linear(qweight, torch.from_numpy(d), torch.from_numpy(mn))
     g = torch.Generator().manual_seed(4)
     x = torch.randint(-127, 128, (9, 256), generator=g).float()
     x.view(9, 8, 32)[:, :, 0] = 127.0
@@ -99,12 +107,12 @@ def test_q4_1_linear_multiplies_by_the_stored_weights() -> None:
     torch.testing.assert_close(lin(x).double(), x.double() @ w.t(), rtol=1e-6, atol=1e-3)
 
 
-def test_q8_0_linear_computes_its_format() -> None:
+def test_q8_0_linear_computes_its_format(variant: str) -> None:
     rng = np.random.default_rng(7)
     n, k = 80, 192
     q = rng.integers(-127, 128, (n, k)).astype(np.int8)
     d = (rng.random((n, k // 32)) * 0.01 + 1e-4).astype(np.float16)
-    head = Q8_0Linear(torch.from_numpy(q), torch.from_numpy(d), out_dtype=torch.float32)
+    head = q8_0_linear(torch.from_numpy(q), torch.from_numpy(d), out_dtype=torch.float32)
     x = torch.randn(21, k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     xq, xd, _ = _quantize_activations(x)
     wq = torch.from_numpy(q.astype(np.float64)).reshape(n, k // 32, 32)
@@ -120,24 +128,24 @@ def test_q8_0_linear_computes_its_format() -> None:
     torch.testing.assert_close(head(xi).double(), xi.double() @ w.t(), rtol=1e-6, atol=1e-3)
 
 
-def test_q8_0_from_float_rounds_to_its_grid() -> None:
+def test_q8_0_from_float_rounds_to_its_grid(variant: str) -> None:
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
-    head = Q8_0Linear.from_float(w)
+    head = q8_0_from_float(w)
     eye = torch.eye(64) * 127.0  # quantizes exactly: row j reads back column j, times 127
     back = head(eye).t() / 127.0
     assert (back - w).abs().max().item() <= w.abs().max().item() / 127.0 / 2 + 1e-6
 
 
 @pytest.mark.parametrize("make", ["q4_1", "q8_0"])
-def test_linears_are_batch_invariant(make: str) -> None:
+def test_linears_are_batch_invariant(make: str, variant: str) -> None:
     """A row's bits never depend on the batch: alone, in any batch size, in any position."""
     k = 576
     if make == "q4_1":
         q, d, mn = _random_q4_1(48, k, seed=11)
-        lin: torch.nn.Module = Q4_1Linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d),
+        lin: torch.nn.Module = q4_1_linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d),
                                           torch.from_numpy(mn))
     else:
-        lin = Q8_0Linear.from_float(torch.randn(48, k, generator=torch.Generator().manual_seed(11)))
+        lin = q8_0_from_float(torch.randn(48, k, generator=torch.Generator().manual_seed(11)))
     x = torch.randn(75, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
     full = lin(x)
     alone = torch.cat([lin(x[i:i + 1]) for i in range(75)])
@@ -148,20 +156,25 @@ def test_linears_are_batch_invariant(make: str) -> None:
     assert torch.equal(lin(x[perm]), full[perm])
 
 
-def test_linears_refuse_bad_shapes() -> None:
+def test_linears_refuse_bad_shapes(variant: str) -> None:
     q, d, mn = _random_q4_1(24, 64, seed=1)  # 24 output channels: not whole tiles of 16
     with pytest.raises(ValueError, match="out features % 16"):
-        Q4_1Linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
+        q4_1_linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
     q, d, mn = _random_q4_1(32, 64, seed=1)
-    lin = Q4_1Linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
+    lin = q4_1_linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
     with pytest.raises(ValueError, match="expected last dim 64"):
         lin(torch.randn(3, 65))
+    call = torch.ops.m4.block_linear
     with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
-        torch.ops.m4.q4_1_linear(torch.randn(3, 64).half(), lin.weight, lin.dm, 32, 64, torch.float32)
-    with pytest.raises(RuntimeError, match="N\\*K/2 bytes"):
-        torch.ops.m4.q4_1_linear(torch.randn(3, 64), lin.weight[:-1], lin.dm, 32, 64, torch.float32)
+        call(torch.randn(3, 64).half(), lin.weight, lin.sc, lin.kind_code, 32, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="contiguous uint8 with 1024 bytes"):
+        call(torch.randn(3, 64), lin.weight[:-1], lin.sc, lin.kind_code, 32, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="scales must be contiguous Float with 128 values"):
+        call(torch.randn(3, 64), lin.weight, lin.sc, kernels.WEIGHT_KINDS["q4_f32"], 32, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="unknown weight kind 9"):
+        call(torch.randn(3, 64), lin.weight, lin.sc, 9, 32, 64, torch.float32)
     with pytest.raises(ValueError, match="Q8_0 needs int8"):
-        Q8_0Linear(torch.zeros(32, 64, dtype=torch.int16), torch.zeros(32, 2, dtype=torch.float16))
+        q8_0_linear(torch.zeros(32, 64, dtype=torch.int16), torch.zeros(32, 2, dtype=torch.float16))
     assert lin(torch.randn(0, 64)).shape == (0, 32)
 
 
@@ -182,7 +195,7 @@ def _attention_reference(q, kc, vc, rows, pos, scale) -> torch.Tensor:
 
 @pytest.mark.parametrize("dh,h,hkv", [(64, 9, 3), (32, 4, 4), (128, 8, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_attends_each_row_over_its_own_positions(dh, h, hkv, dtype) -> None:
+def test_decode_attention_attends_each_row_over_its_own_positions(dh, h, hkv, dtype, variant: str) -> None:
     g = torch.Generator().manual_seed(dh + h)
     slots, t_max = 6, 50  # t_max not a multiple of 16: the tail block must not read past it
     kc = torch.randn(slots, hkv, t_max, dh, generator=g).to(dtype)
@@ -209,7 +222,7 @@ def test_decode_attention_attends_each_row_over_its_own_positions(dh, h, hkv, dt
     assert torch.equal(alone, got)
 
 
-def test_decode_attention_refuses_bad_input() -> None:
+def test_decode_attention_refuses_bad_input(variant: str) -> None:
     kc = torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16)
     q = torch.zeros(1, 2, 64, dtype=torch.bfloat16)
     one = torch.tensor([0])
@@ -229,26 +242,31 @@ def test_decode_attention_refuses_bad_input() -> None:
 # --------------------------------------------------------------------------- the build
 
 
-def test_decode_layers_refuses_bad_input() -> None:
+def test_decode_layers_refuses_bad_input(variant: str) -> None:
     d, h, hkv, dh, ffn, slots, t = 64, 2, 1, 32, 64, 2, 8
-    lin = [Q4_1Linear.from_float(torch.randn(n, k)) for n, k in
+    lin = [q4_1_from_float(torch.randn(n, k)) for n, k in
            [((h + 2 * hkv) * dh, d), (d, h * dh), (2 * ffn, d), (d, ffn)]]
     cache = [torch.zeros(slots, hkv, t, dh, dtype=torch.bfloat16) for _ in range(2)]
-    layer = [torch.ones(d), lin[0].weight, lin[0].dm, lin[1].weight, lin[1].dm, torch.ones(d),
-             lin[2].weight, lin[2].dm, lin[3].weight, lin[3].dm, *cache]
+    layer = [torch.ones(d), lin[0].weight, lin[0].sc, lin[1].weight, lin[1].sc, torch.ones(d),
+             lin[2].weight, lin[2].sc, lin[3].weight, lin[3].sc, *cache]
+    kinds = [m.kind_code for m in lin]
     x, rows, pos = torch.randn(2, d), torch.tensor([0, 1]), torch.tensor([3, 7])
     cos, sin = torch.ones(2, dh), torch.zeros(2, dh)
 
     def call(**change: object) -> torch.Tensor:
-        args = dict(x=x, layers=layer, rows=rows, pos=pos, cos=cos, sin=sin)
+        args = dict(x=x, layers=layer, kinds=kinds, rows=rows, pos=pos, cos=cos, sin=sin)
         args.update(change)
-        return torch.ops.m4.decode_layers(args["x"], args["layers"], args["rows"], args["pos"],
+        return torch.ops.m4.decode_layers(args["x"], args["layers"], args["kinds"], args["rows"], args["pos"],
                                           args["cos"], args["sin"], h, hkv, 1e-5, dh**-0.5)
 
     assert call().shape == (2, d)
     assert cache[0][1, 0, 7].abs().sum() > 0  # row 1 wrote its key at position 7
     with pytest.raises(RuntimeError, match="12 tensors per layer"):
         call(layers=layer[:11])
+    with pytest.raises(RuntimeError, match="kinds must hold 4 per layer"):
+        call(kinds=kinds[:3])
+    with pytest.raises(RuntimeError, match="the packed weight must be contiguous uint8"):
+        call(kinds=[kinds[0], kernels.WEIGHT_KINDS["q8_f16"], *kinds[2:]])
     with pytest.raises(RuntimeError, match="cache row 2 out of range"):
         call(rows=torch.tensor([0, 2]))
     with pytest.raises(RuntimeError, match="position 8 out of range"):
@@ -268,15 +286,19 @@ def test_build_is_atomic_and_a_failed_compile_leaves_nothing(tmp_path: Path) -> 
             "    print('refused:', str(e).splitlines()[0])\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
                          capture_output=True, text=True, check=True).stdout
-    assert out.startswith("refused: compiling m4_kernels.cpp failed")
+    assert out.startswith("refused: compiling ") and " failed" in out
     assert list(tmp_path.iterdir()) == []  # no partial library, no temporary file
 
 
 def test_library_name_follows_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     name = kernels.library_name()
-    changed = tmp_path / "m4_kernels.cpp"
-    changed.write_bytes(kernels.SOURCE.read_bytes() + b"\n// changed\n")
-    monkeypatch.setattr(kernels, "SOURCE", changed)
+    changed = tmp_path / "csrc"
+    changed.mkdir()
+    for src in kernels.sources():
+        (changed / src.name).write_bytes(src.read_bytes())
+    with open(changed / "kernels_impl.h", "ab") as f:
+        f.write(b"\n// changed\n")
+    monkeypatch.setattr(kernels, "SOURCE_DIR", changed)
     assert kernels.library_name() != name  # a stale build is never found for new source
     assert kernels.find_library() is None or kernels.find_library().name != name
 
@@ -284,11 +306,11 @@ def test_library_name_follows_the_source(tmp_path: Path, monkeypatch: pytest.Mon
 # --------------------------------------------------------------------------- threads
 
 
-def test_kernel_threads_give_the_same_bits() -> None:
+def test_kernel_threads_give_the_same_bits(variant: str) -> None:
     """The pool splits loops over output tiles and attention rows, never inside a sum, so the
     numbers do not depend on the thread count; concurrent callers each get whole results."""
     q, d, mn = _random_q4_1(256, 576, seed=21)
-    lin = Q4_1Linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
+    lin = q4_1_linear(torch.from_numpy(pack_int4(q)), torch.from_numpy(d), torch.from_numpy(mn))
     x = torch.randn(33, 576, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
     kc = torch.randn(4, 3, 40, 64, generator=torch.Generator().manual_seed(23)).to(torch.bfloat16)
     qa = torch.randn(9, 9, 64, generator=torch.Generator().manual_seed(24)).to(torch.bfloat16)
@@ -325,9 +347,9 @@ def test_a_forked_child_runs_the_kernels_alone_and_exits_cleanly() -> None:
     code = """if True:
         import os, sys, torch
         from m4d.model import kernels
-        from m4d.model.quant import Q4_1Linear
+        from m4d.model.quant import BlockLinear
         assert kernels.set_threads(2) == 2
-        lin = Q4_1Linear.from_float(torch.randn(256, 576))
+        lin = q4_1_from_float(torch.randn(256, 576))
         x = torch.randn(16, 576)
         ref = lin(x)
         pid = os.fork()

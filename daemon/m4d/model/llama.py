@@ -25,11 +25,12 @@ from torch import nn
 from m4d.model import kernels
 from m4d.model.quant import (
     KERNEL_TILE,
+    BlockLinear,
     Int8DynamicLinear,
-    Q4_1Linear,
-    Q8_0Linear,
     WeightFile,
     build_linear,
+    q8_0_from_float,
+    q8_0_linear,
 )
 
 log = logging.getLogger(__name__)
@@ -246,13 +247,15 @@ class LayerStack(nn.Module):
     """
 
     fused: list[torch.Tensor]  # the tensors of m4.decode_layers, or empty: no fused step
+    kinds: list[int]  # the weight kind of each of its linears, 4 per layer
 
-    def __init__(self, layers: nn.ModuleList, fused: list[torch.Tensor] | None = None,
+    def __init__(self, layers: nn.ModuleList,
+                 fused: tuple[list[torch.Tensor], list[int]] | None = None,
                  n_heads: int = 0, n_kv_heads: int = 0, eps: float = 0.0,
                  scale: float = 0.0) -> None:
         super().__init__()
         self.layers = layers
-        self.fused = fused or []
+        self.fused, self.kinds = fused or ([], [])
         self.n_heads, self.n_kv_heads, self.eps, self.scale = n_heads, n_kv_heads, eps, scale
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -262,7 +265,7 @@ class LayerStack(nn.Module):
             b, d = x.size(0), x.size(2)
             row_idx = rows if rows is not None else torch.arange(b, device=x.device)
             out: torch.Tensor = torch.ops.m4.decode_layers(
-                x.view(b, d), self.fused, row_idx, input_pos.view(b), cos.view(b, -1),
+                x.view(b, d), self.fused, self.kinds, row_idx, input_pos.view(b), cos.view(b, -1),
                 sin.view(b, -1), self.n_heads, self.n_kv_heads, self.eps, self.scale)
             return out.view(b, 1, d)
         for layer in self.layers:
@@ -333,23 +336,26 @@ class Llama(nn.Module):
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         self.__dict__["_stack"] = stack
 
-    def _fused_tensors(self) -> list[torch.Tensor]:
-        """The layers' tensors in m4.decode_layers' order when it can run the decode step
-        (w4a8 linears, float32 activations, caches the fused attention reads), else []."""
+    def _fused_tensors(self) -> tuple[list[torch.Tensor], list[int]] | None:
+        """The layers' tensors and linears' weight kinds in m4.decode_layers' order when it
+        can run the decode step (block linears, float32 activations, caches the fused
+        attention reads), else None."""
         blocks = self.blocks
         if not (self.fuse_decode and blocks and self.dtype == torch.float32
                 and all(b.attention.fused_decode for b in blocks)):
-            return []
+            return None
         tensors: list[torch.Tensor] = []
+        kinds: list[int] = []
         for b in blocks:
             att, ffn, cache = b.attention, b.feed_forward, b.attention.kv_cache
-            linears = [m for m in (att.wqkv, att.wo, ffn.w13, ffn.w2) if isinstance(m, Q4_1Linear)]
+            linears = [m for m in (att.wqkv, att.wo, ffn.w13, ffn.w2) if isinstance(m, BlockLinear)]
             if cache is None or len(linears) != 4:
-                return []
+                return None
             qkv, o, w13, w2 = linears
-            tensors += [b.attention_norm.weight, qkv.weight, qkv.dm, o.weight, o.dm,
-                        b.ffn_norm.weight, w13.weight, w13.dm, w2.weight, w2.dm, cache.k, cache.v]
-        return [t.detach() for t in tensors]
+            tensors += [b.attention_norm.weight, qkv.weight, qkv.sc, o.weight, o.sc,
+                        b.ffn_norm.weight, w13.weight, w13.sc, w2.weight, w2.sc, cache.k, cache.v]
+            kinds += [lin.kind_code for lin in linears]
+        return [t.detach() for t in tensors], kinds
 
     @property
     def fused(self) -> bool:
@@ -507,9 +513,9 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
             model.output = Int8DynamicLinear.from_float(head_weight, dtype=compute_dtype)
         elif weight_format == "w4a8" and config.vocab_size % KERNEL_TILE == 0:
             # the checkpoint's Q8_0 head as it is, batched like the layers
-            model.output = (Q8_0Linear(*wf.q8_0(head_name), out_dtype=torch.float32)
+            model.output = (q8_0_linear(*wf.q8_0(head_name), out_dtype=torch.float32)
                             if wf.kind(head_name) == "q8_0"
-                            else Q8_0Linear.from_float(head_weight, out_dtype=torch.float32))
+                            else q8_0_from_float(head_weight, out_dtype=torch.float32))
         else:
             head = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
             head.weight = head_weight

@@ -28,14 +28,19 @@ Two roles:
 * ``Int8DynamicLinear`` (weight format ``w8a8``): int8 weights per output channel and
   activations quantized per row at run time into two int8 digits, one integer GEMM with
   exact int32 sums (oneDNN's packed VNNI kernel on x86). It reuses each weight across the
-  batch, and it is batch invariant by construction (see the class).
+  batch, and it is batch invariant by construction (see the class). Where the CPU's int8
+  GEMM is not exact (oneDNN without VNNI) it refuses to load (``int8_gemm_path``).
 
-* ``Q4_1Linear`` and ``Q8_0Linear`` (weight format ``w4a8``): the checkpoint's Q4_1 blocks
-  and Q8_0 head exactly as stored, times activations quantized per row and per 32 values to
-  two int8 digits, in m4's own AVX-512 VNNI kernels (``m4d.model.kernels``): each weight tile
-  is reused across the batch, sums are exact in int32, and rows never share a reduction.
+* ``BlockLinear`` (weight format ``w4a8``): the checkpoint's blocks exactly as stored (GGUF
+  Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0; ``q4_1_linear``, ``q8_0_linear``,
+  ``q8_1_linear`` pack them), times activations quantized per row and per 32 values to two
+  int8 digits, in m4's own kernels (``m4d.model.kernels``: one variant per instruction set,
+  the same numbers on each): each weight tile is reused across the batch, sums are exact in
+  int32, and rows never share a reduction.
 """
 
+import functools
+import logging
 import platform
 from pathlib import Path
 from typing import Any
@@ -45,7 +50,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from m4d.model import kernels  # noqa: F401  (declares the torch.ops.m4 schemas)
+from m4d.model import kernels
 
 Q4_1_GROUP = 32
 Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
@@ -54,6 +59,8 @@ Q8_0_BLOCK_BYTES = 34  # fp16 d, 32 int8
 NIBBLE_ORDER = "sequential: byte i = element 2i (low nibble) | element 2i+1 (high nibble)"
 INT4_INNER_K_TILES = 2
 LO_RADIX = 254.0  # w8a8: the second activation digit's weight (see Int8DynamicLinear)
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- Q4_1 codec
@@ -239,6 +246,93 @@ class Int8WeightOnlyLinear(nn.Module):
         return y.view(_with_last_dim(x, self.out_features))
 
 
+class Int8GemmError(RuntimeError):
+    """The w8a8 integer GEMM gives wrong sums on this CPU (see int8_gemm_path)."""
+
+
+def int8_gemm_path(packed: bool | None = None) -> bool:
+    """The w8a8 GEMM to run: oneDNN's packed int8 linear (True) or ``torch._int_mm`` (False).
+
+    A path is used only if it gives exact integer sums here, checked once per process
+    (``int8_gemm_error``). ``packed`` None prefers the packed path where there is one and
+    falls back, with a warning, to the other when only that one is exact. Raises
+    Int8GemmError when the path asked for, or every path, is wrong.
+
+    Both paths are oneDNN on x86, and on a CPU without VNNI (AVX2, or AVX-512 without VNNI;
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` makes any x86 CPU one) oneDNN multiplies u8 by s8 with
+    ``vpmaddubsw``, which saturates the sum of each pair of products to int16: our digits go
+    in as u8 up to 255 (digit + 128), so 255 * 127 * 2 = 64770 overflows 32767. The
+    torch 2.13 outputs equal that saturating arithmetic bit for bit (relative errors
+    0.13-0.32 on the test layers); with VNNI (``vpdpbusd``, no 16-bit step) they are exact.
+    """
+    if packed is None:
+        return _auto_int8_gemm_path()
+    error = int8_gemm_error(packed)
+    if error > INT8_GEMM_TOLERANCE:
+        raise Int8GemmError(_int8_gemm_message({packed: error}))
+    return packed
+
+
+INT8_GEMM_TOLERANCE = 2.0 ** -24  # the check's sums are below 2**24: exact even in float32
+
+
+@functools.cache
+def _auto_int8_gemm_path() -> bool:
+    paths = [True, False] if onednn_int8_available() else [False]
+    errors = {p: int8_gemm_error(p) for p in paths}
+    for p in paths:
+        if errors[p] <= INT8_GEMM_TOLERANCE:
+            if p != paths[0]:
+                log.warning("w8a8: oneDNN's packed int8 GEMM gives wrong sums on this CPU "
+                            "(relative error %.2g); using torch._int_mm, which is exact here",
+                            errors[paths[0]])
+            return p
+    raise Int8GemmError(_int8_gemm_message(errors))
+
+
+def _int8_gemm_message(errors: dict[bool, float]) -> str:
+    paths = ", ".join(f"{'oneDNN packed' if p else 'torch._int_mm'} {e:.2g}"
+                      for p, e in errors.items())
+    return (f"the w8a8 int8 GEMM gives wrong sums (relative error: {paths}; torch CPU "
+            f"capability {torch.backends.cpu.get_cpu_capability()}; oneDNN without VNNI "
+            "saturates pairs of u8*s8 products to int16): use weight_format \"w4a8\" (int4 "
+            "where m4's VNNI kernels do not run) or \"int4\" instead")
+
+
+@functools.cache
+def int8_gemm_error(packed: bool) -> float:
+    """The w8a8 GEMM path's largest error on fixed digit and weight matrices, relative to
+    the largest exact sum (0.0 where it is exact). Full-range digits and weights, rows of
+    +-127 among them, at a decode shape (2 digit rows) and a batch shape: every pair of
+    products that can overflow 16 bits does somewhere."""
+    g = torch.Generator().manual_seed(8)
+    worst = 0.0
+    for m, k, n in ((2, 64, 32), (34, 96, 48)):
+        q = torch.randint(-127, 128, (m, k), generator=g).to(torch.float32)  # digits
+        w = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+        q[0], q[-1], w[0], w[1] = 127, -127, 127, -127
+        exact = q.double() @ w.double().t()  # [M, N], before _int8_gemm overwrites q
+        weight = (torch.ops.onednn.qlinear_prepack(w, None) if packed
+                  else w.t())  # as Int8DynamicLinear holds it
+        got = _int8_gemm(q, weight, torch.ones(n), torch.zeros(n, dtype=torch.int64), packed)
+        worst = max(worst, float((got.double() - exact).abs().max() / exact.abs().max()))
+    return worst
+
+
+def _int8_gemm(q: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+               zero_points: torch.Tensor, packed: bool) -> torch.Tensor:
+    """Integer digits held in float32 [M, K] (|q| <= 127; q is overwritten) times the int8
+    weight (oneDNN-packed, or a [K, N] view) -> float32 [M, N]: each int32 sum times
+    scales[n]."""
+    if packed:
+        y: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
+            q.add_(128).to(torch.uint8), 1.0, 128, weight, scales,
+            zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+    else:
+        y = torch._int_mm(q.to(torch.int8), weight).to(torch.float32) * scales
+    return y
+
+
 class Int8DynamicLinear(nn.Module):
     """The ``w8a8`` linear: int8 weights per output channel, activations quantized per row at
     run time, integer GEMM with exact int32 sums.
@@ -260,11 +354,13 @@ class Int8DynamicLinear(nn.Module):
     digits go in as uint8 with zero point 128, and oneDNN scales the exact int32 sums by
     ``s_w`` in float32). ``torch._int_mm`` gives the same numbers (tested) but reorders the
     weight on every call, 1.3-1.6x slower over the model's 120 linears; it is the path
-    elsewhere.
+    elsewhere. Neither is exact on every CPU: the first layer built checks its path once
+    (``int8_gemm_path``) and a wrong one raises Int8GemmError instead of serving numbers.
     """
 
     weight: torch.Tensor  # int8 [N, K], or oneDNN's packed layout of it
     scales: torch.Tensor  # float32 [N]
+    zero_points: torch.Tensor  # int64 [N] zeros (oneDNN's weight zero points)
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, *,
                  dtype: torch.dtype = torch.bfloat16, packed: bool | None = None) -> None:
@@ -277,7 +373,7 @@ class Int8DynamicLinear(nn.Module):
         self.out_features, self.in_features = qweight.shape
         self.dtype = dtype
         self.lo_radix = LO_RADIX  # an attribute: TorchScript does not read float globals
-        self.packed = onednn_int8_available() if packed is None else packed
+        self.packed = int8_gemm_path(packed)  # Int8GemmError where the sums are wrong
         if self.packed:  # the packed copy replaces the plain weight (no second copy kept)
             weight = torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None)
         else:
@@ -321,103 +417,122 @@ class Int8DynamicLinear(nn.Module):
         hi = torch.round(xs)
         lo = torch.round(xs.sub_(hi).mul_(self.lo_radix))
         q = torch.cat([hi, lo])  # [2M, K], integers held in float32
-        if self.packed:
-            y = torch.ops.onednn.qlinear_pointwise(
-                q.add_(128).to(torch.uint8), 1.0, 128, self.weight, self.scales,
-                self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
-        else:
-            y = torch._int_mm(q.to(torch.int8), self.weight).to(torch.float32) * self.scales
+        y = _int8_gemm(q, self.weight, self.scales, self.zero_points, self.packed)  # [2M, N]
         out: torch.Tensor = y[m:].div_(self.lo_radix).add_(y[:m]).mul_(scale)
         return out
 
 
-class Q4_1Linear(nn.Module):
-    """The ``w4a8`` linear: the checkpoint's Q4_1 weights as they are, activations quantized at
-    run time per row and per 32 values to int8, as llama.cpp multiplies Q4_1 by Q8_1.
+class BlockLinear(nn.Module):
+    """A linear over weights kept in GGUF-style blocks, times activations quantized at run
+    time per row and per 32 values to two int8 digits: ``torch.ops.m4.block_linear`` (m4's
+    kernels, ``m4d/model/kernels``; the variant for this CPU is picked at load).
 
-    Runs ``torch.ops.m4.q4_1_linear`` (``m4d/model/kernels/m4_kernels.cpp``, AVX-512 VNNI):
-    exact int32 block sums, each unpacked weight tile reused by up to 8 rows, so a decode
-    batch costs little more than one row in weight traffic. Batch invariant by construction.
+    Each weight tile is unpacked once and reused across the batch's rows, block sums are exact
+    in int32 and rows never share a reduction: batch invariant by construction, and the same
+    bits on every kernel variant. ``kind`` says how the blocks are stored (WEIGHT_KINDS; the
+    layouts are in kernels/csrc/variant.h): 4-bit with a scale and a min per 32 (GGUF Q4_0,
+    Q4_1, Q4_K), signed 8-bit with a scale per 32 or 16 (Q8_0, Q5_0, Q6_K), unsigned bytes
+    with a scale and a min per 32 (Q5_K).
     """
 
-    weight: torch.Tensor  # uint8, the kernel's tile layout (pack_q4_1_tiles)
-    dm: torch.Tensor  # float16, per tile and block: 16 scales d, 16 mins m
+    weight: torch.Tensor  # uint8, the kernel's tile layout
+    sc: torch.Tensor  # per tile and block: scales (then mins), float16 or float32
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
-        """qweight uint8 [N, K/2] in ``NIBBLE_ORDER``; scales, mins fp16 [N, K/32]."""
+    def __init__(self, kind: str, weight: torch.Tensor, sc: torch.Tensor, out_features: int,
+                 in_features: int, *, out_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        n, k = qweight.shape[0], qweight.shape[1] * 2
-        _check_tiles(n, k, "w4a8")
-        if scales.shape != (n, k // Q4_1_GROUP) or mins.shape != scales.shape:
-            raise ValueError(f"Q4_1 scales/mins must be [{n}, {k // Q4_1_GROUP}], got "
-                             f"{tuple(scales.shape)}, {tuple(mins.shape)}")
-        self.in_features, self.out_features = k, n
-        w, dm = pack_q4_1_tiles(qweight, scales, mins)
-        self.register_buffer("weight", w)
-        self.register_buffer("dm", dm)
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Q4_1Linear":
-        """Quantize a dense [N, K] weight to Q4_1 (per 32: min/max, 16 levels; lossy)."""
-        n, k = weight.shape
-        w = weight.to(torch.float32).reshape(n, k // Q4_1_GROUP, Q4_1_GROUP)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        d = ((hi - lo) / 15.0).to(torch.float16)  # the stored values are what we divide by
-        df = d.to(torch.float32).clamp(min=1e-8)
-        m = lo.to(torch.float16)
-        q = torch.round((w - m.to(torch.float32)[..., None]) / df[..., None]).clamp(0, 15)
-        packed = pack_int4(q.reshape(n, k).to(torch.uint8).numpy())
-        return cls(torch.from_numpy(packed), d, m)
+        if kind not in kernels.WEIGHT_KINDS:
+            raise ValueError(f"unknown weight kind {kind!r}")
+        self.kind, self.kind_code = kind, kernels.WEIGHT_KINDS[kind]
+        self.in_features, self.out_features = in_features, out_features
+        self.out_dtype: torch.dtype | None = out_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("sc", sc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., K] -> [..., N] in x's dtype
+        # x: [..., K] -> [..., N] in out_dtype (default: x's)
         x2 = _check_2d_in(x, self.in_features)
-        y: torch.Tensor = torch.ops.m4.q4_1_linear(x2, self.weight, self.dm, self.out_features,
-                                                   self.in_features, x.dtype)
+        out_dtype = self.out_dtype
+        if out_dtype is None:
+            out_dtype = x.dtype
+        y: torch.Tensor = torch.ops.m4.block_linear(
+            x2, self.weight, self.sc, self.kind_code, self.out_features, self.in_features,
+            out_dtype)
         return y.view(_with_last_dim(x, self.out_features))
 
 
-class Q8_0Linear(nn.Module):
-    """GGUF's Q8_0 weights (per 32: ``w = d * q``, q int8) times activations quantized per row
-    and per 32 values to int8: ``torch.ops.m4.q8_0_linear``. The ``w4a8`` format's LM head
-    (the checkpoint's tied embedding is Q8_0). Output in ``out_dtype`` (default: x's)."""
-
-    weight: torch.Tensor  # uint8 q + 128, the kernel's tile layout (pack_q8_0_tiles)
-    d: torch.Tensor  # float16 per tile and block: 16 scales
-
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, *,
-                 out_dtype: torch.dtype | None = None) -> None:
-        """qweight int8 [N, K]; scales fp16 [N, K/32]."""
-        super().__init__()
-        n, k = qweight.shape
-        _check_tiles(n, k, "Q8_0")
-        if qweight.dtype != torch.int8 or scales.shape != (n, k // Q8_0_GROUP):
-            raise ValueError(f"Q8_0 needs int8 [N, K] and fp16 [N, K/32], got {qweight.dtype} "
-                             f"{tuple(qweight.shape)} and {tuple(scales.shape)}")
-        self.in_features, self.out_features, self.out_dtype = k, n, out_dtype
-        w, d = pack_q8_0_tiles(qweight, scales)
-        self.register_buffer("weight", w)
-        self.register_buffer("d", d)
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> "Q8_0Linear":
-        """Quantize a dense [N, K] weight to Q8_0 (per 32: absmax / 127; lossy)."""
-        n, k = weight.shape
-        w = weight.to(torch.float32).reshape(n, k // Q8_0_GROUP, Q8_0_GROUP)
-        d = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
-        inv = torch.where(d > 0, 1.0 / d.to(torch.float32), torch.zeros_like(d, dtype=torch.float32))
-        q = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8)
-        return cls(q.reshape(n, k), d, out_dtype=out_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _check_2d_in(x, self.in_features)
-        y: torch.Tensor = torch.ops.m4.q8_0_linear(
-            x2, self.weight, self.d, self.out_features, self.in_features,
-            self.out_dtype or x.dtype)
-        return y.view(_with_last_dim(x, self.out_features))
+def q4_1_linear(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, *,
+                out_dtype: torch.dtype | None = None) -> BlockLinear:
+    """4-bit weights with a scale and a min per 32 (``w = d * q + m``, q 0..15): GGUF's Q4_1
+    and Q4_0 with float16 scales, Q4_K with float32 ones. The ``w4a8`` format's linears.
+    qweight uint8 [N, K/2] in ``NIBBLE_ORDER``; scales, mins [N, K/32], fp16 or fp32."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    _check_tiles(n, k, "w4a8")
+    if scales.shape != (n, k // Q4_1_GROUP) or mins.shape != scales.shape:
+        raise ValueError(f"Q4_1 scales/mins must be [{n}, {k // Q4_1_GROUP}], got "
+                         f"{tuple(scales.shape)}, {tuple(mins.shape)}")
+    f32 = scales.dtype == torch.float32
+    w, sc = pack_q4_1_tiles(qweight, scales, mins, np.float32 if f32 else np.float16)
+    return BlockLinear("q4_f32" if f32 else "q4_f16", w, sc, n, k, out_dtype=out_dtype)
 
 
-KERNEL_TILE = 16  # output channels per weight tile in m4_kernels.cpp
+def q4_1_from_float(weight: torch.Tensor) -> BlockLinear:
+    """Quantize a dense [N, K] weight to Q4_1 (per 32: min/max, 16 levels; lossy)."""
+    n, k = weight.shape
+    w = weight.to(torch.float32).reshape(n, k // Q4_1_GROUP, Q4_1_GROUP)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    d = ((hi - lo) / 15.0).to(torch.float16)  # the stored values are what we divide by
+    df = d.to(torch.float32).clamp(min=1e-8)
+    m = lo.to(torch.float16)
+    q = torch.round((w - m.to(torch.float32)[..., None]) / df[..., None]).clamp(0, 15)
+    packed = pack_int4(q.reshape(n, k).to(torch.uint8).numpy())
+    return q4_1_linear(torch.from_numpy(packed), d, m)
+
+
+def q8_0_linear(qweight: torch.Tensor, scales: torch.Tensor, *,
+                out_dtype: torch.dtype | None = None) -> BlockLinear:
+    """Signed 8-bit weights with a scale per 32 values (GGUF's Q8_0, Q5_0; float16 scales) or
+    per 16 or 32 with float32 scales (Q6_K). The ``w4a8`` format's LM head (the checkpoint's
+    tied embedding is Q8_0). qweight int8 [N, K] in [-127, 127]; scales [N, K/32] fp16 or
+    fp32, or [N, K/16] fp32."""
+    n, k = qweight.shape
+    _check_tiles(n, k, "Q8_0")
+    group = k // scales.shape[1] if scales.dim() == 2 and scales.shape[1] else 0
+    f32 = scales.dtype == torch.float32
+    if (qweight.dtype != torch.int8 or scales.shape[0] != n or group not in (16, 32)
+            or k % group or (group == 16 and not f32)):
+        raise ValueError(f"Q8_0 needs int8 [N, K] and fp16 [N, K/32] or fp32 [N, K/32 or "
+                         f"K/16] scales, got {qweight.dtype} {tuple(qweight.shape)} and "
+                         f"{scales.dtype} {tuple(scales.shape)}")
+    w, sc = pack_q8_0_tiles(qweight, scales)
+    kind = "q8_f32_g16" if group == 16 else "q8_f32" if f32 else "q8_f16"
+    return BlockLinear(kind, w, sc, n, k, out_dtype=out_dtype)
+
+
+def q8_0_from_float(weight: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> BlockLinear:
+    """Quantize a dense [N, K] weight to Q8_0 (per 32: absmax / 127; lossy)."""
+    n, k = weight.shape
+    w = weight.to(torch.float32).reshape(n, k // Q8_0_GROUP, Q8_0_GROUP)
+    d = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
+    inv = torch.where(d > 0, 1.0 / d.to(torch.float32), torch.zeros_like(d, dtype=torch.float32))
+    q = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return q8_0_linear(q.reshape(n, k), d, out_dtype=out_dtype)
+
+
+def q8_1_linear(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, *,
+                out_dtype: torch.dtype | None = None) -> BlockLinear:
+    """Unsigned byte weights (0..127) with a float32 scale and min per 32: GGUF's Q5_K."""
+    n, k = qweight.shape
+    _check_tiles(n, k, "Q8_1")
+    if (qweight.dtype != torch.uint8 or scales.shape != (n, k // Q4_1_GROUP)
+            or mins.shape != scales.shape):
+        raise ValueError(f"Q8_1 needs uint8 [N, K] and [N, K/32] scales and mins, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}, {tuple(scales.shape)}")
+    w, sc = pack_q8_1_tiles(qweight, scales, mins)
+    return BlockLinear("q8u_f32", w, sc, n, k, out_dtype=out_dtype)
+
+
+KERNEL_TILE = 16  # output channels per weight tile in the kernels (csrc/variant.h: kTile)
 
 
 def _check_tiles(n: int, k: int, what: str) -> None:
@@ -426,37 +541,62 @@ def _check_tiles(n: int, k: int, what: str) -> None:
                          f"{Q4_1_GROUP} == 0, got [{n}, {k}]")
 
 
-def pack_q4_1_tiles(qweight: torch.Tensor, scales: torch.Tensor,
-                    mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _tile_scales(a: torch.Tensor, dtype: type, group: int = Q4_1_GROUP) -> np.ndarray:
+    """[N, K/group] -> [tile, block, group split, 16] in `dtype` (a block is 32 values)."""
+    v = a.numpy().astype(dtype)
+    n, g = v.shape
+    per = Q4_1_GROUP // group
+    return v.reshape(n // KERNEL_TILE, KERNEL_TILE, g // per, per).transpose(0, 2, 3, 1)
+
+
+def pack_q4_1_tiles(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                    dtype: type = np.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored Q4_1 -> the kernel's layout: per tile of 16 channels and block of 32 values, 4
     chunks of 64 bytes where chunk c, lane j, byte t holds q[j][8c + t] in its low nibble and
-    q[j][8c + 4 + t] in its high nibble; and per tile and block 16 d then 16 m (fp16)."""
+    q[j][8c + 4 + t] in its high nibble; and per tile and block 16 d then 16 m (`dtype`)."""
     q = unpack_int4(qweight).numpy().astype(np.uint8)  # [N, K]
     n, k = q.shape
     t, kb = n // KERNEL_TILE, k // Q4_1_GROUP
     q6 = q.reshape(t, KERNEL_TILE, kb, 4, 2, 4)  # [tile, j, block, c, nibble, t]
     packed = (q6[:, :, :, :, 0, :] | (q6[:, :, :, :, 1, :] << 4)).transpose(0, 2, 3, 1, 4)
-    d = scales.numpy().astype(np.float16).reshape(t, KERNEL_TILE, kb).transpose(0, 2, 1)
-    m = mins.numpy().astype(np.float16).reshape(t, KERNEL_TILE, kb).transpose(0, 2, 1)
-    dm = np.stack([d, m], axis=2)  # [tile, block, 2, 16]
+    dm = np.concatenate([_tile_scales(scales, dtype), _tile_scales(mins, dtype)], axis=2)
     return (torch.from_numpy(np.ascontiguousarray(packed).reshape(-1)),
             torch.from_numpy(np.ascontiguousarray(dm).reshape(-1)))
 
 
+def _pack_bytes(q: np.ndarray) -> np.ndarray:
+    """[N, K] bytes -> per tile and block 8 chunks of 64: chunk g, lane j, byte t = q[j][4g + t]."""
+    n, k = q.shape
+    t, kb = n // KERNEL_TILE, k // Q8_0_GROUP
+    return np.ascontiguousarray(q.reshape(t, KERNEL_TILE, kb, 8, 4).transpose(0, 2, 3, 1, 4)).reshape(-1)
+
+
 def pack_q8_0_tiles(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored Q8_0 -> the kernel's layout: per tile of 16 channels and block of 32 values, 8
-    chunks of 64 bytes where chunk g, lane j, byte t holds q[j][4g + t] + 128 (uint8: VNNI
-    multiplies unsigned by signed bytes, and the activations are the signed side); per tile
-    and block 16 scales (fp16)."""
+    """Stored Q8_0 -> the kernel's layout: bytes q + 128 (uint8: VNNI multiplies unsigned by
+    signed bytes, and the activations are the signed side) in 64-byte chunks as _pack_bytes;
+    per tile and block 16 scales (fp16, or fp32), or 2 x 16 for a scale per 16 values."""
     q = qweight.contiguous().numpy()
     if q.min(initial=0) < -127:
         raise ValueError("Q8_0 values must lie in [-127, 127]")
-    n, k = q.shape
-    t, kb = n // KERNEL_TILE, k // Q8_0_GROUP
-    packed = (q.astype(np.int16) + 128).astype(np.uint8).reshape(t, KERNEL_TILE, kb, 8, 4)
-    d = scales.numpy().astype(np.float16).reshape(t, KERNEL_TILE, kb).transpose(0, 2, 1)
-    return (torch.from_numpy(np.ascontiguousarray(packed.transpose(0, 2, 3, 1, 4)).reshape(-1)),
-            torch.from_numpy(np.ascontiguousarray(d).reshape(-1)))
+    k = q.shape[1]
+    group = k // scales.shape[1]
+    dtype = np.float32 if scales.dtype == torch.float32 else np.float16
+    packed = _pack_bytes((q.astype(np.int16) + 128).astype(np.uint8))
+    return (torch.from_numpy(packed),
+            torch.from_numpy(np.ascontiguousarray(_tile_scales(scales, dtype, group)).reshape(-1)))
+
+
+def pack_q8_1_tiles(qweight: torch.Tensor, scales: torch.Tensor,
+                    mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored unsigned bytes (0..127) with a scale and min per 32 -> the kernel's layout: bytes as
+    _pack_bytes, per tile and block 16 d then 16 m (fp32). Bytes stay below 128 so every
+    variant's byte products fit its int16 pairs."""
+    q = qweight.contiguous().numpy()
+    if q.max(initial=0) > 127:
+        raise ValueError("Q8_1 values must lie in [0, 127]")
+    dm = np.concatenate([_tile_scales(scales, np.float32), _tile_scales(mins, np.float32)], axis=2)
+    return (torch.from_numpy(_pack_bytes(q)),
+            torch.from_numpy(np.ascontiguousarray(dm).reshape(-1)))
 
 
 def onednn_int8_available() -> bool:
@@ -498,11 +638,13 @@ class WeightFile:
         self._f = None
 
     def kind(self, name: str) -> str:
-        """"dense", "q4_1" or "q8_0"."""
+        """"dense", "q4_1" (4-bit, scale and min per 32), "q8_0" (int8, scale per 32 or 16)
+        or "q8_1" (unsigned bytes, scale and min per 32): told apart by the stored shapes."""
         if name in self._keys:
             return "dense"
         if f"{name}.qweight" in self._keys and f"{name}.mins" in self._keys:
-            return "q4_1"
+            q, s = self.shape(f"{name}.qweight"), self.shape(f"{name}.scales")
+            return "q8_1" if q[1] == Q4_1_GROUP * s[1] else "q4_1"
         if f"{name}.qweight" in self._keys and f"{name}.scales" in self._keys:
             return "q8_0"
         raise KeyError(f"tensor {name!r} not found in {self.path}")
@@ -522,6 +664,11 @@ class WeightFile:
     def q8_0(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.get(f"{name}.qweight"), self.get(f"{name}.scales")
 
+    def blocks(self, name: str) -> tuple[torch.Tensor, ...]:
+        """The stored tensors of a quantized weight: qweight, scales (and mins)."""
+        keys = [f"{name}.qweight", f"{name}.scales", f"{name}.mins"]
+        return tuple(self.get(k) for k in keys if k in self._keys)
+
     def dense(self, name: str) -> torch.Tensor:
         """The tensor dequantized to float32."""
         kind = self.kind(name)
@@ -529,6 +676,9 @@ class WeightFile:
             return self.get(name).to(torch.float32)
         if kind == "q4_1":
             return dequantize_q4_1(*self.q4_1(name))
+        if kind == "q8_1":
+            q, sc, mn = self.blocks(name)
+            return dequantize_q8_0(q.to(torch.int16), sc) + mn.float().repeat_interleave(Q4_1_GROUP, dim=1)
         return dequantize_q8_0(*self.q8_0(name))
 
 
@@ -539,21 +689,55 @@ def _tiles_fit(wf: WeightFile, name: str) -> bool:
     return shape[0] % KERNEL_TILE == 0 and k % Q4_1_GROUP == 0
 
 
+class ConcatLinear(nn.Module):
+    """Linears whose outputs are concatenated: a fused q/k/v or gate/up whose parts are stored
+    in different block kinds (a Q4_K_M file keeps some in Q6_K), each kept as it is stored."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def _block_linear(tensors: tuple[torch.Tensor, ...], kind: str) -> BlockLinear:
+    if kind == "q4_1":
+        return q4_1_linear(*tensors)
+    if kind == "q8_1":
+        return q8_1_linear(*tensors)
+    return q8_0_linear(*tensors)
+
+
+def _stored_blocks(wf: WeightFile, names: list[str]) -> nn.Module:
+    """The named weights as stored, through m4's kernels: one BlockLinear where they are stored
+    alike (concatenated rows), else one per name."""
+    kinds = [wf.kind(n) for n in names]
+    parts = [wf.blocks(n) for n in names]
+    if len(set(kinds)) == 1 and len({tuple(t.dtype for t in p) for p in parts}) == 1 \
+            and len({p[1].shape[1] for p in parts}) == 1:
+        joined = tuple(torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
+                       for i in range(len(parts[0])))  # numpy: see unpack_int4
+        return _block_linear(joined, kinds[0])
+    return ConcatLinear([_block_linear(p, k) for p, k in zip(parts, kinds, strict=True)])
+
+
 def build_linear(wf: WeightFile, names: list[str], weight_format: str,
                  dtype: torch.dtype) -> nn.Module:
     """One linear whose output rows are the named weights concatenated (fused q/k/v, gate/up)."""
     if weight_format == "w4a8" and not all(_tiles_fit(wf, n) for n in names):
-        weight_format = "int4"  # the same Q4_1 numbers through torch's kernel
-    if weight_format in ("int4", "w4a8") and all(wf.kind(n) == "q4_1" for n in names):
+        weight_format = "int4"  # torch's kernels take any shape
+    if weight_format == "w4a8" and all(wf.kind(n) != "dense" for n in names):
+        return _stored_blocks(wf, names)
+    if weight_format == "int4" and all(wf.kind(n) == "q4_1" for n in names) \
+            and all(wf.get(f"{n}.scales").dtype == torch.float16 for n in names):
         parts = [wf.q4_1(n) for n in names]
         qw, sc, mn = (torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
                       for i in range(3))  # numpy: see unpack_int4
-        if weight_format == "w4a8":
-            return Q4_1Linear(qw, sc, mn)
         return Int4WeightOnlyLinear.from_q4_1(qw, sc, mn, dtype=dtype)
     w = torch.cat([wf.dense(n) for n in names])  # [sum N, K] float32
     if weight_format == "w4a8":
-        return Q4_1Linear.from_float(w)
+        return q4_1_from_float(w)
     if weight_format == "int4":
         return Int4WeightOnlyLinear.from_float(w, dtype=dtype)
     if weight_format == "int8":

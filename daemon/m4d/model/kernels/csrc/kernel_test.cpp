@@ -1,0 +1,218 @@
+// A standalone test of m4's kernel variants (no torch, no Python): every variant this CPU
+// runs against the scalar reference on fixed pseudo-random inputs, through the same drivers
+// the daemon uses (ops.h). Every result must be bit-identical. Built natively by the test
+// suite, and cross-compiled for AArch64 and run under qemu-user to prove the NEON variant.
+// Prints one line per check and "N passed, M failed"; exits 1 on any failure.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "variant.h"
+
+namespace {
+
+struct Rng {  // xorshift64*: the same numbers on every machine
+  uint64_t s;
+  uint64_t next() { s ^= s >> 12; s ^= s << 25; s ^= s >> 27; return s * 2685821657736338717ull; }
+  float uniform() { return static_cast<float>(next() >> 40) / static_cast<float>(1u << 24); }  // [0, 1)
+  float normal() { return (uniform() + uniform() + uniform() + uniform() - 2.0f) * 1.7f; }
+};
+
+uint16_t to_half(float f) {  // exact for the values used (small normals, scaled powers)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000;
+  const int32_t exp = static_cast<int32_t>((u >> 23) & 0xFF) - 127 + 15;
+  const uint32_t man = (u >> 13) & 0x3FF;
+  if (exp <= 0) return static_cast<uint16_t>(sign);
+  return static_cast<uint16_t>(sign | (static_cast<uint32_t>(exp) << 10) | man);
+}
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+int passed = 0, failed = 0;
+
+template <typename T>
+void check(const std::string& what, const std::vector<T>& got, const std::vector<T>& want) {
+  const bool same = got.size() == want.size() && std::memcmp(got.data(), want.data(), got.size() * sizeof(T)) == 0;
+  std::printf("%s %s\n", same ? "ok  " : "FAIL", what.c_str());
+  (same ? passed : failed)++;
+}
+
+// A packed weight of `kind` for [n, k]: random bytes within the kind's value range, scales.
+struct Weight {
+  std::vector<uint8_t> w;
+  std::vector<uint8_t> sc;  // fp16 or fp32 values, raw
+};
+
+Weight make_weight(m4::Kind kind, int64_t n, int64_t k, Rng& rng) {
+  const int64_t blocks = n / m4::kTile * (k / m4::kBlock);
+  Weight out;
+  out.w.resize(blocks * m4::kind_tile_bytes(kind));
+  for (auto& b : out.w) {
+    const uint64_t r = rng.next() >> 33;
+    if (m4::kind_is_q4(kind)) b = static_cast<uint8_t>(r);
+    else if (kind == m4::Kind::Q8U_F32) b = static_cast<uint8_t>(r % 128);
+    else b = static_cast<uint8_t>(1 + r % 255);  // q + 128 with q in [-127, 127]
+  }
+  const int64_t ns = blocks * m4::kind_tile_scales(kind);
+  const bool f16 = m4::kind_f16_scales(kind);
+  out.sc.resize(ns * (f16 ? 2 : 4));
+  for (int64_t i = 0; i < ns; ++i) {
+    const bool is_min = m4::kind_has_min(kind) && (i / m4::kTile) % 2 == 1;
+    const float v = is_min ? -0.1f * rng.uniform() : 0.002f + 0.01f * rng.uniform();
+    if (f16) {
+      const uint16_t h = to_half(v);
+      std::memcpy(out.sc.data() + 2 * i, &h, 2);
+    } else {
+      std::memcpy(out.sc.data() + 4 * i, &v, 4);
+    }
+  }
+  return out;
+}
+
+std::vector<float> randn(int64_t n, Rng& rng, float scale = 1.0f) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = rng.normal() * scale;
+  return v;
+}
+
+void run_linears(const m4::Variant& ref, const m4::Variant& v) {
+  const m4::Kind kinds[] = {m4::Kind::Q4_F16, m4::Kind::Q4_F32, m4::Kind::Q8_F16,
+                            m4::Kind::Q8_F32, m4::Kind::Q8_F32_G16, m4::Kind::Q8U_F32};
+  for (const m4::Kind kind : kinds) {
+    for (const int64_t m : {1, 3, 9, 70}) {
+      Rng rng{0x9E3779B97F4A7C15ull + static_cast<uint64_t>(kind) * 131 + m};
+      const int64_t n = 48, k = 160;
+      const Weight w = make_weight(kind, n, k, rng);
+      std::vector<float> x = randn(m * k, rng);
+      if (m > 2) std::fill(x.begin() + k, x.begin() + 2 * k, 0.0f);  // an all-zero row
+      for (const bool bf16 : {false, true}) {
+        std::vector<uint16_t> xb(x.size());
+        for (size_t i = 0; i < x.size(); ++i) xb[i] = to_bf16(x[i]);
+        const void* xp = bf16 ? static_cast<const void*>(xb.data()) : x.data();
+        std::vector<float> want(m * n), got(m * n);
+        m4::linear(ref, kind, w.w.data(), w.sc.data(), xp, bf16, m, k, n, want.data(), false);
+        m4::linear(v, kind, w.w.data(), w.sc.data(), xp, bf16, m, k, n, got.data(), false);
+        check(std::string(v.name) + " linear kind " + std::to_string(static_cast<int>(kind)) + " m " +
+                  std::to_string(m) + (bf16 ? " bf16 in" : " f32 in"), got, want);
+        std::vector<uint16_t> want16(m * n), got16(m * n);
+        m4::linear(ref, kind, w.w.data(), w.sc.data(), xp, bf16, m, k, n, want16.data(), true);
+        m4::linear(v, kind, w.w.data(), w.sc.data(), xp, bf16, m, k, n, got16.data(), true);
+        check(std::string(v.name) + " linear kind " + std::to_string(static_cast<int>(kind)) + " m " +
+                  std::to_string(m) + " bf16 out", got16, want16);
+      }
+    }
+  }
+}
+
+void run_attention(const m4::Variant& ref, const m4::Variant& v) {
+  for (const int64_t dh : {32, 64, 128}) {
+    for (const bool kv_bf16 : {false, true}) {
+      Rng rng{77u + static_cast<uint64_t>(dh) + kv_bf16};
+      const int64_t slots = 3, hkv = 2, h = 6, t_max = 50, nb = 4;
+      const std::vector<float> kf = randn(slots * hkv * t_max * dh, rng), vf = randn(slots * hkv * t_max * dh, rng);
+      std::vector<uint16_t> kb(kf.size()), vb(vf.size());
+      for (size_t i = 0; i < kf.size(); ++i) { kb[i] = to_bf16(kf[i]); vb[i] = to_bf16(vf[i]); }
+      const void* kc = kv_bf16 ? static_cast<const void*>(kb.data()) : kf.data();
+      const void* vc = kv_bf16 ? static_cast<const void*>(vb.data()) : vf.data();
+      const std::vector<float> q = randn(nb * h * dh, rng, 2.0f);
+      const int64_t rows[] = {2, 0, 1, 2}, pos[] = {0, 15, 16, 49};
+      std::vector<float> want(nb * h * dh), got(nb * h * dh);
+      m4::decode_attention(ref, q.data(), false, h * dh, kc, vc, kv_bf16, rows, pos, nb, h, hkv, t_max, dh,
+                           0.125f, want.data());
+      m4::decode_attention(v, q.data(), false, h * dh, kc, vc, kv_bf16, rows, pos, nb, h, hkv, t_max, dh,
+                           0.125f, got.data());
+      check(std::string(v.name) + " attention dh " + std::to_string(dh) + (kv_bf16 ? " bf16 kv" : " f32 kv"),
+            got, want);
+    }
+  }
+}
+
+void run_decode_step(const m4::Variant& ref, const m4::Variant& v) {
+  Rng rng{4242};
+  const int64_t d = 64, h = 4, hkv = 2, dh = 32, ffn = 96, slots = 3, t_max = 40, nb = 3, layers = 2;
+  const int64_t qkv = (h + 2 * hkv) * dh;
+  std::vector<Weight> weights;
+  std::vector<std::vector<float>> norms;
+  for (int64_t l = 0; l < layers; ++l) {
+    weights.push_back(make_weight(m4::Kind::Q4_F16, qkv, d, rng));
+    weights.push_back(make_weight(m4::Kind::Q8_F32_G16, d, h * dh, rng));
+    weights.push_back(make_weight(m4::Kind::Q4_F32, 2 * ffn, d, rng));
+    weights.push_back(make_weight(m4::Kind::Q8U_F32, d, ffn, rng));
+    std::vector<float> nrm(2 * d);
+    for (auto& x : nrm) x = 0.5f + rng.uniform();
+    norms.push_back(nrm);
+  }
+  const std::vector<float> x0 = randn(nb * d, rng), cos = randn(nb * dh, rng, 0.5f), sin = randn(nb * dh, rng, 0.5f);
+  const int64_t rows[] = {1, 0, 2}, pos[] = {5, 0, 39};
+  for (const bool kv_bf16 : {false, true}) {
+    std::vector<float> out[2];
+    std::vector<uint8_t> caches[2];
+    for (int which = 0; which < 2; ++which) {
+      const m4::Variant& var = which == 0 ? ref : v;
+      const int64_t cache_bytes = slots * hkv * t_max * dh * (kv_bf16 ? 2 : 4);
+      std::vector<uint8_t> cache(2 * layers * cache_bytes);
+      Rng crng{99};
+      for (size_t i = 0; i < cache.size(); i += 2) {  // finite values of either dtype
+        const uint16_t bits = to_bf16(crng.normal());
+        std::memcpy(cache.data() + i, &bits, 2);
+      }
+      if (!kv_bf16)
+        for (size_t i = 0; i < cache.size(); i += 4) {
+          const float f = crng.normal();
+          std::memcpy(cache.data() + i, &f, 4);
+        }
+      std::vector<m4::Layer> plan;
+      for (int64_t l = 0; l < layers; ++l) {
+        const Weight* w = &weights[4 * l];
+        plan.push_back({norms[l].data(), {m4::Kind::Q4_F16, w[0].w.data(), w[0].sc.data()},
+                        {m4::Kind::Q8_F32_G16, w[1].w.data(), w[1].sc.data()}, norms[l].data() + d,
+                        {m4::Kind::Q4_F32, w[2].w.data(), w[2].sc.data()},
+                        {m4::Kind::Q8U_F32, w[3].w.data(), w[3].sc.data()},
+                        cache.data() + 2 * l * cache_bytes, cache.data() + (2 * l + 1) * cache_bytes});
+      }
+      std::vector<float> x = x0;
+      const m4::DecodeShape shape{nb, d, ffn, h, hkv, dh, t_max, kv_bf16, 1e-5f, 0.17677669f};
+      m4::decode_layers(var, x.data(), plan.data(), layers, shape, rows, pos, cos.data(), sin.data());
+      out[which] = x;
+      caches[which] = cache;
+    }
+    check(std::string(v.name) + " decode step" + (kv_bf16 ? " bf16 kv" : " f32 kv"), out[1], out[0]);
+    check(std::string(v.name) + " decode step's KV writes" + (kv_bf16 ? " bf16 kv" : " f32 kv"), caches[1], caches[0]);
+  }
+}
+
+}  // namespace
+
+int main() {
+  const m4::Variant* ref = m4::find_variant("scalar");
+  if (ref == nullptr) {
+    std::printf("FAIL no scalar variant\n0 passed, 1 failed\n");
+    return 1;
+  }
+  std::printf("cpu features:");
+  for (const char* f : m4::cpu_features()) std::printf(" %s", f);
+  std::printf("\n");
+  m4::set_threads(2);
+  for (const m4::VariantInfo& info : m4::variants()) {
+    if (info.table == nullptr) {
+      std::printf("not runnable here: %s\n", info.name);
+      continue;
+    }
+    std::printf("variant: %s\n", info.name);
+    run_linears(*ref, *info.table);
+    run_attention(*ref, *info.table);
+    run_decode_step(*ref, *info.table);
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
