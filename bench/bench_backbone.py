@@ -2,9 +2,11 @@
 
 Batch 1: prefill of a 256-token prompt, then 128 greedy decode steps. Batched decode: B
 sequences (64-token prompts, prefilled untimed) decoding 32 steps together; tok/s summed.
-The KV cache is bfloat16 except for float32, as in m4d. Formats are interleaved over
-rounds and the best round is kept (this machine is shared and drifts). The KL column is each
-format's accuracy against float32 (see ``KL_TEXT``). Run:
+The KV cache is in the dtype m4d would keep it in with `compute_dtype = "auto"` (bfloat16
+for bfloat16/int4/int8 weights, float32 for float32, and for w4a8/w8a8 bfloat16 only where
+the CPU has bf16 arithmetic). Formats are interleaved over rounds and the best round is kept
+(this machine is shared and drifts). The KL column is each format's accuracy against float32
+(see ``KL_TEXT``). Run:
 ``python bench/bench_backbone.py [--rounds 2] [--formats float32,int4+bf16]``.
 """
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from m4d.executor.cpu import resolve_compute_dtype
 from m4d.model import kernels
 from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4image.importers.gguf_llama import import_gguf_llama
@@ -126,9 +129,10 @@ def main() -> None:
         fmt, dtype = FORMATS[name]
         models[name] = load_llama(weights, config, weight_format=fmt, compute_dtype=dtype)
         models[name].fuse_decode = not name.endswith("-layers")
-        # the KV cache as m4d keeps it: bfloat16 (its compute_dtype) except for float32
+        # the KV cache as m4d keeps it under compute_dtype = "auto" (m4d.executor.runtime)
+        kv = resolve_compute_dtype("auto", None if fmt in ("w4a8", "w8a8") else fmt)
         models[name].setup_caches(max(batches), args.prompt_len + args.new_tokens + 8,
-                                  None if fmt == "float32" else torch.bfloat16)
+                                  getattr(torch, kv))
         bench_single(models[name], 32, 4)  # warm-up
 
     kl = mean_kl_vs_fp32(component_dir, config, models, comp)

@@ -67,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         for key, _ in describe_defaults():
             print(f"{key} = {getattr(config, key)!r}")
         return 0
-    from m4d.executor.devices import check_devices, discover  # imports torch
+    from m4d.executor.cpu import check_weight_format  # imports torch
+    from m4d.executor.devices import check_devices, discover
 
     try:
         check_devices(config.placement, discover())
+        check_weight_format(config.weight_format)  # before any image is loaded or blamed
     except ConfigError as exc:
         print(f"m4d: configuration error: {exc}", file=sys.stderr)
         return 2

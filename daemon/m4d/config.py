@@ -21,7 +21,7 @@ RUNTIME_DIR = Path("/run/m4")
 STATE_DIR = Path("/var/lib/m4")
 
 WEIGHT_FORMATS = ("int4", "w4a8", "int8", "w8a8", "bfloat16", "float32")
-COMPUTE_DTYPES = ("bfloat16", "float32")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SELF_TEST_MODES = ("strict", "warn", "off")
@@ -84,11 +84,16 @@ class Config:
     # per block to two int8 digits inside each GEMM, float32 between them): about 2x int4's
     # speed at every batch size and the closest to float32 (bench/README.md). Without AVX-512
     # VNNI or a kernel build it runs as int4: the same Q4_1 weights on torch's int4 kernel,
-    # in compute_dtype. w8a8: int8 weights per channel (m4d.model.quant).
+    # in compute_dtype. w8a8: int8 weights per channel (m4d.model.quant); refused at start
+    # where the CPU's int8 GEMM is not exact (oneDNN without VNNI, e.g. AVX2-only CPUs).
     weight_format: str = "w4a8"
     # The dtype of activations (text encoder, media components, the KV cache, and backbone
-    # formats other than w4a8). int4/int8 weights need bfloat16 to be fast on CPU.
-    compute_dtype: str = "bfloat16"
+    # formats other than w4a8). "auto": bfloat16 where the CPU has bf16 arithmetic
+    # (AVX512_BF16 or AMX on x86, BF16 on ARM), float32 elsewhere (emulated bf16 is several
+    # times slower than float32; m4d.executor.cpu), except that int4/int8 backbones get
+    # bfloat16 (torch's int4/int8 kernels are 15-70x slower with float32 on any CPU) and
+    # bfloat16/float32 backbones their own dtype. The log and `m4ctl status` show the result.
+    compute_dtype: str = "auto"
     # Torch threads for the executor; 0 means one per CPU core but one (at least one),
     # which leaves a core to the event loop and gRPC: on 2 cores, 2 torch threads beside a
     # busy event loop decoded slower (20-28 tok/s) than 1 (30-34 tok/s). With components on
@@ -200,15 +205,16 @@ class Config:
         for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kernel_threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")
-        if self.weight_format in ("int4", "int8") and self.compute_dtype != "bfloat16":
+        if self.weight_format in ("int4", "int8") and self.compute_dtype == "float32":
             raise ConfigError(
-                f"weight_format={self.weight_format} needs compute_dtype=bfloat16 "
+                f"weight_format={self.weight_format} needs compute_dtype=bfloat16 or auto "
                 "(the CPU int4/int8 kernels take bfloat16 activations)"
             )
-        if self.weight_format in ("bfloat16", "float32") and self.compute_dtype != self.weight_format:
+        if (self.weight_format in ("bfloat16", "float32")
+                and self.compute_dtype not in (self.weight_format, "auto")):
             raise ConfigError(
                 f"weight_format={self.weight_format} computes in {self.weight_format}; "
-                f"set compute_dtype={self.weight_format}")
+                f"set compute_dtype={self.weight_format} or auto")
         for key in ("kv_slots", "max_context", "prefill_chunk", "step_token_budget", "max_queue",
                     "max_batch_texts", "max_text_chars", "max_message_bytes", "uid_max_concurrent",
                     "default_max_tokens", "max_image_bytes", "max_image_pixels", "max_batch_media"):

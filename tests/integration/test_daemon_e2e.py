@@ -16,7 +16,7 @@ from m4.admin.v1 import admin_pb2, admin_pb2_grpc
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 from m4d.config import Config
-from m4d.executor.runtime import backbone_format
+from m4d.executor.runtime import backbone_plan
 from m4d.model.llama import LlamaConfig, greedy_generate, load_llama
 from m4d.model.tokenizer import ChatTemplate, TextTokenizer
 from m4image.verify import verify_image
@@ -54,10 +54,10 @@ def reference(default_image: Path):
     image = verify_image(default_image)
     spec = image.manifest.components["backbone"]
     cfg = LlamaConfig.from_dict(spec["config"])
-    # the daemon's default format and activation dtype (w4a8 in float32 here)
-    fmt, dtype = backbone_format(Config().weight_format, torch.bfloat16, torch.device("cpu"))
+    # the daemon's default format, activation and KV cache dtypes (w4a8 in float32 here)
+    fmt, dtype, kv_dtype = backbone_plan(Config(), torch.device("cpu"))
     model = load_llama(image.path / spec["weights"], cfg, weight_format=fmt, compute_dtype=dtype)
-    model.setup_caches(1, 1024, torch.bfloat16)
+    model.setup_caches(1, 1024, kv_dtype)
     tok = TextTokenizer.from_file(image.path / spec["tokenizer"], bos_id=cfg.bos_id,
                                   eos_id=cfg.eos_id)
     template = ChatTemplate(spec["chat_template"], bos_token=tok.bos_token,

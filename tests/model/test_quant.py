@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -10,6 +17,7 @@ from m4d.model.quant import (
     LO_RADIX,
     Int4WeightOnlyLinear,
     Int8DynamicLinear,
+    Int8GemmError,
     Int8WeightOnlyLinear,
     WeightFile,
     dequantize_q4_1,
@@ -142,12 +150,42 @@ def _w8a8_reference(lin: Int8DynamicLinear, x: torch.Tensor) -> torch.Tensor:
     return acc * scale.double() * lin.scales.double()
 
 
+def _gemm_is_exact(packed: bool) -> bool:
+    """Independently of m4d.model.quant: do this CPU's int8 GEMMs give exact sums on
+    full-range operands (digits as uint8 + 128 for oneDNN's packed path, int8 for _int_mm)?"""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-127, 128, (6, 128), generator=g)
+    b = torch.randint(-127, 128, (24, 128), generator=g).to(torch.int8)
+    exact = a.double() @ b.double().t()
+    if packed:
+        got = torch.ops.onednn.qlinear_pointwise(
+            (a + 128).to(torch.uint8), 1.0, 128, torch.ops.onednn.qlinear_prepack(b, None),
+            torch.ones(24), torch.zeros(24, dtype=torch.int64), None, 1.0, 0, torch.float32,
+            "none", [], "")
+    else:
+        got = torch._int_mm(a.to(torch.int8), b.t())
+    return torch.equal(got.double(), exact)
+
+
+def _w8a8(make: Callable[[], Int8DynamicLinear], packed: bool | None = None) -> Int8DynamicLinear:
+    """The w8a8 layer `make` builds; where it is refused, the refusal must be right (this
+    CPU's GEMM on that path, or on both for packed=None, is not exact) and say what to use
+    instead; the test is then skipped, having checked that."""
+    try:
+        return make()
+    except Int8GemmError as exc:
+        paths = [packed] if packed is not None else [False, *([True] if onednn_int8_available() else [])]
+        assert not any(_gemm_is_exact(p) for p in paths), f"refused, yet the GEMM is exact: {exc}"
+        assert "wrong sums" in str(exc) and '"int4"' in str(exc), exc
+        pytest.skip(f"w8a8 refused on this CPU, rightly: {exc}")
+
+
 @pytest.mark.parametrize("k,n", [(576, 960), (1536, 576)])
 def test_w8a8_linear_computes_its_format_and_is_batch_invariant(k: int, n: int) -> None:
     g = torch.Generator().manual_seed(k)
     w = torch.randn(n, k, generator=g) * 0.05
     x = _activations(40, k, seed=n)
-    lin = Int8DynamicLinear.from_float(w, dtype=torch.float32)
+    lin = _w8a8(lambda: Int8DynamicLinear.from_float(w, dtype=torch.float32))
     y = lin(x)
     ref = _w8a8_reference(lin, x)
     # only float32 rounding of the final scaling: the sums themselves are exact
@@ -170,8 +208,8 @@ def test_w8a8_packed_onednn_path_equals_int_mm_path() -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.randn(384, 576, generator=g) * 0.05
     x = _activations(9, 576, seed=4)
-    packed = Int8DynamicLinear.from_float(w, dtype=torch.float32, packed=True)
-    plain = Int8DynamicLinear.from_float(w, dtype=torch.float32, packed=False)
+    packed = _w8a8(lambda: Int8DynamicLinear.from_float(w, dtype=torch.float32, packed=True), True)
+    plain = _w8a8(lambda: Int8DynamicLinear.from_float(w, dtype=torch.float32, packed=False), False)
     assert torch.equal(packed(x), plain(x))
 
 
@@ -180,8 +218,73 @@ def test_w8a8_rejects_wrong_shapes() -> None:
         Int8DynamicLinear(torch.zeros(4, 8), torch.ones(4))
     with pytest.raises(ValueError, match="scales"):
         Int8DynamicLinear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3))
-    lin = Int8DynamicLinear(torch.ones(4, 8, dtype=torch.int8), torch.ones(4))
+    lin = _w8a8(lambda: Int8DynamicLinear(torch.ones(4, 8, dtype=torch.int8), torch.ones(4)))
     with pytest.raises(ValueError, match="last dim 8"):
         lin(torch.ones(2, 7))
     # an all-zero row stays exactly zero (no division by a zero scale)
     assert torch.equal(lin(torch.zeros(2, 8)).float(), torch.zeros(2, 4))
+
+
+# A process whose torch and oneDNN are held to AVX2 (both real switches, read at start): on
+# such CPUs oneDNN's int8 GEMMs saturated pairs of products to int16 and w8a8 computed relative
+# errors of 0.13-0.32 (FACTS.md; m4d.model.quant.int8_gemm_path).
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_SCRIPT = """
+import json, torch
+from m4d.config import ConfigError
+from m4d.executor.cpu import check_weight_format
+from m4d.model.quant import LO_RADIX, Int8DynamicLinear, Int8GemmError, quantize_rows_int8
+out = {"capability": torch.backends.cpu.get_cpu_capability(), "paths": {}}
+g = torch.Generator().manual_seed(0)
+w = torch.randn(576, 1536, generator=g) * 0.05
+x = torch.randn(17, 1536, generator=g) * torch.logspace(-1, 1, 17)[:, None]
+q, s_w = quantize_rows_int8(w)  # what the layer holds, known here without its GEMM
+s = x.abs().amax(dim=1, keepdim=True) / 127
+hi = torch.round(x / s)
+lo = torch.round((x / s - hi) * LO_RADIX)
+ref = (hi.double() @ q.double().t() + lo.double() @ q.double().t() / LO_RADIX) * s.double() * s_w.double()
+for packed in (None, True, False):
+    try:
+        y = Int8DynamicLinear(q, s_w, dtype=torch.float32, packed=packed)(x)
+        err = ((y.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max().item()
+        out["paths"][str(packed)] = {"error": err}
+    except Int8GemmError as exc:
+        out["paths"][str(packed)] = {"refused": str(exc)}
+try:
+    check_weight_format("w8a8")
+    out["config"] = "accepted"
+except ConfigError as exc:
+    out["config"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_w8a8_on_an_avx2_cpu_computes_its_format_or_is_refused(tmp_path: Path) -> None:
+    """Never wrong numbers: each path either matches the format's exact reference to float32
+    rounding or refuses to build, and then m4d itself refuses weight_format w8a8 at start."""
+    env = {**os.environ, **AVX2_ENV}
+    run = subprocess.run([sys.executable, "-c", AVX2_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.splitlines()[-1])
+    if out["capability"] != "AVX2":
+        pytest.skip(f"ATEN_CPU_CAPABILITY=avx2 does not apply here (torch: {out['capability']})")
+    for path, result in out["paths"].items():
+        if "error" in result:
+            assert result["error"] < 1e-6, f"packed={path} computed wrong numbers: {result}"
+        else:
+            assert "wrong sums" in result["refused"] and '"w4a8"' in result["refused"], result
+    refused = out["paths"]["None"].get("refused")
+    if refused is None:
+        assert out["config"] == "accepted"
+        return
+    assert out["config"].startswith('weight_format = "w8a8" cannot run on this CPU (x86_64, '
+                                    "torch AVX2, oneDNN AVX2"), out["config"]
+    # the daemon refuses it at start, before it reads an image, with the same message
+    m4d = subprocess.run(
+        [sys.executable, "-m", "m4d", "--weight-format", "w8a8", "--self-test", "strict",
+         "--image", str(tmp_path / "no-image"), "--runtime-dir", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert m4d.returncode == 2, m4d.stderr[-3000:]
+    assert "m4d: configuration error: weight_format = \"w8a8\" cannot run" in m4d.stderr
+    assert "wrong sums" in m4d.stderr and '"int4"' in m4d.stderr

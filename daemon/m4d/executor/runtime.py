@@ -17,6 +17,7 @@ from m4image.verify import VerifiedImage
 
 from m4d.config import Config
 from m4d.errors import InvalidArgument
+from m4d.executor.cpu import check_weight_format, cpu_features, resolve_compute_dtype
 from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
 from m4d.model import kernels
@@ -59,7 +60,11 @@ class Runtime:
         self.device = torch.device(self.placement.device_for(self.backbone_name))
         self.encoder_device = torch.device(self.placement.device_for(self.encoder_name))
         self.threads = cpu_threads(config.threads, self.registry, self.placement)
-        self.compute_dtype = DTYPES[config.compute_dtype]
+        if self.backbone_name and self.device.type == "cpu":
+            check_weight_format(config.weight_format)  # ConfigError: w8a8 wrong on this CPU
+        # the encoders' and media components' dtype ("auto" resolved for this CPU)
+        self.compute_dtype_name = resolve_compute_dtype(config.compute_dtype)
+        self.compute_dtype = DTYPES[self.compute_dtype_name]
         self.components: list[ComponentInfo] = []
         self.backbone: Llama | None = None
         self.tokenizer: TextTokenizer | None = None
@@ -78,6 +83,9 @@ class Runtime:
         log.info("placement", extra={"placement": self.placement.components,
                                      "threads": self.threads, "kernel_threads": kernel_threads,
                                      "devices": self.registry.names()})
+        log.info("compute dtype", extra={"setting": self.config.compute_dtype,
+                                         "compute_dtype": self.compute_dtype_name,
+                                         "cpu": cpu_features().describe()})
         comps = self.image.manifest.components
         for name, spec in comps.items():
             started = time.monotonic()
@@ -89,7 +97,7 @@ class Runtime:
                 device = torch.device(self.placement.device_for(name))
                 loaded = self.media.load(name, spec, device)
                 self.components.append(ComponentInfo(
-                    name, loaded.kind, loaded.parameters, "float32", self.config.compute_dtype,
+                    name, loaded.kind, loaded.parameters, "float32", self.compute_dtype_name,
                     str(device)))
             else:
                 log.warning("component %s has kind %r that this daemon does not run",
@@ -103,14 +111,11 @@ class Runtime:
 
     def _load_backbone(self, name: str, spec: dict[str, Any]) -> None:
         cfg = LlamaConfig.from_dict(spec["config"])
-        weight_format, dtype = backbone_format(self.config.weight_format, self.compute_dtype,
-                                               self.device)
+        weight_format, dtype, kv_dtype = backbone_plan(self.config, self.device)
         model = load_llama(self._path(spec["weights"]), cfg, weight_format=weight_format,
                            compute_dtype=dtype, device=str(self.device))
         self.max_context = min(self.config.max_context, cfg.max_seq_len)
-        # the KV cache stays in compute_dtype: a bf16 cache under w4a8's float32 activations
-        # moves the mean KL against float32 from 0.000005 to 0.00001 (bench/README.md)
-        model.setup_caches(self.config.kv_slots, self.max_context, self.compute_dtype)
+        model.setup_caches(self.config.kv_slots, self.max_context, kv_dtype)
         self.backbone = model
         self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]),
                                                  bos_id=cfg.bos_id, eos_id=cfg.eos_id)
@@ -130,7 +135,7 @@ class Runtime:
         self.encoder_spec = spec
         self.components.append(ComponentInfo(
             name, "bert", sum(p.numel() for p in self.encoder.parameters()),
-            self.config.compute_dtype, self.config.compute_dtype, str(self.encoder_device)))
+            self.compute_dtype_name, self.compute_dtype_name, str(self.encoder_device)))
 
     # ---- backbone ------------------------------------------------------------------
 
@@ -273,6 +278,28 @@ class Runtime:
             self.encoder, self.encoder_tokenizer.tokenizer, texts, max_len,
             normalize=bool(self.encoder_spec.get("normalize", True)))
         return vectors.float(), counts
+
+
+def backbone_plan(config: Config, device: torch.device) -> tuple[str, torch.dtype, torch.dtype]:
+    """(weight format, activation dtype, KV cache dtype) of the backbone under `config`.
+
+    The format and activations are backbone_format's, given compute_dtype resolved for the
+    format (m4d.executor.cpu: "auto" gives int4/int8 bfloat16 on every CPU); a w4a8 backbone
+    that runs as int4 is resolved again as int4. The KV cache is in the activation dtype,
+    except under w4a8 (float32 activations), where it stays in compute_dtype as resolved for
+    the CPU: a bf16 cache there moves the mean KL against float32 from 0.000005 to 0.00001
+    (bench/README.md) for half the memory.
+    """
+    def dtype_for(weight_format: str) -> torch.dtype:
+        return DTYPES[resolve_compute_dtype(config.compute_dtype, weight_format)]
+
+    weight_format, dtype = backbone_format(config.weight_format, dtype_for(config.weight_format),
+                                           device)
+    if weight_format == "w4a8":
+        return weight_format, dtype, DTYPES[resolve_compute_dtype(config.compute_dtype)]
+    if weight_format != config.weight_format:
+        dtype = dtype_for(weight_format)
+    return weight_format, dtype, dtype
 
 
 def backbone_format(weight_format: str, compute_dtype: torch.dtype,

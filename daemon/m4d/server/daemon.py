@@ -209,9 +209,11 @@ class Daemon:
 
     def failure_message(self, serving: Serving, verdict: Verdict) -> str:
         m = serving.image.manifest
+        ran = ", ".join(f"{c.name} {c.weight_format}/{c.compute_dtype}"
+                        for c in serving.runtime.components)  # "auto" and fallbacks resolved
         return (f"image {m.name} {m.version} failed its self-test with weight_format="
-                f"{self.config.weight_format}, compute_dtype={self.config.compute_dtype}: "
-                f"{verdict.detail}")
+                f"{self.config.weight_format}, compute_dtype={self.config.compute_dtype} "
+                f"({ran}): {verdict.detail}")
 
     async def stop_serving(self, serving: Serving) -> None:
         """Stops an engine (on a thread: the join may wait for its last step)."""
