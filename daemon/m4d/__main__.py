@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compute-dtype", help="bfloat16 or float32")
     p.add_argument("--threads", help="torch threads (0 = one per core)")
     p.add_argument("--kernel-threads", help="threads of m4's own kernels (0 = one per core)")
+    p.add_argument("--kernel-variant",
+                   help="m4 kernel variant: auto (the best this CPU runs), avx512vnni, avxvnni, "
+                        "avx2, neon_dotprod or scalar")
     p.add_argument("--kv-slots", help="generation sequences that run at once")
     p.add_argument("--max-context", help="longest prompt + output, in tokens")
     p.add_argument("--max-queue", help="waiting requests before UNAVAILABLE")
@@ -49,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: getattr(args, k) for k in (
-        "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads", "kernel_threads",
+        "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads", "kernel_threads", "kernel_variant",
         "kv_slots", "max_context", "max_queue", "self_test", "log_format", "log_level",
         "state_dir", "keys_dir", "require_signature", "swap_mode")}
     if args.state_dir is not None:

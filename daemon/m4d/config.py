@@ -21,6 +21,8 @@ RUNTIME_DIR = Path("/run/m4")
 STATE_DIR = Path("/var/lib/m4")
 
 WEIGHT_FORMATS = ("int4", "w4a8", "int8", "w8a8", "bfloat16", "float32")
+# "auto" and the kernel variants m4d.model.kernels builds (VARIANTS there)
+KERNEL_VARIANTS = ("auto", "avx512vnni", "avxvnni", "avx2", "neon_dotprod", "scalar")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -79,12 +81,12 @@ class Config:
     admin_socket_mode: int = 0o660
     # The firmware image directory to serve.
     image: Path = STATE_DIR / "images" / "default"
-    # How backbone weights are held in memory. w4a8 keeps the checkpoint's Q4_1 layers and
-    # Q8_0 head exactly as stored and runs m4's AVX-512 VNNI kernels (activations quantized
-    # per block to two int8 digits inside each GEMM, float32 between them): about 2x int4's
-    # speed at every batch size and the closest to float32 (bench/README.md). Without AVX-512
-    # VNNI or a kernel build it runs as int4: the same Q4_1 weights on torch's int4 kernel,
-    # in compute_dtype. w8a8: int8 weights per channel (m4d.model.quant); refused at start
+    # How backbone weights are held in memory. w4a8 keeps the checkpoint's GGUF blocks (Q4_0,
+    # Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0) exactly as stored and runs m4's kernels, in the
+    # variant for this CPU (activations quantized per block to two int8 digits inside each
+    # GEMM, float32 between them, a bf16 KV cache): the fastest format and the closest to
+    # float32 (bench/README.md). Without a kernel build it runs as int4: the same weights on
+    # torch's int4 kernel, in compute_dtype. w8a8: int8 weights per channel (m4d.model.quant); refused at start
     # where the CPU's int8 GEMM is not exact (oneDNN without VNNI, e.g. AVX2-only CPUs).
     weight_format: str = "w4a8"
     # The dtype of activations (text encoder, media components, the KV cache, and backbone
@@ -103,6 +105,12 @@ class Config:
     # 0 means one per CPU core. Their helpers join a loop only when the OS gives them a core
     # and run at nice +10, so the event loop keeps priority (m4d/model/kernels).
     kernel_threads: int = 0
+    # Which of m4's kernel variants runs (one per instruction set, all computing the same
+    # numbers): "auto" picks the best this CPU supports (avx512vnni, avxvnni, avx2, scalar on
+    # x86; neon_dotprod, scalar on ARM); a name forces that one, and a variant the CPU cannot
+    # run stops the daemon with the list it can. M4_KERNEL_VARIANT does the same for any
+    # process that loads the kernels. `m4ctl status` shows the variant in use.
+    kernel_variant: str = "auto"
     # Where each component runs: a table from component name ("backbone", "text_encoder")
     # or kind ("llama", "bert") to a device ("cpu", "cuda:0", "xpu:0", "mps", or "auto": the
     # best accelerator found, else cpu), with `default` for the rest. A device this machine
@@ -202,6 +210,9 @@ class Config:
             raise ConfigError(f"max_boot_attempts must be >= 1 (got {self.max_boot_attempts})")
         if not self.admin_group or not self.compatible:
             raise ConfigError("admin_group and compatible must not be empty")
+        if self.kernel_variant not in KERNEL_VARIANTS:
+            raise ConfigError(f"kernel_variant must be one of {', '.join(KERNEL_VARIANTS)} "
+                              f"(got {self.kernel_variant!r})")
         for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kernel_threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")

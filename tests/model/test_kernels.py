@@ -347,7 +347,7 @@ def test_a_forked_child_runs_the_kernels_alone_and_exits_cleanly() -> None:
     code = """if True:
         import os, sys, torch
         from m4d.model import kernels
-        from m4d.model.quant import BlockLinear
+        from m4d.model.quant import q4_1_from_float
         assert kernels.set_threads(2) == 2
         lin = q4_1_from_float(torch.randn(256, 576))
         x = torch.randn(16, 576)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from m4d.executor.cpu import has_bf16_arithmetic
 from m4d.model import kernels
 from m4d.model.llama import Llama, LlamaConfig, greedy_generate
 
@@ -166,7 +167,12 @@ def test_random_tiny_network_bf16_decode_path_matches_full_forward() -> None:
 
 @pytest.mark.parametrize("weight_format,dtype,variant", [
     *(("w4a8", torch.float32, v) for v in kernels.runnable_variants()),  # every variant here
-    ("w4a8", torch.bfloat16, ""), ("w8a8", torch.bfloat16, ""), ("int4", torch.bfloat16, "")])
+    ("w4a8", torch.bfloat16, ""), ("w8a8", torch.bfloat16, ""),
+    # torch's int4 kernel is batch invariant only where the CPU multiplies bf16 itself; on
+    # others (this may be one) it emulates bf16 and its blocking follows the batch size
+    pytest.param("int4", torch.bfloat16, "", marks=pytest.mark.skipif(
+        not has_bf16_arithmetic(), reason="torch's int4 kernel emulates bf16 on this CPU and is "
+        "not batch invariant; m4d serves w4a8 here"))])
 def test_decode_batch_gives_each_sequence_the_logits_it_gets_alone(imported_llama, weight_format: str,
                                                                    dtype: torch.dtype, variant: str) -> None:
     """Continuous batching's premise, bit for bit: in the serving formats a sequence's logits

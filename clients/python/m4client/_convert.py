@@ -304,7 +304,8 @@ def daemon_status(msg: admin_pb2.StatusResponse) -> DaemonStatus:
     except ValueError:  # a newer daemon's state this client does not know
         state = str(msg.state)
     components = [
-        ComponentStatus(c.name, c.kind, c.parameters, c.weight_format, c.compute_dtype, c.device)
+        ComponentStatus(c.name, c.kind, c.parameters, c.weight_format, c.compute_dtype, c.device,
+                        c.kernels)
         for c in msg.components
     ]
     return DaemonStatus(

@@ -358,6 +358,7 @@ class ComponentStatus:
     weight_format: str
     compute_dtype: str
     device: str
+    kernels: str = ""  # the m4 CPU kernel variant, e.g. "avx2" ("" = torch's kernels)
 
 
 @dataclass(frozen=True)

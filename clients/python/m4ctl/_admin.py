@@ -56,7 +56,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 c.name,
                 c.kind,
                 f"{out.human_count(c.parameters)} params",
-                f"{c.weight_format}/{c.compute_dtype}",
+                f"{c.weight_format}/{c.compute_dtype}" + (f" ({c.kernels})" if c.kernels else ""),
                 c.device,
             )
             for c in s.components

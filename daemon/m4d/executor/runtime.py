@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from m4image.verify import VerifiedImage
 
-from m4d.config import Config
+from m4d.config import Config, ConfigError
 from m4d.errors import InvalidArgument
 from m4d.executor.cpu import check_weight_format, cpu_features, resolve_compute_dtype
 from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
@@ -38,6 +38,7 @@ class ComponentInfo:
     weight_format: str
     compute_dtype: str
     device: str
+    kernels: str = ""  # the m4 kernel variant its quantized layers run on ("" = torch's)
 
 
 class Runtime:
@@ -80,6 +81,7 @@ class Runtime:
     def load(self) -> None:
         torch.set_num_threads(self.threads)
         kernel_threads = kernels.set_threads(self.config.kernel_threads)
+        self.kernel_variant = select_kernels(self.config.kernel_variant)
         log.info("placement", extra={"placement": self.placement.components,
                                      "threads": self.threads, "kernel_threads": kernel_threads,
                                      "devices": self.registry.names()})
@@ -125,7 +127,8 @@ class Runtime:
                                               eos_token=self.tokenizer.eos_token)
         self.components.append(ComponentInfo(
             name, "llama", _count_parameters(spec), weight_format,
-            str(dtype).removeprefix("torch."), str(self.device)))
+            str(dtype).removeprefix("torch."), str(self.device),
+            self.kernel_variant if weight_format == "w4a8" else ""))
 
     def _load_encoder(self, name: str, spec: dict[str, Any]) -> None:
         cfg = BertConfig.from_dict(spec["config"])
@@ -286,9 +289,10 @@ def backbone_plan(config: Config, device: torch.device) -> tuple[str, torch.dtyp
     The format and activations are backbone_format's, given compute_dtype resolved for the
     format (m4d.executor.cpu: "auto" gives int4/int8 bfloat16 on every CPU); a w4a8 backbone
     that runs as int4 is resolved again as int4. The KV cache is in the activation dtype,
-    except under w4a8 (float32 activations), where it stays in compute_dtype as resolved for
-    the CPU: a bf16 cache there moves the mean KL against float32 from 0.000005 to 0.00001
-    (bench/README.md) for half the memory.
+    except under w4a8 (float32 activations), where it is bfloat16 on every CPU: it is only
+    stored and widened there (m4's attention reads it in place; no bf16 arithmetic), and it
+    moves the mean KL against float32 from 0.000005 to 0.00001 (bench/README.md) for half
+    the memory (16 slots x 2,048 positions: 755 MB instead of 1.5 GB).
     """
     def dtype_for(weight_format: str) -> torch.dtype:
         return DTYPES[resolve_compute_dtype(config.compute_dtype, weight_format)]
@@ -296,7 +300,7 @@ def backbone_plan(config: Config, device: torch.device) -> tuple[str, torch.dtyp
     weight_format, dtype = backbone_format(config.weight_format, dtype_for(config.weight_format),
                                            device)
     if weight_format == "w4a8":
-        return weight_format, dtype, DTYPES[resolve_compute_dtype(config.compute_dtype)]
+        return weight_format, dtype, torch.bfloat16
     if weight_format != config.weight_format:
         dtype = dtype_for(weight_format)
     return weight_format, dtype, dtype
@@ -310,16 +314,35 @@ def backbone_format(weight_format: str, compute_dtype: torch.dtype,
     the activations between them (residual stream, norms, rope, attention) are kept in
     float32, which costs nothing measurable at batch 1 or 16 and brings the mean KL against
     float32 from 0.0004 (bf16 activations) to under 0.00005; bf16 activations flipped the
-    image's chat self-test on a 0.009-nat tie. Without the kernels (no AVX-512 VNNI, no
-    build, not on the CPU) the same Q4_1 weights run as int4 in compute_dtype.
+    image's chat self-test on a 0.009-nat tie. The kernels have a variant for every x86-64
+    and AArch64 CPU (scalar at worst); without a build, or off the CPU, the same weights run
+    as int4 in compute_dtype.
     """
     if weight_format != "w4a8":
         return weight_format, compute_dtype
     if device.type == "cpu" and kernels.available():
         return "w4a8", torch.float32
-    log.warning("weight_format w4a8 needs m4's AVX-512 VNNI kernels on the CPU, which are not "
-                "available for %s: the same Q4_1 weights run as int4", device)
+    log.warning("weight_format w4a8 needs m4's CPU kernels, which are not available for %s "
+                "(not built, or not a CPU): the same weights run as int4", device)
     return "int4", compute_dtype
+
+
+def select_kernels(setting: str) -> str:
+    """Puts the kernel variant of `setting` ("auto" or a name) in use and logs it; returns
+    its name ("" without the kernels, which is an error only for a forced variant)."""
+    if not kernels.available():
+        if setting != "auto":
+            raise ConfigError(f"kernel_variant={setting}: m4's kernels are not built here "
+                              "(run 'python -m m4d.model.kernels build')")
+        return ""
+    try:
+        chosen = kernels.select(setting)
+    except ValueError as exc:
+        raise ConfigError(f"kernel_variant={setting}: {exc}") from exc
+    log.info("kernels", extra={"variant": chosen, "setting": setting,
+                               "runnable": kernels.runnable_variants(),
+                               "cpu_features": kernels.cpu_features()})
+    return chosen
 
 
 def _starts_word(piece: str) -> bool:

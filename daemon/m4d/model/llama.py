@@ -478,8 +478,8 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
     """Build the network on meta, then assign weights converted to ``weight_format``.
 
     weight_format: "int4" (exact from stored Q4_1; group-32 min/max quantization from dense),
-    "w4a8" (the stored Q4_1 and Q8_0 head as they are, activations as two int8 digits per 32
-    values, m4's VNNI kernels; runs as int4 where they are not available),
+    "w4a8" (the stored GGUF blocks and Q8_0 head as they are, activations as two int8 digits
+    per 32 values, m4's kernels for this CPU; runs as int4 where they are not built),
     "int8" (per-channel symmetric from the dense weights), "w8a8" (int8 weights per channel,
     activations as two int8 digits per row, the LM head too: the batched-serving format, see
     ``Int8DynamicLinear``), "bfloat16", "float32" (dense). Norms are kept in the compute
@@ -491,8 +491,8 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
     if dense_dtype is not None and compute_dtype != dense_dtype:
         raise ValueError(f"weight_format {weight_format!r} computes in {dense_dtype}, not {compute_dtype}")
     if weight_format == "w4a8" and not kernels.available():
-        log.warning("weight_format w4a8 needs m4's AVX-512 VNNI kernels, which are not "
-                    "available here: the same Q4_1 weights run as int4")
+        log.warning("weight_format w4a8 needs m4's CPU kernels, which are not built here "
+                    "(python -m m4d.model.kernels build): the same weights run as int4")
         weight_format = "int4"
     if weight_format in ("int4", "int8") and compute_dtype != torch.bfloat16:
         log.warning("%s weights with %s activations: the CPU kernels are 12-27x slower than bf16",

@@ -124,9 +124,10 @@ def split_q8_0_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_q8_0(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Stored Q8_0 tensors -> float32 [N, K]."""
+    """Stored Q8_0 tensors (a scale per 32 values, or per 16 as from Q6_K) -> float32 [N, K]."""
     n, k = qweight.shape
-    g = qweight.contiguous().numpy().astype(np.float32).reshape(n, k // Q8_0_GROUP, Q8_0_GROUP)
+    group = k // scales.shape[1]
+    g = qweight.contiguous().numpy().astype(np.float32).reshape(n, k // group, group)
     g *= scales.numpy().astype(np.float32)[:, :, None]
     return torch.from_numpy(g.reshape(n, k))
 
@@ -521,15 +522,42 @@ def q8_0_from_float(weight: torch.Tensor, *, out_dtype: torch.dtype | None = Non
 
 def q8_1_linear(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, *,
                 out_dtype: torch.dtype | None = None) -> BlockLinear:
-    """Unsigned byte weights (0..127) with a float32 scale and min per 32: GGUF's Q5_K."""
+    """Unsigned byte weights (0..127) with a float32 scale and min per 32 (GGUF's Q5_K) or per
+    16 (any mix of Q4_K, Q5_K and Q6_K, see to_q8_1_g16)."""
     n, k = qweight.shape
     _check_tiles(n, k, "Q8_1")
-    if (qweight.dtype != torch.uint8 or scales.shape != (n, k // Q4_1_GROUP)
+    group = k // scales.shape[1] if scales.dim() == 2 and scales.shape[1] else 0
+    if (qweight.dtype != torch.uint8 or group not in (16, 32) or scales.shape != (n, k // group)
             or mins.shape != scales.shape):
-        raise ValueError(f"Q8_1 needs uint8 [N, K] and [N, K/32] scales and mins, got "
-                         f"{qweight.dtype} {tuple(qweight.shape)}, {tuple(scales.shape)}")
+        raise ValueError(f"Q8_1 needs uint8 [N, K] and [N, K/32] or [N, K/16] scales and mins, "
+                         f"got {qweight.dtype} {tuple(qweight.shape)}, {tuple(scales.shape)}")
     w, sc = pack_q8_1_tiles(qweight, scales, mins)
-    return BlockLinear("q8u_f32", w, sc, n, k, out_dtype=out_dtype)
+    return BlockLinear("q8u_f32" if group == 32 else "q8u_f32_g16", w, sc, n, k, out_dtype=out_dtype)
+
+
+def to_q8_1_g16(tensors: tuple[torch.Tensor, ...], kind: str) -> tuple[torch.Tensor, ...] | None:
+    """Stored blocks of any kind as unsigned bytes with a float32 scale and min per 16 values,
+    exactly (None where that cannot be exact): 4-bit and unsigned kinds repeat their scale
+    and min per half block; signed bytes q (Q5_0, Q6_K) become q + o with min -o*scale, o a
+    power of two (so the product is exact) with q + o within 0..127."""
+    def halves(a: torch.Tensor) -> torch.Tensor:
+        a = a.to(torch.float32)
+        return a if a.shape[1] * 16 == k else a.repeat_interleave(2, dim=1)
+    if kind == "q4_1":
+        q = unpack_int4(tensors[0]).to(torch.uint8)
+    elif kind == "q8_1":
+        q = tensors[0]
+    else:
+        q = None
+    k = tensors[0].shape[1] * (2 if kind == "q4_1" else 1)
+    if q is not None:
+        return q, halves(tensors[1]), halves(tensors[2])
+    qs, scales = tensors[0].to(torch.int16), halves(tensors[1])
+    low = int(qs.min().item())
+    offset = 1 << max(0, -low - 1).bit_length() if low < 0 else 0
+    if int(qs.max().item()) + offset > 127:
+        return None
+    return (qs + offset).to(torch.uint8), scales, scales * -float(offset)
 
 
 KERNEL_TILE = 16  # output channels per weight tile in the kernels (csrc/variant.h: kTile)
@@ -543,7 +571,7 @@ def _check_tiles(n: int, k: int, what: str) -> None:
 
 def _tile_scales(a: torch.Tensor, dtype: type, group: int = Q4_1_GROUP) -> np.ndarray:
     """[N, K/group] -> [tile, block, group split, 16] in `dtype` (a block is 32 values)."""
-    v = a.numpy().astype(dtype)
+    v: np.ndarray = a.numpy().astype(dtype)
     n, g = v.shape
     per = Q4_1_GROUP // group
     return v.reshape(n // KERNEL_TILE, KERNEL_TILE, g // per, per).transpose(0, 2, 3, 1)
@@ -588,13 +616,16 @@ def pack_q8_0_tiles(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.
 
 def pack_q8_1_tiles(qweight: torch.Tensor, scales: torch.Tensor,
                     mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored unsigned bytes (0..127) with a scale and min per 32 -> the kernel's layout: bytes as
-    _pack_bytes, per tile and block 16 d then 16 m (fp32). Bytes stay below 128 so every
-    variant's byte products fit its int16 pairs."""
+    """Stored unsigned bytes (0..127) with a scale and min per 32 or 16 -> the kernel's layout:
+    bytes as _pack_bytes; per tile and block the scales (16, or 2 x 16 per half block), then
+    the mins alike (fp32). Bytes stay below 128 so every variant's byte products fit its int16
+    pairs."""
     q = qweight.contiguous().numpy()
     if q.max(initial=0) > 127:
         raise ValueError("Q8_1 values must lie in [0, 127]")
-    dm = np.concatenate([_tile_scales(scales, np.float32), _tile_scales(mins, np.float32)], axis=2)
+    group = q.shape[1] // scales.shape[1]
+    dm = np.concatenate([_tile_scales(scales, np.float32, group),
+                         _tile_scales(mins, np.float32, group)], axis=2)
     return (torch.from_numpy(_pack_bytes(q)),
             torch.from_numpy(np.ascontiguousarray(dm).reshape(-1)))
 
@@ -714,12 +745,15 @@ def _stored_blocks(wf: WeightFile, names: list[str]) -> nn.Module:
     alike (concatenated rows), else one per name."""
     kinds = [wf.kind(n) for n in names]
     parts = [wf.blocks(n) for n in names]
-    if len(set(kinds)) == 1 and len({tuple(t.dtype for t in p) for p in parts}) == 1 \
-            and len({p[1].shape[1] for p in parts}) == 1:
-        joined = tuple(torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
-                       for i in range(len(parts[0])))  # numpy: see unpack_int4
-        return _block_linear(joined, kinds[0])
-    return ConcatLinear([_block_linear(p, k) for p, k in zip(parts, kinds, strict=True)])
+    if not (len(set(kinds)) == 1 and len({tuple(t.dtype for t in p) for p in parts}) == 1
+            and len({p[1].shape[1] for p in parts}) == 1):  # stored unlike (Q4_K_M: q, k Q4_K, v Q6_K)
+        common = [to_q8_1_g16(p, k) for p, k in zip(parts, kinds, strict=True)]
+        if any(c is None for c in common):
+            return ConcatLinear([_block_linear(p, k) for p, k in zip(parts, kinds, strict=True)])
+        parts, kinds = [c for c in common if c is not None], ["q8_1"] * len(parts)
+    joined = tuple(torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
+                   for i in range(len(parts[0])))  # numpy: see unpack_int4
+    return _block_linear(joined, kinds[0])
 
 
 def build_linear(wf: WeightFile, names: list[str], weight_format: str,

@@ -135,7 +135,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
                 out.components.append(pb.ComponentStatus(
                     name=c.name, kind=c.kind, parameters=c.parameters,
                     weight_format=c.weight_format, compute_dtype=c.compute_dtype,
-                    device=c.device))
+                    device=c.device, kernels=c.kernels))
             executors = {str(d.runtime.device): f"m4-executor-{d.runtime.device}"}  # step loop
             if d.engine is not None:
                 executors.update((dev, ex.thread_name) for dev, ex in d.engine.executors.items())

@@ -61,7 +61,8 @@ VARIANTS = (
 )
 NEUTRAL_SOURCES = ("dispatch.cpp", "ops.cpp")
 TORCH_SOURCES = ("torch_ops.cpp",)
-WEIGHT_KINDS = {"q4_f16": 0, "q4_f32": 1, "q8_f16": 2, "q8_f32": 3, "q8_f32_g16": 4, "q8u_f32": 5}
+WEIGHT_KINDS = {"q4_f16": 0, "q4_f32": 1, "q8_f16": 2, "q8_f32": 3, "q8_f32_g16": 4, "q8u_f32": 5,
+                "q8u_f32_g16": 6}  # csrc/variant.h: Kind
 
 ATTENTION_HEAD_DIMS = (32, 64, 128)  # what decode_attention is compiled for
 _lib = torch.library.Library("m4", "DEF")  # type: ignore[no-untyped-call]
@@ -139,7 +140,8 @@ def find_library() -> Path | None:
 
 def _compile_all(jobs: Sequence[tuple[Path, list[str], Path]], compiler: str) -> None:
     """Compiles (source, flags, object) jobs, as many at once as there are CPUs."""
-    pending, running = list(jobs), []
+    pending = list(jobs)
+    running: list[tuple[Path, subprocess.Popen[str]]] = []
     width = max(1, os.cpu_count() or 1)
     errors: list[str] = []
     while pending or running:

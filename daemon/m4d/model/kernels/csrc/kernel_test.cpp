@@ -60,14 +60,15 @@ Weight make_weight(m4::Kind kind, int64_t n, int64_t k, Rng& rng) {
   for (auto& b : out.w) {
     const uint64_t r = rng.next() >> 33;
     if (m4::kind_is_q4(kind)) b = static_cast<uint8_t>(r);
-    else if (kind == m4::Kind::Q8U_F32) b = static_cast<uint8_t>(r % 128);
+    else if (kind == m4::Kind::Q8U_F32 || kind == m4::Kind::Q8U_F32_G16) b = static_cast<uint8_t>(r % 128);
     else b = static_cast<uint8_t>(1 + r % 255);  // q + 128 with q in [-127, 127]
   }
   const int64_t ns = blocks * m4::kind_tile_scales(kind);
   const bool f16 = m4::kind_f16_scales(kind);
   out.sc.resize(ns * (f16 ? 2 : 4));
   for (int64_t i = 0; i < ns; ++i) {
-    const bool is_min = m4::kind_has_min(kind) && (i / m4::kTile) % 2 == 1;
+    const int64_t per_block = m4::kind_tile_scales(kind) / m4::kTile;  // rows of 16: d.. then m..
+    const bool is_min = m4::kind_has_min(kind) && (i / m4::kTile) % per_block >= per_block / 2;
     const float v = is_min ? -0.1f * rng.uniform() : 0.002f + 0.01f * rng.uniform();
     if (f16) {
       const uint16_t h = to_half(v);
@@ -87,7 +88,8 @@ std::vector<float> randn(int64_t n, Rng& rng, float scale = 1.0f) {
 
 void run_linears(const m4::Variant& ref, const m4::Variant& v) {
   const m4::Kind kinds[] = {m4::Kind::Q4_F16, m4::Kind::Q4_F32, m4::Kind::Q8_F16,
-                            m4::Kind::Q8_F32, m4::Kind::Q8_F32_G16, m4::Kind::Q8U_F32};
+                            m4::Kind::Q8_F32, m4::Kind::Q8_F32_G16, m4::Kind::Q8U_F32,
+                            m4::Kind::Q8U_F32_G16};
   for (const m4::Kind kind : kinds) {
     for (const int64_t m : {1, 3, 9, 70}) {
       Rng rng{0x9E3779B97F4A7C15ull + static_cast<uint64_t>(kind) * 131 + m};
@@ -147,7 +149,7 @@ void run_decode_step(const m4::Variant& ref, const m4::Variant& v) {
     weights.push_back(make_weight(m4::Kind::Q4_F16, qkv, d, rng));
     weights.push_back(make_weight(m4::Kind::Q8_F32_G16, d, h * dh, rng));
     weights.push_back(make_weight(m4::Kind::Q4_F32, 2 * ffn, d, rng));
-    weights.push_back(make_weight(m4::Kind::Q8U_F32, d, ffn, rng));
+    weights.push_back(make_weight(l == 0 ? m4::Kind::Q8U_F32 : m4::Kind::Q8U_F32_G16, d, ffn, rng));
     std::vector<float> nrm(2 * d);
     for (auto& x : nrm) x = 0.5f + rng.uniform();
     norms.push_back(nrm);
@@ -177,7 +179,7 @@ void run_decode_step(const m4::Variant& ref, const m4::Variant& v) {
         plan.push_back({norms[l].data(), {m4::Kind::Q4_F16, w[0].w.data(), w[0].sc.data()},
                         {m4::Kind::Q8_F32_G16, w[1].w.data(), w[1].sc.data()}, norms[l].data() + d,
                         {m4::Kind::Q4_F32, w[2].w.data(), w[2].sc.data()},
-                        {m4::Kind::Q8U_F32, w[3].w.data(), w[3].sc.data()},
+                        {l == 0 ? m4::Kind::Q8U_F32 : m4::Kind::Q8U_F32_G16, w[3].w.data(), w[3].sc.data()},
                         cache.data() + 2 * l * cache_bytes, cache.data() + (2 * l + 1) * cache_bytes});
       }
       std::vector<float> x = x0;

@@ -105,6 +105,8 @@ void quantize_rows(const void* x, bool bf16, int64_t rows, int64_t k, QuantView 
       out.half[2 * o + 1] = static_cast<int32_t>(kLoRadix) * S::ihsum(hi1) + S::ihsum(lo1);
       out.d[o] = d;
       out.s[o] = hsum<S>(S::add(v0, v1));
+      out.s16[2 * o] = hsum<S>(v0);
+      out.s16[2 * o + 1] = hsum<S>(v1);
     }
   }
 }
@@ -121,7 +123,7 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
   using W = typename S::W;
   constexpr bool q4 = kind_is_q4(K), has_min = kind_has_min(K), f16 = kind_f16_scales(K);
   constexpr bool signed_q = !has_min;  // Q8 bytes are q + 128
-  constexpr int halves = K == Kind::Q8_F32_G16 ? 2 : 1;
+  constexpr int halves = kind_per16(K) ? 2 : 1;
   constexpr int64_t tile_bytes = kind_tile_bytes(K), tile_scales = kind_tile_scales(K);
   F acc[R];
   for (int r = 0; r < R; ++r) acc[r] = S::zero();
@@ -130,16 +132,17 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
     // the same block of the next tile (tiles are contiguous): streams the weights from memory
     // one tile ahead, however many row groups read this one
     for (int64_t i = 0; i < tile_bytes; i += 64) S::prefetch(wb + kb * tile_bytes + i);
-    F d[2], m = S::zero();
+    F d[2], m[2];  // per half of the block where scales are per 16
     if constexpr (f16) {
       const uint16_t* sb = static_cast<const uint16_t*>(sc) + b * tile_scales;
       d[0] = S::load_f16(sb);
-      if constexpr (has_min) m = S::load_f16(sb + kTile);
+      if constexpr (has_min) m[0] = S::load_f16(sb + kTile);
     } else {
       const float* sb = static_cast<const float*>(sc) + b * tile_scales;
-      d[0] = S::load(sb);
-      if constexpr (has_min) m = S::load(sb + kTile);
-      if constexpr (halves == 2) d[1] = S::load(sb + kTile);
+      for (int h = 0; h < halves; ++h) {
+        d[h] = S::load(sb + h * kTile);
+        if constexpr (has_min) m[h] = S::load(sb + (halves + h) * kTile);
+      }
     }
     for (int h = 0; h < halves; ++h) {
       I hs[R], ls[R];
@@ -173,7 +176,7 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
         }
         const F scale = S::mul(d[h], S::set1(x.d[o] * (1.0f / kLoRadix)));
         acc[r] = S::fmadd(S::cvt_f(s), scale, acc[r]);
-        if constexpr (has_min) acc[r] = S::fmadd(m, S::set1(x.s[o]), acc[r]);
+        if constexpr (has_min) acc[r] = S::fmadd(m[h], S::set1(halves == 2 ? x.s16[2 * o + h] : x.s[o]), acc[r]);
       }
     }
   }
@@ -196,7 +199,8 @@ void gemm_kind(const uint8_t* w, const void* sc, QuantView x, int64_t rows, int6
   const int64_t esize = bf16_out ? 2 : 4;
   int64_t r = 0;
   auto at = [&](int64_t row) {
-    QuantView v{x.q + row * kb * 16, x.d + row * kb, x.s + row * kb, x.half + row * kb * 2};
+    QuantView v{x.q + row * kb * 16, x.d + row * kb, x.s + row * kb, x.half + row * kb * 2,
+                x.s16 + row * kb * 2};
     return v;
   };
   for (; r + S::kRows <= rows; r += S::kRows)
@@ -216,6 +220,7 @@ void gemm_tile(Kind kind, const uint8_t* w, const void* sc, QuantView x, int64_t
     case Kind::Q8_F32: gemm_kind<S, Kind::Q8_F32>(w, sc, x, rows, kb, y, bf16_out, ldy); break;
     case Kind::Q8_F32_G16: gemm_kind<S, Kind::Q8_F32_G16>(w, sc, x, rows, kb, y, bf16_out, ldy); break;
     case Kind::Q8U_F32: gemm_kind<S, Kind::Q8U_F32>(w, sc, x, rows, kb, y, bf16_out, ldy); break;
+    case Kind::Q8U_F32_G16: gemm_kind<S, Kind::Q8U_F32_G16>(w, sc, x, rows, kb, y, bf16_out, ldy); break;
   }
 }
 

@@ -33,7 +33,8 @@ constexpr int64_t kRowChunk = 64;     // activation rows quantized and multiplie
 //          (q 0..15); scales: 16 d then 16 m (w = d*q + m), fp16 or fp32
 //   Q8_*   512 bytes: 8 chunks of 64, chunk g lane j byte t = q[j][4g+t] + 128 (q int8 in
 //          [-127, 127]); scales: 16 d (per 32), or 16 d for values 0..15 then 16 for 16..31
-//   Q8U    512 bytes as Q8_* but the byte is q itself (0..255, unsigned); 16 d then 16 m
+//   Q8U_*  512 bytes as Q8_* but the byte is q itself (0..127, unsigned); 16 d then 16 m, or
+//          per 16 values: 16 d (values 0..15), 16 d (16..31), 16 m (0..15), 16 m (16..31)
 enum class Kind : int64_t {
   Q4_F16 = 0,      // GGUF Q4_1 and Q4_0
   Q4_F32 = 1,      // GGUF Q4_K
@@ -41,19 +42,24 @@ enum class Kind : int64_t {
   Q8_F32 = 3,      // int8 per 32 with float32 scales
   Q8_F32_G16 = 4,  // GGUF Q6_K: a scale per 16 values
   Q8U_F32 = 5,     // GGUF Q5_K: unsigned values with a scale and a min per 32
+  Q8U_F32_G16 = 6, // unsigned values with a scale and a min per 16: any of Q4_K, Q5_K, Q6_K
+                   // (w = d*(q - 32) = d*q - 32d), so linears stored in a mix of them are one
 };
-constexpr int64_t kKinds = 6;
+constexpr int64_t kKinds = 7;
 
 // (static: internal linkage in every translation unit, so the linker never hands a variant's
 // ISA-specific copy of a shared inline function to code compiled for another ISA)
 static constexpr bool kind_valid(int64_t k) { return k >= 0 && k < kKinds; }
 static constexpr bool kind_is_q4(Kind k) { return k == Kind::Q4_F16 || k == Kind::Q4_F32; }
-static constexpr bool kind_has_min(Kind k) { return kind_is_q4(k) || k == Kind::Q8U_F32; }
+static constexpr bool kind_has_min(Kind k) {
+  return kind_is_q4(k) || k == Kind::Q8U_F32 || k == Kind::Q8U_F32_G16;
+}
+static constexpr bool kind_per16(Kind k) { return k == Kind::Q8_F32_G16 || k == Kind::Q8U_F32_G16; }
 static constexpr bool kind_f16_scales(Kind k) { return k == Kind::Q4_F16 || k == Kind::Q8_F16; }
 // weight bytes and scale values per (tile, block)
 static constexpr int64_t kind_tile_bytes(Kind k) { return kind_is_q4(k) ? kTile * kBlock / 2 : kTile * kBlock; }
 static constexpr int64_t kind_tile_scales(Kind k) {
-  return (kind_has_min(k) || k == Kind::Q8_F32_G16) ? 2 * kTile : kTile;
+  return kTile * (kind_has_min(k) ? 2 : 1) * (kind_per16(k) ? 2 : 1);
 }
 
 // A chunk of activation rows quantized per block of 32: two int8 digits per value,
@@ -66,16 +72,18 @@ struct QuantView {
   float* d;       // [rows, K/32] xd
   float* s;       // [rows, K/32] the block's float sum of x
   int32_t* half;  // [rows, K/32, 2] 254*sum(hi) + sum(lo) over values 0..15, then 16..31
+  float* s16;     // [rows, K/32, 2] the float sums of x over values 0..15, then 16..31
 };
 struct QuantRows {
   std::vector<int32_t> q, half;
-  std::vector<float> d, s;
+  std::vector<float> d, s, s16;
   QuantView resize(int64_t rows, int64_t k) {
     q.resize(rows * k / 2);
     d.resize(rows * k / kBlock);
     s.resize(rows * k / kBlock);
     half.resize(rows * k / kBlock * 2);
-    return {q.data(), d.data(), s.data(), half.data()};
+    s16.resize(rows * k / kBlock * 2);
+    return {q.data(), d.data(), s.data(), half.data(), s16.data()};
   }
 };
 
