@@ -30,7 +30,6 @@ from m4d.model.quant import (
     WeightFile,
     build_linear,
     q8_0_from_float,
-    q8_0_linear,
 )
 
 log = logging.getLogger(__name__)
@@ -512,10 +511,14 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
         if weight_format == "w8a8":  # the head is the largest matrix: batch it like the rest
             model.output = Int8DynamicLinear.from_float(head_weight, dtype=compute_dtype)
         elif weight_format == "w4a8" and config.vocab_size % KERNEL_TILE == 0:
-            # the checkpoint's Q8_0 head as it is, batched like the layers
-            model.output = (q8_0_linear(*wf.q8_0(head_name), out_dtype=torch.float32)
-                            if wf.kind(head_name) == "q8_0"
-                            else q8_0_from_float(head_weight, out_dtype=torch.float32))
+            # the checkpoint's head blocks as they are (Q8_0, Q6_K, Q4_K, ...), batched like
+            # the layers; a dense head is quantized to Q8_0
+            head_out = (build_linear(wf, [head_name], "w4a8", torch.float32)
+                        if wf.kind(head_name) != "dense"
+                        else q8_0_from_float(head_weight, out_dtype=torch.float32))
+            if isinstance(head_out, BlockLinear):
+                head_out.out_dtype = torch.float32
+            model.output = head_out
         else:
             head = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
             head.weight = head_weight

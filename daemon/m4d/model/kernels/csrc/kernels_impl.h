@@ -113,6 +113,55 @@ void quantize_rows(const void* x, bool bf16, int64_t rows, int64_t k, QuantView 
 
 // ------------------------------------------------------------------ GEMM tiles
 
+// Whether backend S sums 4-bit products in int16 before widening (AVX2: its byte products
+// land in int16 pairs anyway, and a pair of nibble x digit products is at most 2*15*127, so a
+// block's eight groups fit in int16: at most 30480).
+template <typename S>
+concept ShortSums = requires(typename S::P p, typename S::W w) { S::widen(S::dot_u16(p, w, 0)); };
+
+// hs[r], ls[r] = (w . hi_r), (w . lo_r) over groups [g0, g1) of one block (4 values each),
+// exact in int32. xr(r) points at row r's 16 digit words of this block.
+template <typename S, Kind K, int R, typename XR>
+void block_sums(const uint8_t* wb, int g0, int g1, XR xr, typename S::I* hs, typename S::I* ls) {
+  using W = typename S::W;
+  for (int r = 0; r < R; ++r) hs[r] = ls[r] = S::izero();
+  if constexpr (kind_is_q4(K) && ShortSums<S>) {
+    typename S::P hp[R], lp[R];
+    for (int r = 0; r < R; ++r) hp[r] = lp[r] = S::pzero();
+    for (int c = 0; c < 4; ++c) {  // chunk c: groups 2c (low nibbles) and 2c + 1 (high)
+      const W v = S::wload(wb + 64 * c);
+      const W w0 = S::nib_lo(v), w1 = S::nib_hi(v);
+      for (int r = 0; r < R; ++r) {
+        hp[r] = S::dot_u16(S::dot_u16(hp[r], w0, xr(r)[2 * c]), w1, xr(r)[2 * c + 1]);
+        lp[r] = S::dot_u16(S::dot_u16(lp[r], w0, xr(r)[8 + 2 * c]), w1, xr(r)[8 + 2 * c + 1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      hs[r] = S::widen(hp[r]);
+      ls[r] = S::widen(lp[r]);
+    }
+  } else {
+    for (int g = g0; g < g1; ++g) {
+      W wg;
+      if constexpr (kind_is_q4(K)) {
+        const W v = S::wload(wb + 64 * (g / 2));
+        wg = (g % 2 == 0) ? S::nib_lo(v) : S::nib_hi(v);
+      } else {
+        wg = S::wload(wb + 64 * g);
+      }
+      for (int r = 0; r < R; ++r) {
+        if constexpr (!kind_has_min(K)) {  // signed Q8 bytes, stored q + 128
+          hs[r] = S::dot_s(hs[r], wg, xr(r)[g]);
+          ls[r] = S::dot_s(ls[r], wg, xr(r)[8 + g]);
+        } else {
+          hs[r] = S::dot_u(hs[r], wg, xr(r)[g]);
+          ls[r] = S::dot_u(ls[r], wg, xr(r)[8 + g]);
+        }
+      }
+    }
+  }
+}
+
 // R rows against one tile of 16 channels, over all kb blocks. Row r's digits are at
 // x.q + r*kb*16 (hi for values 4g..4g+3 in int32 g, lo in 8 + g).
 template <typename S, Kind K, int R>
@@ -120,8 +169,7 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
                int64_t ldy) {
   using F = typename S::F;
   using I = typename S::I;
-  using W = typename S::W;
-  constexpr bool q4 = kind_is_q4(K), has_min = kind_has_min(K), f16 = kind_f16_scales(K);
+  constexpr bool has_min = kind_has_min(K), f16 = kind_f16_scales(K);
   constexpr bool signed_q = !has_min;  // Q8 bytes are q + 128
   constexpr int halves = kind_per16(K) ? 2 : 1;
   constexpr int64_t tile_bytes = kind_tile_bytes(K), tile_scales = kind_tile_scales(K);
@@ -144,29 +192,10 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
         if constexpr (has_min) m[h] = S::load(sb + (halves + h) * kTile);
       }
     }
+    const auto xr = [&](int r) { return x.q + (r * kb + b) * 16; };
     for (int h = 0; h < halves; ++h) {
       I hs[R], ls[R];
-      for (int r = 0; r < R; ++r) hs[r] = ls[r] = S::izero();
-      const int g0 = halves == 2 ? 4 * h : 0, g1 = halves == 2 ? g0 + 4 : 8;
-      for (int g = g0; g < g1; ++g) {
-        W wg;
-        if constexpr (q4) {
-          const W v = S::wload(wb + 64 * (g / 2));
-          wg = (g % 2 == 0) ? S::nib_lo(v) : S::nib_hi(v);
-        } else {
-          wg = S::wload(wb + 64 * g);
-        }
-        for (int r = 0; r < R; ++r) {
-          const int32_t* xr = x.q + (r * kb + b) * 16;
-          if constexpr (signed_q) {
-            hs[r] = S::dot_s(hs[r], wg, xr[g]);
-            ls[r] = S::dot_s(ls[r], wg, xr[8 + g]);
-          } else {
-            hs[r] = S::dot_u(hs[r], wg, xr[g]);
-            ls[r] = S::dot_u(ls[r], wg, xr[8 + g]);
-          }
-        }
-      }
+      block_sums<S, K, R>(wb, 4 * h * (halves - 1), halves == 2 ? 4 * h + 4 : 8, xr, hs, ls);
       for (int r = 0; r < R; ++r) {
         const int64_t o = r * kb + b;
         I s = S::iadd(S::imul254(hs[r]), ls[r]);  // 254 * (w . hi) + (w . lo), exact
@@ -176,7 +205,10 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
         }
         const F scale = S::mul(d[h], S::set1(x.d[o] * (1.0f / kLoRadix)));
         acc[r] = S::fmadd(S::cvt_f(s), scale, acc[r]);
-        if constexpr (has_min) acc[r] = S::fmadd(m[h], S::set1(halves == 2 ? x.s16[2 * o + h] : x.s[o]), acc[r]);
+        if constexpr (has_min) {
+          const float xs = halves == 2 ? x.s16[2 * o + h] : x.s[o];
+          acc[r] = S::fmadd(m[h], S::set1(xs), acc[r]);
+        }
       }
     }
   }

@@ -162,6 +162,20 @@ struct Avx2 {
     return {dot_signed_half(acc.lo, w.lo, xb), dot_signed_half(acc.hi, w.hi, xb)};
   }
 #endif
+#if !defined(__AVXVNNI__)
+  // int16 partial sums (kernels_impl.h uses them for 4-bit weights, whose pairs stay small)
+  struct P { __m256i lo, hi; };
+  static P pzero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+  static P dot_u16(P acc, W w, int32_t x) {  // acc (int16 pairs) += w[2i]*x + w[2i+1]*x'
+    const __m256i xb = _mm256_set1_epi32(x);
+    return {_mm256_add_epi16(acc.lo, _mm256_maddubs_epi16(w.lo, xb)),
+            _mm256_add_epi16(acc.hi, _mm256_maddubs_epi16(w.hi, xb))};
+  }
+  static I widen(P p) {  // int16 pairs -> int32 per 4 bytes, i.e. per channel
+    const __m256i one = _mm256_set1_epi16(1);
+    return {_mm256_madd_epi16(p.lo, one), _mm256_madd_epi16(p.hi, one)};
+  }
+#endif
   // acc[j] += sum_t w[j][t] * x[t]: w unsigned bytes, x four int8 in one int32
   static I dot_u(I acc, W w, int32_t x) {
     const __m256i xb = _mm256_set1_epi32(x);
