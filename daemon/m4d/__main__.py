@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel-threads", help="threads of m4's own kernels (0 = one per core)")
     p.add_argument("--kernel-variant",
                    help="m4 kernel variant: auto (the best this CPU runs), avx512vnni, avxvnni, "
-                        "avx2, neon_dotprod or scalar")
+                        "avx2, neon_i8mm, neon_dotprod or scalar")
     p.add_argument("--kv-slots", help="generation sequences that run at once")
     p.add_argument("--max-context", help="longest prompt + output, in tokens")
     p.add_argument("--max-queue", help="waiting requests before UNAVAILABLE")

@@ -22,7 +22,7 @@ STATE_DIR = Path("/var/lib/m4")
 
 WEIGHT_FORMATS = ("int4", "w4a8", "int8", "w8a8", "bfloat16", "float32")
 # "auto" and the kernel variants m4d.model.kernels builds (VARIANTS there)
-KERNEL_VARIANTS = ("auto", "avx512vnni", "avxvnni", "avx2", "neon_dotprod", "scalar")
+KERNEL_VARIANTS = ("auto", "avx512vnni", "avxvnni", "avx2", "neon_i8mm", "neon_dotprod", "scalar")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -107,8 +107,8 @@ class Config:
     kernel_threads: int = 0
     # Which of m4's kernel variants runs (one per instruction set, all computing the same
     # numbers): "auto" picks the best this CPU supports (avx512vnni, avxvnni, avx2, scalar on
-    # x86; neon_dotprod, scalar on ARM); a name forces that one, and a variant the CPU cannot
-    # run stops the daemon with the list it can. M4_KERNEL_VARIANT does the same for any
+    # x86; neon_i8mm, neon_dotprod, scalar on ARM); a name forces that one, and a variant the
+    # CPU cannot run stops the daemon with the list it can. M4_KERNEL_VARIANT does the same for any
     # process that loads the kernels. `m4ctl status` shows the variant in use.
     kernel_variant: str = "auto"
     # Where each component runs: a table from component name ("backbone", "text_encoder")

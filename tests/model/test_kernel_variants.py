@@ -188,15 +188,24 @@ def arm_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                       ["-static"])
 
 
-def test_arm_neon_dotprod_variant_under_qemu(arm_program: Path) -> None:
-    """An ARMv8.2+ CPU with dotprod (qemu's "max"): the NEON variant is chosen and gives the
-    scalar reference's bits for every kind, attention and the decode step."""
+def test_arm_neon_variants_under_qemu(arm_program: Path) -> None:
+    """An ARMv8.6 CPU with dotprod and i8mm (qemu's "max"): both NEON variants run and give
+    the scalar reference's bits for every kind, attention and the decode step."""
     out = _run_kernel_test(arm_program, "qemu-aarch64", "-cpu", "max")
-    assert "variant: neon_dotprod\n" in out and "variant: scalar\n" in out
-    assert out.count("ok   neon_dotprod") >= 100
+    for v in ("neon_i8mm", "neon_dotprod", "scalar"):
+        assert f"variant: {v}\n" in out
+    assert out.count("ok   neon_i8mm") >= 100 and out.count("ok   neon_dotprod") >= 100
 
 
-def test_arm_cpu_without_dotprod_falls_back_to_scalar(arm_program: Path) -> None:
-    """A Cortex-A53 (ARMv8.0, no dotprod): the dispatcher must not pick the NEON variant."""
-    out = _run_kernel_test(arm_program, "qemu-aarch64", "-cpu", "cortex-a53")
-    assert "not runnable here: neon_dotprod" in out and "variant: scalar\n" in out
+@pytest.mark.parametrize("cpu,runs,not_runnable", [
+    ("cortex-a76", ["neon_dotprod", "scalar"], ["neon_i8mm"]),  # ARMv8.2 with dotprod, no i8mm
+    ("cortex-a53", ["scalar"], ["neon_i8mm", "neon_dotprod"]),  # ARMv8.0: neither
+])
+def test_arm_dispatch_follows_the_cpu(arm_program: Path, cpu: str, runs: list[str],
+                                      not_runnable: list[str]) -> None:
+    """The dispatcher never picks a NEON variant the CPU lacks the instructions for."""
+    out = _run_kernel_test(arm_program, "qemu-aarch64", "-cpu", cpu)
+    for v in runs:
+        assert f"variant: {v}\n" in out
+    for v in not_runnable:
+        assert f"not runnable here: {v}\n" in out

@@ -56,6 +56,7 @@ VARIANTS = (
                                      "-mavx512vnni", "-mfma", "-mf16c")),
     Variant("avxvnni", "x86_64", ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
     Variant("avx2", "x86_64", ("-mavx2", "-mfma", "-mf16c")),
+    Variant("neon_i8mm", "aarch64", ("-march=armv8.2-a+dotprod+i8mm",)),
     Variant("neon_dotprod", "aarch64", ("-march=armv8.2-a+dotprod",)),
     Variant("scalar", "any", ()),
 )

@@ -81,6 +81,7 @@ const std::vector<Entry>& entries() {
       {"avx2", &variant_avx2, [](const Features& f) { return f.avx2 && f.fma && f.f16c; }},
 #endif
 #if defined(__aarch64__)
+      {"neon_i8mm", &variant_neon_i8mm, [](const Features& f) { return f.dotprod && f.i8mm; }},
       {"neon_dotprod", &variant_neon_dotprod, [](const Features& f) { return f.dotprod; }},
 #endif
       {"scalar", &variant_scalar, [](const Features&) { return true; }},

@@ -119,13 +119,21 @@ void quantize_rows(const void* x, bool bf16, int64_t rows, int64_t k, QuantView 
 template <typename S>
 concept ShortSums = requires(typename S::P p, typename S::W w) { S::widen(S::dot_u16(p, w, 0)); };
 
+// Whether backend S multiplies two rows at once (neon_i8mm: smmla).
+template <typename S>
+concept PairSums = requires(const uint8_t* w, const int32_t* x, typename S::I* s) {
+  S::template pair_sums<true, false>(w, 0, 8, x, x, s, s);
+};
+
 // hs[r], ls[r] = (w . hi_r), (w . lo_r) over groups [g0, g1) of one block (4 values each),
 // exact in int32. xr(r) points at row r's 16 digit words of this block.
 template <typename S, Kind K, int R, typename XR>
 void block_sums(const uint8_t* wb, int g0, int g1, XR xr, typename S::I* hs, typename S::I* ls) {
   using W = typename S::W;
   for (int r = 0; r < R; ++r) hs[r] = ls[r] = S::izero();
-  if constexpr (kind_is_q4(K) && ShortSums<S>) {
+  if constexpr (R == 2 && PairSums<S>) {  // two rows per multiply (i8mm)
+    S::template pair_sums<kind_is_q4(K), !kind_has_min(K)>(wb, g0, g1, xr(0), xr(1), hs, ls);
+  } else if constexpr (kind_is_q4(K) && ShortSums<S>) {
     typename S::P hp[R], lp[R];
     for (int r = 0; r < R; ++r) hp[r] = lp[r] = S::pzero();
     for (int c = 0; c < 4; ++c) {  // chunk c: groups 2c (low nibbles) and 2c + 1 (high)

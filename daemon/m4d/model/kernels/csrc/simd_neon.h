@@ -155,5 +155,59 @@ struct NeonDotprod {
   static void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 };
 
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+// neon_i8mm (-march=armv8.2-a+dotprod+i8mm): as neon_dotprod, but two rows share each weight
+// load through smmla, a 2x8 by 8x2 int8 matrix multiply: half the multiply instructions.
+struct NeonI8mm : NeonDotprod {
+  static constexpr const char* kName = "neon_i8mm";
+
+  // hs[r], ls[r] for rows 0 and 1 over groups [g0, g1) (an even count) of one block, as
+  // kernels_impl.h's block_sums computes them. Channels 4q..4q+3 live in register q of a
+  // chunk; zipping chunks g and g+1 by 32-bit lanes gives smmla's 8x2 operand for channel
+  // pairs (4q, 4q+1) and (4q+2, 4q+3); the rows' digits for groups g, g+1 are 8 adjacent bytes.
+  template <bool kQ4, bool kSigned>
+  static void pair_sums(const uint8_t* wb, int g0, int g1, const int32_t* x0, const int32_t* x1,
+                        I* hs, I* ls) {
+    int32x4_t acc[2][8];  // [digit][channel pair]: r0c, r0c', r1c, r1c'
+    for (auto& a : acc)
+      for (auto& v : a) v = vdupq_n_s32(0);
+    for (int g = g0; g < g1; g += 2) {
+      W wa, wb2;
+      if constexpr (kQ4) {  // groups 2c, 2c + 1 are chunk c's low and high nibbles
+        const W v = wload(wb + 64 * (g / 2));
+        wa = nib_lo(v);
+        wb2 = nib_hi(v);
+      } else {
+        wa = wload(wb + 64 * g);
+        wb2 = wload(wb + 64 * (g + 1));
+      }
+      for (int q = 0; q < 4; ++q) {
+        int8x16_t a = vreinterpretq_s8_u8(wa.v[q]), b = vreinterpretq_s8_u8(wb2.v[q]);
+        if constexpr (kSigned) {  // bytes q + 128 -> q
+          a = veorq_s8(a, vdupq_n_s8(static_cast<int8_t>(0x80)));
+          b = veorq_s8(b, vdupq_n_s8(static_cast<int8_t>(0x80)));
+        }
+        const int8x16_t lo = vreinterpretq_s8_s32(vzip1q_s32(vreinterpretq_s32_s8(a), vreinterpretq_s32_s8(b)));
+        const int8x16_t hi = vreinterpretq_s8_s32(vzip2q_s32(vreinterpretq_s32_s8(a), vreinterpretq_s32_s8(b)));
+        for (int dgt = 0; dgt < 2; ++dgt) {
+          const int off = 8 * dgt + g;
+          const int8x16_t xs = vcombine_s8(vld1_s8(reinterpret_cast<const int8_t*>(x0 + off)),
+                                           vld1_s8(reinterpret_cast<const int8_t*>(x1 + off)));
+          acc[dgt][2 * q] = vmmlaq_s32(acc[dgt][2 * q], xs, lo);
+          acc[dgt][2 * q + 1] = vmmlaq_s32(acc[dgt][2 * q + 1], xs, hi);
+        }
+      }
+    }
+    for (int q = 0; q < 4; ++q)  // rows' channels 4q..4q+3: the low (row 0) / high (row 1) halves
+      for (int dgt = 0; dgt < 2; ++dgt) {
+        const int64x2_t a = vreinterpretq_s64_s32(acc[dgt][2 * q]), b = vreinterpretq_s64_s32(acc[dgt][2 * q + 1]);
+        I* out = dgt == 0 ? hs : ls;
+        out[0].v[q] = vreinterpretq_s32_s64(vzip1q_s64(a, b));
+        out[1].v[q] = vreinterpretq_s32_s64(vzip2q_s64(a, b));
+      }
+  }
+};
+#endif
+
 }  // namespace
 }  // namespace m4

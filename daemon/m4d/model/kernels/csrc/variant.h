@@ -123,7 +123,7 @@ struct Variant {
 };
 
 // Variants compiled into this library, best first (x86: avx512vnni, avxvnni, avx2, scalar;
-// aarch64: neon_dotprod, scalar). Each entry is null where the CPU cannot run it.
+// aarch64: neon_i8mm, neon_dotprod, scalar). Each entry is null where the CPU cannot run it.
 struct VariantInfo {
   const char* name;
   const Variant* table;  // null: compiled in but not runnable here
@@ -142,6 +142,7 @@ const Variant& variant_avxvnni();
 const Variant& variant_avx512vnni();
 #endif
 #if defined(__aarch64__)
+const Variant& variant_neon_i8mm();
 const Variant& variant_neon_dotprod();
 #endif
 
