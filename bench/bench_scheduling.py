@@ -33,7 +33,11 @@ Section 2 pools its probes over all rounds. Ratios are taken within a round (med
 per-round ratios) so slow drift cancels. Progress goes to stderr, the table (or `--json`)
 to stdout.
 
+`--kernel-variant NAME` and `--llama-cpp DIR` choose m4's kernel variant and the llama_cpp
+build to compare with, as in bench_daemon.py.
+
     python bench/bench_scheduling.py --image build/images/default [--repeats 3] [--json]
+        [--kernel-variant avx2] [--llama-cpp /work/llama-py/avx2]
 """
 
 from __future__ import annotations
@@ -63,10 +67,14 @@ from bench_daemon import (  # the sibling benchmark's helpers
     PROMPT_TEXT,
     Daemon,
     OtherCpuMeter,
+    add_variant_options,
+    check_kernel_variant,
+    kernel_variant_env,
     llama_generate,
     load_llama,
     make_sentences,
     package_dir,
+    use_llama_cpp,
 )
 
 if TYPE_CHECKING:
@@ -512,6 +520,7 @@ class Measurements:
 
     load_s: float
     failed_checks: list[str]
+    kernel_variant: str  # as the daemon logged it
     llama_label: str
     batch_runs: list[dict[int, BatchRun]]  # per round: streams -> run
     llama_runs: list[LlamaRun]  # per round (empty without llama.cpp)
@@ -660,14 +669,17 @@ def run(args: argparse.Namespace) -> Measurements:
     if args.kernel_threads is not None:
         extra += ["--kernel-threads", str(args.kernel_threads)]
     daemon = Daemon(image, args.threads, args.self_test, args=extra,
-                    env={"M4D_UID_MAX_CONCURRENT": str(UID_MAX_CONCURRENT)})
+                    env={"M4D_UID_MAX_CONCURRENT": str(UID_MAX_CONCURRENT),
+                         **kernel_variant_env(args.kernel_variant)})
     load: LoadProcess | None = None
     with daemon:
         log(f"started m4d (pid {daemon.proc.pid}); loading llama.cpp meanwhile")
         llm, llama_label = load_llama(gguf, args.llama_threads)
         load_s = daemon.wait_serving()
         failed = daemon.failed_self_test_checks()
-        log(f"m4d serving after {load_s:.1f} s; failed self-test checks: {failed}")
+        variant = check_kernel_variant(daemon, args.kernel_variant)
+        log(f"m4d serving after {load_s:.1f} s, kernel variant {variant}; failed self-test "
+            f"checks: {failed}")
         spec = LoadSpec(daemon.address, bg_prompts, args.bg_tokens,
                         make_sentences(256, seed=2), args.bg_embed_in_flight)
         load = LoadProcess(spec)
@@ -675,7 +687,8 @@ def run(args: argparse.Namespace) -> Measurements:
             got = asyncio.run(measure(args, daemon, prompts, llm, load))
         finally:
             load.close()
-    return Measurements(load_s=load_s, failed_checks=failed, llama_label=llama_label, **got)
+    return Measurements(load_s=load_s, failed_checks=failed, kernel_variant=variant,
+                        llama_label=llama_label, **got)
 
 
 # ---------------------------------------------------------------- summary
@@ -769,6 +782,8 @@ def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:
         "weight_format": args.weight_format or "daemon default",
         "kernel_threads": args.kernel_threads if args.kernel_threads is not None
         else "daemon default",
+        "kernel_variant": m.kernel_variant,
+        "llama_cpp": m.llama_label,
         "kv_slots": KV_SLOTS,
         "repeats": args.repeats,
         "other_cpu_share": m.other_cpu,
@@ -864,7 +879,7 @@ def summary_notes(args: argparse.Namespace, m: Measurements) -> list[str]:
         f"m4d serving {m.load_s:.1f} s after start (--kv-slots {KV_SLOTS}, "
         f"M4D_UID_MAX_CONCURRENT={UID_MAX_CONCURRENT}, --threads {threads}, --self-test "
         f"{args.self_test}, failed checks: {', '.join(m.failed_checks) or 'none'}); "
-        f"{args.repeats} alternating rounds")
+        f"{args.repeats} alternating rounds; kernel variant {m.kernel_variant}")
     m4d_threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
     if m4d_threads != args.llama_threads:
         notes.append(
@@ -1025,6 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrent single-sentence Embed calls (default 64)")
     parser.add_argument("--self-test", choices=("strict", "warn", "off"), default="warn",
                         help="m4d's --self-test (default warn: failed checks go in the notes)")
+    add_variant_options(parser)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if min(args.repeats, args.fg_requests, args.bg_streams, args.bg_tokens,
@@ -1034,6 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bg_streams + 1 > KV_SLOTS:
         parser.error(f"--bg-streams must leave a KV slot free (at most {KV_SLOTS - 1})")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_llama_cpp(args.llama_cpp)
     result = summarise(args, run(args))
     print(json.dumps(result, indent=2) if args.json else render_table(result))
     return 0
