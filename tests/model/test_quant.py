@@ -176,7 +176,7 @@ def _w8a8(make: Callable[[], Int8DynamicLinear], packed: bool | None = None) -> 
     except Int8GemmError as exc:
         paths = [packed] if packed is not None else [False, *([True] if onednn_int8_available() else [])]
         assert not any(_gemm_is_exact(p) for p in paths), f"refused, yet the GEMM is exact: {exc}"
-        assert "wrong sums" in str(exc) and '"int4"' in str(exc), exc
+        assert "wrong sums" in str(exc) and '"w4a8"' in str(exc), exc
         pytest.skip(f"w8a8 refused on this CPU, rightly: {exc}")
 
 
@@ -287,4 +287,4 @@ def test_w8a8_on_an_avx2_cpu_computes_its_format_or_is_refused(tmp_path: Path) -
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert m4d.returncode == 2, m4d.stderr[-3000:]
     assert "m4d: configuration error: weight_format = \"w8a8\" cannot run" in m4d.stderr
-    assert "wrong sums" in m4d.stderr and '"int4"' in m4d.stderr
+    assert "wrong sums" in m4d.stderr and '"w4a8"' in m4d.stderr

@@ -296,8 +296,8 @@ def _int8_gemm_message(errors: dict[bool, float]) -> str:
                       for p, e in errors.items())
     return (f"the w8a8 int8 GEMM gives wrong sums (relative error: {paths}; torch CPU "
             f"capability {torch.backends.cpu.get_cpu_capability()}; oneDNN without VNNI "
-            "saturates pairs of u8*s8 products to int16): use weight_format \"w4a8\" (int4 "
-            "where m4's VNNI kernels do not run) or \"int4\" instead")
+            "saturates pairs of u8*s8 products to int16): use weight_format \"w4a8\" (m4's "
+            "kernels, exact on every CPU) instead")
 
 
 @functools.cache
