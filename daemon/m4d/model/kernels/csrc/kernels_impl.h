@@ -117,7 +117,9 @@ void quantize_rows(const void* x, bool bf16, int64_t rows, int64_t k, QuantView 
 // land in int16 pairs anyway, and a pair of nibble x digit products is at most 2*15*127, so a
 // block's eight groups fit in int16: at most 30480).
 template <typename S>
-concept ShortSums = requires(typename S::P p, typename S::W w) { S::widen(S::dot_u16(p, w, 0)); };
+concept ShortSums = requires(typename S::P p, typename S::W w) {
+  S::widen_digits(S::dot_u16(p, w, 0), p);
+};
 
 // Whether backend S multiplies two rows at once (neon_i8mm: smmla).
 template <typename S>
@@ -125,11 +127,12 @@ concept PairSums = requires(const uint8_t* w, const int32_t* x, typename S::I* s
   S::template pair_sums<true, false>(w, 0, 8, x, x, s, s);
 };
 
-// hs[r], ls[r] = (w . hi_r), (w . lo_r) over groups [g0, g1) of one block (4 values each),
+// s[r] = 254 * (w . hi_r) + (w . lo_r) over groups [g0, g1) of one block (4 values each),
 // exact in int32. xr(r) points at row r's 16 digit words of this block.
 template <typename S, Kind K, int R, typename XR>
-void block_sums(const uint8_t* wb, int g0, int g1, XR xr, typename S::I* hs, typename S::I* ls) {
+void block_sums(const uint8_t* wb, int g0, int g1, XR xr, typename S::I* s) {
   using W = typename S::W;
+  typename S::I hs[R], ls[R];
   for (int r = 0; r < R; ++r) hs[r] = ls[r] = S::izero();
   if constexpr (R == 2 && PairSums<S>) {  // two rows per multiply (i8mm)
     S::template pair_sums<kind_is_q4(K), !kind_has_min(K)>(wb, g0, g1, xr(0), xr(1), hs, ls);
@@ -144,10 +147,8 @@ void block_sums(const uint8_t* wb, int g0, int g1, XR xr, typename S::I* hs, typ
         lp[r] = S::dot_u16(S::dot_u16(lp[r], w0, xr(r)[8 + 2 * c]), w1, xr(r)[8 + 2 * c + 1]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      hs[r] = S::widen(hp[r]);
-      ls[r] = S::widen(lp[r]);
-    }
+    for (int r = 0; r < R; ++r) s[r] = S::widen_digits(hp[r], lp[r]);  // 254 * hi + lo
+    return;
   } else {
     for (int g = g0; g < g1; ++g) {
       W wg;
@@ -168,6 +169,7 @@ void block_sums(const uint8_t* wb, int g0, int g1, XR xr, typename S::I* hs, typ
       }
     }
   }
+  for (int r = 0; r < R; ++r) s[r] = S::iadd(S::imul254(hs[r]), ls[r]);
 }
 
 // R rows against one tile of 16 channels, over all kb blocks. Row r's digits are at
@@ -202,11 +204,11 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
     }
     const auto xr = [&](int r) { return x.q + (r * kb + b) * 16; };
     for (int h = 0; h < halves; ++h) {
-      I hs[R], ls[R];
-      block_sums<S, K, R>(wb, 4 * h * (halves - 1), halves == 2 ? 4 * h + 4 : 8, xr, hs, ls);
+      I sums[R];  // 254 * (w . hi) + (w . lo) per row, exact
+      block_sums<S, K, R>(wb, 4 * h * (halves - 1), halves == 2 ? 4 * h + 4 : 8, xr, sums);
       for (int r = 0; r < R; ++r) {
         const int64_t o = r * kb + b;
-        I s = S::iadd(S::imul254(hs[r]), ls[r]);  // 254 * (w . hi) + (w . lo), exact
+        I s = sums[r];
         if constexpr (signed_q && S::kOffsetSigned) {
           const int32_t off = halves == 2 ? x.half[2 * o + h] : x.half[2 * o] + x.half[2 * o + 1];
           s = S::iadd(s, S::iset1(-128 * off));
