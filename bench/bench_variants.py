@@ -19,12 +19,13 @@ within the child:
   of 3 back-to-back runs per round).
 
 Pairs: avx512vnni and avxvnni against the native build, avx2 against the AVX2 build; scalar
-(the slow reference every variant is tested against) gets one stream only, against the AVX2
-build, and no targets. The issue's targets: one stream >= 1.5x llama.cpp, prefill >= 2x,
-16 streams >= 5x llama.cpp's single stream. Ratios are medians of the per-round ratios.
-Every measurement records the CPU share other processes used (`/proc`); the notes warn above
-10 %. Progress goes to stderr, the table (or `--json`) to stdout. About 6 minutes with the
-default 3 rounds; `--quick` (1 round, no scalar) about 2.
+(the slow reference every variant is tested against: ~30 s per 256-token prefill) gets one
+round of one stream only, against the AVX2 build, and no targets. The issue's targets: one
+stream >= 1.5x llama.cpp, prefill >= 2x, 16 streams >= 5x llama.cpp's single stream. Ratios
+are medians of the per-round ratios. Every round records the CPU share other processes used
+(`/proc`); each row uses the rounds in which that stayed within 10 % (all of them, with a
+warning, if none did). Progress goes to stderr, the table (or `--json`) to stdout. About 4
+minutes with the default 3 rounds on a quiet machine; `--quick` (1 round, no scalar) about 2.
 
     python bench/bench_variants.py --image build/images/default \\
         [--llama-native /work/llama-py/native] [--llama-avx2 /work/llama-py/avx2] [--quick]
@@ -188,8 +189,9 @@ def runnable_x86_variants() -> list[str]:
 
 
 def run_child(args: argparse.Namespace, variant: str, llama_dir: Path | None) -> dict[str, Any]:
+    repeats = 1 if variant in ONE_STREAM_ONLY else args.repeats
     command = [sys.executable, str(Path(__file__).resolve()), "--one", variant,
-               "--image", str(args.image), "--repeats", str(args.repeats)]
+               "--image", str(args.image), "--repeats", str(repeats)]
     if llama_dir is not None:
         command += ["--llama-cpp", str(llama_dir)]
     started = time.monotonic()
@@ -207,21 +209,41 @@ def per_round_ratio(a: list[float], b: list[float]) -> float | None:
     return median([x / y for x, y in zip(a, b, strict=True) if y])
 
 
+def quiet_rounds(section: dict[str, Any], name: str, notes: list[str]) -> list[int]:
+    """The rounds of a section in which other processes stayed within CONTENTION_WARNING
+    (llama.cpp's spinning threads drop to a tenth of their speed while another process holds
+    a core, which would flatter every ratio), or all of them, with a warning, if none did."""
+    others = section["other_cpu"]
+    keep = [i for i, o in enumerate(others) if o <= CONTENTION_WARNING]
+    shares = " / ".join(f"{o:.0%}" for o in others)
+    if not keep:
+        notes.append(f"WARNING: {name}: no quiet round (other processes used {shares} of the "
+                     "CPUs); its row uses every round and is unreliable")
+        return list(range(len(others)))
+    if len(keep) < len(others):
+        notes.append(f"{name}: {len(keep)} of {len(others)} rounds quiet (other processes "
+                     f"{shares}); the row uses rounds {', '.join(str(i + 1) for i in keep)}")
+    return keep
+
+
 def summarise(args: argparse.Namespace, children: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     notes = []
     for c in children:
         one = c["one"]
         row: dict[str, Any] = {"variant": c["variant"], "llama_cpp": c["build"]}
+        keep = quiet_rounds(one, f"{c['variant']} one stream", notes)
         for key in ("decode", "prefill"):
-            a = [s[key] for s in one["m4d"]]
-            b = [s[key] for s in one["llama"]]
+            a = [one["m4d"][i][key] for i in keep]
+            b = [one["llama"][i][key] for i in keep]
             row[key] = {"m4d": median(a), "llama": median(b), "ratio": per_round_ratio(a, b)}
         if "streams" in c:
             s = c["streams"]
-            row["streams"] = {"m4d": median(s["m4d"]), "llama": median(s["llama"]),
-                              "ratio": per_round_ratio(s["m4d"], s["llama"]),
-                              "step_ms": median(s["step_ms"])}
+            keep = quiet_rounds(s, f"{c['variant']} {STREAMS} streams", notes)
+            a, b = [s["m4d"][i] for i in keep], [s["llama"][i] for i in keep]
+            row["streams"] = {"m4d": median(a), "llama": median(b),
+                              "ratio": per_round_ratio(a, b),
+                              "step_ms": median([s["step_ms"][i] for i in keep])}
         if c["variant"] not in ONE_STREAM_ONLY:
             row["met"] = {k: (row[k]["ratio"] or 0) >= TARGETS[k]
                           for k in TARGETS if k in row}
@@ -231,13 +253,9 @@ def summarise(args: argparse.Namespace, children: list[dict[str, Any]]) -> dict[
                             + c.get("streams", {}).get("failed_checks", [])))
         notes.append(
             f"{c['variant']}: m4d kernel variant {one['kernel_variant']}; llama.cpp "
-            f"{c['llama_cpp']}; other processes' share of the CPUs per measurement: worst "
+            f"{c['llama_cpp']}; other processes' share of the CPUs, worst round "
             f"{max(others):.0%}; failed self-test checks: {', '.join(checks) or 'none'}; "
             f"{c['seconds']:.0f} s")
-        if max(others) > CONTENTION_WARNING:
-            notes.append(f"WARNING: other processes used up to {max(others):.0%} of the CPUs "
-                         f"during the {c['variant']} measurements; its ratios are unreliable "
-                         "(llama.cpp's spinning threads suffer most)")
         if "streams" in c:
             s = c["streams"]
             notes.append(
@@ -320,7 +338,7 @@ def render_table(result: dict[str, Any]) -> str:
 
     t = result["targets"]
     out = [f"m4d per kernel variant vs llama.cpp for the same instruction set, "
-           f"{result['date']}, image {result['image']}, {result['repeats']} rounds "
+           f"{result['date']}, image {result['image']}, {result['repeats']} rounds, scalar 1 "
            f"(tok/s; targets: 1 stream >= {t['decode']:g}x, prefill >= {t['prefill']:g}x, "
            f"{STREAMS} streams >= {t['streams']:g}x llama.cpp's single stream)",
            f"CPU flags: {result['cpu_flags']}", fmt(lines[0]),
