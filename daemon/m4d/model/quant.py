@@ -9,7 +9,7 @@ Two roles:
     ``q`` in 0..15. In a GGUF block ``qs[j]`` holds element ``j`` in its low nibble and
     element ``j + 16`` in its high nibble. We store ``qweight`` uint8 [N, K/2] in *sequential*
     order instead: byte ``i`` of a row holds element ``2i`` in its low nibble and element
-    ``2i + 1`` in its high nibble (``NIBBLE_ORDER``), plus ``scales``/``mins`` fp16 [N, K/32].
+    ``2i + 1`` in its high nibble (``gguf_blocks.NIBBLE_ORDER``), plus ``scales``/``mins`` fp16 [N, K/32].
   - Q8_0: 32 weights per block, fp16 scale; ``w = q * d``, ``q`` int8. Stored as ``qweight``
     int8 [N, K] and ``scales`` fp16 [N, K/32].
 
@@ -56,7 +56,6 @@ Q4_1_GROUP = 32
 Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
 Q8_0_GROUP = 32
 Q8_0_BLOCK_BYTES = 34  # fp16 d, 32 int8
-NIBBLE_ORDER = "sequential: byte i = element 2i (low nibble) | element 2i+1 (high nibble)"
 INT4_INNER_K_TILES = 2
 LO_RADIX = 254.0  # w8a8: the second activation digit's weight (see Int8DynamicLinear)
 
