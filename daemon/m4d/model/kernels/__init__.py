@@ -224,9 +224,7 @@ def load() -> bool:
         ok = False
         if os.environ.get("M4_KERNELS", "1") == "0":
             log.info("m4 kernels disabled by M4_KERNELS=0")
-        elif not any(v.arch == arch() for v in VARIANTS) and arch() != "x86_64":
-            log.info("m4 kernels are not built for %s; using torch's kernels", arch())
-        else:
+        else:  # any architecture: at least the scalar variant is built for it
             path = find_library()
             if path is None:
                 log.warning("m4 kernels not built for this source and torch (%s); using torch's "
