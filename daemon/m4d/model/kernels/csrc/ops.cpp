@@ -22,7 +22,11 @@ void linear(const Variant& v, Kind kind, const uint8_t* w, const void* sc, const
   for (int64_t c0 = 0; c0 < m; c0 += kRowChunk) {  // quantize a chunk of rows, then every tile
     const int64_t rows = std::min(kRowChunk, m - c0);
     const QuantView view = xq.resize(rows, k);
-    v.quantize_rows(static_cast<const char*>(x) + c0 * k * xsize, x_bf16, rows, k, view);
+    parallel(rows, 4, [&](int64_t r0, int64_t r1) {  // rows are quantized independently
+      const QuantView part{view.q + r0 * kb * 16, view.d + r0 * kb, view.s + r0 * kb,
+                           view.half + r0 * kb * 2, view.s16 + r0 * kb * 2};
+      v.quantize_rows(static_cast<const char*>(x) + (c0 + r0) * k * xsize, x_bf16, r1 - r0, k, part);
+    });
     parallel(tiles, std::max<int64_t>(1, tiles / 64), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         v.gemm_tile(kind, w + t * tile_bytes, static_cast<const char*>(sc) + t * tile_scales * scale_size,
@@ -61,6 +65,12 @@ void write_kv(const Variant& v, const float* src, void* cache, bool bf16, int64_
                      bf16, dh);
 }
 
+// per row, so splitting the rows over the pool changes no bits
+void rms_norm_rows(const Variant& v, const float* x, const float* w, int64_t rows, int64_t d,
+                   float eps, float* y) {
+  parallel(rows, 4, [&](int64_t r0, int64_t r1) { v.rms_norm(x + r0 * d, w, r1 - r0, d, eps, y + r0 * d); });
+}
+
 }  // namespace
 
 void decode_layers(const Variant& v, float* x, const Layer* layers, int64_t n_layers,
@@ -72,24 +82,28 @@ void decode_layers(const Variant& v, float* x, const Layer* layers, int64_t n_la
   for (int64_t l = 0; l < n_layers; ++l) {
     const Layer& L = layers[l];
     // attention
-    v.rms_norm(x, L.attn_norm, nb, d, s.eps, h.data());
+    rms_norm_rows(v, x, L.attn_norm, nb, d, s.eps, h.data());
     linear(v, L.qkv.kind, L.qkv.w, L.qkv.sc, h.data(), false, nb, d, qkv, y.data(), false);  // [B, q | k | v]
-    for (int64_t b = 0; b < nb; ++b) {  // RoPE on q and k; k and v into the cache
-      float* yb = y.data() + b * qkv;
-      v.rope(yb, s.n_heads + s.n_kv_heads, dh, cos + b * dh, sin + b * dh);
-      write_kv(v, yb + q_size, L.k_cache, s.kv_bf16, s.n_kv_heads, s.t_max, dh, rows[b], pos[b]);
-      write_kv(v, yb + q_size + kv_size, L.v_cache, s.kv_bf16, s.n_kv_heads, s.t_max, dh, rows[b], pos[b]);
-    }
+    parallel(nb, 2, [&](int64_t b0, int64_t b1) {  // RoPE on q and k; k and v into the cache
+      for (int64_t b = b0; b < b1; ++b) {
+        float* yb = y.data() + b * qkv;
+        v.rope(yb, s.n_heads + s.n_kv_heads, dh, cos + b * dh, sin + b * dh);
+        write_kv(v, yb + q_size, L.k_cache, s.kv_bf16, s.n_kv_heads, s.t_max, dh, rows[b], pos[b]);
+        write_kv(v, yb + q_size + kv_size, L.v_cache, s.kv_bf16, s.n_kv_heads, s.t_max, dh, rows[b], pos[b]);
+      }
+    });
     // every row's heads attend, q read in place from y (rows qkv values apart)
     decode_attention(v, y.data(), false, qkv, L.k_cache, L.v_cache, s.kv_bf16, rows, pos, nb,
                      s.n_heads, s.n_kv_heads, s.t_max, dh, s.scale, attn.data());
     linear(v, L.o.kind, L.o.w, L.o.sc, attn.data(), false, nb, q_size, d, y.data(), false);
     v.add_into(x, y.data(), nb * d);
     // feed-forward
-    v.rms_norm(x, L.ffn_norm, nb, d, s.eps, h.data());
+    rms_norm_rows(v, x, L.ffn_norm, nb, d, s.eps, h.data());
     linear(v, L.w13.kind, L.w13.w, L.w13.sc, h.data(), false, nb, d, 2 * ffn, y.data(), false);  // [B, gate | up]
-    for (int64_t b = 0; b < nb; ++b)
-      v.silu_mul(y.data() + b * 2 * ffn, y.data() + b * 2 * ffn + ffn, ffn, act.data() + b * ffn);
+    parallel(nb, 2, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        v.silu_mul(y.data() + b * 2 * ffn, y.data() + b * 2 * ffn + ffn, ffn, act.data() + b * ffn);
+    });
     linear(v, L.w2.kind, L.w2.w, L.w2.sc, act.data(), false, nb, ffn, d, y.data(), false);
     v.add_into(x, y.data(), nb * d);
   }
