@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from m4d.builder.importers.gguf_llama import import_gguf_llama
 from m4d.executor.cpu import resolve_compute_dtype
 from m4d.model import kernels
 from m4d.model.llama import Llama, LlamaConfig, load_llama
-from m4image.importers.gguf_llama import import_gguf_llama
 
 FORMATS = {
     "float32": ("float32", torch.float32),
@@ -84,7 +84,7 @@ def bench_batched(model: Llama, batch: int, prompt_len: int = 64, steps: int = 3
 
 def mean_kl_vs_fp32(component_dir: Path, config: LlamaConfig, models: dict[str, Llama],
                     comp: dict[str, object]) -> dict[str, float]:
-    from m4d.model.tokenizer import TextTokenizer
+    from m4d.prepare.tokenizer import TextTokenizer
 
     weights = component_dir / str(comp["weights"])
     tok = TextTokenizer.from_file(component_dir / str(comp["tokenizer"]),

@@ -517,7 +517,7 @@ def run(args: argparse.Namespace) -> Measurements:
     image = args.image.resolve()
     if not (image / "manifest.json").is_file():
         raise SystemExit(f"no image at {image}; build it with "
-                         f"`python -m m4image build --default --output {args.image}`")
+                         f"`python -m m4d.builder --default --output {args.image}`")
     manifest = json.loads((image / "manifest.json").read_text())
     backbone = manifest["components"]["backbone"]
     prompt = build_prompt(image / backbone["tokenizer"], PROMPT_TOKENS)

@@ -94,7 +94,7 @@ class Ct2Whisper:
     def transcribe(self, wavs: list[bytes], batch: bool) -> tuple[float, list[str]]:
         import numpy as np
         import torch
-        from m4d.model.audio import decode_wav, log_mel, resample
+        from m4d.prepare.audio import decode_wav, log_mel, resample
 
         started = time.perf_counter()
         groups = [wavs] if batch else [[w] for w in wavs]
@@ -167,7 +167,13 @@ def _join_lines(results: list[Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from m4client import Client
-    from m4image.build import OCR_FOLDER, OCR_PACKAGE, SPEECH_FOLDER, SPEECH_PACKAGE, package_dir
+    from m4d.builder.build import (
+        OCR_FOLDER,
+        OCR_PACKAGE,
+        SPEECH_FOLDER,
+        SPEECH_PACKAGE,
+        package_dir,
+    )
 
     sentences = list(speech.SENTENCES)
     log(f"synthesising {len(sentences)} sentences with espeak-ng")

@@ -653,7 +653,7 @@ def run(args: argparse.Namespace) -> Measurements:
     image = args.image.resolve()
     if not (image / "manifest.json").is_file():
         raise SystemExit(f"no image at {image}; build it with "
-                         f"`python -m m4image build --default --output {args.image}`")
+                         f"`python -m m4d.builder --default --output {args.image}`")
     manifest = json.loads((image / "manifest.json").read_text())
     if TASK not in {t.get("id") for t in manifest.get("tasks", [])}:
         raise SystemExit(f"the image has no {TASK!r} task")

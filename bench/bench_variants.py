@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
     if not (args.image / "manifest.json").is_file():
         raise SystemExit(f"no image at {args.image}; build it with "
-                         f"`python -m m4image build --default --output {args.image}`")
+                         f"`python -m m4d.builder --default --output {args.image}`")
 
     if args.one:  # child: one variant, JSON on stdout
         use_llama_cpp(args.llama_cpp)

@@ -33,7 +33,7 @@ def default_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prebuilt = os.environ.get("M4_TEST_IMAGE")
     if prebuilt:
         return Path(prebuilt).resolve()
-    from m4image.build import build_default_image
+    from m4d.builder.build import build_default_image
 
     out = tmp_path_factory.mktemp("image") / "default"
     build_default_image(out)

@@ -24,7 +24,7 @@ def tiny_hf_llama(folder: Path) -> Path:
                       max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
                       eos_token_id=2)
     LlamaForCausalLM(cfg).save_pretrained(folder)
-    from m4image.importers.gguf_llama import import_gguf_llama
+    from m4d.builder.importers.gguf_llama import import_gguf_llama
 
     ref = import_gguf_llama(smollm2_gguf_path(), folder / "_smol")
     (folder / "tokenizer.json").write_bytes((folder / "_smol" / ref["tokenizer"]).read_bytes())
@@ -66,7 +66,7 @@ def test_build_encoder_only_keeps_only_encoder_tasks(tmp_path: Path) -> None:
     out = m4ctl("-q", "image", "build", "--hf", str(tmp_path / "missing"),
                 "--output", str(tmp_path / "bad"))
     assert out.returncode == 1 and "does not exist" in out.stderr
-    from m4image.build import build_image
+    from m4d.builder.build import build_image
 
     image = build_image(tmp_path / "enc", encoder=encoder, name="m4-embed")
     assert {t["id"] for t in image.manifest.tasks} == {"embed", "classify"}

@@ -315,12 +315,12 @@ def test_every_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.fixture
 def fake_m4image(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
-    """FAKE m4image.build/verify modules: record calls, report progress, fail on request."""
+    """FAKE m4d.builder.build/verify modules: record calls, report progress, fail on request."""
     import m4image
 
     calls = types.SimpleNamespace(build=[], verify=[])
     verify_mod = types.ModuleType("m4image.verify")
-    build_mod = types.ModuleType("m4image.build")
+    build_mod = types.ModuleType("m4d.builder.build")
 
     class ImageError(Exception):
         pass

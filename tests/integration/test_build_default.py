@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from m4image.build import BuildError, build_default_image
+from m4d.builder.build import BuildError, build_default_image
 from m4image.verify import VerifiedImage, verify_image
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 from m4d.config import Config
 from m4d.executor.runtime import backbone_plan
 from m4d.model.llama import LlamaConfig, greedy_generate, load_llama
-from m4d.model.tokenizer import ChatTemplate, TextTokenizer
+from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 from m4image.verify import verify_image
 
 CAPITAL = "What is the capital of France?"

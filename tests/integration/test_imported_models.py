@@ -65,7 +65,7 @@ def _perturb(model: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def clip_daemon(tmp_path_factory: pytest.TempPathFactory) -> tuple[DaemonProcess, Path, object]:
     import transformers
-    from m4image.build import build_image
+    from m4d.builder.build import build_image
 
     torch.manual_seed(3)
     folder = tmp_path_factory.mktemp("clip")
@@ -137,7 +137,7 @@ def test_retrieval_and_embedding_match_transformers(clip_daemon) -> None:
 
 def test_llava_answers_about_an_image_as_transformers_does(tmp_path: Path) -> None:
     import transformers
-    from m4image.build import build_image
+    from m4d.builder.build import build_image
 
     torch.manual_seed(5)
     vocab = 120
@@ -201,8 +201,8 @@ def test_hf_whisper_image_transcribes_as_transformers_does(tmp_path: Path) -> No
 
     import transformers
     from m4client import Audio
-    from m4d.model.audio import decode_wav, log_mel
-    from m4image.build import SPEECH_FOLDER, SPEECH_PACKAGE, build_image, package_dir
+    from m4d.builder.build import SPEECH_FOLDER, SPEECH_PACKAGE, build_image, package_dir
+    from m4d.prepare.audio import decode_wav, log_mel
 
     from tests import speech
 
@@ -228,7 +228,7 @@ def test_hf_whisper_image_transcribes_as_transformers_does(tmp_path: Path) -> No
     prompt = [tok.token_to_id("<|startoftranscript|>"), tok.token_to_id("<|notimestamps|>")]
     eot = tok.token_to_id("<|endoftext|>")
     audio, rate = decode_wav(wav, max_seconds=30)
-    from m4d.model.audio import resample
+    from m4d.prepare.audio import resample
 
     mel = log_mel(resample(audio, rate, 16_000))[None]  # [1, 80, 3000]
     ids = list(prompt)
@@ -257,7 +257,7 @@ def test_sensor_windows_reach_a_classifier_head(tmp_path: Path) -> None:
     import numpy as np
     from m4.inference.v1 import inference_pb2 as pb
     from m4.inference.v1 import inference_pb2_grpc as pb_grpc
-    from m4image.build import build_image
+    from m4d.builder.build import build_image
     from safetensors.torch import save_file
 
     torch.manual_seed(11)

@@ -15,7 +15,7 @@ import pytest
 from m4d.config import Config
 from m4d.executor.runtime import ComponentInfo, Runtime
 from m4d.server.convert import Converter, ImageInfo
-from m4d.server.selftest import NEAR_TIE_NATS, SYSTEM, generation_request
+from m4d.service.selftest import NEAR_TIE_NATS, SYSTEM, generation_request
 from m4image.verify import verify_image
 
 

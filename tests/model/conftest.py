@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from m4d.model.llama import Llama, LlamaConfig, load_llama
-from m4d.model.tokenizer import ChatTemplate, TextTokenizer
+from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,7 +50,7 @@ def gguf_path() -> Path:
 
 def import_llama(gguf: Path, out: Path) -> ImportedLlama:
     """A Llama GGUF through the image importer into ``out``."""
-    from m4image.importers.gguf_llama import import_gguf_llama
+    from m4d.builder.importers.gguf_llama import import_gguf_llama
 
     comp = import_gguf_llama(gguf, out)
     cfg = LlamaConfig.from_dict(comp["config"])

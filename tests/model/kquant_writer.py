@@ -1,10 +1,10 @@
 """A GGUF block encoder for tests (not production code, no llama.cpp needed): float32 weights
 [N, K] -> raw GGUF blocks, uint8 [N, bytes per row], as ``GGUFWriter.add_tensor(...,
-raw_dtype=type)`` takes them and ``gguf.quants.dequantize`` / ``m4d.model.gguf_blocks`` decode
+raw_dtype=type)`` takes them and ``gguf.quants.dequantize`` / ``m4d.builder.gguf_blocks`` decode
 them.
 
 The k-quants (Q4_K, Q5_K, Q6_K) are packed here, the inverse of the layouts in
-``m4d.model.gguf_blocks`` and llama.cpp's ``ggml-quants.c``; Q4_0, Q5_0 and Q8_0 use gguf-py's
+``m4d.builder.gguf_blocks`` and llama.cpp's ``ggml-quants.c``; Q4_0, Q5_0 and Q8_0 use gguf-py's
 own reference quantizers. The quantization itself is the plain one, not llama.cpp's searched
 one: per sub-block min/max (or absmax), the sub-block scales rounded to 6 bits (Q4_K, Q5_K)
 or 8 bits (Q6_K) of the super-block's fp16 ``d``, then every weight rounded and clipped to

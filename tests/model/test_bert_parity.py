@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("transformers")
+from m4d.builder.importers.sentence_transformers import import_sentence_transformer
 from m4d.model.bert import BertConfig, BertEncoder, embed, load_bert
-from m4image.importers.sentence_transformers import import_sentence_transformer
 from tokenizers import Tokenizer
 from transformers import BertModel
 

@@ -1,4 +1,4 @@
-"""Parity: m4d.model.clip (after m4image.importers.hf_clip) against transformers' CLIPModel, fp32.
+"""Parity: m4d.model.clip (after m4d.builder.importers.hf_clip) against transformers' CLIPModel, fp32.
 
 The checkpoints are small random CLIPs made here (they are not models: they check names,
 layouts, pooling and normalisation against transformers' own forward), with a tiny word-level
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from m4d.builder.importers.hf_clip import ClipImportError, import_hf_clip
 from m4d.errors import InvalidArgument
 from m4d.model.clip import ClipConfig, load_clip, tokenize
-from m4d.model.vision_preprocess import PreprocessConfig, preprocess
-from m4image.importers.hf_clip import ClipImportError, import_hf_clip
+from m4d.prepare.vision import PreprocessConfig, preprocess
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -230,7 +230,7 @@ def test_import_is_reproducible(tmp_path: Path) -> None:
 def test_pixels_from_bytes_decodes_with_images_module() -> None:
     import io
 
-    from m4d.model.vision_preprocess import pixels_from_bytes
+    from m4d.prepare.vision import pixels_from_bytes
 
     img = _shapes()[1]
     buf = io.BytesIO()

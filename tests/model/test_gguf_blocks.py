@@ -1,4 +1,4 @@
-"""GGUF block codecs (m4d.model.gguf_blocks): every supported type decodes bit for bit as
+"""GGUF block codecs (m4d.builder.gguf_blocks): every supported type decodes bit for bit as
 gguf-py's reference does, on random blocks and on every k-quant / Q5_0 / Q8_0 tensor of a real
 file (Gemma 3 270M Q4_K_M, shipped on PyPI in four chunk packages)."""
 
@@ -16,14 +16,14 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
-from m4d.model.gguf_blocks import (
+from m4d.builder.gguf_blocks import (
     NIBBLE_ORDER,
     StoredQuant,
     dequantize,
     split_blocks,
     stored_kind,
 )
-from m4image.importers.gguf_llama import GGUFImportError, _convert_tensor, unpermute_rows
+from m4d.builder.importers.gguf_llama import GGUFImportError, _convert_tensor, unpermute_rows
 
 # type: (weights per block, bytes per block, kind, qweight dtype, scale group, scales dtype)
 LAYOUTS: dict[Q, tuple[int, int, str, str, int, str]] = {

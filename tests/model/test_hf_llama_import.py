@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from m4d.builder.importers.hf_llama import HFImportError, import_hf_llama
 from m4d.model.llama import LlamaConfig, greedy_generate, load_llama
-from m4image.importers.hf_llama import HFImportError, import_hf_llama
 
 
 @pytest.mark.parametrize("tied", [True, False])

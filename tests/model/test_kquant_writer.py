@@ -1,5 +1,5 @@
 """The test-side GGUF block encoder (tests.model.kquant_writer): its blocks decode the same
-through gguf-py and m4d.model.gguf_blocks, bit for bit, and close to the weights encoded."""
+through gguf-py and m4d.builder.gguf_blocks, bit for bit, and close to the weights encoded."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
-from m4d.model.gguf_blocks import _scale_min_k4, dequantize, split_blocks
+from m4d.builder.gguf_blocks import _scale_min_k4, dequantize, split_blocks
 
 from tests.model.kquant_writer import _pack_scale_min_k4, encode
 

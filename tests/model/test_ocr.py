@@ -51,7 +51,7 @@ def _one_thread() -> Any:
 
 @pytest.fixture(scope="module")
 def component(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from m4image.importers.easyocr import import_easyocr
+    from m4d.builder.importers.easyocr import import_easyocr
 
     out = tmp_path_factory.mktemp("easyocr_component")
     return out, import_easyocr(_models_dir(), out)
@@ -134,7 +134,7 @@ def test_import_writes_float32_canonical_safetensors(component: tuple[Path, dict
 
 
 def test_import_is_reproducible(component: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
-    from m4image.importers.easyocr import import_easyocr
+    from m4d.builder.importers.easyocr import import_easyocr
 
     out, comp = component
     again = import_easyocr(_models_dir(), tmp_path)
@@ -144,7 +144,7 @@ def test_import_is_reproducible(component: tuple[Path, dict[str, Any]], tmp_path
 
 
 def test_import_refuses_missing_folder(tmp_path: Path) -> None:
-    from m4image.importers.easyocr import EasyOcrImportError, import_easyocr
+    from m4d.builder.importers.easyocr import EasyOcrImportError, import_easyocr
 
     with pytest.raises(EasyOcrImportError, match=r"craft_mlt_25k\.pth is missing"):
         import_easyocr(tmp_path, tmp_path / "out")
@@ -155,7 +155,7 @@ class _NotATensor:
 
 
 def test_import_refuses_pickled_code(tmp_path: Path) -> None:
-    from m4image.importers.easyocr import EasyOcrImportError, import_easyocr
+    from m4d.builder.importers.easyocr import EasyOcrImportError, import_easyocr
 
     torch.save({"weight": _NotATensor()}, tmp_path / "craft_mlt_25k.pth")  # needs unpickling a class
     with pytest.raises(EasyOcrImportError, match="not a loadable weights-only checkpoint"):
@@ -335,7 +335,7 @@ def test_batched_reading_equals_one_by_one(pipeline: OcrPipeline, ours: list[lis
 
 def test_request_bytes_to_text(pipeline: OcrPipeline) -> None:
     # The daemon's path: PNG/JPEG bytes -> decode_image -> read -> read_text.
-    from m4d.model.images import decode_image
+    from m4d.prepare.images import decode_image
 
     from tests.rendering import render_lines
 

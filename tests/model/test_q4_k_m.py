@@ -18,10 +18,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
-from m4d.model.gguf_blocks import StoredQuant, dequantize, stored_kind
+from m4d.builder.gguf_blocks import StoredQuant, dequantize, stored_kind
+from m4d.builder.importers.gguf_llama import hf_tensor_name, unpermute_rows
 from m4d.model.llama import Llama, greedy_generate
 from m4d.model.quant import BlockLinear
-from m4image.importers.gguf_llama import hf_tensor_name, unpermute_rows
 from safetensors import safe_open
 
 from tests.model.conftest import Q4KMLlama

@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from m4d.builder.importers.gguf_llama import unpermute_rows
 from m4d.model.quant import (
     LO_RADIX,
     Int4WeightOnlyLinear,
@@ -28,7 +29,6 @@ from m4d.model.quant import (
     split_q8_0_blocks,
     unpack_int4,
 )
-from m4image.importers.gguf_llama import unpermute_rows
 
 
 @pytest.fixture(scope="module")

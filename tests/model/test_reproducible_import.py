@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from m4image.importers.gguf_llama import import_gguf_llama
+from m4d.builder.importers.gguf_llama import import_gguf_llama
 
 from tests.model.conftest import smollm2_gguf_path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from jinja2.exceptions import SecurityError, TemplateError
-from m4d.model.tokenizer import ChatTemplate, IncrementalDecoder
+from m4d.prepare.tokenizer import ChatTemplate, IncrementalDecoder
 
 TEXTS = [
     "Hello, world! 1234",

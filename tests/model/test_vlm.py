@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from m4d.builder.importers.llava import import_llava
+from m4d.builder.importers.mobilevlm import MobileVLMImportError, import_mobilevlm
 from m4d.errors import InvalidArgument
 from m4d.model.clip import ClipConfig, load_clip
 from m4d.model.llama import LlamaConfig, load_llama
@@ -32,8 +34,6 @@ from m4d.model.projector import (
     se_channels,
     splice_image,
 )
-from m4image.importers.llava import import_llava
-from m4image.importers.mobilevlm import MobileVLMImportError, import_mobilevlm
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -157,8 +157,10 @@ def test_llava_logits_match_transformers(tmp_path: Path, layer, select: str, tie
 
 
 def test_llava_import_errors(tmp_path: Path) -> None:
-    from m4image.importers.hf_clip import ClipImportError  # base of the LLaVA / MobileVLM errors
-    from m4image.importers.llava import LlavaImportError
+    from m4d.builder.importers.hf_clip import (
+        ClipImportError,  # base of the LLaVA / MobileVLM errors
+    )
+    from m4d.builder.importers.llava import LlavaImportError
 
     src = tmp_path / "x"
     src.mkdir()

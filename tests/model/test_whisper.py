@@ -16,11 +16,11 @@ import ctranslate2
 import numpy as np
 import pytest
 import torch
+from m4d.builder.importers.ct2_whisper import import_ct2_whisper, read_ct2_model
+from m4d.builder.importers.hf_whisper import WhisperImportError, import_hf_whisper
 from m4d.errors import InvalidArgument
-from m4d.model.audio import decode_wav, log_mel, resample
 from m4d.model.whisper import WhisperConfig, WhisperTranscriber, load_whisper
-from m4image.importers.ct2_whisper import import_ct2_whisper, read_ct2_model
-from m4image.importers.hf_whisper import WhisperImportError, import_hf_whisper
+from m4d.prepare.audio import decode_wav, log_mel, resample
 from transformers import WhisperConfig as HFWhisperConfig
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 

@@ -1,4 +1,4 @@
-"""m4d.model.audio: WAV/PCM decoding, every bad input -> InvalidArgument, resampling, log-mel."""
+"""m4d.prepare.audio: WAV/PCM decoding, every bad input -> InvalidArgument, resampling, log-mel."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from m4d.errors import InvalidArgument
-from m4d.model.audio import decode_wav, log_mel, mel_filters, pcm_to_tensor, resample
+from m4d.prepare.audio import decode_wav, log_mel, mel_filters, pcm_to_tensor, resample
 
 
 def _tone(freq: float, rate: int, seconds: float, amp: float = 0.5) -> np.ndarray:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from m4d.config import Config, ConfigError, load_config
 from m4d.engine.engine import Engine
-from m4d.engine.requests import Caller, Embeddings, EmbedRequest, Priority
 from m4d.executor.devices import (
     DeviceRegistry,
     cpu_threads,
@@ -20,6 +19,7 @@ from m4d.executor.devices import (
     place,
     read_cpuinfo,
 )
+from m4d.requests import Caller, Embeddings, EmbedRequest, Priority
 
 CPUINFO = """processor\t: 0
 model name\t: Test CPU 9000

@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 from m4d.engine.engine import Engine, RequestStream
-from m4d.engine.requests import (
+from m4d.engine.sequence import Sequence
+from m4d.errors import Cancelled, Internal
+from m4d.requests import (
     Caller,
     Event,
     Failed,
@@ -35,8 +37,6 @@ from m4d.engine.requests import (
     Timings,
     Usage,
 )
-from m4d.engine.sequence import Sequence
-from m4d.errors import Cancelled, Internal
 from test_engine_resume import VOCAB, FakeRuntime
 
 # ---- 1. a background decode batch cut short by a foreground request ------------------
@@ -498,7 +498,7 @@ class TimedEncoder:
 def _encoder_batches(urgent_window: float) -> list[int]:
     """One foreground Embed (marks urgency, measures the encoder), then 24 one-text
     background Embeds queued while the worker is held, so it sees all of them at once."""
-    from m4d.engine.requests import EmbedRequest
+    from m4d.requests import EmbedRequest
 
     runtime = TimedEncoder()
     engine = Engine(runtime, kv_slots=2, token_budget=64, prefill_chunk=32,  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from m4d.engine.engine import Engine
-from m4d.engine.requests import (
+from m4d.requests import (
     Caller,
     Finished,
     GenerateRequest,

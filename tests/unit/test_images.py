@@ -1,4 +1,4 @@
-"""m4d.model.images: safe decoding of untrusted image bytes, and the generic tensor helpers."""
+"""m4d.prepare.images: safe decoding of untrusted image bytes, and the generic tensor helpers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 from m4d.errors import InvalidArgument
-from m4d.model.images import center_crop, decode_image, preprocess, resize_shortest_side, to_tensor
+from m4d.prepare.images import (
+    center_crop,
+    decode_image,
+    preprocess,
+    resize_shortest_side,
+    to_tensor,
+)
 from PIL import Image
 
 MB = 1 << 20

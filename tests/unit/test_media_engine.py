@@ -12,7 +12,7 @@ from m4d.engine.media import (
     similarity,
     spot_keyword,
 )
-from m4d.engine.requests import (
+from m4d.requests import (
     Caller,
     KeywordsHeard,
     MediaInput,

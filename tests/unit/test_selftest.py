@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from m4.inference.v1 import inference_pb2 as pb
 from m4d.engine.engine import Engine
-from m4d.engine.requests import (
+from m4d.requests import (
     Caller,
     GenerateRequest,
     Priority,
@@ -20,8 +20,8 @@ from m4d.engine.requests import (
     ScoreRequest,
     TextDelta,
 )
-from m4d.server import selftest
-from m4d.server.selftest import NEAR_TIE_NATS, _generation
+from m4d.service import selftest
+from m4d.service.selftest import NEAR_TIE_NATS, _generation
 from test_engine_resume import VOCAB, FakeRuntime
 
 PROMPT = [5, 6, 7]

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import gguf
 import pytest
-from m4d.engine.requests import (
+from m4d.engine.sequence import Sequence
+from m4d.prepare.tokenizer import TextTokenizer, tokenizer_from_gguf
+from m4d.requests import (
     Caller,
     FinishReason,
     GenerateRequest,
     Priority,
     SamplingParams,
 )
-from m4d.engine.sequence import Sequence
-from m4d.model.tokenizer import TextTokenizer, tokenizer_from_gguf
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""m4d.server.systemd without systemd: socket activation, sd_notify and the watchdog.
+"""m4d.service.systemd without systemd: socket activation, sd_notify and the watchdog.
 
 Descriptors are passed to real child processes the way systemd passes them (dup'ed to 3,
 4, ... with LISTEN_PID set to the child's own pid after the fork), notifications land on
@@ -25,8 +25,8 @@ import grpc
 import pytest
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
-from m4d.server import systemd
-from m4d.server.systemd import SystemdError
+from m4d.service import systemd
+from m4d.service.systemd import SystemdError
 
 TIMEOUT = 30.0
 
@@ -46,7 +46,7 @@ os.execv(sys.executable, [sys.executable, "-c", sys.argv[2], *sys.argv[3:]])
 
 CHILD = """
 import fcntl, json, os, socket, sys
-from m4d.server.systemd import SystemdError, listen_fds
+from m4d.service.systemd import SystemdError, listen_fds
 try:
     fds = listen_fds()
 except SystemdError as exc:
@@ -229,7 +229,7 @@ SERVER = textwrap.dedent("""
     from pathlib import Path
     import grpc, uvloop
     from m4.inference.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
-    from m4d.server import systemd
+    from m4d.service import systemd
     from m4d.server.identity import caller_from_context
     from m4d.server.relay import PeerRelay, private_dir
 

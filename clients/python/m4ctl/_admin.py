@@ -103,9 +103,9 @@ def _load_lines(s: Any) -> list[str]:
 
 
 def _image_modules() -> tuple[Any, Any]:
-    """m4image.build and m4image.verify, imported now; ImageToolError when missing."""
+    """m4d.builder.build and m4image.verify, imported now; ImageToolError when missing."""
     try:
-        import m4image.build as build
+        import m4d.builder.build as build
         import m4image.verify as verify
     except ImportError as exc:
         raise ImageToolError(f"image tooling is not available: {exc}") from None

@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from m4d.engine.requests import (
+from m4d.executor.runtime import Runtime
+from m4d.requests import (
     ClassifyRequest,
     Embeddings,
     EmbedRequest,
@@ -21,7 +22,6 @@ from m4d.engine.requests import (
     Usage,
     softmax,
 )
-from m4d.executor.runtime import Runtime
 
 # Cosine similarities of MiniLM sit in a narrow band; a low temperature turns them into
 # a usable distribution over the labels (the raw cosine is returned too).

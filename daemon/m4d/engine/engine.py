@@ -46,7 +46,21 @@ from m4d.engine.media import (
     run_media_batch,
 )
 from m4d.engine.policy import QueuePolicy
-from m4d.engine.requests import (
+from m4d.engine.scheduler import Scheduler, SeqState
+from m4d.engine.sequence import Sequence
+from m4d.engine.usage import RecentUsage
+from m4d.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    M4Error,
+    Unavailable,
+)
+from m4d.executor.runtime import Runtime
+from m4d.executor.sampling import sample
+from m4d.executor.workers import DeviceExecutor, executors_for
+from m4d.requests import (
     ClassifyRequest,
     EmbedRequest,
     Event,
@@ -66,20 +80,6 @@ from m4d.engine.requests import (
     Usage,
     WordPrediction,
 )
-from m4d.engine.scheduler import Scheduler, SeqState
-from m4d.engine.sequence import Sequence
-from m4d.engine.usage import RecentUsage
-from m4d.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    Internal,
-    InvalidArgument,
-    M4Error,
-    Unavailable,
-)
-from m4d.executor.runtime import Runtime
-from m4d.executor.sampling import sample
-from m4d.executor.workers import DeviceExecutor, executors_for
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from m4d.engine.requests import (
+from m4d.requests import (
     Embeddings,
     Event,
     KeywordHit,

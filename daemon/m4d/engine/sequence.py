@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from m4d.engine.requests import (
+from m4d.executor.sampling import make_generator
+from m4d.prepare.tokenizer import IncrementalDecoder, TextTokenizer
+from m4d.requests import (
     Finished,
     FinishReason,
     GenerateRequest,
@@ -21,8 +23,6 @@ from m4d.engine.requests import (
     Timings,
     Usage,
 )
-from m4d.executor.sampling import make_generator
-from m4d.model.tokenizer import IncrementalDecoder, TextTokenizer
 
 if TYPE_CHECKING:
     from m4d.engine.engine import RequestStream

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from m4d.engine.media import Recognised
-from m4d.engine.requests import TextBox
 from m4d.errors import InvalidArgument
+from m4d.requests import TextBox
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class MediaRuntime:
             return MediaComponent(name, kind, params)
         if kind in ("clip", "clip_vision"):
             from m4d.model.clip import ClipConfig, load_clip
-            from m4d.model.vision_preprocess import PreprocessConfig
+            from m4d.prepare.vision import PreprocessConfig
 
             clip = load_clip(self.root / spec["weights"], ClipConfig.from_dict(spec["config"]),
                              compute_dtype=self.compute_dtype, device=str(device))
@@ -122,14 +122,14 @@ class MediaRuntime:
         if module in self.sensors:
             return [Recognised("", features=p) for p in self.sensors[module](inputs)]
         if module in self.clips:
-            from m4d.model.vision_preprocess import preprocess
+            from m4d.prepare.vision import preprocess
 
             clip, pre, _ = self.clips[module]
             device = self.devices[module]
             feats = clip.image_features(preprocess(inputs, pre).to(device, clip.dtype))  # [B, E]
             return [Recognised("", features=f) for f in feats]
         if module in self.vision:
-            from m4d.model.vision_preprocess import preprocess
+            from m4d.prepare.vision import preprocess
 
             clip, pre, cfg = self.vision[module]
             projector, _ = self.projector_for(module)

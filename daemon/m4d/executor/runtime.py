@@ -23,7 +23,7 @@ from m4d.executor.media import MEDIA_KINDS, MediaRuntime
 from m4d.model import kernels
 from m4d.model.bert import BertConfig, load_bert
 from m4d.model.llama import Llama, LlamaConfig, load_llama
-from m4d.model.tokenizer import ChatTemplate, TextTokenizer
+from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from m4d.engine.requests import SamplingParams
+from m4d.requests import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -7,7 +7,7 @@ patch conv without bias, class token, learned positions, pre-LN blocks, ``pre_la
 the blocks, ``post_layernorm`` on the class token only, bias-free projections; the text tower is
 causal and pools the hidden state at the first EOS token.
 
-Weights are the canonical names of this module (what ``m4image.importers.hf_clip`` writes),
+Weights are the canonical names of this module (what ``m4d.builder.importers.hf_clip`` writes),
 mmap'd from safetensors and assigned to a network built under ``torch.device("meta")``.
 """
 

@@ -5,7 +5,7 @@ reference slices them) feed a U-net of four upsampling blocks; a small conv head
 last 32-channel map into two half-resolution score maps: region (character centres) and
 affinity (links between neighbouring characters). The detection post-processing lives in
 ``m4d.model.ocr``. Weights are our canonical names (``canonical_names``), written by the image
-builder (``m4image.importers.easyocr``) and loaded by mmap from safetensors.
+builder (``m4d.builder.importers.easyocr``) and loaded by mmap from safetensors.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 gpt-fast style: a dataclass config from the firmware manifest, plain modules, a static KV
 cache set up explicitly, weights built under ``torch.device("meta")`` and assigned from an
-mmap'd safetensors file written by ``m4image.importers``.
+mmap'd safetensors file written by ``m4d.builder.importers``.
 
 Layout notes:
 * q/k/v and gate/up are fused into one linear each at load time (fewer kernel launches; decode

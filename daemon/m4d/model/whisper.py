@@ -7,7 +7,7 @@ cross-attention over the encoder output (K/V projected once per request), final 
 through the tied token embedding. Greedy decoding applies the checkpoint's suppression lists the
 way CTranslate2 / faster-whisper do: ``suppress_tokens`` at every step, ``begin_suppress_tokens``
 at the first generated step. Weights: canonical safetensors written by the image importers
-(``m4image.importers.ct2_whisper`` / ``hf_whisper``), names = this module's state dict.
+(``m4d.builder.importers.ct2_whisper`` / ``hf_whisper``), names = this module's state dict.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from m4d.errors import InvalidArgument
-from m4d.model.audio import N_SAMPLES, SAMPLE_RATE, log_mel
 from m4d.model.weights import load_into
+from m4d.prepare.audio import N_SAMPLES, SAMPLE_RATE, log_mel
 
 
 @dataclass

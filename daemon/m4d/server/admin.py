@@ -2,7 +2,7 @@
 
 A thin adapter: each handler checks the caller (the kernel's uid and groups, via the admin
 socket's PeerRelay: root, the daemon's own uid, or a member of `config.admin_group`),
-converts the request, calls the image manager (`m4d.server.images`), and converts the
+converts the request, calls the image manager (`m4d.service.images`), and converts the
 answer. Errors become status codes in `m4d.server.status` (image errors through
 `m4image.store.status_code_for`). Operations that change what is served (ActivateImage now,
 Rollback) run to completion even if the caller goes away: a swap is never left half done.
@@ -28,11 +28,11 @@ from m4d.engine.usage import EngineView, usage_view
 from m4d.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from m4d.executor.devices import describe
 from m4d.server.identity import PeerLookup, peer_from_context
-from m4d.server.images import ImageManager, InstallProgress
 from m4d.server.status import streaming, unary
+from m4d.service.images import ImageManager, InstallProgress
 
 if TYPE_CHECKING:
-    from m4d.server.daemon import Daemon
+    from m4d.service.daemon import Daemon
 
 _STATES = {"loading": pb.DAEMON_STATE_LOADING, "ready": pb.DAEMON_STATE_READY,
            "draining": pb.DAEMON_STATE_DRAINING}

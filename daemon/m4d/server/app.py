@@ -29,12 +29,12 @@ from m4.admin.v1 import admin_pb2, admin_pb2_grpc
 from m4.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from m4d.config import Config
-from m4d.server import systemd
+from m4d.service import systemd
 from m4d.server.admin import AdminServicer
-from m4d.server.daemon import Daemon, State
 from m4d.server.inference import InferenceServicer
 from m4d.server.metrics import MetricsServer
 from m4d.server.relay import PeerRelay, private_dir
+from m4d.service.daemon import Daemon, State
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,9 @@ from typing import Any
 from m4.inference.v1 import inference_pb2 as pb
 
 from m4d.config import Config
-from m4d.engine.requests import (
+from m4d.errors import InvalidArgument
+from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
+from m4d.requests import (
     Caller,
     ClassifyRequest,
     Embeddings,
@@ -40,8 +42,6 @@ from m4d.engine.requests import (
     Transcribed,
     Usage,
 )
-from m4d.errors import InvalidArgument
-from m4d.model.tokenizer import ChatTemplate, TextTokenizer
 
 DEFAULT_TEMPERATURE = 0.7
 MAX_PREDICTIONS = 20
@@ -347,7 +347,7 @@ class Converter:
         return request
 
     def image_input(self, name: str, data: bytes) -> MediaInput:
-        from m4d.model.images import decode_image
+        from m4d.prepare.images import decode_image
 
         if not data:
             raise InvalidArgument(f"input {name!r} is empty; send PNG, JPEG or WebP bytes")
@@ -365,7 +365,7 @@ class Converter:
         return MediaInput("tensor", value, digest)
 
     def audio_input(self, name: str, item: pb.Input) -> MediaInput:
-        from m4d.model.audio import decode_wav, pcm_to_tensor, resample
+        from m4d.prepare.audio import decode_wav, pcm_to_tensor, resample
 
         limit = self.config.max_audio_seconds
         if item.WhichOneof("value") == "pcm":

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import grpc
 
-from m4d.engine.requests import Caller
+from m4d.requests import Caller
 from m4d.server.relay import Peer
 
 APP_NAME_KEY = "m4-app-name"

@@ -17,7 +17,8 @@ from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from m4d.engine.engine import RequestStream
-from m4d.engine.requests import (
+from m4d.errors import Internal
+from m4d.requests import (
     Caller,
     Embeddings,
     Failed,
@@ -33,12 +34,11 @@ from m4d.engine.requests import (
     TextRead,
     Transcribed,
 )
-from m4d.errors import Internal
 from m4d.server.identity import PeerLookup, caller_from_context
 from m4d.server.status import streaming, unary
 
 if TYPE_CHECKING:
-    from m4d.server.daemon import Daemon
+    from m4d.service.daemon import Daemon
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

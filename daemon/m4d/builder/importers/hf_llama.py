@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m4d.model.llama import LlamaConfig
 from safetensors import safe_open
 
-from m4image.importers.gguf_llama import Progress, write_safetensors_atomic
+from m4d.builder.importers.gguf_llama import Progress, write_safetensors_atomic
+from m4d.model.llama import LlamaConfig
 
 log = logging.getLogger(__name__)
 

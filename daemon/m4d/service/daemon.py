@@ -6,7 +6,7 @@ answers NOT_SERVING and inference answers UNAVAILABLE while the model loads; REA
 the self-test.
 
 Where the image comes from (`config.image_source`): "image" serves the `config.image`
-directory as it is; "store" boots from the image store (`m4d.server.images`), with attempt
+directory as it is; "store" boots from the image store (`m4d.service.images`), with attempt
 counting, self-test and fallback.
 
 Hot swap (`swap`): the new image is loaded and self-tested beside the old one (swap_mode
@@ -42,10 +42,10 @@ from m4d.engine.policy import make_policy
 from m4d.errors import FailedPrecondition, Unavailable
 from m4d.executor.runtime import Runtime
 from m4d.server.convert import Converter, ImageInfo
-from m4d.server.selftest import run_self_test
+from m4d.service.selftest import run_self_test
 
 if TYPE_CHECKING:
-    from m4d.server.images import ImageManager
+    from m4d.service.images import ImageManager
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Daemon:
         self.on_state_change: list[Callable[[State], None]] = []
         self.images: ImageManager | None = None
         if config.image_source == "store":
-            from m4d.server.images import ImageManager
+            from m4d.service.images import ImageManager
 
             self.images = ImageManager(self)
 

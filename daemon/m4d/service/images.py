@@ -44,10 +44,10 @@ from m4image.store import (
 
 from m4d import __version__
 from m4d.errors import Cancelled, FailedPrecondition, Unavailable
-from m4d.server.daemon import SelfTestFailed, Serving, Verdict
+from m4d.service.daemon import SelfTestFailed, Serving, Verdict
 
 if TYPE_CHECKING:
-    from m4d.server.daemon import Daemon
+    from m4d.service.daemon import Daemon
 
 log = logging.getLogger(__name__)
 

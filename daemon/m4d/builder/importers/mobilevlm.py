@@ -9,7 +9,7 @@ tower's own folder (``config.json``, ``preprocessor_config.json`` and, when the 
 the tower's weights, its ``model.safetensors``) must be given as ``vision_tower`` or found at
 ``<folder>/vision_tower`` or at the local path ``mm_vision_tower``.
 
-Writes the same files and component dicts as ``m4image.importers.llava``; the image placeholder
+Writes the same files and component dicts as ``m4d.builder.importers.llava``; the image placeholder
 is MobileVLM's ``IMAGE_TOKEN_INDEX`` (-200, outside the vocabulary: ``embed_prompt`` handles it).
 """
 
@@ -19,9 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from m4d.model.projector import ProjectorConfig, mobilevlm_to_canonical
-
-from m4image.importers.hf_clip import (
+from m4d.builder.importers.hf_clip import (
     CheckpointFolder,
     Progress,
     preprocess_from_folder,
@@ -30,12 +28,13 @@ from m4image.importers.hf_clip import (
     vision_tensors,
     write_tensors,
 )
-from m4image.importers.llava import (
+from m4d.builder.importers.llava import (
     PROJECTOR_WEIGHTS,
     VISION_WEIGHTS,
     LlavaImportError,
     backbone_component,
 )
+from m4d.model.projector import ProjectorConfig, mobilevlm_to_canonical
 
 log = logging.getLogger(__name__)
 

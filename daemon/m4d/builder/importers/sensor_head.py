@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m4d.model.sensor import SensorHeadConfig, load_sensor_head
+from m4image.fsutil import atomic_write_bytes, sha256_file
 from safetensors.torch import save
 
-from m4image.fsutil import atomic_write_bytes, sha256_file
+from m4d.model.sensor import SensorHeadConfig, load_sensor_head
 
 Progress = Callable[[str, int, int], None]
 WEIGHTS = "model.safetensors"

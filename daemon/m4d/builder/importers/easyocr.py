@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from m4image.fsutil import atomic_file, sha256_file
+from safetensors.torch import save_file
+
 from m4d.model.craft import CraftConfig
 from m4d.model.craft import reference_name_map as craft_names
 from m4d.model.crnn import reference_name_map as crnn_names
 from m4d.model.ocr import OcrConfig
-from safetensors.torch import save_file
-
-from m4image.fsutil import atomic_file, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m4d.model.whisper import Whisper, WhisperConfig
+from m4image.fsutil import atomic_file, atomic_write_bytes, sha256_file
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from m4image.fsutil import atomic_file, atomic_write_bytes, sha256_file
+from m4d.model.whisper import Whisper, WhisperConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m4d.model.clip import ClipConfig, hf_clip_to_canonical, hf_vision_to_canonical
-from m4d.model.vision_preprocess import PreprocessConfig
+from m4image.fsutil import atomic_file, atomic_write_bytes
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from m4image.fsutil import atomic_file, atomic_write_bytes
+from m4d.model.clip import ClipConfig, hf_clip_to_canonical, hf_vision_to_canonical
+from m4d.prepare.vision import PreprocessConfig
 
 log = logging.getLogger(__name__)
 

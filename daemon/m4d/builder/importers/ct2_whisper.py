@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m4d.model.whisper import WhisperConfig
-
 from m4image.fsutil import sha256_file
-from m4image.importers.hf_whisper import (
+
+from m4d.builder.importers.hf_whisper import (
     TOKENIZER,
     Progress,
     WhisperImportError,
     write_whisper_component,
 )
+from m4d.model.whisper import WhisperConfig
 
 _DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
 _BINARY_VERSIONS = (4, 5, 6)

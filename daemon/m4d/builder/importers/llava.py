@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m4d.model.projector import ProjectorConfig, llava_to_canonical
-
 from m4image.fsutil import atomic_write_bytes
-from m4image.importers.hf_clip import (
+
+from m4d.builder.importers.hf_clip import (
     CheckpointFolder,
     ClipImportError,
     Progress,
@@ -33,7 +32,8 @@ from m4image.importers.hf_clip import (
     vision_tensors,
     write_tensors,
 )
-from m4image.importers.hf_llama import HFImportError, _chat_template, config_from_hf
+from m4d.builder.importers.hf_llama import HFImportError, _chat_template, config_from_hf
+from m4d.model.projector import ProjectorConfig, llava_to_canonical
 
 log = logging.getLogger(__name__)
 

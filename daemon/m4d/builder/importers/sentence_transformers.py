@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m4d.model.bert import BertConfig, hf_to_canonical
+from m4image.fsutil import atomic_file, atomic_write_bytes, sha256_file
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from m4image.fsutil import atomic_file, atomic_write_bytes, sha256_file
+from m4d.model.bert import BertConfig, hf_to_canonical
 
 log = logging.getLogger(__name__)
 

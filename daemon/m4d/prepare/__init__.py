@@ -1,0 +1,1 @@
+"""Request preparation: untrusted request bytes -> model inputs (text tokens, audio features, image tensors)."""
