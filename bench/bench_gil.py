@@ -15,16 +15,15 @@ ratios to the quiet eager step.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
+from benchkit.daemon import read_manifest
+from benchkit.options import add_image
 from m4d.model.llama import LayerStack, Llama, LlamaConfig, load_llama
 
-REPO = Path(__file__).resolve().parent.parent
 # (busy microseconds, then sleep microseconds): ~13% and ~29% of a core in pure Python
 LOADS = ((300, 2000), (2000, 5000))
 SWITCH_INTERVALS = (0.005, 0.0005)  # CPython's default, and a tenth of it
@@ -62,12 +61,12 @@ class BusyPython(threading.Thread):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--image", type=Path, default=REPO / "build" / "images" / "default")
+    add_image(ap)
     ap.add_argument("--format", default="int4", help="weight format (default int4)")
     ap.add_argument("--batches", default="1,16")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    spec = json.loads((args.image / "manifest.json").read_text())["components"]["backbone"]
+    spec = read_manifest(args.image)["components"]["backbone"]
     model = load_llama(args.image / spec["weights"], LlamaConfig.from_dict(spec["config"]),
                        weight_format=args.format, compute_dtype=torch.bfloat16)
     model.setup_caches(32, 512, torch.bfloat16)

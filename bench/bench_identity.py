@@ -39,6 +39,9 @@ from typing import Any
 
 import grpc
 import uvloop
+from benchkit.cpu import OtherCpuMeter, process_cpu_seconds
+from benchkit.options import add_json
+from benchkit.report import alternate, progress
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 from m4d.server.identity import caller_from_context
@@ -47,6 +50,8 @@ from m4d.server.relay import PeerRelay, private_dir
 PAYLOAD = "x" * 100
 IN_FLIGHT = 16
 CONNECTS = 40
+
+log = progress("bench_identity")
 
 
 # ---------------------------------------------------------------- the server subprocess
@@ -98,12 +103,6 @@ def check(reply: pb.ListTasksResponse, uid: int) -> None:
         raise RuntimeError(f"the server resolved uid {got}, expected {uid}")
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of one process, from /proc."""
-    utime, stime = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
-    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
-
-
 async def measure(address: str, uid: int, seconds: float, server_pid: int) -> Sample:
     request = pb.ListTasksRequest()
     async with grpc.aio.insecure_channel(address) as channel:
@@ -111,14 +110,14 @@ async def measure(address: str, uid: int, seconds: float, server_pid: int) -> Sa
         for _ in range(200):  # warm-up
             check(await stub.ListTasks(request), uid)
         latencies: list[float] = []
-        cpu0 = process_cpu(server_pid)
+        cpu0 = process_cpu_seconds(server_pid)
         start = time.perf_counter()
         end = start + seconds
         while (now := time.perf_counter()) < end:
             check(await stub.ListTasks(request), uid)
             latencies.append(time.perf_counter() - now)
         one = len(latencies) / (time.perf_counter() - start)
-        cpu1 = process_cpu(server_pid)
+        cpu1 = process_cpu_seconds(server_pid)
 
         count = 0
 
@@ -131,7 +130,7 @@ async def measure(address: str, uid: int, seconds: float, server_pid: int) -> Sa
         end16 = start16 + seconds
         await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
         sixteen = count / (time.perf_counter() - start16)
-        cpu16 = process_cpu(server_pid)
+        cpu16 = process_cpu_seconds(server_pid)
 
     connects: list[float] = []
     for _ in range(CONNECTS):
@@ -150,26 +149,13 @@ async def measure(address: str, uid: int, seconds: float, server_pid: int) -> Sa
                   cpu_us_per_call_16=1e6 * (cpu16 - cpu1) / count)
 
 
-def cpu_seconds(pids: list[int]) -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of pids), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-    ours = 0
-    for pid in pids:
-        utime, stime = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
-        ours += int(utime) + int(stime)
-    return (user + nice + system + irq + softirq + steal) / tick, ours / tick
-
-
 async def run_client(addresses: dict[str, str], seconds: float, repeats: int,
                      server_pid: int) -> dict[str, list[Sample]]:
     uids = {"direct": -1, "relay": os.getuid()}
     samples: dict[str, list[Sample]] = {"direct": [], "relay": []}
     for r in range(repeats):
-        order = ("direct", "relay") if r % 2 == 0 else ("relay", "direct")
-        for name in order:
-            print(f"repeat {r + 1}/{repeats}: {name}", file=sys.stderr, flush=True)
+        for name in alternate(("direct", "relay"), r):
+            log(f"repeat {r + 1}/{repeats}: {name}")
             samples[name].append(
                 await measure(addresses[name], uids[name], seconds, server_pid))
     return samples
@@ -203,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="length of each timed phase (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs (default 3)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json(parser)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args(argv)
     if args.serve is not None:
@@ -216,12 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             assert proc.stdout is not None
             addresses = json.loads(proc.stdout.readline())
-            busy0, ours0 = cpu_seconds([os.getpid(), proc.pid])
-            wall0 = time.monotonic()
+            meter = OtherCpuMeter([os.getpid(), proc.pid])
             samples = uvloop.run(run_client(addresses, args.seconds, args.repeats, proc.pid))
-            busy1, ours1 = cpu_seconds([os.getpid(), proc.pid])
-            other = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (
-                (time.monotonic() - wall0) * (os.cpu_count() or 1))
+            other = meter.other_share()
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)

