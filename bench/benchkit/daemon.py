@@ -1,8 +1,9 @@
 """Benchmark helpers (outside the serving pipeline): a real `m4d` subprocess to measure.
 
 `Daemon` starts `python -m m4d` from an image on a temporary runtime directory (its socket
-is `Daemon.address`), waits until health says SERVING, reads back what the daemon logged
-(kernel variant, failed self-test checks) and stops it with SIGTERM.
+is `Daemon.address`), optionally forcing one variant of m4's CPU kernels; `ready()` waits
+until health says SERVING and reads back what the daemon logged (failed self-test checks,
+the kernel variant it runs); leaving the `with` block stops it with SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,14 +35,30 @@ def read_manifest(image: Path) -> dict[str, Any]:
     return manifest
 
 
+@dataclass
+class Serving:
+    """What a daemon reported once it served."""
+
+    load_s: float  # from process start to SERVING
+    kernel_variant: str  # as it logged it, a note (see check_kernel_variant)
+    failed_checks: list[str]  # self-test checks that failed
+
+    def __str__(self) -> str:
+        return (f"m4d serving after {self.load_s:.1f} s, kernel variant {self.kernel_variant}; "
+                f"failed self-test checks: {self.failed_checks}")
+
+
 class Daemon:
     """A real `m4d` subprocess on a temporary runtime dir; stopped with SIGTERM on exit.
 
-    `threads` None leaves the daemon's default (one per core but one); `args` and `env` add
+    `threads` None leaves the daemon's default (one per core but one); `kernel_variant`
+    forces that variant of m4's kernels (None: the daemon's choice); `args` and `env` add
     flags and M4D_* settings."""
 
     def __init__(self, image: Path, threads: int | None, self_test: str, *,
-                 args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+                 kernel_variant: str | None = None, args: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.wanted_variant = kernel_variant
         self.tmp = tempfile.TemporaryDirectory(prefix="m4bench-")
         self.runtime_dir = Path(self.tmp.name)
         self.address = f"unix://{self.runtime_dir / 'app.sock'}"
@@ -52,8 +70,16 @@ class Daemon:
         if threads is not None:
             command += ["--threads", str(threads)]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, **(env or {})))
+        self.proc = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {}), **kernel_variant_env(kernel_variant)})
+
+    def ready(self, client: Any = None) -> Serving:
+        """Waits until the daemon serves; SystemExit if it does not run the kernel variant
+        it was started with."""
+        load_s = self.wait_serving(client)
+        return Serving(load_s, check_kernel_variant(self, self.wanted_variant),
+                       self.failed_self_test_checks())
 
     def wait_serving(self, client: Any = None, timeout: float = DAEMON_START_TIMEOUT) -> float:
         """Block until health says SERVING; returns the seconds since the process started."""
