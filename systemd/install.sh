@@ -83,7 +83,7 @@ check_not_home() {  # $1: what, $2: interpreter
 
 "$PYTHON" -c 'import m4ctl, m4image' 2>/dev/null \
     || die "PYTHON=$PYTHON cannot import m4ctl and m4image; run 'make setup' and pass PYTHON=.venv/bin/python"
-[ -f "$SRC/protos/m4/inference/v1/inference_pb2.py" ] \
+[ -f "$SRC/clients/python/m4/inference/v1/inference_pb2.py" ] \
     || die "the gRPC stubs are not generated; run 'make protos' first"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/m4-install.XXXXXX")
@@ -98,21 +98,23 @@ for part in pyproject.toml README.md daemon firmware_image clients protos; do
     cp -R "$SRC/$part" "$WORK/src/"
 done
 find "$WORK/src" -name __pycache__ -type d -prune -exec rm -rf {} +
+# Two distributions: the daemon's (mobilefm, the root) and the client's (mobilefm-client,
+# clients/python: m4client, m4ctl and the stubs), which the daemon's depends on by name.
 if ! "$PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$WORK/wheel" \
-        "$WORK/src" > "$WORK/wheel.log" 2>&1; then
+        "$WORK/src/clients/python" "$WORK/src" > "$WORK/wheel.log" 2>&1; then
     cat "$WORK/wheel.log" >&2
-    die "building the wheel failed; PYTHON needs setuptools and wheel (pip install setuptools wheel)"
+    die "building the wheels failed; PYTHON needs setuptools and wheel (pip install setuptools wheel)"
 fi
-WHEEL=$(ls "$WORK"/wheel/mobilefm-*.whl)
+WHEEL="$(ls "$WORK"/wheel/mobilefm_client-*.whl) $(ls "$WORK"/wheel/mobilefm-*.whl)"
 
 # ---- the Python environment --------------------------------------------------------------
 # pip runs from the build interpreter against the target one (pip --python), so the target
 # needs no pip of its own. Byte code is compiled afterwards with DESTDIR stripped from the
 # recorded source paths, so tracebacks name the installed files.
 pip_install() {  # $1: target interpreter (as it runs now, under DESTDIR)
-    # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments
+    # shellcheck disable=SC2086 # PIP_ARGS and WHEEL are lists of arguments
     "$PYTHON" -m pip --python "$1" install --quiet --no-compile --no-warn-script-location \
-        $PIP_ARGS "$WHEEL" || die "pip install into $1 failed"
+        $PIP_ARGS $WHEEL || die "pip install into $1 failed"
 }
 build_kernels() {  # $1: target interpreter; m4d runs torch's kernels if this fails
     "$1" -m m4d.model.kernels build \
