@@ -34,7 +34,9 @@ per-round ratios) so slow drift cancels. Progress goes to stderr, the table (or 
 to stdout.
 
 `--kernel-variant NAME` and `--llama-cpp DIR` choose m4's kernel variant and the llama_cpp
-build to compare with, as in bench_daemon.py.
+build to compare with, as in bench_daemon.py. This script starts the daemon and runs the
+sections; they live in bench/scheduling/ (`batching`, `priorities`, `embed`), the summary and
+the table in `scheduling.report`.
 
     python bench/bench_scheduling.py --image build/images/default [--repeats 3] [--json]
         [--kernel-variant avx2] [--llama-cpp /work/llama-py/avx2]

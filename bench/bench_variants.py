@@ -203,7 +203,7 @@ def rounds_to_use(section: dict[str, Any], name: str, notes: list[str]) -> list[
 
 def summarise(args: argparse.Namespace, children: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
-    notes = []
+    notes: list[str] = []
     for c in children:
         one = c["one"]
         row: dict[str, Any] = {"variant": c["variant"], "llama_cpp": c["build"]}
