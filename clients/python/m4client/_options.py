@@ -1,14 +1,16 @@
-"""Keyword options of the generation methods, as TypedDicts for `**options` signatures.
+"""Keyword options of the client methods, as TypedDicts for `**options` signatures.
 
-`complete()`, `chat_complete()` and `run()` forward these to `generate()`/`chat()` or to the
-sampling parameters, so type checkers and IDEs see the same names everywhere.
+The sync and asyncio clients and the request core (`_calls`) take the same options through
+these, so type checkers and IDEs see the same names everywhere and no signature is written
+twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypedDict
 
+from ._images import InstallProgress
 from .types import Priority
 
 
@@ -24,9 +26,35 @@ class SamplingOptions(TypedDict, total=False):
     ignore_eos: bool
 
 
-class GenerateOptions(SamplingOptions, total=False):
-    """Everything `generate()` and `chat()` take besides their input."""
+class CallOptions(TypedDict, total=False):
+    """What every inference call takes besides its input: the task id ("" for the RPC's
+    default task), the priority class and the deadline in seconds (None: the client's)."""
 
     task: str
     priority: Priority | str | None
+    timeout: float | None
+
+
+class GenerateOptions(SamplingOptions, CallOptions, total=False):
+    """Everything `generate()` and `chat()` take besides their input."""
+
+
+class RunOptions(SamplingOptions, total=False):
+    """Everything `run()` takes besides the task id and the inputs (`num_predictions`: for
+    tasks that predict words; 0 is the daemon's default)."""
+
+    num_predictions: int
+    priority: Priority | str | None
+    timeout: float | None
+
+
+class InstallOptions(TypedDict, total=False):
+    """The options of `install_image()`: the tar's size when known (for progress), whether a
+    security_version below the device's floor is accepted, whether the image becomes the
+    trial at once, a callback for each progress message, and the deadline."""
+
+    total_bytes: int
+    allow_downgrade: bool
+    activate: bool
+    progress: Callable[[InstallProgress], None] | None
     timeout: float | None

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from .errors import from_rpc_error
+from .errors import M4Error, from_rpc_error
 from .types import (
     FinishReason,
     GenerationChunk,
@@ -36,13 +36,31 @@ from .types import (
 T = TypeVar("T")
 
 
-class Stream(Generic[T]):
-    """An iterator over a streaming call's converted responses; closing it cancels the call."""
+class _Call(Generic[T]):
+    """What both streams share: the call, the conversion, and cancelling at most once."""
 
     def __init__(self, call: Any, convert: Callable[[Any], T]) -> None:
         self._call = call
         self._convert = convert
         self._finished = False
+
+    def cancel(self) -> None:
+        """Cancel the call if it is still running; iteration then ends."""
+        if not self._finished:
+            self._finished = True
+            self._call.cancel()
+
+    def _failed(self, exc: grpc.RpcError) -> M4Error:
+        self._finished = True
+        return from_rpc_error(exc)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter or loop gone: nothing to cancel
+            self.cancel()
+
+
+class Stream(_Call[T]):
+    """An iterator over a streaming call's converted responses; closing it cancels the call."""
 
     def __iter__(self) -> Stream[T]:
         return self
@@ -56,17 +74,10 @@ class Stream(Generic[T]):
             self._finished = True
             raise
         except grpc.RpcError as exc:
-            self._finished = True
-            raise from_rpc_error(exc) from exc
+            raise self._failed(exc) from exc
         return self._convert(msg)
 
-    def cancel(self) -> None:
-        """Cancel the call if it is still running; iteration then ends."""
-        if not self._finished:
-            self._finished = True
-            self._call.cancel()
-
-    close = cancel
+    close = _Call.cancel
 
     def __enter__(self) -> Stream[T]:
         return self
@@ -76,18 +87,9 @@ class Stream(Generic[T]):
     ) -> None:
         self.cancel()
 
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to cancel
-            self.cancel()
 
-
-class AsyncStream(Generic[T]):
+class AsyncStream(_Call[T]):
     """An async iterator over a `grpc.aio` streaming call; `aclose()` cancels the call."""
-
-    def __init__(self, call: Any, convert: Callable[[Any], T]) -> None:
-        self._call = call
-        self._convert = convert
-        self._finished = False
 
     def __aiter__(self) -> AsyncStream[T]:
         return self
@@ -98,8 +100,7 @@ class AsyncStream(Generic[T]):
         try:
             msg = await self._call.read()
         except grpc.RpcError as exc:
-            self._finished = True
-            raise from_rpc_error(exc) from exc
+            raise self._failed(exc) from exc
         except asyncio.CancelledError:
             self.cancel()  # the awaiting task was cancelled: the call goes with it
             raise
@@ -107,12 +108,6 @@ class AsyncStream(Generic[T]):
             self._finished = True
             raise StopAsyncIteration
         return self._convert(msg)
-
-    def cancel(self) -> None:
-        """Cancel the call if it is still running; iteration then ends."""
-        if not self._finished:
-            self._finished = True
-            self._call.cancel()
 
     async def aclose(self) -> None:
         """Cancel the call if it is still running."""
@@ -125,10 +120,6 @@ class AsyncStream(Generic[T]):
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.cancel()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # the loop is gone: nothing left to cancel
-            self.cancel()
 
 
 class _Fold:

@@ -1,8 +1,8 @@
 """The synchronous client: `Client` for apps (app socket) and `AdminClient` (admin socket).
 
-A thin layer over the generated stubs: each method builds its request in `_convert`, calls
-the stub with the call's deadline and metadata, and converts the answer back. Streaming
-methods return a `Stream` that cancels the call when closed or dropped.
+A thin layer over the request core (`_calls`): each method builds its `Call` there and runs
+it here, blocking: unary calls return the converted answer, streaming methods return a
+`Stream` that cancels the call when closed or dropped. `aio.py` is the same over asyncio.
 
     with Client() as m4:
         for chunk in m4.generate("Once upon a time", max_tokens=32):
@@ -11,21 +11,18 @@ methods return a `Stream` that cancels the call when closed or dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import TypeVar, Unpack
 
 import grpc
-from m4.admin.v1 import admin_pb2, admin_pb2_grpc
-from m4.inference.v1 import inference_pb2 as pb
-from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 
-from . import _convert, _images
-from ._channel import CHANNEL_OPTIONS, call_metadata, resolve_address
-from ._images import ImageInfo, ImageList, InstallProgress
-from ._options import GenerateOptions, SamplingOptions
+from . import _calls, _health
+from ._calls import Call
+from ._images import ImageInfo, ImageList
+from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
 from ._stream import Stream, collect_generation, collect_run
-from .errors import M4Error, UnavailableError, from_rpc_error
+from .errors import UnavailableError, from_rpc_error
 from .types import (
     Audio,
     ChatMessage,
@@ -38,34 +35,35 @@ from .types import (
     InputValue,
     PcmAudio,
     PredictNextResult,
-    Priority,
     RunChunk,
     RunResult,
     TaskTable,
 )
 
-R = TypeVar("R")
+T = TypeVar("T")
+Self = TypeVar("Self", bound="_SyncCaller")
 
 
-class _SyncBase:
-    """Channel, deadline and metadata handling shared by `Client` and `AdminClient`."""
+class _SyncCaller(_calls.Caller):
+    """Runs `_calls.Call`s on a blocking channel; shared by `Client` and `AdminClient`."""
 
-    def __init__(
-        self, address: str | None, *, admin: bool, app_name: str | None, timeout: float | None
-    ) -> None:
-        self.target = resolve_address(address, admin=admin)
-        self.timeout = timeout
-        self._metadata = call_metadata(app_name)
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str | None, *, admin: bool, app_name: str | None,
+                 timeout: float | None) -> None:
+        super().__init__(address, admin=admin, app_name=app_name, timeout=timeout,
+                         channel=grpc.insecure_channel)
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
-    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _unary(self, call: Call[T]) -> T:
         try:
-            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return call.convert(self._start(call))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    def _stream(self, call: Call[T]) -> Stream[T]:
+        return Stream(self._start(call), call.convert)
+
+    def _run(self, call: Call[RunChunk]) -> RunResult:
+        with self._stream(call) as stream:
+            return collect_run(stream)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the channel connects; `UnavailableError` after `timeout` seconds."""
@@ -82,14 +80,9 @@ class _SyncBase:
         Watches the standard grpc.health.v1 stream, so it wakes on the change, no polling.
         `UnavailableError` after `timeout` seconds.
         """
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        stub = health_pb2_grpc.HealthStub(self._channel)
-        request = health_pb2.HealthCheckRequest(service="")
         try:
-            for reply in stub.Watch(request, timeout=timeout, wait_for_ready=True):
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+            if any(s == _health.SERVING for s in _health.watch(self._channel, timeout)):
+                return
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise from_rpc_error(exc) from None
@@ -99,7 +92,7 @@ class _SyncBase:
         """Close the channel; running streams are cancelled."""
         self._channel.close()
 
-    def __enter__(self: R) -> R:
+    def __enter__(self: Self) -> Self:
         return self
 
     def __exit__(
@@ -108,288 +101,136 @@ class _SyncBase:
         self.close()
 
 
-class Client(_SyncBase):
+class Client(_SyncCaller):
     """Calls the Inference service of m4d (default `unix:///run/m4/app.sock`, env M4_ADDRESS).
 
     `address` may be a gRPC target or a socket path; `app_name` is sent as the `m4-app-name`
     metadata (a label; the daemon identifies callers by their uid); `timeout` is the default
-    deadline of every call in seconds (None: no deadline), overridable per call.
+    deadline of every call in seconds (None: no deadline), overridable per call. Every
+    inference method takes `task` (the task id; "" for the RPC's default), `priority`
+    ("system", "foreground", "background") and `timeout`; see `m4client._options`.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        app_name: str | None = None,
-        timeout: float | None = None,
-    ) -> None:
+    def __init__(self, address: str | None = None, *, app_name: str | None = None,
+                 timeout: float | None = None) -> None:
         super().__init__(address, admin=False, app_name=app_name, timeout=timeout)
-        self._stub = pb_grpc.InferenceStub(self._channel)
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        task: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        priority: Priority | str | None = None,
-        timeout: float | None = None,
-    ) -> Stream[GenerationChunk]:
-        """Continue `prompt` as is, streamed; None leaves a parameter at the daemon's default."""
-        params = _convert.sampling(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-        )
-        request = _convert.generate_request(
-            prompt=prompt, task=task, params=params, prio=_convert.priority(priority)
-        )
-        return self._generate(request, timeout)
+    def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> Stream[GenerationChunk]:
+        """Continue `prompt` as is, streamed. Sampling: max_tokens, temperature, top_p, top_k,
+        seed, stop, ignore_eos; None leaves a parameter at the daemon's default."""
+        return self._stream(_calls.generate(prompt, **options))
 
-    def chat(
-        self,
-        messages: Iterable[ChatMessage | Mapping[str, str]],
-        *,
-        task: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        priority: Priority | str | None = None,
-        timeout: float | None = None,
-    ) -> Stream[GenerationChunk]:
+    def chat(self, messages: Iterable[ChatMessage | Mapping[str, str]],
+             **options: Unpack[GenerateOptions]) -> Stream[GenerationChunk]:
         """The assistant's next message for a conversation, streamed."""
-        params = _convert.sampling(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-        )
-        request = _convert.generate_request(
-            chat=_convert.chat_messages(messages),
-            task=task,
-            params=params,
-            prio=_convert.priority(priority),
-        )
-        return self._generate(request, timeout)
+        return self._stream(_calls.chat(messages, **options))
 
     def complete(self, prompt: str, **options: Unpack[GenerateOptions]) -> GenerationResult:
         """`generate()` run to the end: the whole text, finish reason, usage, timings."""
         with self.generate(prompt, **options) as stream:
             return collect_generation(stream)
 
-    def chat_complete(
-        self,
-        messages: Iterable[ChatMessage | Mapping[str, str]],
-        **options: Unpack[GenerateOptions],
-    ) -> GenerationResult:
+    def chat_complete(self, messages: Iterable[ChatMessage | Mapping[str, str]],
+                      **options: Unpack[GenerateOptions]) -> GenerationResult:
         """`chat()` run to the end."""
         with self.chat(messages, **options) as stream:
             return collect_generation(stream)
 
-    def _generate(
-        self, request: pb.GenerateRequest, timeout: float | None
-    ) -> Stream[GenerationChunk]:
-        call = self._stub.Generate(
-            request, timeout=self._deadline(timeout), metadata=self._metadata
-        )
-        return Stream(call, _convert.generation_chunk)
-
-    def embed(
-        self,
-        texts: str | Sequence[str],
-        *,
-        task: str = "",
-        priority: Priority | str | None = None,
-        timeout: float | None = None,
-    ) -> EmbedResult:
+    def embed(self, texts: str | Sequence[str], **options: Unpack[CallOptions]) -> EmbedResult:
         """One vector per text (a single string counts as one text)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        request = pb.EmbedRequest(task=task, texts=texts, priority=_convert.priority(priority))
-        return _convert.embed_result(self._unary(self._stub.Embed, request, timeout))
+        return self._unary(_calls.embed(texts, **options))
 
-    def classify(
-        self,
-        text: str,
-        labels: Sequence[str] = (),
-        *,
-        task: str = "",
-        priority: Priority | str | None = None,
-        timeout: float | None = None,
-    ) -> ClassifyResult:
+    def classify(self, text: str, labels: Sequence[str] = (),
+                 **options: Unpack[CallOptions]) -> ClassifyResult:
         """Rank `labels` for `text`, best first (labels may be empty if the task has its own)."""
-        request = pb.ClassifyRequest(
-            task=task, text=text, labels=list(labels), priority=_convert.priority(priority)
-        )
-        return _convert.classify_result(self._unary(self._stub.Classify, request, timeout))
+        return self._unary(_calls.classify(text, labels, **options))
 
-    def predict_next(
-        self,
-        text: str,
-        n: int = 0,
-        *,
-        task: str = "",
-        priority: Priority | str | None = None,
-        timeout: float | None = None,
-    ) -> PredictNextResult:
+    def predict_next(self, text: str, n: int = 0,
+                     **options: Unpack[CallOptions]) -> PredictNextResult:
         """The `n` most likely next words after `text` (0: the daemon's default, 5)."""
-        request = pb.PredictNextRequest(
-            task=task, text=text, num_predictions=n, priority=_convert.priority(priority)
-        )
-        return _convert.predict_next_result(self._unary(self._stub.PredictNext, request, timeout))
+        return self._unary(_calls.predict_next(text, n, **options))
 
     def list_tasks(self, *, timeout: float | None = None) -> TaskTable:
         """The active image's task table."""
-        response = self._unary(self._stub.ListTasks, pb.ListTasksRequest(), timeout)
-        return _convert.task_table(response)
+        return self._unary(_calls.list_tasks(timeout=timeout))
 
-    def run(
-        self,
-        task: str,
-        inputs: Mapping[str, InputValue],
-        *,
-        num_predictions: int = 0,
-        priority: Priority | str | None = None,
-        timeout: float | None = None,
-        **sampling: Unpack[SamplingOptions],
-    ) -> Stream[RunChunk]:
-        """Run any task by id with named inputs, streamed (see `types.InputValue`).
+    def run(self, task: str, inputs: Mapping[str, InputValue],
+            **options: Unpack[RunOptions]) -> Stream[RunChunk]:
+        """Run any task by id with named inputs, streamed (see `types.InputValue`); takes
+        the sampling options of `generate()` and `num_predictions`."""
+        return self._stream(_calls.run(task, inputs, **options))
 
-        `sampling` takes the keyword arguments of `generate()` (max_tokens, temperature, ...).
-        """
-        request = pb.RunRequest(
-            task=task,
-            inputs=_convert.run_inputs(inputs),
-            sampling=_convert.sampling(**sampling),
-            num_predictions=num_predictions,
-            priority=_convert.priority(priority),
-        )
-        call = self._stub.Run(request, timeout=self._deadline(timeout), metadata=self._metadata)
-        return Stream(call, _convert.run_chunk)
-
-    def run_complete(self, task: str, inputs: Mapping[str, InputValue], **kwargs: Any) -> RunResult:
+    def run_complete(self, task: str, inputs: Mapping[str, InputValue],
+                     **options: Unpack[RunOptions]) -> RunResult:
         """`run()` to the end: joined text and every other output."""
-        with self.run(task, inputs, **kwargs) as stream:
-            return collect_run(stream)
+        return self._run(_calls.run(task, inputs, **options))
 
-    # ---- images and audio (tasks of the active image; see `tasks()`) ----------------
+    # ---- images and audio (tasks of the active image; see `list_tasks()`) --------------
 
     def transcribe(self, audio: bytes | Audio | PcmAudio, *, task: str = "transcribe",
-                   **kwargs: Any) -> RunResult:
+                   **options: Unpack[RunOptions]) -> RunResult:
         """Speech to text: `result.text` is the transcript (WAV bytes or PcmAudio)."""
-        return self.run_complete(task, _convert.media_inputs(audio=audio), **kwargs)
+        return self._run(_calls.transcribe(audio, task=task, **options))
 
     def spot_keywords(self, audio: bytes | Audio | PcmAudio, keywords: Sequence[str], *,
-                      task: str = "keyword-spot", **kwargs: Any) -> RunResult:
+                      task: str = "keyword-spot", **options: Unpack[RunOptions]) -> RunResult:
         """Which keywords were said: `result.keywords`, one hit per keyword, in order."""
-        inputs = {**_convert.media_inputs(audio=audio), "keywords": list(keywords)}
-        return self.run_complete(task, inputs, **kwargs)
+        return self._run(_calls.spot_keywords(audio, keywords, task=task, **options))
 
-    def read_text(self, image: bytes | Image, *, task: str = "ocr", **kwargs: Any) -> RunResult:
+    def read_text(self, image: bytes | Image, *, task: str = "ocr",
+                  **options: Unpack[RunOptions]) -> RunResult:
         """OCR: `result.text` (lines joined by newlines) and `result.boxes`."""
-        return self.run_complete(task, _convert.media_inputs(image=image), **kwargs)
+        return self._run(_calls.read_text(image, task=task, **options))
 
     def ask(self, question: str, *, image: bytes | Image | None = None,
             audio: bytes | Audio | PcmAudio | None = None, task: str | None = None,
-            **kwargs: Any) -> Stream[RunChunk]:
+            **options: Unpack[RunOptions]) -> Stream[RunChunk]:
         """A question about an image's text or an audio clip, answered by the backbone and
         streamed; the first chunk's `source_text` is what was read or heard."""
-        inputs = {**_convert.media_inputs(image=image, audio=audio), "question": question}
-        return self.run(_convert.ask_task(task, image, audio), inputs, **kwargs)
+        return self._stream(_calls.ask(question, image=image, audio=audio, task=task,
+                                       **options))
 
 
-class AdminClient(_SyncBase):
+class AdminClient(_SyncCaller):
     """Calls the Admin service (default `unix:///run/m4/admin.sock`, env M4_ADMIN_ADDRESS)."""
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        app_name: str | None = None,
-        timeout: float | None = None,
-    ) -> None:
+    def __init__(self, address: str | None = None, *, app_name: str | None = None,
+                 timeout: float | None = None) -> None:
         super().__init__(address, admin=True, app_name=app_name, timeout=timeout)
-        self._stub = admin_pb2_grpc.AdminStub(self._channel)
 
     def status(self, *, timeout: float | None = None) -> DaemonStatus:
         """What the daemon runs and how busy it is."""
-        response = self._unary(self._stub.Status, admin_pb2.StatusRequest(), timeout)
-        return _convert.daemon_status(response)
+        return self._unary(_calls.status(timeout=timeout))
 
     # ---- firmware images -------------------------------------------------------------
 
-    def install_image(
-        self,
-        tar_chunks: Iterable[bytes],
-        *,
-        total_bytes: int = 0,
-        allow_downgrade: bool = False,
-        activate: bool = False,
-        progress: Callable[[InstallProgress], None] | None = None,
-        timeout: float | None = None,
-    ) -> ImageInfo:
-        """Streams an image tar (`m4image.tarstream.iter_image_tar`) to the daemon's store.
-
-        `progress` is called with each progress message; returns the installed image.
-        """
-        requests = _images.install_requests(tar_chunks, total_bytes=total_bytes,
-                                            allow_downgrade=allow_downgrade, activate=activate)
-        try:
-            for msg in self._stub.InstallImage(requests, timeout=self._deadline(timeout),
-                                               metadata=self._metadata):
-                if msg.HasField("image"):
-                    return _images.image_info(msg.image)
-                if progress is not None:
-                    progress(_images.install_progress(msg.progress))
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        raise M4Error("the install stream ended without the installed image", code="INTERNAL")
+    def install_image(self, tar_chunks: Iterable[bytes],
+                      **options: Unpack[InstallOptions]) -> ImageInfo:
+        """Streams an image tar (`m4image.tarstream.iter_image_tar`) to the daemon's store;
+        `progress` is called with each progress message; returns the installed image."""
+        with self._stream(_calls.install_image(tar_chunks, **options)) as stream:
+            return _calls.installed(stream)
 
     def list_images(self, *, history: bool = False, timeout: float | None = None) -> ImageList:
         """The installed images and the boot state; with `history`, the store's events."""
-        msg = self._unary(self._stub.ListImages,
-                          admin_pb2.ListImagesRequest(include_history=history), timeout)
-        return _images.image_list(msg)
+        return self._unary(_calls.list_images(history=history, timeout=timeout))
 
     def activate_image(self, image: str, *, allow_downgrade: bool = False, now: bool = True,
                        timeout: float | None = None) -> ImageInfo:
         """Makes an image the trial; `now`: hot-swap to it (returns it active once its
         self-test passed), else it is tried at the daemon's next start."""
-        msg = self._unary(self._stub.ActivateImage, admin_pb2.ActivateImageRequest(
-            image=image, allow_downgrade=allow_downgrade, now=now), timeout)
-        return _images.image_info(msg.image)
+        return self._unary(_calls.activate_image(image, allow_downgrade=allow_downgrade,
+                                                 now=now, timeout=timeout))
 
     def mark_good(self, image: str = "", *, timeout: float | None = None) -> ImageInfo:
         """Marks the trial image good by hand (`image`: the digest expected on trial)."""
-        msg = self._unary(self._stub.MarkGood, admin_pb2.MarkGoodRequest(image=image), timeout)
-        return _images.image_info(msg.image)
+        return self._unary(_calls.mark_good(image, timeout=timeout))
 
     def rollback(self, *, allow_downgrade: bool = False, timeout: float | None = None,
                  ) -> tuple[ImageInfo, ImageInfo | None]:
         """Hot-swaps back to the previous good image; returns (active, previous)."""
-        msg = self._unary(self._stub.Rollback,
-                          admin_pb2.RollbackRequest(allow_downgrade=allow_downgrade), timeout)
-        previous = _images.image_info(msg.previous) if msg.HasField("previous") else None
-        return _images.image_info(msg.active), previous
+        return self._unary(_calls.rollback(allow_downgrade=allow_downgrade, timeout=timeout))
 
     def remove_image(self, image: str, *, timeout: float | None = None) -> str:
         """Deletes an installed image that is not active, previous or on trial; its digest."""
-        msg = self._unary(self._stub.RemoveImage, admin_pb2.RemoveImageRequest(image=image),
-                          timeout)
-        return str(msg.digest)
+        return self._unary(_calls.remove_image(image, timeout=timeout))

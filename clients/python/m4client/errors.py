@@ -92,11 +92,6 @@ _BY_CODE: dict[str, type[M4Error]] = {
 }
 
 
-def error_for_code(code: str, message: str) -> M4Error:
-    """An `M4Error` of the subclass that matches `code` (the base class otherwise)."""
-    return _BY_CODE.get(code, M4Error)(message, code=code)
-
-
 def from_rpc_error(err: grpc.RpcError) -> M4Error:
     """Convert a failed call's `grpc.RpcError` to an `M4Error` (the caller chains it)."""
     code_fn: Any = getattr(err, "code", None)
@@ -106,5 +101,4 @@ def from_rpc_error(err: grpc.RpcError) -> M4Error:
     message = (details_fn() if callable(details_fn) else None) or ""
     trailing_fn: Any = getattr(err, "trailing_metadata", None)
     trailing = trailing_fn() if callable(trailing_fn) else None
-    exc = _BY_CODE.get(name, M4Error)(message, code=name, trailing_metadata=tuple(trailing or ()))
-    return exc
+    return _BY_CODE.get(name, M4Error)(message, code=name, trailing_metadata=tuple(trailing or ()))
