@@ -11,6 +11,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from m4d.errors import M4Error
 
@@ -149,6 +150,17 @@ class MediaRequest(RequestBase):
     prompt_template: str = ""
     question: str = ""
     sampling: SamplingParams | None = None
+
+
+@dataclass(frozen=True)
+class Recognised:
+    """What a media module made of one input: text, plus boxes for images, tokens for audio.
+    The executor's media runtime returns it; the engine turns it into an answer."""
+
+    text: str
+    tokens: int = 0
+    boxes: tuple[TextBox, ...] = ()
+    features: Any = None  # image embedding [E] (CLIP) or projected image tokens [N, D] (path 1)
 
 
 @dataclass(frozen=True)

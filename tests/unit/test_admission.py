@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from m4d.engine.admission import Admission, AdmissionConfig, UidQuota
 from m4d.errors import ResourceExhausted, Unavailable
+from m4d.requests import Priority
 
-FG, BG = 1, 2
+SYS, FG, BG = Priority.SYSTEM, Priority.FOREGROUND, Priority.BACKGROUND
 
 
 def test_ok_then_quota_on_concurrent_requests() -> None:
@@ -51,7 +52,7 @@ def test_full_class_queue_is_busy_not_quota() -> None:
     assert d.status == "busy" and d.retry_after == 0.5
     assert "2 foreground requests" in d.message and isinstance(d.error(), Unavailable)
     assert adm.check(3, BG, 1, 0.0).ok, "each class has its own bound"
-    assert adm.check(3, 0, 1, 0.0).ok, "a class without a limit is unbounded"
+    assert adm.check(3, SYS, 1, 0.0).ok, "a class without a limit is unbounded"
     adm.release(1, FG)
     assert adm.check(3, FG, 1, 0.0).ok
 
@@ -59,11 +60,11 @@ def test_full_class_queue_is_busy_not_quota() -> None:
 def test_max_class_caps_a_uid() -> None:
     adm = Admission(AdmissionConfig(max_class={10123: BG}, weights={10123: 0.5},
                                     class_limits={BG: 1}))
-    d = adm.check(10123, 0, 1, 0.0)
-    assert d.ok and d.klass == BG and d.weight == 0.5 and d.error() is None
-    assert adm.per_class == {BG: 1}
+    d = adm.check(10123, SYS, 1, 0.0)
+    assert d.ok and d.priority == BG and d.weight == 0.5 and d.error() is None
+    assert adm.per_priority == {BG: 1}
     assert adm.check(10123, FG, 1, 0.0).status == "busy", "counted against background"
-    assert adm.check(1, 0, 1, 0.0).klass == 0, "other uids keep their class"
+    assert adm.check(1, SYS, 1, 0.0).priority == SYS, "other uids keep their class"
 
 
 def test_refusals_take_nothing() -> None:

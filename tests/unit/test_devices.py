@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from m4d.config import Config, ConfigError, load_config
+from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.executor.devices import (
     DeviceRegistry,
@@ -197,8 +198,8 @@ class EncoderRuntime:
 @pytest.mark.parametrize("encoder_device", ["cpu", "cuda:0"])
 def test_encoder_work_runs_on_its_devices_executor(encoder_device: str) -> None:
     runtime = EncoderRuntime(encoder_device)
-    engine = Engine(runtime, kv_slots=2, token_budget=64, prefill_chunk=32,  # type: ignore[arg-type]
-                    max_queue=8, max_batch_texts=8)
+    engine = Engine(runtime, EngineConfig(  # type: ignore[arg-type]
+        kv_slots=2, token_budget=64, prefill_chunk=32, max_queue=8, max_batch_texts=8))
     assert sorted(engine.executors) == ([] if encoder_device == "cpu" else ["cuda:0"])
     engine.start()
 

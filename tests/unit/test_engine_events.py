@@ -20,8 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from m4d.engine.engine import Engine, RequestStream
+from m4d.engine.config import EngineConfig
+from m4d.engine.engine import Engine
+from m4d.engine.latency import LatencyConfig
 from m4d.engine.sequence import Sequence
+from m4d.engine.stream import RequestStream
 from m4d.errors import Cancelled, Internal
 from m4d.requests import (
     Caller,
@@ -71,9 +74,9 @@ BG_PROMPT, BG_TOKENS = 10, 24
 FG_KEY, WARM_KEY = 50, 60
 
 
-def _request(key: int, klass: Priority, prompt: int, max_tokens: int) -> GenerateRequest:
+def _request(key: int, priority: Priority, prompt: int, max_tokens: int) -> GenerateRequest:
     return GenerateRequest(
-        task="generate", priority=klass, caller=Caller(uid=1000 + key),
+        task="generate", priority=priority, caller=Caller(uid=1000 + key),
         prompt_ids=[(7 * key + i) % VOCAB for i in range(prompt)],
         sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
@@ -90,10 +93,11 @@ async def _collect(stream: RequestStream, tokens: list[int] | None = None) -> li
 
 def _engine(runtime: RecordingRuntime) -> Engine:
     slots = NUM_BG + 1
-    return Engine(runtime, kv_slots=slots, token_budget=16 + slots,  # type: ignore[arg-type]
-                  prefill_chunk=16, max_queue=32, max_batch_texts=4,
-                  decode_slice_ms=1e-6,  # every sliced batch runs in slices of 4 rows
-                  urgent_window=1e6)  # once an urgent request has come, slicing stays on
+    return Engine(runtime, EngineConfig(  # type: ignore[arg-type]
+        kv_slots=slots, token_budget=16 + slots, prefill_chunk=16, max_queue=32,
+        max_batch_texts=4, latency=LatencyConfig(
+            decode_slice_ms=1e-6,  # every sliced batch runs in slices of 4 rows
+            urgent_window=1e6)))  # once an urgent request has come, slicing stays on
 
 
 async def _run_background(interrupt: bool) -> dict[str, Any]:
@@ -280,7 +284,7 @@ class _NoEngine:
 
 
 def _stream() -> RequestStream:
-    return RequestStream(_NoEngine(), _request(1, Priority.FOREGROUND, 3, 8))  # type: ignore[arg-type]
+    return RequestStream(_request(1, Priority.FOREGROUND, 3, 8), _NoEngine().cancel)
 
 
 def _finished() -> Finished:
@@ -501,12 +505,12 @@ def _encoder_batches(urgent_window: float) -> list[int]:
     from m4d.requests import EmbedRequest
 
     runtime = TimedEncoder()
-    engine = Engine(runtime, kv_slots=2, token_budget=64, prefill_chunk=32,  # type: ignore[arg-type]
-                    max_queue=64, max_batch_texts=16, decode_slice_ms=5.0,
-                    urgent_window=urgent_window)
+    engine = Engine(runtime, EngineConfig(  # type: ignore[arg-type]
+        kv_slots=2, token_budget=64, prefill_chunk=32, max_queue=64, max_batch_texts=16,
+        latency=LatencyConfig(decode_slice_ms=5.0, urgent_window=urgent_window)))
 
-    def embed(klass: Priority, uid: int) -> RequestStream:  # one uid each: under its quota
-        return engine.submit(EmbedRequest(task="embed", priority=klass,
+    def embed(priority: Priority, uid: int) -> RequestStream:  # one uid each: under its quota
+        return engine.submit(EmbedRequest(task="embed", priority=priority,
                                           caller=Caller(uid=uid), texts=[f"text {uid}"]))
 
     async def run() -> None:

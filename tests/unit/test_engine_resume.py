@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.requests import (
     Caller,
@@ -64,14 +65,15 @@ Req = tuple[int, Priority, int, int]  # key, class, prompt length, max_tokens
 
 
 async def serve(reqs: list[Req], slots: int, kv_tokens: int | None) -> tuple[dict[int, list[int]], int]:
-    engine = Engine(FakeRuntime(), kv_slots=slots, token_budget=16 + slots,  # type: ignore[arg-type]
-                    prefill_chunk=16, max_queue=16, max_batch_texts=4, kv_tokens=kv_tokens)
+    engine = Engine(FakeRuntime(), EngineConfig(  # type: ignore[arg-type]
+        kv_slots=slots, token_budget=16 + slots, prefill_chunk=16, max_queue=16,
+        max_batch_texts=4, kv_tokens=kv_tokens))
     engine.start()
     out: dict[int, list[int]] = {}
 
-    async def one(key: int, klass: Priority, prompt: int, max_tokens: int) -> None:
+    async def one(key: int, priority: Priority, prompt: int, max_tokens: int) -> None:
         request = GenerateRequest(
-            task="generate", priority=klass, caller=Caller(uid=1000 + key),
+            task="generate", priority=priority, caller=Caller(uid=1000 + key),
             prompt_ids=[(7 * key + i) % VOCAB for i in range(prompt)],
             sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         tokens: list[int] = []
@@ -90,7 +92,7 @@ async def serve(reqs: list[Req], slots: int, kv_tokens: int | None) -> tuple[dic
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     finally:
         engine.stop()
-    return out, engine.stats.preempted  # type: ignore[attr-defined]
+    return out, engine.stats.preempted
 
 
 @pytest.mark.parametrize("kv_tokens", [None, 200])

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+from m4d.engine.cascade import answer_messages
 from m4d.engine.media import (
-    MediaWork,
-    Recognised,
-    answer_messages,
     final_event,
     normalise_words,
     run_media_batch,
@@ -19,6 +17,7 @@ from m4d.requests import (
     MediaOp,
     MediaRequest,
     Priority,
+    Recognised,
     TextBox,
     TextRead,
     Transcribed,
@@ -39,24 +38,24 @@ def test_equal_inputs_in_a_batch_are_recognised_once() -> None:
         calls.append((module, list(inputs)))
         return [Recognised(f"text of {x}", tokens=3) for x in inputs]
 
-    batch = [MediaWork(_request(MediaOp.TRANSCRIBE, d), None) for d in ("a", "b", "a", "a")]
+    batch = [_request(MediaOp.TRANSCRIBE, d) for d in ("a", "b", "a", "a")]
     results = list(run_media_batch(recognise, batch))
     assert calls == [("speech", ["data-a", "data-b"])]  # one forward pass, two distinct clips
     assert [r.recognised.text for r in results] == [
         "text of data-a", "text of data-b", "text of data-a", "text of data-a"]
-    assert [r.work for r in results] == batch
+    assert [r.request for r in results] == batch
 
 
 def test_final_events_carry_what_each_task_asked_for() -> None:
     rec = Recognised("please send the email now", tokens=6)
-    work = MediaWork(_request(MediaOp.TRANSCRIBE, "x"), None)
+    work = _request(MediaOp.TRANSCRIBE, "x")
     (result,) = run_media_batch(lambda m, xs: [rec for _ in xs], [work])
     event = final_event(result)
     assert isinstance(event, Transcribed)
     assert event.text == rec.text and event.audio_seconds == 2.5
     assert event.usage.prompt_tokens == 6 and event.timings.total_ms >= event.timings.prefill_ms
 
-    kw = MediaWork(_request(MediaOp.KEYWORDS, "x", keywords=["e-mail", "weather"]), None)
+    kw = _request(MediaOp.KEYWORDS, "x", keywords=["e-mail", "weather"])
     (result,) = run_media_batch(lambda m, xs: [rec for _ in xs], [kw])
     heard = final_event(result)
     assert isinstance(heard, KeywordsHeard)
@@ -64,7 +63,7 @@ def test_final_events_carry_what_each_task_asked_for() -> None:
     assert heard.transcript == rec.text
 
     box = TextBox("EXIT", 0.97, ((0, 0), (40, 0), (40, 10), (0, 10)))
-    ocr = MediaWork(_request(MediaOp.OCR, "y", module="ocr"), None)
+    ocr = _request(MediaOp.OCR, "y", module="ocr")
     (result,) = run_media_batch(lambda m, xs: [Recognised("EXIT", boxes=(box,)) for _ in xs], [ocr])
     read = final_event(result)
     assert isinstance(read, TextRead) and read.boxes == [box] and read.text == "EXIT"

@@ -435,8 +435,8 @@ def simulate(ops: list[Op], policy: str, rows: int, chunk: int, blocks: int) -> 
     sim = Sim(s)
     for i, op in enumerate(ops):
         if op.arrive is not None:
-            prompt, max_new, klass, uid, ttl = op.arrive
-            q = seq(i, prompt, klass, max_new=max_new, uid=uid,
+            prompt, max_new, priority, uid, ttl = op.arrive
+            q = seq(i, prompt, priority, max_new=max_new, uid=uid,
                     deadline=None if ttl is None else sim.now + ttl)
             if prompt + max_new > kv.capacity:
                 with pytest.raises(KVCapacityError):

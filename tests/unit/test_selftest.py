@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from m4.inference.v1 import inference_pb2 as pb
+from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.requests import (
     Caller,
@@ -52,8 +53,8 @@ class FakeConverter:
 
 
 def _engine(runtime: ScoringRuntime) -> Engine:
-    engine = Engine(runtime, kv_slots=2, token_budget=18, prefill_chunk=16,  # type: ignore[arg-type]
-                    max_queue=8, max_batch_texts=4)
+    engine = Engine(runtime, EngineConfig(  # type: ignore[arg-type]
+        kv_slots=2, token_budget=18, prefill_chunk=16, max_queue=8, max_batch_texts=4))
     runtime.engine = engine
     return engine
 

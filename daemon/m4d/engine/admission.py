@@ -1,14 +1,15 @@
 """Admission control: the gate in front of the engine's queues, answered at submit time.
 
 Pure bookkeeping with the time passed in. `check()` says at once whether a request may
-enter: ok; busy (the daemon holds as many requests of that class as it may → UNAVAILABLE
-with a retry hint); or quota (the caller's uid has too many requests in flight, or has used
-up its tokens per second → RESOURCE_EXHAUSTED with a retry hint). An admitted request holds
-its place until `release()`, which the engine calls however the request ends.
+enter: ok; busy (the daemon holds as many requests of that priority as it may →
+UNAVAILABLE with a retry hint); or quota (the caller's uid has too many requests in flight,
+or has used up its tokens per second → RESOURCE_EXHAUSTED with a retry hint). An admitted
+request holds its `Ticket` until `release()`, which the engine calls however it ends.
 
 Per uid: a cap on concurrent requests, a token bucket charged with the request's estimated
-tokens (prompt + max_tokens; what it did not use is refunded on release), a fair-share
-weight, and a cap on its class (`max_class`: a uid capped at 2 always runs as background).
+tokens (`estimate_tokens`: prompt + max_tokens; what it did not use is refunded on
+release), a fair-share weight, and a cap on its priority (`max_class`: a uid capped at 2
+always runs as background).
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from m4d.errors import M4Error, ResourceExhausted, Unavailable
-
-CLASS_NAMES = {0: "system", 1: "foreground", 2: "background"}
+from m4d.requests import (
+    ClassifyRequest,
+    EmbedRequest,
+    GenerateRequest,
+    MediaRequest,
+    PredictNextRequest,
+    Priority,
+    RequestBase,
+)
 
 
 @dataclass(frozen=True)
@@ -30,20 +38,20 @@ class UidQuota:
 
 @dataclass
 class AdmissionConfig:
-    # Requests of each class the daemon holds at once (waiting + running); absent: no limit.
+    # Requests of each priority the daemon holds at once (waiting + running); absent: no limit.
     class_limits: dict[int, int] = field(default_factory=lambda: {0: 16, 1: 64, 2: 64})
     quota: UidQuota = field(default_factory=UidQuota)  # every uid's, unless in `quotas`
     quotas: dict[int, UidQuota] = field(default_factory=dict)
-    max_class: dict[int, int] = field(default_factory=dict)  # uid -> most urgent class allowed
+    max_class: dict[int, int] = field(default_factory=dict)  # uid -> most urgent priority allowed
     weights: dict[int, float] = field(default_factory=dict)  # uid -> fair-share weight (1.0)
-    busy_retry_after: float = 0.5  # seconds, the hint when a class queue is full
+    busy_retry_after: float = 0.5  # seconds, the hint when a priority's limit is reached
     concurrent_retry_after: float = 1.0  # seconds, the hint when a uid has too many
 
 
 @dataclass(frozen=True)
 class Decision:
     status: Literal["ok", "busy", "quota"]
-    klass: int  # the class granted: the one asked for, capped by max_class
+    priority: Priority  # the one granted: the one asked for, capped by max_class
     weight: float = 1.0
     message: str = ""
     retry_after: float | None = None
@@ -61,6 +69,35 @@ class Decision:
         return None
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """What an admitted request holds until it ends."""
+
+    uid: int
+    priority: Priority
+    weight: float  # its uid's fair-share weight
+    estimate: int  # the tokens charged to its uid's bucket
+
+    def unused(self, used: int) -> int:
+        """Tokens to refund when it used `used`."""
+        return max(0, self.estimate - used)
+
+
+def estimate_tokens(request: RequestBase) -> int:
+    """Tokens a request may cost, charged to its uid's token bucket at admission."""
+    if isinstance(request, GenerateRequest):
+        return len(request.prompt_ids) + request.sampling.max_tokens
+    if isinstance(request, PredictNextRequest):
+        return len(request.prompt_ids)
+    if isinstance(request, EmbedRequest):
+        return sum(len(t) for t in request.texts) // 4 + 1
+    if isinstance(request, ClassifyRequest):
+        return len(request.text) // 4 + 1
+    if isinstance(request, MediaRequest):  # recognition, plus the answer of a cascade
+        return 256 + (request.sampling.max_tokens if request.sampling else 0)
+    return 1
+
+
 @dataclass
 class _Bucket:
     level: float
@@ -71,20 +108,20 @@ class Admission:
     def __init__(self, config: AdmissionConfig | None = None) -> None:
         self.config = config or AdmissionConfig()
         self.in_flight: dict[int, int] = {}  # uid -> requests
-        self.per_class: dict[int, int] = {}  # class -> requests
+        self.per_priority: dict[Priority, int] = {}  # requests held
         self._buckets: dict[int, _Bucket] = {}
 
     def quota(self, uid: int) -> UidQuota:
         return self.config.quotas.get(uid, self.config.quota)
 
-    def check(self, uid: int, klass: int, est_tokens: int, now: float) -> Decision:
+    def check(self, uid: int, priority: Priority, est_tokens: int, now: float) -> Decision:
         """Admits the request (and counts it until release) or says why not."""
         cfg, quota = self.config, self.quota(uid)
-        klass = max(klass, cfg.max_class.get(uid, 0))
+        priority = Priority(max(priority, cfg.max_class.get(uid, 0)))
         weight = cfg.weights.get(uid, 1.0)
 
         def refuse(status: Literal["busy", "quota"], retry: float, message: str) -> Decision:
-            return Decision(status, klass, weight, message, round(retry, 3))
+            return Decision(status, priority, weight, message, round(retry, 3))
 
         running = self.in_flight.get(uid, 0)
         if running >= quota.max_concurrent:
@@ -98,21 +135,20 @@ class Admission:
             return refuse("quota", wait,
                           f"uid {uid} is over its rate of {quota.tokens_per_second:g} tokens/s; "
                           f"retry in {wait:.1f} s")
-        queued, limit = self.per_class.get(klass, 0), cfg.class_limits.get(klass)
+        queued, limit = self.per_priority.get(priority, 0), cfg.class_limits.get(priority)
         if limit is not None and queued >= limit:
-            name = CLASS_NAMES.get(klass, f"class {klass}")
             return refuse("busy", cfg.busy_retry_after,
-                          f"busy: {queued} {name} requests are in the daemon (limit {limit}); "
-                          f"retry in {cfg.busy_retry_after:g} s")
+                          f"busy: {queued} {priority.name.lower()} requests are in the daemon "
+                          f"(limit {limit}); retry in {cfg.busy_retry_after:g} s")
         bucket.level -= cost
         self.in_flight[uid] = running + 1
-        self.per_class[klass] = queued + 1
-        return Decision("ok", klass, weight)
+        self.per_priority[priority] = queued + 1
+        return Decision("ok", priority, weight)
 
-    def release(self, uid: int, klass: int, unused_tokens: int = 0) -> None:
-        """A request admitted as `klass` ended; refunds the tokens it did not use."""
+    def release(self, uid: int, priority: Priority, unused_tokens: int = 0) -> None:
+        """A request admitted with `priority` ended; refunds the tokens it did not use."""
         self.in_flight[uid] = max(0, self.in_flight.get(uid, 0) - 1)
-        self.per_class[klass] = max(0, self.per_class.get(klass, 0) - 1)
+        self.per_priority[priority] = max(0, self.per_priority.get(priority, 0) - 1)
         bucket = self._buckets.get(uid)
         if bucket is not None and unused_tokens > 0:
             bucket.level = min(self.quota(uid).burst_tokens, bucket.level + unused_tokens)

@@ -1,30 +1,38 @@
 """Media work (M4 paths 1 and 3 on images and audio): recognition batched per module, then
-either a final answer (transcript, text boxes, keyword hits) or a cascade into the backbone.
+either a final answer (transcript, text boxes, keyword hits, CLIP rankings) or a cascade
+into the backbone.
 
-Requests that share a module run through it in one batch; the same image or audio sent by
-several requests of a batch (equal sha256 of the bytes) is recognised once. Cascaded tasks
-(spoken-language understanding, questions about the text of an image) turn the recognised
-text into a chat prompt here and continue as ordinary generation in the scheduler.
+Requests that share a module run through it in one batch (`Batcher.next_media` picks
+them); the same image or audio sent by several requests of a batch (equal sha256 of the
+bytes) is recognised once. A cascaded task (spoken-language understanding, questions about
+an image or its text) continues as ordinary generation: `cascade.plan_answer` decides its
+prompt, `start_answer` builds it on the runtime.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from m4d.engine.cascade import plan_answer
+from m4d.errors import M4Error
 from m4d.requests import (
     Embeddings,
     Event,
+    GenerateRequest,
     KeywordHit,
     KeywordsHeard,
     LabelScore,
     MediaOp,
     MediaRequest,
     Ranked,
+    Recognised,
+    SourceText,
     TextRead,
     Timings,
     Transcribed,
@@ -32,21 +40,10 @@ from m4d.requests import (
     softmax,
 )
 
+if TYPE_CHECKING:
+    import torch
 
-@dataclass
-class MediaWork:
-    request: MediaRequest
-    stream: object
-
-
-@dataclass(frozen=True)
-class Recognised:
-    """What a module made of one input: text, plus boxes for images, tokens for audio."""
-
-    text: str
-    tokens: int = 0
-    boxes: tuple[Any, ...] = ()
-    features: Any = None  # image embedding [E] (CLIP) or projected image tokens [N, D] (path 1)
+    from m4d.executor.runtime import Runtime
 
 
 # ---- recognition, batched -------------------------------------------------------------
@@ -57,34 +54,96 @@ Recognise = Callable[[str, list[Any]], list[Recognised]]
 
 @dataclass(frozen=True)
 class BatchResult:
-    work: MediaWork
+    request: MediaRequest
     recognised: Recognised
     started: float
     ended: float
 
 
-def run_media_batch(recognise: Recognise, batch: list[MediaWork]) -> Iterator[BatchResult]:
-    """Runs one module over the batch's distinct inputs. All works share ``module``."""
-    module = batch[0].request.module
+def run_media_batch(recognise: Recognise, batch: list[MediaRequest]) -> Iterator[BatchResult]:
+    """Runs one module over the batch's distinct inputs. All requests share ``module``."""
+    module = batch[0].module
     unique: dict[str, int] = {}
     inputs: list[Any] = []
-    for work in batch:
-        media = work.request.media
-        assert media is not None and work.request.module == module
+    for request in batch:
+        media = request.media
+        assert media is not None and request.module == module
         if media.digest not in unique:
             unique[media.digest] = len(inputs)
             inputs.append(media.data)
     started = time.monotonic()
     results = recognise(module, inputs)
     ended = time.monotonic()
-    for work in batch:
-        assert work.request.media is not None
-        yield BatchResult(work, results[unique[work.request.media.digest]], started, ended)
+    for request in batch:
+        assert request.media is not None
+        yield BatchResult(request, results[unique[request.media.digest]], started, ended)
+
+
+def recognise_batch(recognise: Recognise, batch: list[MediaRequest],
+                    ) -> tuple[list[BatchResult], list[tuple[MediaRequest, M4Error]]]:
+    """Runs a batch: its results, and the requests that failed. A bad input that the model
+    finds (an M4Error) fails its own request, not its batch-mates: the batch is run again
+    one request at a time."""
+    try:
+        return list(run_media_batch(recognise, batch)), []
+    except M4Error as exc:
+        if len(batch) == 1:
+            return [], [(batch[0], exc)]
+    results: list[BatchResult] = []
+    failed: list[tuple[MediaRequest, M4Error]] = []
+    for request in batch:
+        try:
+            results += run_media_batch(recognise, [request])
+        except M4Error as one:
+            failed.append((request, one))
+    return results, failed
+
+
+class ClipModels(Protocol):
+    """What the CLIP heads need of the media runtime."""
+
+    def text_features(self, module: str, texts: list[str]) -> Any: ...
+
+    def logit_scale(self, module: str) -> float: ...
+
+
+CLIP_OPS = (MediaOp.IMAGE_LABELS, MediaOp.IMAGE_RANK, MediaOp.IMAGE_EMBED)
+
+
+def recognised_event(result: BatchResult, clip: ClipModels) -> Event:
+    """The answer of a task that ends with its recognition (every op but ANSWER)."""
+    request = result.request
+    if request.op in CLIP_OPS:
+        module = request.module
+        return clip_event(result, functools.partial(clip.text_features, module),
+                          clip.logit_scale(module) if request.op is not MediaOp.IMAGE_EMBED
+                          else 1.0)
+    return final_event(result)
+
+
+def start_answer(runtime: Runtime, result: BatchResult,
+                 ) -> tuple[GenerateRequest, torch.Tensor | None, SourceText]:
+    """A cascade's second half on the runtime (`plan_answer` decides it): the generation
+    that answers, its prompt as embeddings (path 1; else None), and the SourceText event
+    posted before the answer streams. Raises InvalidArgument."""
+    request, recognised = result.request, result.recognised
+    features, image = recognised.features, None
+    if features is not None:  # path 1: the image's features are the prompt's
+        _, projector = runtime.media.projector_for(request.module)
+        image = (int(projector["image_token_id"]), int(features.shape[0]))
+    answer = plan_answer(request, recognised.text, tokenizer=runtime.tokenizer,
+                         template=runtime.chat_template, max_context=runtime.max_context,
+                         image=image)
+    embeds = None
+    if answer.splice_ids is not None and image is not None:
+        embeds = runtime.image_prompt(answer.splice_ids, image[0], features)
+    seconds = request.media.seconds if request.media else 0.0
+    return answer.request, embeds, SourceText(recognised.text, seconds)
 
 
 def final_event(result: BatchResult) -> Event:
     """The answer of a non-cascaded task."""
-    request, rec = result.work.request, result.recognised
+    request, rec = result.request, result.recognised
     media = request.media
     assert media is not None
     timings = Timings(queue_ms=(result.started - request.arrival) * 1e3,
@@ -114,7 +173,7 @@ def clip_event(result: BatchResult, text_features: Callable[[list[str]], Any],
     Zero-shot labels get CLIP's own probabilities (softmax of the cosine times the
     checkpoint's logit scale) with the cosine as the raw score; retrieval ranks the texts
     by cosine and reports the same probabilities over the candidates."""
-    request, image = result.work.request, result.recognised.features
+    request, image = result.request, result.recognised.features
     timings = Timings(queue_ms=(result.started - request.arrival) * 1e3,
                       prefill_ms=(result.ended - result.started) * 1e3,
                       total_ms=(time.monotonic() - request.arrival) * 1e3)
@@ -172,54 +231,3 @@ def spot_keyword(keyword: str, transcript: str, threshold: float) -> KeywordHit:
             if score > best:
                 best, heard = score, window
     return KeywordHit(keyword, best >= threshold, round(best, 4), heard)
-
-
-# ---- cascades: recognised text -> a chat prompt for the backbone -------------------------
-
-_PROMPTS: dict[str, tuple[str, str]] = {
-    # Spoken-language understanding (M4 T49 style): transcript -> intent and slots as JSON.
-    "slu": (
-        "You turn a spoken request into JSON with an \"intent\" (a short snake_case verb "
-        "phrase) and \"slots\" (the details, as an object). Reply with the JSON only.",
-        "Request: \"{source}\"",
-    ),
-    # Questions about the text in an image (M4 T21: OCR on rendered text).
-    "ocr_qa": (
-        "Answer the question using only the text found in an image. Be brief.",
-        "Text in the image:\n{source}\n\nQuestion: {question}",
-    ),
-    # Questions about what was said.
-    "speech_qa": (
-        "Answer the question using only what the speaker said. Be brief.",
-        "The speaker said: \"{source}\"\n\nQuestion: {question}",
-    ),
-    # Visual question answering (M4 T33): the image's features replace IMAGE_MARKER.
-    "vqa": ("", "<image>\n{question}"),
-}
-
-# Worked examples before the real turn: a small backbone follows a format it has just seen
-# (SmolLM2-135M answers free-form prose to the instruction alone, valid intent JSON after these).
-_EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
-    "slu": (
-        ("Set a timer for ten minutes.",
-         '{"intent": "set_timer", "slots": {"duration": "ten minutes"}}'),
-        ("What will the weather be like in Paris tomorrow?",
-         '{"intent": "get_weather", "slots": {"city": "Paris", "date": "tomorrow"}}'),
-        ("Play some jazz music in the living room.",
-         '{"intent": "play_music", "slots": {"genre": "jazz", "room": "living room"}}'),
-    ),
-}
-
-IMAGE_MARKER = "<image>"
-PROMPT_TEMPLATES = tuple(_PROMPTS)
-
-
-def answer_messages(template: str, source: str, question: str) -> list[dict[str, str]]:
-    """The chat for a cascaded answer; ``template`` is a task's prompt_template."""
-    system, user = _PROMPTS[template]
-    turn = {"role": "user", "content": user.format(source=source.strip() or "(nothing)",
-                                                   question=question.strip())}
-    shots = [m for u, a in _EXAMPLES.get(template, ())
-             for m in ({"role": "user", "content": user.format(source=u, question="")},
-                       {"role": "assistant", "content": a})]
-    return ([{"role": "system", "content": system}] if system else []) + shots + [turn]

@@ -2,15 +2,17 @@
 
 A policy is a small object the scheduler consults; it never touches rows, memory or the
 plan. `order(waiting, now)` returns the waiting queue head first, each sequence with the
-class it would run with; `base(seq)` is the class it was submitted with (0 system,
-1 foreground, 2 background), which decides whom it may preempt. The scheduler tells it
-`admitted(seq, now)`, every token served (`charge`, prefill and decode alike) and when a
-uid that had no work gets some (`activate`).
+priority it would run with (after aging); `priority(seq)` is the priority it was submitted
+with as the policy sees it (system, foreground, background; one for all under fcfs), which
+decides whom it may preempt. The scheduler tells it `admitted(seq, now)`, every token
+served (`charge`, prefill and decode alike) and when a uid that had no work gets some
+(`activate`).
 
-Aging is per class, not per request: a class moves up one level for every `aging` seconds
-it has had work waiting without admitting any. A class that is being served never ages,
-so aging cannot undo fair share inside a class (per-request aging would: the uid with the
-deepest queue always has the oldest requests), while a starved class always gets through.
+Aging is per priority, not per request: a priority moves up one level for every `aging`
+seconds it has had work waiting without admitting any. A priority that is being served
+never ages, so aging cannot undo fair share inside it (per-request aging would: the uid
+with the deepest queue always has the oldest requests), while a starved priority always
+gets through.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
+from m4d.requests import Priority
+
 
 class Queued(Protocol):
     """What a policy reads of a sequence (SeqState has all of it)."""
 
     id: int
-    priority: int
+    priority: Priority
     arrival: float
     uid: int
     weight: float
@@ -33,15 +37,15 @@ Q = TypeVar("Q", bound=Queued)
 
 
 class QueuePolicy:
-    """First come, first served: one class for everyone, so nothing preempts anything."""
+    """First come, first served: one priority for everyone, so nothing preempts anything."""
 
     name = "fcfs"
 
-    def base(self, seq: Queued) -> int:
-        return 0
+    def priority(self, seq: Queued) -> Priority:
+        return Priority.SYSTEM
 
-    def order(self, waiting: Sequence[Q], now: float) -> list[tuple[int, Q]]:
-        return [(0, s) for s in sorted(waiting, key=lambda s: (s.arrival, s.id))]
+    def order(self, waiting: Sequence[Q], now: float) -> list[tuple[Priority, Q]]:
+        return [(Priority.SYSTEM, s) for s in sorted(waiting, key=lambda s: (s.arrival, s.id))]
 
     def admitted(self, seq: Queued, now: float) -> None:
         pass
@@ -54,7 +58,7 @@ class QueuePolicy:
 
 
 class PriorityPolicy(QueuePolicy):
-    """Class first (aged when `aging` seconds is given), then arrival."""
+    """Priority first (aged when `aging` seconds is given), then arrival."""
 
     name = "priority"
 
@@ -62,36 +66,37 @@ class PriorityPolicy(QueuePolicy):
         if aging is not None and aging <= 0:
             raise ValueError(f"aging must be a positive number of seconds, not {aging}")
         self.aging = aging
-        self._last_admit: dict[int, float] = {}  # class -> when it last admitted a sequence
+        self._last_admit: dict[Priority, float] = {}  # when it last admitted a sequence
 
-    def base(self, seq: Queued) -> int:
+    def priority(self, seq: Queued) -> Priority:
         return seq.priority
 
-    def classes(self, waiting: Sequence[Queued], now: float) -> dict[int, int]:
-        """Each waiting class's effective class: one level up per `aging` seconds starved."""
-        since: dict[int, float] = {}
+    def aged(self, waiting: Sequence[Queued], now: float) -> dict[Priority, Priority]:
+        """Each waiting priority after aging: one level up per `aging` seconds starved."""
+        since: dict[Priority, float] = {}
         for s in waiting:
             since[s.priority] = min(since.get(s.priority, s.arrival), s.arrival)
         if self.aging is None:
-            return {c: c for c in since}
+            return {p: p for p in since}
         aging = self.aging
-        return {c: max(0, c - int(max(0.0, now - max(t, self._last_admit.get(c, t))) // aging))
-                for c, t in since.items()}
+        return {p: Priority(max(0, p - int(max(0.0, now - max(t, self._last_admit.get(p, t)))
+                                           // aging)))
+                for p, t in since.items()}
 
     def tiebreak(self, seq: Queued) -> float:
         return 0.0
 
-    def order(self, waiting: Sequence[Q], now: float) -> list[tuple[int, Q]]:
-        eff = self.classes(waiting, now)
-        keyed = sorted(waiting, key=lambda s: (eff[s.priority], self.tiebreak(s), s.arrival, s.id))
-        return [(eff[s.priority], s) for s in keyed]
+    def order(self, waiting: Sequence[Q], now: float) -> list[tuple[Priority, Q]]:
+        aged = self.aged(waiting, now)
+        keyed = sorted(waiting, key=lambda s: (aged[s.priority], self.tiebreak(s), s.arrival, s.id))
+        return [(aged[s.priority], s) for s in keyed]
 
     def admitted(self, seq: Queued, now: float) -> None:
         self._last_admit[seq.priority] = now
 
 
 class FairPolicy(PriorityPolicy):
-    """Class (aged), then weighted fair share between uids, then arrival.
+    """Priority (aged), then weighted fair share between uids, then arrival.
 
     Each uid has a virtual time: the tokens it was served divided by its weight. The uid
     furthest behind goes first, so saturating uids get tokens in proportion to their
@@ -118,8 +123,8 @@ class FairPolicy(PriorityPolicy):
 
 
 def make_policy(name: str, **options: float | None) -> QueuePolicy:
-    """"fcfs", "priority" (strict classes; aging only if given) or "fair" (the default:
-    classes aged every 5 s of starvation, weighted fair share per uid)."""
+    """"fcfs", "priority" (strict priorities; aging only if given) or "fair" (the default:
+    priorities aged every 5 s of starvation, weighted fair share per uid)."""
     policies: dict[str, type[QueuePolicy]] = {
         "fcfs": QueuePolicy, "priority": PriorityPolicy, "fair": FairPolicy}
     if name not in policies:

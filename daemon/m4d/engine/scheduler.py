@@ -10,10 +10,10 @@ Three limits are never exceeded: the token budget, the KV rows and the KV memory
 (`policy.py`). A step runs in this order:
 
 1. deadlines: expired sequences, waiting or running, leave at once (`plan.expired`);
-2. running sequences, most important first (rank, then admission order), get their decode
+2. running sequences, most urgent first (run_priority, then admission order), get their decode
    token or next prompt chunk; one that needs KV memory may preempt those after it;
 3. waiting sequences are admitted head first; when the head finds no row or no memory, it
-   may preempt running work of a strictly lower class (latest admitted first).
+   may preempt running work of a strictly lower priority (latest admitted first).
 
 A preempted sequence loses its row and memory and waits again (`plan.preempted`); its
 generated tokens are kept and it resumes by re-prefilling prompt + generated tokens.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from m4d.engine.kvpool import KVCapacityError, KVPool
 from m4d.engine.policy import QueuePolicy, make_policy
+from m4d.requests import Priority
 
 __all__ = ["KVCapacityError", "PrefillChunk", "Scheduler", "SeqState", "StepPlan"]
 
@@ -34,7 +35,7 @@ class SeqState:
     """The scheduler's view of one generation sequence."""
 
     id: int
-    priority: int  # class: 0 system, 1 foreground, 2 background; lower is more urgent
+    priority: Priority  # as submitted (after the uid's cap); lower is more urgent
     arrival: float
     prompt_len: int
     max_new_tokens: int
@@ -42,10 +43,10 @@ class SeqState:
     generated: int = 0  # tokens sampled so far
     row: int | None = None  # KV cache row while running
     uid: int = -1  # the caller, for fair share
-    weight: float = 1.0  # the caller's share within its class
+    weight: float = 1.0  # the caller's share within its priority
     deadline: float | None = None  # monotonic seconds; expires when now >= deadline
     resumed: int = 0  # generated tokens to re-prefill after a preemption
-    rank: int = 0  # the class it was admitted with (after aging), while running
+    run_priority: Priority = Priority.SYSTEM  # admitted with (after aging), while running
     admit_no: int = 0  # admission counter: higher was admitted later
     preemptions: int = 0
 
@@ -117,6 +118,11 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def waiting(self) -> list[SeqState]:
+        """The sequences waiting for a row (new or preempted), as a copy."""
+        return list(dict(self._waiting).values())
+
     def add(self, seq: SeqState) -> None:
         """Queues a sequence; raises KVCapacityError (a ValueError) if it could never fit."""
         if seq.prompt_len < 1:
@@ -166,16 +172,17 @@ class Scheduler:
                 if n <= self._left(plan) and self._make_room(plan, seq, seq.computed + n, later):
                     self._plan(plan, seq, n)
 
-        for klass, seq in self.policy.order(list(self._waiting.values()), now):
+        for priority, seq in self.policy.order(list(self._waiting.values()), now):
             if seq.id in plan.preempted:
                 continue  # not back in the same step it was pushed out
             n = self._next_chunk(seq)
-            lower = [s for s in self.running.values() if s.rank > self.policy.base(seq)]
+            lower = [s for s in self.running.values()
+                     if s.run_priority > self.policy.priority(seq)]
             if n > self._left(plan) or not self._make_room(plan, seq, n, lower, need_row=True):
                 break  # strict queue order: nobody overtakes the head
             del self._waiting[seq.id]
             seq.row = self._free_rows.pop()
-            seq.rank = klass
+            seq.run_priority = priority
             self.policy.admitted(seq, now)
             self._admitted += 1
             seq.admit_no = self._admitted
@@ -184,7 +191,7 @@ class Scheduler:
         return plan
 
     def _run_key(self, seq: SeqState) -> tuple[int, int]:
-        return (seq.rank, seq.admit_no)
+        return (seq.run_priority, seq.admit_no)
 
     def _left(self, plan: StepPlan) -> int:
         return self.token_budget - plan.num_tokens
@@ -197,7 +204,7 @@ class Scheduler:
     def _make_room(self, plan: StepPlan, seq: SeqState, tokens: int, victims: list[SeqState],
                    need_row: bool = False) -> bool:
         """Makes the cache hold `tokens` of `seq` (and gives it a row), preempting as few
-        victims as possible, latest admitted of the lowest rank first. False, with nothing
+        victims as possible, latest admitted of the lowest priority first. False, with nothing
         preempted or taken, when even all the victims would not be enough."""
         victims = sorted(victims, key=self._run_key, reverse=True)
         blocks = self.kv.needed(seq.id, tokens)
@@ -235,6 +242,15 @@ class Scheduler:
             return
         plan.prefill.append(PrefillChunk(seq.id, seq.row, seq.computed, n,
                                          last=seq.computed + n == seq.prefill_len))
+
+    def kv_blocks(self, max_context: int, block: int = 16) -> tuple[int, int]:
+        """KV memory (blocks used, blocks in all) for status. Without a pool rows are the
+        limit: each row's cache is counted in blocks of `block` tokens of `max_context`."""
+        if self.kv.block_size > 1:  # a real pool (config kv_pool_tokens)
+            return self.kv.used, self.kv.num_blocks
+        running = list(dict(self.running).values())
+        return (sum(-(-s.computed // block) for s in running),
+                self.num_rows * -(-max_context // block))
 
     def update(self, plan: StepPlan) -> None:
         """Records that a plan ran: chunks are cached, decoders fed a token and got one."""

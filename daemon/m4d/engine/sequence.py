@@ -8,6 +8,8 @@ at once, with empty text when its text is still held back.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,15 +27,17 @@ from m4d.requests import (
 )
 
 if TYPE_CHECKING:
-    from m4d.engine.engine import RequestStream
+    from m4d.engine.stream import RequestStream
 
 
 class Sequence:
     def __init__(self, request: GenerateRequest, stream: RequestStream | None,
-                 tokenizer: TextTokenizer | None) -> None:
+                 tokenizer: TextTokenizer | None,
+                 prompt_embeds: torch.Tensor | None = None) -> None:
         assert tokenizer is not None
         self.request = request
         self.stream = stream  # None only in tests that drive a Sequence by hand
+        self.prompt_embeds = prompt_embeds  # path 1: the prompt with image features [S', D]
         self.params: SamplingParams = request.sampling
         self.generator: torch.Generator | None = make_generator(request.sampling)
         self.eos_id = tokenizer.eos_id
@@ -50,9 +54,32 @@ class Sequence:
         return self.tokens[-1]
 
     @property
+    def tokens_in(self) -> int:
+        """Prompt tokens put in the KV cache so far (a re-prefill does not count again)."""
+        return min(self.prompted, len(self.request.prompt_ids))
+
+    @property
     def next_position(self) -> int:
         """The position of last_token, which the next decode step feeds."""
         return len(self.request.prompt_ids) + len(self.tokens) - 1
+
+    def chunk_ids(self, start: int, length: int) -> list[int]:
+        """A prefill chunk's token ids: the prompt, then (when a preempted sequence
+        resumes) its generated tokens."""
+        return (self.request.prompt_ids + self.tokens)[start:start + length]
+
+    def chunk_embeds(self, start: int, length: int,
+                     embed: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """A prefill chunk of a path-1 sequence as embeddings: the spliced prompt, then
+        (when a preempted sequence resumes) its generated tokens, embedded by `embed`."""
+        embeds = self.prompt_embeds  # [S', D]
+        assert embeds is not None
+        n = embeds.shape[0]
+        head = embeds[start:start + length]
+        if start + length <= n:
+            return head
+        tail = embed(self.tokens[max(0, start - n):start + length - n])
+        return torch.cat([head, tail.to(head.dtype)]) if head.shape[0] else tail
 
     def started(self, now: float) -> None:
         self._start = now
@@ -112,8 +139,6 @@ class Sequence:
         return delta
 
     def _finished(self, reason: FinishReason) -> Finished:
-        import time
-
         end = time.monotonic()
         arrival = self.request.arrival
         first = self._first_token or end
@@ -127,3 +152,12 @@ class Sequence:
         usage = Usage(prompt_tokens=len(self.request.prompt_ids),
                       completion_tokens=len(self.tokens))
         return Finished(reason, usage, timings)
+
+
+def tokens_per_uid(sequences: Iterable[Sequence]) -> dict[int, tuple[int, int]]:
+    """uid -> tokens in (prompt in the KV cache) and out (generated) of these sequences."""
+    totals: dict[int, tuple[int, int]] = {}
+    for seq in sequences:
+        t_in, t_out = totals.get(seq.request.caller.uid, (0, 0))
+        totals[seq.request.caller.uid] = (t_in + seq.tokens_in, t_out + len(seq.tokens))
+    return totals

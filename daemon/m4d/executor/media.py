@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from m4d.engine.media import Recognised
 from m4d.errors import InvalidArgument
-from m4d.requests import TextBox
+from m4d.requests import Recognised, TextBox
 
 log = logging.getLogger(__name__)
 

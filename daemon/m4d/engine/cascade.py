@@ -1,0 +1,112 @@
+"""The media cascade as plain data: how a recognised text (a transcript, the text of an
+image) and the caller's question become the prompt that the backbone answers.
+
+Cascaded tasks (spoken-language understanding, questions about what was said, about the
+text of an image or about the image itself) end their media half with `plan_answer`: a
+chat prompt from the task's template, with max_tokens cut to the room left in the
+context. No torch: for a question about an image (path 1), the plan says where the
+image's features go, and the runtime splices them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from m4d.errors import InvalidArgument
+from m4d.requests import GenerateRequest, MediaRequest
+
+if TYPE_CHECKING:
+    from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
+
+_PROMPTS: dict[str, tuple[str, str]] = {
+    # Spoken-language understanding (M4 T49 style): transcript -> intent and slots as JSON.
+    "slu": (
+        "You turn a spoken request into JSON with an \"intent\" (a short snake_case verb "
+        "phrase) and \"slots\" (the details, as an object). Reply with the JSON only.",
+        "Request: \"{source}\"",
+    ),
+    # Questions about the text in an image (M4 T21: OCR on rendered text).
+    "ocr_qa": (
+        "Answer the question using only the text found in an image. Be brief.",
+        "Text in the image:\n{source}\n\nQuestion: {question}",
+    ),
+    # Questions about what was said.
+    "speech_qa": (
+        "Answer the question using only what the speaker said. Be brief.",
+        "The speaker said: \"{source}\"\n\nQuestion: {question}",
+    ),
+    # Visual question answering (M4 T33): the image's features replace IMAGE_MARKER.
+    "vqa": ("", "<image>\n{question}"),
+}
+
+# Worked examples before the real turn: a small backbone follows a format it has just seen
+# (SmolLM2-135M answers free-form prose to the instruction alone, valid intent JSON after these).
+_EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "slu": (
+        ("Set a timer for ten minutes.",
+         '{"intent": "set_timer", "slots": {"duration": "ten minutes"}}'),
+        ("What will the weather be like in Paris tomorrow?",
+         '{"intent": "get_weather", "slots": {"city": "Paris", "date": "tomorrow"}}'),
+        ("Play some jazz music in the living room.",
+         '{"intent": "play_music", "slots": {"genre": "jazz", "room": "living room"}}'),
+    ),
+}
+
+IMAGE_MARKER = "<image>"
+
+
+def answer_messages(template: str, source: str, question: str) -> list[dict[str, str]]:
+    """The chat for a cascaded answer; ``template`` is a task's prompt_template."""
+    system, user = _PROMPTS[template]
+    turn = {"role": "user", "content": user.format(source=source.strip() or "(nothing)",
+                                                   question=question.strip())}
+    shots = [m for u, a in _EXAMPLES.get(template, ())
+             for m in ({"role": "user", "content": user.format(source=u, question="")},
+                       {"role": "assistant", "content": a})]
+    return ([{"role": "system", "content": system}] if system else []) + shots + [turn]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A cascade's second half, planned: the generation that answers, on the same stream."""
+
+    request: GenerateRequest  # the media request's id, caller, priority and deadline
+    # path 1: the prompt with one image token, which the runtime replaces by the image's
+    # features; request.prompt_ids holds that token once per feature (one id per position)
+    splice_ids: list[int] | None = None
+
+
+def plan_answer(request: MediaRequest, source: str, *, tokenizer: TextTokenizer | None,
+                template: ChatTemplate | None, max_context: int,
+                image: tuple[int, int] | None = None) -> Answer:
+    """The recognised text (`source`) and the question as a chat prompt for the backbone,
+    with max_tokens cut to the room left in the context. `image`: (the projector's image
+    token, the number of image features) when the image's features are the prompt's.
+    Raises InvalidArgument when there is no backbone or the prompt fills the context."""
+    if tokenizer is None or request.sampling is None:
+        raise InvalidArgument(f"task {request.task!r} needs a language backbone")
+    messages = answer_messages(request.prompt_template, source, request.question)
+    text = (template.render(messages, add_generation_prompt=True) if template is not None
+            else "\n".join(m["content"] for m in messages) + "\n")
+    splice_ids = None
+    if image is not None:
+        image_token, features = image
+        before, _, after = text.partition(IMAGE_MARKER)
+        splice_ids = [*tokenizer.encode(before), image_token, *tokenizer.encode(after)]
+        at = splice_ids.index(image_token)
+        ids = splice_ids[:at] + [image_token] * features + splice_ids[at + 1:]
+    else:
+        ids = tokenizer.encode(text)
+    room = max_context - len(ids)
+    if room <= 0:
+        raise InvalidArgument(
+            f"the recognised text makes a {len(ids)}-token prompt; the context holds "
+            f"{max_context}")
+    sampling = dataclasses.replace(request.sampling,
+                                   max_tokens=min(request.sampling.max_tokens, room))
+    return Answer(GenerateRequest(
+        task=request.task, priority=request.priority, caller=request.caller, id=request.id,
+        arrival=request.arrival, deadline=request.deadline, prompt_ids=ids,
+        sampling=sampling), splice_ids)
