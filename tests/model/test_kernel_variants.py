@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 from m4d.model import kernels
-from m4d.model.quant import pack_int4, q4_1_linear, q8_0_linear, q8_1_linear
+from m4d.model.block_linear import q4_1_linear, q8_0_linear, q8_1_linear
+from m4d.model.qtensors import pack_int4
 
 assert kernels.load(), "the m4 kernels did not build or load: run 'python -m m4d.model.kernels build'"
 
@@ -108,7 +109,7 @@ def test_linears_stored_in_mixed_kinds_become_one_exact_linear(tmp_path: Path) -
     """A fused q/k/v whose parts are stored as Q4_K, Q6_K and Q5_0 (as a Q4_K_M file has
     them) loads as one unsigned-byte linear with a scale and min per 16 that holds exactly
     the stored weights: the same products as the parts on exactly quantized activations."""
-    from m4d.model.quant import WeightFile, build_linear
+    from m4d.model.weights import WeightFile, build_linear
     from safetensors.torch import save_file
 
     rng = np.random.default_rng(5)

@@ -21,15 +21,8 @@ import numpy as np
 import pytest
 import torch
 from m4d.model import kernels
-from m4d.model.quant import (
-    dequantize_q4_1,
-    dequantize_q8_0,
-    pack_int4,
-    q4_1_from_float,
-    q4_1_linear,
-    q8_0_from_float,
-    q8_0_linear,
-)
+from m4d.model.block_linear import q4_1_from_float, q4_1_linear, q8_0_from_float, q8_0_linear
+from m4d.model.qtensors import dequantize_q4_1, dequantize_q8_0, pack_int4
 
 # The kernels build for every x86-64 and AArch64 CPU (a scalar variant at least): they must
 # load here, so a broken build fails instead of skipping.
@@ -347,7 +340,7 @@ def test_a_forked_child_runs_the_kernels_alone_and_exits_cleanly() -> None:
     code = """if True:
         import os, sys, torch
         from m4d.model import kernels
-        from m4d.model.quant import q4_1_from_float
+        from m4d.model.block_linear import q4_1_from_float
         assert kernels.set_threads(2) == 2
         lin = q4_1_from_float(torch.randn(256, 576))
         x = torch.randn(16, 576)

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
+from m4d.model.block_linear import BlockLinear
 from m4d.model.llama import Llama, greedy_generate
-from m4d.model.quant import BlockLinear
 
 log = logging.getLogger(__name__)
 

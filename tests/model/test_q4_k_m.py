@@ -20,8 +20,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from m4d.builder.gguf_blocks import StoredQuant, dequantize, stored_kind
 from m4d.builder.importers.gguf_llama import hf_tensor_name, unpermute_rows
+from m4d.model.block_linear import BlockLinear
 from m4d.model.llama import Llama, greedy_generate
-from m4d.model.quant import BlockLinear
 from safetensors import safe_open
 
 from tests.model.conftest import Q4KMLlama

@@ -13,22 +13,18 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from m4d.builder.gguf_blocks import split_q4_1, split_q8_0
 from m4d.builder.importers.gguf_llama import unpermute_rows
+from m4d.model.qtensors import dequantize_q4_1, dequantize_q8_0, pack_int4, unpack_int4
 from m4d.model.quant import (
     LO_RADIX,
     Int4WeightOnlyLinear,
     Int8DynamicLinear,
     Int8GemmError,
     Int8WeightOnlyLinear,
-    WeightFile,
-    dequantize_q4_1,
-    dequantize_q8_0,
     onednn_int8_available,
-    pack_int4,
-    split_q4_1_blocks,
-    split_q8_0_blocks,
-    unpack_int4,
 )
+from m4d.model.weights import WeightFile
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +36,19 @@ def _tensor(reader, name: str):
     return next(t for t in reader.tensors if t.name == name)
 
 
+def _q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_1 bytes -> the stored (qweight, scales, mins), as the image builder splits them."""
+    stored = split_q4_1(raw)
+    assert stored.kind == "q4_1" and stored.mins is not None
+    return stored.qweight, stored.scales, stored.mins
+
+
 def test_q4_1_block_decode_by_hand() -> None:
     d, m = np.float16(0.5), np.float16(-1.25)
     q = np.arange(32) % 16  # element j has value j % 16
     qs = (q[:16] | (q[16:] << 4)).astype(np.uint8)  # GGUF: low nibble j, high nibble j + 16
     block = np.concatenate([np.frombuffer(d.tobytes() + m.tobytes(), np.uint8), qs])[None]
-    qweight, scales, mins = split_q4_1_blocks(block)
+    qweight, scales, mins = _q4_1(block)
     assert qweight.shape == (1, 16) and scales.shape == mins.shape == (1, 1)
     assert qweight[0, 0] == (0 | (1 << 4))  # our order: byte i = element 2i | element 2i+1 << 4
     assert unpack_int4(torch.from_numpy(qweight)).tolist() == [q.tolist()]
@@ -62,21 +65,22 @@ def test_pack_unpack_roundtrip() -> None:
 def test_q4_1_split_matches_gguf_dequantize(reader, name: str) -> None:
     t = _tensor(reader, name)
     ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
-    parts = [torch.from_numpy(a) for a in split_q4_1_blocks(np.asarray(t.data))]
+    parts = [torch.from_numpy(a) for a in _q4_1(np.asarray(t.data))]
     assert torch.equal(dequantize_q4_1(*parts), ref)
 
 
 def test_q8_0_split_matches_gguf_dequantize(reader) -> None:
     t = _tensor(reader, "token_embd.weight")
     ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
-    qw, sc = split_q8_0_blocks(np.asarray(t.data))
+    stored = split_q8_0(np.asarray(t.data))
+    qw, sc = stored.qweight, stored.scales
     assert qw.dtype == np.int8 and sc.dtype == np.float16
     assert torch.equal(dequantize_q8_0(torch.from_numpy(qw), torch.from_numpy(sc)), ref)
 
 
 def test_int4_linear_from_q4_1_matches_dense(reader) -> None:
     t = _tensor(reader, "blk.5.ffn_gate.weight")  # [1536, 576]
-    qw, sc, mn = (torch.from_numpy(a) for a in split_q4_1_blocks(np.asarray(t.data)))
+    qw, sc, mn = (torch.from_numpy(a) for a in _q4_1(np.asarray(t.data)))
     w = dequantize_q4_1(qw, sc, mn)  # [N, K] float32
     x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(0))
     ref = x @ w.t()

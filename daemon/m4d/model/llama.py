@@ -23,14 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from m4d.model import kernels
-from m4d.model.quant import (
-    KERNEL_TILE,
-    BlockLinear,
-    Int8DynamicLinear,
-    WeightFile,
-    build_linear,
-    q8_0_from_float,
-)
+from m4d.model.block_linear import KERNEL_TILE, BlockLinear, q8_0_from_float
+from m4d.model.quant import Int8DynamicLinear
+from m4d.model.weights import WeightFile, build_linear
 
 log = logging.getLogger(__name__)
 

@@ -1,25 +1,12 @@
-"""Weight-only quantized linear layers and the GGUF block codecs (model-loading stage).
+"""Weight-only and w8a8 quantized linears on torch's own CPU kernels (model stage).
 
-Two roles:
+The dense int4/int8 paths of ``weight_format`` (``m4d.model.weights.build_linear`` picks one):
 
-* Codecs between GGUF's raw quant blocks and the lossless tensors stored in our
-  firmware image (used by the image builder's importer and by the loader):
-
-  - Q4_1: 32 weights per block, fp16 scale ``d`` and fp16 min ``m``; ``w = q * d + m`` with
-    ``q`` in 0..15. In a GGUF block ``qs[j]`` holds element ``j`` in its low nibble and
-    element ``j + 16`` in its high nibble. We store ``qweight`` uint8 [N, K/2] in *sequential*
-    order instead: byte ``i`` of a row holds element ``2i`` in its low nibble and element
-    ``2i + 1`` in its high nibble (``gguf_blocks.NIBBLE_ORDER``), plus ``scales``/``mins`` fp16 [N, K/32].
-  - Q8_0: 32 weights per block, fp16 scale; ``w = q * d``, ``q`` int8. Stored as ``qweight``
-    int8 [N, K] and ``scales`` fp16 [N, K/32].
-
-* ``nn.Module`` linears backed by torch's CPU weight-only kernels:
-
-  - ``Int4WeightOnlyLinear``: ``aten._weight_int4pack_mm_for_cpu`` with group size 32. Torch
-    dequantizes ``(q - 8) * scale + zero``, so Q4_1 maps exactly with ``scale = d`` and
-    ``zero = m + 8 d``; only scale/zero are rounded to the activation dtype (bf16 in practice:
-    8 significant bits instead of fp16's 11; relative error <= 2^-9 per group constant).
-  - ``Int8WeightOnlyLinear``: ``aten._weight_int8pack_mm``, per-output-channel symmetric.
+* ``Int4WeightOnlyLinear``: ``aten._weight_int4pack_mm_for_cpu`` with group size 32. Torch
+  dequantizes ``(q - 8) * scale + zero``, so Q4_1 maps exactly with ``scale = d`` and
+  ``zero = m + 8 d``; only scale/zero are rounded to the activation dtype (bf16 in practice:
+  8 significant bits instead of fp16's 11; relative error <= 2^-9 per group constant).
+* ``Int8WeightOnlyLinear``: ``aten._weight_int8pack_mm``, per-output-channel symmetric.
 
   Both are fast only with bf16 activations (12-27x slower with fp32 on this CPU), and both
   cost in proportion to the rows of ``x``: they do not reuse a weight across rows, so a decode
@@ -31,120 +18,24 @@ Two roles:
   batch, and it is batch invariant by construction (see the class). Where the CPU's int8
   GEMM is not exact (oneDNN without VNNI) it refuses to load (``int8_gemm_path``).
 
-* ``BlockLinear`` (weight format ``w4a8``): the checkpoint's blocks exactly as stored (GGUF
-  Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0; ``q4_1_linear``, ``q8_0_linear``,
-  ``q8_1_linear`` pack them), times activations quantized per row and per 32 values to two
-  int8 digits, in m4's own kernels (``m4d.model.kernels``: one variant per instruction set,
-  the same numbers on each): each weight tile is reused across the batch, sums are exact in
-  int32, and rows never share a reduction.
+The ``w4a8`` format's linears over the stored GGUF blocks, in m4's own kernels, are
+``m4d.model.block_linear``; the stored tensors themselves are ``m4d.model.qtensors``.
 """
 
 import functools
 import logging
 import platform
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from m4d.model import kernels
+from m4d.model.qtensors import Q4_1_GROUP, check_2d_in, unpack_int4, with_last_dim
 
-Q4_1_GROUP = 32
-Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
-Q8_0_GROUP = 32
-Q8_0_BLOCK_BYTES = 34  # fp16 d, 32 int8
 INT4_INNER_K_TILES = 2
 LO_RADIX = 254.0  # w8a8: the second activation digit's weight (see Int8DynamicLinear)
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- Q4_1 codec
-
-
-def split_q4_1_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GGUF Q4_1 bytes uint8 [N, K/32*20] -> (qweight uint8 [N, K/2], scales fp16, mins fp16)."""
-    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % Q4_1_BLOCK_BYTES:
-        raise ValueError(f"not a Q4_1 byte matrix: dtype {raw.dtype}, shape {raw.shape}")
-    n = raw.shape[0]
-    blocks = raw.reshape(n, -1, Q4_1_BLOCK_BYTES)  # [N, G, 20]
-    scales = blocks[:, :, 0:2].copy().view(np.float16).reshape(n, -1)  # [N, G]
-    mins = blocks[:, :, 2:4].copy().view(np.float16).reshape(n, -1)  # [N, G]
-    qs = blocks[:, :, 4:]  # [N, G, 16]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # [N, G, 32] in element order
-    return pack_int4(q.reshape(n, -1)), scales, mins
-
-
-def pack_int4(q: np.ndarray) -> np.ndarray:
-    """Values 0..15 [N, K] -> uint8 [N, K/2] in ``NIBBLE_ORDER``."""
-    q = q.astype(np.uint8)
-    packed: np.ndarray = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-    return packed
-
-
-def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] in ``NIBBLE_ORDER`` -> int32 [N, K] with values 0..15.
-
-    Done in numpy: small element-wise torch ops go through the intra-op thread pool, which on a
-    busy 2-core machine made loading several times slower.
-    """
-    packed = qweight.contiguous().numpy()
-    q = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.int32)
-    q[:, 0::2] = packed & 0x0F
-    q[:, 1::2] = packed >> 4
-    return torch.from_numpy(q)
-
-
-def dequantize_q4_1(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """Stored Q4_1 tensors -> float32 [N, K] (exact: fp16 * small int + fp16 in fp32)."""
-    q = unpack_int4(qweight).numpy().astype(np.float32)  # [N, K]
-    n, k = q.shape
-    g = q.reshape(n, k // Q4_1_GROUP, Q4_1_GROUP)
-    g *= scales.numpy().astype(np.float32)[:, :, None]
-    g += mins.numpy().astype(np.float32)[:, :, None]
-    return torch.from_numpy(g.reshape(n, k))
-
-
-# --------------------------------------------------------------------------- Q8_0 codec
-
-
-def split_q8_0_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GGUF Q8_0 bytes uint8 [N, K/32*34] -> (qweight int8 [N, K], scales fp16 [N, K/32])."""
-    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % Q8_0_BLOCK_BYTES:
-        raise ValueError(f"not a Q8_0 byte matrix: dtype {raw.dtype}, shape {raw.shape}")
-    n = raw.shape[0]
-    blocks = raw.reshape(n, -1, Q8_0_BLOCK_BYTES)  # [N, G, 34]
-    scales = blocks[:, :, 0:2].copy().view(np.float16).reshape(n, -1)
-    qweight = blocks[:, :, 2:].copy().view(np.int8).reshape(n, -1)
-    return qweight, scales
-
-
-def dequantize_q8_0(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Stored Q8_0 tensors (a scale per 32 values, or per 16 as from Q6_K) -> float32 [N, K]."""
-    n, k = qweight.shape
-    group = k // scales.shape[1]
-    g = qweight.contiguous().numpy().astype(np.float32).reshape(n, k // group, group)
-    g *= scales.numpy().astype(np.float32)[:, :, None]
-    return torch.from_numpy(g.reshape(n, k))
-
-
-# --------------------------------------------------------------------------- linears
-
-
-def _with_last_dim(x: torch.Tensor, last: int) -> list[int]:
-    """x's shape with the last dim replaced (written for TorchScript: no starred lists)."""
-    shape = list(x.shape[:-1])
-    shape.append(last)
-    return shape
-
-
-def _check_2d_in(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    if x.shape[-1] != in_features:
-        raise ValueError(f"expected last dim {in_features}, got shape {list(x.shape)}")
-    return x.reshape(-1, in_features).contiguous()
 
 
 class Int4WeightOnlyLinear(nn.Module):
@@ -205,11 +96,11 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
-        x2 = _check_2d_in(x, self.in_features).to(self.scales_and_zeros.dtype)
+        x2 = check_2d_in(x, self.in_features).to(self.scales_and_zeros.dtype)
         y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.weight_packed, self.group_size, self.scales_and_zeros
         )
-        return y.view(_with_last_dim(x, self.out_features))
+        return y.view(with_last_dim(x, self.out_features))
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -241,9 +132,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
-        x2 = _check_2d_in(x, self.in_features).to(self.scales.dtype)
+        x2 = check_2d_in(x, self.in_features).to(self.scales.dtype)
         y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
-        return y.view(_with_last_dim(x, self.out_features))
+        return y.view(with_last_dim(x, self.out_features))
 
 
 class Int8GemmError(RuntimeError):
@@ -404,8 +295,8 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
-        y = self._matmul(_check_2d_in(x, self.in_features).to(torch.float32))
-        return y.to(self.dtype).view(_with_last_dim(x, self.out_features))
+        y = self._matmul(check_2d_in(x, self.in_features).to(torch.float32))
+        return y.to(self.dtype).view(with_last_dim(x, self.out_features))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [M, K] -> float32 [M, N]."""
@@ -422,212 +313,6 @@ class Int8DynamicLinear(nn.Module):
         return out
 
 
-class BlockLinear(nn.Module):
-    """A linear over weights kept in GGUF-style blocks, times activations quantized at run
-    time per row and per 32 values to two int8 digits: ``torch.ops.m4.block_linear`` (m4's
-    kernels, ``m4d/model/kernels``; the variant for this CPU is picked at load).
-
-    Each weight tile is unpacked once and reused across the batch's rows, block sums are exact
-    in int32 and rows never share a reduction: batch invariant by construction, and the same
-    bits on every kernel variant. ``kind`` says how the blocks are stored (WEIGHT_KINDS; the
-    layouts are in kernels/csrc/variant.h): 4-bit with a scale and a min per 32 (GGUF Q4_0,
-    Q4_1, Q4_K), signed 8-bit with a scale per 32 or 16 (Q8_0, Q5_0, Q6_K), unsigned bytes
-    with a scale and a min per 32 (Q5_K).
-    """
-
-    weight: torch.Tensor  # uint8, the kernel's tile layout
-    sc: torch.Tensor  # per tile and block: scales (then mins), float16 or float32
-
-    def __init__(self, kind: str, weight: torch.Tensor, sc: torch.Tensor, out_features: int,
-                 in_features: int, *, out_dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        if kind not in kernels.WEIGHT_KINDS:
-            raise ValueError(f"unknown weight kind {kind!r}")
-        self.kind, self.kind_code = kind, kernels.WEIGHT_KINDS[kind]
-        self.in_features, self.out_features = in_features, out_features
-        self.out_dtype: torch.dtype | None = out_dtype
-        self.register_buffer("weight", weight)
-        self.register_buffer("sc", sc)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., K] -> [..., N] in out_dtype (default: x's)
-        x2 = _check_2d_in(x, self.in_features)
-        out_dtype = self.out_dtype
-        if out_dtype is None:
-            out_dtype = x.dtype
-        y: torch.Tensor = torch.ops.m4.block_linear(
-            x2, self.weight, self.sc, self.kind_code, self.out_features, self.in_features,
-            out_dtype)
-        return y.view(_with_last_dim(x, self.out_features))
-
-
-def q4_1_linear(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, *,
-                out_dtype: torch.dtype | None = None) -> BlockLinear:
-    """4-bit weights with a scale and a min per 32 (``w = d * q + m``, q 0..15): GGUF's Q4_1
-    and Q4_0 with float16 scales, Q4_K with float32 ones. The ``w4a8`` format's linears.
-    qweight uint8 [N, K/2] in ``NIBBLE_ORDER``; scales, mins [N, K/32], fp16 or fp32."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    _check_tiles(n, k, "w4a8")
-    if scales.shape != (n, k // Q4_1_GROUP) or mins.shape != scales.shape:
-        raise ValueError(f"Q4_1 scales/mins must be [{n}, {k // Q4_1_GROUP}], got "
-                         f"{tuple(scales.shape)}, {tuple(mins.shape)}")
-    f32 = scales.dtype == torch.float32
-    w, sc = pack_q4_1_tiles(qweight, scales, mins, np.float32 if f32 else np.float16)
-    return BlockLinear("q4_f32" if f32 else "q4_f16", w, sc, n, k, out_dtype=out_dtype)
-
-
-def q4_1_from_float(weight: torch.Tensor) -> BlockLinear:
-    """Quantize a dense [N, K] weight to Q4_1 (per 32: min/max, 16 levels; lossy)."""
-    n, k = weight.shape
-    w = weight.to(torch.float32).reshape(n, k // Q4_1_GROUP, Q4_1_GROUP)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    d = ((hi - lo) / 15.0).to(torch.float16)  # the stored values are what we divide by
-    df = d.to(torch.float32).clamp(min=1e-8)
-    m = lo.to(torch.float16)
-    q = torch.round((w - m.to(torch.float32)[..., None]) / df[..., None]).clamp(0, 15)
-    packed = pack_int4(q.reshape(n, k).to(torch.uint8).numpy())
-    return q4_1_linear(torch.from_numpy(packed), d, m)
-
-
-def q8_0_linear(qweight: torch.Tensor, scales: torch.Tensor, *,
-                out_dtype: torch.dtype | None = None) -> BlockLinear:
-    """Signed 8-bit weights with a scale per 32 values (GGUF's Q8_0, Q5_0; float16 scales) or
-    per 16 or 32 with float32 scales (Q6_K). The ``w4a8`` format's LM head (the checkpoint's
-    tied embedding is Q8_0). qweight int8 [N, K] in [-127, 127]; scales [N, K/32] fp16 or
-    fp32, or [N, K/16] fp32."""
-    n, k = qweight.shape
-    _check_tiles(n, k, "Q8_0")
-    group = k // scales.shape[1] if scales.dim() == 2 and scales.shape[1] else 0
-    f32 = scales.dtype == torch.float32
-    if (qweight.dtype != torch.int8 or scales.shape[0] != n or group not in (16, 32)
-            or k % group or (group == 16 and not f32)):
-        raise ValueError(f"Q8_0 needs int8 [N, K] and fp16 [N, K/32] or fp32 [N, K/32 or "
-                         f"K/16] scales, got {qweight.dtype} {tuple(qweight.shape)} and "
-                         f"{scales.dtype} {tuple(scales.shape)}")
-    w, sc = pack_q8_0_tiles(qweight, scales)
-    kind = "q8_f32_g16" if group == 16 else "q8_f32" if f32 else "q8_f16"
-    return BlockLinear(kind, w, sc, n, k, out_dtype=out_dtype)
-
-
-def q8_0_from_float(weight: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> BlockLinear:
-    """Quantize a dense [N, K] weight to Q8_0 (per 32: absmax / 127; lossy)."""
-    n, k = weight.shape
-    w = weight.to(torch.float32).reshape(n, k // Q8_0_GROUP, Q8_0_GROUP)
-    d = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
-    inv = torch.where(d > 0, 1.0 / d.to(torch.float32), torch.zeros_like(d, dtype=torch.float32))
-    q = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8)
-    return q8_0_linear(q.reshape(n, k), d, out_dtype=out_dtype)
-
-
-def q8_1_linear(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, *,
-                out_dtype: torch.dtype | None = None) -> BlockLinear:
-    """Unsigned byte weights (0..127) with a float32 scale and min per 32 (GGUF's Q5_K) or per
-    16 (any mix of Q4_K, Q5_K and Q6_K, see to_q8_1_g16)."""
-    n, k = qweight.shape
-    _check_tiles(n, k, "Q8_1")
-    group = k // scales.shape[1] if scales.dim() == 2 and scales.shape[1] else 0
-    if (qweight.dtype != torch.uint8 or group not in (16, 32) or scales.shape != (n, k // group)
-            or mins.shape != scales.shape):
-        raise ValueError(f"Q8_1 needs uint8 [N, K] and [N, K/32] or [N, K/16] scales and mins, "
-                         f"got {qweight.dtype} {tuple(qweight.shape)}, {tuple(scales.shape)}")
-    w, sc = pack_q8_1_tiles(qweight, scales, mins)
-    return BlockLinear("q8u_f32" if group == 32 else "q8u_f32_g16", w, sc, n, k, out_dtype=out_dtype)
-
-
-def to_q8_1_g16(tensors: tuple[torch.Tensor, ...], kind: str) -> tuple[torch.Tensor, ...] | None:
-    """Stored blocks of any kind as unsigned bytes with a float32 scale and min per 16 values,
-    exactly (None where that cannot be exact): 4-bit and unsigned kinds repeat their scale
-    and min per half block; signed bytes q (Q5_0, Q6_K) become q + o with min -o*scale, o a
-    power of two (so the product is exact) with q + o within 0..127."""
-    def halves(a: torch.Tensor) -> torch.Tensor:
-        a = a.to(torch.float32)
-        return a if a.shape[1] * 16 == k else a.repeat_interleave(2, dim=1)
-    if kind == "q4_1":
-        q = unpack_int4(tensors[0]).to(torch.uint8)
-    elif kind == "q8_1":
-        q = tensors[0]
-    else:
-        q = None
-    k = tensors[0].shape[1] * (2 if kind == "q4_1" else 1)
-    if q is not None:
-        return q, halves(tensors[1]), halves(tensors[2])
-    qs, scales = tensors[0].to(torch.int16), halves(tensors[1])
-    low = int(qs.min().item())
-    offset = 1 << max(0, -low - 1).bit_length() if low < 0 else 0
-    if int(qs.max().item()) + offset > 127:
-        return None
-    return (qs + offset).to(torch.uint8), scales, scales * -float(offset)
-
-
-KERNEL_TILE = 16  # output channels per weight tile in the kernels (csrc/variant.h: kTile)
-
-
-def _check_tiles(n: int, k: int, what: str) -> None:
-    if n % KERNEL_TILE or k % Q4_1_GROUP:
-        raise ValueError(f"{what} needs out features % {KERNEL_TILE} == 0 and in features % "
-                         f"{Q4_1_GROUP} == 0, got [{n}, {k}]")
-
-
-def _tile_scales(a: torch.Tensor, dtype: type, group: int = Q4_1_GROUP) -> np.ndarray:
-    """[N, K/group] -> [tile, block, group split, 16] in `dtype` (a block is 32 values)."""
-    v: np.ndarray = a.numpy().astype(dtype)
-    n, g = v.shape
-    per = Q4_1_GROUP // group
-    return v.reshape(n // KERNEL_TILE, KERNEL_TILE, g // per, per).transpose(0, 2, 3, 1)
-
-
-def pack_q4_1_tiles(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                    dtype: type = np.float16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored Q4_1 -> the kernel's layout: per tile of 16 channels and block of 32 values, 4
-    chunks of 64 bytes where chunk c, lane j, byte t holds q[j][8c + t] in its low nibble and
-    q[j][8c + 4 + t] in its high nibble; and per tile and block 16 d then 16 m (`dtype`)."""
-    q = unpack_int4(qweight).numpy().astype(np.uint8)  # [N, K]
-    n, k = q.shape
-    t, kb = n // KERNEL_TILE, k // Q4_1_GROUP
-    q6 = q.reshape(t, KERNEL_TILE, kb, 4, 2, 4)  # [tile, j, block, c, nibble, t]
-    packed = (q6[:, :, :, :, 0, :] | (q6[:, :, :, :, 1, :] << 4)).transpose(0, 2, 3, 1, 4)
-    dm = np.concatenate([_tile_scales(scales, dtype), _tile_scales(mins, dtype)], axis=2)
-    return (torch.from_numpy(np.ascontiguousarray(packed).reshape(-1)),
-            torch.from_numpy(np.ascontiguousarray(dm).reshape(-1)))
-
-
-def _pack_bytes(q: np.ndarray) -> np.ndarray:
-    """[N, K] bytes -> per tile and block 8 chunks of 64: chunk g, lane j, byte t = q[j][4g + t]."""
-    n, k = q.shape
-    t, kb = n // KERNEL_TILE, k // Q8_0_GROUP
-    return np.ascontiguousarray(q.reshape(t, KERNEL_TILE, kb, 8, 4).transpose(0, 2, 3, 1, 4)).reshape(-1)
-
-
-def pack_q8_0_tiles(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored Q8_0 -> the kernel's layout: bytes q + 128 (uint8: VNNI multiplies unsigned by
-    signed bytes, and the activations are the signed side) in 64-byte chunks as _pack_bytes;
-    per tile and block 16 scales (fp16, or fp32), or 2 x 16 for a scale per 16 values."""
-    q = qweight.contiguous().numpy()
-    if q.min(initial=0) < -127:
-        raise ValueError("Q8_0 values must lie in [-127, 127]")
-    k = q.shape[1]
-    group = k // scales.shape[1]
-    dtype = np.float32 if scales.dtype == torch.float32 else np.float16
-    packed = _pack_bytes((q.astype(np.int16) + 128).astype(np.uint8))
-    return (torch.from_numpy(packed),
-            torch.from_numpy(np.ascontiguousarray(_tile_scales(scales, dtype, group)).reshape(-1)))
-
-
-def pack_q8_1_tiles(qweight: torch.Tensor, scales: torch.Tensor,
-                    mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored unsigned bytes (0..127) with a scale and min per 32 or 16 -> the kernel's layout:
-    bytes as _pack_bytes; per tile and block the scales (16, or 2 x 16 per half block), then
-    the mins alike (fp32). Bytes stay below 128 so every variant's byte products fit its int16
-    pairs."""
-    q = qweight.contiguous().numpy()
-    if q.max(initial=0) > 127:
-        raise ValueError("Q8_1 values must lie in [0, 127]")
-    group = q.shape[1] // scales.shape[1]
-    dm = np.concatenate([_tile_scales(scales, np.float32, group),
-                         _tile_scales(mins, np.float32, group)], axis=2)
-    return (torch.from_numpy(_pack_bytes(q)),
-            torch.from_numpy(np.ascontiguousarray(dm).reshape(-1)))
-
 
 def onednn_int8_available() -> bool:
     """oneDNN's packed int8 linear: x86 builds of torch with mkldnn."""
@@ -641,144 +326,3 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (x.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
-
-
-# --------------------------------------------------------------------------- weight file
-
-
-class WeightFile:
-    """An mmap'd safetensors file in the image layout; tensors by HF-style base name.
-
-    A base name ``X`` is stored as ``X`` (dense), ``X.qweight/.scales/.mins`` (Q4_1) or
-    ``X.qweight/.scales`` (Q8_0).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"weights file not found: {self.path}")
-        handle: Any = safe_open(str(self.path), framework="pt", device="cpu")
-        self._f = handle
-        self._keys: set[str] = set(handle.keys())
-
-    def __enter__(self) -> "WeightFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._f = None
-
-    def kind(self, name: str) -> str:
-        """"dense", "q4_1" (4-bit, scale and min per 32), "q8_0" (int8, scale per 32 or 16)
-        or "q8_1" (unsigned bytes, scale and min per 32): told apart by the stored shapes."""
-        if name in self._keys:
-            return "dense"
-        if f"{name}.qweight" in self._keys and f"{name}.mins" in self._keys:
-            q, s = self.shape(f"{name}.qweight"), self.shape(f"{name}.scales")
-            return "q8_1" if q[1] == Q4_1_GROUP * s[1] else "q4_1"
-        if f"{name}.qweight" in self._keys and f"{name}.scales" in self._keys:
-            return "q8_0"
-        raise KeyError(f"tensor {name!r} not found in {self.path}")
-
-    def shape(self, key: str) -> list[int]:
-        """A stored tensor's shape, read from the header (no data is loaded)."""
-        shape: list[int] = self._f.get_slice(key).get_shape()
-        return shape
-
-    def get(self, key: str) -> torch.Tensor:
-        t: torch.Tensor = self._f.get_tensor(key)
-        return t
-
-    def q4_1(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.get(f"{name}.qweight"), self.get(f"{name}.scales"), self.get(f"{name}.mins")
-
-    def q8_0(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.get(f"{name}.qweight"), self.get(f"{name}.scales")
-
-    def blocks(self, name: str) -> tuple[torch.Tensor, ...]:
-        """The stored tensors of a quantized weight: qweight, scales (and mins)."""
-        keys = [f"{name}.qweight", f"{name}.scales", f"{name}.mins"]
-        return tuple(self.get(k) for k in keys if k in self._keys)
-
-    def dense(self, name: str) -> torch.Tensor:
-        """The tensor dequantized to float32."""
-        kind = self.kind(name)
-        if kind == "dense":
-            return self.get(name).to(torch.float32)
-        if kind == "q4_1":
-            return dequantize_q4_1(*self.q4_1(name))
-        if kind == "q8_1":
-            q, sc, mn = self.blocks(name)
-            return dequantize_q8_0(q.to(torch.int16), sc) + mn.float().repeat_interleave(Q4_1_GROUP, dim=1)
-        return dequantize_q8_0(*self.q8_0(name))
-
-
-def _tiles_fit(wf: WeightFile, name: str) -> bool:
-    kind = wf.kind(name)
-    shape = wf.shape(f"{name}.qweight" if kind != "dense" else name)
-    k = shape[1] * 2 if kind == "q4_1" else shape[1]
-    return shape[0] % KERNEL_TILE == 0 and k % Q4_1_GROUP == 0
-
-
-class ConcatLinear(nn.Module):
-    """Linears whose outputs are concatenated: a fused q/k/v or gate/up whose parts are stored
-    in different block kinds (a Q4_K_M file keeps some in Q6_K), each kept as it is stored."""
-
-    def __init__(self, parts: list[nn.Module]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in self.parts], dim=-1)
-
-
-def _block_linear(tensors: tuple[torch.Tensor, ...], kind: str) -> BlockLinear:
-    if kind == "q4_1":
-        return q4_1_linear(*tensors)
-    if kind == "q8_1":
-        return q8_1_linear(*tensors)
-    return q8_0_linear(*tensors)
-
-
-def _stored_blocks(wf: WeightFile, names: list[str]) -> nn.Module:
-    """The named weights as stored, through m4's kernels: one BlockLinear where they are stored
-    alike (concatenated rows), else one per name."""
-    kinds = [wf.kind(n) for n in names]
-    parts = [wf.blocks(n) for n in names]
-    if not (len(set(kinds)) == 1 and len({tuple(t.dtype for t in p) for p in parts}) == 1
-            and len({p[1].shape[1] for p in parts}) == 1):  # stored unlike (Q4_K_M: q, k Q4_K, v Q6_K)
-        common = [to_q8_1_g16(p, k) for p, k in zip(parts, kinds, strict=True)]
-        if any(c is None for c in common):
-            return ConcatLinear([_block_linear(p, k) for p, k in zip(parts, kinds, strict=True)])
-        parts, kinds = [c for c in common if c is not None], ["q8_1"] * len(parts)
-    joined = tuple(torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
-                   for i in range(len(parts[0])))  # numpy: see unpack_int4
-    return _block_linear(joined, kinds[0])
-
-
-def build_linear(wf: WeightFile, names: list[str], weight_format: str,
-                 dtype: torch.dtype) -> nn.Module:
-    """One linear whose output rows are the named weights concatenated (fused q/k/v, gate/up)."""
-    if weight_format == "w4a8" and not all(_tiles_fit(wf, n) for n in names):
-        weight_format = "int4"  # torch's kernels take any shape
-    if weight_format == "w4a8" and all(wf.kind(n) != "dense" for n in names):
-        return _stored_blocks(wf, names)
-    if weight_format == "int4" and all(wf.kind(n) == "q4_1" for n in names) \
-            and all(wf.get(f"{n}.scales").dtype == torch.float16 for n in names):
-        parts = [wf.q4_1(n) for n in names]
-        qw, sc, mn = (torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
-                      for i in range(3))  # numpy: see unpack_int4
-        return Int4WeightOnlyLinear.from_q4_1(qw, sc, mn, dtype=dtype)
-    w = torch.cat([wf.dense(n) for n in names])  # [sum N, K] float32
-    if weight_format == "w4a8":
-        return q4_1_from_float(w)
-    if weight_format == "int4":
-        return Int4WeightOnlyLinear.from_float(w, dtype=dtype)
-    if weight_format == "int8":
-        return Int8WeightOnlyLinear.from_float(w, dtype=dtype)
-    if weight_format == "w8a8":
-        return Int8DynamicLinear.from_float(w, dtype=dtype)
-    if weight_format in ("bfloat16", "float32"):
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
-        return lin
-    raise ValueError(f"unknown weight format {weight_format!r}")

@@ -1,16 +1,26 @@
-"""Loading a network's weights: build it on the meta device, read exactly the tensors it names
-from a safetensors file (mmap'd), check each one's shape, move it to the compute dtype and
-device, and assign it. Every model module loads through here."""
+"""Loading a network's weights from the image's safetensors files (model-loading stage).
+
+Dense networks: build on the meta device, read exactly the tensors the network names (mmap'd),
+check each one's shape, move it to the compute dtype and device, and assign it (``load_into``).
+Quantized linears: ``WeightFile`` reads a weight as stored (dense, or the quantized kinds of
+``m4d.model.qtensors``) and ``build_linear`` makes the linear of a ``weight_format`` from it
+(``m4d.model.quant`` on torch's kernels, ``m4d.model.block_linear`` on m4's). Every model
+module loads through here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+
+from m4d.model.block_linear import KERNEL_TILE, q4_1_from_float, stored_linear
+from m4d.model.qtensors import Q4_1_GROUP, dequantize_q4_1, dequantize_q8_0, dequantize_q8_1
+from m4d.model.quant import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -39,3 +49,104 @@ def load_into(model: M, weights_file: str | Path, *, what: str,
         state[name] = prepare(name, t) if prepare is not None else t
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+class WeightFile:
+    """An mmap'd safetensors file in the image layout; tensors by HF-style base name.
+
+    A base name ``X`` is stored as ``X`` (dense), ``X.qweight/.scales/.mins`` (Q4_1, Q8_1) or
+    ``X.qweight/.scales`` (Q8_0).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"weights file not found: {self.path}")
+        handle: Any = safe_open(str(self.path), framework="pt", device="cpu")
+        self._f = handle
+        self._keys: set[str] = set(handle.keys())
+
+    def __enter__(self) -> WeightFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f = None
+
+    def kind(self, name: str) -> str:
+        """"dense", "q4_1" (4-bit, scale and min per 32), "q8_0" (int8, scale per 32 or 16)
+        or "q8_1" (unsigned bytes, scale and min per 32): told apart by the stored shapes."""
+        if name in self._keys:
+            return "dense"
+        if f"{name}.qweight" in self._keys and f"{name}.mins" in self._keys:
+            q, s = self.shape(f"{name}.qweight"), self.shape(f"{name}.scales")
+            return "q8_1" if q[1] == Q4_1_GROUP * s[1] else "q4_1"
+        if f"{name}.qweight" in self._keys and f"{name}.scales" in self._keys:
+            return "q8_0"
+        raise KeyError(f"tensor {name!r} not found in {self.path}")
+
+    def shape(self, key: str) -> list[int]:
+        """A stored tensor's shape, read from the header (no data is loaded)."""
+        shape: list[int] = self._f.get_slice(key).get_shape()
+        return shape
+
+    def get(self, key: str) -> torch.Tensor:
+        t: torch.Tensor = self._f.get_tensor(key)
+        return t
+
+    def q4_1(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.get(f"{name}.qweight"), self.get(f"{name}.scales"), self.get(f"{name}.mins")
+
+    def q8_0(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.get(f"{name}.qweight"), self.get(f"{name}.scales")
+
+    def blocks(self, name: str) -> tuple[torch.Tensor, ...]:
+        """The stored tensors of a quantized weight: qweight, scales (and mins)."""
+        keys = [f"{name}.qweight", f"{name}.scales", f"{name}.mins"]
+        return tuple(self.get(k) for k in keys if k in self._keys)
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The tensor dequantized to float32."""
+        kind = self.kind(name)
+        if kind == "dense":
+            return self.get(name).to(torch.float32)
+        if kind == "q4_1":
+            return dequantize_q4_1(*self.q4_1(name))
+        if kind == "q8_1":
+            return dequantize_q8_1(*self.blocks(name))
+        return dequantize_q8_0(*self.q8_0(name))
+
+
+def _tiles_fit(wf: WeightFile, name: str) -> bool:
+    kind = wf.kind(name)
+    shape = wf.shape(f"{name}.qweight" if kind != "dense" else name)
+    k = shape[1] * 2 if kind == "q4_1" else shape[1]
+    return shape[0] % KERNEL_TILE == 0 and k % Q4_1_GROUP == 0
+
+
+def build_linear(wf: WeightFile, names: list[str], weight_format: str,
+                 dtype: torch.dtype) -> nn.Module:
+    """One linear whose output rows are the named weights concatenated (fused q/k/v, gate/up)."""
+    if weight_format == "w4a8" and not all(_tiles_fit(wf, n) for n in names):
+        weight_format = "int4"  # torch's kernels take any shape
+    if weight_format == "w4a8" and all(wf.kind(n) != "dense" for n in names):
+        return stored_linear([wf.blocks(n) for n in names], [wf.kind(n) for n in names])
+    if weight_format == "int4" and all(wf.kind(n) == "q4_1" for n in names) \
+            and all(wf.get(f"{n}.scales").dtype == torch.float16 for n in names):
+        parts = [wf.q4_1(n) for n in names]
+        qw, sc, mn = (torch.from_numpy(np.concatenate([p[i].numpy() for p in parts]))
+                      for i in range(3))  # numpy: see unpack_int4
+        return Int4WeightOnlyLinear.from_q4_1(qw, sc, mn, dtype=dtype)
+    w = torch.cat([wf.dense(n) for n in names])  # [sum N, K] float32
+    if weight_format == "w4a8":
+        return q4_1_from_float(w)
+    if weight_format == "int4":
+        return Int4WeightOnlyLinear.from_float(w, dtype=dtype)
+    if weight_format == "int8":
+        return Int8WeightOnlyLinear.from_float(w, dtype=dtype)
+    if weight_format == "w8a8":
+        return Int8DynamicLinear.from_float(w, dtype=dtype)
+    if weight_format in ("bfloat16", "float32"):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        return lin
+    raise ValueError(f"unknown weight format {weight_format!r}")
