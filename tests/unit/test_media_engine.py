@@ -1,15 +1,19 @@
-"""Media work without a model: batching with de-duplication, keyword spotting, cascade prompts."""
+"""Media work without a model: batching with de-duplication, a bad input failing only its
+own request, keyword spotting, cascade prompts and the plan of a cascade's answer."""
 
 from __future__ import annotations
 
-from m4d.engine.cascade import answer_messages
+import pytest
+from m4d.engine.cascade import IMAGE_MARKER, answer_messages, plan_answer
 from m4d.engine.media import (
     final_event,
     normalise_words,
+    recognise_batch,
     run_media_batch,
     similarity,
     spot_keyword,
 )
+from m4d.errors import InvalidArgument
 from m4d.requests import (
     Caller,
     KeywordsHeard,
@@ -18,6 +22,7 @@ from m4d.requests import (
     MediaRequest,
     Priority,
     Recognised,
+    SamplingParams,
     TextBox,
     TextRead,
     Transcribed,
@@ -89,3 +94,71 @@ def test_cascade_prompts_hold_the_source_and_the_question() -> None:
     assert "set an alarm for seven" in slu[-1]["content"] and "JSON" in slu[0]["content"]
     assert [m["role"] for m in slu[1:-1]] == ["user", "assistant"] * 3  # worked examples
     assert all(m["content"].startswith('{"intent": "') for m in slu[2:-1:2])
+
+
+def test_a_bad_input_fails_its_own_request_not_its_batch_mates() -> None:
+    def recognise(module: str, inputs: list[object]) -> list[Recognised]:
+        if "data-bad" in inputs:
+            raise InvalidArgument("unreadable audio")
+        return [Recognised(f"text of {x}") for x in inputs]
+
+    good, bad, other = (_request(MediaOp.TRANSCRIBE, d) for d in ("a", "bad", "b"))
+    results, failed = recognise_batch(recognise, [good, bad, other])
+    assert [(r.request, r.recognised.text) for r in results] == [
+        (good, "text of data-a"), (other, "text of data-b")]
+    assert [(r, str(e)) for r, e in failed] == [(bad, "unreadable audio")]
+    assert recognise_batch(recognise, [bad])[0] == []
+    results, failed = recognise_batch(recognise, [good])
+    assert len(results) == 1 and failed == []
+
+
+class CharTokenizer:
+    """One token per character."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def _question(template: str, max_tokens: int = 50) -> MediaRequest:
+    return _request(MediaOp.ANSWER, "q", prompt_template=template, question="Which room?",
+                    sampling=SamplingParams(max_tokens=max_tokens, temperature=0.5),
+                    deadline=123.0)
+
+
+def test_a_cascade_answer_is_generation_on_the_same_request() -> None:
+    request = _question("ocr_qa")
+    text = "\n".join(m["content"] for m in answer_messages("ocr_qa", "ROOM 204", "Which room?"))
+    answer = plan_answer(request, "ROOM 204", tokenizer=CharTokenizer(),  # type: ignore[arg-type]
+                         template=None, max_context=len(text) + 1 + 10)
+    generate = answer.request
+    assert generate.prompt_ids == [ord(c) for c in text + "\n"]
+    assert (generate.id, generate.caller, generate.priority, generate.arrival,
+            generate.deadline, generate.task) == (request.id, request.caller, request.priority,
+                                                 request.arrival, 123.0, request.task)
+    assert generate.sampling.max_tokens == 10, "cut to the room left in the context"
+    assert generate.sampling.temperature == 0.5 and answer.splice_ids is None
+
+
+def test_a_cascade_answer_that_cannot_run_is_refused() -> None:
+    request = _question("speech_qa")
+    with pytest.raises(InvalidArgument, match="context holds 20"):
+        plan_answer(request, "a long transcript", tokenizer=CharTokenizer(),  # type: ignore[arg-type]
+                    template=None, max_context=20)
+    with pytest.raises(InvalidArgument, match="needs a language backbone"):
+        plan_answer(request, "x", tokenizer=None, template=None, max_context=1000)
+    request.sampling = None
+    with pytest.raises(InvalidArgument, match="needs a language backbone"):
+        plan_answer(request, "x", tokenizer=CharTokenizer(),  # type: ignore[arg-type]
+                    template=None, max_context=1000)
+
+
+def test_an_image_question_puts_one_token_per_image_feature() -> None:
+    image_token, features = 9999, 5
+    answer = plan_answer(_question("vqa"), "", tokenizer=CharTokenizer(),  # type: ignore[arg-type]
+                         template=None, max_context=1000, image=(image_token, features))
+    splice, ids = answer.splice_ids, answer.request.prompt_ids
+    assert splice is not None and splice.count(image_token) == 1
+    at = splice.index(image_token)
+    assert splice[:at] == [] and "".join(map(chr, splice[at + 1:])).startswith("\nWhich room?")
+    assert ids == splice[:at] + [image_token] * features + splice[at + 1:]
+    assert IMAGE_MARKER not in "".join(chr(i) for i in ids if i != image_token)
