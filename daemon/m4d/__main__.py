@@ -1,17 +1,27 @@
-"""`m4d`: flags + config → run the daemon. Exit 0 after a clean shutdown, 1 when start-up
-fails (bad image, failed self-test, socket in use), 2 for a bad configuration."""
+"""`m4d`, the process: flags + config → startup → serve → graceful shutdown. Exit 0 after a
+clean shutdown, 1 when start-up fails (bad image, failed self-test, socket in use), 2 for a
+bad configuration.
+
+The servers listen first (health NOT_SERVING, inference UNAVAILABLE while the model loads);
+under systemd READY=1 follows the self-test, and the watchdog pings while the executor makes
+progress. SIGTERM or SIGINT drains: health goes NOT_SERVING, new calls get UNAVAILABLE,
+in-flight calls finish (up to drain_timeout), STOPPING=1; a second signal forces the exit.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 from m4d import __version__
-from m4d.config import ConfigError, describe_defaults, load_config
+from m4d.config import Config, ConfigError, describe_defaults, load_config
 from m4d.logs import setup_logging
+
+log = logging.getLogger("m4d")  # run as __main__
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,15 +90,68 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m4d: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_format, config.log_level)
-    logging.getLogger(__name__).info("m4d starting", extra={"version": __version__,
-                                                            "image": str(config.image)})
-    from m4d.server.app import serve  # torch and grpc load after the config is known good
-
+    log.info("m4d starting", extra={"version": __version__, "image": str(config.image)})
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; fall back anyway
         return asyncio.run(serve(config))
     return uvloop.run(serve(config))
+
+
+async def serve(config: Config) -> int:
+    """Runs the daemon until a signal; returns the process exit code."""
+    # torch and grpc load here, after the config is known good
+    from m4d.server.app import Servers, start_metrics
+    from m4d.service import systemd
+    from m4d.service.daemon import Daemon, State
+    from m4d.service.images import ImageManager
+    from m4d.service.lifecycle import StopSignals, notify, watchdog
+
+    daemon = Daemon(config)
+    images = ImageManager(daemon) if config.image_source == "store" else None
+    servers = Servers(config, daemon, images)
+    try:
+        await servers.start()
+    except (OSError, RuntimeError) as exc:  # RelayError, SystemdError too
+        log.error("cannot listen: %s", exc)
+        await servers.stop()
+        return 1
+
+    signals = StopSignals()
+    signals.install()
+    exit_code = 0
+    try:
+        notify(lambda: systemd.status(f"loading image {config.image}"))
+        load = asyncio.create_task(daemon.load(images.boot if images is not None else None))
+        stopped = asyncio.create_task(signals.stop.wait())
+        done, _ = await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if load in done:
+            load.result()  # raises a load failure
+            await servers.set_serving(True)
+            notify(lambda: systemd.ready("serving"))
+            pings = asyncio.create_task(watchdog(daemon))
+            metrics = await start_metrics(config, daemon)
+            await stopped
+            pings.cancel()
+            if metrics is not None:
+                await metrics.stop()
+        else:
+            load.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await load
+        notify(systemd.stopping)
+        if daemon.state is State.READY:
+            await servers.set_serving(False)
+            await daemon.drain(config.drain_timeout)
+    except Exception as exc:
+        log.error("start-up failed: %s", exc, extra={"error": type(exc).__name__})
+        exit_code = 1
+    finally:
+        signals.restore()
+        await servers.stop()
+        daemon.stop()
+        log.info("stopped", extra={"exit_code": exit_code})
+    return exit_code
 
 
 if __name__ == "__main__":

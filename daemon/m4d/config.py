@@ -253,16 +253,9 @@ class Config:
                 f"max_context ({self.max_context})"
             )
 
-    @property
-    def torch_threads(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 1) - 1)
-
     def class_caps(self) -> dict[int, int]:
         """uid_max_class as uid -> class number (0 system, 1 foreground, 2 background)."""
         return {resolve_uid(k): CLASS_NAMES.index(v) for k, v in self.uid_max_class.items()}
-
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -15,20 +15,20 @@ class InvalidArgument(M4Error):
     """The request is wrong: unknown task, wrong input kind, empty, too long, bad value."""
 
 
-class ResourceExhausted(M4Error):
+class Retryable(M4Error):
+    """An error that passes: `retry_after` is when to try again, in seconds (None: no hint)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ResourceExhausted(Retryable):
     """The caller's quota is used up."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class Unavailable(M4Error):
+class Unavailable(Retryable):
     """The daemon cannot take the request now: busy, loading, swapping or shutting down."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class DeadlineExceeded(M4Error):

@@ -1,36 +1,30 @@
 """Firmware image, durable steps of the image store, each one a point a test can crash at.
 
 The store's writes are the usual tmp -> fsync -> rename -> fsync(dir) sequence (the same as
-``fsutil.atomic_write_bytes``), spelled out here so every step first calls ``crashpoint()``.
-With ``M4_STORE_CRASH_AFTER=N`` in the environment, the N-th step SIGKILLs the process: the
-fault-injection tests run a real install / activate / rollback in a subprocess and kill it at
-many points, as OSTree's tests do, with no monkeypatching of the OS.
+``fsutil.atomic_write_bytes``), spelled out here so every step first calls ``crashpoint()``,
+which counts it. The fault-injection tests wrap ``crashpoint`` (tests/hooks) to SIGKILL a real
+install / activate / rollback in a subprocess at its N-th step, for many N, as OSTree's tests
+do, with no monkeypatching of the OS.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import tempfile
 from pathlib import Path
 
 from m4image.fsutil import fsync_dir
 
-__all__ = ["CRASH_ENV", "atomic_write", "crashpoint", "crashpoints_passed", "fsync_dir_step", "write_all"]
-
-CRASH_ENV = "M4_STORE_CRASH_AFTER"
+__all__ = ["atomic_write", "crashpoint", "crashpoints_passed", "fsync_dir_step", "write_all"]
 
 _count = 0
 
 
 def crashpoint() -> None:
-    """Count one durable step; SIGKILL this process at step N when M4_STORE_CRASH_AFTER=N."""
+    """Counts one durable step (the step a fault-injection test may kill the process at)."""
     global _count
     _count += 1
-    limit = os.environ.get(CRASH_ENV)
-    if limit and _count >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def crashpoints_passed() -> int:

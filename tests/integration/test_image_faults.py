@@ -4,9 +4,9 @@ installs, activations and rollbacks, with m4d and m4ctl as real processes.
 A walk through the image life cycle (install vN, activate vN, roll back, install vN+1, ...)
 runs on a real daemon serving the real model; at each point one process dies by SIGKILL:
 
-- the daemon (`DAEMON_KILLS` points): it runs with M4D_TEST_STORE_CRASH_AFTER_READY=K, so
-  the store's own crash hook (m4image.durable) kills it at its K-th durable step (write,
-  fsync, rename, mkdir, delete) of the operation, K drawn at random from the operation's
+- the daemon (`DAEMON_KILLS` points): it runs with the test hooks (tests/hooks) and
+  M4D_TEST_STORE_CRASH_AFTER_READY=K, so the store's crash point (m4image.durable) kills it
+  at its K-th durable step (write, fsync, rename, mkdir, delete) of the operation, K drawn at random from the operation's
   measured step count. Then the daemon restarts (recovery, boot selection, a trial's
   attempt and self-test) and must become ready.
 - the client (`CLI_KILLS` points): m4ctl is killed at a random time while its call runs; the
@@ -38,6 +38,7 @@ from m4image.keys import Keyring
 from m4image.verify import verify_image
 
 from tests.conftest import DaemonProcess
+from tests.hooks.m4d_test_hooks import hooks_env
 from tests.integration.imagetools import (
     ROOT,
     assert_store_clean,
@@ -96,7 +97,7 @@ class World:
         return "rollback", ["image", "rollback"]
 
     def start(self, crash_after: int | None = None) -> DaemonProcess:
-        env = {"M4D_TEST_STORE_CRASH_AFTER_READY": str(crash_after)} if crash_after else {}
+        env = hooks_env(M4D_TEST_STORE_CRASH_AFTER_READY=str(crash_after)) if crash_after else {}
         for sock in ("app.sock", "admin.sock"):  # a killed daemon leaves them behind
             (self.run / sock).unlink(missing_ok=True)
         d: DaemonProcess = start_store_daemon(self.images[1], self.run, self.state_dir,

@@ -12,6 +12,7 @@ from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from tests.conftest import start_daemon, wait_serving
+from tests.hooks.m4d_test_hooks import hooks_env
 
 
 class NotifyListener:
@@ -47,9 +48,8 @@ class NotifyListener:
 def test_ready_after_model_and_watchdog_follows_the_executor(text_image: Path,
                                                             tmp_path: Path) -> None:
     listener = NotifyListener(tmp_path / "notify.sock")
-    d = start_daemon(text_image, tmp_path / "run", wait=False, env={
-        "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000",
-        "M4D_TEST_HOOKS": "1"})
+    d = start_daemon(text_image, tmp_path / "run", wait=False, env=hooks_env(
+        NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="1000000", M4D_TEST_HOOKS="1"))
     try:
         ready_at = listener.wait_for("READY=1", timeout=300)
         statuses = [line for _, line in listener.messages if line.startswith("STATUS=")]

@@ -7,9 +7,9 @@
 boots it (counting the attempt), marks it good, rolls back to A, installs C from its
 directory and removes it again; it prints the number of durable steps taken.
 
-``serve`` does the same once per input line, each time in a freshly forked process with
-M4_STORE_CRASH_AFTER=N, so the store SIGKILLs that process at its N-th durable step; it
-prints "N EXITCODE" per line. Forking saves an interpreter start per crash point; every
+``serve`` does the same once per input line, each time in a freshly forked process whose
+store SIGKILLs it at its N-th durable step (`m4d_test_hooks.kill_at_durable_step`, from
+tests/hooks on PYTHONPATH); it prints "N EXITCODE" per line. Forking saves an interpreter start per crash point; every
 crash is still a real process killed by SIGKILL in the middle of real file-system work.
 """
 
@@ -19,7 +19,8 @@ import os
 import sys
 import traceback
 
-from m4image.durable import CRASH_ENV, crashpoints_passed
+from m4d_test_hooks import kill_at_durable_step
+from m4image.durable import crashpoints_passed
 from m4image.keys import Keyring
 from m4image.store import Store
 from m4image.tarstream import iter_image_tar
@@ -42,7 +43,7 @@ def serve(keys_dir: str, image_b: str, image_c: str) -> None:
         n, state_dir = line.split(maxsplit=1)
         pid = os.fork()
         if pid == 0:  # the process that gets killed
-            os.environ[CRASH_ENV] = n
+            kill_at_durable_step(int(n))
             try:
                 run(state_dir.strip(), keys_dir, image_b, image_c)
             except BaseException:

@@ -32,7 +32,8 @@ import uvloop
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 from m4d.server.identity import APP_NAME_KEY, caller_from_context, peer_from_context
-from m4d.server.relay import PeerRelay, RelayError, peer_name, private_dir
+from m4d.server.relay import PeerRelay
+from m4d.server.sockets import RelayError, peer_name, private_dir
 
 T = TypeVar("T")
 NOBODY = 65534

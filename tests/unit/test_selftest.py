@@ -9,7 +9,6 @@ import asyncio
 from typing import Any
 
 import pytest
-from m4.inference.v1 import inference_pb2 as pb
 from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.requests import (
@@ -23,6 +22,7 @@ from m4d.requests import (
 )
 from m4d.service import selftest
 from m4d.service.selftest import NEAR_TIE_NATS, _generation
+from m4d.service.tasks import Origin, SamplingArgs
 from test_engine_resume import VOCAB, FakeRuntime
 
 PROMPT = [5, 6, 7]
@@ -45,11 +45,15 @@ class ScoringRuntime(FakeRuntime):
         return self.gaps[:len(reference)]
 
 
-class FakeConverter:
-    def generate(self, request: Any, caller: Caller, deadline: float | None) -> GenerateRequest:
-        return GenerateRequest(task="complete", priority=Priority.SYSTEM, caller=caller,
+class FakeTasks:
+    """The image's task table, as far as a generation check uses it: every prompt is PROMPT."""
+
+    def generate(self, task_id: str, origin: Origin, *, prompt: str | None = None,
+                 chat: Any = None, sampling: SamplingArgs) -> GenerateRequest:
+        assert sampling.max_tokens is not None and sampling.temperature == 0.0
+        return GenerateRequest(task=task_id, priority=Priority.SYSTEM, caller=origin.caller,
                                prompt_ids=list(PROMPT),
-                               sampling=SamplingParams(max_tokens=request.sampling.max_tokens))
+                               sampling=SamplingParams(max_tokens=sampling.max_tokens))
 
 
 def _engine(runtime: ScoringRuntime) -> Engine:
@@ -66,8 +70,8 @@ async def _greedy(n: int) -> list[int]:
     engine.start()
     try:
         tokens: list[int] = []
-        async for event in engine.submit(FakeConverter().generate(
-                pb.GenerateRequest(task="complete", sampling=pb.SamplingParams(max_tokens=n)), selftest.SYSTEM, None)):
+        async for event in engine.submit(FakeTasks().generate(
+                "complete", selftest.ORIGIN, sampling=SamplingArgs(max_tokens=n, temperature=0.0))):
             if isinstance(event, TextDelta):
                 tokens += event.token_ids
         return tokens
@@ -82,7 +86,7 @@ async def _run(expected: list[int], gaps: list[float]) -> tuple[selftest.CheckRe
     try:
         check = {"task": "complete", "input": "x", "max_tokens": len(expected),
                  "expected_token_ids": expected, "expected_text": "the reference"}
-        result = await _generation("0:complete", check, FakeConverter(), engine)  # type: ignore[arg-type]
+        result = await _generation("0:complete", check, FakeTasks(), engine)  # type: ignore[arg-type]
         return result, runtime
     finally:
         engine.stop()

@@ -68,6 +68,8 @@ from m4image.verify import (
     verify_image,
 )
 
+from tests.hooks.m4d_test_hooks import hooks_env
+
 WEIGHTS = "backbone/model.safetensors"
 
 
@@ -620,7 +622,7 @@ CRASH_SEED = int(os.environ.get("M4_CRASH_SEED", "4242"))
 
 
 def _child(mode: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "M4_STORE_CRASH_AFTER"}
+    env = dict(os.environ, **hooks_env())  # the child kills itself with the test hooks
     return subprocess.run([sys.executable, str(CHILD), mode, *args], input=stdin, env=env,
                           capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
 

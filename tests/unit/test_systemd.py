@@ -231,7 +231,8 @@ SERVER = textwrap.dedent("""
     from m4.inference.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
     from m4d.service import systemd
     from m4d.server.identity import caller_from_context
-    from m4d.server.relay import PeerRelay, private_dir
+    from m4d.server.relay import PeerRelay
+    from m4d.server.sockets import private_dir
 
     class Fake(pb_grpc.InferenceServicer):
         def __init__(self, relay, name):

@@ -15,7 +15,7 @@ import contextlib
 import grp
 import os
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import torch
@@ -27,16 +27,15 @@ from m4image.store import ImageEntry
 from m4d.engine.usage import EngineView, usage_view
 from m4d.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from m4d.executor.devices import describe
+from m4d.requests import Priority
 from m4d.server.identity import PeerLookup, peer_from_context
 from m4d.server.status import streaming, unary
+from m4d.service.daemon import Daemon
 from m4d.service.images import ImageManager, InstallProgress
-
-if TYPE_CHECKING:
-    from m4d.service.daemon import Daemon
 
 _STATES = {"loading": pb.DAEMON_STATE_LOADING, "ready": pb.DAEMON_STATE_READY,
            "draining": pb.DAEMON_STATE_DRAINING}
-_CLASSES = {0: "system", 1: "foreground", 2: "background"}
+_CLASSES = {p: p.name.lower() for p in Priority}  # system, foreground, background
 _IMAGE_STATES = {"installed": pb.IMAGE_STATE_INSTALLED, "active": pb.IMAGE_STATE_ACTIVE,
                  "previous": pb.IMAGE_STATE_PREVIOUS, "trial": pb.IMAGE_STATE_TRIAL}
 
@@ -65,8 +64,10 @@ def image_info(e: ImageEntry) -> pb.ImageInfo:
 
 
 class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, daemon: Daemon, peers: PeerLookup | None = None) -> None:
+    def __init__(self, daemon: Daemon, images: ImageManager | None,
+                 peers: PeerLookup | None = None) -> None:
         self.daemon = daemon
+        self.image_manager = images  # None when the daemon serves a directory, not a store
         self.peers = peers  # the admin socket's PeerRelay: who is behind each connection
 
     # ---- who may call --------------------------------------------------------------
@@ -95,12 +96,12 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             f"{group!r} group (config admin_group)")
 
     def images(self) -> ImageManager:
-        if self.daemon.images is None:
+        if self.image_manager is None:
             raise FailedPrecondition(
                 f"this daemon serves the image directory {self.daemon.config.image} as it is "
                 "(image_source = \"image\"), without an image store; start m4d with "
                 "--state-dir DIR (or image_source = \"store\") to install and activate images")
-        return self.daemon.images
+        return self.image_manager
 
     # ---- status --------------------------------------------------------------------
 
@@ -119,15 +120,15 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             out.image_digest = d.image.digest
         if d.engine is not None:
             s = d.engine.snapshot()
-            out.requests_in_flight = s["in_flight"]
-            out.requests_total = s["total"]
-            out.requests_cancelled = s["cancelled"]
-            out.requests_rejected = s["rejected"]
-            out.tokens_generated = s["tokens_generated"]
-            out.tokens_prompted = s["tokens_prompted"]
-            out.active_sequences = s["active_sequences"]
-            out.kv_slots = s["kv_slots"]
-            view = usage_view(d.engine, d.engine.recent)
+            out.requests_in_flight = s.stats.in_flight
+            out.requests_total = s.stats.total
+            out.requests_cancelled = s.stats.cancelled
+            out.requests_rejected = s.stats.rejected
+            out.tokens_generated = s.stats.tokens_generated
+            out.tokens_prompted = s.stats.tokens_prompted
+            out.active_sequences = s.active_sequences
+            out.kv_slots = s.kv_slots
+            view = usage_view(s, d.engine.recent)
             out.load.CopyFrom(engine_load(view))
             out.uids.extend(uid_usage(view))
         if d.runtime is not None:
@@ -247,7 +248,8 @@ def uid_usage(view: EngineView) -> list[pb.UidUsage]:
         uid=u.uid, user=u.user, apps=u.apps, requests_ok=u.requests_ok,
         requests_failed=u.requests_failed, requests_rejected=u.requests_rejected,
         tokens_in=u.tokens_in, tokens_out=u.tokens_out, tokens_per_second=u.tokens_per_second,
-        in_flight=u.in_flight, queued=u.queued, priority_class=_CLASSES.get(u.klass, ""))
+        in_flight=u.in_flight, queued=u.queued,
+        priority_class=_CLASSES[u.priority] if u.priority is not None else "")
         for u in view.uids]
 
 

@@ -1,23 +1,17 @@
-"""Protobuf ⇄ domain: the one module that turns API messages into validated engine requests
-and engine events into API messages.
+"""Protobuf ⇄ domain: the one module that reads API messages and writes them.
 
-Validation lives here because this is where a field still has its API name: every
-message says which field is wrong, what was received and what is allowed.
+Requests: each field is taken out of its message and handed to the served image's `Tasks`
+(`m4d.service.tasks`), which checks it under its API name and builds the engine request.
+Responses: engine events become API messages, stamped with the image that served them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from m4.inference.v1 import inference_pb2 as pb
 
-from m4d.config import Config
 from m4d.errors import InvalidArgument
-from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 from m4d.requests import (
     Caller,
     ClassifyRequest,
@@ -28,13 +22,11 @@ from m4d.requests import (
     GenerateRequest,
     KeywordsHeard,
     MediaInput,
-    MediaOp,
     MediaRequest,
     Predictions,
     PredictNextRequest,
     Priority,
     Ranked,
-    SamplingParams,
     SourceText,
     TextDelta,
     TextRead,
@@ -42,18 +34,7 @@ from m4d.requests import (
     Transcribed,
     Usage,
 )
-
-DEFAULT_TEMPERATURE = 0.7
-MAX_PREDICTIONS = 20
-MAX_STOP_STRINGS = 8
-MAX_LABELS = 64
-MAX_KEYWORDS = 32
-SPEECH_SAMPLE_RATE = 16_000  # what the speech encoder (Whisper) reads
-# How a media task's head says what it does; cascades (lm_head) answer through the backbone.
-_MEDIA_HEADS = {"transcript": MediaOp.TRANSCRIBE, "keyword_match": MediaOp.KEYWORDS,
-                "ocr_text": MediaOp.OCR, "lm_head": MediaOp.ANSWER,
-                "clip_zero_shot": MediaOp.IMAGE_LABELS, "clip_similarity": MediaOp.IMAGE_RANK,
-                "clip_image_embed": MediaOp.IMAGE_EMBED, "sensor_classifier": MediaOp.SENSOR_LABELS}
+from m4d.service.tasks import Origin, SamplingArgs, Tasks
 
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.FOREGROUND,
@@ -67,59 +48,31 @@ _FINISH = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.CONTEXT: pb.FINISH_REASON_CONTEXT,
 }
+MEDIA_EVENTS = (Transcribed, TextRead, KeywordsHeard, SourceText)
+_LIST_INPUTS = ("keywords", "labels", "texts")  # text-list inputs of media tasks
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    name: str
-    version: str
-    digest: str
+def origin(priority: int, caller: Caller, deadline: float | None) -> Origin:
+    return Origin(caller, _PRIORITY.get(priority, Priority.FOREGROUND), deadline)
+
+
+def sampling_args(s: pb.SamplingParams) -> SamplingArgs:
+    """The message's sampling fields; an unset optional field is None."""
+    return SamplingArgs(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k, seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop), ignore_eos=s.ignore_eos)
 
 
 class Converter:
-    """Validates and converts requests against the active image's tasks and limits."""
+    """Converts the calls and answers of one served image (its `Tasks`)."""
 
-    def __init__(self, config: Config, tasks: Sequence[dict[str, Any]], image: ImageInfo,
-                 tokenizer: TextTokenizer | None, chat_template: ChatTemplate | None,
-                 max_context: int) -> None:
-        self.config = config
-        self.tasks = {t["id"]: t for t in tasks}
-        self.task_list = list(tasks)
-        self.image = image
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self.max_context = max_context
+    def __init__(self, tasks: Tasks) -> None:
+        self.tasks = tasks
 
-    # ---- shared checks -------------------------------------------------------------
-
-    def task(self, task_id: str, rpc: str) -> dict[str, Any]:
-        task = self.tasks.get(task_id)
-        if task is None:
-            raise InvalidArgument(
-                f"unknown task {task_id!r}; this image has: {', '.join(sorted(self.tasks))}")
-        if rpc != "Run" and task.get("rpc") != rpc:
-            raise InvalidArgument(
-                f"task {task_id!r} is served by {task.get('rpc')}, not {rpc}; "
-                f"call {task.get('rpc')} or Run")
-        return task
-
-    def text(self, field: str, value: str) -> str:
-        if not value.strip():
-            raise InvalidArgument(f"{field} is empty")
-        if len(value) > self.config.max_text_chars:
-            raise InvalidArgument(
-                f"{field} has {len(value)} characters; the limit is {self.config.max_text_chars}")
-        return value
-
-    def _tokens(self, field: str, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise InvalidArgument("this image has no language backbone")
-        ids = self.tokenizer.encode(text)
-        if not ids:
-            raise InvalidArgument(f"{field} has no tokens")
-        return ids
-
-    # ---- Generate ------------------------------------------------------------------
+    # ---- requests ------------------------------------------------------------------
 
     def generate(self, req: pb.GenerateRequest, caller: Caller,
                  deadline: float | None) -> GenerateRequest:
@@ -127,147 +80,37 @@ class Converter:
         if which is None:
             raise InvalidArgument("set either prompt or chat")
         task_id = req.task or ("chat" if which == "chat" else "generate")
-        task = self.task(task_id, "Generate")
-        if which == "chat":
-            prompt = self.render_chat(req.chat.messages)
-            field = "chat"
-        else:
-            prompt = self.apply_template(task, self.text("prompt", req.prompt))
-            field = "prompt"
-        expected = _input_kind(task)
-        if expected and expected != which:
-            raise InvalidArgument(f"task {task_id!r} takes a {expected}, not a {which}")
-        ids = self._tokens(field, prompt)
-        sampling = self.sampling(req.sampling, len(ids))
-        return GenerateRequest(task=task_id, priority=_PRIORITY.get(req.priority, Priority.FOREGROUND),
-                               caller=caller, deadline=deadline, prompt_ids=ids, sampling=sampling)
-
-    def apply_template(self, task: dict[str, Any], prompt: str) -> str:
-        """A task's prompt template: "" passes the text as is; "chat" renders it as one user
-        turn with the backbone's chat template; any other string has {prompt} replaced."""
-        template = task.get("prompt_template") or ""
-        if not template:
-            return prompt
-        if template == "chat":
-            return self.render_chat([pb.ChatMessage(role="user", content=prompt)])
-        return template.replace("{prompt}", prompt)
-
-    def render_chat(self, messages: Sequence[pb.ChatMessage]) -> str:
-        if not messages:
-            raise InvalidArgument("chat has no messages")
-        if self.chat_template is None:
-            raise InvalidArgument("this image's backbone has no chat template")
-        out = []
-        for i, m in enumerate(messages):
-            if m.role not in ("system", "user", "assistant"):
-                raise InvalidArgument(
-                    f"chat.messages[{i}].role is {m.role!r}; use system, user or assistant")
-            self.text(f"chat.messages[{i}].content", m.content)
-            out.append({"role": m.role, "content": m.content})
-        return self.chat_template.render(out, add_generation_prompt=True)
-
-    def sampling(self, s: pb.SamplingParams, prompt_tokens: int) -> SamplingParams:
-        room = self.max_context - prompt_tokens
-        if room <= 0:
-            raise InvalidArgument(
-                f"the prompt has {prompt_tokens} tokens; the context holds {self.max_context}, "
-                "so no room is left to generate")
-        if s.HasField("max_tokens"):
-            max_tokens = s.max_tokens
-        else:
-            max_tokens = min(self.config.default_max_tokens, room)
-        if max_tokens <= 0:
-            raise InvalidArgument(f"max_tokens must be > 0 (got {max_tokens})")
-        if max_tokens > room:
-            raise InvalidArgument(
-                f"max_tokens={max_tokens} does not fit: the prompt has {prompt_tokens} tokens "
-                f"and the context holds {self.max_context}; at most {room} can be generated")
-        temperature = s.temperature if s.HasField("temperature") else DEFAULT_TEMPERATURE
-        if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidArgument(f"temperature must be >= 0 (got {temperature})")
-        top_p = s.top_p if s.HasField("top_p") else 1.0
-        if not math.isfinite(top_p) or not 0 < top_p <= 1:
-            raise InvalidArgument(f"top_p must be in (0, 1] (got {top_p})")
-        if s.top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0 (got {s.top_k}); 0 means no limit")
-        if len(s.stop) > MAX_STOP_STRINGS or any(not x for x in s.stop):
-            raise InvalidArgument(
-                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings (got {list(s.stop)!r})")
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-            top_k=s.top_k, seed=s.seed if s.HasField("seed") else None,
-            stop=tuple(s.stop), ignore_eos=s.ignore_eos)
-
-    # ---- Embed, Classify, PredictNext ----------------------------------------------
+        chat = [(m.role, m.content) for m in req.chat.messages] if which == "chat" else None
+        return self.tasks.generate(task_id, origin(req.priority, caller, deadline),
+                                   prompt=req.prompt if chat is None else None, chat=chat,
+                                   sampling=sampling_args(req.sampling))
 
     def embed(self, req: pb.EmbedRequest, caller: Caller, deadline: float | None) -> EmbedRequest:
-        task_id = req.task or "embed"
-        self.task(task_id, "Embed")
-        texts = self.texts("texts", req.texts, self.config.max_batch_texts)
-        return EmbedRequest(task=task_id, priority=_PRIORITY.get(req.priority, Priority.FOREGROUND),
-                            caller=caller, deadline=deadline, texts=texts)
-
-    def texts(self, field: str, values: Sequence[str], limit: int) -> list[str]:
-        if not values:
-            raise InvalidArgument(f"{field} is empty; give at least one text")
-        if len(values) > limit:
-            raise InvalidArgument(f"{field} has {len(values)} texts; the limit is {limit}")
-        return [self.text(f"{field}[{i}]", t) for i, t in enumerate(values)]
+        return self.tasks.embed(req.task or "embed", origin(req.priority, caller, deadline),
+                                req.texts)
 
     def classify(self, req: pb.ClassifyRequest, caller: Caller,
                  deadline: float | None) -> ClassifyRequest:
-        task_id = req.task or "classify"
-        task = self.task(task_id, "Classify")
-        labels = list(req.labels) or list(task.get("labels") or [])
-        if not labels:
-            raise InvalidArgument(f"labels is empty; task {task_id!r} needs candidate labels")
-        labels = self.texts("labels", labels, MAX_LABELS)
-        if len(set(labels)) != len(labels):
-            raise InvalidArgument("labels has duplicates")
-        return ClassifyRequest(task=task_id, priority=_PRIORITY.get(req.priority, Priority.FOREGROUND),
-                               caller=caller, deadline=deadline,
-                               text=self.text("text", req.text), labels=labels)
+        return self.tasks.classify(req.task or "classify", origin(req.priority, caller, deadline),
+                                   req.text, req.labels)
 
     def predict_next(self, req: pb.PredictNextRequest, caller: Caller,
                      deadline: float | None) -> PredictNextRequest:
-        task_id = req.task or "predict-next"
-        self.task(task_id, "PredictNext")
-        n = req.num_predictions or 5
-        if not 0 < n <= MAX_PREDICTIONS:
-            raise InvalidArgument(f"num_predictions must be in 1..{MAX_PREDICTIONS} (got {n})")
-        text = self.text("text", req.text).rstrip()
-        ids = self._tokens("text", text)
-        if len(ids) >= self.max_context:
-            raise InvalidArgument(
-                f"text has {len(ids)} tokens; the context holds {self.max_context}")
-        return PredictNextRequest(task=task_id, priority=_PRIORITY.get(req.priority, Priority.FOREGROUND),
-                                  caller=caller, deadline=deadline, prompt_ids=ids,
-                                  num_predictions=n)
-
-    # ---- Run: any task by id -------------------------------------------------------
+        return self.tasks.predict_next(req.task or "predict-next",
+                                       origin(req.priority, caller, deadline), req.text,
+                                       req.num_predictions)
 
     def run(self, req: pb.RunRequest, caller: Caller, deadline: float | None) -> Any:
-        task = self.task(req.task, "Run")
+        """Any task by id: a media request, or the request of the task's own RPC."""
+        task = self.tasks.task(req.task, "Run")
         inputs: dict[str, pb.Input] = {}
         for i, item in enumerate(req.inputs):
             if not item.name:
                 raise InvalidArgument(f"inputs[{i}] has no name")
             inputs[item.name] = item
-        specs = {s["name"]: s for s in task.get("inputs", [])}
-        for name in inputs:
-            if name not in specs:
-                raise InvalidArgument(
-                    f"task {req.task!r} has no input {name!r}; it takes: {', '.join(specs)}")
-        for name, spec in specs.items():
-            if spec.get("required") and name not in inputs:
-                raise InvalidArgument(f"task {req.task!r} needs input {name!r} ({spec['kind']})")
-            if name in inputs:
-                got = inputs[name].WhichOneof("value")
-                if got != spec["kind"] and not (spec["kind"] == "audio" and got == "pcm"):
-                    raise InvalidArgument(
-                        f"input {name!r} of task {req.task!r} must be {spec['kind']}, not {got}")
-        if any(s["kind"] in ("image", "audio", "tensor") for s in specs.values()):
-            return self.media(task, req, inputs, caller, deadline)
+        kinds = {name: item.WhichOneof("value") for name, item in inputs.items()}
+        if self.tasks.check_inputs(task, kinds):
+            return self.media(task, req, inputs, origin(req.priority, caller, deadline))
         rpc = task.get("rpc")
         prio = req.priority
         if rpc == "Generate":
@@ -293,99 +136,53 @@ class Converter:
                 num_predictions=req.num_predictions, priority=prio), caller, deadline)
         raise InvalidArgument(f"task {req.task!r} cannot run on this daemon (rpc {rpc!r})")
 
-    # ---- image and audio tasks -----------------------------------------------------
-
     def media(self, task: dict[str, Any], req: pb.RunRequest, inputs: dict[str, pb.Input],
-              caller: Caller, deadline: float | None) -> MediaRequest:
-        """A task on an image or audio clip: decoded and validated here (the caller runs
-        this off the event loop), recognised by the task's first module."""
-        op = _MEDIA_HEADS.get(task.get("head", ""))
-        if op is None or not task.get("modules"):
-            raise InvalidArgument(f"task {task['id']!r} cannot run on this daemon "
-                                  f"(head {task.get('head')!r})")
+              where: Origin) -> MediaRequest:
+        """A task on an image, audio clip or tensor: decoded here (the caller runs this off
+        the event loop), then checked and built by `Tasks.media`."""
+        op = self.tasks.media_op(task)
         media: MediaInput | None = None
         for name, item in inputs.items():
             kind = item.WhichOneof("value")
             if kind == "image":
-                media = self.image_input(name, item.image)
-            elif kind in ("audio", "pcm"):
-                media = self.audio_input(name, item)
+                media = self.tasks.image_input(name, item.image)
+            elif kind == "audio":
+                media = self.tasks.wav_input(name, item.audio)
+            elif kind == "pcm":
+                media = self.tasks.pcm_input(name, item.pcm.data, item.pcm.sample_rate,
+                                             item.pcm.encoding, item.pcm.channels)
             elif kind == "tensor":
-                media = self.tensor_input(name, item.tensor,
-                                          next(s for s in task["inputs"] if s["name"] == name))
-        if media is None:
-            raise InvalidArgument(f"task {task['id']!r} needs an image, audio or tensor input")
-        request = MediaRequest(task=task["id"], priority=_PRIORITY.get(req.priority, Priority.FOREGROUND),
-                               caller=caller, deadline=deadline, op=op,
-                               module=task["modules"][0], media=media)
-        if op is MediaOp.KEYWORDS:
-            words = list(inputs["keywords"].texts.values) if "keywords" in inputs else []
-            if not words:
-                raise InvalidArgument("keywords is empty; give the words to listen for")
-            request.keywords = self.texts("keywords", words, MAX_KEYWORDS)
-        if op is MediaOp.SENSOR_LABELS:
-            request.texts = list(task.get("labels") or [])
-        if op in (MediaOp.IMAGE_LABELS, MediaOp.IMAGE_RANK):
-            name = "labels" if op is MediaOp.IMAGE_LABELS else "texts"
-            given = list(inputs[name].texts.values) if name in inputs else []
-            values = given or list(task.get("labels") or [])
-            if not values:
-                raise InvalidArgument(f"{name} is empty; give the candidate {name}")
-            request.texts = self.texts(name, values, MAX_LABELS)
-            if len(set(request.texts)) != len(request.texts):
-                raise InvalidArgument(f"{name} has duplicates")
-            if op is MediaOp.IMAGE_LABELS and "{}" in (task.get("prompt_template") or ""):
-                request.label_prompt = task["prompt_template"]
-        if op is MediaOp.ANSWER:
-            question = inputs["question"].text if "question" in inputs else ""
-            request.question = self.text("question", question) if "question" in inputs else ""
-            request.prompt_template = task.get("prompt_template") or ""
-            if self.tokenizer is None:
-                raise InvalidArgument("this image has no language backbone")
-            # The prompt is built after recognition; reserve room for it in the context.
-            request.sampling = self.sampling(req.sampling, self.max_context // 2)
-        return request
+                media = self.tasks.tensor_input(
+                    name, item.tensor.dtype, item.tensor.shape, item.tensor.data,
+                    next(s for s in task["inputs"] if s["name"] == name))
+        return self.tasks.media(
+            task, op, media, where,
+            lists={n: list(inputs[n].texts.values) for n in _LIST_INPUTS if n in inputs},
+            question=inputs["question"].text if "question" in inputs else None,
+            sampling=sampling_args(req.sampling))
 
-    def image_input(self, name: str, data: bytes) -> MediaInput:
-        from m4d.prepare.images import decode_image
+    # ---- responses -----------------------------------------------------------------
 
-        if not data:
-            raise InvalidArgument(f"input {name!r} is empty; send PNG, JPEG or WebP bytes")
-        image = decode_image(data, max_bytes=self.config.max_image_bytes,
-                             max_pixels=self.config.max_image_pixels)
-        return MediaInput("image", image, hashlib.sha256(data).hexdigest())
+    def reply(self, event: object) -> Any:
+        """The RPC's own response to an engine event; None for an event it has none for."""
+        if isinstance(event, TextDelta):
+            return self.delta(event)
+        if isinstance(event, Finished):
+            return self.finished(event)
+        if isinstance(event, Embeddings):
+            return self.embeddings(event)
+        if isinstance(event, Ranked):
+            return self.ranked(event)
+        if isinstance(event, Predictions):
+            return self.predictions(event)
+        return None
 
-    def tensor_input(self, name: str, tensor: pb.Tensor, spec: dict[str, Any]) -> MediaInput:
-        from m4d.model.sensor import tensor_from_bytes
-
-        value = tensor_from_bytes(name, tensor.dtype, list(tensor.shape), tensor.data,
-                                  spec.get("dtype") or "", list(spec.get("shape") or []))
-        digest = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode()
-                                + tensor.data).hexdigest()
-        return MediaInput("tensor", value, digest)
-
-    def audio_input(self, name: str, item: pb.Input) -> MediaInput:
-        from m4d.prepare.audio import decode_wav, pcm_to_tensor, resample
-
-        limit = self.config.max_audio_seconds
-        if item.WhichOneof("value") == "pcm":
-            pcm = item.pcm
-            if not pcm.data:
-                raise InvalidArgument(f"input {name!r} has no PCM samples")
-            rate = pcm.sample_rate
-            audio = pcm_to_tensor(pcm.data, sample_rate=rate, encoding=pcm.encoding or "s16le",
-                                  channels=pcm.channels or 1, max_seconds=limit)
-            digest = hashlib.sha256(b"%d:%s:%d:" % (rate, (pcm.encoding or "s16le").encode(),
-                                                    pcm.channels or 1) + pcm.data).hexdigest()
-        else:
-            if not item.audio:
-                raise InvalidArgument(f"input {name!r} is empty; send WAV bytes")
-            audio, rate = decode_wav(item.audio, max_seconds=limit)
-            digest = hashlib.sha256(item.audio).hexdigest()
-        seconds = audio.numel() / rate
-        if rate != SPEECH_SAMPLE_RATE:
-            audio = resample(audio, rate, SPEECH_SAMPLE_RATE)
-        return MediaInput("audio", audio, digest, seconds)
+    def run_reply(self, event: object) -> pb.RunResponse | None:
+        """An engine event as Run answers it; None for an event it has no answer for."""
+        if isinstance(event, MEDIA_EVENTS):
+            return self.media_event(event)
+        reply = self.reply(event)
+        return None if reply is None else self.run_response(reply)
 
     def media_event(self, event: Any) -> pb.RunResponse:
         """Engine events of media tasks → RunResponse."""
@@ -415,11 +212,10 @@ class Converter:
         out.model.CopyFrom(self.model_info())
         return out
 
-    # ---- responses -----------------------------------------------------------------
-
     def model_info(self) -> pb.ModelInfo:
-        return pb.ModelInfo(image_name=self.image.name, image_version=self.image.version,
-                            image_digest=self.image.digest)
+        image = self.tasks.image
+        return pb.ModelInfo(image_name=image.name, image_version=image.version,
+                            image_digest=image.digest)
 
     def delta(self, event: TextDelta) -> pb.GenerateResponse:
         return pb.GenerateResponse(text=event.text, token_ids=list(event.token_ids))
@@ -466,7 +262,7 @@ class Converter:
 
     def task_table(self) -> pb.ListTasksResponse:
         out = pb.ListTasksResponse(model=self.model_info())
-        for t in self.task_list:
+        for t in self.tasks.task_list:
             out.tasks.append(pb.Task(
                 id=t["id"], m4_id=t.get("m4_id") or "", path=int(t.get("path", 0)),
                 description=t.get("description", ""), modules=t.get("modules", []),
@@ -482,15 +278,6 @@ def _io(spec: dict[str, Any]) -> pb.IOSpec:
     return pb.IOSpec(name=spec["name"], kind=spec.get("kind", ""), dtype=spec.get("dtype") or "",
                      shape=spec.get("shape") or [], required=bool(spec.get("required")),
                      description=spec.get("description", ""))
-
-
-def _input_kind(task: dict[str, Any]) -> str | None:
-    kinds = {s["kind"] for s in task.get("inputs", []) if s.get("kind") in ("text", "chat")}
-    if kinds == {"chat"}:
-        return "chat"
-    if kinds == {"text"}:
-        return "prompt"
-    return None
 
 
 def usage(u: Usage) -> pb.Usage:

@@ -15,7 +15,7 @@ from typing import Protocol
 import grpc
 
 from m4d.requests import Caller
-from m4d.server.relay import Peer
+from m4d.server.sockets import Peer
 
 APP_NAME_KEY = "m4-app-name"
 APP_NAME_MAX = 64

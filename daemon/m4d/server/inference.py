@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 
-from m4d.engine.engine import RequestStream
+from m4d.engine.stream import RequestStream
 from m4d.errors import Internal
 from m4d.requests import (
     Caller,
@@ -24,21 +24,16 @@ from m4d.requests import (
     Failed,
     Finished,
     GenerateRequest,
-    KeywordsHeard,
     MediaRequest,
     Predictions,
     Ranked,
     RequestBase,
-    SourceText,
     TextDelta,
-    TextRead,
-    Transcribed,
 )
+from m4d.server.convert import Converter
 from m4d.server.identity import PeerLookup, caller_from_context
 from m4d.server.status import streaming, unary
-
-if TYPE_CHECKING:
-    from m4d.service.daemon import Daemon
+from m4d.service.daemon import Daemon
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -55,24 +50,28 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
         """uid and pid from the kernel (via the relay); the app name is only a label."""
         return caller_from_context(context, self.peers)
 
+    def converter(self) -> Converter:
+        """For the image that serves new calls (Unavailable while loading or swapping)."""
+        return Converter(self.daemon.tasks())
+
     async def _submit(self, request: RequestBase) -> RequestStream:
         return self.daemon.engine_for_requests().submit(request)
 
     @unary
     async def ListTasks(self, request: pb.ListTasksRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
-        return self.daemon.converter().task_table()
+        return self.converter().task_table()
 
     @streaming
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        conv = self.daemon.converter()
+        conv = self.converter()
         domain = conv.generate(request, self.caller_of(context), deadline_of(context))
-        async for msg in self._generate(domain):
+        async for msg in self._generate(conv, domain):
             yield msg
 
-    async def _generate(self, domain: GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        conv = self.daemon.converter()
+    async def _generate(self, conv: Converter,
+                        domain: GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         stream = await self._submit(domain)
         first = True
         try:
@@ -97,81 +96,67 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
         finally:
             stream.cancel()
 
+    async def _answer(self, build: Callable[[Converter], RequestBase], result: type) -> Any:
+        """One request, one engine result of type `result`, one response."""
+        conv = self.converter()
+        event = await self._unary(build(conv))
+        assert isinstance(event, result)
+        return conv.reply(event)
+
     @unary
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        conv = self.daemon.converter()
-        event = await self._unary(
-            conv.embed(request, self.caller_of(context), deadline_of(context)))
-        assert isinstance(event, Embeddings)
-        return conv.embeddings(event)
+        caller, deadline = self.caller_of(context), deadline_of(context)
+        return await self._answer(lambda c: c.embed(request, caller, deadline), Embeddings)
 
     @unary
     async def Classify(self, request: pb.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        conv = self.daemon.converter()
-        event = await self._unary(
-            conv.classify(request, self.caller_of(context), deadline_of(context)))
-        assert isinstance(event, Ranked)
-        return conv.ranked(event)
+        caller, deadline = self.caller_of(context), deadline_of(context)
+        return await self._answer(lambda c: c.classify(request, caller, deadline), Ranked)
 
     @unary
     async def PredictNext(self, request: pb.PredictNextRequest,
                           context: grpc.aio.ServicerContext) -> pb.PredictNextResponse:
-        conv = self.daemon.converter()
-        event = await self._unary(
-            conv.predict_next(request, self.caller_of(context), deadline_of(context)))
-        assert isinstance(event, Predictions)
-        return conv.predictions(event)
+        caller, deadline = self.caller_of(context), deadline_of(context)
+        return await self._answer(lambda c: c.predict_next(request, caller, deadline),
+                                  Predictions)
 
     @streaming
     async def Run(self, request: pb.RunRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunResponse]:
-        conv = self.daemon.converter()
+        conv = self.converter()
         caller, deadline = self.caller_of(context), deadline_of(context)
         if any(i.WhichOneof("value") in ("image", "audio", "pcm", "tensor") for i in request.inputs):
             # decoding images and audio takes milliseconds: keep it off the event loop
             domain = await asyncio.to_thread(conv.run, request, caller, deadline)
+            conv = self.converter()  # the answer names the image serving now (after a swap)
         else:
             domain = conv.run(request, caller, deadline)
         if isinstance(domain, MediaRequest):
-            async for run_msg in self._media(domain):
+            async for run_msg in self._media(conv, domain):
                 yield run_msg
             return
         if isinstance(domain, GenerateRequest):
-            async for msg in self._generate(domain):
+            async for msg in self._generate(conv, domain):
                 yield conv.run_response(msg)
             return
         event = await self._unary(domain)
-        if isinstance(event, Embeddings):
-            yield conv.run_response(conv.embeddings(event))
-        elif isinstance(event, Ranked):
-            yield conv.run_response(conv.ranked(event))
-        elif isinstance(event, Predictions):
-            yield conv.run_response(conv.predictions(event))
-        else:
+        if not isinstance(event, (Embeddings, Ranked, Predictions)):
             raise Internal(f"task {request.task!r} produced an unexpected result")
+        yield conv.run_response(conv.reply(event))
 
-    async def _media(self, domain: MediaRequest) -> AsyncIterator[pb.RunResponse]:
+    async def _media(self, conv: Converter, domain: MediaRequest) -> AsyncIterator[pb.RunResponse]:
         """A media task: one answer (transcript, text boxes, keyword hits), or for a
         cascade the recognised text first and then the backbone's streamed answer."""
-        conv = self.daemon.converter()
         stream = await self._submit(domain)
         try:
             async for event in stream:
-                if isinstance(event, (Transcribed, TextRead, KeywordsHeard, SourceText)):
-                    yield conv.media_event(event)
-                elif isinstance(event, Ranked):
-                    yield conv.run_response(conv.ranked(event))
-                elif isinstance(event, Embeddings):
-                    yield conv.run_response(conv.embeddings(event))
-                elif isinstance(event, TextDelta):
-                    yield conv.run_response(conv.delta(event))
-                elif isinstance(event, Finished):
-                    yield conv.run_response(conv.finished(event))
-                elif isinstance(event, Failed):
+                if isinstance(event, Failed):
                     raise event.error
-                else:
+                msg = conv.run_reply(event)
+                if msg is None:
                     raise Internal(f"task {domain.task!r} produced an unexpected result")
+                yield msg
         finally:
             stream.cancel()

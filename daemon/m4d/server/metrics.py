@@ -10,23 +10,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from m4d.engine.engine import TTFT_BUCKETS
+from m4d.engine.stats import TTFT_BUCKETS, EngineSnapshot
 
 log = logging.getLogger(__name__)
 
-Snapshot = Callable[[], dict[str, Any] | None]
+Snapshot = Callable[[], EngineSnapshot | None]
 
 
 def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(s: dict[str, Any], image: str = "") -> str:
+# (name, type, help, where in the snapshot): one sample each, in scrape order
+_SCALARS = (
+    ("m4_queue_depth", "gauge", "Requests waiting for a KV row or the encoder.", "waiting"),
+    ("m4_requests_in_flight", "gauge", "Requests queued or running.", "stats.in_flight"),
+    ("m4_active_sequences", "gauge", "Generation sequences holding a KV row.",
+     "active_sequences"),
+    ("m4_kv_slots", "gauge", "KV rows in all.", "kv_slots"),
+    ("m4_decode_batch_size", "gauge", "Sequences in the last decode step.", "stats.last_batch"),
+    ("m4_requests_total", "counter", "Requests finished, in any way.", "stats.total"),
+    ("m4_requests_cancelled_total", "counter", "Requests cancelled or past deadline.",
+     "stats.cancelled"),
+    ("m4_requests_rejected_total", "counter", "Requests refused at admission.", "stats.rejected"),
+    ("m4_sequences_preempted_total", "counter", "Sequences that lost their KV row.",
+     "stats.preempted"),
+    ("m4_tokens_generated_total", "counter", "Tokens generated.", "stats.tokens_generated"),
+    ("m4_tokens_prompted_total", "counter", "Input tokens processed.", "stats.tokens_prompted"),
+)
+_PER_UID = (("requests", "Requests admitted, per caller uid."),
+            ("rejected", "Requests refused, per caller uid."),
+            ("tokens_prompted", "Input tokens, per caller uid."),
+            ("tokens_generated", "Generated tokens, per caller uid."))
+
+
+def render(s: EngineSnapshot, image: str = "") -> str:
     """One scrape, from an engine snapshot (Engine.snapshot())."""
     out: list[str] = []
 
@@ -37,41 +60,20 @@ def render(s: dict[str, Any], image: str = "") -> str:
 
     metric("m4_info", "gauge", "The firmware image being served.",
            [(f'{{image="{_label(image)}"}}', 1)])
-    metric("m4_queue_depth", "gauge", "Requests waiting for a KV row or the encoder.",
-           [("", s["waiting"])])
-    metric("m4_requests_in_flight", "gauge", "Requests queued or running.",
-           [("", s["in_flight"])])
-    metric("m4_active_sequences", "gauge", "Generation sequences holding a KV row.",
-           [("", s["active_sequences"])])
-    metric("m4_kv_slots", "gauge", "KV rows in all.", [("", s["kv_slots"])])
-    metric("m4_decode_batch_size", "gauge", "Sequences in the last decode step.",
-           [("", s["last_batch"])])
-    metric("m4_requests_total", "counter", "Requests finished, in any way.", [("", s["total"])])
-    metric("m4_requests_cancelled_total", "counter", "Requests cancelled or past deadline.",
-           [("", s["cancelled"])])
-    metric("m4_requests_rejected_total", "counter", "Requests refused at admission.",
-           [("", s["rejected"])])
-    metric("m4_sequences_preempted_total", "counter", "Sequences that lost their KV row.",
-           [("", s["preempted"])])
-    metric("m4_tokens_generated_total", "counter", "Tokens generated.",
-           [("", s["tokens_generated"])])
-    metric("m4_tokens_prompted_total", "counter", "Input tokens processed.",
-           [("", s["tokens_prompted"])])
+    for name, kind, help_, where in _SCALARS:
+        metric(name, kind, help_, [("", operator.attrgetter(where)(s))])
     cumulative, samples = 0, []
-    for bound, count in zip(TTFT_BUCKETS, s["ttft_counts"], strict=True):
+    for bound, count in zip(TTFT_BUCKETS, s.stats.ttft_counts, strict=True):
         cumulative += count
         le = "+Inf" if bound == float("inf") else f"{bound:g}"
         samples.append((f'{{le="{le}"}}', cumulative))
     out.append("# HELP m4_time_to_first_token_seconds From arrival to the first token.")
     out.append("# TYPE m4_time_to_first_token_seconds histogram")
     out.extend(f"m4_time_to_first_token_seconds_bucket{lab} {v}" for lab, v in samples)
-    out.append(f"m4_time_to_first_token_seconds_sum {s['ttft_sum']:g}")
+    out.append(f"m4_time_to_first_token_seconds_sum {s.stats.ttft_sum:g}")
     out.append(f"m4_time_to_first_token_seconds_count {cumulative}")
-    per_uid = sorted(s["per_uid"].items())
-    for field, help_ in (("requests", "Requests admitted, per caller uid."),
-                         ("rejected", "Requests refused, per caller uid."),
-                         ("tokens_prompted", "Input tokens, per caller uid."),
-                         ("tokens_generated", "Generated tokens, per caller uid.")):
+    per_uid = sorted(s.stats.per_uid.items())
+    for field, help_ in _PER_UID:
         metric(f"m4_uid_{field}_total", "counter", help_,
                [(f'{{uid="{uid}"}}', getattr(u, field)) for uid, u in per_uid])
     return "\n".join(out) + "\n"

@@ -42,7 +42,7 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
         code = next((c for cls, c in CODES.items() if isinstance(error, cls)),
                     grpc.StatusCode.INTERNAL)  # subclasses map as their base
         message = str(error)
-        retry = getattr(error, "retry_after", None)
+        retry = error.retry_after if isinstance(error, errors.Retryable) else None
         if retry is not None:
             context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
             message = f"{message} (retry after {retry:g} s)"
@@ -54,18 +54,21 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     await context.abort(code, message)
 
 
+async def _answer(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """Ends the call with the status for `error`; an abort already under way passes."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    await abort(context, error)
+
+
 def unary(fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
           ) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
     @functools.wraps(fn)
     async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         try:
             return await fn(self, request, context)
-        except errors.M4Error as exc:
-            await abort(context, exc)
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await abort(context, exc)
+            await _answer(context, exc)
         raise AssertionError("unreachable: abort raises")
 
     return handler
@@ -79,11 +82,7 @@ def streaming(fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[R
         try:
             async for item in fn(self, request, context):
                 yield item
-        except errors.M4Error as exc:
-            await abort(context, exc)
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await abort(context, exc)
+            await _answer(context, exc)
 
     return handler

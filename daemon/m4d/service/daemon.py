@@ -1,17 +1,17 @@
 """The daemon's life cycle: start-up (verify, load, warm, self-test), serving, hot swap, draining.
 
 Holds what the servicers share: the state and the `Serving` set (image, runtime, engine,
-converter) of the image being served. The gRPC servers listen from the start, so health
+task table) of the image being served. The gRPC servers listen from the start, so health
 answers NOT_SERVING and inference answers UNAVAILABLE while the model loads; READY follows
 the self-test.
 
 Where the image comes from (`config.image_source`): "image" serves the `config.image`
-directory as it is; "store" boots from the image store (`m4d.service.images`), with attempt
-counting, self-test and fallback.
+directory as it is; "store" boots from the image store (`load(images.boot)`, with
+`m4d.service.images`), with attempt counting, self-test and fallback.
 
 Hot swap (`swap`): the new image is loaded and self-tested beside the old one (swap_mode
 "overlap"), then one assignment on the event loop makes new calls use it; a call takes its
-converter and engine in one synchronous step, and a `RequestStream` holds its engine, so
+task table and engine in one synchronous step, and a `RequestStream` holds its engine, so
 calls in flight finish on the old image, which is then drained and stopped in the
 background. With swap_mode "drain" the old image is drained and unloaded first: inference
 calls get UNAVAILABLE with a retry hint until the new one serves (at most drain_timeout +
@@ -30,22 +30,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from m4image.verify import VerifiedImage, verify_image
 
 from m4d import __version__
 from m4d.config import Config
 from m4d.engine.admission import AdmissionConfig, UidQuota
+from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.engine.policy import make_policy
 from m4d.errors import FailedPrecondition, Unavailable
 from m4d.executor.runtime import Runtime
-from m4d.server.convert import Converter, ImageInfo
 from m4d.service.selftest import run_self_test
-
-if TYPE_CHECKING:
-    from m4d.service.images import ImageManager
+from m4d.service.tasks import ImageInfo, Tasks
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +60,7 @@ class Serving:
     image: VerifiedImage
     runtime: Runtime
     engine: Engine
-    converter: Converter
+    tasks: Tasks
 
     @property
     def label(self) -> str:
@@ -92,11 +89,6 @@ class Daemon:
         self.load_seconds = 0.0  # the last image load + self-test: the swap's retry hint
         self.operation = ""  # the image operation in progress, for Status
         self.on_state_change: list[Callable[[State], None]] = []
-        self.images: ImageManager | None = None
-        if config.image_source == "store":
-            from m4d.service.images import ImageManager
-
-            self.images = ImageManager(self)
 
     # ---- what the servicers use ----------------------------------------------------
 
@@ -131,8 +123,8 @@ class Daemon:
     def engine_for_requests(self) -> Engine:
         return self.serving().engine
 
-    def converter(self) -> Converter:
-        return self.serving().converter
+    def tasks(self) -> Tasks:
+        return self.serving().tasks
 
     # ---- life cycle ----------------------------------------------------------------
 
@@ -142,13 +134,11 @@ class Daemon:
         for callback in self.on_state_change:
             callback(state)
 
-    async def load(self) -> None:
-        """Loads the image to serve (directly, or the store's choice) and self-tests it."""
+    async def load(self, boot: Callable[[], Awaitable[Serving]] | None = None) -> None:
+        """Loads the image to serve and self-tests it: `boot` chooses it (the image store's
+        `ImageManager.boot`), by default `config.image` as it is."""
         started = time.monotonic()
-        if self.images is not None:
-            self._serving = await self.images.boot()
-        else:
-            self._serving = await self._load_directly()
+        self._serving = await (boot or self._load_directly)()
         self._set_state(State.READY)
         log.info("ready", extra={"seconds": round(time.monotonic() - started, 2),
                                  "image": self._serving.label})
@@ -172,31 +162,21 @@ class Daemon:
                                          "digest": image.digest, "path": str(image.path)})
         runtime = Runtime(image, self.config)
         await asyncio.to_thread(runtime.load)
-        engine = Engine(runtime, kv_slots=self.config.kv_slots,
-                        policy=make_policy(self.config.queue_policy,
-                                           aging=self.config.aging_seconds or None)
-                        if self.config.queue_policy != "fcfs" else "fcfs",
-                        kv_tokens=self.config.kv_pool_tokens or None,
-                        admission=admission_config(self.config),
-                        token_budget=self.config.step_token_budget,
-                        prefill_chunk=self.config.prefill_chunk,
-                        max_queue=self.config.max_queue,
-                        max_batch_texts=self.config.max_batch_texts,
-                        max_batch_media=self.config.max_batch_media)
+        engine = Engine(runtime, engine_config(self.config))
         engine.start()
         self._engines.add(engine)
-        converter = Converter(
+        tasks = Tasks(
             self.config, manifest.tasks, ImageInfo(manifest.name, manifest.version, image.digest),
             runtime.tokenizer, runtime.chat_template, runtime.max_context)
         self.load_seconds = time.monotonic() - started
-        return Serving(image, runtime, engine, converter)
+        return Serving(image, runtime, engine, tasks)
 
     async def self_test(self, serving: Serving) -> Verdict:
         """Runs the image's self-test on its own engine (self_test = "off": not run)."""
         if self.config.self_test == "off":
             return Verdict(False, "the self-test is off (self_test = \"off\")")
         started = time.monotonic()
-        results = await run_self_test(serving.image.manifest.self_test, serving.converter,
+        results = await run_self_test(serving.image.manifest.self_test, serving.tasks,
                                       serving.engine, Path(serving.image.path))
         for r in results:
             log.info("self-test", extra={"check": r.name, "passed": r.passed,
@@ -348,17 +328,24 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def admission_config(config: Config) -> AdmissionConfig:
-    """The engine's admission limits from the daemon's settings."""
+def engine_config(config: Config) -> EngineConfig:
+    """The engine's limits, policies and admission from the daemon's settings."""
     unlimited = 1e15  # finite, so bucket arithmetic never meets inf - inf
     rate = config.uid_tokens_per_second or unlimited
     burst = rate * 4 if config.uid_tokens_per_second else unlimited
-    return AdmissionConfig(
+    admission = AdmissionConfig(
         class_limits={0: config.max_queue, 1: config.max_queue + config.kv_slots,
                       2: config.max_queue + config.kv_slots},
         quota=UidQuota(max_concurrent=config.uid_max_concurrent, tokens_per_second=rate,
                        burst_tokens=burst),
         max_class=config.class_caps())  # uid_max_class: a uid's most urgent class
+    return EngineConfig(
+        kv_slots=config.kv_slots, token_budget=config.step_token_budget,
+        prefill_chunk=config.prefill_chunk, max_queue=config.max_queue,
+        max_batch_texts=config.max_batch_texts, max_batch_media=config.max_batch_media,
+        kv_tokens=config.kv_pool_tokens or None, admission=admission,
+        policy=(make_policy(config.queue_policy, aging=config.aging_seconds or None)
+                if config.queue_policy != "fcfs" else "fcfs"))
 
 
 class SelfTestFailed(FailedPrecondition):

@@ -24,14 +24,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from m4image.durable import CRASH_ENV, crashpoints_passed
 from m4image.keys import Keyring
 from m4image.manifest import ImageError
 from m4image.store import (
@@ -44,17 +42,11 @@ from m4image.store import (
 
 from m4d import __version__
 from m4d.errors import Cancelled, FailedPrecondition, Unavailable
-from m4d.service.daemon import SelfTestFailed, Serving, Verdict
-
-if TYPE_CHECKING:
-    from m4d.service.daemon import Daemon
+from m4d.service.daemon import Daemon, SelfTestFailed, Serving, Verdict
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.1  # seconds between install progress messages
-# Tests only: kill this process (SIGKILL, by the store's own crash hook) at the K-th durable
-# store step after start-up, so fault injection hits admin operations, never the boot.
-TEST_CRASH_ENV = "M4D_TEST_STORE_CRASH_AFTER_READY"
 
 
 @dataclass(frozen=True)
@@ -84,7 +76,6 @@ class ImageManager:
         self.keyring = Keyring(self.config.keys_dir) if self.config.require_signature else None
         self._store: Store | None = None
         self._busy = False
-        self._ready_steps = 0
 
     async def store(self) -> Store:
         """The store, opened (and recovered after a crash) on first use."""
@@ -130,7 +121,6 @@ class ImageManager:
                     await self._call(store.mark_good, sel.digest)
                     log.info("trial image passed its self-test: marked good",
                              extra={"image": serving.label})
-                self._arm_test_crash()
                 return serving
             if strict:
                 await self.daemon.stop_serving(serving)
@@ -142,23 +132,7 @@ class ImageManager:
             log.warning(f"serving an image whose self-test did not pass (self_test = "
                         f"{self.config.self_test}){pending}",
                         extra={"image": serving.label, "detail": verdict.detail})
-            self._arm_test_crash()
             return serving
-
-    def _arm_test_crash(self) -> None:
-        """With M4D_TEST_STORE_CRASH_AFTER_READY=K (tests only), the store SIGKILLs this
-        process at its K-th durable step from now (m4image.durable counts from the start)."""
-        steps = os.environ.get(TEST_CRASH_ENV)
-        if steps:
-            self._ready_steps = crashpoints_passed()
-            os.environ[CRASH_ENV] = str(self._ready_steps + int(steps))
-            log.warning("test hook: the store kills m4d at its durable step %s from now", steps)
-
-    def _note_test_steps(self, operation: str) -> None:
-        if os.environ.get(TEST_CRASH_ENV):
-            log.info("test hook: durable store steps since ready",
-                     extra={"operation": operation,
-                            "steps": crashpoints_passed() - self._ready_steps})
 
     async def _reject(self, store: Store, digest: str, reason: str) -> None:
         await self._call(store.mark_bad, digest, reason)
@@ -262,7 +236,6 @@ class ImageManager:
         entry = await self.entry(digest)
         log.info("image installed", extra={"digest": digest, "image": entry.name,
                                            "version": entry.version})
-        self._note_test_steps("install")
         if activate:
             await self._call(store.activate, digest, allow_downgrade=allow_downgrade)
             entry = await self.entry(digest)
@@ -306,7 +279,6 @@ class ImageManager:
                         await self._call(store.mark_bad, digest, f"could not be loaded: {exc}")
                 raise
             log.info("image activated", extra={"image": serving.label})
-            self._note_test_steps("activate")
             return await self.entry(digest)
 
     async def rollback(self, *, allow_downgrade: bool) -> tuple[ImageEntry, ImageEntry | None]:
@@ -337,7 +309,6 @@ class ImageManager:
             previous = await self.entry(after.previous) if after.previous else None
             log.info("rolled back", extra={"image": f"{active.name} {active.version}",
                                            "digest": active.digest})
-            self._note_test_steps("rollback")
             return active, previous
 
     async def mark_good(self, ref: str) -> ImageEntry:

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m4.inference.v1 import inference_pb2 as pb
-
 from m4d.engine.engine import Engine
 from m4d.requests import (
     Caller,
     Embeddings,
     Failed,
+    GenerateRequest,
+    MediaInput,
     Priority,
     Scored,
     ScoreRequest,
@@ -34,11 +34,12 @@ from m4d.requests import (
     TextRead,
     Transcribed,
 )
-from m4d.server.convert import Converter
+from m4d.service.tasks import Origin, SamplingArgs, Tasks
 
 log = logging.getLogger(__name__)
 
 SYSTEM = Caller(uid=0, app="self-test")
+ORIGIN = Origin(SYSTEM)  # foreground, as an app's call; scoring runs as SYSTEM
 # How far below the served model's top token (log-probability) a reference token may lie
 # and still count as a tie the model broke the other way. The default image's w4a8, int4,
 # int8 and bfloat16 backbones all reproduce its expected outputs exactly today (w4a8 with
@@ -55,19 +56,19 @@ class CheckResult:
     detail: str
 
 
-async def run_self_test(checks: Sequence[dict[str, Any]], conv: Converter,
+async def run_self_test(checks: Sequence[dict[str, Any]], tasks: Tasks,
                         engine: Engine, root: Path) -> list[CheckResult]:
     results = []
     for i, check in enumerate(checks):
         name = f"{i}:{check.get('task')}"
         try:
             if "expected_token_ids" in check:
-                results.append(await _generation(name, check, conv, engine))
+                results.append(await _generation(name, check, tasks, engine))
             elif check.get("task") == "embed":
-                results.append(await _embedding(name, check, conv, engine))
+                results.append(await _embedding(name, check, tasks, engine))
             elif isinstance(check.get("input"), dict) and (
                     {"image", "audio"} & set(check["input"])):
-                results.append(await _media(name, check, conv, engine, root))
+                results.append(await _media(name, check, tasks, engine, root))
             else:
                 results.append(CheckResult(name, False, f"unknown self-test check {check!r}"))
         except Exception as exc:
@@ -75,22 +76,20 @@ async def run_self_test(checks: Sequence[dict[str, Any]], conv: Converter,
     return results
 
 
-def generation_request(check: dict[str, Any]) -> pb.GenerateRequest:
-    """The greedy GenerateRequest a generation check makes (a chat or a plain prompt)."""
-    sampling = pb.SamplingParams(max_tokens=int(check["max_tokens"]), temperature=0.0)
-    request = pb.GenerateRequest(task=check["task"], sampling=sampling)
+def generation_request(tasks: Tasks, check: dict[str, Any]) -> GenerateRequest:
+    """The greedy request a generation check makes (a chat or a plain prompt)."""
+    sampling = SamplingArgs(max_tokens=int(check["max_tokens"]), temperature=0.0)
     value = check["input"]
     if check["task"] == "chat" or isinstance(value, list):
         messages = value if isinstance(value, list) else [{"role": "user", "content": value}]
-        request.chat.messages.extend(pb.ChatMessage(**m) for m in messages)
-    else:
-        request.prompt = value
-    return request
+        return tasks.generate(check["task"], ORIGIN, sampling=sampling,
+                              chat=[(m["role"], m["content"]) for m in messages])
+    return tasks.generate(check["task"], ORIGIN, prompt=value, sampling=sampling)
 
 
-async def _generation(name: str, check: dict[str, Any], conv: Converter,
+async def _generation(name: str, check: dict[str, Any], tasks: Tasks,
                       engine: Engine) -> CheckResult:
-    domain = conv.generate(generation_request(check), SYSTEM, None)
+    domain = generation_request(tasks, check)
     tokens: list[int] = []
     text = ""
     async for event in engine.submit(domain):
@@ -123,11 +122,10 @@ async def _generation(name: str, check: dict[str, Any], conv: Converter,
                        f"{NEAR_TIE_NATS} passes)")
 
 
-async def _embedding(name: str, check: dict[str, Any], conv: Converter,
+async def _embedding(name: str, check: dict[str, Any], tasks: Tasks,
                      engine: Engine) -> CheckResult:
     data = check["input"]
-    texts = [data["query"], *data["candidates"]]
-    domain = conv.embed(pb.EmbedRequest(task="embed", texts=texts), SYSTEM, None)
+    domain = tasks.embed("embed", ORIGIN, [data["query"], *data["candidates"]])
     event = await engine.submit(domain).result()
     assert isinstance(event, Embeddings)
     q, *cands = event.vectors
@@ -139,15 +137,24 @@ async def _embedding(name: str, check: dict[str, Any], conv: Converter,
                        f"(similarities {[round(s, 3) for s in sims]})")
 
 
-async def _media(name: str, check: dict[str, Any], conv: Converter, engine: Engine,
+async def _media(name: str, check: dict[str, Any], tasks: Tasks, engine: Engine,
                  root: Path) -> CheckResult:
     """An image or audio file of the image, recognised; the text must equal the reference's."""
-    request = pb.RunRequest(task=check["task"])
-    for kind, relative in check["input"].items():
-        data = (root / relative).read_bytes()  # listed in the manifest: verified at load
-        request.inputs.append(pb.Input(name=kind, image=data) if kind == "image"
-                              else pb.Input(name=kind, audio=data))
-    domain = await asyncio.to_thread(conv.run, request, SYSTEM, None)
+    task = tasks.task(check["task"], "Run")
+    inputs: dict[str, str] = check["input"]  # kind -> file, named as the task's input
+
+    def build() -> Any:  # decoding takes milliseconds: off the event loop
+        if not tasks.check_inputs(task, {kind: kind for kind in inputs}):
+            raise ValueError(f"task {task['id']!r} takes no image or audio")
+        op = tasks.media_op(task)
+        media: MediaInput | None = None
+        for kind, relative in inputs.items():
+            data = (root / relative).read_bytes()  # listed in the manifest: verified at load
+            media = (tasks.image_input(kind, data) if kind == "image"
+                     else tasks.wav_input(kind, data))
+        return tasks.media(task, op, media, ORIGIN)
+
+    domain = await asyncio.to_thread(build)
     event = await engine.submit(domain).result()
     assert isinstance(event, (TextRead, Transcribed))
     expected = check.get("expected_text") or ""

@@ -1,0 +1,361 @@
+"""The served image's tasks: plain values → validated engine requests (no protobuf here).
+
+One `Tasks` per loaded image (its task table, tokenizer, chat template and context length,
+with the daemon's limits). The gRPC converter (`m4d.server.convert`) takes each field out
+of its message and calls this; the self-test (`m4d.service.selftest`) calls it with the
+values of the image's own checks. Every check happens here, once, with the API's field
+name in its message: what is wrong, what was received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from m4d.config import Config
+from m4d.errors import InvalidArgument
+from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
+from m4d.requests import (
+    Caller,
+    ClassifyRequest,
+    EmbedRequest,
+    GenerateRequest,
+    MediaInput,
+    MediaOp,
+    MediaRequest,
+    PredictNextRequest,
+    Priority,
+    SamplingParams,
+)
+
+DEFAULT_TEMPERATURE = 0.7
+MAX_PREDICTIONS = 20
+MAX_STOP_STRINGS = 8
+MAX_LABELS = 64
+MAX_KEYWORDS = 32
+SPEECH_SAMPLE_RATE = 16_000  # what the speech encoder (Whisper) reads
+MEDIA_KINDS = ("image", "audio", "tensor")  # input kinds that make a task a media task
+# How a media task's head says what it does; cascades (lm_head) answer through the backbone.
+_MEDIA_HEADS = {"transcript": MediaOp.TRANSCRIBE, "keyword_match": MediaOp.KEYWORDS,
+                "ocr_text": MediaOp.OCR, "lm_head": MediaOp.ANSWER,
+                "clip_zero_shot": MediaOp.IMAGE_LABELS, "clip_similarity": MediaOp.IMAGE_RANK,
+                "clip_image_embed": MediaOp.IMAGE_EMBED, "sensor_classifier": MediaOp.SENSOR_LABELS}
+
+Turn = tuple[str, str]  # one chat message: (role, content)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    version: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who asks, how urgently and until when: what every engine request starts with."""
+
+    caller: Caller
+    priority: Priority = Priority.FOREGROUND
+    deadline: float | None = None  # time.monotonic() after which the request fails
+
+
+@dataclass(frozen=True)
+class SamplingArgs:
+    """Sampling settings as the caller gave them; None (or empty) where not given."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class Tasks:
+    """Validates requests against the active image's tasks and limits, and builds them."""
+
+    def __init__(self, config: Config, tasks: Sequence[dict[str, Any]], image: ImageInfo,
+                 tokenizer: TextTokenizer | None, chat_template: ChatTemplate | None,
+                 max_context: int) -> None:
+        self.config = config
+        self.tasks = {t["id"]: t for t in tasks}
+        self.task_list = list(tasks)
+        self.image = image
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.max_context = max_context
+
+    # ---- shared checks -------------------------------------------------------------
+
+    def task(self, task_id: str, rpc: str) -> dict[str, Any]:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise InvalidArgument(
+                f"unknown task {task_id!r}; this image has: {', '.join(sorted(self.tasks))}")
+        if rpc != "Run" and task.get("rpc") != rpc:
+            raise InvalidArgument(
+                f"task {task_id!r} is served by {task.get('rpc')}, not {rpc}; "
+                f"call {task.get('rpc')} or Run")
+        return task
+
+    def text(self, field: str, value: str) -> str:
+        if not value.strip():
+            raise InvalidArgument(f"{field} is empty")
+        if len(value) > self.config.max_text_chars:
+            raise InvalidArgument(
+                f"{field} has {len(value)} characters; the limit is {self.config.max_text_chars}")
+        return value
+
+    def texts(self, field: str, values: Sequence[str], limit: int) -> list[str]:
+        if not values:
+            raise InvalidArgument(f"{field} is empty; give at least one text")
+        if len(values) > limit:
+            raise InvalidArgument(f"{field} has {len(values)} texts; the limit is {limit}")
+        return [self.text(f"{field}[{i}]", t) for i, t in enumerate(values)]
+
+    def tokens(self, field: str, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidArgument("this image has no language backbone")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise InvalidArgument(f"{field} has no tokens")
+        return ids
+
+    # ---- generation ----------------------------------------------------------------
+
+    def generate(self, task_id: str, origin: Origin, *, prompt: str | None = None,
+                 chat: Sequence[Turn] | None = None,
+                 sampling: SamplingArgs = SamplingArgs()) -> GenerateRequest:
+        """A generation from a prompt or (when `chat` is given) a chat."""
+        which = "chat" if chat is not None else "prompt"
+        task = self.task(task_id, "Generate")
+        if chat is not None:
+            text = self.render_chat(chat)
+        else:
+            text = self.apply_template(task, self.text("prompt", prompt or ""))
+        expected = _input_kind(task)
+        if expected and expected != which:
+            raise InvalidArgument(f"task {task_id!r} takes a {expected}, not a {which}")
+        ids = self.tokens(which, text)
+        return GenerateRequest(task=task_id, priority=origin.priority, caller=origin.caller,
+                               deadline=origin.deadline, prompt_ids=ids,
+                               sampling=self.sampling(sampling, len(ids)))
+
+    def apply_template(self, task: dict[str, Any], prompt: str) -> str:
+        """A task's prompt template: "" passes the text as is; "chat" renders it as one user
+        turn with the backbone's chat template; any other string has {prompt} replaced."""
+        template = task.get("prompt_template") or ""
+        if not template:
+            return prompt
+        if template == "chat":
+            return self.render_chat([("user", prompt)])
+        return str(template).replace("{prompt}", prompt)
+
+    def render_chat(self, messages: Sequence[Turn]) -> str:
+        if not messages:
+            raise InvalidArgument("chat has no messages")
+        if self.chat_template is None:
+            raise InvalidArgument("this image's backbone has no chat template")
+        out = []
+        for i, (role, content) in enumerate(messages):
+            if role not in ("system", "user", "assistant"):
+                raise InvalidArgument(
+                    f"chat.messages[{i}].role is {role!r}; use system, user or assistant")
+            self.text(f"chat.messages[{i}].content", content)
+            out.append({"role": role, "content": content})
+        return self.chat_template.render(out, add_generation_prompt=True)
+
+    def sampling(self, s: SamplingArgs, prompt_tokens: int) -> SamplingParams:
+        room = self.max_context - prompt_tokens
+        if room <= 0:
+            raise InvalidArgument(
+                f"the prompt has {prompt_tokens} tokens; the context holds {self.max_context}, "
+                "so no room is left to generate")
+        max_tokens = (s.max_tokens if s.max_tokens is not None
+                      else min(self.config.default_max_tokens, room))
+        if max_tokens <= 0:
+            raise InvalidArgument(f"max_tokens must be > 0 (got {max_tokens})")
+        if max_tokens > room:
+            raise InvalidArgument(
+                f"max_tokens={max_tokens} does not fit: the prompt has {prompt_tokens} tokens "
+                f"and the context holds {self.max_context}; at most {room} can be generated")
+        temperature = s.temperature if s.temperature is not None else DEFAULT_TEMPERATURE
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument(f"temperature must be >= 0 (got {temperature})")
+        top_p = s.top_p if s.top_p is not None else 1.0
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1] (got {top_p})")
+        if s.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (got {s.top_k}); 0 means no limit")
+        if len(s.stop) > MAX_STOP_STRINGS or any(not x for x in s.stop):
+            raise InvalidArgument(
+                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings (got {list(s.stop)!r})")
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+            top_k=s.top_k, seed=s.seed, stop=s.stop, ignore_eos=s.ignore_eos)
+
+    # ---- Embed, Classify, PredictNext ----------------------------------------------
+
+    def embed(self, task_id: str, origin: Origin, texts: Sequence[str]) -> EmbedRequest:
+        self.task(task_id, "Embed")
+        return EmbedRequest(task=task_id, priority=origin.priority, caller=origin.caller,
+                            deadline=origin.deadline,
+                            texts=self.texts("texts", texts, self.config.max_batch_texts))
+
+    def classify(self, task_id: str, origin: Origin, text: str,
+                 labels: Sequence[str]) -> ClassifyRequest:
+        task = self.task(task_id, "Classify")
+        labels = list(labels) or list(task.get("labels") or [])
+        if not labels:
+            raise InvalidArgument(f"labels is empty; task {task_id!r} needs candidate labels")
+        labels = self.texts("labels", labels, MAX_LABELS)
+        if len(set(labels)) != len(labels):
+            raise InvalidArgument("labels has duplicates")
+        return ClassifyRequest(task=task_id, priority=origin.priority, caller=origin.caller,
+                               deadline=origin.deadline, text=self.text("text", text),
+                               labels=labels)
+
+    def predict_next(self, task_id: str, origin: Origin, text: str,
+                     num_predictions: int) -> PredictNextRequest:
+        self.task(task_id, "PredictNext")
+        n = num_predictions or 5
+        if not 0 < n <= MAX_PREDICTIONS:
+            raise InvalidArgument(f"num_predictions must be in 1..{MAX_PREDICTIONS} (got {n})")
+        ids = self.tokens("text", self.text("text", text).rstrip())
+        if len(ids) >= self.max_context:
+            raise InvalidArgument(
+                f"text has {len(ids)} tokens; the context holds {self.max_context}")
+        return PredictNextRequest(task=task_id, priority=origin.priority, caller=origin.caller,
+                                  deadline=origin.deadline, prompt_ids=ids, num_predictions=n)
+
+    # ---- Run: any task by id, its inputs by name -----------------------------------
+
+    def check_inputs(self, task: dict[str, Any], kinds: Mapping[str, str | None]) -> bool:
+        """Checks the inputs given (name → kind) against the task's; True for a media task."""
+        specs = {s["name"]: s for s in task.get("inputs", [])}
+        for name in kinds:
+            if name not in specs:
+                raise InvalidArgument(
+                    f"task {task['id']!r} has no input {name!r}; it takes: {', '.join(specs)}")
+        for name, spec in specs.items():
+            if spec.get("required") and name not in kinds:
+                raise InvalidArgument(f"task {task['id']!r} needs input {name!r} ({spec['kind']})")
+            if name in kinds:
+                got = kinds[name]
+                if got != spec["kind"] and not (spec["kind"] == "audio" and got == "pcm"):
+                    raise InvalidArgument(
+                        f"input {name!r} of task {task['id']!r} must be {spec['kind']}, not {got}")
+        return any(s["kind"] in MEDIA_KINDS for s in specs.values())
+
+    def media_op(self, task: dict[str, Any]) -> MediaOp:
+        """What a media task does, from its head; refused when this daemon cannot run it."""
+        op = _MEDIA_HEADS.get(task.get("head", ""))
+        if op is None or not task.get("modules"):
+            raise InvalidArgument(f"task {task['id']!r} cannot run on this daemon "
+                                  f"(head {task.get('head')!r})")
+        return op
+
+    def media(self, task: dict[str, Any], op: MediaOp, media: MediaInput | None,
+              origin: Origin, *, lists: Mapping[str, Sequence[str]] | None = None,
+              question: str | None = None,
+              sampling: SamplingArgs = SamplingArgs()) -> MediaRequest:
+        """A task on an image, audio clip or tensor (decoded by `image_input`, `wav_input`,
+        `pcm_input` or `tensor_input`), recognised by the task's first module. `lists`: the
+        text-list inputs given (keywords, labels, texts); `question`: None when not given."""
+        if media is None:
+            raise InvalidArgument(f"task {task['id']!r} needs an image, audio or tensor input")
+        lists = lists or {}
+        request = MediaRequest(task=task["id"], priority=origin.priority, caller=origin.caller,
+                               deadline=origin.deadline, op=op, module=task["modules"][0],
+                               media=media)
+        if op is MediaOp.KEYWORDS:
+            words = list(lists.get("keywords", []))
+            if not words:
+                raise InvalidArgument("keywords is empty; give the words to listen for")
+            request.keywords = self.texts("keywords", words, MAX_KEYWORDS)
+        if op is MediaOp.SENSOR_LABELS:
+            request.texts = list(task.get("labels") or [])
+        if op in (MediaOp.IMAGE_LABELS, MediaOp.IMAGE_RANK):
+            name = "labels" if op is MediaOp.IMAGE_LABELS else "texts"
+            values = list(lists.get(name, [])) or list(task.get("labels") or [])
+            if not values:
+                raise InvalidArgument(f"{name} is empty; give the candidate {name}")
+            request.texts = self.texts(name, values, MAX_LABELS)
+            if len(set(request.texts)) != len(request.texts):
+                raise InvalidArgument(f"{name} has duplicates")
+            if op is MediaOp.IMAGE_LABELS and "{}" in (task.get("prompt_template") or ""):
+                request.label_prompt = task["prompt_template"]
+        if op is MediaOp.ANSWER:
+            request.question = self.text("question", question) if question is not None else ""
+            request.prompt_template = task.get("prompt_template") or ""
+            if self.tokenizer is None:
+                raise InvalidArgument("this image has no language backbone")
+            # The prompt is built after recognition; reserve room for it in the context.
+            request.sampling = self.sampling(sampling, self.max_context // 2)
+        return request
+
+    # ---- media inputs: decoded and checked (call these off the event loop) ---------
+
+    def image_input(self, name: str, data: bytes) -> MediaInput:
+        from m4d.prepare.images import decode_image
+
+        if not data:
+            raise InvalidArgument(f"input {name!r} is empty; send PNG, JPEG or WebP bytes")
+        image = decode_image(data, max_bytes=self.config.max_image_bytes,
+                             max_pixels=self.config.max_image_pixels)
+        return MediaInput("image", image, hashlib.sha256(data).hexdigest())
+
+    def tensor_input(self, name: str, dtype: str, shape: Sequence[int], data: bytes,
+                     spec: dict[str, Any]) -> MediaInput:
+        from m4d.model.sensor import tensor_from_bytes
+
+        value = tensor_from_bytes(name, dtype, list(shape), data,
+                                  spec.get("dtype") or "", list(spec.get("shape") or []))
+        digest = hashlib.sha256(f"{dtype}:{list(shape)}:".encode() + data).hexdigest()
+        return MediaInput("tensor", value, digest)
+
+    def wav_input(self, name: str, data: bytes) -> MediaInput:
+        from m4d.prepare.audio import decode_wav
+
+        if not data:
+            raise InvalidArgument(f"input {name!r} is empty; send WAV bytes")
+        audio, rate = decode_wav(data, max_seconds=self.config.max_audio_seconds)
+        return _speech(audio, rate, hashlib.sha256(data).hexdigest())
+
+    def pcm_input(self, name: str, data: bytes, sample_rate: int, encoding: str,
+                  channels: int) -> MediaInput:
+        """Raw samples; an empty encoding means s16le, 0 channels one."""
+        from m4d.prepare.audio import pcm_to_tensor
+
+        if not data:
+            raise InvalidArgument(f"input {name!r} has no PCM samples")
+        encoding, channels = encoding or "s16le", channels or 1
+        audio = pcm_to_tensor(data, sample_rate=sample_rate, encoding=encoding,
+                              channels=channels, max_seconds=self.config.max_audio_seconds)
+        digest = hashlib.sha256(b"%d:%s:%d:" % (sample_rate, encoding.encode(), channels)
+                                + data).hexdigest()
+        return _speech(audio, sample_rate, digest)
+
+
+def _speech(audio: Any, rate: int, digest: str) -> MediaInput:
+    """Audio at the speech encoder's sample rate; its length in seconds as sent."""
+    from m4d.prepare.audio import resample
+
+    seconds = audio.numel() / rate
+    if rate != SPEECH_SAMPLE_RATE:
+        audio = resample(audio, rate, SPEECH_SAMPLE_RATE)
+    return MediaInput("audio", audio, digest, seconds)
+
+
+def _input_kind(task: dict[str, Any]) -> str | None:
+    kinds = {s["kind"] for s in task.get("inputs", []) if s.get("kind") in ("text", "chat")}
+    if kinds == {"chat"}:
+        return "chat"
+    if kinds == {"text"}:
+        return "prompt"
+    return None
