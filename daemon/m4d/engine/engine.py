@@ -34,7 +34,7 @@ from m4d.engine.config import EngineConfig
 from m4d.engine.encoder import run_encoder_batch
 from m4d.engine.kvpool import KVCapacityError, KVPool
 from m4d.engine.latency import LatencyPolicy, is_urgent
-from m4d.engine.media import BatchResult, recognise_batch, recognised_event, start_answer
+from m4d.engine.media import Continuation, outcome, recognise_batch
 from m4d.engine.scheduler import PrefillChunk, Scheduler, SeqState
 from m4d.engine.sequence import Sequence, tokens_per_uid
 from m4d.engine.stats import EngineSnapshot, EngineStats
@@ -44,7 +44,7 @@ from m4d.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, M
 from m4d.executor.runtime import Runtime
 from m4d.executor.sampling import sample
 from m4d.executor.workers import DeviceExecutor, executors_for
-from m4d.requests import Event, Failed, GenerateRequest, MediaOp, RequestBase
+from m4d.requests import Event, Failed, GenerateRequest, RequestBase
 
 log = logging.getLogger(__name__)
 
@@ -408,25 +408,16 @@ class Engine:
         batch = self.batcher.next_media()
         if not batch:
             return
-        media = self.runtime.media
-        results, failed = recognise_batch(media.recognise, batch)
+        results, failed = recognise_batch(self.runtime.media.recognise, batch)
         for request, error in failed:
             self._finish(request.id, Failed(error))
         for result in results:
-            if result.request.id not in self._streams:
+            rid = result.request.id
+            if rid not in self._streams:
                 continue  # cancelled meanwhile
-            if result.request.op is MediaOp.ANSWER:
-                self._start_answer(result)
+            answer = outcome(self.runtime, result)
+            if isinstance(answer, Continuation):  # a cascade: generation on the same stream
+                self._outbox.send(self._streams[rid], answer.source)
+                self._add_sequence(answer.request, self._streams[rid], answer.prompt_embeds)
             else:
-                self._finish(result.request.id, recognised_event(result, media))
-
-    def _start_answer(self, result: BatchResult) -> None:
-        """A cascade's second half: continues as ordinary generation on the same stream."""
-        try:
-            generate, embeds, source = start_answer(self.runtime, result)
-        except InvalidArgument as exc:
-            self._finish(result.request.id, Failed(exc))
-            return
-        stream = self._streams[generate.id]
-        self._outbox.send(stream, source)
-        self._add_sequence(generate, stream, embeds)
+                self._finish(rid, answer)

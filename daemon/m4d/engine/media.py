@@ -6,7 +6,7 @@ Requests that share a module run through it in one batch (`Batcher.next_media` p
 them); the same image or audio sent by several requests of a batch (equal sha256 of the
 bytes) is recognised once. A cascaded task (spoken-language understanding, questions about
 an image or its text) continues as ordinary generation: `cascade.plan_answer` decides its
-prompt, `start_answer` builds it on the runtime.
+prompt, `outcome` builds it on the runtime.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from m4d.engine.cascade import plan_answer
-from m4d.errors import M4Error
+from m4d.errors import InvalidArgument, M4Error
 from m4d.requests import (
     Embeddings,
     Event,
+    Failed,
     GenerateRequest,
     KeywordHit,
     KeywordsHeard,
@@ -121,24 +122,36 @@ def recognised_event(result: BatchResult, clip: ClipModels) -> Event:
     return final_event(result)
 
 
-def start_answer(runtime: Runtime, result: BatchResult,
-                 ) -> tuple[GenerateRequest, torch.Tensor | None, SourceText]:
-    """A cascade's second half on the runtime (`plan_answer` decides it): the generation
-    that answers, its prompt as embeddings (path 1; else None), and the SourceText event
-    posted before the answer streams. Raises InvalidArgument."""
+@dataclass(frozen=True)
+class Continuation:
+    """A cascade's answer, to run as ordinary generation on the same stream."""
+
+    request: GenerateRequest  # the media request's id, caller, priority and deadline
+    prompt_embeds: torch.Tensor | None  # path 1: the prompt with the image's features
+    source: SourceText  # posted before the answer streams: what it is built on
+
+
+def outcome(runtime: Runtime, result: BatchResult) -> Event | Continuation:
+    """What a recognised request comes to: its answer (or why it failed), or, for a cascade
+    (`cascade.plan_answer` decides its prompt), the generation that answers."""
     request, recognised = result.request, result.recognised
+    if request.op is not MediaOp.ANSWER:
+        return recognised_event(result, runtime.media)
     features, image = recognised.features, None
-    if features is not None:  # path 1: the image's features are the prompt's
-        _, projector = runtime.media.projector_for(request.module)
-        image = (int(projector["image_token_id"]), int(features.shape[0]))
-    answer = plan_answer(request, recognised.text, tokenizer=runtime.tokenizer,
-                         template=runtime.chat_template, max_context=runtime.max_context,
-                         image=image)
+    try:
+        if features is not None:  # path 1: the image's features are the prompt's
+            _, projector = runtime.media.projector_for(request.module)
+            image = (int(projector["image_token_id"]), int(features.shape[0]))
+        answer = plan_answer(request, recognised.text, tokenizer=runtime.tokenizer,
+                             template=runtime.chat_template, max_context=runtime.max_context,
+                             image=image)
+    except InvalidArgument as exc:
+        return Failed(exc)
     embeds = None
     if answer.splice_ids is not None and image is not None:
         embeds = runtime.image_prompt(answer.splice_ids, image[0], features)
     seconds = request.media.seconds if request.media else 0.0
-    return answer.request, embeds, SourceText(recognised.text, seconds)
+    return Continuation(answer.request, embeds, SourceText(recognised.text, seconds))
 
 
 def final_event(result: BatchResult) -> Event:
