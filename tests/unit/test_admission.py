@@ -46,7 +46,7 @@ def test_unused_tokens_are_refunded_on_release() -> None:
 
 
 def test_full_class_queue_is_busy_not_quota() -> None:
-    adm = Admission(AdmissionConfig(class_limits={FG: 2, BG: 1}))
+    adm = Admission(AdmissionConfig(priority_limits={FG: 2, BG: 1}))
     assert adm.check(1, FG, 1, 0.0).ok and adm.check(2, FG, 1, 0.0).ok
     d = adm.check(3, FG, 1, 0.0)
     assert d.status == "busy" and d.retry_after == 0.5
@@ -57,9 +57,9 @@ def test_full_class_queue_is_busy_not_quota() -> None:
     assert adm.check(3, FG, 1, 0.0).ok
 
 
-def test_max_class_caps_a_uid() -> None:
-    adm = Admission(AdmissionConfig(max_class={10123: BG}, weights={10123: 0.5},
-                                    class_limits={BG: 1}))
+def test_max_priority_caps_a_uid() -> None:
+    adm = Admission(AdmissionConfig(max_priority={10123: BG}, weights={10123: 0.5},
+                                    priority_limits={BG: 1}))
     d = adm.check(10123, SYS, 1, 0.0)
     assert d.ok and d.priority == BG and d.weight == 0.5 and d.error() is None
     assert adm.per_priority == {BG: 1}
@@ -68,7 +68,7 @@ def test_max_class_caps_a_uid() -> None:
 
 
 def test_refusals_take_nothing() -> None:
-    adm = Admission(AdmissionConfig(class_limits={FG: 0},
+    adm = Admission(AdmissionConfig(priority_limits={FG: 0},
                                     quota=UidQuota(tokens_per_second=1.0, burst_tokens=10.0)))
     for _ in range(5):
         assert adm.check(1, FG, 10, 0.0).status == "busy"

@@ -8,8 +8,8 @@ request holds its `Ticket` until `release()`, which the engine calls however it 
 
 Per uid: a cap on concurrent requests, a token bucket charged with the request's estimated
 tokens (`estimate_tokens`: prompt + max_tokens; what it did not use is refunded on
-release), a fair-share weight, and a cap on its priority (`max_class`: a uid capped at 2
-always runs as background).
+release), a fair-share weight, and a cap on its priority (`max_priority`, the daemon's
+uid_max_class setting: a uid capped at background always runs as background).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ class UidQuota:
 @dataclass
 class AdmissionConfig:
     # Requests of each priority the daemon holds at once (waiting + running); absent: no limit.
-    class_limits: dict[int, int] = field(default_factory=lambda: {0: 16, 1: 64, 2: 64})
+    priority_limits: dict[int, int] = field(default_factory=lambda: {0: 16, 1: 64, 2: 64})
     quota: UidQuota = field(default_factory=UidQuota)  # every uid's, unless in `quotas`
     quotas: dict[int, UidQuota] = field(default_factory=dict)
-    max_class: dict[int, int] = field(default_factory=dict)  # uid -> most urgent priority allowed
+    max_priority: dict[int, int] = field(default_factory=dict)  # uid -> most urgent allowed
     weights: dict[int, float] = field(default_factory=dict)  # uid -> fair-share weight (1.0)
     busy_retry_after: float = 0.5  # seconds, the hint when a priority's limit is reached
     concurrent_retry_after: float = 1.0  # seconds, the hint when a uid has too many
@@ -51,7 +51,7 @@ class AdmissionConfig:
 @dataclass(frozen=True)
 class Decision:
     status: Literal["ok", "busy", "quota"]
-    priority: Priority  # the one granted: the one asked for, capped by max_class
+    priority: Priority  # the one granted: the one asked for, capped by max_priority
     weight: float = 1.0
     message: str = ""
     retry_after: float | None = None
@@ -117,7 +117,7 @@ class Admission:
     def check(self, uid: int, priority: Priority, est_tokens: int, now: float) -> Decision:
         """Admits the request (and counts it until release) or says why not."""
         cfg, quota = self.config, self.quota(uid)
-        priority = Priority(max(priority, cfg.max_class.get(uid, 0)))
+        priority = Priority(max(priority, cfg.max_priority.get(uid, 0)))
         weight = cfg.weights.get(uid, 1.0)
 
         def refuse(status: Literal["busy", "quota"], retry: float, message: str) -> Decision:
@@ -135,7 +135,7 @@ class Admission:
             return refuse("quota", wait,
                           f"uid {uid} is over its rate of {quota.tokens_per_second:g} tokens/s; "
                           f"retry in {wait:.1f} s")
-        queued, limit = self.per_priority.get(priority, 0), cfg.class_limits.get(priority)
+        queued, limit = self.per_priority.get(priority, 0), cfg.priority_limits.get(priority)
         if limit is not None and queued >= limit:
             return refuse("busy", cfg.busy_retry_after,
                           f"busy: {queued} {priority.name.lower()} requests are in the daemon "

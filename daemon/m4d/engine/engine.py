@@ -122,7 +122,7 @@ class Engine:
             if error is not None:
                 self.stats.reject(uid)
                 raise error
-            request.priority = decision.priority  # max_class may lower it
+            request.priority = decision.priority  # max_priority may lower it
             self.stats.admit(uid, request.caller.app, request.priority)
             self._tickets[request.id] = Ticket(uid, request.priority, decision.weight, estimate)
             self.latency.arrived(request.priority, now)

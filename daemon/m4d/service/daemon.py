@@ -334,11 +334,11 @@ def engine_config(config: Config) -> EngineConfig:
     rate = config.uid_tokens_per_second or unlimited
     burst = rate * 4 if config.uid_tokens_per_second else unlimited
     admission = AdmissionConfig(
-        class_limits={0: config.max_queue, 1: config.max_queue + config.kv_slots,
+        priority_limits={0: config.max_queue, 1: config.max_queue + config.kv_slots,
                       2: config.max_queue + config.kv_slots},
         quota=UidQuota(max_concurrent=config.uid_max_concurrent, tokens_per_second=rate,
                        burst_tokens=burst),
-        max_class=config.class_caps())  # uid_max_class: a uid's most urgent class
+        max_priority=config.class_caps())  # uid_max_class: a uid's most urgent priority
     return EngineConfig(
         kv_slots=config.kv_slots, token_budget=config.step_token_budget,
         prefill_chunk=config.prefill_chunk, max_queue=config.max_queue,
