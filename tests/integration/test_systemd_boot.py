@@ -55,6 +55,13 @@ exec env -i container=m4-test PATH=/usr/sbin:/usr/bin:/sbin:/bin \
 """
 DEPS = "/opt/m4-deps"
 PREFIX = "/usr/local"
+INSTALLED_PYTHON = f"{PREFIX}/lib/m4/venv/bin/python"
+# The daemon's test hooks (tests/hooks), loaded by every interpreter of the installed venv
+# while this file is in its site-packages; they act only where the environment asks
+# (the unit's drop-in sets M4D_TEST_HOOKS=1). The wrapper runs `python -I`, which ignores
+# PYTHONPATH but not .pth files.
+HOOKS_PTH = (f"import sys; sys.path.append({str(ROOT / 'tests' / 'hooks')!r}); "
+             "import m4d_test_hooks; m4d_test_hooks.install_from_environment()\n")
 
 
 class Container:
@@ -153,12 +160,15 @@ def installed(container: Container, text_image: Path) -> Container:
         "sh", str(ROOT / "systemd/install.sh"), f"PREFIX={PREFIX}", f"PYTHON={sys.executable}",
         f"IMAGE={text_image}", "VENV_PYTHON=/usr/bin/python3", "PIP_ARGS=--no-deps")
     assert "installed; start it with" in done.stdout, done.stdout + done.stderr
-    venv_python = f"{PREFIX}/lib/m4/venv/bin/python"
-    site_dir = container.run(venv_python, "-c", "import site; print(site.getsitepackages()[0])"
-                             ).stdout.strip()
-    container.path(site_dir).joinpath("m4-deps.pth").write_text(DEPS + "\n")
-    container.run(venv_python, "-c", "import torch, grpc, m4d.server.app")
+    container.path(_site_dir(container)).joinpath("m4-deps.pth").write_text(DEPS + "\n")
+    container.run(INSTALLED_PYTHON, "-c", "import torch, grpc, m4d.server.app")
     return container
+
+
+def _site_dir(container: Container) -> str:
+    """The installed venv's site-packages, inside the container."""
+    return container.run(INSTALLED_PYTHON, "-c", "import site; print(site.getsitepackages()[0])"
+                         ).stdout.strip()
 
 
 def test_boot_created_the_user_directories_and_factory_image(installed: Container) -> None:
@@ -229,8 +239,10 @@ def test_doctor_passes_on_the_running_system(installed: Container) -> None:
 
 
 def test_watchdog_restarts_a_frozen_executor(installed: Container) -> None:
-    """Idle, the daemon keeps pinging; with its executor frozen (the daemon's test hook) the
+    """Idle, the daemon keeps pinging; with its executor frozen (the test hooks) the
     pings stop, systemd kills it and Restart=on-failure brings the model back."""
+    hooks = installed.path(_site_dir(installed)).joinpath("m4-test-hooks.pth")
+    hooks.write_text(HOOKS_PTH)
     dropin = installed.path("/etc/systemd/system/m4d.service.d/test-watchdog.conf")
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text("[Service]\nWatchdogSec=4\nRestartSec=1\nEnvironment=M4D_TEST_HOOKS=1\n")
@@ -251,6 +263,7 @@ def test_watchdog_restarts_a_frozen_executor(installed: Container) -> None:
         assert _show(installed, "m4d.service", "ActiveState") == ["active"]
     finally:
         dropin.unlink()
+        hooks.unlink()
         installed.run("systemctl", "daemon-reload")
 
 

@@ -57,7 +57,8 @@ DEFAULT_MAX_CONNECTIONS = 1024
 
 @dataclass(frozen=True)
 class RelayStats:
-    """Counters for `m4ctl status`; bytes_up is client → daemon, bytes_down the reverse."""
+    """The relay's counters since it started; bytes_up is client → daemon, bytes_down the
+    reverse."""
 
     connections_total: int
     connections_open: int

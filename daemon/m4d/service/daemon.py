@@ -88,7 +88,6 @@ class Daemon:
         self._engines: set[Engine] = set()  # every engine started and not yet stopped
         self.load_seconds = 0.0  # the last image load + self-test: the swap's retry hint
         self.operation = ""  # the image operation in progress, for Status
-        self.on_state_change: list[Callable[[State], None]] = []
 
     # ---- what the servicers use ----------------------------------------------------
 
@@ -131,8 +130,6 @@ class Daemon:
     def _set_state(self, state: State) -> None:
         self.state = state
         log.info("daemon state", extra={"state": state.value})
-        for callback in self.on_state_change:
-            callback(state)
 
     async def load(self, boot: Callable[[], Awaitable[Serving]] | None = None) -> None:
         """Loads the image to serve and self-tests it: `boot` chooses it (the image store's
