@@ -1,1 +1,2 @@
-"""The daemon's life cycle: boot image selection, loading, self-test, hot swap, draining, systemd."""
+"""The daemon's life cycle, below any transport: boot image selection, loading, the served
+image's task table and self-test, hot swap, draining, systemd."""

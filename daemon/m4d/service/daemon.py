@@ -332,7 +332,7 @@ def engine_config(config: Config) -> EngineConfig:
     burst = rate * 4 if config.uid_tokens_per_second else unlimited
     admission = AdmissionConfig(
         priority_limits={0: config.max_queue, 1: config.max_queue + config.kv_slots,
-                      2: config.max_queue + config.kv_slots},
+                         2: config.max_queue + config.kv_slots},
         quota=UidQuota(max_concurrent=config.uid_max_concurrent, tokens_per_second=rate,
                        burst_tokens=burst),
         max_priority=config.class_caps())  # uid_max_class: a uid's most urgent priority

@@ -27,6 +27,7 @@ from m4d.requests import (
     Failed,
     GenerateRequest,
     MediaInput,
+    MediaRequest,
     Priority,
     Scored,
     ScoreRequest,
@@ -143,7 +144,7 @@ async def _media(name: str, check: dict[str, Any], tasks: Tasks, engine: Engine,
     task = tasks.task(check["task"], "Run")
     inputs: dict[str, str] = check["input"]  # kind -> file, named as the task's input
 
-    def build() -> Any:  # decoding takes milliseconds: off the event loop
+    def build() -> MediaRequest:  # decoding takes milliseconds: off the event loop
         if not tasks.check_inputs(task, {kind: kind for kind in inputs}):
             raise ValueError(f"task {task['id']!r} takes no image or audio")
         op = tasks.media_op(task)
