@@ -16,7 +16,7 @@ threads, no clock: the engine passes `now`). Three kinds of work wait here:
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from m4d.engine.latency import LatencyPolicy, is_urgent
@@ -40,6 +40,10 @@ def encoder_texts(request: EncoderRequest) -> list[str]:
     return [request.text, *request.labels]
 
 
+def _num_texts(requests: Iterable[EncoderRequest]) -> int:
+    return sum(len(encoder_texts(r)) for r in requests)
+
+
 @dataclass(frozen=True)
 class EncoderPlan:
     batch: list[EncoderRequest] = field(default_factory=list)  # runs now; off the queue
@@ -47,7 +51,7 @@ class EncoderPlan:
 
     @property
     def num_texts(self) -> int:
-        return sum(len(encoder_texts(r)) for r in self.batch)
+        return _num_texts(self.batch)
 
 
 class Batcher:
@@ -107,18 +111,14 @@ class Batcher:
         background_only = not any(is_urgent(r.priority) for r in self.encoder)
         if self.latency.defer_encoder(oldest, background_only, urgent_waiting, now):
             return EncoderPlan()  # background texts wait for the urgent request's first step
-        queued = sum(len(encoder_texts(r)) for r in self.encoder)
-        if not busy and not self.backbone and queued < self.max_batch_texts:
+        if not busy and not self.backbone and _num_texts(self.encoder) < self.max_batch_texts:
             hold = max(0.0, self.encoder_max_wait - (now - oldest))
             if hold > 0:
                 return EncoderPlan(hold=hold)
         limit = self.latency.encoder_limit(self.max_batch_texts, background_only, now)
         batch: list[EncoderRequest] = []
-        texts = 0
-        while self.encoder and (not batch or texts + len(encoder_texts(self.encoder[0])) <= limit):
-            request = self.encoder.popleft()
-            batch.append(request)
-            texts += len(encoder_texts(request))
+        while self.encoder and (not batch or _num_texts([*batch, self.encoder[0]]) <= limit):
+            batch.append(self.encoder.popleft())
         return EncoderPlan(batch)
 
     def next_media(self) -> list[MediaRequest]:
