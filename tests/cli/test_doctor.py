@@ -80,6 +80,8 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
                                      "M4 model daemon:/var/lib/m4:/usr/sbin/nologin\n")
     (root / "etc/group").write_text(f"root:x:0:\nm4:x:{M4_GID}:\nm4-admin:x:{ADMIN_GID}:\n")
     shutil.copy(SYSTEMD / "m4d.toml", root / "etc/m4/m4d.toml")
+    (root / "usr/share/m4").mkdir(parents=True)  # the reference install.sh keeps beside it
+    shutil.copy(SYSTEMD / "m4d.toml", root / "usr/share/m4/m4d.toml")
     pair = generate_keypair(tmp_path_factory.mktemp("keys") / "release")
     Keyring(root / "etc/m4/keys").add(pair.public_key)
     state = root / "var/lib/m4"

@@ -315,7 +315,9 @@ def test_every_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.fixture
 def fake_m4image(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
-    """FAKE m4d.builder.build/verify modules: record calls, report progress, fail on request."""
+    """FAKE m4d.builder.build and m4image.verify modules: record calls, report progress,
+    fail on request."""
+    import m4d.builder
     import m4image
 
     calls = types.SimpleNamespace(build=[], verify=[])
@@ -348,9 +350,9 @@ def fake_m4image(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     verify_mod.ImageError = ImageError  # type: ignore[attr-defined]
     verify_mod.verify_image = verify_image  # type: ignore[attr-defined]
     build_mod.build_default_image = build_default_image  # type: ignore[attr-defined]
-    for name, mod in (("build", build_mod), ("verify", verify_mod)):
-        monkeypatch.setitem(sys.modules, f"m4image.{name}", mod)
-        monkeypatch.setattr(m4image, name, mod, raising=False)
+    for package, mod in ((m4d.builder, build_mod), (m4image, verify_mod)):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+        monkeypatch.setattr(package, mod.__name__.rpartition(".")[2], mod, raising=False)
     return calls
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, Unpack
+from typing import Any, ClassVar, Generic, TypeVar, Unpack
 
 from m4.admin.v1 import admin_pb2, admin_pb2_grpc
 from m4.inference.v1 import inference_pb2 as pb
@@ -24,15 +24,14 @@ from ._images import ImageInfo, ImageList
 from ._options import GenerateOptions, InstallOptions, RunOptions, SamplingOptions
 from .errors import M4Error
 from .types import (
-    Audio,
-    ChatMessage,
+    AudioInput,
+    ChatInput,
     ClassifyResult,
     DaemonStatus,
     EmbedResult,
     GenerationChunk,
-    Image,
+    ImageInput,
     InputValue,
-    PcmAudio,
     PredictNextResult,
     Priority,
     RunChunk,
@@ -54,16 +53,28 @@ class Call(Generic[T]):
 
 class Caller:
     """A channel to one of m4d's sockets and how a `Call` starts on it; the sync and asyncio
-    clients differ only in the channel they pass and in how they wait for the answer."""
+    clients differ only in the channel they open and in how they wait for the answer.
 
-    def __init__(self, address: str | None, *, admin: bool, app_name: str | None,
-                 timeout: float | None, channel: Callable[..., Any]) -> None:
-        self.target = resolve_address(address, admin=admin)
+    `address` may be a gRPC target or a socket path (None: the environment's, else the
+    default); `app_name` is sent as the `m4-app-name` metadata; `timeout` is the default
+    deadline of every call in seconds (None: no deadline), overridable per call.
+    """
+
+    #: Whether this client calls the Admin service (the admin socket) or Inference.
+    _admin: ClassVar[bool] = False
+
+    def __init__(self, address: str | None = None, *, app_name: str | None = None,
+                 timeout: float | None = None) -> None:
+        self.target = resolve_address(address, admin=self._admin)
         self.timeout = timeout
         self._metadata = call_metadata(app_name)
-        self._channel = channel(self.target, options=CHANNEL_OPTIONS)
-        stub = admin_pb2_grpc.AdminStub if admin else pb_grpc.InferenceStub
+        self._channel = self._open(self.target, options=CHANNEL_OPTIONS)
+        stub = admin_pb2_grpc.AdminStub if self._admin else pb_grpc.InferenceStub
         self._stub = stub(self._channel)
+
+    def _open(self, target: str, *, options: Sequence[tuple[str, Any]]) -> Any:
+        """The channel (grpc or grpc.aio) to `target`."""
+        raise NotImplementedError
 
     def _start(self, call: Call[Any]) -> Any:
         """The stub's answer: a response (sync unary), an awaitable (asyncio unary) or the
@@ -89,7 +100,7 @@ def generate(prompt: str, **options: Unpack[GenerateOptions]) -> Call[Generation
     return _generation(prompt=prompt, **options)
 
 
-def chat(messages: Iterable[ChatMessage | Mapping[str, str]],
+def chat(messages: ChatInput,
          **options: Unpack[GenerateOptions]) -> Call[GenerationChunk]:
     return _generation(chat=_convert.chat_messages(messages), **options)
 
@@ -129,24 +140,24 @@ def run(task: str, inputs: Mapping[str, InputValue], *, num_predictions: int = 0
     return Call("Run", request, _convert.run_chunk, timeout)
 
 
-def transcribe(audio: bytes | Audio | PcmAudio, *, task: str = "transcribe",
+def transcribe(audio: AudioInput, *, task: str = "transcribe",
                **options: Unpack[RunOptions]) -> Call[RunChunk]:
     return run(task, _convert.media_inputs(audio=audio), **options)
 
 
-def spot_keywords(audio: bytes | Audio | PcmAudio, keywords: Sequence[str], *,
+def spot_keywords(audio: AudioInput, keywords: Sequence[str], *,
                   task: str = "keyword-spot", **options: Unpack[RunOptions]) -> Call[RunChunk]:
     inputs = {**_convert.media_inputs(audio=audio), "keywords": list(keywords)}
     return run(task, inputs, **options)
 
 
-def read_text(image: bytes | Image, *, task: str = "ocr",
+def read_text(image: ImageInput, *, task: str = "ocr",
               **options: Unpack[RunOptions]) -> Call[RunChunk]:
     return run(task, _convert.media_inputs(image=image), **options)
 
 
-def ask(question: str, *, image: bytes | Image | None = None,
-        audio: bytes | Audio | PcmAudio | None = None, task: str | None = None,
+def ask(question: str, *, image: ImageInput | None = None,
+        audio: AudioInput | None = None, task: str | None = None,
         **options: Unpack[RunOptions]) -> Call[RunChunk]:
     inputs = {**_convert.media_inputs(image=image, audio=audio), "question": question}
     return run(_convert.ask_task(task, image, audio), inputs, **options)

@@ -7,8 +7,9 @@ seed, a wrong type) become `InvalidArgumentError` before anything is sent.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from m4.admin.v1 import admin_pb2
 from m4.inference.v1 import inference_pb2 as pb
@@ -43,6 +44,8 @@ from .types import (
     Usage,
     WordPrediction,
 )
+
+D = TypeVar("D")
 
 _PRIORITY = {
     None: pb.PRIORITY_UNSPECIFIED,
@@ -181,120 +184,85 @@ def run_inputs(inputs: Mapping[str, Any]) -> list[pb.Input]:
 # ---------------------------------------------------------------- response messages → Python
 
 
-def usage(msg: pb.Usage) -> Usage:
-    return Usage(msg.prompt_tokens, msg.completion_tokens, msg.total_tokens)
-
-
-def timings(msg: pb.Timings) -> Timings:
-    return Timings(msg.queue_ms, msg.prefill_ms, msg.decode_ms, msg.first_token_ms, msg.total_ms)
+def copy(cls: type[D], msg: Any, **converted: Any) -> D:
+    """A result dataclass from the message's fields of the same names: scalars as they are,
+    repeated scalars as the dataclass's list or tuple. `converted` gives the fields that need
+    more (nested messages, enums, `raw`); a field the message lacks keeps its default."""
+    values = dict(converted)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in values or f.name == "raw" or not hasattr(msg, f.name):
+            continue
+        value = getattr(msg, f.name)
+        if not isinstance(value, str | bytes | int | float):  # a repeated scalar field
+            value = tuple(value) if str(f.type).startswith("tuple") else list(value)
+        values[f.name] = value
+    return cls(**values)
 
 
 def model_info(parent: Any) -> ModelInfo | None:
     """The ModelInfo of a response, or None when the field is unset."""
-    if not parent.HasField("model"):
-        return None
-    m = parent.model
-    return ModelInfo(m.image_name, m.image_version, m.image_digest)
+    return copy(ModelInfo, parent.model) if parent.HasField("model") else None
 
 
-def finish_reason(value: int) -> FinishReason | None:
-    return _FINISH.get(value)
+def _results(msg: Any) -> dict[str, Any]:
+    """What every response carries: usage, timings (None when unset), model and itself."""
+    return {"usage": copy(Usage, msg.usage) if msg.HasField("usage") else None,
+            "timings": copy(Timings, msg.timings) if msg.HasField("timings") else None,
+            "model": model_info(msg), "raw": msg}
 
 
-def _opt_usage(msg: Any) -> Usage | None:
-    return usage(msg.usage) if msg.HasField("usage") else None
-
-
-def _opt_timings(msg: Any) -> Timings | None:
-    return timings(msg.timings) if msg.HasField("timings") else None
+def _unary(msg: Any) -> dict[str, Any]:
+    """`_results` of a unary response: usage and timings are always set there."""
+    return {**_results(msg), "usage": copy(Usage, msg.usage),
+            "timings": copy(Timings, msg.timings)}
 
 
 def generation_chunk(msg: pb.GenerateResponse) -> GenerationChunk:
-    return GenerationChunk(
-        text=msg.text,
-        token_ids=tuple(msg.token_ids),
-        finish_reason=finish_reason(msg.finish_reason),
-        usage=_opt_usage(msg),
-        timings=_opt_timings(msg),
-        model=model_info(msg),
-        raw=msg,
-    )
+    return copy(GenerationChunk, msg, finish_reason=_FINISH.get(msg.finish_reason),
+                **_results(msg))
 
 
 def _labels(items: Iterable[pb.LabelScore]) -> list[LabelScore]:
-    return [LabelScore(x.label, x.score, x.raw_score) for x in items]
+    return [copy(LabelScore, x) for x in items]
 
 
 def _predictions(items: Iterable[pb.WordPrediction]) -> list[WordPrediction]:
-    return [WordPrediction(x.word, x.probability) for x in items]
+    return [copy(WordPrediction, x) for x in items]
 
 
 def embed_result(msg: pb.EmbedResponse) -> EmbedResult:
     vectors = [list(e.values) for e in msg.embeddings]
     dims = msg.dimensions or (len(vectors[0]) if vectors else 0)
-    return EmbedResult(
-        vectors, dims, usage(msg.usage), timings(msg.timings), model_info(msg), raw=msg
-    )
+    return EmbedResult(vectors, dims, **_unary(msg))
 
 
 def classify_result(msg: pb.ClassifyResponse) -> ClassifyResult:
-    return ClassifyResult(
-        _labels(msg.labels), usage(msg.usage), timings(msg.timings), model_info(msg), raw=msg
-    )
+    return ClassifyResult(_labels(msg.labels), **_unary(msg))
 
 
 def predict_next_result(msg: pb.PredictNextResponse) -> PredictNextResult:
-    return PredictNextResult(
-        _predictions(msg.predictions),
-        usage(msg.usage),
-        timings(msg.timings),
-        model_info(msg),
-        raw=msg,
-    )
+    return PredictNextResult(_predictions(msg.predictions), **_unary(msg))
 
 
-def _io(spec: pb.IOSpec) -> IOSpec:
-    return IOSpec(
-        spec.name, spec.kind, spec.dtype, tuple(spec.shape), spec.required, spec.description
-    )
+def _io(specs: Iterable[pb.IOSpec]) -> tuple[IOSpec, ...]:
+    return tuple(copy(IOSpec, s) for s in specs)
 
 
 def task_table(msg: pb.ListTasksResponse) -> TaskTable:
-    tasks = [
-        Task(
-            id=t.id,
-            m4_id=t.m4_id,
-            path=t.path,
-            description=t.description,
-            modules=tuple(t.modules),
-            adapter=t.adapter,
-            head=t.head,
-            labels=tuple(t.labels),
-            inputs=tuple(_io(s) for s in t.inputs),
-            outputs=tuple(_io(s) for s in t.outputs),
-            rpc=t.rpc,
-            streaming=t.streaming,
-        )
-        for t in msg.tasks
-    ]
+    tasks = [copy(Task, t, inputs=_io(t.inputs), outputs=_io(t.outputs)) for t in msg.tasks]
     return TaskTable(tasks, model_info(msg), raw=msg)
 
 
 def run_chunk(msg: pb.RunResponse) -> RunChunk:
-    return RunChunk(
-        text=msg.text,
+    return copy(
+        RunChunk, msg,
         embeddings=[list(e.values) for e in msg.embeddings],
         labels=_labels(msg.labels),
         predictions=_predictions(msg.predictions),
-        finish_reason=finish_reason(msg.finish_reason),
-        usage=_opt_usage(msg),
-        timings=_opt_timings(msg),
-        model=model_info(msg),
+        finish_reason=_FINISH.get(msg.finish_reason),
         boxes=[TextBox(b.text, b.confidence, [(p.x, p.y) for p in b.corners]) for b in msg.boxes],
-        keywords=[KeywordHit(k.keyword, k.detected, k.score, k.heard) for k in msg.keywords],
-        source_text=msg.source_text,
-        audio_seconds=msg.audio_seconds,
-        raw=msg,
+        keywords=[copy(KeywordHit, k) for k in msg.keywords],
+        **_results(msg),
     )
 
 
@@ -303,53 +271,13 @@ def daemon_status(msg: admin_pb2.StatusResponse) -> DaemonStatus:
         state = admin_pb2.DaemonState.Name(msg.state).removeprefix("DAEMON_STATE_")
     except ValueError:  # a newer daemon's state this client does not know
         state = str(msg.state)
-    components = [
-        ComponentStatus(c.name, c.kind, c.parameters, c.weight_format, c.compute_dtype, c.device,
-                        c.kernels)
-        for c in msg.components
-    ]
-    return DaemonStatus(
-        image_name=msg.image_name,
-        image_version=msg.image_version,
-        image_digest=msg.image_digest,
-        daemon_version=msg.daemon_version,
-        state=state,
-        uptime_seconds=msg.uptime_seconds,
-        memory_rss_bytes=msg.memory_rss_bytes,
-        requests_in_flight=msg.requests_in_flight,
-        requests_total=msg.requests_total,
-        requests_cancelled=msg.requests_cancelled,
-        requests_rejected=msg.requests_rejected,
-        tokens_generated=msg.tokens_generated,
-        tokens_prompted=msg.tokens_prompted,
-        active_sequences=msg.active_sequences,
-        kv_slots=msg.kv_slots,
-        components=components,
-        threads=msg.threads,
-        image_operation=msg.image_operation,
-        load=engine_load(msg.load) if msg.HasField("load") else None,
-        uids=[uid_usage(u) for u in msg.uids],
-        devices=[DeviceStatus(d.name, d.kind, d.description, d.memory_bytes, d.cores,
-                              list(d.flags), list(d.components), d.executor)
-                 for d in msg.devices],
+    load = msg.load
+    return copy(
+        DaemonStatus, msg, state=state,
+        components=[copy(ComponentStatus, c) for c in msg.components],
+        load=copy(EngineLoad, load, queues={q.priority_class: q.depth for q in load.queues})
+        if msg.HasField("load") else None,
+        uids=[copy(UidUsage, u) for u in msg.uids],
+        devices=[copy(DeviceStatus, d) for d in msg.devices],
         raw=msg,
     )
-
-
-def engine_load(msg: admin_pb2.EngineLoad) -> EngineLoad:
-    return EngineLoad(
-        queues={q.priority_class: q.depth for q in msg.queues},
-        running_sequences=msg.running_sequences, decode_batch_size=msg.decode_batch_size,
-        kv_blocks_used=msg.kv_blocks_used, kv_blocks_total=msg.kv_blocks_total,
-        decode_tokens_per_second=msg.decode_tokens_per_second, ttft_p50_ms=msg.ttft_p50_ms,
-        ttft_p99_ms=msg.ttft_p99_ms, ttft_samples=msg.ttft_samples,
-        window_seconds=msg.window_seconds)
-
-
-def uid_usage(msg: admin_pb2.UidUsage) -> UidUsage:
-    return UidUsage(
-        uid=msg.uid, user=msg.user, apps=list(msg.apps), requests_ok=msg.requests_ok,
-        requests_failed=msg.requests_failed, requests_rejected=msg.requests_rejected,
-        tokens_in=msg.tokens_in, tokens_out=msg.tokens_out,
-        tokens_per_second=msg.tokens_per_second, in_flight=msg.in_flight, queued=msg.queued,
-        priority_class=msg.priority_class)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import grpc.aio
@@ -28,16 +28,15 @@ from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
 from ._stream import AsyncStream, collect_generation, collect_run
 from .errors import UnavailableError, from_rpc_error
 from .types import (
-    Audio,
-    ChatMessage,
+    AudioInput,
+    ChatInput,
     ClassifyResult,
     DaemonStatus,
     EmbedResult,
     GenerationChunk,
     GenerationResult,
-    Image,
+    ImageInput,
     InputValue,
-    PcmAudio,
     PredictNextResult,
     RunChunk,
     RunResult,
@@ -51,10 +50,8 @@ Self = TypeVar("Self", bound="_AsyncCaller")
 class _AsyncCaller(_calls.Caller):
     """Runs `_calls.Call`s on a `grpc.aio` channel; shared by the asyncio clients."""
 
-    def __init__(self, address: str | None, *, admin: bool, app_name: str | None,
-                 timeout: float | None) -> None:
-        super().__init__(address, admin=admin, app_name=app_name, timeout=timeout,
-                         channel=grpc.aio.insecure_channel)
+    def _open(self, target: str, *, options: Sequence[tuple[str, Any]]) -> Any:
+        return grpc.aio.insecure_channel(target, options=options)
 
     async def _unary(self, call: Call[T]) -> T:
         try:
@@ -94,15 +91,12 @@ class _AsyncCaller(_calls.Caller):
 class AsyncClient(_AsyncCaller):
     """Calls the Inference service of m4d from asyncio; see `m4client.Client`."""
 
-    def __init__(self, address: str | None = None, *, app_name: str | None = None,
-                 timeout: float | None = None) -> None:
-        super().__init__(address, admin=False, app_name=app_name, timeout=timeout)
 
     def generate(self, prompt: str,
                  **options: Unpack[GenerateOptions]) -> AsyncStream[GenerationChunk]:
         return self._stream(_calls.generate(prompt, **options))
 
-    def chat(self, messages: Iterable[ChatMessage | Mapping[str, str]],
+    def chat(self, messages: ChatInput,
              **options: Unpack[GenerateOptions]) -> AsyncStream[GenerationChunk]:
         return self._stream(_calls.chat(messages, **options))
 
@@ -110,7 +104,7 @@ class AsyncClient(_AsyncCaller):
         async with self.generate(prompt, **options) as stream:
             return collect_generation([chunk async for chunk in stream])
 
-    async def chat_complete(self, messages: Iterable[ChatMessage | Mapping[str, str]],
+    async def chat_complete(self, messages: ChatInput,
                             **options: Unpack[GenerateOptions]) -> GenerationResult:
         async with self.chat(messages, **options) as stream:
             return collect_generation([chunk async for chunk in stream])
@@ -138,21 +132,21 @@ class AsyncClient(_AsyncCaller):
                            **options: Unpack[RunOptions]) -> RunResult:
         return await self._run(_calls.run(task, inputs, **options))
 
-    async def transcribe(self, audio: bytes | Audio | PcmAudio, *, task: str = "transcribe",
+    async def transcribe(self, audio: AudioInput, *, task: str = "transcribe",
                          **options: Unpack[RunOptions]) -> RunResult:
         return await self._run(_calls.transcribe(audio, task=task, **options))
 
-    async def spot_keywords(self, audio: bytes | Audio | PcmAudio, keywords: Sequence[str], *,
+    async def spot_keywords(self, audio: AudioInput, keywords: Sequence[str], *,
                             task: str = "keyword-spot",
                             **options: Unpack[RunOptions]) -> RunResult:
         return await self._run(_calls.spot_keywords(audio, keywords, task=task, **options))
 
-    async def read_text(self, image: bytes | Image, *, task: str = "ocr",
+    async def read_text(self, image: ImageInput, *, task: str = "ocr",
                         **options: Unpack[RunOptions]) -> RunResult:
         return await self._run(_calls.read_text(image, task=task, **options))
 
-    def ask(self, question: str, *, image: bytes | Image | None = None,
-            audio: bytes | Audio | PcmAudio | None = None, task: str | None = None,
+    def ask(self, question: str, *, image: ImageInput | None = None,
+            audio: AudioInput | None = None, task: str | None = None,
             **options: Unpack[RunOptions]) -> AsyncStream[RunChunk]:
         return self._stream(_calls.ask(question, image=image, audio=audio, task=task,
                                        **options))
@@ -161,9 +155,7 @@ class AsyncClient(_AsyncCaller):
 class AsyncAdminClient(_AsyncCaller):
     """Calls the Admin service from asyncio; see `m4client.AdminClient`."""
 
-    def __init__(self, address: str | None = None, *, app_name: str | None = None,
-                 timeout: float | None = None) -> None:
-        super().__init__(address, admin=True, app_name=app_name, timeout=timeout)
+    _admin = True
 
     async def status(self, *, timeout: float | None = None) -> DaemonStatus:
         return await self._unary(_calls.status(timeout=timeout))

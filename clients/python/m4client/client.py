@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
@@ -24,16 +24,15 @@ from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
 from ._stream import Stream, collect_generation, collect_run
 from .errors import UnavailableError, from_rpc_error
 from .types import (
-    Audio,
-    ChatMessage,
+    AudioInput,
+    ChatInput,
     ClassifyResult,
     DaemonStatus,
     EmbedResult,
     GenerationChunk,
     GenerationResult,
-    Image,
+    ImageInput,
     InputValue,
-    PcmAudio,
     PredictNextResult,
     RunChunk,
     RunResult,
@@ -47,10 +46,8 @@ Self = TypeVar("Self", bound="_SyncCaller")
 class _SyncCaller(_calls.Caller):
     """Runs `_calls.Call`s on a blocking channel; shared by `Client` and `AdminClient`."""
 
-    def __init__(self, address: str | None, *, admin: bool, app_name: str | None,
-                 timeout: float | None) -> None:
-        super().__init__(address, admin=admin, app_name=app_name, timeout=timeout,
-                         channel=grpc.insecure_channel)
+    def _open(self, target: str, *, options: Sequence[tuple[str, Any]]) -> Any:
+        return grpc.insecure_channel(target, options=options)
 
     def _unary(self, call: Call[T]) -> T:
         try:
@@ -111,16 +108,13 @@ class Client(_SyncCaller):
     ("system", "foreground", "background") and `timeout`; see `m4client._options`.
     """
 
-    def __init__(self, address: str | None = None, *, app_name: str | None = None,
-                 timeout: float | None = None) -> None:
-        super().__init__(address, admin=False, app_name=app_name, timeout=timeout)
 
     def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> Stream[GenerationChunk]:
         """Continue `prompt` as is, streamed. Sampling: max_tokens, temperature, top_p, top_k,
         seed, stop, ignore_eos; None leaves a parameter at the daemon's default."""
         return self._stream(_calls.generate(prompt, **options))
 
-    def chat(self, messages: Iterable[ChatMessage | Mapping[str, str]],
+    def chat(self, messages: ChatInput,
              **options: Unpack[GenerateOptions]) -> Stream[GenerationChunk]:
         """The assistant's next message for a conversation, streamed."""
         return self._stream(_calls.chat(messages, **options))
@@ -130,7 +124,7 @@ class Client(_SyncCaller):
         with self.generate(prompt, **options) as stream:
             return collect_generation(stream)
 
-    def chat_complete(self, messages: Iterable[ChatMessage | Mapping[str, str]],
+    def chat_complete(self, messages: ChatInput,
                       **options: Unpack[GenerateOptions]) -> GenerationResult:
         """`chat()` run to the end."""
         with self.chat(messages, **options) as stream:
@@ -167,23 +161,23 @@ class Client(_SyncCaller):
 
     # ---- images and audio (tasks of the active image; see `list_tasks()`) --------------
 
-    def transcribe(self, audio: bytes | Audio | PcmAudio, *, task: str = "transcribe",
+    def transcribe(self, audio: AudioInput, *, task: str = "transcribe",
                    **options: Unpack[RunOptions]) -> RunResult:
         """Speech to text: `result.text` is the transcript (WAV bytes or PcmAudio)."""
         return self._run(_calls.transcribe(audio, task=task, **options))
 
-    def spot_keywords(self, audio: bytes | Audio | PcmAudio, keywords: Sequence[str], *,
+    def spot_keywords(self, audio: AudioInput, keywords: Sequence[str], *,
                       task: str = "keyword-spot", **options: Unpack[RunOptions]) -> RunResult:
         """Which keywords were said: `result.keywords`, one hit per keyword, in order."""
         return self._run(_calls.spot_keywords(audio, keywords, task=task, **options))
 
-    def read_text(self, image: bytes | Image, *, task: str = "ocr",
+    def read_text(self, image: ImageInput, *, task: str = "ocr",
                   **options: Unpack[RunOptions]) -> RunResult:
         """OCR: `result.text` (lines joined by newlines) and `result.boxes`."""
         return self._run(_calls.read_text(image, task=task, **options))
 
-    def ask(self, question: str, *, image: bytes | Image | None = None,
-            audio: bytes | Audio | PcmAudio | None = None, task: str | None = None,
+    def ask(self, question: str, *, image: ImageInput | None = None,
+            audio: AudioInput | None = None, task: str | None = None,
             **options: Unpack[RunOptions]) -> Stream[RunChunk]:
         """A question about an image's text or an audio clip, answered by the backbone and
         streamed; the first chunk's `source_text` is what was read or heard."""
@@ -194,9 +188,7 @@ class Client(_SyncCaller):
 class AdminClient(_SyncCaller):
     """Calls the Admin service (default `unix:///run/m4/admin.sock`, env M4_ADMIN_ADDRESS)."""
 
-    def __init__(self, address: str | None = None, *, app_name: str | None = None,
-                 timeout: float | None = None) -> None:
-        super().__init__(address, admin=True, app_name=app_name, timeout=timeout)
+    _admin = True
 
     def status(self, *, timeout: float | None = None) -> DaemonStatus:
         """What the daemon runs and how busy it is."""

@@ -11,12 +11,22 @@ from typing import Any
 
 import grpc
 
+#: The subclass for each status code that has one (filled as the subclasses are defined).
+_BY_CODE: dict[str, type[M4Error]] = {}
+
 
 class M4Error(Exception):
     """A call to m4d failed; `str()` is "CODE: message"."""
 
-    #: The status code name this class stands for ("" for the base class).
+    #: The status code name this class stands for ("UNKNOWN" for the base class).
     default_code = "UNKNOWN"
+
+    def __init_subclass__(cls, code: str = "", **kwargs: Any) -> None:
+        """`class XError(M4Error, code="X")`: the class `from_rpc_error` raises for code X."""
+        super().__init_subclass__(**kwargs)
+        if code:
+            cls.default_code = code
+            _BY_CODE[code] = cls
 
     def __init__(
         self,
@@ -36,60 +46,32 @@ class M4Error(Exception):
         return getattr(grpc.StatusCode, self.code, None)
 
 
-class InvalidArgumentError(M4Error):
+class InvalidArgumentError(M4Error, code="INVALID_ARGUMENT"):
     """Bad input: unknown task, wrong input kind, empty, too long, bad value."""
 
-    default_code = "INVALID_ARGUMENT"
 
-
-class ResourceExhaustedError(M4Error):
+class ResourceExhaustedError(M4Error, code="RESOURCE_EXHAUSTED"):
     """The caller's quota is used up; retry later."""
 
-    default_code = "RESOURCE_EXHAUSTED"
 
-
-class UnavailableError(M4Error):
+class UnavailableError(M4Error, code="UNAVAILABLE"):
     """Daemon not reachable, queue full, model loading, swap in progress or shutting down."""
 
-    default_code = "UNAVAILABLE"
 
-
-class DeadlineExceededError(M4Error):
+class DeadlineExceededError(M4Error, code="DEADLINE_EXCEEDED"):
     """The call's deadline passed before it finished."""
 
-    default_code = "DEADLINE_EXCEEDED"
 
-
-class CallCancelledError(M4Error):
+class CallCancelledError(M4Error, code="CANCELLED"):
     """The call was cancelled."""
 
-    default_code = "CANCELLED"
 
-
-class PermissionDeniedError(M4Error):
+class PermissionDeniedError(M4Error, code="PERMISSION_DENIED"):
     """The caller is not allowed to make this call."""
 
-    default_code = "PERMISSION_DENIED"
 
-
-class FailedPreconditionError(M4Error):
+class FailedPreconditionError(M4Error, code="FAILED_PRECONDITION"):
     """The operation does not fit the daemon's or the image's current state."""
-
-    default_code = "FAILED_PRECONDITION"
-
-
-_BY_CODE: dict[str, type[M4Error]] = {
-    cls.default_code: cls
-    for cls in (
-        InvalidArgumentError,
-        ResourceExhaustedError,
-        UnavailableError,
-        DeadlineExceededError,
-        CallCancelledError,
-        PermissionDeniedError,
-        FailedPreconditionError,
-    )
-}
 
 
 def from_rpc_error(err: grpc.RpcError) -> M4Error:

@@ -8,12 +8,14 @@ module does not surface; nothing else here exposes generated code.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
+
+T = TypeVar("T")
 
 
 class Priority(enum.StrEnum):
@@ -70,6 +72,26 @@ class ChatMessage:
     content: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Answer(Generic[T]):
+    """What a unary inference answer carries besides its items (usage, timings, the image
+    that answered); `len()` and iteration go over the items."""
+
+    usage: Usage
+    timings: Timings
+    model: ModelInfo | None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+    def _items(self) -> list[T]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items())
+
+
 @dataclass(frozen=True)
 class GenerationChunk:
     """One streamed piece of a generation; the last one carries finish_reason and usage."""
@@ -101,21 +123,14 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
-class EmbedResult:
+class EmbedResult(_Answer[list[float]]):
     """One vector per input text, in input order."""
 
     vectors: list[list[float]]
     dimensions: int
-    usage: Usage
-    timings: Timings
-    model: ModelInfo | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-    def __iter__(self) -> Iterator[list[float]]:
-        return iter(self.vectors)
+    def _items(self) -> list[list[float]]:
+        return self.vectors
 
     def numpy(self) -> np.ndarray[Any, np.dtype[np.float32]]:
         """The vectors as a float32 array of shape [N, dimensions] (imports numpy lazily)."""
@@ -134,20 +149,13 @@ class LabelScore:
 
 
 @dataclass(frozen=True)
-class ClassifyResult:
+class ClassifyResult(_Answer[LabelScore]):
     """All labels, best first; iterating yields LabelScore, `pairs()` yields (label, score)."""
 
     labels: list[LabelScore]
-    usage: Usage
-    timings: Timings
-    model: ModelInfo | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __iter__(self) -> Iterator[LabelScore]:
-        return iter(self.labels)
+    def _items(self) -> list[LabelScore]:
+        return self.labels
 
     def __getitem__(self, index: int) -> LabelScore:
         return self.labels[index]
@@ -176,20 +184,13 @@ class WordPrediction:
 
 
 @dataclass(frozen=True)
-class PredictNextResult:
+class PredictNextResult(_Answer[WordPrediction]):
     """The predicted next words, most likely first."""
 
     predictions: list[WordPrediction]
-    usage: Usage
-    timings: Timings
-    model: ModelInfo | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
-    def __len__(self) -> int:
-        return len(self.predictions)
-
-    def __iter__(self) -> Iterator[WordPrediction]:
-        return iter(self.predictions)
+    def _items(self) -> list[WordPrediction]:
+        return self.predictions
 
     @property
     def words(self) -> list[str]:
@@ -301,6 +302,12 @@ class Tensor:
     data: bytes
 
 
+#: Audio as the media methods take it: WAV bytes, `Audio` or `PcmAudio`.
+AudioInput: TypeAlias = "bytes | Audio | PcmAudio"
+#: An image as the media methods take it: encoded bytes or `Image`.
+ImageInput: TypeAlias = "bytes | Image"
+#: A conversation: `ChatMessage`s or {"role": ..., "content": ...} dicts.
+ChatInput: TypeAlias = "Iterable[ChatMessage | Mapping[str, str]]"
 #: What `run()` accepts as one input value: a text, a list of texts, a chat, an image, audio,
 #: a Tensor or a numpy array (sent as a tensor).
 InputValue: TypeAlias = (

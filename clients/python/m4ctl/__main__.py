@@ -1,4 +1,8 @@
-"""m4ctl entry point: parse, run one command, turn every failure into one line and an exit code.
+"""m4ctl entry point: build the command line from its nouns, run one command, turn every
+failure into one line and an exit code.
+
+One module per noun (or group of verbs) adds its commands with `register()`; each command's
+parser carries its function as `handler`, and `main()` calls it: the only dispatch.
 
 Exit codes: 0 success; 1 a call or image operation failed (`m4ctl: error: CODE: message`);
 2 a usage error; 130 interrupted (Ctrl-C cancels the running call first); 141 stdout closed
@@ -10,38 +14,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from m4client import M4Error
 
-from . import _admin, _user
+from . import _doctor, _image, _keys, _media, _status, _top, _user
 from ._output import err
-from ._parser import EXIT_USAGE, PROG, UsageError, build_parser
+from ._parser import EXIT_USAGE, PROG, root
+from ._tools import ToolError, UsageError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 
-Command = Callable[[argparse.Namespace], int]
+#: The nouns, in the order `m4ctl --help` lists their commands.
+NOUNS = (_user, _media, _status, _top, _image, _keys, _doctor)
 
-COMMANDS: dict[str, Command] = {
-    "generate": _user.cmd_generate,
-    "chat": _user.cmd_chat,
-    "embed": _user.cmd_embed,
-    "classify": _user.cmd_classify,
-    "predict-next": _user.cmd_predict_next,
-    "tasks": _user.cmd_tasks,
-    "wait": _user.cmd_wait,
-    "run": _user.cmd_run,
-    "transcribe": _user.cmd_transcribe,
-    "keywords": _user.cmd_keywords,
-    "ocr": _user.cmd_ocr,
-    "ask": _user.cmd_ask,
-    "status": _admin.cmd_status,
-    "image build": _admin.cmd_image_build,
-    "image verify": _admin.cmd_image_verify,
-}
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole m4ctl command line."""
+    parser, sub, common = root()
+    for noun in NOUNS:
+        noun.register(sub, parents=[common])
+    return parser
 
 
 def _silence_stdout() -> None:
@@ -62,13 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    name = args.command + (f" {args.image_command}" if args.command == "image" else "")
     try:
-        return (getattr(args, "handler", None) or COMMANDS[name])(args)
-    except M4Error as exc:
-        err(f"{PROG}: error: {exc}")
-        return EXIT_ERROR
-    except _admin.ImageToolError as exc:
+        code: int = args.handler(args)
+        return code
+    except (M4Error, ToolError) as exc:
         err(f"{PROG}: error: {exc}")
         return EXIT_ERROR
     except UsageError as exc:

@@ -6,6 +6,7 @@ JSON) and stderr carries stats, progress and errors.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -29,6 +30,18 @@ def json_line(message: Any) -> None:
         write(json.dumps(message) + "\n")
         return
     write(json_format.MessageToJson(message, indent=None) + "\n")
+
+
+def result(args: argparse.Namespace, info: dict[str, Any], quiet: str,
+           lines: Sequence[str]) -> None:
+    """A command's one result: `info` as a JSON line with --json, the `quiet` line with -q,
+    else the human `lines`."""
+    if args.json:
+        write(json.dumps(info) + "\n")
+    elif args.quiet:
+        write(quiet + "\n")
+    else:
+        write("".join(line + "\n" for line in lines))
 
 
 def err(text: str) -> None:

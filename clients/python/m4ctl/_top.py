@@ -21,6 +21,8 @@ from typing import Any
 from m4client import AdminClient, DaemonStatus, M4Error, UidUsage
 
 from . import _output as out
+from ._parser import command
+from ._tools import admin_client
 
 DEFAULT_TIMEOUT = 5.0
 CLEAR = "\x1b[H\x1b[2J"
@@ -39,15 +41,13 @@ def _positive(text: str) -> float:
     return value
 
 
-def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
-    """Adds `top` to m4ctl's subcommands."""
-    help_ = ("Live view of queues, the running batch, per-app shares and tokens/s "
-             "(admin socket).")
-    p = subparsers.add_parser("top", help=help_, description=help_, parents=list(parents))
+def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Adds `top` to m4ctl's subcommands (`parents`: the parser of the global flags)."""
+    p = command(sub, "top", "Live view of queues, the running batch, per-app shares and "
+                "tokens/s (admin socket).", parents, cmd_top)
     p.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
                    help="seconds between frames (default 1)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
-    p.set_defaults(handler=cmd_top)
 
 
 def shares(uids: Sequence[UidUsage]) -> dict[int, float]:
@@ -131,11 +131,9 @@ def _status(admin: AdminClient) -> DaemonStatus:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    timeout = args.timeout or DEFAULT_TIMEOUT
     tty = sys.stdout.isatty()
     try:
-        with AdminClient(args.admin_address, app_name=args.app_name or None,
-                         timeout=timeout) as admin:
+        with admin_client(args, DEFAULT_TIMEOUT) as admin:
             if args.json:
                 out.write(json.dumps(frame_dict(_status(admin))) + "\n")
                 return 0

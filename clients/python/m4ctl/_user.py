@@ -1,37 +1,77 @@
-"""m4ctl's user verbs: generate, chat, embed, classify, predict-next, tasks, run.
+"""m4ctl's user verbs on text: generate, chat, embed, classify, predict-next, tasks, wait, run.
 
 Each command takes the parsed arguments, calls the app socket through `m4client.Client`
 and prints through `_output`. Streams are used in `with` blocks, so Ctrl-C or a closed
-pipe cancels the call on the daemon before m4ctl exits.
+pipe cancels the call on the daemon before m4ctl exits. The verbs on files (transcribe,
+keywords, ocr, ask) are in `_media`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from m4client import (
-    Audio,
-    ChatMessage,
-    Client,
-    GenerationChunk,
-    Image,
-    M4Error,
-    PcmAudio,
-    Stream,
-)
+from m4client import Audio, ChatMessage, Client, GenerationChunk, Image, M4Error, Stream
 from m4client._stream import collect_generation
 
 from . import _output as out
-from ._parser import UsageError
+from ._parser import call_flags, command, priority_flag, sampling_flags
+from ._tools import UsageError
+from ._tools import app_client as client
 
 
-def client(args: argparse.Namespace) -> Client:
-    """The app-socket client the global flags describe."""
-    return Client(args.address, app_name=args.app_name or None, timeout=args.timeout)
+def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Adds the text verbs to m4ctl's subcommands (`parents`: the parser of the global flags)."""
+    p = command(sub, "generate", "Continue a prompt; streams text to stdout as it arrives.",
+                parents, cmd_generate)
+    p.add_argument("prompt", metavar="PROMPT")
+    _generation_flags(p, "generate")
+
+    p = command(sub, "chat", "Chat with the model: interactive on stdin, or one turn with "
+                "--message.", parents, cmd_chat)
+    p.add_argument("--system", metavar="TEXT", help="system message opening the conversation")
+    p.add_argument("--message", "-m", metavar="TEXT", help="send one user message and exit")
+    _generation_flags(p, "chat")
+
+    p = command(sub, "embed", "Embed texts; prints one line per text (first dims and norm).",
+                parents, cmd_embed)
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    call_flags(p, task_help="task id (default: embed)")
+
+    p = command(sub, "classify", "Rank labels for a text, best first.", parents, cmd_classify)
+    p.add_argument("text", metavar="TEXT")
+    p.add_argument("--labels", "-l", action="append", default=[], metavar="A,B,C",
+                   help="candidate labels, comma-separated (repeatable; optional if the task "
+                   "has labels)")
+    call_flags(p, task_help="task id (default: classify)")
+
+    p = command(sub, "predict-next", "Predict the next words after a text (M4 T1).", parents,
+                cmd_predict_next)
+    p.add_argument("text", metavar="TEXT")
+    p.add_argument("-n", type=int, default=0, metavar="N", help="how many words (default 5)")
+    call_flags(p, task_help="task id (default: predict-next)")
+
+    command(sub, "tasks", "List the active image's tasks.", parents, cmd_tasks)
+    command(sub, "wait", "Wait until the daemon serves (model loaded, self-test passed); "
+            "--timeout bounds the wait (default 300 s).", parents, cmd_wait)
+
+    p = command(sub, "run", "Run any task by id with named inputs; prints its (streamed) "
+                "output.", parents, cmd_run)
+    p.add_argument("task", metavar="TASK")
+    p.add_argument("--input", "-i", action="append", default=[], dest="inputs",
+                   metavar="NAME=VALUE", help="an input (repeatable); NAME=@FILE reads a file")
+    p.add_argument("-n", "--num-predictions", type=int, default=0, metavar="N")
+    priority_flag(p)
+    sampling_flags(p)
+
+
+def _generation_flags(p: argparse.ArgumentParser, task: str) -> None:
+    sampling_flags(p)
+    call_flags(p, task_help=f"task id (default: {task})")
+    p.add_argument("--stats", action="store_true", help="print usage and timings to stderr")
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,86 +189,6 @@ def cmd_predict_next(args: argparse.Namespace) -> int:
     else:
         lines = out.prediction_lines(result.predictions, args.quiet)
         out.write("".join(line + "\n" for line in lines))
-    return 0
-
-
-def _file(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _audio(args: argparse.Namespace) -> Audio | PcmAudio:
-    data = _file(args.file)
-    return PcmAudio(data, args.rate) if args.rate else Audio(data)
-
-
-def cmd_transcribe(args: argparse.Namespace) -> int:
-    with client(args) as m4:
-        result = m4.transcribe(_audio(args), task=args.task or "transcribe",
-                               priority=args.priority)
-    if args.json:
-        out.json_line({"text": result.text, "audio_seconds": result.audio_seconds})
-    else:
-        out.write(result.text + "\n")
-    return 0
-
-
-def cmd_keywords(args: argparse.Namespace) -> int:
-    words = [w.strip() for group in args.keywords for w in group.split(",") if w.strip()]
-    with client(args) as m4:
-        result = m4.spot_keywords(_audio(args), words, task=args.task or "keyword-spot",
-                                  priority=args.priority)
-    if args.json:
-        out.json_line({"transcript": result.source_text,
-                       "keywords": [vars(k) for k in result.keywords]})
-        return 0
-    rows = [("KEYWORD", "HEARD", "SCORE", "MATCH")]
-    rows += [(k.keyword, "yes" if k.detected else "no", f"{k.score:.2f}", k.heard or "-")
-             for k in result.keywords]
-    if not args.quiet:
-        out.write(f"transcript: {result.source_text}\n")
-    out.write("".join(line + "\n" for line in out.table(rows)))
-    return 0
-
-
-def cmd_ocr(args: argparse.Namespace) -> int:
-    with client(args) as m4:
-        result = m4.read_text(Image(_file(args.file)), task=args.task or "ocr",
-                              priority=args.priority)
-    if args.json:
-        out.json_line({"text": result.text, "boxes": [
-            {"text": b.text, "confidence": round(b.confidence, 4), "corners": b.corners}
-            for b in result.boxes]})
-    elif args.boxes:
-        rows = [("TEXT", "CONF", "CORNERS")]
-        rows += [(b.text, f"{b.confidence:.2f}", " ".join(f"{x},{y}" for x, y in b.corners))
-                 for b in result.boxes]
-        out.write("".join(line + "\n" for line in out.table(rows)))
-    else:
-        out.write(result.text + "\n")
-    return 0
-
-
-def cmd_ask(args: argparse.Namespace) -> int:
-    image = Image(_file(args.image)) if args.image else None
-    audio = Audio(_file(args.audio)) if args.audio else None
-    mid_line = False
-    with client(args) as m4, m4.ask(args.question, image=image, audio=audio,
-                                     task=args.task or None, priority=args.priority,
-                                     **sampling(args)) as stream:
-        for chunk in stream:
-            if args.json:
-                out.json_line(chunk.raw)
-                continue
-            if chunk.source_text and args.show_source:
-                out.write(f"[{'read' if image else 'heard'}: {chunk.source_text}]\n")
-            if chunk.text:
-                out.write(chunk.text)
-                mid_line = not chunk.text.endswith("\n")
-    if mid_line:
-        out.write("\n")
     return 0
 
 

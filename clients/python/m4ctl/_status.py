@@ -1,30 +1,31 @@
-"""m4ctl's admin nouns: `status` (admin socket) and `image build|verify` (local files).
+"""`m4ctl status`: what the daemon runs and how busy it is, from one Admin Status call.
 
-`m4image` is imported inside the image commands only, so the user verbs start fast and
-work where the image tooling (and its heavy dependencies) is not installed.
+The image and the daemon, memory, request and token counters, the components and where they
+run, the devices, the engine's load and the use per caller uid. `-q` prints the image and
+the state; `--json` the Status message as protobuf JSON. `m4ctl top` shows the same live.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from m4client import AdminClient
+from m4client import DaemonStatus
 
 from . import _output as out
-from ._parser import UsageError
+from ._parser import command
+from ._tools import admin_client
 
 
-class ImageToolError(Exception):
-    """An image command failed; the message is the whole story (exit code 1)."""
+def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Adds `status` to m4ctl's subcommands (`parents`: the parser of the global flags)."""
+    command(sub, "status", "Show what the daemon runs and how busy it is (admin socket).",
+            parents, cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with AdminClient(
-        args.admin_address, app_name=args.app_name or None, timeout=args.timeout
-    ) as admin:
+    with admin_client(args) as admin:
         s = admin.status()
     if args.json:
         out.json_line(s.raw)
@@ -68,7 +69,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_lines(s: Any) -> list[str]:
+def _load_lines(s: DaemonStatus) -> list[str]:
     """Devices and placement, engine load, and per-uid usage (from the same Status)."""
     lines: list[str] = []
     if s.devices:
@@ -100,77 +101,3 @@ def _load_lines(s: Any) -> list[str]:
                   str(u.in_flight), str(u.queued)) for u in s.uids]
         lines += ["  " + line for line in out.table(rows)]
     return lines
-
-
-def _image_modules() -> tuple[Any, Any]:
-    """m4d.builder.build and m4image.verify, imported now; ImageToolError when missing."""
-    try:
-        import m4d.builder.build as build
-        import m4image.verify as verify
-    except ImportError as exc:
-        raise ImageToolError(f"image tooling is not available: {exc}") from None
-    return build, verify
-
-
-def _image_summary(image: Any) -> dict[str, str]:
-    return {
-        "path": str(image.path),
-        "name": image.manifest.name,
-        "version": image.manifest.version,
-        "digest": image.digest,
-    }
-
-
-def _print_image(verb: str, image: Any, args: argparse.Namespace) -> None:
-    info = _image_summary(image)
-    if args.json:
-        out.write(json.dumps(info) + "\n")
-    elif args.quiet:
-        out.write(info["digest"] + "\n")
-    else:
-        out.write(f"{verb} {info['name']} {info['version']} at {info['path']}\n")
-        out.write(f"digest: {info['digest']}\n")
-
-
-def cmd_image_build(args: argparse.Namespace) -> int:
-    build, verify = _image_modules()
-    progress = out.Progress(args.quiet)
-    try:
-        if args.default:
-            image = build.build_default_image(Path(args.output), progress=progress,
-                                              force=args.force)
-        else:
-            if not any((args.gguf, args.hf, args.vlm, args.encoder, args.speech, args.ocr,
-                        args.clip, args.sensor)):
-                raise UsageError("say what to build: --default, or any of --gguf/--hf/--vlm, "
-                                 "--encoder, --speech, --ocr, --clip, --sensor")
-            image = build.build_image(
-                Path(args.output), backbone_gguf=Path(args.gguf) if args.gguf else None,
-                backbone_hf=Path(args.hf) if args.hf else None,
-                encoder=Path(args.encoder) if args.encoder else None,
-                speech=Path(args.speech) if args.speech else None,
-                ocr=Path(args.ocr) if args.ocr else None,
-                clip=Path(args.clip) if args.clip else None,
-                vlm=Path(args.vlm) if args.vlm else None,
-                sensor=Path(args.sensor) if args.sensor else None, name=args.name,
-                version=args.version, security_version=args.security_version,
-                progress=progress, force=args.force)
-    except verify.ImageError as exc:
-        raise ImageToolError(str(exc)) from None
-    finally:
-        progress.finish()
-    _print_image("built", image, args)
-    return 0
-
-
-def cmd_image_verify(args: argparse.Namespace) -> int:
-    _, verify = _image_modules()
-    progress = out.Progress(args.quiet)
-    try:
-        image = verify.verify_image(Path(args.dir), progress=progress)
-    except verify.ImageError as exc:
-        raise ImageToolError(str(exc)) from None
-    finally:
-        progress.finish()
-    _print_image("verified", image, args)
-    return 0
