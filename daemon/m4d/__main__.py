@@ -62,9 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: getattr(args, k) for k in (
-        "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads", "kernel_threads", "kernel_variant",
-        "kv_slots", "max_context", "max_queue", "self_test", "log_format", "log_level",
-        "state_dir", "keys_dir", "require_signature", "swap_mode")}
+        "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads",
+        "kernel_threads", "kernel_variant", "kv_slots", "max_context", "max_queue", "self_test",
+        "log_format", "log_level", "state_dir", "keys_dir", "require_signature", "swap_mode")}
     if args.state_dir is not None:
         overrides["image_source"] = "store"
     if args.runtime_dir is not None:

@@ -88,10 +88,12 @@ class Servers:
         (RelayError, SystemdError, OSError); `stop` then closes what did start."""
         await self.set_serving(False)
         app, admin = _relays(self.config)
-        await self._start(app, INFERENCE, lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.daemon, peers=app), s))
-        await self._start(admin, ADMIN, lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.daemon, self.images, peers=admin), s))
+        inference = InferenceServicer(self.daemon, peers=app)
+        await self._start(app, INFERENCE, lambda server:
+                          inference_pb2_grpc.add_InferenceServicer_to_server(inference, server))
+        administration = AdminServicer(self.daemon, self.images, peers=admin)
+        await self._start(admin, ADMIN, lambda server:
+                          admin_pb2_grpc.add_AdminServicer_to_server(administration, server))
         log.info("listening", extra={"app_socket": app.address, "admin_socket": admin.address})
 
     async def _start(self, relay: PeerRelay, service: str,

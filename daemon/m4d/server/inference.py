@@ -35,6 +35,8 @@ from m4d.server.identity import PeerLookup, caller_from_context
 from m4d.server.status import streaming, unary
 from m4d.service.daemon import Daemon
 
+MEDIA_VALUES = ("image", "audio", "pcm", "tensor")  # Input values that take decoding
+
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
@@ -127,7 +129,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunResponse]:
         conv = self.converter()
         caller, deadline = self.caller_of(context), deadline_of(context)
-        if any(i.WhichOneof("value") in ("image", "audio", "pcm", "tensor") for i in request.inputs):
+        if any(i.WhichOneof("value") in MEDIA_VALUES for i in request.inputs):
             # decoding images and audio takes milliseconds: keep it off the event loop
             domain = await asyncio.to_thread(conv.run, request, caller, deadline)
             conv = self.converter()  # the answer names the image serving now (after a swap)
