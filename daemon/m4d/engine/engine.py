@@ -152,7 +152,7 @@ class Engine:
     def snapshot(self) -> EngineSnapshot:
         """The engine now, for Status, metrics and usage (exact to a step or so)."""
         sequences = list(dict(self._sequences).values())
-        used, total = self.scheduler.kv_blocks(int(getattr(self.runtime, "max_context", 0)))
+        used, total = self.scheduler.kv_blocks(int(getattr(self.runtime, "max_context", 0) or 0))
         with self._lock:
             requests = [r for r, _ in self._inbox] + list(self.batcher.requests())
             return EngineSnapshot(
