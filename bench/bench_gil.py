@@ -22,7 +22,8 @@ import time
 import torch
 from benchkit.daemon import read_manifest
 from benchkit.options import add_image
-from m4d.model.llama import LayerStack, Llama, LlamaConfig, load_llama
+from m4d.model.layer_stack import LayerStack
+from m4d.model.llama import Llama, LlamaConfig, load_llama
 
 # (busy microseconds, then sleep microseconds): ~13% and ~29% of a core in pure Python
 LOADS = ((300, 2000), (2000, 5000))

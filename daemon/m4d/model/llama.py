@@ -12,8 +12,6 @@ Layout notes:
   row permutation of q/k so the stored weights are HF-style.
 """
 
-import logging
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,12 +22,10 @@ from torch import nn
 
 from m4d.model import kernels
 from m4d.model.block_linear import KERNEL_TILE, BlockLinear, q8_0_from_float
+from m4d.model.layer_stack import LayerStack, script_stack
 from m4d.model.quant import Int8DynamicLinear
-from m4d.model.weights import WeightFile, build_linear
+from m4d.model.weights import WeightFile, build_linear, resolve_weight_format
 
-log = logging.getLogger(__name__)
-
-WEIGHT_FORMATS = ("int4", "w4a8", "int8", "w8a8", "bfloat16", "float32")
 ATTN_BLOCK = 64  # cached attention spans a multiple of this many positions (see forward)
 
 
@@ -218,55 +214,6 @@ class Block(nn.Module):
         return out
 
 
-class LayerStack(nn.Module):
-    """The decoder layers run in order, as one TorchScript function.
-
-    Why: torch releases the GIL inside each kernel but needs it back between the ~1500 ops
-    of a decode step, and in m4d the event loop thread holds it while it streams tokens. A
-    Python thread busy ~30% of a core made the eager 16-row step 1.6x slower in process
-    (bench/bench_gil.py); the scripted stack runs its whole loop in the TorchScript
-    interpreter, which releases the GIL once for the call. It shares the layers' weights and
-    KV caches (no copies) and computes the same numbers (tests/model/test_llama_cache.py).
-
-    ``torch.jit.script`` is deprecated as of torch 2.13 (pinned here). Its successors do not
-    do this job yet: a ``torch.compile``d graph still runs its wrapper code in Python, and
-    inductor cannot lower the w8a8 layer's oneDNN op without frozen weights. AOTInductor
-    (``torch.export`` + a compiled C++ wrapper) is the way forward when it is worth a build
-    step.
-
-    With w4a8 linears and float32 activations (m4d's default), a decode step (one token per
-    row, cached) skips the loop: ``m4.decode_layers`` runs all layers in one C++ call over
-    the same weights and caches (``fused``, built by ``Llama._fused_tensors``), because the
-    ~45 small torch ops per layer that glue its GEMMs together cost a fifth of the step.
-    """
-
-    fused: list[torch.Tensor]  # the tensors of m4.decode_layers, or empty: no fused step
-    kinds: list[int]  # the weight kind of each of its linears, 4 per layer
-
-    def __init__(self, layers: nn.ModuleList,
-                 fused: tuple[list[torch.Tensor], list[int]] | None = None,
-                 n_heads: int = 0, n_kv_heads: int = 0, eps: float = 0.0,
-                 scale: float = 0.0) -> None:
-        super().__init__()
-        self.layers = layers
-        self.fused, self.kinds = fused or ([], [])
-        self.n_heads, self.n_kv_heads, self.eps, self.scale = n_heads, n_kv_heads, eps, scale
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, input_pos: torch.Tensor | None,
-                rows: torch.Tensor | None, length: int) -> torch.Tensor:
-        if len(self.fused) > 0 and mask is not None and input_pos is not None and x.size(1) == 1:
-            b, d = x.size(0), x.size(2)
-            row_idx = rows if rows is not None else torch.arange(b, device=x.device)
-            out: torch.Tensor = torch.ops.m4.decode_layers(
-                x.view(b, d), self.fused, self.kinds, row_idx, input_pos.view(b), cos.view(b, -1),
-                sin.view(b, -1), self.n_heads, self.n_kv_heads, self.eps, self.scale)
-            return out.view(b, 1, d)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, rows, length)
-        return x
-
-
 class Llama(nn.Module):
     rope_cos: torch.Tensor  # [max_seq_len, Dh] float32
     rope_sin: torch.Tensor
@@ -318,17 +265,9 @@ class Llama(nn.Module):
     def _script_layers(self) -> None:
         """(Re)builds the scripted layer stack over the current caches (see LayerStack); the
         layers run eagerly when TorchScript cannot compile them."""
-        stack: nn.Module = LayerStack(self.layers, self._fused_tensors(), self.config.n_heads,
-                                      self.config.n_kv_heads, self.config.norm_eps,
-                                      self.config.head_dim**-0.5)
-        try:
-            with warnings.catch_warnings():  # deprecated in torch 2.13, which we pin
-                warnings.simplefilter("ignore", DeprecationWarning)
-                stack = torch.jit.script(stack)
-        except Exception as exc:  # any compile failure means: run eagerly
-            log.warning("decoder layers run eagerly: TorchScript failed: %s",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        self.__dict__["_stack"] = stack
+        stack = LayerStack(self.layers, self._fused_tensors(), self.config.n_heads,
+                           self.config.n_kv_heads, self.config.norm_eps, self.config.head_dim**-0.5)
+        self.__dict__["_stack"] = script_stack(stack)
 
     def _fused_tensors(self) -> tuple[list[torch.Tensor], list[int]] | None:
         """The layers' tensors and linears' weight kinds in m4.decode_layers' order when it
@@ -479,18 +418,7 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
     ``Int8DynamicLinear``), "bfloat16", "float32" (dense). Norms are kept in the compute
     dtype, the (tied) LM head dense in the compute dtype except with w8a8 and w4a8.
     """
-    if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-    dense_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(weight_format)
-    if dense_dtype is not None and compute_dtype != dense_dtype:
-        raise ValueError(f"weight_format {weight_format!r} computes in {dense_dtype}, not {compute_dtype}")
-    if weight_format == "w4a8" and not kernels.available():
-        log.warning("weight_format w4a8 needs m4's CPU kernels, which are not built here "
-                    "(python -m m4d.model.kernels build): the same weights run as int4")
-        weight_format = "int4"
-    if weight_format in ("int4", "int8") and compute_dtype != torch.bfloat16:
-        log.warning("%s weights with %s activations: the CPU kernels are 12-27x slower than bf16",
-                    weight_format, compute_dtype)
+    weight_format = resolve_weight_format(weight_format, compute_dtype)
     with torch.device("meta"):
         model = Llama(config)
     with WeightFile(weights_file) as wf:

@@ -9,6 +9,7 @@ module loads through here."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,11 +19,15 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from m4d.config import WEIGHT_FORMATS
+from m4d.model import kernels
 from m4d.model.block_linear import KERNEL_TILE, q4_1_from_float, stored_linear
 from m4d.model.qtensors import Q4_1_GROUP, dequantize_q4_1, dequantize_q8_0, dequantize_q8_1
 from m4d.model.quant import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 M = TypeVar("M", bound=nn.Module)
+
+log = logging.getLogger(__name__)
 
 
 def load_into(model: M, weights_file: str | Path, *, what: str,
@@ -121,6 +126,25 @@ def _tiles_fit(wf: WeightFile, name: str) -> bool:
     shape = wf.shape(f"{name}.qweight" if kind != "dense" else name)
     k = shape[1] * 2 if kind == "q4_1" else shape[1]
     return shape[0] % KERNEL_TILE == 0 and k % Q4_1_GROUP == 0
+
+
+def resolve_weight_format(weight_format: str, compute_dtype: torch.dtype) -> str:
+    """The format a network's linears are built in: ``weight_format`` (one of WEIGHT_FORMATS,
+    a dense one only in its own dtype), except w4a8 where m4's kernels are not built: the
+    same weights then run as int4."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    dense_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(weight_format)
+    if dense_dtype is not None and compute_dtype != dense_dtype:
+        raise ValueError(f"weight_format {weight_format!r} computes in {dense_dtype}, not {compute_dtype}")
+    if weight_format == "w4a8" and not kernels.available():
+        log.warning("weight_format w4a8 needs m4's CPU kernels, which are not built here "
+                    "(python -m m4d.model.kernels build): the same weights run as int4")
+        weight_format = "int4"
+    if weight_format in ("int4", "int8") and compute_dtype != torch.bfloat16:
+        log.warning("%s weights with %s activations: the CPU kernels are 12-27x slower than bf16",
+                    weight_format, compute_dtype)
+    return weight_format
 
 
 def build_linear(wf: WeightFile, names: list[str], weight_format: str,
