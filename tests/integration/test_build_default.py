@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from m4d.builder.build import BuildError, build_default_image
+from m4d.builder.build import build_default_image
+from m4d.builder.errors import BuildError
 from m4image.verify import VerifiedImage, verify_image
 
 pytestmark = pytest.mark.slow

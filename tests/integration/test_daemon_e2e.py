@@ -176,7 +176,7 @@ def test_cancel_mid_stream_stops_the_work(stub, admin, daemon) -> None:
 
 
 def test_embed_matches_in_process_encoder(stub, default_image: Path) -> None:
-    from m4d.model.bert import BertConfig, embed, load_bert
+    from m4d.model.bert import BertConfig, embed_with_counts, load_bert
 
     texts = ["some text", "other text", "A longer sentence about the weather in Paris today."]
     reply = stub.Embed(pb.EmbedRequest(texts=texts))
@@ -187,7 +187,8 @@ def test_embed_matches_in_process_encoder(stub, default_image: Path) -> None:
                       compute_dtype=torch.float32)
     tok = TextTokenizer.from_file(image.path / spec["tokenizer"])
     with torch.inference_mode():
-        expected = embed(model, tok.tokenizer, texts, spec["max_seq_len"], normalize=True)
+        expected = embed_with_counts(model, tok.tokenizer, texts, spec["max_seq_len"],
+                                     normalize=True).vectors
     got = torch.tensor([list(e.values) for e in reply.embeddings])
     cos = torch.nn.functional.cosine_similarity(got, expected.float(), dim=-1)
     assert cos.min().item() >= 0.999

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 from m4d.builder.importers.sentence_transformers import import_sentence_transformer
-from m4d.model.bert import BertConfig, BertEncoder, embed, load_bert
+from m4d.model.bert import BertConfig, BertEncoder, embed_with_counts, load_bert
 from tokenizers import Tokenizer
 from transformers import BertModel
 
@@ -91,7 +91,7 @@ def test_import_is_reproducible(imported: tuple[Path, dict], tmp_path: Path) -> 
 
 def test_fp32_parity(imported: tuple[Path, dict], reference: BertModel) -> None:
     model, tok, comp = _ours(imported, torch.float32)
-    ours = embed(model, tok, SENTENCES, comp["max_seq_len"])
+    ours = embed_with_counts(model, tok, SENTENCES, comp["max_seq_len"]).vectors
     ref = _reference_embed(reference, SENTENCES, comp["max_seq_len"])
     lengths = [sum(e.attention_mask) for e in tok.encode_batch(SENTENCES)]
     assert len(set(lengths)) > 3  # padding is exercised: lengths differ within the batch
@@ -101,13 +101,13 @@ def test_fp32_parity(imported: tuple[Path, dict], reference: BertModel) -> None:
     assert cos.min().item() >= 0.9999
     assert err < 1e-4
     # Batch composition must not change a sentence's embedding (masking is right).
-    alone = embed(model, tok, [SENTENCES[1]], comp["max_seq_len"])
+    alone = embed_with_counts(model, tok, [SENTENCES[1]], comp["max_seq_len"]).vectors
     assert torch.allclose(alone[0], ours[1], atol=1e-5)
 
 
 def test_bf16_close_and_same_ranking(imported: tuple[Path, dict], reference: BertModel) -> None:
     model, tok, comp = _ours(imported, torch.bfloat16)
-    ours = embed(model, tok, SENTENCES, comp["max_seq_len"])
+    ours = embed_with_counts(model, tok, SENTENCES, comp["max_seq_len"]).vectors
     ref = _reference_embed(reference, SENTENCES, comp["max_seq_len"])
     cos = (ours * ref).sum(-1)
     print(f"bf16: min cosine {cos.min().item():.5f}, max abs error {(ours - ref).abs().max().item():.3e}")
@@ -115,7 +115,7 @@ def test_bf16_close_and_same_ranking(imported: tuple[Path, dict], reference: Ber
     assert cos.min().item() >= 0.999
 
     query = ["Where is the cat sleeping?"]
-    q_ours = embed(model, tok, query, comp["max_seq_len"])
+    q_ours = embed_with_counts(model, tok, query, comp["max_seq_len"]).vectors
     q_ref = _reference_embed(reference, query, comp["max_seq_len"])
     rank_ours = (ours @ q_ours[0]).argsort(descending=True)
     rank_ref = (ref @ q_ref[0]).argsort(descending=True)
@@ -132,14 +132,14 @@ def test_truncation_at_max_seq_len(imported: tuple[Path, dict], reference: BertM
     assert len(tok.encode(long_text).ids) == comp["max_seq_len"]  # truncated, [CLS] ... [SEP]
     enc = tok.encode_batch(texts)
     assert len(enc[0].ids) == comp["max_seq_len"] and enc[0].ids[-1] == tok.token_to_id("[SEP]")
-    ours = embed(model, tok, texts, comp["max_seq_len"])
+    ours = embed_with_counts(model, tok, texts, comp["max_seq_len"]).vectors
     ref = _reference_embed(reference, texts, comp["max_seq_len"])
     assert (ours * ref).sum(-1).min().item() >= 0.9999
     # A smaller limit gives a different, still valid embedding.
-    short = embed(model, tok, [long_text], 16)
+    short = embed_with_counts(model, tok, [long_text], 16).vectors
     assert short.shape == (1, 384) and torch.isfinite(short).all()
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        embed(model, tok, ["x"], 10_000)
+        embed_with_counts(model, tok, ["x"], 10_000)
 
 
 def test_loads_hf_names_with_and_without_bert_prefix(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -177,8 +177,6 @@ _HF_TOP = {
     "embeddings.token_type_embeddings": "type_embeddings",
     "embeddings.LayerNorm": "emb_norm",
 }
-# HF tensors that the encoder does not use (pooler is BERT's NSP head; position_ids a buffer).
-_HF_UNUSED = ("pooler.", "embeddings.position_ids", "cls.")
 
 
 def canonical_names(config: BertConfig) -> list[str]:
@@ -258,6 +256,11 @@ def configure_tokenizer(tokenizer: Any, max_seq_len: int, pad_id: int = 0) -> No
         tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
 
 
+class Embeddings(NamedTuple):
+    vectors: Tensor  # float32 [N, D]
+    token_counts: list[int]  # per text, after truncation, special tokens included
+
+
 @torch.inference_mode()
 def embed_with_counts(
     model: BertEncoder,
@@ -267,7 +270,7 @@ def embed_with_counts(
     *,
     normalize: bool = True,
     batch_size: int = 64,
-) -> tuple[Tensor, list[int]]:
+) -> Embeddings:
     """Embed texts with a ``tokenizers.Tokenizer``: float32 [N, D] and each text's token count
     (after truncation, special tokens included: what the encoder actually processed)."""
     if max_seq_len > model.config.max_position_embeddings:
@@ -285,20 +288,5 @@ def embed_with_counts(
         chunks.append(head(model(ids, mask, types), mask))  # [B, D]
         counts.extend(int(sum(e.attention_mask)) for e in encs)
     if not chunks:
-        return torch.empty(0, model.config.hidden_size), counts
-    return torch.cat(chunks), counts  # [N, D], [N]
-
-
-def embed(
-    model: BertEncoder,
-    tokenizer: Any,
-    texts: Sequence[str],
-    max_seq_len: int,
-    *,
-    normalize: bool = True,
-    batch_size: int = 64,
-) -> Tensor:
-    """Embed texts with a ``tokenizers.Tokenizer``: returns float32 [N, D]."""
-    return embed_with_counts(
-        model, tokenizer, texts, max_seq_len, normalize=normalize, batch_size=batch_size
-    )[0]
+        return Embeddings(torch.empty(0, model.config.hidden_size), counts)
+    return Embeddings(torch.cat(chunks), counts)  # [N, D], [N]

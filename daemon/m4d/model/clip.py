@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,12 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def _init_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls) if f.init}
+
+
 def _pick(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls) if f.init}
+    names = _init_names(cls)
     return {k: v for k, v in d.items() if k in names}
 
 
@@ -58,10 +62,13 @@ class ClipTowerConfig:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; use one of {sorted(_ACTIVATIONS)}")
         self.head_dim = self.hidden_size // self.num_attention_heads
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls(**_pick(cls, d))
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("head_dim")
-        return d
+        """The constructor fields only (derived ones, such as head_dim, are recomputed)."""
+        return {k: v for k, v in asdict(self).items() if k in _init_names(type(self))}
 
 
 @dataclass
@@ -77,15 +84,6 @@ class ClipVisionConfig(ClipTowerConfig):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         self.grid = self.image_size // self.patch_size
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClipVisionConfig:
-        return cls(**_pick(cls, d))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.pop("grid")
-        return d
-
 
 @dataclass
 class ClipTextConfig(ClipTowerConfig):
@@ -93,10 +91,6 @@ class ClipTextConfig(ClipTowerConfig):
     max_position_embeddings: int = 77
     eos_token_id: int = 49407
     pad_token_id: int = 1
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClipTextConfig:
-        return cls(**_pick(cls, d))
 
 
 @dataclass

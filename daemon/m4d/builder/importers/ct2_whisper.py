@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from m4image.fsutil import sha256_file
 
+from m4d.builder.importers.common import Progress
 from m4d.builder.importers.hf_whisper import (
     TOKENIZER,
-    Progress,
     WhisperImportError,
     write_whisper_component,
 )

@@ -11,7 +11,6 @@ stripped) and written as float32 safetensors. The daemon never unpickles anythin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,13 @@ import torch
 from m4image.fsutil import atomic_file, sha256_file
 from safetensors.torch import save_file
 
+from m4d.builder.importers.common import Progress
 from m4d.model.craft import CraftConfig
 from m4d.model.craft import reference_name_map as craft_names
 from m4d.model.crnn import reference_name_map as crnn_names
 from m4d.model.ocr import OcrConfig
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 DETECTOR_CHECKPOINT = "craft_mlt_25k.pth"
 RECOGNIZER_CHECKPOINT = "english_g2.pth"

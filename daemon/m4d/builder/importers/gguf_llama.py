@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,11 @@ from m4image.fsutil import atomic_file
 from safetensors.torch import save_file
 
 from m4d.builder.gguf_blocks import NIBBLE_ORDER, SPLITTERS, split_blocks
+from m4d.builder.importers.common import Progress
 from m4d.model.llama import LlamaConfig
 from m4d.prepare.tokenizer import tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",

@@ -11,23 +11,19 @@ shared with the LLaVA and MobileVLM importers.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from m4image.fsutil import atomic_file, atomic_write_bytes
+from m4image.fsutil import atomic_write_bytes
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from m4d.builder.importers.common import Progress, read_json, write_tensors
 from m4d.model.clip import ClipConfig, hf_clip_to_canonical, hf_vision_to_canonical
 from m4d.prepare.vision import PreprocessConfig
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
@@ -35,15 +31,6 @@ TOKENIZER = "tokenizer.json"
 
 class ClipImportError(ValueError):
     """The folder is not a checkpoint this importer can convert; the message says what is missing."""
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClipImportError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise ClipImportError(f"{path} is not valid JSON: {e}") from None
 
 
 class CheckpointFolder:
@@ -58,7 +45,7 @@ class CheckpointFolder:
         if single.is_file():
             self.files = [single]
         elif index.is_file():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
+            shards = sorted(set(read_json(index, ClipImportError)["weight_map"].values()))
             self.files = [folder / s for s in shards]
         else:
             raise ClipImportError(f"no model.safetensors(.index.json) in {folder}; only safetensors "
@@ -97,25 +84,12 @@ class CheckpointFolder:
         return h.hexdigest()
 
 
-def write_tensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype = torch.float32,
-                  progress: Progress | None = None, stage: str = "write") -> None:
-    """Save ``tensors`` (sorted, contiguous, in ``dtype``) atomically. One metadata key only:
-    safetensors writes the map in hash order, so several keys would make builds differ."""
-    out: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(sorted(tensors), 1):
-        out[name] = tensors[name].to(dtype).contiguous()
-        if progress:
-            progress(stage, i, len(tensors))
-    with atomic_file(path) as tmp:
-        save_file(out, str(tmp), metadata={"format": "pt"})
-
-
 def preprocess_from_folder(folder: Path, *, pad_to_square: bool = False) -> PreprocessConfig:
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         raise ClipImportError(f"{path} is missing: the image mean/std and sizes come from it")
     try:
-        return PreprocessConfig.from_hf(read_json(path), pad_to_square=pad_to_square)
+        return PreprocessConfig.from_hf(read_json(path, ClipImportError), pad_to_square=pad_to_square)
     except ValueError as e:
         raise ClipImportError(f"{path}: {e}") from None
 
@@ -157,7 +131,7 @@ def import_hf_clip(folder: Path, out_dir: Path, progress: Progress | None = None
     """Import the CLIP checkpoint in ``folder`` into ``out_dir``; return the component dict."""
     folder, out_dir = Path(folder), Path(out_dir)
     report: Progress = progress or (lambda stage, done, total: None)
-    hf = read_json(folder / "config.json")
+    hf = read_json(folder / "config.json", ClipImportError)
     model_type = hf.get("model_type")
     if model_type == "clip":
         try:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from m4d.builder.importers.gguf_llama import Progress, write_safetensors_atomic
+from m4d.builder.importers.common import Progress
+from m4d.builder.importers.gguf_llama import write_safetensors_atomic
 from m4d.model.llama import LlamaConfig
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ packed, Whisper's missing k bias written as zeros) and copies the tokenizer. Nev
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +19,10 @@ from m4image.fsutil import atomic_file, atomic_write_bytes, sha256_file
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from m4d.builder.importers.common import Progress, read_json
 from m4d.model.whisper import Whisper, WhisperConfig
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
@@ -32,17 +30,6 @@ TOKENIZER = "tokenizer.json"
 
 class WhisperImportError(ValueError):
     """The folder/file is not a Whisper checkpoint we can import."""
-
-
-def _read_json(path: Path, required: bool = True) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if not required:
-            return {}
-        raise WhisperImportError(f"{path} is missing; is {path.parent} a Whisper checkpoint folder?") from None
-    except json.JSONDecodeError as e:
-        raise WhisperImportError(f"{path} is not valid JSON: {e}") from None
 
 
 def canonical_shapes(config: WhisperConfig) -> dict[str, tuple[int, ...]]:
@@ -156,12 +143,12 @@ def import_hf_whisper(folder: Path, out_dir: Path, progress: Progress | None = N
     """Import a Hugging Face Whisper folder into ``out_dir``; return the component dict."""
     folder, out_dir = Path(folder), Path(out_dir)
     report = progress or (lambda stage, done, total: None)
-    hf = _read_json(folder / "config.json")
+    hf = read_json(folder / "config.json", WhisperImportError, "Whisper checkpoint")
     if hf.get("model_type") != "whisper":
         raise WhisperImportError(f"{folder}/config.json has model_type {hf.get('model_type')!r}; expected 'whisper'")
     if hf.get("activation_function", "gelu") != "gelu" or hf.get("scale_embedding", False):
         raise WhisperImportError("only Whisper with exact GELU and unscaled embeddings is supported")
-    gen = _read_json(folder / "generation_config.json", required=False)
+    gen = read_json(folder / "generation_config.json", WhisperImportError, required=False)
     lists = {k: gen.get(k, hf.get(k)) or [] for k in ("suppress_tokens", "begin_suppress_tokens")}
     try:
         config = WhisperConfig.from_dict({**hf, **lists})

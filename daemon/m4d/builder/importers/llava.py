@@ -22,15 +22,13 @@ from typing import Any
 import torch
 from m4image.fsutil import atomic_write_bytes
 
+from m4d.builder.importers.common import Progress, read_json, write_tensors
 from m4d.builder.importers.hf_clip import (
     CheckpointFolder,
     ClipImportError,
-    Progress,
     preprocess_from_folder,
-    read_json,
     vision_config_from_hf,
     vision_tensors,
-    write_tensors,
 )
 from m4d.builder.importers.hf_llama import HFImportError, _chat_template, config_from_hf
 from m4d.model.projector import ProjectorConfig, llava_to_canonical
@@ -85,7 +83,7 @@ def _template(folder: Path) -> str | None:
         pass
     processor = folder / "chat_template.json"
     if processor.is_file():
-        template = read_json(processor).get("chat_template")
+        template = read_json(processor, ClipImportError).get("chat_template")
         if isinstance(template, str):
             return template
     return None
@@ -121,7 +119,7 @@ def import_llava(folder: Path, out_dir: Path, progress: Progress | None = None) 
     """Import ``folder``; return {"vision_encoder", "projector", "backbone"} component dicts."""
     folder, out_dir = Path(folder), Path(out_dir)
     report: Progress = progress or (lambda stage, done, total: None)
-    hf = read_json(folder / "config.json")
+    hf = read_json(folder / "config.json", ClipImportError)
     if hf.get("model_type") != "llava":
         raise LlavaImportError(f"{folder}/config.json has model_type {hf.get('model_type')!r}; expected 'llava'")
     text_cfg = dict(hf.get("text_config") or {})

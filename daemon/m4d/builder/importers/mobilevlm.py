@@ -19,14 +19,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from m4d.builder.importers.common import Progress, read_json, write_tensors
 from m4d.builder.importers.hf_clip import (
     CheckpointFolder,
-    Progress,
+    ClipImportError,
     preprocess_from_folder,
-    read_json,
     vision_config_from_hf,
     vision_tensors,
-    write_tensors,
 )
 from m4d.builder.importers.llava import (
     PROJECTOR_WEIGHTS,
@@ -65,7 +64,7 @@ def import_mobilevlm(folder: Path, out_dir: Path, progress: Progress | None = No
     """Import ``folder``; return {"vision_encoder", "projector", "backbone"} component dicts."""
     folder, out_dir = Path(folder), Path(out_dir)
     report: Progress = progress or (lambda stage, done, total: None)
-    hf = read_json(folder / "config.json")
+    hf = read_json(folder / "config.json", ClipImportError)
     kind = str(hf.get("mm_projector_type", ""))
     if kind not in _PROJECTORS:
         raise MobileVLMImportError(f"{folder}/config.json: mm_projector_type {kind!r} is not one of {sorted(_PROJECTORS)}")
@@ -76,7 +75,7 @@ def import_mobilevlm(folder: Path, out_dir: Path, progress: Progress | None = No
         raise MobileVLMImportError(f"mm_vision_select_feature {hf.get('mm_vision_select_feature')!r} is not supported")
     layer = int(hf.get("mm_vision_select_layer", -2))
     tower = _tower_folder(folder, hf, Path(vision_tower) if vision_tower is not None else None)
-    tower_cfg = read_json(tower / "config.json")
+    tower_cfg = read_json(tower / "config.json", ClipImportError)
     if tower_cfg.get("model_type") == "clip":
         tower_cfg = tower_cfg["vision_config"]
     vision = vision_config_from_hf(tower_cfg, f"{tower}/config.json")

@@ -9,7 +9,6 @@ them, and copied as float32.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,9 @@ import torch
 from m4image.fsutil import atomic_write_bytes, sha256_file
 from safetensors.torch import save
 
+from m4d.builder.importers.common import Progress
 from m4d.model.sensor import SensorHeadConfig, load_sensor_head
 
-Progress = Callable[[str, int, int], None]
 WEIGHTS = "model.safetensors"
 
 

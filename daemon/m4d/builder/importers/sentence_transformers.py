@@ -8,22 +8,17 @@ tokenizer with the truncation/padding the model is served with. Never unpickles 
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from m4image.fsutil import atomic_file, atomic_write_bytes, sha256_file
+from m4image.fsutil import atomic_write_bytes, sha256_file
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from m4d.builder.importers.common import Progress, read_json, write_tensors
 from m4d.model.bert import BertConfig, hf_to_canonical
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
@@ -33,26 +28,17 @@ class SentenceTransformerImportError(ValueError):
     """The folder is not a sentence-transformers BERT model we can import."""
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SentenceTransformerImportError(f"{path} is missing; is {path.parent} a sentence-transformers model folder?") from None
-    except json.JSONDecodeError as e:
-        raise SentenceTransformerImportError(f"{path} is not valid JSON: {e}") from None
-
-
 def _pooling(folder: Path) -> tuple[str, bool]:
     """Read modules.json: the pooling mode and whether a Normalize module follows it."""
     modules_file = folder / "modules.json"
     if not modules_file.exists():
         return "mean", False
-    modules = _read_json(modules_file)
+    modules = read_json(modules_file, SentenceTransformerImportError, "sentence-transformers model")
     types = [m.get("type", "") for m in modules]
     normalize = any(t.endswith(".Normalize") for t in types)
     for m in modules:
         if m.get("type", "").endswith(".Pooling"):
-            cfg = _read_json(folder / m["path"] / "config.json")
+            cfg = read_json(folder / m["path"] / "config.json", SentenceTransformerImportError, "sentence-transformers model")
             modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
             if modes != ["pooling_mode_mean_tokens"]:
                 raise SentenceTransformerImportError(f"pooling {modes} in {folder / m['path']} is not supported; only mean pooling")
@@ -81,13 +67,13 @@ def import_sentence_transformer(
     """Import ``folder`` into ``out_dir``; return the component dict (paths relative to ``out_dir``)."""
     folder, out_dir = Path(folder), Path(out_dir)
     report = progress or (lambda stage, done, total: None)
-    hf_config = _read_json(folder / "config.json")
+    hf_config = read_json(folder / "config.json", SentenceTransformerImportError, "sentence-transformers model")
     if hf_config.get("model_type") != "bert":
         raise SentenceTransformerImportError(f"{folder}/config.json has model_type {hf_config.get('model_type')!r}; expected 'bert'")
     config = BertConfig.from_dict(hf_config)
     pooling, normalize = _pooling(folder)
     st_cfg_file = folder / "sentence_bert_config.json"
-    max_seq_len = int(_read_json(st_cfg_file)["max_seq_length"]) if st_cfg_file.exists() else 512
+    max_seq_len = int(read_json(st_cfg_file, SentenceTransformerImportError, "sentence-transformers model")["max_seq_length"]) if st_cfg_file.exists() else 512
     max_seq_len = min(max_seq_len, config.max_position_embeddings)
     src_weights = folder / "model.safetensors"
     if not src_weights.exists():
@@ -100,15 +86,7 @@ def import_sentence_transformer(
         names = list(f.keys())
         state = hf_to_canonical(f.get_tensor, names, config)
     total = len(state)
-    tensors: dict[str, torch.Tensor] = {}
-    for i, (name, t) in enumerate(sorted(state.items()), 1):
-        tensors[name] = t.to(torch.float32).contiguous()
-        report("text_encoder: convert tensors", i, total)
-    # One metadata key only: safetensors writes the metadata map in hash order, so several
-    # keys make the file's bytes (and the image digest) differ from build to build.
-    meta = {"format": "pt"}
-    with atomic_file(out_dir / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_tensors(state, out_dir / WEIGHTS, progress=report, stage="text_encoder: convert tensors")
     atomic_write_bytes(out_dir / TOKENIZER, _tokenizer_json(folder / TOKENIZER, max_seq_len, config.pad_token_id))
     report("text_encoder: write files", 2, 2)
     log.info("imported %s: %d tensors, %d dimensions", folder, total, config.hidden_size)
