@@ -225,20 +225,3 @@ def test_import_is_reproducible(tmp_path: Path) -> None:
     for name in ("model.safetensors", "tokenizer.json"):
         assert sha256_file(tmp_path / "a" / name) == sha256_file(tmp_path / "b" / name), name
     assert not list((tmp_path / "a").glob(".*tmp*")), "temporary files left behind"
-
-
-def test_pixels_from_bytes_decodes_with_images_module() -> None:
-    import io
-
-    from m4d.prepare.vision import pixels_from_bytes
-
-    img = _shapes()[1]
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    cfg = PreprocessConfig(shortest_edge=IMAGE, crop_size=IMAGE)
-    got = pixels_from_bytes([buf.getvalue()], cfg, max_bytes=1 << 20, max_pixels=1 << 20)
-    assert torch.equal(got, preprocess([img], cfg))
-    with pytest.raises(InvalidArgument, match="pixels"):
-        pixels_from_bytes([buf.getvalue()], cfg, max_bytes=1 << 20, max_pixels=100)
-    with pytest.raises(InvalidArgument):
-        pixels_from_bytes([b"not an image"], cfg, max_bytes=1 << 20, max_pixels=1 << 20)

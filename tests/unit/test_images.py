@@ -1,4 +1,4 @@
-"""m4d.prepare.images: safe decoding of untrusted image bytes, and the generic tensor helpers."""
+"""m4d.prepare.images: safe decoding of untrusted image bytes."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from m4d.errors import InvalidArgument
-from m4d.prepare.images import (
-    center_crop,
-    decode_image,
-    preprocess,
-    resize_shortest_side,
-    to_tensor,
-)
+from m4d.prepare.images import decode_image
 from PIL import Image
 
 MB = 1 << 20
@@ -137,19 +130,3 @@ def test_refuses_decompression_bomb_before_decoding() -> None:
 def test_refuses_zero_size_image() -> None:
     with pytest.raises(InvalidArgument, match="PNG image"):
         decode_image(_png_header_only(0, 10), **LIMITS)
-
-
-def test_tensor_helpers_resize_crop_and_normalise() -> None:
-    img = Image.new("RGB", (300, 200), (255, 128, 0))
-    assert resize_shortest_side(img, 100).size == (150, 100)
-    assert resize_shortest_side(Image.new("RGB", (50, 80)), 40).size == (40, 64)
-    assert center_crop(resize_shortest_side(img, 100), 100).size == (100, 100)
-    mean, std = (0.5, 0.25, 0.1), (0.5, 0.25, 0.2)
-    x = preprocess(img, 224, mean, std)
-    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
-    want = [(255 / 255 - 0.5) / 0.5, (128 / 255 - 0.25) / 0.25, (0 - 0.1) / 0.2]
-    for c in range(3):
-        assert torch.allclose(x[c], torch.full((224, 224), want[c]), atol=1e-5)
-    assert to_tensor(img, mean, std).shape == (3, 200, 300)
-    with pytest.raises(InvalidArgument):
-        to_tensor(img, (0.5, 0.5), std)

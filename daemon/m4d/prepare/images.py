@@ -1,14 +1,12 @@
-"""Executor stage, image input: decode untrusted image bytes safely and turn images into tensors.
+"""Request preparation, image input: decode untrusted image bytes safely.
 
 ``decode_image`` is the only way request bytes become pixels. It accepts PNG, JPEG and WebP
 (sniffed from the bytes, never from a name or a client's claim), checks the byte size and the
 declared pixel count *before* any pixel is decoded (decompression bombs), applies the EXIF
 orientation and returns an RGB ``PIL.Image``. Transparent pixels are composited onto white, so
 dark text on a transparent background stays readable. Every refusal is an ``InvalidArgument``
-that names what was wrong and the limit.
-
-The tensor helpers are generic (any encoder): resize the shortest side, centre-crop, scale to
-[0, 1] and normalise per channel, e.g. CLIP's 224 px bicubic + centre crop.
+that names what was wrong and the limit. Pixels become an encoder's input tensor in
+``m4d.prepare.vision``.
 """
 
 from __future__ import annotations
@@ -16,24 +14,14 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import Tensor
 
 from m4d.errors import InvalidArgument
 
 # format name -> the PIL plugin that decodes it
 SUPPORTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WEBP"}
-
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 
 
 def sniff_format(data: bytes) -> str:
@@ -129,77 +117,3 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensors
-
-
-def resize_shortest_side(
-    image: Image.Image, size: int, resample: str = "bicubic"
-) -> Image.Image:
-    """Scale so the shorter side is ``size`` pixels, keeping the aspect ratio."""
-    if size <= 0:
-        raise InvalidArgument(f"resize size must be positive, got {size}")
-    w, h = image.size
-    if min(w, h) == size:
-        return image
-    if w <= h:
-        new_w, new_h = size, max(1, round(h * size / w))
-    else:
-        new_w, new_h = max(1, round(w * size / h)), size
-    return image.resize((new_w, new_h), _RESAMPLE[resample])
-
-
-def center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
-    """Crop the central ``size`` (or (width, height)) region; pads with black if the image is smaller."""
-    cw, ch = (size, size) if isinstance(size, int) else size
-    w, h = image.size
-    left = round((w - cw) / 2.0)
-    top = round((h - ch) / 2.0)
-    return image.crop((left, top, left + cw, top + ch))
-
-
-def image_to_array(image: Image.Image) -> np.ndarray:
-    """RGB image -> uint8 array [H, W, 3]."""
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def to_tensor(
-    image: Image.Image, mean: Sequence[float], std: Sequence[float]
-) -> Tensor:
-    """RGB image -> float32 [3, H, W], scaled to [0, 1] then (x - mean) / std per channel."""
-    if len(mean) != 3 or len(std) != 3:
-        raise InvalidArgument(f"mean and std need 3 values (RGB), got {len(mean)} and {len(std)}")
-    x = torch.from_numpy(image_to_array(image).copy()).permute(2, 0, 1).to(torch.float32)  # [3, H, W]
-    x.div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
-
-
-def preprocess(
-    image: Image.Image,
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    resample: str = "bicubic",
-    crop: bool = True,
-) -> Tensor:
-    """Resize the shortest side to ``size``, centre-crop ``size`` x ``size`` (if ``crop``) and
-    normalise: the CLIP-style encoder input, float32 [3, size, size]."""
-    if resample not in _RESAMPLE:
-        raise InvalidArgument(f"unknown resample {resample!r}; use one of {sorted(_RESAMPLE)}")
-    img = resize_shortest_side(image, size, resample)
-    if crop:
-        img = center_crop(img, size)
-    return to_tensor(img, mean, std)
-
-
-def batch_tensors(images: Sequence[Image.Image], size: int, mean: Sequence[float],
-                  std: Sequence[float], *, resample: str = "bicubic") -> Tensor:
-    """Several images -> [B, 3, size, size] (each resized, cropped and normalised)."""
-    if not images:
-        return torch.empty(0, 3, size, size)
-    return torch.stack([preprocess(im, size, mean, std, resample=resample) for im in images])

@@ -120,12 +120,3 @@ def preprocess(images: Sequence[Image.Image], cfg: PreprocessConfig) -> torch.Te
     if not images:
         raise InvalidArgument("no images given")
     return torch.from_numpy(np.stack([_one(im, cfg) for im in images]))
-
-
-def pixels_from_bytes(blobs: Sequence[bytes], cfg: PreprocessConfig, *, max_bytes: int,
-                      max_pixels: int) -> torch.Tensor:
-    """Request bytes (PNG/JPEG/WebP) -> [B, 3, crop, crop], decoded by ``m4d.prepare.images``
-    (format sniffing, size limits before decoding, EXIF orientation, alpha onto white)."""
-    from m4d.prepare.images import decode_image
-
-    return preprocess([decode_image(b, max_bytes=max_bytes, max_pixels=max_pixels) for b in blobs], cfg)
