@@ -13,8 +13,9 @@ and a revocation can be recorded before the key is ever seen. One file per revoc
 shared ``revoked.txt``) makes every ``revoke`` a single atomic create: two admins revoking at
 once can never lose each other's write.
 
-The refusals of signature verification live here too, one class per cause, each saying what
-to do next (the verifier itself is ``m4image.sign.KeyringSignatureCheck``).
+The refusals of signature verification live here too (``SignatureError``, one subclass per
+cause, each saying what to do next): the keyring's lookup raises two of them; the verifier
+itself is ``m4image.signature.KeyringSignatureCheck``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from m4image.fsutil import atomic_write_bytes, canonical_json, fsync_dir
 from m4image.manifest import ImageError
-from m4image.verify import SignatureError
 
 __all__ = [
     "DEFAULT_KEYS_DIR",
@@ -61,6 +61,10 @@ _KEY_ID = re.compile(rf"^[0-9a-f]{{{KEY_ID_HEX}}}$")
 
 class KeyringError(ImageError):
     """The keyring directory or one of its key files cannot be used (the message names the file)."""
+
+
+class SignatureError(ImageError):
+    """manifest.sig is missing or does not verify; one subclass per cause."""
 
 
 class UnsignedImageError(SignatureError):

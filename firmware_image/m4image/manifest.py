@@ -13,10 +13,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from m4image.fsutil import canonical_json
+
 FORMAT = "m4-image/1"
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
+MAX_SIGNATURE_BYTES = 4096  # manifest.sig is a small JSON document (see m4image.signature)
 
 IO_KINDS = ("text", "chat", "texts", "image", "audio", "tensor")
 TASK_RPCS = ("Generate", "Embed", "Classify", "PredictNext", "Run")
@@ -344,7 +347,7 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """Canonical bytes: sorted keys, 2-space indent, UTF-8, trailing newline."""
-        return (json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        return canonical_json(self.to_dict())
 
     def task(self, task_id: str) -> Task:
         """The typed view of one task."""
@@ -352,10 +355,6 @@ class Manifest:
             if t["id"] == task_id:
                 return Task.from_dict(t, f"tasks[{i}]")
         raise KeyError(task_id)
-
-    def task_specs(self) -> list[Task]:
-        """The typed view of the task table."""
-        return [Task.from_dict(t, f"tasks[{i}]") for i, t in enumerate(self.tasks)]
 
     def self_test_specs(self) -> list[SelfTest]:
         return [SelfTest.from_dict(c, f"self_test[{i}]") for i, c in enumerate(self.self_test)]
@@ -388,6 +387,4 @@ def build_manifest(
         "tasks": [t.to_dict() if isinstance(t, Task) else t for t in tasks],
         "self_test": [c.to_dict() if isinstance(c, SelfTest) else c for c in self_test],
     }
-    return Manifest.from_json(
-        (json.dumps(raw, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    )
+    return Manifest.from_json(canonical_json(raw))

@@ -19,20 +19,19 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from m4image.fsutil import sha256_fd
+from m4image.keys import Keyring, SignatureError
 from m4image.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
     SIGNATURE_NAME,
     ImageError,
     Manifest,
     ManifestError,
 )
-
-if TYPE_CHECKING:
-    from m4image.keys import Keyring
+from m4image.signature import KeyringSignatureCheck
 
 __all__ = [
     "MAX_SIGNATURE_BYTES",
@@ -58,8 +57,6 @@ __all__ = [
     "verify_image",
 ]
 
-MAX_SIGNATURE_BYTES = 4096  # manifest.sig is a small JSON document (see m4image.sign)
-
 _REBUILD = "rebuild or re-download the image (m4ctl image build / install)"
 
 
@@ -81,10 +78,6 @@ class HashMismatchError(ImageError):
 
 class UnsafePathError(ImageError):
     """A path escapes the image (``..``, absolute) or is a link or special file."""
-
-
-class SignatureError(ImageError):
-    """manifest.sig is missing or does not verify; m4image.keys defines one subclass per cause."""
 
 
 class IncompatibleImageError(ImageError):
@@ -145,50 +138,65 @@ def check_relative_path(rel: str) -> PurePosixPath:
     return p
 
 
-def read_manifest_bytes(root: Path) -> bytes:
-    """The exact bytes of ``root/manifest.json`` (no links, regular file, size-capped), read once."""
-    path = root / MANIFEST_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise ManifestError(f"{path} is missing; {root} is not a firmware image") from None
-    except OSError as e:
-        if os.path.islink(path):
-            raise UnsafePathError(f"{path} is a symbolic link; images must hold regular files: {_REBUILD}") from None
-        raise ManifestError(f"cannot read {path}: {e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafePathError(f"{path} is not a regular file: {_REBUILD}")
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise ManifestError(
-                f"{path} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit; refusing to parse it"
-            )
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-        return data
-    finally:
-        os.close(fd)
-
-
-def read_signature_bytes(root: Path) -> bytes | None:
-    """The bytes of ``root/manifest.sig`` (capped), or None when the image has none."""
-    path = root / SIGNATURE_NAME
+def _open_regular(path: Path, name: str,
+                  refused: Callable[[OSError], ImageError]) -> tuple[int, os.stat_result] | None:
+    """``path`` opened read-only without following a link, checked to be a regular file: its
+    fd (the caller closes it) and stat; None when it is missing. Any other failure to open it
+    is ``refused(error)``; a file that is not a regular one, UnsafePathError naming ``name``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     except OSError as e:
-        if os.path.islink(path):
-            raise UnsafePathError(f"{path} is a symbolic link; images must hold regular files: {_REBUILD}") from None
-        raise SignatureError(f"cannot read {path}: {e}") from None
+        raise refused(e) from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafePathError(f"{path} is not a regular file: {_REBUILD}")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"{name} is not a regular file: {_REBUILD}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _link_or(path: Path, error: ImageError) -> ImageError:
+    """UnsafePathError when ``path`` is a symbolic link (so it could not be opened), else ``error``."""
+    if os.path.islink(path):
+        return UnsafePathError(f"{path} is a symbolic link; images must hold regular files: {_REBUILD}")
+    return error
+
+
+def _read_and_close(fd: int, limit: int) -> bytes:
+    """At most ``limit`` bytes from ``fd``, which is closed after."""
+    try:
         with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_SIGNATURE_BYTES + 1)  # the checker refuses anything over the cap
+            return f.read(limit)
     finally:
         os.close(fd)
+
+
+def read_manifest_bytes(root: Path) -> bytes:
+    """The exact bytes of ``root/manifest.json`` (no links, regular file, size-capped), read once."""
+    path = root / MANIFEST_NAME
+    opened = _open_regular(path, str(path), lambda e: _link_or(path, ManifestError(f"cannot read {path}: {e}")))
+    if opened is None:
+        raise ManifestError(f"{path} is missing; {root} is not a firmware image")
+    fd, st = opened
+    if st.st_size > MAX_MANIFEST_BYTES:
+        os.close(fd)
+        raise ManifestError(
+            f"{path} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit; refusing to parse it"
+        )
+    return _read_and_close(fd, MAX_MANIFEST_BYTES + 1)
+
+
+def read_signature_bytes(root: Path) -> bytes | None:
+    """The bytes of ``root/manifest.sig`` (capped), or None when the image has none."""
+    path = root / SIGNATURE_NAME
+    opened = _open_regular(path, str(path), lambda e: _link_or(path, SignatureError(f"cannot read {path}: {e}")))
+    if opened is None:
+        return None
+    return _read_and_close(opened[0], MAX_SIGNATURE_BYTES + 1)  # the checker refuses anything over the cap
 
 
 def scan_files(root: Path) -> set[str]:
@@ -210,17 +218,12 @@ def scan_files(root: Path) -> set[str]:
 
 
 def _check_file(root: Path, rel: str, size: int, sha256: str) -> None:
-    path = root / rel
+    opened = _open_regular(root / rel, rel, lambda e: UnsafePathError(
+        f"{rel} cannot be opened safely ({e.strerror}): {_REBUILD}"))
+    if opened is None:
+        raise MissingFileError(f"{rel} is listed in the manifest but missing from {root}: {_REBUILD}")
+    fd, st = opened
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise MissingFileError(f"{rel} is listed in the manifest but missing from {root}: {_REBUILD}") from None
-    except OSError as e:
-        raise UnsafePathError(f"{rel} cannot be opened safely ({e.strerror}): {_REBUILD}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafePathError(f"{rel} is not a regular file: {_REBUILD}")
         if st.st_size != size:
             what = "truncated" if st.st_size < size else "larger than listed"
             raise SizeMismatchError(
@@ -303,12 +306,6 @@ def check_manifest(
     return manifest, key_id
 
 
-def _signature_check_for(keyring: Keyring) -> SignatureCheck:
-    from m4image.sign import KeyringSignatureCheck
-
-    return KeyringSignatureCheck(keyring)
-
-
 def verify_image(
     directory: str | Path,
     *,
@@ -328,7 +325,7 @@ def verify_image(
     if keyring is not None and signature_check is not None:
         raise ValueError("pass keyring or signature_check, not both")
     if keyring is not None:
-        signature_check = _signature_check_for(keyring)
+        signature_check = KeyringSignatureCheck(keyring)
     root = Path(directory)
     if root.is_symlink():
         raise UnsafePathError(f"{root} is a symbolic link; pass the image directory itself")

@@ -1,4 +1,4 @@
-"""m4image.sign and m4image.keys: key pairs, manifest.sig, the keyring, and every refusal of
+"""m4image.sign, m4image.signature and m4image.keys: key pairs, manifest.sig, the keyring, and every refusal of
 signature verification, on tiny images and development keys the tests make."""
 
 from __future__ import annotations
@@ -25,15 +25,8 @@ from m4image.keys import (
     load_public_key,
 )
 from m4image.manifest import ImageError
-from m4image.sign import (
-    KeyFileError,
-    KeyringSignatureCheck,
-    decode_signature,
-    generate_keypair,
-    load_private_key,
-    sign_image,
-    verify_signature,
-)
+from m4image.sign import KeyFileError, generate_keypair, load_private_key, sign_image
+from m4image.signature import KeyringSignatureCheck, decode_signature, verify_signature
 from m4image.verify import (
     DaemonTooOldError,
     HashMismatchError,
