@@ -52,11 +52,6 @@ def canonical_json(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def atomic_write_json(path: str | Path, obj: Any, *, mode: int = 0o644) -> None:
-    """Write ``obj`` as canonical JSON, atomically."""
-    atomic_write_bytes(path, canonical_json(obj), mode=mode)
-
-
 @contextlib.contextmanager
 def atomic_file(path: str | Path, *, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it into place.

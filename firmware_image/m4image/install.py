@@ -17,22 +17,23 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from m4image.durable import crashpoint, fsync_dir_step, write_all
 from m4image.keys import BadSignatureError, Keyring
 from m4image.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
     SIGNATURE_NAME,
     ImageError,
     Manifest,
     ManifestError,
 )
+from m4image.signature import KeyringSignatureCheck
 from m4image.tarstream import BLOCK, MAX_PAX_BYTES, ArchiveError, TarReader
 from m4image.verify import (
-    MAX_SIGNATURE_BYTES,
     ExtraFileError,
     HashMismatchError,
     MissingFileError,
@@ -45,10 +46,8 @@ from m4image.verify import (
     scan_files,
 )
 
-if TYPE_CHECKING:
-    from m4image.store import Store
-
 __all__ = [
+    "Admission",
     "DuplicateEntryError",
     "ImageTooLargeError",
     "InsufficientSpaceError",
@@ -78,6 +77,18 @@ class UnexpectedEntryError(ArchiveError):
     """The install tar is out of order: manifest.json first, manifest.sig second, then files."""
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What a store accepts: images signed by a key of ``keyring`` (None: unchecked), built
+    for this device and daemon, of at most ``max_image_bytes``, and not below the
+    anti-rollback floor (``check_floor`` raises when the manifest is)."""
+
+    keyring: Keyring | None
+    compatible: str | None
+    daemon_version: str | None
+    max_image_bytes: int
+    check_floor: Callable[[Manifest], None]
+
 
 def check_entry_path(path: str) -> None:
     bad = (
@@ -102,25 +113,21 @@ def folders(paths: Iterable[str]) -> set[str]:
 
 
 class Staging:
-    """One install in progress: a 0700 directory under ``staging/``, filled only with the
-    manifest's files, each hashed while written; ``commit`` publishes it with one rename.
-
-    It works hand in hand with its Store (state, anti-rollback check, publish), whose lock
-    the caller holds for the whole install."""
+    """One install in progress: a 0700 directory under the store's ``staging/``, filled only
+    with the manifest's files, each hashed while written; ``commit`` checks that it is
+    complete, and the store then publishes it with one rename (holding its lock throughout)."""
 
     def __init__(
         self,
-        store: Store,
-        keyring: Keyring | None,
-        allow_downgrade: bool,
+        staging_dir: Path,
+        admission: Admission,
         progress: Callable[[str, int, int], None] | None,
     ) -> None:
-        self.store = store
-        self.keyring = keyring
-        self.allow_downgrade = allow_downgrade
+        self.admission = admission
         self.progress = progress
         crashpoint()
-        self.dir = Path(tempfile.mkdtemp(prefix="install-", dir=store.staging_dir))  # mode 0700
+        self.dir = Path(tempfile.mkdtemp(prefix="install-", dir=staging_dir))  # mode 0700
+        self.store_root = staging_dir.parent  # named in the message about free space
         self.manifest: Manifest | None = None
         self.manifest_bytes = b""
         self.key_id: str | None = None
@@ -131,33 +138,30 @@ class Staging:
         self.done = 0
 
     def accept_manifest(self, data: bytes, signature: bytes | None) -> Manifest:
+        admit = self.admission
         check: SignatureCheck | None = None
-        if self.keyring is not None:
-            from m4image.sign import KeyringSignatureCheck
-
-            check = KeyringSignatureCheck(self.keyring)
+        if admit.keyring is not None:
+            check = KeyringSignatureCheck(admit.keyring)
         manifest, key_id = check_manifest(
             data,
             signature,
             signature_check=check,
-            expected_compatible=self.store.compatible,
-            daemon_version=self.store.daemon_version,
+            expected_compatible=admit.compatible,
+            daemon_version=admit.daemon_version,
         )
-        state = self.store._load()
-        self.store._check_downgrade(manifest.name, manifest.version, manifest.security_version,
-                                    state, self.allow_downgrade)
+        admit.check_floor(manifest)
         self.total = sum(e.size for e in manifest.files.values())
-        if self.total > self.store.max_image_bytes:
+        if self.total > admit.max_image_bytes:
             raise ImageTooLargeError(
                 f"image {manifest.name} {manifest.version} holds {self.total} bytes, over this "
-                f"store's limit of {self.store.max_image_bytes}; raise the limit in the daemon's "
+                f"store's limit of {admit.max_image_bytes}; raise the limit in the daemon's "
                 "config if the image is genuine"
             )
         st = os.statvfs(self.dir)
         free = st.f_bavail * st.f_frsize
         if free < self.total + SPACE_MARGIN:
             raise InsufficientSpaceError(
-                f"{self.store.root} has {free} bytes free, the image needs {self.total} "
+                f"{self.store_root} has {free} bytes free, the image needs {self.total} "
                 f"(+{SPACE_MARGIN} spare); remove unused images with `m4ctl image remove`"
             )
         self.manifest, self.manifest_bytes, self.key_id = manifest, data, key_id
@@ -237,6 +241,8 @@ class Staging:
         self.written.add(rel)
 
     def commit(self) -> str:
+        """Check that every listed file was written and make the directory durable; returns
+        the image's digest, for the store to publish it under."""
         assert self.manifest is not None
         missing = sorted(set(self.manifest.files) - self.written)
         if missing:
@@ -247,8 +253,7 @@ class Staging:
             )
         for sub in sorted(self.made, key=lambda s: -s.count("/")):
             fsync_dir_step(self.dir / sub)
-        digest = hashlib.sha256(self.manifest_bytes).hexdigest()
-        return self.store._publish(self, digest)
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
 
     def abort(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

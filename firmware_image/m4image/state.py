@@ -63,7 +63,7 @@ def now_text(clock: Callable[[], float]) -> str:
     return datetime.fromtimestamp(clock(), UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageRecord:
     """What the store remembers of one installed image (from its verified manifest)."""
 

@@ -1,34 +1,21 @@
 """Firmware image, store: installed images, which one boots, and the way back.
 
-Layout under the state directory (default ``/var/lib/m4``)::
-
-    state.json               which image is active / previous / on trial (m4image.state)
-    images/<digest>/         one verified image, named by sha256 of its manifest.json bytes
-    staging/                 0700, store-owned: installs in progress, and trash being deleted
-    lock                     flock(2): one writer at a time, across processes
-
-``state.json`` (schema ``m4-store/1``: see ``m4image.state``) records which image is active,
-previous and on trial, the trial's boot attempts, the anti-rollback floor
-(``max_security_version``), every installed image and the recent history.
-
-Every write of ``state.json`` and of an image is tmp -> fsync -> rename -> fsync(dir); an
-image is published by one rename of a complete, fsynced staging directory. The store owns only
-the digest-named entries of ``images/``: anything else there (``images/default``, the factory
-image systemd's tmpfiles.d copies in) is never deleted, moved or counted as installed.
-Opening a store recovers from a crash at any point: staging and temporary files are deleted,
-image directories that ``state.json`` does not list (published just before the crash, never
-acknowledged) are deleted. A ``state.json`` that does not parse is an error with the fix; it
-is never reset silently.
+The state directory (``images/<digest>/``, ``staging/``, ``state.json``, the lock) and its
+recovery after a crash are ``m4image.statedir``; ``state.json`` (schema ``m4-store/1``:
+``m4image.state``) records which image is active, previous and on trial, the trial's boot
+attempts, the anti-rollback floor (``max_security_version``), every installed image and the
+recent history. An image is published by one rename of a complete, fsynced staging directory.
 
 Installing verifies before it writes (``m4image.install``): the signature over the exact
 manifest bytes, then the manifest (compatible, min_daemon_version, anti-rollback), then each
 file is hashed while it is written into the staging directory, so the bytes checked are the
 bytes installed. One writer at a time: an install holds the store's lock until it is done.
 
-Boot protocol (RAUC-like): ``activate`` makes an image the trial; at start the daemon calls
-``select_for_boot(max_attempts)``, which counts the attempt durably BEFORE the image is
-loaded, and falls back to the active image once the trial has had its attempts; after the
-self-test passes the daemon calls ``mark_good`` (or ``mark_bad`` when it fails).
+Boot protocol (RAUC-like, the transitions in ``m4image.boot``): ``activate`` makes an image
+the trial; at start the daemon calls ``select_for_boot(max_attempts)``, which counts the
+attempt durably BEFORE the image is loaded, and falls back to the active image once the trial
+has had its attempts; after the self-test passes the daemon calls ``mark_good`` (or
+``mark_bad`` when it fails).
 
 Fault injection: with ``M4_STORE_CRASH_AFTER=N`` in the environment the process kills itself
 with SIGKILL at the N-th durable step (write, fsync, rename, mkdir, delete) the store takes
@@ -38,23 +25,28 @@ with SIGKILL at the N-th durable step (write, fsync, rename, mkdir, delete) the 
 from __future__ import annotations
 
 import builtins
-import contextlib
-import fcntl
 import os
 import re
-import secrets
-import shutil
-import stat
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m4image.durable import atomic_write, crashpoint, crashpoints_passed, fsync_dir_step
-from m4image.fsutil import fsync_dir
+from m4image import boot
+from m4image.boot import (
+    AlreadyActiveError,
+    BootSelection,
+    DowngradeError,
+    ImageInUseError,
+    NoBootableImageError,
+    NoPreviousImageError,
+    NoTrialError,
+    WrongStateError,
+)
+from m4image.durable import crashpoint, crashpoints_passed, fsync_dir_step
 from m4image.install import (
+    Admission,
     DuplicateEntryError,
     ImageTooLargeError,
     InsufficientSpaceError,
@@ -64,10 +56,8 @@ from m4image.install import (
     fill_from_tar,
 )
 from m4image.keys import Keyring
-from m4image.manifest import ImageError, ManifestError
+from m4image.manifest import ImageError, Manifest, ManifestError
 from m4image.state import (
-    DIGEST,
-    INSTALL_HINT,
     STATE_FORMAT,
     ImageRecord,
     State,
@@ -76,6 +66,7 @@ from m4image.state import (
     StoreError,
     now_text,
 )
+from m4image.statedir import StoreDir
 from m4image.tarstream import ArchiveError
 from m4image.verify import VerifiedImage, verify_image
 
@@ -111,31 +102,7 @@ DEFAULT_MAX_IMAGE_BYTES = 32 << 30  # 32 GiB of payload
 HISTORY_LIMIT = 200
 
 
-# ---- errors: one class per failure kind (state-file errors: m4image.state) -------------
-
-
-class WrongStateError(StoreError):
-    """The operation does not fit the store's current state (FAILED_PRECONDITION)."""
-
-
-class NoTrialError(WrongStateError):
-    """mark_good / mark_bad / record_attempt without an image on trial."""
-
-
-class NoPreviousImageError(WrongStateError):
-    """rollback with no previous good image."""
-
-
-class AlreadyActiveError(WrongStateError):
-    """activate of the image that is already active."""
-
-
-class ImageInUseError(WrongStateError):
-    """remove of the active, previous or trial image."""
-
-
-class NoBootableImageError(WrongStateError):
-    """No image can be booted: none was ever marked good and no trial is left."""
+# ---- errors: one class per failure kind (state file: m4image.state; boot: m4image.boot) ----
 
 
 class ImageNotFoundError(StoreError):
@@ -144,10 +111,6 @@ class ImageNotFoundError(StoreError):
 
 class AmbiguousReferenceError(StoreError):
     """A digest prefix or version matches more than one installed image."""
-
-
-class DowngradeError(StoreError):
-    """The image's security_version is below the device's anti-rollback floor."""
 
 
 _STATUS_CODES: list[tuple[type[BaseException], str]] = [
@@ -171,17 +134,10 @@ def status_code_for(exc: BaseException) -> str:
 
 
 @dataclass(frozen=True)
-class ImageEntry:
-    """One installed image, as ``list()`` shows it."""
+class ImageEntry(ImageRecord):
+    """One installed image, as ``list()`` shows it: its record, digest and role."""
 
     digest: str
-    name: str
-    version: str
-    security_version: int
-    compatible: str
-    size: int
-    signed_by: str | None
-    installed_at: str
     state: str  # active, previous, trial or installed
 
 
@@ -196,22 +152,12 @@ class StoreStatus:
     max_security_version: int
 
 
-@dataclass(frozen=True)
-class BootSelection:
-    """What ``select_for_boot`` chose: load ``path``; if ``trial``, self-test then mark it good."""
-
-    digest: str
-    path: Path
-    trial: bool
-    attempt: int  # this boot's attempt number for a trial, 0 otherwise
-    fell_back: bool  # a trial ran out of attempts just now and was abandoned
-
-
 # ---- the store --------------------------------------------------------------------------------
 
 
-class Store:
-    """The image store in one state directory; safe across threads and processes (flock)."""
+class Store(StoreDir):
+    """The image store in one state directory (``m4image.statedir``): installed images, which
+    one boots, and the way back; safe across threads and processes."""
 
     def __init__(
         self,
@@ -223,124 +169,10 @@ class Store:
         history_limit: int = HISTORY_LIMIT,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.root = Path(state_dir)
-        self.images_dir = self.root / "images"
-        self.staging_dir = self.root / "staging"
-        self.state_path = self.root / "state.json"
         self.compatible = compatible
         self.daemon_version = daemon_version
         self.max_image_bytes = max_image_bytes
-        self.history_limit = history_limit
-        self.clock = clock
-        self.recovered: list[str] = []  # what opening the store cleaned up after a crash
-        self.foreign: list[str] = []  # entries of images/ not named by a digest: not the store's
-        self._mutex = threading.RLock()
-        self._lock_fd: int | None = None
-        self._depth = 0
-        self._open()
-
-    # ---- locking, loading, saving -----------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._mutex:
-            if self._depth == 0:
-                fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._lock_fd = fd
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0 and self._lock_fd is not None:
-                    os.close(self._lock_fd)  # closing releases the flock
-                    self._lock_fd = None
-
-    def _load(self) -> State:
-        try:
-            with open(self.state_path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise StateMissingError(
-                f"{self.state_path} is missing; reopen the store to re-create it"
-            ) from None
-        return State.from_bytes(data, self.state_path)
-
-    def _save(self, state: State) -> None:
-        del state.history[: max(0, len(state.history) - self.history_limit)]
-        atomic_write(self.state_path, state.to_bytes())
-
-    def _event(self, state: State, event: str, digest: str | None, detail: str = "") -> None:
-        state.history.append({"time": now_text(self.clock), "event": event, "digest": digest, "detail": detail})
-
-    def _mkdir(self, path: Path, mode: int) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            os.mkdir(path, mode)
-            fsync_dir(path.parent)
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"{path} is not a directory; move it aside and reopen the store")
-        if stat.S_IMODE(st.st_mode) != mode:
-            os.chmod(path, mode)
-
-    def _discard(self, path: Path) -> None:
-        """Remove a tree from view at once (rename into staging/), then delete it."""
-        trash = self.staging_dir / f"trash-{secrets.token_hex(8)}"
-        crashpoint()
-        os.rename(path, trash)
-        fsync_dir_step(path.parent)
-        crashpoint()
-        shutil.rmtree(trash)
-
-    def _open(self) -> None:
-        """Create the layout, or recover it after a crash (see the module docstring)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with self._locked():
-            self._mkdir(self.images_dir, 0o755)
-            self._mkdir(self.staging_dir, 0o700)
-            # Only digest-named entries are the store's; anything else (the factory image that
-            # tmpfiles.d copies to images/default) is left alone, never deleted or adopted.
-            names = sorted(os.listdir(self.images_dir))
-            installed = [n for n in names if DIGEST.match(n)]
-            self.foreign = [n for n in names if not DIGEST.match(n)]
-            if not self.state_path.exists():
-                if installed:
-                    raise StateMissingError(
-                        f"{self.state_path} is missing but {self.images_dir} holds "
-                        f"{len(installed)} image(s); restore state.json from a backup, or move "
-                        f"{self.images_dir} aside to start an empty store, then {INSTALL_HINT}"
-                    )
-                self._save(State())
-            state = self._load()
-            cleaned: list[str] = []
-            for name in sorted(os.listdir(self.root)):
-                if name.startswith(".state.json.tmp-"):
-                    os.unlink(self.root / name)
-                    cleaned.append(name)
-            for name in sorted(os.listdir(self.staging_dir)):
-                p = self.staging_dir / name
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-                cleaned.append(f"staging/{name}")
-            for name in installed:
-                if name not in state.images:
-                    self._discard(self.images_dir / name)
-                    cleaned.append(f"images/{name}")
-            if cleaned:
-                fsync_dir(self.root)
-                fsync_dir(self.staging_dir)
-                self.recovered = cleaned
-                self._event(state, "recover", None, "removed after an interrupted operation: " + ", ".join(cleaned))
-                self._save(state)
+        super().__init__(state_dir, history_limit=history_limit, clock=clock)
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -352,9 +184,8 @@ class Store:
         """Installed images, oldest install first."""
         s = self._load()
         roles = {s.trial: "trial", s.previous: "previous", s.active: "active"}
-        out = [ImageEntry(d, r.name, r.version, r.security_version, r.compatible, r.size,
-                          r.signed_by, r.installed_at, roles.get(d, "installed"))
-               for d, r in s.images.items()]  # fmt: skip
+        out = [ImageEntry(**r.to_dict(), digest=d, state=roles.get(d, "installed"))
+               for d, r in s.images.items()]
         return sorted(out, key=lambda e: (e.installed_at, e.digest))
 
     def history(self) -> builtins.list[dict[str, Any]]:
@@ -394,16 +225,6 @@ class Store:
                             daemon_version=self.daemon_version)
 
     # ---- installing ----------------------------------------------------------------------
-
-    def _check_downgrade(self, name: str, version: str, security_version: int, state: State,
-                         allow: bool) -> None:  # fmt: skip
-        if security_version < state.max_security_version and not allow:
-            raise DowngradeError(
-                f"{name} {version} has security_version {security_version}, below this device's "
-                f"anti-rollback floor {state.max_security_version}: it may lack security fixes. "
-                f"Use an image with security_version >= {state.max_security_version}, or pass "
-                "--allow-downgrade if going back is really intended"
-            )
 
     def _publish(self, staging: Staging, digest: str) -> str:
         """Rename a complete staging directory to images/<digest> and record it."""
@@ -470,16 +291,26 @@ class Store:
         allow_downgrade: bool,
         progress: Callable[[str, int, int], None] | None,
     ) -> str:
+        def check_floor(m: Manifest) -> None:
+            boot.check_floor(self._load(), m.name, m.version, m.security_version, allow_downgrade)
+
+        admission = Admission(keyring, self.compatible, self.daemon_version, self.max_image_bytes,
+                              check_floor)
         with self._locked():
-            staging = Staging(self, keyring, allow_downgrade, progress)
+            staging = Staging(self.staging_dir, admission, progress)
             try:
                 fill(staging)
-                return staging.commit()
+                return self._publish(staging, staging.commit())
             except BaseException:
                 staging.abort()
                 raise
 
-    # ---- boot state machine ------------------------------------------------------------------
+    # ---- boot state machine (the transitions: m4image.boot) ----------------------------------
+
+    def _record(self, state: State, event: str, digest: str | None, detail: str) -> None:
+        """Append the event to the history and save the state (a transition done)."""
+        self._event(state, event, digest, detail)
+        self._save(state)
 
     def activate(self, ref: str, *, allow_downgrade: bool = False) -> str:
         """Make an installed image the trial (attempts = 0); it boots next and must be marked
@@ -487,27 +318,15 @@ class Store:
         with self._locked():
             state = self._load()
             digest = self._resolve(state, ref)
-            rec = state.images[digest]
-            if digest == state.active:
-                pending = f"; the trial {state.trial[:12]} stays pending" if state.trial else ""
-                raise AlreadyActiveError(f"{rec.name} {rec.version} ({digest[:12]}) is already the active image{pending}")
-            self._check_downgrade(rec.name, rec.version, rec.security_version, state, allow_downgrade)
-            replaced = f"; replaces trial {state.trial[:12]}" if state.trial and state.trial != digest else ""
-            state.trial, state.attempts = digest, 0
-            self._event(state, "activate", digest, f"{rec.name} {rec.version} is the trial{replaced}"
-                        + (", downgrade allowed" if rec.security_version < state.max_security_version else ""))
-            self._save(state)
+            self._record(state, "activate", digest, boot.activate(state, digest, allow_downgrade))
             return digest
 
     def record_attempt(self) -> int:
         """Count one boot of the trial, durably; returns the attempt number."""
         with self._locked():
             state = self._load()
-            if state.trial is None:
-                raise NoTrialError("no image is on trial, so there is no attempt to count; activate one first")
-            state.attempts += 1
-            self._event(state, "boot-attempt", state.trial, f"attempt {state.attempts}")
-            self._save(state)
+            detail = boot.count_attempt(state)
+            self._record(state, "boot-attempt", state.trial, detail)
             return state.attempts
 
     def select_for_boot(self, max_attempts: int = 3) -> BootSelection:
@@ -524,74 +343,35 @@ class Store:
                     attempt = self.record_attempt()
                     return BootSelection(state.trial, self.path_of(state.trial), True, attempt, False)
                 failed = state.trial
-                state.trial, state.attempts = None, 0
-                back = state.active[:12] if state.active else "nothing (no image was ever marked good)"
-                self._event(state, "fallback", failed,
-                            f"the trial was not marked good after {max_attempts} attempts; back to {back}")
-                self._save(state)
+                self._record(state, "fallback", failed, boot.abandon_trial(state, max_attempts))
                 fell_back = True
-            if state.active is None:
-                raise NoBootableImageError(
-                    "no image has been marked good and no trial is left to try; install and "
-                    f"activate an image ({INSTALL_HINT}, then `m4ctl image activate DIGEST`)"
-                )
-            return BootSelection(state.active, self.path_of(state.active), False, 0, fell_back)
+            active = boot.boot_image(state)
+            return BootSelection(active, self.path_of(active), False, 0, fell_back)
 
     def mark_good(self, digest: str | None = None) -> str:
         """The trial passed its self-test: it becomes active, the old active becomes previous,
         and the anti-rollback floor rises to its security_version."""
         with self._locked():
             state = self._load()
-            trial = self._require_trial(state, digest, "mark good")
-            rec = state.images[trial]
-            old = state.active
-            state.active, state.trial, state.attempts = trial, None, 0
-            if old is not None and old != trial:
-                state.previous = old
-            state.max_security_version = max(state.max_security_version, rec.security_version)
-            self._event(state, "mark-good", trial, f"{rec.name} {rec.version} is active"
-                        + (f", previous {old[:12]}" if old else ""))
-            self._save(state)
+            trial = boot.require_trial(state, digest, lambda ref: self._resolve(state, ref), "mark good")
+            self._record(state, "mark-good", trial, boot.mark_good(state, trial))
             return trial
 
     def mark_bad(self, digest: str | None = None, reason: str = "") -> str:
         """The trial failed (self-test, load error): drop it at once; the active image stays."""
         with self._locked():
             state = self._load()
-            trial = self._require_trial(state, digest, "mark bad")
-            state.trial, state.attempts = None, 0
-            self._event(state, "mark-bad", trial, reason or "the trial failed")
-            self._save(state)
+            trial = boot.require_trial(state, digest, lambda ref: self._resolve(state, ref), "mark bad")
+            self._record(state, "mark-bad", trial, boot.mark_bad(state, reason))
             return trial
-
-    def _require_trial(self, state: State, digest: str | None, verb: str) -> str:
-        if state.trial is None:
-            raise NoTrialError(f"no image is on trial, so there is nothing to {verb}; activate one first "
-                               "(`m4ctl image activate DIGEST`)")
-        if digest is not None and self._resolve(state, digest) != state.trial:
-            raise WrongStateError(
-                f"{digest[:12]} is not the image on trial (that is {state.trial[:12]}); the trial "
-                "changed since this boot: restart the daemon to boot the new trial"
-            )
-        return state.trial
 
     def rollback(self, *, allow_downgrade: bool = False) -> str:
         """Go back to the previous good image: active <-> previous; a pending trial is dropped."""
         with self._locked():
             state = self._load()
-            if state.previous is None:
-                raise NoPreviousImageError(
-                    "there is no previous good image to roll back to (only one image has been "
-                    "marked good); activate another installed image instead"
-                )
-            rec = state.images[state.previous]
-            self._check_downgrade(rec.name, rec.version, rec.security_version, state, allow_downgrade)
-            dropped = f"; dropped trial {state.trial[:12]}" if state.trial else ""
-            state.active, state.previous = state.previous, state.active
-            state.trial, state.attempts = None, 0
+            detail = boot.rollback(state, allow_downgrade)
             assert state.active is not None
-            self._event(state, "rollback", state.active, f"back to {rec.name} {rec.version}{dropped}")
-            self._save(state)
+            self._record(state, "rollback", state.active, detail)
             return state.active
 
     def remove(self, ref: str) -> str:
@@ -599,12 +379,7 @@ class Store:
         with self._locked():
             state = self._load()
             digest = self._resolve(state, ref)
-            for role in ("active", "previous", "trial"):
-                if getattr(state, role) == digest:
-                    raise ImageInUseError(
-                        f"{digest[:12]} is the {role} image and cannot be removed; activate and "
-                        "mark good another image first"
-                    )
+            boot.check_removable(state, digest)
             rec = state.images.pop(digest)
             self._event(state, "remove", digest, f"{rec.name} {rec.version}")
             self._save(state)  # state first: a crash now leaves a stray folder, removed on open

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from m4image.fsutil import atomic_write_bytes, atomic_write_json, publish_dir, sha256_file
+from m4image.fsutil import atomic_write_bytes, canonical_json, publish_dir, sha256_file
 from m4image.manifest import FORMAT, MAX_MANIFEST_BYTES
 from m4image.verify import (
     ExtraFileError,
@@ -231,7 +231,7 @@ def test_atomic_writes(tmp_path: Path) -> None:
     atomic_write_bytes(tmp_path / "a.bin", b"one")
     atomic_write_bytes(tmp_path / "a.bin", b"two")
     assert (tmp_path / "a.bin").read_bytes() == b"two"
-    atomic_write_json(tmp_path / "b.json", {"z": 1, "a": "é"})
+    atomic_write_bytes(tmp_path / "b.json", canonical_json({"z": 1, "a": "é"}))
     assert (tmp_path / "b.json").read_bytes() == '{\n  "a": "é",\n  "z": 1\n}\n'.encode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.json"]
 
