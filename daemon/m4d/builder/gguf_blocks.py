@@ -1,8 +1,9 @@
 """GGUF quant blocks -> the lossless stored tensors of a firmware image (image-build stage).
 
 The importer (``m4d.builder.importers.gguf_llama``) calls ``split_blocks`` on each quantized
-GGUF tensor; the loader (model-loading stage) calls ``stored_kind`` and, for references and
-tests, ``dequantize``. Nothing is requantized: each GGUF block type maps onto one of three
+GGUF tensor; ``stored_kind`` and ``dequantize`` give the kind and the float32 weights of stored
+tensors for checks and tests (the loader reads them in ``m4d.model.qtensors``). Nothing is
+requantized: each GGUF block type maps onto one of three
 stored *kinds* that our CPU kernels multiply directly. A quantized tensor ``X`` is stored as
 ``X.qweight``, ``X.scales`` and, for two kinds, ``X.mins``:
 

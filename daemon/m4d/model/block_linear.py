@@ -140,7 +140,6 @@ def q8_1_linear(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
     return BlockLinear("q8u_f32" if group == 32 else "q8u_f32_g16", w, sc, n, k, out_dtype=out_dtype)
 
 
-
 def _check_tiles(n: int, k: int, what: str) -> None:
     if n % KERNEL_TILE or k % Q4_1_GROUP:
         raise ValueError(f"{what} needs out features % {KERNEL_TILE} == 0 and in features % "

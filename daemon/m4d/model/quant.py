@@ -313,7 +313,6 @@ class Int8DynamicLinear(nn.Module):
         return out
 
 
-
 def onednn_int8_available() -> bool:
     """oneDNN's packed int8 linear: x86 builds of torch with mkldnn."""
     return (bool(torch._C._has_mkldnn)
