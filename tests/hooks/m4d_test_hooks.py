@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
@@ -102,10 +103,26 @@ def _freeze_on_signals(module: ModuleType) -> None:
     async def load_with_freeze_signals(daemon: Any, *args: Any, **kwargs: Any) -> None:
         loop = asyncio.get_running_loop()
 
+        thawed = threading.Event()
+
         def freeze(on: bool) -> None:
-            if daemon.engine is not None:
-                (daemon.engine.frozen.set if on else daemon.engine.frozen.clear)()
-                log.warning("test hook: executor %s", "frozen" if on else "thawed")
+            engine = daemon.engine
+            if engine is None:
+                return
+            if on:  # the worker leaves its idle wait and blocks before its next step
+                thawed.clear()
+                engine._has_work = lambda: True
+                admit = type(engine)._admit
+
+                def stuck_admit(inbox: Any) -> None:
+                    thawed.wait()
+                    del engine._has_work, engine._admit
+                    admit(engine, inbox)
+
+                engine._admit = stuck_admit
+            else:
+                thawed.set()
+            log.warning("test hook: executor %s", "frozen" if on else "thawed")
 
         loop.add_signal_handler(signal.SIGUSR1, freeze, True)
         loop.add_signal_handler(signal.SIGUSR2, freeze, False)

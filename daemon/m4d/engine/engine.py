@@ -65,7 +65,6 @@ class Engine:
         self.recent = RecentUsage()  # token counters over the last seconds, for Status
         # one executor per device in use besides the step loop's (config `placement`)
         self.executors: dict[str, DeviceExecutor] = executors_for(runtime)
-        self.frozen = threading.Event()  # tests freeze the worker to check the watchdog
         self.on_idle: Callable[[], None] | None = None  # called on the worker thread
         # shared with the event loop and the other executors, under the lock
         self._lock = threading.Condition()
@@ -172,10 +171,8 @@ class Engine:
     def _run(self) -> None:
         log.info("executor started", extra={"device": str(self.runtime.device)})
         while True:
-            while self.frozen.is_set():  # test hook: a stuck worker makes no progress
-                time.sleep(0.05)
             with self._lock:
-                while not self._has_work() and not self._stopping and not self.frozen.is_set():
+                while not self._has_work() and not self._stopping:
                     self._lock.wait(timeout=1.0)
                     self.stats.last_progress = time.monotonic()  # idle is healthy
                 if self._stopping and not self._has_work():
