@@ -20,17 +20,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from m4image import manifest as mf
 from m4image.durable import crashpoint, fsync_dir_step, write_all
 from m4image.keys import BadSignatureError, Keyring
-from m4image.manifest import (
-    MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
-    MAX_SIGNATURE_BYTES,
-    SIGNATURE_NAME,
-    ImageError,
-    Manifest,
-    ManifestError,
-)
 from m4image.signature import KeyringSignatureCheck
 from m4image.tarstream import BLOCK, MAX_PAX_BYTES, ArchiveError, TarReader
 from m4image.verify import (
@@ -61,11 +53,11 @@ SPACE_MARGIN = 64 << 20  # keep this much free after an install
 CHUNK = 1 << 20
 
 
-class ImageTooLargeError(ImageError):
+class ImageTooLargeError(mf.ImageError):
     """The manifest's files add up to more than the store accepts."""
 
 
-class InsufficientSpaceError(ImageError):
+class InsufficientSpaceError(mf.ImageError):
     """The state directory's filesystem cannot hold the image."""
 
 
@@ -87,7 +79,7 @@ class Admission:
     compatible: str | None
     daemon_version: str | None
     max_image_bytes: int
-    check_floor: Callable[[Manifest], None]
+    check_floor: Callable[[mf.Manifest], None]
 
 
 def check_entry_path(path: str) -> None:
@@ -128,7 +120,7 @@ class Staging:
         crashpoint()
         self.dir = Path(tempfile.mkdtemp(prefix="install-", dir=staging_dir))  # mode 0700
         self.store_root = staging_dir.parent  # named in the message about free space
-        self.manifest: Manifest | None = None
+        self.manifest: mf.Manifest | None = None
         self.manifest_bytes = b""
         self.key_id: str | None = None
         self.written: set[str] = set()
@@ -137,7 +129,7 @@ class Staging:
         self.total = 0
         self.done = 0
 
-    def accept_manifest(self, data: bytes, signature: bytes | None) -> Manifest:
+    def accept_manifest(self, data: bytes, signature: bytes | None) -> mf.Manifest:
         admit = self.admission
         check: SignatureCheck | None = None
         if admit.keyring is not None:
@@ -166,9 +158,9 @@ class Staging:
             )
         self.manifest, self.manifest_bytes, self.key_id = manifest, data, key_id
         self.folders = folders(manifest.files)
-        self._write_whole(MANIFEST_NAME, data)
+        self._write_whole(mf.MANIFEST_NAME, data)
         if signature is not None:
-            self._write_whole(SIGNATURE_NAME, signature)
+            self._write_whole(mf.SIGNATURE_NAME, signature)
         return manifest
 
     def _write_whole(self, name: str, data: bytes) -> None:
@@ -282,7 +274,7 @@ def fill_from_dir(staging: Staging, root: Path) -> None:
     """Stage an image directory: the manifest read once, each listed file read once and
     hashed as it is copied; unlisted files, links and special files are refused."""
     manifest = staging.accept_manifest(read_manifest_bytes(root), read_signature_bytes(root))
-    extra = sorted(scan_files(root) - {MANIFEST_NAME, SIGNATURE_NAME} - set(manifest.files))
+    extra = sorted(scan_files(root) - {mf.MANIFEST_NAME, mf.SIGNATURE_NAME} - set(manifest.files))
     if extra:
         raise ExtraFileError(
             f"{extra[0]} is in {root} but not listed in the manifest; remove it or "
@@ -300,46 +292,46 @@ def fill_from_tar(staging: Staging, chunks: Iterable[bytes]) -> None:
     files, and sizes other than the manifest's are refused before their bytes are written;
     hashes are checked as each file is written.
     """
-    head_limit = MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES + 4 * (3 * BLOCK + MAX_PAX_BYTES)
+    head_limit = mf.MAX_MANIFEST_BYTES + mf.MAX_SIGNATURE_BYTES + 4 * (3 * BLOCK + MAX_PAX_BYTES)
     reader = TarReader(chunks, limit=head_limit)
     first = reader.next_entry()
-    if first is None or first.kind != "file" or first.path != MANIFEST_NAME:
+    if first is None or first.kind != "file" or first.path != mf.MANIFEST_NAME:
         got = "an empty archive" if first is None else f"{first.kind} {first.path!r}"
         raise UnexpectedEntryError(
-            f"the install tar must start with {MANIFEST_NAME}, it starts with {got}; "
+            f"the install tar must start with {mf.MANIFEST_NAME}, it starts with {got}; "
             "create it with `python -m m4image tar DIR -o FILE` (m4image.tarstream.iter_image_tar)"
         )
-    if first.size > MAX_MANIFEST_BYTES:
-        raise ManifestError(
-            f"{MANIFEST_NAME} is {first.size} bytes, over the {MAX_MANIFEST_BYTES}-byte "
+    if first.size > mf.MAX_MANIFEST_BYTES:
+        raise mf.ManifestError(
+            f"{mf.MANIFEST_NAME} is {first.size} bytes, over the {mf.MAX_MANIFEST_BYTES}-byte "
             "limit; this is not an image this daemon can load"
         )
-    data = b"".join(reader.data(MANIFEST_NAME))
+    data = b"".join(reader.data(mf.MANIFEST_NAME))
     entry = reader.next_entry()
     signature = None
-    if entry is not None and entry.path == SIGNATURE_NAME:
+    if entry is not None and entry.path == mf.SIGNATURE_NAME:
         if entry.kind != "file":
-            raise UnsafePathError(f"{SIGNATURE_NAME} is a {entry.kind} entry; it must be a file")
-        if entry.size > MAX_SIGNATURE_BYTES:
+            raise UnsafePathError(f"{mf.SIGNATURE_NAME} is a {entry.kind} entry; it must be a file")
+        if entry.size > mf.MAX_SIGNATURE_BYTES:
             raise BadSignatureError(
-                f"{SIGNATURE_NAME} is {entry.size} bytes, over {MAX_SIGNATURE_BYTES}: it "
+                f"{mf.SIGNATURE_NAME} is {entry.size} bytes, over {mf.MAX_SIGNATURE_BYTES}: it "
                 "is not an m4 signature; re-sign the image"
             )
-        signature = b"".join(reader.data(SIGNATURE_NAME))
+        signature = b"".join(reader.data(mf.SIGNATURE_NAME))
         entry = reader.next_entry()
     manifest = staging.accept_manifest(data, signature)
     n_entries = len(manifest.files) + len(staging.folders) + 2
     reader.limit = (reader.bytes_read
                     + sum(e.size + (-e.size % BLOCK) for e in manifest.files.values())
                     + n_entries * (3 * BLOCK + 4096) + (1 << 20))  # fmt: skip
-    seen = {MANIFEST_NAME, SIGNATURE_NAME}
+    seen = {mf.MANIFEST_NAME, mf.SIGNATURE_NAME}
     while entry is not None:
         if entry.path != "" or entry.kind != "dir":
             check_entry_path(entry.path)
         if entry.path in seen:
             raise DuplicateEntryError(
                 f"{entry.path!r} appears twice in the install tar (or out of order: "
-                f"{MANIFEST_NAME} first, {SIGNATURE_NAME} second); nothing was installed"
+                f"{mf.MANIFEST_NAME} first, {mf.SIGNATURE_NAME} second); nothing was installed"
             )
         seen.add(entry.path)
         if entry.kind == "dir":

@@ -19,24 +19,11 @@ from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from . import _convert, _images
+from . import types as api
 from ._channel import CHANNEL_OPTIONS, call_metadata, resolve_address
 from ._images import ImageInfo, ImageList
 from ._options import GenerateOptions, InstallOptions, RunOptions, SamplingOptions
 from .errors import M4Error
-from .types import (
-    AudioInput,
-    ChatInput,
-    ClassifyResult,
-    DaemonStatus,
-    EmbedResult,
-    GenerationChunk,
-    ImageInput,
-    InputValue,
-    PredictNextResult,
-    Priority,
-    RunChunk,
-    TaskTable,
-)
 
 T = TypeVar("T")
 
@@ -88,51 +75,51 @@ class Caller:
 
 
 def _generation(*, prompt: str | None = None, chat: pb.Chat | None = None, task: str = "",
-                priority: Priority | str | None = None, timeout: float | None = None,
-                **sampling: Unpack[SamplingOptions]) -> Call[GenerationChunk]:
+                priority: api.Priority | str | None = None, timeout: float | None = None,
+                **sampling: Unpack[SamplingOptions]) -> Call[api.GenerationChunk]:
     request = _convert.generate_request(prompt=prompt, chat=chat, task=task,
                                         params=_convert.sampling(**sampling),
                                         prio=_convert.priority(priority))
     return Call("Generate", request, _convert.generation_chunk, timeout)
 
 
-def generate(prompt: str, **options: Unpack[GenerateOptions]) -> Call[GenerationChunk]:
+def generate(prompt: str, **options: Unpack[GenerateOptions]) -> Call[api.GenerationChunk]:
     return _generation(prompt=prompt, **options)
 
 
-def chat(messages: ChatInput,
-         **options: Unpack[GenerateOptions]) -> Call[GenerationChunk]:
+def chat(messages: api.ChatInput,
+         **options: Unpack[GenerateOptions]) -> Call[api.GenerationChunk]:
     return _generation(chat=_convert.chat_messages(messages), **options)
 
 
-def embed(texts: str | Sequence[str], *, task: str = "", priority: Priority | str | None = None,
-          timeout: float | None = None) -> Call[EmbedResult]:
+def embed(texts: str | Sequence[str], *, task: str = "", priority: api.Priority | str | None = None,
+          timeout: float | None = None) -> Call[api.EmbedResult]:
     texts = [texts] if isinstance(texts, str) else list(texts)
     request = pb.EmbedRequest(task=task, texts=texts, priority=_convert.priority(priority))
     return Call("Embed", request, _convert.embed_result, timeout)
 
 
-def classify(text: str, labels: Sequence[str] = (), *, task: str = "", priority: Priority | str | None = None,
-             timeout: float | None = None) -> Call[ClassifyResult]:
+def classify(text: str, labels: Sequence[str] = (), *, task: str = "", priority: api.Priority | str | None = None,
+             timeout: float | None = None) -> Call[api.ClassifyResult]:
     request = pb.ClassifyRequest(task=task, text=text, labels=list(labels),
                                  priority=_convert.priority(priority))
     return Call("Classify", request, _convert.classify_result, timeout)
 
 
-def predict_next(text: str, n: int = 0, *, task: str = "", priority: Priority | str | None = None,
-                 timeout: float | None = None) -> Call[PredictNextResult]:
+def predict_next(text: str, n: int = 0, *, task: str = "", priority: api.Priority | str | None = None,
+                 timeout: float | None = None) -> Call[api.PredictNextResult]:
     request = pb.PredictNextRequest(task=task, text=text, num_predictions=n,
                                     priority=_convert.priority(priority))
     return Call("PredictNext", request, _convert.predict_next_result, timeout)
 
 
-def list_tasks(*, timeout: float | None = None) -> Call[TaskTable]:
+def list_tasks(*, timeout: float | None = None) -> Call[api.TaskTable]:
     return Call("ListTasks", pb.ListTasksRequest(), _convert.task_table, timeout)
 
 
-def run(task: str, inputs: Mapping[str, InputValue], *, num_predictions: int = 0,
-        priority: Priority | str | None = None, timeout: float | None = None,
-        **sampling: Unpack[SamplingOptions]) -> Call[RunChunk]:
+def run(task: str, inputs: Mapping[str, api.InputValue], *, num_predictions: int = 0,
+        priority: api.Priority | str | None = None, timeout: float | None = None,
+        **sampling: Unpack[SamplingOptions]) -> Call[api.RunChunk]:
     request = pb.RunRequest(task=task, inputs=_convert.run_inputs(inputs),
                             sampling=_convert.sampling(**sampling),
                             num_predictions=num_predictions,
@@ -140,25 +127,25 @@ def run(task: str, inputs: Mapping[str, InputValue], *, num_predictions: int = 0
     return Call("Run", request, _convert.run_chunk, timeout)
 
 
-def transcribe(audio: AudioInput, *, task: str = "transcribe",
-               **options: Unpack[RunOptions]) -> Call[RunChunk]:
+def transcribe(audio: api.AudioInput, *, task: str = "transcribe",
+               **options: Unpack[RunOptions]) -> Call[api.RunChunk]:
     return run(task, _convert.media_inputs(audio=audio), **options)
 
 
-def spot_keywords(audio: AudioInput, keywords: Sequence[str], *,
-                  task: str = "keyword-spot", **options: Unpack[RunOptions]) -> Call[RunChunk]:
+def spot_keywords(audio: api.AudioInput, keywords: Sequence[str], *,
+                  task: str = "keyword-spot", **options: Unpack[RunOptions]) -> Call[api.RunChunk]:
     inputs = {**_convert.media_inputs(audio=audio), "keywords": list(keywords)}
     return run(task, inputs, **options)
 
 
-def read_text(image: ImageInput, *, task: str = "ocr",
-              **options: Unpack[RunOptions]) -> Call[RunChunk]:
+def read_text(image: api.ImageInput, *, task: str = "ocr",
+              **options: Unpack[RunOptions]) -> Call[api.RunChunk]:
     return run(task, _convert.media_inputs(image=image), **options)
 
 
-def ask(question: str, *, image: ImageInput | None = None,
-        audio: AudioInput | None = None, task: str | None = None,
-        **options: Unpack[RunOptions]) -> Call[RunChunk]:
+def ask(question: str, *, image: api.ImageInput | None = None,
+        audio: api.AudioInput | None = None, task: str | None = None,
+        **options: Unpack[RunOptions]) -> Call[api.RunChunk]:
     inputs = {**_convert.media_inputs(image=image, audio=audio), "question": question}
     return run(_convert.ask_task(task, image, audio), inputs, **options)
 
@@ -166,7 +153,7 @@ def ask(question: str, *, image: ImageInput | None = None,
 # ---------------------------------------------------------------- the Admin service
 
 
-def status(*, timeout: float | None = None) -> Call[DaemonStatus]:
+def status(*, timeout: float | None = None) -> Call[api.DaemonStatus]:
     return Call("Status", admin_pb2.StatusRequest(), _convert.daemon_status, timeout)
 
 

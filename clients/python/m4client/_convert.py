@@ -14,62 +14,34 @@ from typing import Any, TypeVar
 from m4.admin.v1 import admin_pb2
 from m4.inference.v1 import inference_pb2 as pb
 
+from . import types as api
 from .errors import InvalidArgumentError
-from .types import (
-    Audio,
-    ChatMessage,
-    ClassifyResult,
-    ComponentStatus,
-    DaemonStatus,
-    DeviceStatus,
-    EmbedResult,
-    EngineLoad,
-    FinishReason,
-    GenerationChunk,
-    Image,
-    IOSpec,
-    KeywordHit,
-    LabelScore,
-    ModelInfo,
-    PcmAudio,
-    PredictNextResult,
-    Priority,
-    RunChunk,
-    Task,
-    TaskTable,
-    Tensor,
-    TextBox,
-    Timings,
-    UidUsage,
-    Usage,
-    WordPrediction,
-)
 
 D = TypeVar("D")
 
 _PRIORITY = {
     None: pb.PRIORITY_UNSPECIFIED,
-    Priority.SYSTEM: pb.PRIORITY_SYSTEM,
-    Priority.FOREGROUND: pb.PRIORITY_FOREGROUND,
-    Priority.BACKGROUND: pb.PRIORITY_BACKGROUND,
+    api.Priority.SYSTEM: pb.PRIORITY_SYSTEM,
+    api.Priority.FOREGROUND: pb.PRIORITY_FOREGROUND,
+    api.Priority.BACKGROUND: pb.PRIORITY_BACKGROUND,
 }
 _FINISH = {
-    pb.FINISH_REASON_EOS: FinishReason.EOS,
-    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    pb.FINISH_REASON_STOP: FinishReason.STOP,
-    pb.FINISH_REASON_CONTEXT: FinishReason.CONTEXT,
+    pb.FINISH_REASON_EOS: api.FinishReason.EOS,
+    pb.FINISH_REASON_LENGTH: api.FinishReason.LENGTH,
+    pb.FINISH_REASON_STOP: api.FinishReason.STOP,
+    pb.FINISH_REASON_CONTEXT: api.FinishReason.CONTEXT,
 }
 
 
 # ---------------------------------------------------------------- Python → request messages
 
 
-def priority(value: Priority | str | None) -> int:
+def priority(value: api.Priority | str | None) -> int:
     """The protobuf enum value for a priority given as `Priority`, its name or None."""
     try:
-        return int(_PRIORITY[Priority(value.lower()) if isinstance(value, str) else value])
+        return int(_PRIORITY[api.Priority(value.lower()) if isinstance(value, str) else value])
     except (ValueError, KeyError):
-        choices = ", ".join(p.value for p in Priority)
+        choices = ", ".join(p.value for p in api.Priority)
         raise InvalidArgumentError(f"priority must be one of {choices} (got {value!r})") from None
 
 
@@ -101,11 +73,11 @@ def sampling(
     return msg
 
 
-def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> pb.Chat:
+def chat_messages(messages: Iterable[api.ChatMessage | Mapping[str, str]]) -> pb.Chat:
     """A Chat from ChatMessage objects or {"role": ..., "content": ...} dicts."""
     chat = pb.Chat()
     for m in messages:
-        if isinstance(m, ChatMessage):
+        if isinstance(m, api.ChatMessage):
             role, content = m.role, m.content
         elif isinstance(m, Mapping) and "role" in m and "content" in m:
             role, content = m["role"], m["content"]
@@ -135,9 +107,9 @@ def media_inputs(*, image: Any = None, audio: Any = None) -> dict[str, Any]:
     """{"image": Image} and/or {"audio": Audio | PcmAudio}; plain bytes are wrapped."""
     out: dict[str, Any] = {}
     if image is not None:
-        out["image"] = image if isinstance(image, Image) else Image(bytes(image))
+        out["image"] = image if isinstance(image, api.Image) else api.Image(bytes(image))
     if audio is not None:
-        out["audio"] = audio if isinstance(audio, Audio | PcmAudio) else Audio(bytes(audio))
+        out["audio"] = audio if isinstance(audio, api.Audio | api.PcmAudio) else api.Audio(bytes(audio))
     return out
 
 
@@ -154,14 +126,14 @@ def run_inputs(inputs: Mapping[str, Any]) -> list[pb.Input]:
         item = pb.Input(name=name)
         if isinstance(value, str):
             item.text = value
-        elif isinstance(value, Image):
+        elif isinstance(value, api.Image):
             item.image = value.data
-        elif isinstance(value, Audio):
+        elif isinstance(value, api.Audio):
             item.audio = value.data
-        elif isinstance(value, PcmAudio):
+        elif isinstance(value, api.PcmAudio):
             item.pcm.CopyFrom(pb.PcmAudio(data=value.data, sample_rate=value.sample_rate,
                                           encoding=value.encoding, channels=value.channels))
-        elif isinstance(value, Tensor):
+        elif isinstance(value, api.Tensor):
             item.tensor.CopyFrom(pb.Tensor(dtype=value.dtype, shape=value.shape, data=value.data))
         elif isinstance(value, bytes | bytearray | memoryview):
             raise InvalidArgumentError(
@@ -199,85 +171,85 @@ def copy(cls: type[D], msg: Any, **converted: Any) -> D:
     return cls(**values)
 
 
-def model_info(parent: Any) -> ModelInfo | None:
+def model_info(parent: Any) -> api.ModelInfo | None:
     """The ModelInfo of a response, or None when the field is unset."""
-    return copy(ModelInfo, parent.model) if parent.HasField("model") else None
+    return copy(api.ModelInfo, parent.model) if parent.HasField("model") else None
 
 
 def _results(msg: Any) -> dict[str, Any]:
     """What every response carries: usage, timings (None when unset), model and itself."""
-    return {"usage": copy(Usage, msg.usage) if msg.HasField("usage") else None,
-            "timings": copy(Timings, msg.timings) if msg.HasField("timings") else None,
+    return {"usage": copy(api.Usage, msg.usage) if msg.HasField("usage") else None,
+            "timings": copy(api.Timings, msg.timings) if msg.HasField("timings") else None,
             "model": model_info(msg), "raw": msg}
 
 
 def _unary(msg: Any) -> dict[str, Any]:
     """`_results` of a unary response: usage and timings are always set there."""
-    return {**_results(msg), "usage": copy(Usage, msg.usage),
-            "timings": copy(Timings, msg.timings)}
+    return {**_results(msg), "usage": copy(api.Usage, msg.usage),
+            "timings": copy(api.Timings, msg.timings)}
 
 
-def generation_chunk(msg: pb.GenerateResponse) -> GenerationChunk:
-    return copy(GenerationChunk, msg, finish_reason=_FINISH.get(msg.finish_reason),
+def generation_chunk(msg: pb.GenerateResponse) -> api.GenerationChunk:
+    return copy(api.GenerationChunk, msg, finish_reason=_FINISH.get(msg.finish_reason),
                 **_results(msg))
 
 
-def _labels(items: Iterable[pb.LabelScore]) -> list[LabelScore]:
-    return [copy(LabelScore, x) for x in items]
+def _labels(items: Iterable[pb.LabelScore]) -> list[api.LabelScore]:
+    return [copy(api.LabelScore, x) for x in items]
 
 
-def _predictions(items: Iterable[pb.WordPrediction]) -> list[WordPrediction]:
-    return [copy(WordPrediction, x) for x in items]
+def _predictions(items: Iterable[pb.WordPrediction]) -> list[api.WordPrediction]:
+    return [copy(api.WordPrediction, x) for x in items]
 
 
-def embed_result(msg: pb.EmbedResponse) -> EmbedResult:
+def embed_result(msg: pb.EmbedResponse) -> api.EmbedResult:
     vectors = [list(e.values) for e in msg.embeddings]
     dims = msg.dimensions or (len(vectors[0]) if vectors else 0)
-    return EmbedResult(vectors, dims, **_unary(msg))
+    return api.EmbedResult(vectors, dims, **_unary(msg))
 
 
-def classify_result(msg: pb.ClassifyResponse) -> ClassifyResult:
-    return ClassifyResult(_labels(msg.labels), **_unary(msg))
+def classify_result(msg: pb.ClassifyResponse) -> api.ClassifyResult:
+    return api.ClassifyResult(_labels(msg.labels), **_unary(msg))
 
 
-def predict_next_result(msg: pb.PredictNextResponse) -> PredictNextResult:
-    return PredictNextResult(_predictions(msg.predictions), **_unary(msg))
+def predict_next_result(msg: pb.PredictNextResponse) -> api.PredictNextResult:
+    return api.PredictNextResult(_predictions(msg.predictions), **_unary(msg))
 
 
-def _io(specs: Iterable[pb.IOSpec]) -> tuple[IOSpec, ...]:
-    return tuple(copy(IOSpec, s) for s in specs)
+def _io(specs: Iterable[pb.IOSpec]) -> tuple[api.IOSpec, ...]:
+    return tuple(copy(api.IOSpec, s) for s in specs)
 
 
-def task_table(msg: pb.ListTasksResponse) -> TaskTable:
-    tasks = [copy(Task, t, inputs=_io(t.inputs), outputs=_io(t.outputs)) for t in msg.tasks]
-    return TaskTable(tasks, model_info(msg), raw=msg)
+def task_table(msg: pb.ListTasksResponse) -> api.TaskTable:
+    tasks = [copy(api.Task, t, inputs=_io(t.inputs), outputs=_io(t.outputs)) for t in msg.tasks]
+    return api.TaskTable(tasks, model_info(msg), raw=msg)
 
 
-def run_chunk(msg: pb.RunResponse) -> RunChunk:
+def run_chunk(msg: pb.RunResponse) -> api.RunChunk:
     return copy(
-        RunChunk, msg,
+        api.RunChunk, msg,
         embeddings=[list(e.values) for e in msg.embeddings],
         labels=_labels(msg.labels),
         predictions=_predictions(msg.predictions),
         finish_reason=_FINISH.get(msg.finish_reason),
-        boxes=[TextBox(b.text, b.confidence, [(p.x, p.y) for p in b.corners]) for b in msg.boxes],
-        keywords=[copy(KeywordHit, k) for k in msg.keywords],
+        boxes=[api.TextBox(b.text, b.confidence, [(p.x, p.y) for p in b.corners]) for b in msg.boxes],
+        keywords=[copy(api.KeywordHit, k) for k in msg.keywords],
         **_results(msg),
     )
 
 
-def daemon_status(msg: admin_pb2.StatusResponse) -> DaemonStatus:
+def daemon_status(msg: admin_pb2.StatusResponse) -> api.DaemonStatus:
     try:
         state = admin_pb2.DaemonState.Name(msg.state).removeprefix("DAEMON_STATE_")
     except ValueError:  # a newer daemon's state this client does not know
         state = str(msg.state)
     load = msg.load
     return copy(
-        DaemonStatus, msg, state=state,
-        components=[copy(ComponentStatus, c) for c in msg.components],
-        load=copy(EngineLoad, load, queues={q.priority_class: q.depth for q in load.queues})
+        api.DaemonStatus, msg, state=state,
+        components=[copy(api.ComponentStatus, c) for c in msg.components],
+        load=copy(api.EngineLoad, load, queues={q.priority_class: q.depth for q in load.queues})
         if msg.HasField("load") else None,
-        uids=[copy(UidUsage, u) for u in msg.uids],
-        devices=[copy(DeviceStatus, d) for d in msg.devices],
+        uids=[copy(api.UidUsage, u) for u in msg.uids],
+        devices=[copy(api.DeviceStatus, d) for d in msg.devices],
         raw=msg,
     )

@@ -22,26 +22,12 @@ import grpc
 import grpc.aio
 
 from . import _calls
+from . import types as api
 from ._calls import Call
 from ._images import ImageInfo, ImageList
 from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
 from ._stream import AsyncStream, collect_generation, collect_run
 from .errors import UnavailableError, from_rpc_error
-from .types import (
-    AudioInput,
-    ChatInput,
-    ClassifyResult,
-    DaemonStatus,
-    EmbedResult,
-    GenerationChunk,
-    GenerationResult,
-    ImageInput,
-    InputValue,
-    PredictNextResult,
-    RunChunk,
-    RunResult,
-    TaskTable,
-)
 
 T = TypeVar("T")
 Self = TypeVar("Self", bound="_AsyncCaller")
@@ -62,7 +48,7 @@ class _AsyncCaller(_calls.Caller):
     def _stream(self, call: Call[T]) -> AsyncStream[T]:
         return AsyncStream(self._start(call), call.convert)
 
-    async def _run(self, call: Call[RunChunk]) -> RunResult:
+    async def _run(self, call: Call[api.RunChunk]) -> api.RunResult:
         async with self._stream(call) as stream:
             return collect_run([chunk async for chunk in stream])
 
@@ -93,61 +79,61 @@ class AsyncClient(_AsyncCaller):
 
 
     def generate(self, prompt: str,
-                 **options: Unpack[GenerateOptions]) -> AsyncStream[GenerationChunk]:
+                 **options: Unpack[GenerateOptions]) -> AsyncStream[api.GenerationChunk]:
         return self._stream(_calls.generate(prompt, **options))
 
-    def chat(self, messages: ChatInput,
-             **options: Unpack[GenerateOptions]) -> AsyncStream[GenerationChunk]:
+    def chat(self, messages: api.ChatInput,
+             **options: Unpack[GenerateOptions]) -> AsyncStream[api.GenerationChunk]:
         return self._stream(_calls.chat(messages, **options))
 
-    async def complete(self, prompt: str, **options: Unpack[GenerateOptions]) -> GenerationResult:
+    async def complete(self, prompt: str, **options: Unpack[GenerateOptions]) -> api.GenerationResult:
         async with self.generate(prompt, **options) as stream:
             return collect_generation([chunk async for chunk in stream])
 
-    async def chat_complete(self, messages: ChatInput,
-                            **options: Unpack[GenerateOptions]) -> GenerationResult:
+    async def chat_complete(self, messages: api.ChatInput,
+                            **options: Unpack[GenerateOptions]) -> api.GenerationResult:
         async with self.chat(messages, **options) as stream:
             return collect_generation([chunk async for chunk in stream])
 
     async def embed(self, texts: str | Sequence[str],
-                    **options: Unpack[CallOptions]) -> EmbedResult:
+                    **options: Unpack[CallOptions]) -> api.EmbedResult:
         return await self._unary(_calls.embed(texts, **options))
 
     async def classify(self, text: str, labels: Sequence[str] = (),
-                       **options: Unpack[CallOptions]) -> ClassifyResult:
+                       **options: Unpack[CallOptions]) -> api.ClassifyResult:
         return await self._unary(_calls.classify(text, labels, **options))
 
     async def predict_next(self, text: str, n: int = 0,
-                           **options: Unpack[CallOptions]) -> PredictNextResult:
+                           **options: Unpack[CallOptions]) -> api.PredictNextResult:
         return await self._unary(_calls.predict_next(text, n, **options))
 
-    async def list_tasks(self, *, timeout: float | None = None) -> TaskTable:
+    async def list_tasks(self, *, timeout: float | None = None) -> api.TaskTable:
         return await self._unary(_calls.list_tasks(timeout=timeout))
 
-    def run(self, task: str, inputs: Mapping[str, InputValue],
-            **options: Unpack[RunOptions]) -> AsyncStream[RunChunk]:
+    def run(self, task: str, inputs: Mapping[str, api.InputValue],
+            **options: Unpack[RunOptions]) -> AsyncStream[api.RunChunk]:
         return self._stream(_calls.run(task, inputs, **options))
 
-    async def run_complete(self, task: str, inputs: Mapping[str, InputValue],
-                           **options: Unpack[RunOptions]) -> RunResult:
+    async def run_complete(self, task: str, inputs: Mapping[str, api.InputValue],
+                           **options: Unpack[RunOptions]) -> api.RunResult:
         return await self._run(_calls.run(task, inputs, **options))
 
-    async def transcribe(self, audio: AudioInput, *, task: str = "transcribe",
-                         **options: Unpack[RunOptions]) -> RunResult:
+    async def transcribe(self, audio: api.AudioInput, *, task: str = "transcribe",
+                         **options: Unpack[RunOptions]) -> api.RunResult:
         return await self._run(_calls.transcribe(audio, task=task, **options))
 
-    async def spot_keywords(self, audio: AudioInput, keywords: Sequence[str], *,
+    async def spot_keywords(self, audio: api.AudioInput, keywords: Sequence[str], *,
                             task: str = "keyword-spot",
-                            **options: Unpack[RunOptions]) -> RunResult:
+                            **options: Unpack[RunOptions]) -> api.RunResult:
         return await self._run(_calls.spot_keywords(audio, keywords, task=task, **options))
 
-    async def read_text(self, image: ImageInput, *, task: str = "ocr",
-                        **options: Unpack[RunOptions]) -> RunResult:
+    async def read_text(self, image: api.ImageInput, *, task: str = "ocr",
+                        **options: Unpack[RunOptions]) -> api.RunResult:
         return await self._run(_calls.read_text(image, task=task, **options))
 
-    def ask(self, question: str, *, image: ImageInput | None = None,
-            audio: AudioInput | None = None, task: str | None = None,
-            **options: Unpack[RunOptions]) -> AsyncStream[RunChunk]:
+    def ask(self, question: str, *, image: api.ImageInput | None = None,
+            audio: api.AudioInput | None = None, task: str | None = None,
+            **options: Unpack[RunOptions]) -> AsyncStream[api.RunChunk]:
         return self._stream(_calls.ask(question, image=image, audio=audio, task=task,
                                        **options))
 
@@ -157,7 +143,7 @@ class AsyncAdminClient(_AsyncCaller):
 
     _admin = True
 
-    async def status(self, *, timeout: float | None = None) -> DaemonStatus:
+    async def status(self, *, timeout: float | None = None) -> api.DaemonStatus:
         return await self._unary(_calls.status(timeout=timeout))
 
     async def install_image(self, tar_chunks: Iterable[bytes],

@@ -18,26 +18,12 @@ from typing import Any, TypeVar, Unpack
 import grpc
 
 from . import _calls, _health
+from . import types as api
 from ._calls import Call
 from ._images import ImageInfo, ImageList
 from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
 from ._stream import Stream, collect_generation, collect_run
 from .errors import UnavailableError, from_rpc_error
-from .types import (
-    AudioInput,
-    ChatInput,
-    ClassifyResult,
-    DaemonStatus,
-    EmbedResult,
-    GenerationChunk,
-    GenerationResult,
-    ImageInput,
-    InputValue,
-    PredictNextResult,
-    RunChunk,
-    RunResult,
-    TaskTable,
-)
 
 T = TypeVar("T")
 Self = TypeVar("Self", bound="_SyncCaller")
@@ -58,7 +44,7 @@ class _SyncCaller(_calls.Caller):
     def _stream(self, call: Call[T]) -> Stream[T]:
         return Stream(self._start(call), call.convert)
 
-    def _run(self, call: Call[RunChunk]) -> RunResult:
+    def _run(self, call: Call[api.RunChunk]) -> api.RunResult:
         with self._stream(call) as stream:
             return collect_run(stream)
 
@@ -109,76 +95,76 @@ class Client(_SyncCaller):
     """
 
 
-    def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> Stream[GenerationChunk]:
+    def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> Stream[api.GenerationChunk]:
         """Continue `prompt` as is, streamed. Sampling: max_tokens, temperature, top_p, top_k,
         seed, stop, ignore_eos; None leaves a parameter at the daemon's default."""
         return self._stream(_calls.generate(prompt, **options))
 
-    def chat(self, messages: ChatInput,
-             **options: Unpack[GenerateOptions]) -> Stream[GenerationChunk]:
+    def chat(self, messages: api.ChatInput,
+             **options: Unpack[GenerateOptions]) -> Stream[api.GenerationChunk]:
         """The assistant's next message for a conversation, streamed."""
         return self._stream(_calls.chat(messages, **options))
 
-    def complete(self, prompt: str, **options: Unpack[GenerateOptions]) -> GenerationResult:
+    def complete(self, prompt: str, **options: Unpack[GenerateOptions]) -> api.GenerationResult:
         """`generate()` run to the end: the whole text, finish reason, usage, timings."""
         with self.generate(prompt, **options) as stream:
             return collect_generation(stream)
 
-    def chat_complete(self, messages: ChatInput,
-                      **options: Unpack[GenerateOptions]) -> GenerationResult:
+    def chat_complete(self, messages: api.ChatInput,
+                      **options: Unpack[GenerateOptions]) -> api.GenerationResult:
         """`chat()` run to the end."""
         with self.chat(messages, **options) as stream:
             return collect_generation(stream)
 
-    def embed(self, texts: str | Sequence[str], **options: Unpack[CallOptions]) -> EmbedResult:
+    def embed(self, texts: str | Sequence[str], **options: Unpack[CallOptions]) -> api.EmbedResult:
         """One vector per text (a single string counts as one text)."""
         return self._unary(_calls.embed(texts, **options))
 
     def classify(self, text: str, labels: Sequence[str] = (),
-                 **options: Unpack[CallOptions]) -> ClassifyResult:
+                 **options: Unpack[CallOptions]) -> api.ClassifyResult:
         """Rank `labels` for `text`, best first (labels may be empty if the task has its own)."""
         return self._unary(_calls.classify(text, labels, **options))
 
     def predict_next(self, text: str, n: int = 0,
-                     **options: Unpack[CallOptions]) -> PredictNextResult:
+                     **options: Unpack[CallOptions]) -> api.PredictNextResult:
         """The `n` most likely next words after `text` (0: the daemon's default, 5)."""
         return self._unary(_calls.predict_next(text, n, **options))
 
-    def list_tasks(self, *, timeout: float | None = None) -> TaskTable:
+    def list_tasks(self, *, timeout: float | None = None) -> api.TaskTable:
         """The active image's task table."""
         return self._unary(_calls.list_tasks(timeout=timeout))
 
-    def run(self, task: str, inputs: Mapping[str, InputValue],
-            **options: Unpack[RunOptions]) -> Stream[RunChunk]:
+    def run(self, task: str, inputs: Mapping[str, api.InputValue],
+            **options: Unpack[RunOptions]) -> Stream[api.RunChunk]:
         """Run any task by id with named inputs, streamed (see `types.InputValue`); takes
         the sampling options of `generate()` and `num_predictions`."""
         return self._stream(_calls.run(task, inputs, **options))
 
-    def run_complete(self, task: str, inputs: Mapping[str, InputValue],
-                     **options: Unpack[RunOptions]) -> RunResult:
+    def run_complete(self, task: str, inputs: Mapping[str, api.InputValue],
+                     **options: Unpack[RunOptions]) -> api.RunResult:
         """`run()` to the end: joined text and every other output."""
         return self._run(_calls.run(task, inputs, **options))
 
     # ---- images and audio (tasks of the active image; see `list_tasks()`) --------------
 
-    def transcribe(self, audio: AudioInput, *, task: str = "transcribe",
-                   **options: Unpack[RunOptions]) -> RunResult:
+    def transcribe(self, audio: api.AudioInput, *, task: str = "transcribe",
+                   **options: Unpack[RunOptions]) -> api.RunResult:
         """Speech to text: `result.text` is the transcript (WAV bytes or PcmAudio)."""
         return self._run(_calls.transcribe(audio, task=task, **options))
 
-    def spot_keywords(self, audio: AudioInput, keywords: Sequence[str], *,
-                      task: str = "keyword-spot", **options: Unpack[RunOptions]) -> RunResult:
+    def spot_keywords(self, audio: api.AudioInput, keywords: Sequence[str], *,
+                      task: str = "keyword-spot", **options: Unpack[RunOptions]) -> api.RunResult:
         """Which keywords were said: `result.keywords`, one hit per keyword, in order."""
         return self._run(_calls.spot_keywords(audio, keywords, task=task, **options))
 
-    def read_text(self, image: ImageInput, *, task: str = "ocr",
-                  **options: Unpack[RunOptions]) -> RunResult:
+    def read_text(self, image: api.ImageInput, *, task: str = "ocr",
+                  **options: Unpack[RunOptions]) -> api.RunResult:
         """OCR: `result.text` (lines joined by newlines) and `result.boxes`."""
         return self._run(_calls.read_text(image, task=task, **options))
 
-    def ask(self, question: str, *, image: ImageInput | None = None,
-            audio: AudioInput | None = None, task: str | None = None,
-            **options: Unpack[RunOptions]) -> Stream[RunChunk]:
+    def ask(self, question: str, *, image: api.ImageInput | None = None,
+            audio: api.AudioInput | None = None, task: str | None = None,
+            **options: Unpack[RunOptions]) -> Stream[api.RunChunk]:
         """A question about an image's text or an audio clip, answered by the backbone and
         streamed; the first chunk's `source_text` is what was read or heard."""
         return self._stream(_calls.ask(question, image=image, audio=audio, task=task,
@@ -190,7 +176,7 @@ class AdminClient(_SyncCaller):
 
     _admin = True
 
-    def status(self, *, timeout: float | None = None) -> DaemonStatus:
+    def status(self, *, timeout: float | None = None) -> api.DaemonStatus:
         """What the daemon runs and how busy it is."""
         return self._unary(_calls.status(timeout=timeout))
 
