@@ -45,7 +45,8 @@ from benchkit.report import alternate, progress
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 from m4d.server.identity import caller_from_context
-from m4d.server.relay import PeerRelay, private_dir
+from m4d.server.relay import PeerRelay
+from m4d.server.sockets import private_dir
 
 PAYLOAD = "x" * 100
 IN_FLIGHT = 16

@@ -17,9 +17,9 @@ attempt durably BEFORE the image is loaded, and falls back to the active image o
 has had its attempts; after the self-test passes the daemon calls ``mark_good`` (or
 ``mark_bad`` when it fails).
 
-Fault injection: with ``M4_STORE_CRASH_AFTER=N`` in the environment the process kills itself
-with SIGKILL at the N-th durable step (write, fsync, rename, mkdir, delete) the store takes
-(``m4image.durable``); the tests crash a real install/activate/rollback at many points.
+Every durable step the store takes (write, fsync, rename, mkdir, delete) goes through
+``m4image.durable.crashpoint``; the fault-injection tests replace it (tests/hooks) to SIGKILL a
+real install/activate/rollback at each of those points.
 """
 
 from __future__ import annotations
