@@ -132,6 +132,11 @@ class Config:
     queue_policy: str = "fair"
     # Seconds a starved class waits before it is served as the next more urgent one.
     aging_seconds: float = 5.0
+    # Fair share over KV slots (queue_policy "fair"): a uid waiting for a slot takes one from
+    # the uid of its class furthest over its share (the sequence is preempted and later
+    # recomputed from prompt + generated tokens, to the same greedy output), but only from a
+    # sequence that has generated this many tokens since it last got its slot.
+    min_run_tokens: int = 16
     # Requests one uid may have in flight; more get RESOURCE_EXHAUSTED.
     uid_max_concurrent: int = 32
     # Tokens (prompt + max_tokens) per second one uid may ask for; 0 means no limit.
@@ -228,7 +233,8 @@ class Config:
                 f"set compute_dtype={self.weight_format} or auto")
         for key in ("kv_slots", "max_context", "prefill_chunk", "step_token_budget", "max_queue",
                     "max_batch_texts", "max_text_chars", "max_message_bytes", "uid_max_concurrent",
-                    "default_max_tokens", "max_image_bytes", "max_image_pixels", "max_batch_media"):
+                    "default_max_tokens", "max_image_bytes", "max_image_pixels", "max_batch_media",
+                    "min_run_tokens"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
         if self.step_token_budget < self.prefill_chunk + self.kv_slots:

@@ -64,16 +64,20 @@ class FakeRuntime:
 Req = tuple[int, Priority, int, int]  # key, class, prompt length, max_tokens
 
 
-async def serve(reqs: list[Req], slots: int, kv_tokens: int | None) -> tuple[dict[int, list[int]], int]:
+async def serve(reqs: list[Req], slots: int, kv_tokens: int | None,
+                uids: dict[int, int] | None = None,
+                min_run_tokens: int = 16) -> tuple[dict[int, list[int]], int]:
+    """Streams each request (one uid each unless `uids` maps its key to one), 50 ms apart."""
     engine = Engine(FakeRuntime(), EngineConfig(  # type: ignore[arg-type]
         kv_slots=slots, token_budget=16 + slots, prefill_chunk=16, max_queue=16,
-        max_batch_texts=4, kv_tokens=kv_tokens))
+        max_batch_texts=4, kv_tokens=kv_tokens, min_run_tokens=min_run_tokens))
     engine.start()
     out: dict[int, list[int]] = {}
 
     async def one(key: int, priority: Priority, prompt: int, max_tokens: int) -> None:
+        uid = (uids or {}).get(key, 1000 + key)
         request = GenerateRequest(
-            task="generate", priority=priority, caller=Caller(uid=1000 + key),
+            task="generate", priority=priority, caller=Caller(uid=uid),
             prompt_ids=[(7 * key + i) % VOCAB for i in range(prompt)],
             sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         tokens: list[int] = []
@@ -104,4 +108,22 @@ async def test_preempted_sequences_resume_to_the_same_tokens(kv_tokens: int | No
         alone.update((await serve([r], slots=4, kv_tokens=None))[0])
     busy, preempted = await serve(reqs, slots=2, kv_tokens=kv_tokens)
     assert preempted > 0, "the foreground requests should have preempted background work"
+    assert busy == alone
+
+
+@pytest.mark.parametrize("min_run", [1, 5, 23])
+async def test_fair_share_preemption_in_one_class_resumes_to_the_same_tokens(
+        min_run: int) -> None:
+    # uid 1 holds both rows with long streams; uids 2 and 3 (same class) take rows from it
+    # at different points of its streams (min_run moves the preemption point)
+    fg = Priority.FOREGROUND
+    reqs: list[Req] = [(1, fg, 20, 150), (2, fg, 37, 150), (3, fg, 5, 150),
+                       (4, fg, 12, 10), (5, fg, 40, 25)]
+    uids = {1: 1, 2: 1, 3: 1, 4: 2, 5: 3}
+    alone: dict[int, list[int]] = {}
+    for r in reqs:
+        alone.update((await serve([r], slots=2, kv_tokens=None))[0])
+    busy, preempted = await serve(reqs, slots=2, kv_tokens=None, uids=uids,
+                                  min_run_tokens=min_run)
+    assert preempted > 0, "uids 2 and 3 should have taken rows from uid 1"
     assert busy == alone

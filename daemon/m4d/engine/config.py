@@ -23,5 +23,6 @@ class EngineConfig:
     kv_tokens: int | None = None  # a KV memory pool of this many tokens; None: rows limit
     kv_block: int = 16  # tokens per block of the pool
     policy: QueuePolicy | str = "fair"  # the order waiting generation gets KV rows in
+    min_run_tokens: int = 16  # tokens a sequence generates before its own class may preempt it
     admission: AdmissionConfig | None = None  # per-uid quotas, limits per priority
     latency: LatencyConfig = field(default_factory=LatencyConfig)  # background vs urgent

@@ -55,7 +55,8 @@ class Engine:
         self.config = config
         kv = KVPool(config.kv_tokens, config.kv_block) if config.kv_tokens else None
         self.scheduler = Scheduler(config.kv_slots, config.token_budget, config.max_queue,
-                                   config.prefill_chunk, policy=config.policy, kv=kv)
+                                   config.prefill_chunk, policy=config.policy, kv=kv,
+                                   min_run_tokens=config.min_run_tokens)
         self.latency = LatencyPolicy(config.latency)
         self.batcher = Batcher(self.latency, max_batch_texts=config.max_batch_texts,
                                max_batch_media=config.max_batch_media,

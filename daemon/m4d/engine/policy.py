@@ -6,7 +6,8 @@ priority it would run with (after aging); `priority(seq)` is the priority it was
 with as the policy sees it (system, foreground, background; one for all under fcfs), which
 decides whom it may preempt. The scheduler tells it `admitted(seq, now)`, every token
 served (`charge`, prefill and decode alike) and when a uid that had no work gets some
-(`activate`).
+(`activate`). `victims(head, running, movable)` names the running sequences of the head's
+class that the head may take a row from (fair share over rows, not only over queue order).
 
 Aging is per priority, not per request: a priority moves up one level for every `aging`
 seconds it has had work waiting without admitting any. A priority that is being served
@@ -17,7 +18,7 @@ gets through.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from m4d.requests import Priority
@@ -31,6 +32,8 @@ class Queued(Protocol):
     arrival: float
     uid: int
     weight: float
+    computed: int  # tokens in its KV cache: what a preemption throws away
+    admit_no: int  # admission counter: higher was admitted later
 
 
 Q = TypeVar("Q", bound=Queued)
@@ -55,6 +58,11 @@ class QueuePolicy:
 
     def charge(self, seq: Queued, tokens: int) -> None:
         pass
+
+    def victims(self, head: Queued, running: Sequence[Q], movable: Callable[[Q], bool]) -> list[Q]:
+        """Running sequences of the head's class it may preempt, in the order to preempt
+        them (none: only a more urgent class preempts)."""
+        return []
 
 
 class PriorityPolicy(QueuePolicy):
@@ -120,6 +128,32 @@ class FairPolicy(PriorityPolicy):
 
     def charge(self, seq: Queued, tokens: int) -> None:
         self.vtime[seq.uid] = self.vtime.get(seq.uid, 0.0) + tokens / max(seq.weight, 1e-6)
+
+    def victims(self, head: Queued, running: Sequence[Q], movable: Callable[[Q], bool]) -> list[Q]:
+        """Fair share over rows: while some other uid holds more rows per unit of weight
+        than the head's uid would after taking one more (rows/weight > (mine + 1)/my weight),
+        one of that uid's movable sequences (cheapest to recompute, then the latest
+        admitted) may go, the uid furthest over its share first. The strict inequality is
+        the hysteresis between uids: at equal shares nobody preempts anybody, so two uids
+        never trade a row back and forth; `movable` (a minimum run since admission) is the
+        hysteresis in time."""
+        rows: dict[int, int] = {}
+        weight: dict[int, float] = {head.uid: max(head.weight, 1e-6)}
+        for s in running:
+            rows[s.uid] = rows.get(s.uid, 0) + 1
+            weight[s.uid] = max(s.weight, 1e-6)
+        mine = (rows.get(head.uid, 0) + 1) / weight[head.uid]
+        candidates = {u: sorted((s for s in running if s.uid == u and movable(s)),
+                                key=lambda s: (-s.computed, s.admit_no))  # pop() = cheapest
+                      for u in rows if u != head.uid}
+        chosen: list[Q] = []
+        while True:
+            over = [u for u, c in candidates.items() if c and rows[u] / weight[u] > mine]
+            if not over:
+                return chosen
+            uid = max(over, key=lambda u: (rows[u] / weight[u], -u))
+            chosen.append(candidates[uid].pop())
+            rows[uid] -= 1
 
 
 def make_policy(name: str, **options: float | None) -> QueuePolicy:

@@ -13,10 +13,16 @@ Three limits are never exceeded: the token budget, the KV rows and the KV memory
 2. running sequences, most urgent first (run_priority, then admission order), get their decode
    token or next prompt chunk; one that needs KV memory may preempt those after it;
 3. waiting sequences are admitted head first; when the head finds no row or no memory, it
-   may preempt running work of a strictly lower priority (latest admitted first).
+   may preempt running work of a strictly lower priority (latest admitted first), then
+   running work of its own priority that the queue policy names (`QueuePolicy.victims`:
+   under fair share, sequences of the uid furthest over its share of rows). A sequence of
+   the head's own priority is only movable once it has generated `min_run_tokens` since it
+   was (re)admitted, so no sequence is thrashed step after step.
 
 A preempted sequence loses its row and memory and waits again (`plan.preempted`); its
-generated tokens are kept and it resumes by re-prefilling prompt + generated tokens.
+generated tokens are kept and it resumes by re-prefilling prompt + generated tokens
+(recompute, not swap: the runtime's KV cache is one fixed row per slot, and the next
+sequence admitted to the row overwrites it). Greedy decoding resumes to the same tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class SeqState:
     run_priority: Priority = Priority.SYSTEM  # admitted with (after aging), while running
     admit_no: int = 0  # admission counter: higher was admitted later
     preemptions: int = 0
+    admitted_at: int = 0  # `generated` when it was last admitted: its run so far is the rest
 
     @property
     def prefill_len(self) -> int:
@@ -90,7 +97,7 @@ class Scheduler:
 
     def __init__(self, num_rows: int, token_budget: int, max_waiting: int,
                  chunk_size: int | None = None, *, policy: QueuePolicy | str = "fair",
-                 kv: KVPool | None = None) -> None:
+                 kv: KVPool | None = None, min_run_tokens: int = 16) -> None:
         chunk_size = chunk_size or max(1, token_budget - num_rows)
         if token_budget < chunk_size + num_rows:
             raise ValueError(
@@ -100,6 +107,7 @@ class Scheduler:
         self.token_budget = token_budget
         self.chunk_size = chunk_size
         self.max_waiting = max_waiting
+        self.min_run_tokens = min_run_tokens  # before a sequence of the same class may preempt it
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.kv = kv if kv is not None else KVPool(1 << 62, 1)  # default: rows are the limit
         self._free_rows = list(range(num_rows - 1, -1, -1))  # pop() gives the lowest
@@ -168,7 +176,9 @@ class Scheduler:
                 if seq.id not in self.running or seq.prefilling != prefill:
                     continue
                 n = self._next_chunk(seq) if prefill else 1
-                later = [s for s in self.running.values() if self._run_key(s) > self._run_key(seq)]
+                later = sorted((s for s in self.running.values()
+                                if self._run_key(s) > self._run_key(seq)),
+                               key=self._run_key, reverse=True)
                 if n <= self._left(plan) and self._make_room(plan, seq, seq.computed + n, later):
                     self._plan(plan, seq, n)
 
@@ -176,12 +186,12 @@ class Scheduler:
             if seq.id in plan.preempted:
                 continue  # not back in the same step it was pushed out
             n = self._next_chunk(seq)
-            lower = [s for s in self.running.values()
-                     if s.run_priority > self.policy.priority(seq)]
-            if n > self._left(plan) or not self._make_room(plan, seq, n, lower, need_row=True):
+            if n > self._left(plan) or not self._make_room(plan, seq, n, self._victims(seq),
+                                                           need_row=True):
                 break  # strict queue order: nobody overtakes the head
             del self._waiting[seq.id]
             seq.row = self._free_rows.pop()
+            seq.admitted_at = seq.generated
             seq.run_priority = priority
             self.policy.admitted(seq, now)
             self._admitted += 1
@@ -189,6 +199,18 @@ class Scheduler:
             self.running[seq.id] = seq
             self._plan(plan, seq, n)
         return plan
+
+    def _victims(self, head: SeqState) -> list[SeqState]:
+        """Whom a waiting head may preempt, in order: a lower priority (latest admitted of
+        the lowest first), then those of its own priority the queue policy gives up."""
+        cls = self.policy.priority(head)
+        lower = sorted((s for s in self.running.values() if s.run_priority > cls),
+                       key=self._run_key, reverse=True)
+        same = [s for s in self.running.values() if s.run_priority == cls]
+        return lower + self.policy.victims(head, same, self._movable)
+
+    def _movable(self, seq: SeqState) -> bool:
+        return not seq.prefilling and seq.generated - seq.admitted_at >= self.min_run_tokens
 
     def _run_key(self, seq: SeqState) -> tuple[int, int]:
         return (seq.run_priority, seq.admit_no)
@@ -204,9 +226,8 @@ class Scheduler:
     def _make_room(self, plan: StepPlan, seq: SeqState, tokens: int, victims: list[SeqState],
                    need_row: bool = False) -> bool:
         """Makes the cache hold `tokens` of `seq` (and gives it a row), preempting as few
-        victims as possible, latest admitted of the lowest priority first. False, with nothing
-        preempted or taken, when even all the victims would not be enough."""
-        victims = sorted(victims, key=self._run_key, reverse=True)
+        victims as possible, in their order. False, with nothing preempted or taken, when
+        even all the victims would not be enough."""
         blocks = self.kv.needed(seq.id, tokens)
         rows = 1 if need_row else 0
         chosen: list[SeqState] = []
