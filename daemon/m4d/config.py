@@ -139,6 +139,18 @@ class Config:
     min_run_tokens: int = 16
     # Requests one uid may have in flight; more get RESOURCE_EXHAUSTED.
     uid_max_concurrent: int = 32
+    # Of those, requests one uid may have waiting to start; more get RESOURCE_EXHAUSTED with
+    # a retry hint. 16 leaves room in max_queue (64) for four apps that queue all they may.
+    uid_max_queued: int = 16
+    # KV slots one uid's sequences may hold at once; its other requests wait while other
+    # apps' requests start. 0 means three quarters of kv_slots (12 of 16), so a quarter of
+    # the slots stays free for up to four other apps' first requests without a preemption.
+    uid_max_running: int = 0
+    # Tokens (prompt + max_tokens) of one uid's requests in flight, summed; a request that
+    # would pass it gets RESOURCE_EXHAUSTED with a retry hint (a uid with nothing in flight
+    # is always admitted). 8192 is a quarter of kv_slots * max_context: room for four apps.
+    # 0 means no limit; otherwise at least max_context.
+    uid_max_tokens_in_flight: int = 8192
     # Tokens (prompt + max_tokens) per second one uid may ask for; 0 means no limit.
     uid_tokens_per_second: float = 0.0
     # The most urgent priority class each listed uid (number or user name) may run as,
@@ -218,7 +230,8 @@ class Config:
         if self.kernel_variant not in KERNEL_VARIANTS:
             raise ConfigError(f"kernel_variant must be one of {', '.join(KERNEL_VARIANTS)} "
                               f"(got {self.kernel_variant!r})")
-        for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kernel_threads"):
+        for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kernel_threads",
+                    "uid_max_running", "uid_max_tokens_in_flight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.weight_format in ("int4", "int8") and self.compute_dtype == "float32":
@@ -234,7 +247,7 @@ class Config:
         for key in ("kv_slots", "max_context", "prefill_chunk", "step_token_budget", "max_queue",
                     "max_batch_texts", "max_text_chars", "max_message_bytes", "uid_max_concurrent",
                     "default_max_tokens", "max_image_bytes", "max_image_pixels", "max_batch_media",
-                    "min_run_tokens"):
+                    "min_run_tokens", "uid_max_queued"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
         if self.step_token_budget < self.prefill_chunk + self.kv_slots:
@@ -253,11 +266,20 @@ class Config:
                               f"max_message_bytes ({self.max_message_bytes})")
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout must be >= 0 seconds (got {self.drain_timeout})")
+        if 0 < self.uid_max_tokens_in_flight < self.max_context:
+            raise ConfigError(
+                f"uid_max_tokens_in_flight ({self.uid_max_tokens_in_flight}) must be 0 (no "
+                f"limit) or at least max_context ({self.max_context}), or a long request could "
+                "never be admitted")
         if self.default_max_tokens >= self.max_context:
             raise ConfigError(
                 f"default_max_tokens ({self.default_max_tokens}) must be below "
                 f"max_context ({self.max_context})"
             )
+
+    def max_running(self) -> int:
+        """uid_max_running with 0 resolved: three quarters of kv_slots (at least one)."""
+        return self.uid_max_running or max(1, self.kv_slots * 3 // 4)
 
     def class_caps(self) -> dict[int, int]:
         """uid_max_class as uid -> class number (0 system, 1 foreground, 2 background)."""

@@ -276,6 +276,12 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
                     device="cpu",
                 )
             ],
+            load=admin_pb2.EngineLoad(
+                running_sequences=7, window_seconds=10.0,
+                uid_limits=admin_pb2.UidLimits(max_in_flight=32, max_queued=16, max_running=12,
+                                               max_tokens_in_flight=8192)),
+            uids=[admin_pb2.UidUsage(uid=1000, user="alice", in_flight=20, queued=8, running=12,
+                                     tokens_in_flight=5000, preempted=3)],
         )
 
 

@@ -74,3 +74,35 @@ def test_refusals_take_nothing() -> None:
         assert adm.check(1, FG, 10, 0.0).status == "busy"
     assert adm.in_flight.get(1, 0) == 0
     assert adm.check(1, BG, 10, 0.0).ok, "the bucket was not charged by the refusals"
+
+
+def test_queued_requests_per_uid_are_capped_not_the_running_ones() -> None:
+    adm = Admission(AdmissionConfig(quota=UidQuota(max_concurrent=100, max_queued=2)))
+    assert adm.check(5, FG, 10, 0.0).ok and adm.check(5, FG, 10, 0.0).ok
+    d = adm.check(5, FG, 10, 0.0, started=0)
+    assert d.status == "quota" and isinstance(d.error(), ResourceExhausted)
+    assert "2 requests waiting to start (limit 2)" in d.message and d.retry_after == 1.0
+    assert adm.check(5, FG, 10, 0.0, started=1).ok, "one of them runs: one may queue"
+    assert adm.check(6, FG, 10, 0.0).ok, "another uid is not affected"
+
+
+def test_tokens_in_flight_per_uid_are_capped_and_freed_on_release() -> None:
+    adm = Admission(AdmissionConfig(quota=UidQuota(max_concurrent=100,
+                                                   max_tokens_in_flight=1000)))
+    assert adm.check(5, FG, 2000, 0.0).ok, "a uid with nothing in flight is always admitted"
+    d = adm.check(5, FG, 1, 0.0)
+    assert d.status == "quota" and "limit 1000 tokens in flight" in d.message
+    assert isinstance(d.error(), ResourceExhausted) and d.retry_after == 1.0
+    adm.release(5, FG, estimate=2000)
+    assert adm.check(5, FG, 600, 0.0).ok and adm.check(5, FG, 400, 0.0).ok
+    assert not adm.check(5, FG, 1, 0.0).ok
+    assert adm.tokens[5] == 1000
+    adm.release(5, FG, unused_tokens=500, estimate=600)
+    assert adm.check(5, FG, 600, 0.0).ok and adm.tokens[5] == 1000
+
+
+def test_limits_for_status_are_the_default_quotas() -> None:
+    quota = UidQuota(max_concurrent=32, max_queued=16, max_running=12, max_tokens_in_flight=8192)
+    limits = Admission(AdmissionConfig(quota=quota)).limits()
+    assert (limits.max_in_flight, limits.max_queued, limits.max_running,
+            limits.max_tokens_in_flight) == (32, 16, 12, 8192)

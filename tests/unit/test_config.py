@@ -45,3 +45,25 @@ def test_bad_file_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+def test_per_uid_caps_reach_the_engine_and_leave_room_for_four_apps(tmp_path: Path) -> None:
+    from m4d.service.daemon import engine_config
+
+    cfg = Config()
+    quota = engine_config(cfg).admission.quota  # type: ignore[union-attr]
+    assert cfg.max_running() == 12 and quota.max_running == 12
+    assert cfg.kv_slots - quota.max_running >= 4, "a quarter of the slots stays for others"
+    assert quota.max_queued * 4 <= cfg.max_queue
+    assert quota.max_tokens_in_flight * 4 <= cfg.kv_slots * cfg.max_context
+    assert engine_config(cfg).min_run_tokens == 16
+    f = tmp_path / "m4d.toml"
+    f.write_text("uid_max_queued = 3\nuid_max_running = 2\nuid_max_tokens_in_flight = 4096\n"
+                 "min_run_tokens = 8\n")
+    quota = engine_config(load_config(f, env={})).admission.quota  # type: ignore[union-attr]
+    assert (quota.max_queued, quota.max_running, quota.max_tokens_in_flight) == (3, 2, 4096)
+    with pytest.raises(ConfigError, match=r"uid_max_tokens_in_flight .* at least max_context"):
+        Config(uid_max_tokens_in_flight=1000)
+    assert Config(uid_max_tokens_in_flight=0).uid_max_tokens_in_flight == 0
+    with pytest.raises(ConfigError, match="uid_max_queued must be > 0"):
+        Config(uid_max_queued=0)

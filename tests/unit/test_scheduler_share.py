@@ -176,3 +176,31 @@ def test_kv_memory_victims_follow_the_share_too() -> None:
     plan = sim.step()
     assert len(plan.preempted) == 1 and s.seqs[plan.preempted[0]].uid == A
     assert 100 in s.running
+
+
+def test_a_uid_at_its_slot_cap_is_passed_over_not_blocking_others() -> None:
+    caps = {A: 2}
+    s = Scheduler(num_rows=4, token_budget=20, max_waiting=100, chunk_size=16,
+                  max_running=lambda uid: caps.get(uid, 0))
+    sim = Sim(s)
+    for i in range(1, 7):
+        sim.add(seq(i, 10, FOREGROUND, uid=A, max_new=10_000))
+    sim.add(seq(100, 10, FOREGROUND, uid=B, max_new=10_000))
+    for _ in range(3):
+        sim.step()
+    assert rows_of(s) == {A: 2, B: 1}, "A stops at 2 slots; B is not held up behind A's queue"
+    assert len(s.running) < s.num_rows
+    for _ in range(100):
+        sim.step()
+    assert rows_of(s)[A] == 2
+
+
+def test_fair_share_preemption_respects_the_slot_cap() -> None:
+    # B may hold 1 slot: it takes one from A, never a second, however over its share A is
+    sim = flooded(rows=4, min_run=2)
+    sim.s.max_running = lambda uid: 1 if uid == B else 0
+    for i in range(5):
+        sim.add(seq(100 + i, 10, FOREGROUND, uid=B, max_new=10_000))
+    for _ in range(200):
+        sim.step()
+    assert rows_of(sim.s) == {A: 3, B: 1}

@@ -80,3 +80,19 @@ def test_the_view_reads_only_the_snapshot() -> None:
     assert view.queue_depth == {Priority.SYSTEM: 0, Priority.FOREGROUND: 0,
                                 Priority.BACKGROUND: 1}
     assert view.ttft_samples == 1 and view.ttft_p50_ms == 200.0
+
+
+def test_uid_slots_tokens_in_flight_preemptions_and_limits_are_shown() -> None:
+    from m4d.engine.stats import UidLimits
+
+    stats = EngineStats()
+    stats.admit(7, "", Priority.FOREGROUND)
+    stats.uid(7).preempted = 2
+    snap = EngineSnapshot(stats=stats, kv_slots=4, active_sequences=1, waiting=0, queued=(),
+                          running_tokens={}, kv_blocks_used=0, kv_blocks_total=0,
+                          rows_held={7: 1}, tokens_in_flight={7: 300},
+                          limits=UidLimits(32, 16, 12, 8192))
+    view = usage_view(snap, RecentUsage(), now=1.0)
+    (u,) = view.uids
+    assert (u.running, u.tokens_in_flight, u.preempted) == (1, 300, 2)
+    assert view.limits == UidLimits(32, 16, 12, 8192)

@@ -247,7 +247,8 @@ def daemon_status(msg: admin_pb2.StatusResponse) -> api.DaemonStatus:
     return copy(
         api.DaemonStatus, msg, state=state,
         components=[copy(api.ComponentStatus, c) for c in msg.components],
-        load=copy(api.EngineLoad, load, queues={q.priority_class: q.depth for q in load.queues})
+        load=copy(api.EngineLoad, load, queues={q.priority_class: q.depth for q in load.queues},
+                  uid_limits=copy(api.UidLimits, load.uid_limits))
         if msg.HasField("load") else None,
         uids=[copy(api.UidUsage, u) for u in msg.uids],
         devices=[copy(api.DeviceStatus, d) for d in msg.devices],

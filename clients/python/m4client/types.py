@@ -384,6 +384,19 @@ class UidUsage:
     in_flight: int
     queued: int
     priority_class: str  # class of its latest request after caps; "" before any
+    running: int = 0  # KV slots it holds now
+    tokens_in_flight: int = 0  # prompt + max_tokens of its requests in flight
+    preempted: int = 0  # times its sequences lost a KV slot and resumed later
+
+
+@dataclass(frozen=True)
+class UidLimits:
+    """The caps every caller uid runs under; 0 means no limit."""
+
+    max_in_flight: int = 0
+    max_queued: int = 0
+    max_running: int = 0  # KV slots
+    max_tokens_in_flight: int = 0
 
 
 @dataclass(frozen=True)
@@ -400,6 +413,7 @@ class EngineLoad:
     ttft_p99_ms: float
     ttft_samples: int
     window_seconds: float
+    uid_limits: UidLimits = UidLimits()
 
 
 @dataclass(frozen=True)

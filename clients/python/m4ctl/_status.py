@@ -91,13 +91,23 @@ def _load_lines(s: DaemonStatus) -> list[str]:
         lines.append(f"rate: {load.decode_tokens_per_second:.1f} tok/s decode over "
                      f"{load.window_seconds:g} s; TTFT p50 {load.ttft_p50_ms:.0f} ms, p99 "
                      f"{load.ttft_p99_ms:.0f} ms ({load.ttft_samples} samples)")
+        cap = load.uid_limits
+
+        def limit(n: int) -> str:
+            return f"{n:,}" if n else "no limit"
+
+        lines.append(f"per-uid caps: {limit(cap.max_in_flight)} in flight, "
+                     f"{limit(cap.max_queued)} queued, {limit(cap.max_running)} KV slots, "
+                     f"{limit(cap.max_tokens_in_flight)} tokens in flight")
     if s.uids:
         lines.append("callers:")
         rows = [("uid", "user", "apps", "class", "ok", "failed", "rejected", "tokens in",
-                 "tokens out", "tok/s", "in flight", "queued")]
+                 "tokens out", "tok/s", "in flight", "queued", "slots", "tokens held",
+                 "preempted")]
         rows += [(str(u.uid), u.user or "-", ",".join(u.apps) or "-", u.priority_class or "-",
                   str(u.requests_ok), str(u.requests_failed), str(u.requests_rejected),
                   f"{u.tokens_in:,}", f"{u.tokens_out:,}", f"{u.tokens_per_second:.1f}",
-                  str(u.in_flight), str(u.queued)) for u in s.uids]
+                  str(u.in_flight), str(u.queued), str(u.running), f"{u.tokens_in_flight:,}",
+                  str(u.preempted)) for u in s.uids]
         lines += ["  " + line for line in out.table(rows)]
     return lines

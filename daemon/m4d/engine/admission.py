@@ -6,10 +6,12 @@ UNAVAILABLE with a retry hint); or quota (the caller's uid has too many requests
 or has used up its tokens per second → RESOURCE_EXHAUSTED with a retry hint). An admitted
 request holds its `Ticket` until `release()`, which the engine calls however it ends.
 
-Per uid: a cap on concurrent requests, a token bucket charged with the request's estimated
-tokens (`estimate_tokens`: prompt + max_tokens; what it did not use is refunded on
+Per uid: caps on requests in flight, on those of them still waiting to start (queued) and
+on the tokens they may use (`estimate_tokens`: prompt + max_tokens, held until release), a
+token bucket charged with the same estimate (what a request did not use is refunded on
 release), a fair-share weight, and a cap on its priority (`max_priority`, the daemon's
-uid_max_class setting: a uid capped at background always runs as background).
+uid_max_class setting: a uid capped at background always runs as background). The cap on
+KV slots one uid holds at once (`UidQuota.max_running`) is the scheduler's to keep.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from m4d.engine.stats import UidLimits
 from m4d.errors import M4Error, ResourceExhausted, Unavailable
 from m4d.requests import (
     ClassifyRequest,
@@ -34,6 +37,9 @@ class UidQuota:
     max_concurrent: int = 8  # requests in flight
     tokens_per_second: float = 2000.0  # token bucket refill rate
     burst_tokens: float = 8000.0  # token bucket size
+    max_queued: int = 16  # requests in flight that have not started (no KV slot, not run)
+    max_tokens_in_flight: int = 0  # estimates of the requests in flight, summed; 0: no limit
+    max_running: int = 0  # KV slots held at once (the scheduler's cap); 0: no limit
 
 
 @dataclass
@@ -109,13 +115,21 @@ class Admission:
         self.config = config or AdmissionConfig()
         self.in_flight: dict[int, int] = {}  # uid -> requests
         self.per_priority: dict[Priority, int] = {}  # requests held
+        self.tokens: dict[int, int] = {}  # uid -> estimates of its requests in flight
         self._buckets: dict[int, _Bucket] = {}
 
     def quota(self, uid: int) -> UidQuota:
         return self.config.quotas.get(uid, self.config.quota)
 
-    def check(self, uid: int, priority: Priority, est_tokens: int, now: float) -> Decision:
-        """Admits the request (and counts it until release) or says why not."""
+    def limits(self) -> UidLimits:
+        """Every uid's caps (those not in `quotas`), for status."""
+        q = self.config.quota
+        return UidLimits(q.max_concurrent, q.max_queued, q.max_running, q.max_tokens_in_flight)
+
+    def check(self, uid: int, priority: Priority, est_tokens: int, now: float,
+              started: int = 0) -> Decision:
+        """Admits the request (and counts it until release) or says why not. `started`: how
+        many of the uid's requests in flight have started (the rest are queued)."""
         cfg, quota = self.config, self.quota(uid)
         priority = Priority(max(priority, cfg.max_priority.get(uid, 0)))
         weight = cfg.weights.get(uid, 1.0)
@@ -123,11 +137,22 @@ class Admission:
         def refuse(status: Literal["busy", "quota"], retry: float, message: str) -> Decision:
             return Decision(status, priority, weight, message, round(retry, 3))
 
-        running = self.in_flight.get(uid, 0)
-        if running >= quota.max_concurrent:
+        in_flight = self.in_flight.get(uid, 0)
+        if in_flight >= quota.max_concurrent:
             return refuse("quota", cfg.concurrent_retry_after,
-                          f"uid {uid} already has {running} requests in flight (limit "
+                          f"uid {uid} already has {in_flight} requests in flight (limit "
                           f"{quota.max_concurrent}); retry when one finishes")
+        waiting = max(0, in_flight - started)
+        if waiting >= quota.max_queued:
+            return refuse("quota", cfg.concurrent_retry_after,
+                          f"uid {uid} already has {waiting} requests waiting to start (limit "
+                          f"{quota.max_queued}); retry when one starts")
+        held = self.tokens.get(uid, 0)
+        if quota.max_tokens_in_flight and held and held + est_tokens > quota.max_tokens_in_flight:
+            return refuse("quota", cfg.concurrent_retry_after,
+                          f"uid {uid} has requests in flight for {held} tokens and this one may "
+                          f"use {est_tokens} (limit {quota.max_tokens_in_flight} tokens in "
+                          "flight); retry when one finishes")
         bucket = self._refill(uid, quota, now)
         cost = min(float(est_tokens), quota.burst_tokens)  # a big request waits for a full bucket
         if bucket.level < cost:
@@ -141,13 +166,17 @@ class Admission:
                           f"busy: {queued} {priority.name.lower()} requests are in the daemon "
                           f"(limit {limit}); retry in {cfg.busy_retry_after:g} s")
         bucket.level -= cost
-        self.in_flight[uid] = running + 1
+        self.in_flight[uid] = in_flight + 1
+        self.tokens[uid] = held + est_tokens
         self.per_priority[priority] = queued + 1
         return Decision("ok", priority, weight)
 
-    def release(self, uid: int, priority: Priority, unused_tokens: int = 0) -> None:
-        """A request admitted with `priority` ended; refunds the tokens it did not use."""
+    def release(self, uid: int, priority: Priority, unused_tokens: int = 0,
+                estimate: int = 0) -> None:
+        """A request admitted with `priority` and `estimate` tokens ended; refunds the tokens
+        it did not use."""
         self.in_flight[uid] = max(0, self.in_flight.get(uid, 0) - 1)
+        self.tokens[uid] = max(0, self.tokens.get(uid, 0) - estimate)
         self.per_priority[priority] = max(0, self.per_priority.get(priority, 0) - 1)
         bucket = self._buckets.get(uid)
         if bucket is not None and unused_tokens > 0:

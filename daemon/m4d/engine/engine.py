@@ -54,14 +54,15 @@ class Engine:
         self.runtime = runtime
         self.config = config
         kv = KVPool(config.kv_tokens, config.kv_block) if config.kv_tokens else None
+        self.admission = Admission(config.admission)
         self.scheduler = Scheduler(config.kv_slots, config.token_budget, config.max_queue,
                                    config.prefill_chunk, policy=config.policy, kv=kv,
-                                   min_run_tokens=config.min_run_tokens)
+                                   min_run_tokens=config.min_run_tokens,
+                                   max_running=lambda uid: self.admission.quota(uid).max_running)
         self.latency = LatencyPolicy(config.latency)
         self.batcher = Batcher(self.latency, max_batch_texts=config.max_batch_texts,
                                max_batch_media=config.max_batch_media,
                                encoder_max_wait=config.encoder_max_wait)
-        self.admission = Admission(config.admission)
         self.stats = EngineStats()
         self.recent = RecentUsage()  # token counters over the last seconds, for Status
         # one executor per device in use besides the step loop's (config `placement`)
@@ -117,7 +118,8 @@ class Engine:
                     f"busy: {waiting} requests are waiting (limit {self.config.max_queue}); "
                     "retry shortly", retry_after=0.5)
             now, estimate = time.monotonic(), estimate_tokens(request)
-            decision = self.admission.check(uid, request.priority, estimate, now)
+            decision = self.admission.check(uid, request.priority, estimate, now,
+                                            started=self.scheduler.rows_held().get(uid, 0))
             error = decision.error()
             if error is not None:
                 self.stats.reject(uid)
@@ -161,7 +163,9 @@ class Engine:
                 queued=tuple([(s.uid, s.priority) for s in self.scheduler.waiting]
                              + [(r.caller.uid, r.priority) for r in requests]),
                 running_tokens=tokens_per_uid(sequences), kv_blocks_used=used,
-                kv_blocks_total=total)
+                kv_blocks_total=total, rows_held=self.scheduler.rows_held(),
+                tokens_in_flight={u: t for u, t in self.admission.tokens.items() if t},
+                limits=self.admission.limits())
 
     # ---- the worker thread: the loop -----------------------------------------------
 
@@ -261,7 +265,8 @@ class Engine:
             used = ticket.estimate if ticket is not None else 0
         with self._lock:
             if ticket is not None:
-                self.admission.release(ticket.uid, ticket.priority, ticket.unused(used))
+                self.admission.release(ticket.uid, ticket.priority, ticket.unused(used),
+                                       ticket.estimate)
             self.stats.finish(stream.request.caller.uid, isinstance(event, Failed),
                               tokens_in, tokens_out)
             idle = self.stats.in_flight == 0
@@ -282,6 +287,7 @@ class Engine:
             self._deadline_passed(rid)
         for rid in plan.preempted:  # lost its KV row: a later chunk re-prefills it
             self.stats.preempted += 1
+            self.stats.uid(self.scheduler.seqs[rid].uid).preempted += 1
             log.info("sequence preempted", extra={"request": rid})
         if plan.empty:
             return

@@ -5,9 +5,9 @@ Plain data in, a plan out: no torch, no grpc, no asyncio, no clock (the engine p
 decodes one token, and what is left of the budget goes to prompt chunks cut at fixed
 multiples of chunk_size (chunked prefill), so a long prompt never stalls other streams.
 
-Three limits are never exceeded: the token budget, the KV rows and the KV memory pool
-(`KVPool`). Waiting sequences are admitted into free rows in the queue policy's order
-(`policy.py`). A step runs in this order:
+Four limits are never exceeded: the token budget, the KV rows, the KV memory pool
+(`KVPool`) and the rows one uid may hold (`max_running`). Waiting sequences are admitted
+into free rows in the queue policy's order (`policy.py`); a uid at its cap is passed over. A step runs in this order:
 
 1. deadlines: expired sequences, waiting or running, leave at once (`plan.expired`);
 2. running sequences, most urgent first (run_priority, then admission order), get their decode
@@ -27,6 +27,8 @@ sequence admitted to the row overwrites it). Greedy decoding resumes to the same
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from m4d.engine.kvpool import KVCapacityError, KVPool
@@ -97,7 +99,8 @@ class Scheduler:
 
     def __init__(self, num_rows: int, token_budget: int, max_waiting: int,
                  chunk_size: int | None = None, *, policy: QueuePolicy | str = "fair",
-                 kv: KVPool | None = None, min_run_tokens: int = 16) -> None:
+                 kv: KVPool | None = None, min_run_tokens: int = 16,
+                 max_running: Callable[[int], int] | None = None) -> None:
         chunk_size = chunk_size or max(1, token_budget - num_rows)
         if token_budget < chunk_size + num_rows:
             raise ValueError(
@@ -108,6 +111,7 @@ class Scheduler:
         self.chunk_size = chunk_size
         self.max_waiting = max_waiting
         self.min_run_tokens = min_run_tokens  # before a sequence of the same class may preempt it
+        self.max_running = max_running or (lambda uid: 0)  # uid -> KV rows it may hold; 0: all
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.kv = kv if kv is not None else KVPool(1 << 62, 1)  # default: rows are the limit
         self._free_rows = list(range(num_rows - 1, -1, -1))  # pop() gives the lowest
@@ -130,6 +134,10 @@ class Scheduler:
     def waiting(self) -> list[SeqState]:
         """The sequences waiting for a row (new or preempted), as a copy."""
         return list(dict(self._waiting).values())
+
+    def rows_held(self) -> dict[int, int]:
+        """uid -> KV rows its sequences hold (safe to call from another thread)."""
+        return dict(collections.Counter(s.uid for s in list(dict(self.running).values())))
 
     def add(self, seq: SeqState) -> None:
         """Queues a sequence; raises KVCapacityError (a ValueError) if it could never fit."""
@@ -182,9 +190,12 @@ class Scheduler:
                 if n <= self._left(plan) and self._make_room(plan, seq, seq.computed + n, later):
                     self._plan(plan, seq, n)
 
+        held = collections.Counter(s.uid for s in self.running.values())
         for priority, seq in self.policy.order(list(self._waiting.values()), now):
             if seq.id in plan.preempted:
                 continue  # not back in the same step it was pushed out
+            if 0 < self.max_running(seq.uid) <= held[seq.uid]:
+                continue  # its uid holds all the rows it may: the next one's turn
             n = self._next_chunk(seq)
             if n > self._left(plan) or not self._make_room(plan, seq, n, self._victims(seq),
                                                            need_row=True):
@@ -192,6 +203,7 @@ class Scheduler:
             del self._waiting[seq.id]
             seq.row = self._free_rows.pop()
             seq.admitted_at = seq.generated
+            held[seq.uid] += 1
             seq.run_priority = priority
             self.policy.admitted(seq, now)
             self._admitted += 1

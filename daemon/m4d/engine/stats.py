@@ -30,6 +30,7 @@ class UidUsage:
     tokens_generated: int = 0
     apps: set[str] = field(default_factory=set)  # labels it sent (a label, never an identity)
     priority: Priority | None = None  # of its latest request, after the uid_max_class cap
+    preempted: int = 0  # times one of its sequences lost its KV slot to other work
 
 
 @dataclass
@@ -95,6 +96,16 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class UidLimits:
+    """The caps every uid runs under (admission's and the scheduler's); 0: no limit."""
+
+    max_in_flight: int = 0
+    max_queued: int = 0
+    max_running: int = 0  # KV slots
+    max_tokens_in_flight: int = 0
+
+
+@dataclass(frozen=True)
 class EngineSnapshot:
     """The engine at one moment: the one thing Status, metrics and usage read."""
 
@@ -106,6 +117,9 @@ class EngineSnapshot:
     running_tokens: Mapping[int, tuple[int, int]]  # uid -> tokens in, out of running requests
     kv_blocks_used: int
     kv_blocks_total: int
+    rows_held: Mapping[int, int] = field(default_factory=dict)  # uid -> KV slots it holds
+    tokens_in_flight: Mapping[int, int] = field(default_factory=dict)  # uid -> admitted estimates
+    limits: UidLimits = field(default_factory=UidLimits)
 
     def uid_tokens(self) -> dict[int, tuple[int, int]]:
         """uid -> tokens in, out: its finished requests and its running sequences so far."""

@@ -17,9 +17,9 @@ import functools
 import pwd
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from m4d.engine.stats import EngineSnapshot
+from m4d.engine.stats import EngineSnapshot, UidLimits
 from m4d.requests import Priority
 
 WINDOW = 10.0  # seconds of history behind a "recent" rate
@@ -78,6 +78,9 @@ class UidView:
     in_flight: int
     queued: int
     priority: Priority | None  # of its latest request, after the uid_max_class cap
+    running: int = 0  # KV slots its sequences hold now
+    tokens_in_flight: int = 0  # prompt + max_tokens of its requests in flight
+    preempted: int = 0  # times its sequences lost a KV slot to other work
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class EngineView:
     ttft_p99_ms: float
     ttft_samples: int
     window_seconds: float = WINDOW
+    limits: UidLimits = field(default_factory=UidLimits)  # the caps every uid runs under
 
 
 @functools.lru_cache(maxsize=256)
@@ -135,7 +139,9 @@ def usage_view(snapshot: EngineSnapshot, recent: RecentUsage,
             requests_ok=max(0, u.requests - u.in_flight - u.failed), requests_failed=u.failed,
             requests_rejected=u.rejected, tokens_in=t_in, tokens_out=t_out,
             tokens_per_second=rate(before, t_out), in_flight=u.in_flight,
-            queued=min(queued_per_uid.get(uid, 0), u.in_flight), priority=u.priority))
+            queued=min(queued_per_uid.get(uid, 0), u.in_flight), priority=u.priority,
+            running=snapshot.rows_held.get(uid, 0),
+            tokens_in_flight=snapshot.tokens_in_flight.get(uid, 0), preempted=u.preempted))
     decode_before = base.decode if base is not None else current.decode
     return EngineView(
         uids=rows, queue_depth=depth, running_sequences=snapshot.active_sequences,
@@ -143,7 +149,7 @@ def usage_view(snapshot: EngineSnapshot, recent: RecentUsage,
         kv_blocks_total=snapshot.kv_blocks_total,
         decode_tokens_per_second=rate(decode_before, current.decode),
         ttft_p50_ms=percentile(ttft, 50) * 1e3, ttft_p99_ms=percentile(ttft, 99) * 1e3,
-        ttft_samples=len(ttft))
+        ttft_samples=len(ttft), limits=snapshot.limits)
 
 
 __all__ = ["EngineView", "RecentUsage", "UidView", "percentile", "usage_view", "user_name"]

@@ -240,7 +240,11 @@ def engine_load(view: EngineView) -> pb.EngineLoad:
         kv_blocks_used=view.kv_blocks_used, kv_blocks_total=view.kv_blocks_total,
         decode_tokens_per_second=view.decode_tokens_per_second,
         ttft_p50_ms=view.ttft_p50_ms, ttft_p99_ms=view.ttft_p99_ms,
-        ttft_samples=view.ttft_samples, window_seconds=view.window_seconds)
+        ttft_samples=view.ttft_samples, window_seconds=view.window_seconds,
+        uid_limits=pb.UidLimits(
+            max_in_flight=view.limits.max_in_flight, max_queued=view.limits.max_queued,
+            max_running=view.limits.max_running,
+            max_tokens_in_flight=view.limits.max_tokens_in_flight))
 
 
 def uid_usage(view: EngineView) -> list[pb.UidUsage]:
@@ -249,7 +253,8 @@ def uid_usage(view: EngineView) -> list[pb.UidUsage]:
         requests_failed=u.requests_failed, requests_rejected=u.requests_rejected,
         tokens_in=u.tokens_in, tokens_out=u.tokens_out, tokens_per_second=u.tokens_per_second,
         in_flight=u.in_flight, queued=u.queued,
-        priority_class=_CLASSES[u.priority] if u.priority is not None else "")
+        priority_class=_CLASSES[u.priority] if u.priority is not None else "",
+        running=u.running, tokens_in_flight=u.tokens_in_flight, preempted=u.preempted)
         for u in view.uids]
 
 

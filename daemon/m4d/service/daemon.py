@@ -334,7 +334,9 @@ def engine_config(config: Config) -> EngineConfig:
         priority_limits={0: config.max_queue, 1: config.max_queue + config.kv_slots,
                          2: config.max_queue + config.kv_slots},
         quota=UidQuota(max_concurrent=config.uid_max_concurrent, tokens_per_second=rate,
-                       burst_tokens=burst),
+                       burst_tokens=burst, max_queued=config.uid_max_queued,
+                       max_running=config.max_running(),
+                       max_tokens_in_flight=config.uid_max_tokens_in_flight),
         max_priority=config.class_caps())  # uid_max_class: a uid's most urgent priority
     return EngineConfig(
         kv_slots=config.kv_slots, token_budget=config.step_token_budget,
