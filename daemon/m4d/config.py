@@ -143,7 +143,7 @@ class Config:
     # a retry hint. 16 leaves room in max_queue (64) for four apps that queue all they may.
     uid_max_queued: int = 16
     # KV slots one uid's sequences may hold at once; its other requests wait while other
-    # apps' requests start. 0 means three quarters of kv_slots (12 of 16), so a quarter of
+    # apps' requests start. 0 means kv_slots less a quarter of them (12 of 16), so a quarter of
     # the slots stays free for up to four other apps' first requests without a preemption.
     uid_max_running: int = 0
     # Tokens (prompt + max_tokens) of one uid's requests in flight, summed; a request that
@@ -278,8 +278,8 @@ class Config:
             )
 
     def max_running(self) -> int:
-        """uid_max_running with 0 resolved: three quarters of kv_slots (at least one)."""
-        return self.uid_max_running or max(1, self.kv_slots * 3 // 4)
+        """uid_max_running with 0 resolved: kv_slots less a quarter of them, rounded down."""
+        return self.uid_max_running or self.kv_slots - self.kv_slots // 4
 
     def class_caps(self) -> dict[int, int]:
         """uid_max_class as uid -> class number (0 system, 1 foreground, 2 background)."""

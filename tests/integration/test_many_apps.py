@@ -34,7 +34,10 @@ SUBJECTS = ["cats", "the sea", "winter", "trains", "bread", "music", "rain", "a 
 def busy_daemon(text_image: Path, tmp_path_factory: pytest.TempPathFactory):
     run = tmp_path_factory.mktemp("many")
     d = start_daemon(text_image, run,
+                     # one uid plays fifty apps here: lift its per-app caps (issue 15)
                      env={"M4D_UID_MAX_CONCURRENT": "100", "M4D_MAX_QUEUE": "100",
+                          "M4D_UID_MAX_QUEUED": "100", "M4D_UID_MAX_RUNNING": "64",
+                          "M4D_UID_MAX_TOKENS_IN_FLIGHT": "0",
                           "M4D_METRICS_LISTEN": f"unix:{run}/metrics.sock"})
     yield d
     d.stop()
