@@ -137,6 +137,13 @@ class Config:
     # recomputed from prompt + generated tokens, to the same greedy output), but only from a
     # sequence that has generated this many tokens since it last got its slot.
     min_run_tokens: int = 16
+    # Backpressure: a generation stream holding this many tokens its client has not read yet
+    # pauses (no decode work; its KV slot may go to others) until the client has read half
+    # of them. 0 never pauses.
+    stream_pause_tokens: int = 256
+    # A paused stream whose client reads nothing for this many seconds is cancelled
+    # (CANCELLED; counted as stalled in `m4ctl status`).
+    stream_stall_seconds: float = 30.0
     # Requests one uid may have in flight; more get RESOURCE_EXHAUSTED.
     uid_max_concurrent: int = 32
     # Of those, requests one uid may have waiting to start; more get RESOURCE_EXHAUSTED with
@@ -231,7 +238,7 @@ class Config:
             raise ConfigError(f"kernel_variant must be one of {', '.join(KERNEL_VARIANTS)} "
                               f"(got {self.kernel_variant!r})")
         for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kernel_threads",
-                    "uid_max_running", "uid_max_tokens_in_flight"):
+                    "uid_max_running", "uid_max_tokens_in_flight", "stream_pause_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.weight_format in ("int4", "int8") and self.compute_dtype == "float32":
@@ -264,6 +271,8 @@ class Config:
         if self.max_image_bytes > self.max_message_bytes:
             raise ConfigError(f"max_image_bytes ({self.max_image_bytes}) must not exceed "
                               f"max_message_bytes ({self.max_message_bytes})")
+        if self.stream_stall_seconds <= 0:
+            raise ConfigError(f"stream_stall_seconds must be > 0 (got {self.stream_stall_seconds})")
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout must be >= 0 seconds (got {self.drain_timeout})")
         if 0 < self.uid_max_tokens_in_flight < self.max_context:

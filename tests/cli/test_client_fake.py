@@ -260,6 +260,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
             requests_in_flight=2,
             requests_total=1234,
             requests_cancelled=5,
+            requests_stalled=2,
             requests_rejected=1,
             tokens_generated=56789,
             tokens_prompted=4321,
@@ -277,11 +278,11 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
                 )
             ],
             load=admin_pb2.EngineLoad(
-                running_sequences=7, window_seconds=10.0,
+                running_sequences=7, paused_sequences=1, window_seconds=10.0,
                 uid_limits=admin_pb2.UidLimits(max_in_flight=32, max_queued=16, max_running=12,
                                                max_tokens_in_flight=8192)),
             uids=[admin_pb2.UidUsage(uid=1000, user="alice", in_flight=20, queued=8, running=12,
-                                     tokens_in_flight=5000, preempted=3)],
+                                     tokens_in_flight=5000, preempted=3, stalled=1)],
         )
 
 

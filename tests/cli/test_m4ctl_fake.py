@@ -284,14 +284,15 @@ def test_status_human(fake: FakeM4d, capsys: pytest.CaptureFixture[str]) -> None
     assert code == 0
     assert "image:     fake-image 0.0.1" in out
     assert "9.9.9, READY, up 1h 02m 05s" in out and "1.5 GiB RSS" in out
-    assert "2 in flight, 1,234 total, 5 cancelled, 1 rejected" in out
+    assert "2 in flight, 1,234 total, 5 cancelled (2 stalled), 1 rejected" in out
+    assert "batch: 7 running (1 paused for their readers)" in out
     assert "backbone  llama  135.0M params  int4/float32  cpu" in out
     assert ("per-uid caps: 32 in flight, 16 queued, 12 KV slots, 8,192 tokens in flight"
             in out)
     header = next(line for line in out.splitlines() if line.strip().startswith("uid "))
     alice = next(line for line in out.splitlines() if line.strip().startswith("1000 "))
-    assert header.split()[-5:] == ["queued", "slots", "tokens", "held", "preempted"]
-    assert alice.split()[-5:] == ["20", "8", "12", "5,000", "3"]
+    assert header.split()[-6:] == ["queued", "slots", "tokens", "held", "preempted", "stalled"]
+    assert alice.split()[-6:] == ["20", "8", "12", "5,000", "3", "1"]
     assert fake.log.requests[0][0] == "Status"
 
 

@@ -67,3 +67,14 @@ def test_per_uid_caps_reach_the_engine_and_leave_room_for_four_apps(tmp_path: Pa
     assert Config(uid_max_tokens_in_flight=0).uid_max_tokens_in_flight == 0
     with pytest.raises(ConfigError, match="uid_max_queued must be > 0"):
         Config(uid_max_queued=0)
+
+
+def test_backpressure_settings_reach_the_engine() -> None:
+    from m4d.service.daemon import engine_config
+
+    bp = engine_config(Config()).backpressure
+    assert (bp.pause_tokens, bp.resume_tokens, bp.stall_seconds) == (256, 128, 30.0)
+    bp = engine_config(Config(stream_pause_tokens=0, stream_stall_seconds=2.5)).backpressure
+    assert (bp.pause_tokens, bp.stall_seconds) == (0, 2.5)
+    with pytest.raises(ConfigError, match="stream_stall_seconds must be > 0"):
+        Config(stream_stall_seconds=0)

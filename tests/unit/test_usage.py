@@ -88,11 +88,12 @@ def test_uid_slots_tokens_in_flight_preemptions_and_limits_are_shown() -> None:
     stats = EngineStats()
     stats.admit(7, "", Priority.FOREGROUND)
     stats.uid(7).preempted = 2
+    stats.uid(7).stalled = 1
     snap = EngineSnapshot(stats=stats, kv_slots=4, active_sequences=1, waiting=0, queued=(),
                           running_tokens={}, kv_blocks_used=0, kv_blocks_total=0,
                           rows_held={7: 1}, tokens_in_flight={7: 300},
-                          limits=UidLimits(32, 16, 12, 8192))
+                          limits=UidLimits(32, 16, 12, 8192), paused=3)
     view = usage_view(snap, RecentUsage(), now=1.0)
     (u,) = view.uids
-    assert (u.running, u.tokens_in_flight, u.preempted) == (1, 300, 2)
-    assert view.limits == UidLimits(32, 16, 12, 8192)
+    assert (u.running, u.tokens_in_flight, u.preempted, u.stalled) == (1, 300, 2, 1)
+    assert view.limits == UidLimits(32, 16, 12, 8192) and view.paused_sequences == 3

@@ -387,6 +387,7 @@ class UidUsage:
     running: int = 0  # KV slots it holds now
     tokens_in_flight: int = 0  # prompt + max_tokens of its requests in flight
     preempted: int = 0  # times its sequences lost a KV slot and resumed later
+    stalled: int = 0  # its streams cancelled because it read nothing for too long
 
 
 @dataclass(frozen=True)
@@ -414,6 +415,7 @@ class EngineLoad:
     ttft_samples: int
     window_seconds: float
     uid_limits: UidLimits = UidLimits()
+    paused_sequences: int = 0  # waiting for their clients to read (backpressure)
 
 
 @dataclass(frozen=True)
@@ -455,4 +457,5 @@ class DaemonStatus:
     load: EngineLoad | None = None  # None while the model loads
     uids: list[UidUsage] = field(default_factory=list)  # lowest uid first
     devices: list[DeviceStatus] = field(default_factory=list)  # cpu first
+    requests_stalled: int = 0  # of requests_cancelled: their clients stopped reading
     raw: Any = field(default=None, repr=False, compare=False)

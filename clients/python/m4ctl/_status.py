@@ -41,7 +41,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "requests",
             f"{s.requests_in_flight} in flight, {s.requests_total:,} total, "
-            f"{s.requests_cancelled:,} cancelled, {s.requests_rejected:,} rejected",
+            f"{s.requests_cancelled:,} cancelled ({s.requests_stalled:,} stalled), "
+            f"{s.requests_rejected:,} rejected",
         ),
         ("tokens", f"{s.tokens_generated:,} generated, {s.tokens_prompted:,} prompted"),
         ("sequences", f"{s.active_sequences} active / {s.kv_slots} KV slots"),
@@ -85,7 +86,8 @@ def _load_lines(s: DaemonStatus) -> list[str]:
     if load is not None:
         queues = ", ".join(f"{c} {n}" for c, n in load.queues.items())
         lines.append(f"queues: {queues}")
-        lines.append(f"batch: {load.running_sequences} running, last decode step "
+        lines.append(f"batch: {load.running_sequences} running ({load.paused_sequences} "
+                     "paused for their readers), last decode step "
                      f"{load.decode_batch_size}, KV blocks {load.kv_blocks_used}/"
                      f"{load.kv_blocks_total}")
         lines.append(f"rate: {load.decode_tokens_per_second:.1f} tok/s decode over "
@@ -103,11 +105,11 @@ def _load_lines(s: DaemonStatus) -> list[str]:
         lines.append("callers:")
         rows = [("uid", "user", "apps", "class", "ok", "failed", "rejected", "tokens in",
                  "tokens out", "tok/s", "in flight", "queued", "slots", "tokens held",
-                 "preempted")]
+                 "preempted", "stalled")]
         rows += [(str(u.uid), u.user or "-", ",".join(u.apps) or "-", u.priority_class or "-",
                   str(u.requests_ok), str(u.requests_failed), str(u.requests_rejected),
                   f"{u.tokens_in:,}", f"{u.tokens_out:,}", f"{u.tokens_per_second:.1f}",
                   str(u.in_flight), str(u.queued), str(u.running), f"{u.tokens_in_flight:,}",
-                  str(u.preempted)) for u in s.uids]
+                  str(u.preempted), str(u.stalled)) for u in s.uids]
         lines += ["  " + line for line in out.table(rows)]
     return lines

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from m4d.engine.admission import AdmissionConfig
+from m4d.engine.backpressure import BackpressureConfig
 from m4d.engine.latency import LatencyConfig
 from m4d.engine.policy import QueuePolicy
 
@@ -26,3 +27,4 @@ class EngineConfig:
     min_run_tokens: int = 16  # tokens a sequence generates before its own class may preempt it
     admission: AdmissionConfig | None = None  # per-uid quotas, limits per priority
     latency: LatencyConfig = field(default_factory=LatencyConfig)  # background vs urgent
+    backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)  # slow readers

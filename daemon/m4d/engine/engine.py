@@ -15,6 +15,11 @@ runtime (torch, never on the event loop) and posts the events through an `Outbox
 4. the next encoder batch, media batch and backbone call (the `Batcher`'s plans; a
    background encoder batch defers to urgent generation and is cut to a slice too);
 5. the encoder batches that other devices' executors have run.
+
+Before each step, backpressure (`backpressure.py`): a sequence whose stream holds too many
+tokens its reader has not taken pauses (the scheduler plans nothing for it and may give its
+row away); the stream wakes the loop when its reader catches up; one whose reader takes
+nothing for too long is cancelled.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 from m4d.engine.admission import Admission, Ticket, estimate_tokens
 from m4d.engine.backbone import run_backbone
+from m4d.engine.backpressure import verdict
 from m4d.engine.batching import Batcher, EncoderRequest
 from m4d.engine.config import EngineConfig
 from m4d.engine.encoder import run_encoder_batch
@@ -73,6 +79,7 @@ class Engine:
         self._inbox: collections.deque[tuple[RequestBase, RequestStream]] = collections.deque()
         self._urgent_inbox = 0  # urgent generation requests in the inbox
         self._cancels: set[int] = set()
+        self._woken = False  # a paused stream's reader caught up
         self._offloaded: collections.deque[tuple[EncoderRequest, Event]] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -106,6 +113,7 @@ class Engine:
         """Queues a request; raises Unavailable at once when the queue is full, and the
         admission's error when the caller is over its quota."""
         stream = RequestStream(request, self.cancel)
+        stream.wake = self._wake
         uid = request.caller.uid
         with self._lock:
             if self._stopping:
@@ -151,6 +159,11 @@ class Engine:
                 self._cancels.add(request_id)
                 self._lock.notify()
 
+    def _wake(self) -> None:
+        with self._lock:
+            self._woken = True
+            self._lock.notify()
+
     def snapshot(self) -> EngineSnapshot:
         """The engine now, for Status, metrics and usage (exact to a step or so)."""
         sequences = list(dict(self._sequences).values())
@@ -164,32 +177,38 @@ class Engine:
                              + [(r.caller.uid, r.priority) for r in requests]),
                 running_tokens=tokens_per_uid(sequences), kv_blocks_used=used,
                 kv_blocks_total=total, rows_held=self.scheduler.rows_held(),
+                paused=sum(s.paused_since is not None for s in sequences),
                 tokens_in_flight={u: t for u, t in self.admission.tokens.items() if t},
                 limits=self.admission.limits())
 
     # ---- the worker thread: the loop -----------------------------------------------
 
     def _has_work(self) -> bool:
-        return bool(self._inbox or self._cancels or self.scheduler.seqs or self.batcher
-                    or self._offloaded)
+        """Work a pass can do now (paused sequences wait for their readers or a timeout)."""
+        return bool(self._inbox or self._cancels or self.scheduler.runnable() or self.batcher
+                    or self._offloaded or self._woken)
 
     def _run(self) -> None:
         log.info("executor started", extra={"device": str(self.runtime.device)})
         while True:
             with self._lock:
                 while not self._has_work() and not self._stopping:
-                    self._lock.wait(timeout=1.0)
+                    timed_out = not self._lock.wait(timeout=1.0)
                     self.stats.last_progress = time.monotonic()  # idle is healthy
-                if self._stopping and not self._has_work():
+                    if timed_out and self.scheduler.seqs:
+                        break  # paused streams: a pass checks whether their readers stalled
+                if self._stopping and not self._has_work() and not self.scheduler.seqs:
                     return
                 inbox = list(self._inbox)
                 self._inbox.clear()
                 self._urgent_inbox = 0
                 cancels = set(self._cancels)
                 self._cancels.clear()
+                self._woken = False
             try:
                 self._admit(inbox)
                 self._expire(cancels)
+                self._backpressure()
                 self._outbox.flush()
                 self._step()
                 self._outbox.flush()
@@ -240,6 +259,29 @@ class Engine:
             # generation deadlines are the scheduler's: they come back in plan.expired
             if rid not in self.scheduler.seqs and stream.request.expired(now):
                 self._deadline_passed(rid)
+
+    def _backpressure(self) -> None:
+        """Pauses the sequences whose readers are behind, resumes those that caught up and
+        cancels those whose readers stalled (or all paused ones, when stopping)."""
+        now, config = time.monotonic(), self.config.backpressure
+        for rid, seq in list(self._sequences.items()):
+            state, stream = self.scheduler.seqs.get(rid), seq.stream
+            if state is None or stream is None:
+                continue
+            since = seq.paused_since
+            action = verdict(config, since, stream.undelivered, stream.last_read, now)
+            if action == "cancel" or (self._stopping and action == "pause"):
+                self.stats.cancelled += 1
+                self.stats.stalled += 1
+                self.stats.uid(seq.request.caller.uid).stalled += 1
+                log.info("stream stalled: cancelled", extra={"request": rid})
+                self._finish(rid, Failed(Cancelled(
+                    f"the client took none of the {stream.undelivered} tokens waiting for it "
+                    f"for {config.stall_seconds:g} s; the stream is cancelled")))
+            elif (action == "pause") != (since is not None):
+                state.paused = action == "pause"
+                seq.paused_since = now if state.paused else None
+                stream.wake_below = config.resume_tokens if state.paused else None
 
     def _deadline_passed(self, rid: int) -> None:
         self.stats.cancelled += 1

@@ -19,6 +19,9 @@ into free rows in the queue policy's order (`policy.py`); a uid at its cap is pa
    the head's own priority is only movable once it has generated `min_run_tokens` since it
    was (re)admitted, so no sequence is thrashed step after step.
 
+A paused sequence (its reader is behind: `backpressure.py`) gets no work and does not
+leave the queue, and it is the first to give its row to a waiting sequence.
+
 A preempted sequence loses its row and memory and waits again (`plan.preempted`); its
 generated tokens are kept and it resumes by re-prefilling prompt + generated tokens
 (recompute, not swap: the runtime's KV cache is one fixed row per slot, and the next
@@ -58,6 +61,7 @@ class SeqState:
     admit_no: int = 0  # admission counter: higher was admitted later
     preemptions: int = 0
     admitted_at: int = 0  # `generated` when it was last admitted: its run so far is the rest
+    paused: bool = False  # its reader is behind (backpressure): no work, its row may go
 
     @property
     def prefill_len(self) -> int:
@@ -181,7 +185,7 @@ class Scheduler:
         order = sorted(self.running.values(), key=self._run_key)
         for prefill in (False, True):  # decode tokens first, then prompt chunks
             for seq in order:
-                if seq.id not in self.running or seq.prefilling != prefill:
+                if seq.id not in self.running or seq.prefilling != prefill or seq.paused:
                     continue
                 n = self._next_chunk(seq) if prefill else 1
                 later = sorted((s for s in self.running.values()
@@ -192,8 +196,8 @@ class Scheduler:
 
         held = collections.Counter(s.uid for s in self.running.values())
         for priority, seq in self.policy.order(list(self._waiting.values()), now):
-            if seq.id in plan.preempted:
-                continue  # not back in the same step it was pushed out
+            if seq.id in plan.preempted or seq.paused:
+                continue  # not back in the same step it was pushed out, nor while paused
             if 0 < self.max_running(seq.uid) <= held[seq.uid]:
                 continue  # its uid holds all the rows it may: the next one's turn
             n = self._next_chunk(seq)
@@ -213,13 +217,21 @@ class Scheduler:
         return plan
 
     def _victims(self, head: SeqState) -> list[SeqState]:
-        """Whom a waiting head may preempt, in order: a lower priority (latest admitted of
-        the lowest first), then those of its own priority the queue policy gives up."""
+        """Whom a waiting head may preempt, in order: paused sequences (they hold a row
+        for nothing), a lower priority (latest admitted of the lowest first), then those of
+        its own priority the queue policy gives up."""
         cls = self.policy.priority(head)
-        lower = sorted((s for s in self.running.values() if s.run_priority > cls),
-                       key=self._run_key, reverse=True)
-        same = [s for s in self.running.values() if s.run_priority == cls]
-        return lower + self.policy.victims(head, same, self._movable)
+        active = [s for s in self.running.values() if not s.paused]
+        paused = sorted((s for s in self.running.values() if s.paused),
+                        key=self._run_key, reverse=True)
+        lower = sorted((s for s in active if s.run_priority > cls), key=self._run_key,
+                       reverse=True)
+        same = [s for s in active if s.run_priority == cls]
+        return paused + lower + self.policy.victims(head, same, self._movable)
+
+    def runnable(self) -> bool:
+        """Whether any sequence may get work (paused ones wait for their readers)."""
+        return any(not s.paused for s in list(dict(self.seqs).values()))
 
     def _movable(self, seq: SeqState) -> bool:
         return not seq.prefilling and seq.generated - seq.admitted_at >= self.min_run_tokens

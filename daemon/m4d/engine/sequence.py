@@ -44,6 +44,7 @@ class Sequence:
         self.decoder = IncrementalDecoder(tokenizer)
         self.tokens: list[int] = []
         self.prompted = 0  # prompt (and re-prefilled) tokens put into the KV cache
+        self.paused_since: float | None = None  # its reader is behind (backpressure) since
         self._held = ""  # text held back because it may be the start of a stop string
         self._held_ids: list[int] = []
         self._start = 0.0

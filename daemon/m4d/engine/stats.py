@@ -31,6 +31,7 @@ class UidUsage:
     apps: set[str] = field(default_factory=set)  # labels it sent (a label, never an identity)
     priority: Priority | None = None  # of its latest request, after the uid_max_class cap
     preempted: int = 0  # times one of its sequences lost its KV slot to other work
+    stalled: int = 0  # streams cancelled because it read nothing for stall_seconds
 
 
 @dataclass
@@ -40,6 +41,7 @@ class EngineStats:
     in_flight: int = 0
     total: int = 0  # requests finished, in any way
     cancelled: int = 0  # by the client or past their deadline
+    stalled: int = 0  # of those, streams whose client read nothing for too long
     rejected: int = 0
     tokens_generated: int = 0
     tokens_prompted: int = 0  # every prompt token put in the KV cache, re-prefills too
@@ -118,6 +120,7 @@ class EngineSnapshot:
     kv_blocks_used: int
     kv_blocks_total: int
     rows_held: Mapping[int, int] = field(default_factory=dict)  # uid -> KV slots it holds
+    paused: int = 0  # sequences waiting for their readers (backpressure)
     tokens_in_flight: Mapping[int, int] = field(default_factory=dict)  # uid -> admitted estimates
     limits: UidLimits = field(default_factory=UidLimits)
 

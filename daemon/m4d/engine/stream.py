@@ -4,12 +4,16 @@ the `Outbox` that carries a step's events to it from the engine's worker thread.
 The worker queues the events of a step in the Outbox and flushes them with one
 `call_soon_threadsafe` per event loop (not one per token). A stream whose reader is behind
 merges its queued text deltas into one message; no other event is merged or reordered.
+The stream counts the tokens it holds that its reader has not taken (`undelivered`) and
+when the reader last took an event: the engine's backpressure reads both (`backpressure.py`)
+and may ask to be woken once the reader is down to a number of tokens (`wake_below`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import AsyncIterator, Callable
 
 from m4d.errors import Internal
@@ -31,21 +35,43 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.done = False
+        # read by the engine's worker thread (plain ints and floats: a step out at worst)
+        self.undelivered = 0  # tokens in queued text deltas
+        self.last_read = time.monotonic()  # when the reader last took an event
+        self.wake_below: int | None = None  # call `wake` once undelivered is down to this
+        self.wake: Callable[[], None] | None = None
 
     def _put(self, event: Event) -> None:  # called on the event loop
         self._events.append(event)
+        if isinstance(event, TextDelta):
+            self.undelivered += len(event.token_ids)
         self._ready.set()
+
+    def _pop(self) -> Event:
+        event = self._events.popleft()
+        if isinstance(event, TextDelta):
+            self.undelivered -= len(event.token_ids)
+        return event
 
     async def _next(self) -> Event:
         while not self._events:
             self._ready.clear()
             await self._ready.wait()
-        event = self._events.popleft()
+        event = self._take()
+        self.last_read = time.monotonic()
+        if self.wake_below is not None and self.undelivered <= self.wake_below:
+            self.wake_below = None
+            if self.wake is not None:
+                self.wake()
+        return event
+
+    def _take(self) -> Event:
+        event = self._pop()
         if isinstance(event, TextDelta) and self._events and isinstance(self._events[0], TextDelta):
             # the reader is behind: the deltas queued so far go out as one message
             texts, ids = [event.text], list(event.token_ids)
             while self._events and isinstance(self._events[0], TextDelta):
-                more = self._events.popleft()
+                more = self._pop()
                 assert isinstance(more, TextDelta)
                 texts.append(more.text)
                 ids.extend(more.token_ids)

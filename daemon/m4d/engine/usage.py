@@ -81,6 +81,7 @@ class UidView:
     running: int = 0  # KV slots its sequences hold now
     tokens_in_flight: int = 0  # prompt + max_tokens of its requests in flight
     preempted: int = 0  # times its sequences lost a KV slot to other work
+    stalled: int = 0  # its streams cancelled because it read nothing for too long
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class EngineView:
     ttft_samples: int
     window_seconds: float = WINDOW
     limits: UidLimits = field(default_factory=UidLimits)  # the caps every uid runs under
+    paused_sequences: int = 0  # waiting for their readers (backpressure)
 
 
 @functools.lru_cache(maxsize=256)
@@ -141,7 +143,8 @@ def usage_view(snapshot: EngineSnapshot, recent: RecentUsage,
             tokens_per_second=rate(before, t_out), in_flight=u.in_flight,
             queued=min(queued_per_uid.get(uid, 0), u.in_flight), priority=u.priority,
             running=snapshot.rows_held.get(uid, 0),
-            tokens_in_flight=snapshot.tokens_in_flight.get(uid, 0), preempted=u.preempted))
+            tokens_in_flight=snapshot.tokens_in_flight.get(uid, 0), preempted=u.preempted,
+            stalled=u.stalled))
     decode_before = base.decode if base is not None else current.decode
     return EngineView(
         uids=rows, queue_depth=depth, running_sequences=snapshot.active_sequences,
@@ -149,7 +152,7 @@ def usage_view(snapshot: EngineSnapshot, recent: RecentUsage,
         kv_blocks_total=snapshot.kv_blocks_total,
         decode_tokens_per_second=rate(decode_before, current.decode),
         ttft_p50_ms=percentile(ttft, 50) * 1e3, ttft_p99_ms=percentile(ttft, 99) * 1e3,
-        ttft_samples=len(ttft), limits=snapshot.limits)
+        ttft_samples=len(ttft), limits=snapshot.limits, paused_sequences=snapshot.paused)
 
 
 __all__ = ["EngineView", "RecentUsage", "UidView", "percentile", "usage_view", "user_name"]

@@ -123,6 +123,7 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             out.requests_in_flight = s.stats.in_flight
             out.requests_total = s.stats.total
             out.requests_cancelled = s.stats.cancelled
+            out.requests_stalled = s.stats.stalled
             out.requests_rejected = s.stats.rejected
             out.tokens_generated = s.stats.tokens_generated
             out.tokens_prompted = s.stats.tokens_prompted
@@ -244,7 +245,8 @@ def engine_load(view: EngineView) -> pb.EngineLoad:
         uid_limits=pb.UidLimits(
             max_in_flight=view.limits.max_in_flight, max_queued=view.limits.max_queued,
             max_running=view.limits.max_running,
-            max_tokens_in_flight=view.limits.max_tokens_in_flight))
+            max_tokens_in_flight=view.limits.max_tokens_in_flight),
+        paused_sequences=view.paused_sequences)
 
 
 def uid_usage(view: EngineView) -> list[pb.UidUsage]:
@@ -254,7 +256,8 @@ def uid_usage(view: EngineView) -> list[pb.UidUsage]:
         tokens_in=u.tokens_in, tokens_out=u.tokens_out, tokens_per_second=u.tokens_per_second,
         in_flight=u.in_flight, queued=u.queued,
         priority_class=_CLASSES[u.priority] if u.priority is not None else "",
-        running=u.running, tokens_in_flight=u.tokens_in_flight, preempted=u.preempted)
+        running=u.running, tokens_in_flight=u.tokens_in_flight, preempted=u.preempted,
+        stalled=u.stalled)
         for u in view.uids]
 
 

@@ -36,6 +36,7 @@ from m4image.verify import VerifiedImage, verify_image
 from m4d import __version__
 from m4d.config import Config
 from m4d.engine.admission import AdmissionConfig, UidQuota
+from m4d.engine.backpressure import BackpressureConfig
 from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.engine.policy import make_policy
@@ -344,6 +345,7 @@ def engine_config(config: Config) -> EngineConfig:
         max_batch_texts=config.max_batch_texts, max_batch_media=config.max_batch_media,
         kv_tokens=config.kv_pool_tokens or None, admission=admission,
         min_run_tokens=config.min_run_tokens,
+        backpressure=BackpressureConfig(config.stream_pause_tokens, config.stream_stall_seconds),
         policy=(make_policy(config.queue_policy, aging=config.aging_seconds or None)
                 if config.queue_policy != "fcfs" else "fcfs"))
 
