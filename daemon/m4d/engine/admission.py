@@ -12,6 +12,12 @@ token bucket charged with the same estimate (what a request did not use is refun
 release), a fair-share weight, and a cap on its priority (`max_priority`, the daemon's
 uid_max_class setting: a uid capped at background always runs as background). The cap on
 KV slots one uid holds at once (`UidQuota.max_running`) is the scheduler's to keep.
+
+Deadline-aware admission (`too_late`): a generation that cannot finish by its deadline even
+if it ran alone, at the measured cost of a decode step, is refused at once with
+DEADLINE_EXCEEDED and a hint (more time, or the tokens that fit). Only tokens it will
+surely produce count (`sure_tokens`: max_tokens under ignore_eos without stop strings, else
+the first), so no call that could have finished is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from m4d.engine.stats import UidLimits
-from m4d.errors import M4Error, ResourceExhausted, Unavailable
+from m4d.errors import DeadlineExceeded, M4Error, ResourceExhausted, Unavailable
 from m4d.requests import (
     ClassifyRequest,
     EmbedRequest,
@@ -102,6 +108,29 @@ def estimate_tokens(request: RequestBase) -> int:
     if isinstance(request, MediaRequest):  # recognition, plus the answer of a cascade
         return 256 + (request.sampling.max_tokens if request.sampling else 0)
     return 1
+
+
+def sure_tokens(request: GenerateRequest) -> int:
+    """Tokens a generation will surely produce: max_tokens when nothing can end it sooner
+    (ignore_eos, no stop strings), else one (the first token)."""
+    sampling = request.sampling
+    return sampling.max_tokens if sampling.ignore_eos and not sampling.stop else 1
+
+
+def too_late(least_seconds: float, remaining: float, per_token: float,
+             sure: int) -> DeadlineExceeded | None:
+    """Deadline-aware admission: the error for a call that cannot finish in the `remaining`
+    seconds even if it ran alone (`least_seconds` for its `sure` tokens, from measured step
+    costs: `per_token` seconds a step), with a hint; None when it may."""
+    if least_seconds <= remaining:
+        return None
+    fits = int(remaining / per_token) if per_token > 0 else 0
+    hint = f"allow at least {least_seconds:.2f} s"
+    if fits >= 1:
+        hint += f" or ask for at most {fits} tokens"
+    return DeadlineExceeded(
+        f"{sure} tokens take at least {least_seconds:.2f} s at this device's measured speed "
+        f"and the deadline is in {max(0.0, remaining):.2f} s: refused at once; {hint}")
 
 
 @dataclass

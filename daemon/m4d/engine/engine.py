@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from m4d.engine.admission import Admission, Ticket, estimate_tokens
+from m4d.engine.admission import Admission, Ticket, estimate_tokens, sure_tokens, too_late
 from m4d.engine.backbone import run_backbone
 from m4d.engine.backpressure import verdict
 from m4d.engine.batching import Batcher, EncoderRequest
@@ -126,6 +126,13 @@ class Engine:
                     f"busy: {waiting} requests are waiting (limit {self.config.max_queue}); "
                     "retry shortly", retry_after=0.5)
             now, estimate = time.monotonic(), estimate_tokens(request)
+            if isinstance(request, GenerateRequest) and request.deadline is not None:
+                sure = sure_tokens(request)
+                late = too_late(self.latency.least_seconds(sure), request.deadline - now,
+                                self.latency.least_ms_per_row / 1e3, sure)
+                if late is not None:
+                    self.stats.reject(uid)
+                    raise late
             decision = self.admission.check(uid, request.priority, estimate, now,
                                             started=self.scheduler.rows_held().get(uid, 0))
             error = decision.error()

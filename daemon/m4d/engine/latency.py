@@ -12,11 +12,14 @@ foreground). While urgent requests have been arriving within `urgent_window` sec
 And a background encoder batch waits, at most `encoder_defer_max` seconds, while urgent
 generation waits to start (`defer_encoder`). So an urgent request waits for at most one
 slice of background work before its prefill runs. The cost of a decode row and of an
-encoder text are running averages of what the engine measured (`decoded`, `encoded`).
+encoder text are running averages of what the engine measured (`decoded`, `encoded`);
+`least_seconds` turns the first into the least time a generation can take, for
+deadline-aware admission.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +28,7 @@ from m4d.requests import Priority
 # Rows in the smallest decode slice: beyond ~8 rows a CPU decode step costs the same per
 # row, so slicing costs background work little.
 MIN_DECODE_SLICE = 4
+RECENT_ROWS = 32  # decode calls whose cost per row `least_seconds` takes the least of
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class LatencyPolicy:
         self.last_urgent = -float("inf")  # when the last urgent request arrived
         self.ms_per_row = 0.0  # measured decode time per batch row (0: not yet)
         self.ms_per_text = 0.0  # measured encoder time per text (0: not yet)
+        self._recent_rows: collections.deque[float] = collections.deque(maxlen=RECENT_ROWS)
 
     def arrived(self, priority: Priority, now: float) -> None:
         """A request was admitted with `priority` at `now`."""
@@ -107,6 +112,22 @@ class LatencyPolicy:
     def decoded(self, rows: int, seconds: float) -> None:
         """A decode call of `rows` rows took `seconds`."""
         self.ms_per_row = _average(self.ms_per_row, seconds * 1e3 / rows)
+        self._recent_rows.append(seconds * 1e3 / rows)
+
+    def least_seconds(self, new_tokens: int) -> float:
+        """The least time generating `new_tokens` can take at the measured costs, even
+        alone: a model step per token (the first one ends the prefill). A step of b rows
+        costs at least one row alone, and one row alone costs at least a row's share of any
+        batch (the cheapest of the latest calls), so this is a lower bound; 0 until measured. The
+        prompt's prefill is left out: its cost per token depends on the chunk, and an
+        average over chunks would not be a lower bound."""
+        return new_tokens * self.least_ms_per_row / 1e3
+
+    @property
+    def least_ms_per_row(self) -> float:
+        """The cheapest row of the last RECENT_ROWS decode calls (0 until measured): unlike
+        the average, one slow step (a page fault, a warm-up) cannot raise it."""
+        return min(self._recent_rows, default=0.0)
 
     def encoded(self, texts: int, seconds: float) -> None:
         """An encoder batch of `texts` texts took `seconds`."""
