@@ -134,3 +134,35 @@ async def test_a_client_that_never_reads_is_cancelled_and_counted() -> None:
         assert not e.scheduler.seqs and e.admission.in_flight[7] == 0
     finally:
         e.stop()
+
+
+async def test_the_loop_does_not_spin_when_no_waiting_work_may_run() -> None:
+    # uid 7 may hold one slot; its first stream pauses (unread), its second waits behind
+    # the cap: a step could plan nothing, so the loop waits for an event
+    from m4d.engine.admission import AdmissionConfig, UidQuota
+
+    e = Engine(FakeRuntime(), EngineConfig(  # type: ignore[arg-type]
+        kv_slots=2, token_budget=18, prefill_chunk=16, max_queue=16, max_batch_texts=4,
+        admission=AdmissionConfig(quota=UidQuota(max_concurrent=10, max_running=1)),
+        backpressure=BackpressureConfig(pause_tokens=10, stall_seconds=30.0)))
+    e.start()
+    try:
+        first = e.submit(request(7, 100))
+        await wait_for(lambda: e.snapshot().paused == 1)
+        second = e.submit(request(7, 5))
+        await asyncio.sleep(0.1)
+        passes = 0
+        schedule = e.scheduler.schedule
+
+        def counted(now: float | None = None) -> object:
+            nonlocal passes
+            passes += 1
+            return schedule(now)
+
+        e.scheduler.schedule = counted  # type: ignore[method-assign,assignment]
+        await asyncio.sleep(0.5)
+        assert passes <= 2, passes
+        assert len(await asyncio.wait_for(collect(first), timeout=10)) == 100
+        assert len(await asyncio.wait_for(collect(second), timeout=10)) == 5
+    finally:
+        e.stop()

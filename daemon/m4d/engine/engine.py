@@ -80,6 +80,7 @@ class Engine:
         self._urgent_inbox = 0  # urgent generation requests in the inbox
         self._cancels: set[int] = set()
         self._woken = False  # a paused stream's reader caught up
+        self._planned = True  # the last step planned work
         self._offloaded: collections.deque[tuple[EncoderRequest, Event]] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -191,9 +192,11 @@ class Engine:
     # ---- the worker thread: the loop -----------------------------------------------
 
     def _has_work(self) -> bool:
-        """Work a pass can do now (paused sequences wait for their readers or a timeout)."""
-        return bool(self._inbox or self._cancels or self.scheduler.runnable() or self.batcher
-                    or self._offloaded or self._woken)
+        """Work a pass can do now. Sequences count while the last step planned work: when it
+        planned none (paused for their readers, or at their uid's slot cap) only an event
+        (a request, a cancel, a reader catching up) or the wait's timeout changes that."""
+        return bool(self._inbox or self._cancels or (self.scheduler.seqs and self._planned)
+                    or self.batcher or self._offloaded or self._woken)
 
     def _run(self) -> None:
         log.info("executor started", extra={"device": str(self.runtime.device)})
@@ -203,7 +206,7 @@ class Engine:
                     timed_out = not self._lock.wait(timeout=1.0)
                     self.stats.last_progress = time.monotonic()  # idle is healthy
                     if timed_out and self.scheduler.seqs:
-                        break  # paused streams: a pass checks whether their readers stalled
+                        break  # idle sequences: a pass checks stalled readers and deadlines
                 if self._stopping and not self._has_work() and not self.scheduler.seqs:
                     return
                 inbox = list(self._inbox)
@@ -338,6 +341,7 @@ class Engine:
             self.stats.preempted += 1
             self.stats.uid(self.scheduler.seqs[rid].uid).preempted += 1
             log.info("sequence preempted", extra={"request": rid})
+        self._planned = not plan.empty
         if plan.empty:
             return
         self.stats.last_batch = len(plan.decode)

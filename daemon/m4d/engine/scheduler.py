@@ -7,7 +7,8 @@ multiples of chunk_size (chunked prefill), so a long prompt never stalls other s
 
 Four limits are never exceeded: the token budget, the KV rows, the KV memory pool
 (`KVPool`) and the rows one uid may hold (`max_running`). Waiting sequences are admitted
-into free rows in the queue policy's order (`policy.py`); a uid at its cap is passed over. A step runs in this order:
+into free rows in the queue policy's order (`policy.py`); a uid at its cap is passed over.
+A step runs in this order:
 
 1. deadlines: expired sequences, waiting or running, leave at once (`plan.expired`);
 2. running sequences, most urgent first (run_priority, then admission order), get their decode
@@ -228,10 +229,6 @@ class Scheduler:
                        reverse=True)
         same = [s for s in active if s.run_priority == cls]
         return paused + lower + self.policy.victims(head, same, self._movable)
-
-    def runnable(self) -> bool:
-        """Whether any sequence may get work (paused ones wait for their readers)."""
-        return any(not s.paused for s in list(dict(self.seqs).values()))
 
     def _movable(self, seq: SeqState) -> bool:
         return not seq.prefilling and seq.generated - seq.admitted_at >= self.min_run_tokens
