@@ -515,9 +515,8 @@ def _encoder_batches(urgent_window: float) -> list[int]:
 
     async def run() -> None:
         await embed(Priority.FOREGROUND, 999).result()
-        engine.frozen.set()
-        streams = [embed(Priority.BACKGROUND, 1000 + i) for i in range(24)]
-        engine.frozen.clear()
+        with engine._lock:  # the worker takes its inbox under this (re-entrant) lock
+            streams = [embed(Priority.BACKGROUND, 1000 + i) for i in range(24)]
         await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), timeout=30)
 
     engine.start()
