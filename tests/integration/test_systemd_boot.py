@@ -56,12 +56,13 @@ exec env -i container=m4-test PATH=/usr/sbin:/usr/bin:/sbin:/bin \
 DEPS = "/opt/m4-deps"
 PREFIX = "/usr/local"
 INSTALLED_PYTHON = f"{PREFIX}/lib/m4/venv/bin/python"
-# The daemon's test hooks (tests/hooks), loaded by every interpreter of the installed venv
-# while this file is in its site-packages; they act only where the environment asks
-# (the unit's drop-in sets M4D_TEST_HOOKS=1). The wrapper runs `python -I`, which ignores
-# PYTHONPATH but not .pth files.
-HOOKS_PTH = (f"import sys; sys.path.append({str(ROOT / 'tests' / 'hooks')!r}); "
-             "import m4d_test_hooks; m4d_test_hooks.install_from_environment()\n")
+# The daemon's test hooks (tests/hooks/m4d_test_hooks.py), copied into the installed venv's
+# site-packages and loaded by its interpreters through a .pth file while the test runs; they
+# act only where the environment asks (the unit's drop-in sets M4D_TEST_HOOKS=1). Copied, not
+# referenced in the checkout: the wrapper runs `python -I` (no PYTHONPATH) and the unit's
+# PrivateTmp hides a checkout under /tmp, as CI's is.
+HOOKS_MODULE = ROOT / "tests" / "hooks" / "m4d_test_hooks.py"
+HOOKS_PTH = "import m4d_test_hooks; m4d_test_hooks.install_from_environment()\n"
 
 
 class Container:
@@ -241,7 +242,9 @@ def test_doctor_passes_on_the_running_system(installed: Container) -> None:
 def test_watchdog_restarts_a_frozen_executor(installed: Container) -> None:
     """Idle, the daemon keeps pinging; with its executor frozen (the test hooks) the
     pings stop, systemd kills it and Restart=on-failure brings the model back."""
-    hooks = installed.path(_site_dir(installed)).joinpath("m4-test-hooks.pth")
+    site_dir = installed.path(_site_dir(installed))
+    hooks, module = site_dir / "m4-test-hooks.pth", site_dir / HOOKS_MODULE.name
+    shutil.copyfile(HOOKS_MODULE, module)
     hooks.write_text(HOOKS_PTH)
     dropin = installed.path("/etc/systemd/system/m4d.service.d/test-watchdog.conf")
     dropin.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +267,7 @@ def test_watchdog_restarts_a_frozen_executor(installed: Container) -> None:
     finally:
         dropin.unlink()
         hooks.unlink()
+        module.unlink()
         installed.run("systemctl", "daemon-reload")
 
 
