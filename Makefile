@@ -26,7 +26,16 @@ SYSTEM_NEEDS := c++:g++ aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64
 
 .PHONY: setup sysdeps protos image demo test bench lint clean install
 
-setup: sysdeps $(VENV)/.setup-done
+PROTO_FILES := $(shell find protos -name '*.proto')
+
+# After a pull, an existing checkout is brought up to date too: stubs regenerated when a
+# .proto changed, kernels rebuilt when their sources did (the build is a no-op otherwise).
+setup: sysdeps $(VENV)/.setup-done $(VENV)/.protos-done
+	$(PY) -m m4d.model.kernels build >/dev/null
+
+$(VENV)/.protos-done: $(PROTO_FILES) | $(VENV)/.setup-done
+	$(PY) protos/generate.py
+	touch $@
 
 sysdeps:
 	@missing=""; for need in $(SYSTEM_NEEDS); do \
