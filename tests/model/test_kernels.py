@@ -283,6 +283,13 @@ def test_build_is_atomic_and_a_failed_compile_leaves_nothing(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []  # no partial library, no temporary file
 
 
+def test_the_built_library_can_be_loaded_by_another_user() -> None:
+    # the installed daemon runs as its own user (systemd/m4d.service), not as the builder
+    path = kernels.find_library()
+    assert path is not None
+    assert path.stat().st_mode & 0o555 == 0o555, oct(path.stat().st_mode)
+
+
 def test_library_name_follows_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     name = kernels.library_name()
     changed = tmp_path / "csrc"

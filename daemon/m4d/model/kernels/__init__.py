@@ -193,6 +193,7 @@ def build(out_dir: Path = BUILD_DIR) -> Path:
             if proc.returncode != 0:
                 raise RuntimeError(f"linking the m4 kernels failed:\n{proc.stderr[-4000:]}")
             target = out_dir / library_name()
+            os.chmod(partial, 0o755)  # mkstemp's 0600: the daemon's own user must load it
             os.replace(partial, target)
             return target
         finally:
