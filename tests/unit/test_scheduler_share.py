@@ -204,3 +204,20 @@ def test_fair_share_preemption_respects_the_slot_cap() -> None:
     for _ in range(200):
         sim.step()
     assert rows_of(sim.s) == {A: 3, B: 1}
+
+
+def test_at_its_cap_a_uid_swaps_its_own_less_urgent_or_paused_work_for_urgent_work() -> None:
+    s = Scheduler(num_rows=4, token_budget=20, max_waiting=100, chunk_size=16,
+                  max_running=lambda uid: 1)
+    sim = Sim(s)
+    sim.add(seq(1, 10, BACKGROUND, uid=A, max_new=10_000))
+    sim.step()
+    sim.add(seq(2, 10, FOREGROUND, uid=A, max_new=10_000))
+    plan = sim.step()
+    assert plan.preempted == [1] and set(s.running) == {2}, "foreground replaces background"
+    sim.add(seq(3, 10, FOREGROUND, uid=A, max_new=10_000))
+    for _ in range(20):
+        assert not sim.step().preempted, "the same class does not swap"
+    s.seqs[2].paused = True
+    plan = sim.step()
+    assert plan.preempted == [2] and set(s.running) == {3}, "a paused one gives its row"

@@ -7,7 +7,8 @@ multiples of chunk_size (chunked prefill), so a long prompt never stalls other s
 
 Four limits are never exceeded: the token budget, the KV rows, the KV memory pool
 (`KVPool`) and the rows one uid may hold (`max_running`). Waiting sequences are admitted
-into free rows in the queue policy's order (`policy.py`); a uid at its cap is passed over.
+into free rows in the queue policy's order (`policy.py`); a uid at its cap is passed over,
+unless the head may take the row of one of its uid's own paused or less urgent sequences.
 A step runs in this order:
 
 1. deadlines: expired sequences, waiting or running, leave at once (`plan.expired`);
@@ -199,9 +200,13 @@ class Scheduler:
         for priority, seq in self.policy.order(list(self._waiting.values()), now):
             if seq.id in plan.preempted or seq.paused:
                 continue  # not back in the same step it was pushed out, nor while paused
-            if 0 < self.max_running(seq.uid) <= held[seq.uid]:
-                continue  # its uid holds all the rows it may: the next one's turn
             n = self._next_chunk(seq)
+            if 0 < self.max_running(seq.uid) <= held[seq.uid]:
+                own = self._own_victim(seq)
+                if own is None or n > self._left(plan):
+                    continue  # its uid holds all the rows it may: the next one's turn
+                self._preempt(plan, own)  # a swap within the uid's own rows
+                held[seq.uid] -= 1
             if n > self._left(plan) or not self._make_room(plan, seq, n, self._victims(seq),
                                                            need_row=True):
                 break  # strict queue order: nobody overtakes the head
@@ -229,6 +234,14 @@ class Scheduler:
                        reverse=True)
         same = [s for s in active if s.run_priority == cls]
         return paused + lower + self.policy.victims(head, same, self._movable)
+
+    def _own_victim(self, head: SeqState) -> SeqState | None:
+        """For a head whose uid is at its row cap: the uid's own running sequence it may
+        take the row of (paused first, then a lower priority, latest admitted), if any."""
+        cls = self.policy.priority(head)
+        own = [s for s in self.running.values()
+               if s.uid == head.uid and (s.paused or s.run_priority > cls)]
+        return max(own, key=lambda s: (s.paused, self._run_key(s)), default=None)
 
     def _movable(self, seq: SeqState) -> bool:
         return not seq.prefilling and seq.generated - seq.admitted_at >= self.min_run_tokens
