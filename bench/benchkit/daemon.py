@@ -53,15 +53,19 @@ class Daemon:
 
     `threads` None leaves the daemon's default (one per core but one); `kernel_variant`
     forces that variant of m4's kernels (None: the daemon's choice); `args` and `env` add
-    flags and M4D_* settings."""
+    flags and M4D_* settings; `other_uids` opens the runtime directory (0755) so that apps
+    running as other uids reach the app socket (0666) in it."""
 
     def __init__(self, image: Path, threads: int | None, self_test: str, *,
                  kernel_variant: str | None = None, args: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, other_uids: bool = False) -> None:
         self.wanted_variant = kernel_variant
         self.tmp = tempfile.TemporaryDirectory(prefix="m4bench-")
         self.runtime_dir = Path(self.tmp.name)
+        if other_uids:
+            self.runtime_dir.chmod(0o755)
         self.address = f"unix://{self.runtime_dir / 'app.sock'}"
+        self.admin_address = f"unix://{self.runtime_dir / 'admin.sock'}"
         self.log_path = self.runtime_dir / "m4d.log"
         self._log = self.log_path.open("wb")
         command = [sys.executable, "-m", "m4d", "--config", "/dev/null", "--image", str(image),
