@@ -107,13 +107,28 @@ async def measure(args: argparse.Namespace, daemon: Daemon, inputs: Inputs,
     await apps[APP_B].stop()
     await asyncio.sleep(1.0)
 
-    got: dict[str, Any] = {"config": config}
-    got["isolation"] = await isolation(apps, inputs, args.probes, args.seconds, args.rounds,
-                                       pids)
-    got["equal"] = await equal_share(apps, inputs, args.windows, pids)
-    got["burst"] = await burst(apps, inputs, pids)
-    got["memory"] = await memory(apps, inputs, daemon.admin_address, args.hold, pids)
+    got: dict[str, Any] = {"config": config, "preempted": {}}
+    sections = {
+        "isolation": lambda: isolation(apps, inputs, args.probes, args.seconds, args.rounds,
+                                       pids),
+        "equal": lambda: equal_share(apps, inputs, args.windows, pids),
+        "burst": lambda: burst(apps, inputs, pids),
+        "memory": lambda: memory(apps, inputs, daemon.admin_address, args.hold, pids)}
+    async with AsyncAdminClient(daemon.admin_address) as admin:
+        for name, section in sections.items():
+            before = await preemptions(admin)
+            got[name] = await section()
+            got["preempted"][name] = await preemptions(admin) - before
+        status = await admin.status(timeout=10)
+    got["uids"] = {u.uid: (u.requests_ok, u.requests_failed, u.requests_rejected, u.preempted)
+                   for u in status.uids}
     return got
+
+
+async def preemptions(admin: Any) -> int:
+    """Sequences preempted so far, over all uids (Admin Status)."""
+    status = await admin.status(timeout=10)
+    return sum(u.preempted for u in status.uids)
 
 
 def run(args: argparse.Namespace) -> Measurements:

@@ -36,6 +36,9 @@ class Measurements:
     kernel_variant: str
     failed_checks: list[str]
     config: dict[str, Any]  # the daemon's caps, from Status
+    preempted: dict[str, int]  # section -> sequences preempted during it
+    uids: dict[int, tuple[int, int, int, int]]  # the daemon's: uid -> ok, failed, rejected,
+    # preempted
     isolation: Isolation
     equal: EqualShare
     burst: BurstRun
@@ -161,7 +164,12 @@ def notes(args: argparse.Namespace, m: Measurements, indexes: list[float],
     iso, eq, mem = m.isolation, m.equal, m.memory
     out = [f"m4d serving after {m.load_s:.1f} s, kernel variant {m.kernel_variant}, failed "
            f"self-test checks: {m.failed_checks or 'none'}; caps: " +
-           ", ".join(f"{k} {v}" for k, v in m.config.items())]
+           ", ".join(f"{k} {v}" for k, v in m.config.items()),
+           "sequences preempted (fair share) per section: " +
+           ", ".join(f"{k} {v}" for k, v in m.preempted.items()),
+           "the daemon's Status per uid at the end (requests ok / failed / rejected, "
+           "preempted): " + ", ".join(f"{uid} {ok}/{failed}/{rejected}, {pre}"
+                                      for uid, (ok, failed, rejected, pre) in m.uids.items())]
     cpu = {**{f"1. {k}": max(v) for k, v in iso.cpu.items()}, "2.": eq.cpu,
            "3.": m.burst.cpu, "4.": mem.cpu}
     busy = [k for k, v in cpu.items() if v > CONTENTION_WARNING]
@@ -215,7 +223,9 @@ def notes(args: argparse.Namespace, m: Measurements, indexes: list[float],
                f"opened, TTFT p50 {num(pct(ttfts(mem.probes), 50), 0)} ms, the first "
                f"{num(mem.probes[0].ttft_ms if mem.probes else None, 0)} ms (daemon queue "
                f"{num(mem.probes[0].queue_ms if mem.probes else None, 0)} ms), the others' p99 "
-               f"{num(pct(ttfts(mem.probes[1:]), 99), 0)} ms; after cancelling: RSS "
+               f"{num(pct(ttfts(mem.probes[1:]), 99), 0)} ms, daemon queue_ms p50 "
+               f"{num(pct([p.queue_ms for p in mem.probes], 50), 0)}; preemptions meanwhile "
+               f"{mem.samples[-2].preempted - mem.samples[0].preempted}; after cancelling: RSS "
                f"{mem.samples[-1].rss_mb:.0f} MiB, KV blocks {mem.samples[-1].kv_used}")
     return out
 

@@ -230,6 +230,7 @@ class Sample:
     paused: int
     stalled: int
     generated: int
+    preempted: int  # over all uids, since the daemon started
 
 
 @dataclass
@@ -248,7 +249,7 @@ async def _sample(admin: Any, t0: float) -> Sample:
     return Sample(time.monotonic() - t0, s.memory_rss_bytes / 2**20,
                   load.kv_blocks_used if load else 0, load.kv_blocks_total if load else 0,
                   load.running_sequences if load else 0, load.paused_sequences if load else 0,
-                  s.requests_stalled, s.tokens_generated)
+                  s.requests_stalled, s.tokens_generated, sum(u.preempted for u in s.uids))
 
 
 async def memory(apps: Apps, inputs: Inputs, admin_address: str, seconds: float,
