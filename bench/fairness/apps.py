@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures.thread  # noqa: F401 - asyncio.to_thread's executor, loaded as root
-import contextlib
-import multiprocessing
 import os
 from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc.aio  # noqa: F401 - loaded as root: nothing is imported after the drop
+from benchkit.child import ChildProcess
 from m4client import _calls, _convert, _stream, aio, errors, types  # noqa: F401
 
 from fairness.jobs import JOBS
-
-ANSWER_TIMEOUT = 600.0
 
 
 def _drop_to(uid: int) -> None:
@@ -71,35 +68,18 @@ async def _serve(address: str, app: str, conn: Connection) -> None:
                 conn.send(("failed", repr(exc)))
 
 
-class AppProcess:
+class AppProcess(ChildProcess):
     """The parent's handle on one app: a child process running as `uid`."""
 
     def __init__(self, address: str, uid: int, app: str) -> None:
+        super().__init__(f"app uid {uid}", app_main, (address, uid, app))
         self.uid, self.app = uid, app
-        context = multiprocessing.get_context("spawn")  # no fork after grpc has started
-        self.conn, child = context.Pipe()
-        self.proc = context.Process(target=app_main, args=(address, uid, app, child),
-                                    name=f"bench-app-{uid}", daemon=True)
-        self.proc.start()
         self._up = False
-
-    @property
-    def pid(self) -> int:
-        assert self.proc.pid is not None
-        return self.proc.pid
-
-    async def _answer(self, expected: str) -> Any:
-        if not await asyncio.to_thread(self.conn.poll, ANSWER_TIMEOUT):
-            raise RuntimeError(f"app uid {self.uid} did not answer")
-        kind, payload = self.conn.recv()
-        if kind != expected:
-            raise RuntimeError(f"app uid {self.uid} answered {kind!r}: {payload}")
-        return payload
 
     async def up(self) -> None:
         """Waits until the child runs as its uid and has a channel."""
         if not self._up:
-            got = await self._answer("up")
+            got = await self.answer("up")
             if got != self.uid:
                 raise RuntimeError(f"app process runs as uid {got}, not {self.uid}")
             self._up = True
@@ -107,17 +87,8 @@ class AppProcess:
     async def start(self, job: str, **kwargs: Any) -> None:
         await self.up()
         self.conn.send((job, kwargs))
-        await self._answer("ready")
+        await self.answer("ready")
 
     async def stop(self) -> Any:
         self.conn.send("stop")
-        return await self._answer("result")
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(OSError):
-                self.conn.send("exit")
-            self.proc.join(timeout=10)
-            if self.proc.is_alive():
-                self.proc.terminate()
-                self.proc.join()
+        return await self.answer("result")

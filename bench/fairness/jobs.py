@@ -19,6 +19,7 @@ import asyncio
 import collections
 import random
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +37,12 @@ def retry_after(exc: Any, default: float = 0.5) -> float:
     return default
 
 
-class Job:
+class Job(ABC):
     def __init__(self) -> None:
         self.ready = asyncio.Event()
         self.stop = asyncio.Event()
 
+    @abstractmethod
     async def run(self) -> Any:
         raise NotImplementedError
 

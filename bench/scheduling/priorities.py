@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import math
-import multiprocessing
 import random
 import statistics
 import time
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from benchkit.child import ChildProcess
 from benchkit.cpu import OtherCpuMeter
 from benchkit.report import alternate, progress
 from benchkit.streams import STREAM_TASK, StreamTrace, generate_once
@@ -175,29 +174,15 @@ async def _serve_load_commands(spec: LoadSpec, conn: Connection) -> None:
             conn.send(("stopped", await load.stop(ramp)))
 
 
-class LoadProcess:
+class LoadProcess(ChildProcess):
     """The main process's handle on the background load process."""
 
     def __init__(self, spec: LoadSpec) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork after grpc has started
-        self.conn, child = context.Pipe()
-        self.proc = context.Process(target=background_load_process, args=(spec, child),
-                                    name="bench-background-load", daemon=True)
-        self.proc.start()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc.pid is not None
-        return self.proc.pid
+        super().__init__("the background load", background_load_process, (spec,))
 
     async def _ask(self, command: str, answer: str) -> Any:
         self.conn.send(command)
-        if not await asyncio.to_thread(self.conn.poll, 600):
-            raise RuntimeError(f"the background load did not answer {command!r}")
-        kind, payload = self.conn.recv()
-        if kind != answer:
-            raise RuntimeError(f"the background load answered {kind!r} to {command!r}")
-        return payload
+        return await self.answer(answer)
 
     async def start(self) -> None:
         await self._ask("start", "ready")
@@ -205,15 +190,6 @@ class LoadProcess:
     async def stop(self) -> LoadStats:
         stats: LoadStats = await self._ask("stop", "stopped")
         return stats
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(OSError):
-                self.conn.send("exit")
-            self.proc.join(timeout=10)
-            if self.proc.is_alive():
-                self.proc.terminate()
-                self.proc.join()
 
 
 async def foreground_probes(client: AsyncClient, prompts: list[str],

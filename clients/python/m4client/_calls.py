@@ -10,6 +10,7 @@ nor reads a response itself, so the two cannot drift apart.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar, Unpack
@@ -38,7 +39,7 @@ class Call(Generic[T]):
     timeout: float | None = None  # this call's deadline; None: the client's default
 
 
-class Caller:
+class Caller(ABC):
     """A channel to one of m4d's sockets and how a `Call` starts on it; the sync and asyncio
     clients differ only in the channel they open and in how they wait for the answer.
 
@@ -59,6 +60,7 @@ class Caller:
         stub = admin_pb2_grpc.AdminStub if self._admin else pb_grpc.InferenceStub
         self._stub = stub(self._channel)
 
+    @abstractmethod
     def _open(self, target: str, *, options: Sequence[tuple[str, Any]]) -> Any:
         """The channel (grpc or grpc.aio) to `target`."""
         raise NotImplementedError

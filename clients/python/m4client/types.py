@@ -8,6 +8,7 @@ module does not surface; nothing else here exposes generated code.
 from __future__ import annotations
 
 import enum
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
@@ -73,7 +74,7 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Answer(Generic[T]):
+class _Answer(ABC, Generic[T]):
     """What a unary inference answer carries besides its items (usage, timings, the image
     that answered); `len()` and iteration go over the items."""
 
@@ -82,6 +83,7 @@ class _Answer(Generic[T]):
     model: ModelInfo | None
     raw: Any = field(default=None, repr=False, compare=False)
 
+    @abstractmethod
     def _items(self) -> list[T]:
         raise NotImplementedError
 
