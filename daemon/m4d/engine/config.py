@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from m4d.engine.admission import AdmissionConfig
 from m4d.engine.backpressure import BackpressureConfig
+from m4d.engine.goodput import GoodputConfig
 from m4d.engine.latency import LatencyConfig
 from m4d.engine.policy import QueuePolicy
 
@@ -25,6 +26,8 @@ class EngineConfig:
     kv_block: int = 16  # tokens per block of the pool
     policy: QueuePolicy | str = "fair"  # the order waiting generation gets KV rows in
     min_run_tokens: int = 16  # tokens a sequence generates before its own class may preempt it
+    park_tokens: int = 0  # KV tokens of preempted sequences kept aside (0: they recompute)
     admission: AdmissionConfig | None = None  # per-uid quotas, limits per priority
     latency: LatencyConfig = field(default_factory=LatencyConfig)  # background vs urgent
     backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)  # slow readers
+    goodput: GoodputConfig = field(default_factory=GoodputConfig)  # deadline-aware admission

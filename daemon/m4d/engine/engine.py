@@ -32,30 +32,37 @@ from collections.abc import Callable
 
 import torch
 
-from m4d.engine.admission import Admission, Ticket, estimate_tokens, sure_tokens, too_late
-from m4d.engine.backbone import run_backbone
+from m4d.engine.admission import Admission, Ticket, estimate_tokens
 from m4d.engine.backpressure import verdict
-from m4d.engine.batching import Batcher, EncoderRequest
+from m4d.engine.batching import Batcher, EncoderRequest, encoder_texts
+from m4d.engine.beside import BesideGeneration
 from m4d.engine.config import EngineConfig
-from m4d.engine.encoder import run_encoder_batch
+from m4d.engine.deadlines import Deadlines
 from m4d.engine.kvpool import KVCapacityError, KVPool
 from m4d.engine.latency import LatencyPolicy, is_urgent
-from m4d.engine.media import Continuation, outcome, recognise_batch
 from m4d.engine.scheduler import PrefillChunk, Scheduler, SeqState
 from m4d.engine.sequence import Sequence, tokens_per_uid
 from m4d.engine.stats import EngineSnapshot, EngineStats
 from m4d.engine.stream import Outbox, RequestStream
 from m4d.engine.usage import RecentUsage
 from m4d.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, M4Error, Unavailable
-from m4d.executor.runtime import Runtime
+from m4d.executor.runtime import ParkedKV, Runtime
 from m4d.executor.sampling import sample
 from m4d.executor.workers import DeviceExecutor, executors_for
-from m4d.requests import Event, Failed, GenerateRequest, RequestBase
+from m4d.requests import (
+    ClassifyRequest,
+    EmbedRequest,
+    Event,
+    Failed,
+    FinishReason,
+    GenerateRequest,
+    RequestBase,
+)
 
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(BesideGeneration):
     def __init__(self, runtime: Runtime, config: EngineConfig) -> None:
         self.runtime = runtime
         self.config = config
@@ -64,8 +71,10 @@ class Engine:
         self.scheduler = Scheduler(config.kv_slots, config.token_budget, config.max_queue,
                                    config.prefill_chunk, policy=config.policy, kv=kv,
                                    min_run_tokens=config.min_run_tokens,
-                                   max_running=lambda uid: self.admission.quota(uid).max_running)
+                                   max_running=lambda uid: self.admission.quota(uid).max_running,
+                                   park_tokens=config.park_tokens)
         self.latency = LatencyPolicy(config.latency)
+        self.deadlines = Deadlines(config.goodput, self.latency, config.kv_slots)
         self.batcher = Batcher(self.latency, max_batch_texts=config.max_batch_texts,
                                max_batch_media=config.max_batch_media,
                                encoder_max_wait=config.encoder_max_wait)
@@ -88,6 +97,7 @@ class Engine:
         self._streams: dict[int, RequestStream] = {}
         self._tickets: dict[int, Ticket] = {}
         self._sequences: dict[int, Sequence] = {}  # generation, once admitted
+        self._parked: dict[int, ParkedKV] = {}  # preempted sequences' KV, kept by the runtime
         self._outbox = Outbox()  # the events of the current step
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -127,10 +137,9 @@ class Engine:
                     f"busy: {waiting} requests are waiting (limit {self.config.max_queue}); "
                     "retry shortly", retry_after=0.5)
             now, estimate = time.monotonic(), estimate_tokens(request)
-            if isinstance(request, GenerateRequest) and request.deadline is not None:
-                sure = sure_tokens(request)
-                late = too_late(self.latency.least_seconds(sure), request.deadline - now,
-                                self.latency.least_ms_per_row / 1e3, sure)
+            if isinstance(request, GenerateRequest):
+                generations, texts = self._inbox_work()
+                late = self.deadlines.check(request, generations, texts, now)
                 if late is not None:
                     self.stats.reject(uid)
                     raise late
@@ -160,6 +169,13 @@ class Engine:
         pending = generations + self.scheduler.num_waiting
         return (max(0, pending - free_rows) + len(self._inbox) - generations
                 + self.batcher.num_waiting)
+
+    def _inbox_work(self) -> tuple[list[GenerateRequest], int]:
+        """The generations in the inbox, and the encoder texts queued (inbox and batcher)."""
+        requests = [r for r, _ in self._inbox] + list(self.batcher.encoder)
+        return ([r for r in requests if isinstance(r, GenerateRequest)],
+                sum(len(encoder_texts(r)) for r in requests
+                    if isinstance(r, (EmbedRequest, ClassifyRequest))))
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
@@ -210,11 +226,14 @@ class Engine:
                 if self._stopping and not self._has_work() and not self.scheduler.seqs:
                     return
                 inbox = list(self._inbox)
+                self.deadlines.taken.extend(self._inbox_work()[0])
                 self._inbox.clear()
                 self._urgent_inbox = 0
                 cancels = set(self._cancels)
                 self._cancels.clear()
                 self._woken = False
+            started, prompted, generated = (time.monotonic(), self.stats.tokens_prompted,
+                                            self.stats.tokens_generated)
             try:
                 self._admit(inbox)
                 self._expire(cancels)
@@ -232,6 +251,10 @@ class Engine:
                 self._fail_all(Internal(f"model step failed: {exc}"))
             self._outbox.flush()
             now = time.monotonic()
+            self.deadlines.passed(self.stats.tokens_generated - generated, now - started,
+                                  only_decode=self.stats.tokens_prompted == prompted)
+            with self._lock:
+                self.deadlines.publish(self.scheduler.seqs, self._sequences)
             self.stats.last_progress = now
             if self.recent.due(now):
                 self.recent.add(self.snapshot(), now)
@@ -305,6 +328,7 @@ class Engine:
         self.scheduler.finish(rid)
         seq = self._sequences.pop(rid, None)
         ticket = self._tickets.pop(rid, None)
+        self._parked.pop(rid, None)
         if stream is None:
             return
         self.batcher.remove(rid)
@@ -337,10 +361,14 @@ class Engine:
         plan = self.scheduler.schedule(now)
         for rid in plan.expired:  # already out of the scheduler: fail them
             self._deadline_passed(rid)
-        for rid in plan.preempted:  # lost its KV row: a later chunk re-prefills it
+        for rid in plan.preempted:  # lost its KV row: parked, or re-prefilled later
             self.stats.preempted += 1
             self.stats.uid(self.scheduler.seqs[rid].uid).preempted += 1
             log.info("sequence preempted", extra={"request": rid})
+        for rid, row, tokens in plan.parked:  # out of the rows before anything overwrites them
+            self._parked[rid] = self.runtime.park(row, tokens)
+        for rid, row in plan.restored:
+            self.runtime.restore(row, self._parked.pop(rid))
         self._planned = not plan.empty
         if plan.empty:
             return
@@ -365,6 +393,7 @@ class Engine:
             resumed = bool(seq.tokens)  # preempted before: re-prefills prompt + generated
             if chunk.start == 0 and not resumed:
                 seq.started(now)
+            started = time.monotonic()
             if seq.prompt_embeds is not None:  # path 1: image features among the tokens
                 logits = self.runtime.prefill_embeds(chunk.row, seq.chunk_embeds(
                     chunk.start, chunk.length, self.runtime.token_embeddings), chunk.start)
@@ -373,6 +402,7 @@ class Engine:
                     chunk.row, seq.chunk_ids(chunk.start, chunk.length), chunk.start)
             self.stats.tokens_prompted += chunk.length
             seq.prompted += chunk.length
+            self.deadlines.costs.prefilled(chunk.length, time.monotonic() - started)
             if chunk.last:
                 if not resumed:
                     first = time.monotonic()
@@ -408,73 +438,6 @@ class Engine:
         if delta is not None and seq.stream is not None:
             self._outbox.send(seq.stream, delta)
         if finished is not None:
+            if finished.reason in (FinishReason.EOS, FinishReason.STOP):
+                self.deadlines.costs.ended(len(seq.tokens))
             self._finish(seq.request.id, finished)
-
-    # ---- the work beside generation ------------------------------------------------
-
-    def _run_encoder(self) -> None:
-        if not self.batcher.encoder:
-            return
-        urgent_waiting = bool(self._urgent_inbox) or any(
-            is_urgent(s.priority) and s.computed == 0 for s in self.scheduler.seqs.values())
-        plan = self.batcher.next_encoder(time.monotonic(), busy=bool(self.scheduler.seqs),
-                                         urgent_waiting=urgent_waiting)
-        if plan.hold > 0:
-            with self._lock:  # a new request notifies; otherwise the wait times out
-                if not self._inbox and not self._cancels:
-                    self._lock.wait(timeout=plan.hold)
-            return  # the loop comes back with whatever arrived meanwhile
-        if not plan.batch:
-            return
-        executor = self.executors.get(str(getattr(self.runtime, "encoder_device", "")))
-        if executor is not None:  # the encoder is on another device: its executor runs it
-            executor.submit(lambda: self._post_offloaded(list(run_encoder_batch(
-                self.runtime, plan.batch))))
-            return
-        started = time.monotonic()
-        for request, event in run_encoder_batch(self.runtime, plan.batch):
-            self._answered(request.id, event)
-        self.latency.encoded(plan.num_texts, time.monotonic() - started)
-
-    def _post_offloaded(self, results: list[tuple[EncoderRequest, Event]]) -> None:
-        """On another device's executor: hands a batch's results back to the step loop."""
-        with self._lock:
-            self._offloaded.extend(results)
-            self._lock.notify()
-
-    def _collect_offloaded(self) -> None:
-        with self._lock:
-            results = list(self._offloaded)
-            self._offloaded.clear()
-        for request, event in results:
-            self._answered(request.id, event)
-
-    def _answered(self, rid: int, event: Event) -> None:
-        """Ends one-call work (encoder, backbone): its prompt tokens count as processed."""
-        usage = getattr(event, "usage", None)
-        if usage is not None:
-            self.stats.tokens_prompted += usage.prompt_tokens
-        self._finish(rid, event)
-
-    def _run_backbone(self) -> None:
-        request = self.batcher.next_backbone(rows_in_use=bool(self.scheduler.seqs))
-        if request is not None:
-            self._answered(request.id, run_backbone(self.runtime, request))
-
-    def _run_media(self) -> None:
-        batch = self.batcher.next_media()
-        if not batch:
-            return
-        results, failed = recognise_batch(self.runtime.media.recognise, batch)
-        for request, error in failed:
-            self._finish(request.id, Failed(error))
-        for result in results:
-            rid = result.request.id
-            if rid not in self._streams:
-                continue  # cancelled meanwhile
-            answer = outcome(self.runtime, result)
-            if isinstance(answer, Continuation):  # a cascade: generation on the same stream
-                self._outbox.send(self._streams[rid], answer.source)
-                self._add_sequence(answer.request, self._streams[rid], answer.prompt_embeds)
-            else:
-                self._finish(rid, answer)
