@@ -165,6 +165,9 @@ class Config:
     uid_max_class: dict[str, str] = field(default_factory=dict)
     # KV cache tokens shared by all sequences (blocks of 16); 0 means kv_slots * max_context.
     kv_pool_tokens: int = 0
+    # KV cache tokens of preempted sequences kept aside, so they resume without recomputing
+    # (memory only while they wait: ~46 KB a token for a float32 cache); 0: recompute.
+    kv_park_tokens: int = 8192
     # Most texts in one Embed call, and most texts the encoder runs in one batch.
     max_batch_texts: int = 64
     # Longest text accepted in any field, in characters.
@@ -237,8 +240,9 @@ class Config:
         if self.kernel_variant not in KERNEL_VARIANTS:
             raise ConfigError(f"kernel_variant must be one of {', '.join(KERNEL_VARIANTS)} "
                               f"(got {self.kernel_variant!r})")
-        for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kernel_threads",
-                    "uid_max_running", "uid_max_tokens_in_flight", "stream_pause_tokens"):
+        for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kv_park_tokens",
+                    "kernel_threads", "uid_max_running", "uid_max_tokens_in_flight",
+                    "stream_pause_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.weight_format in ("int4", "int8") and self.compute_dtype == "float32":

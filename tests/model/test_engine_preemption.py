@@ -1,6 +1,7 @@
 """Fair-share preemption on the real backbone: a sequence that loses its KV slot to another
-uid of its class and is resumed (re-prefilled from prompt + generated tokens into whatever
-slot it gets next) streams exactly the greedy tokens it streams alone.
+uid of its class and is resumed (its KV parked and restored into whatever slot it gets
+next, or re-prefilled from prompt + generated tokens when the park budget is 0) streams
+exactly the greedy tokens it streams alone.
 
 The real default image's backbone in float32 (so that batching and chunking move logits by
 ulps only, far below any argmax gap of these prompts), two KV slots, a small prefill chunk
@@ -42,10 +43,11 @@ def runtime(text_image: Path) -> Iterator[Runtime]:
     yield rt
 
 
-async def serve(rt: Runtime, keys: list[int], min_run_tokens: int) -> tuple[dict[int, list[int]], int]:
+async def serve(rt: Runtime, keys: list[int], min_run_tokens: int,
+                park_tokens: int = 0) -> tuple[dict[int, list[int]], int]:
     engine = Engine(rt, EngineConfig(kv_slots=SLOTS, token_budget=CHUNK + SLOTS,
                                      prefill_chunk=CHUNK, max_queue=16, max_batch_texts=4,
-                                     min_run_tokens=min_run_tokens))
+                                     min_run_tokens=min_run_tokens, park_tokens=park_tokens))
     engine.start()
     assert rt.tokenizer is not None
     out: dict[int, list[int]] = {}
@@ -81,9 +83,11 @@ def alone(runtime: Runtime) -> dict[int, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("min_run_tokens", [1, 6, 17])
+@pytest.mark.parametrize(("min_run_tokens", "park_tokens"),
+                         [(1, 0), (6, 0), (17, 0), (1, 100_000), (6, 100_000), (17, 60)])
 async def test_preempted_and_resumed_streams_give_their_greedy_tokens(
-        runtime: Runtime, alone: dict[int, list[int]], min_run_tokens: int) -> None:
-    busy, preempted = await serve(runtime, list(REQUESTS), min_run_tokens)
+        runtime: Runtime, alone: dict[int, list[int]], min_run_tokens: int,
+        park_tokens: int) -> None:
+    busy, preempted = await serve(runtime, list(REQUESTS), min_run_tokens, park_tokens)
     assert preempted > 0, "uids 2 and 3 should have taken slots from uid 1"
     assert busy == alone

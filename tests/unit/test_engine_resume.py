@@ -51,6 +51,13 @@ class FakeRuntime:
         self.rows[row] = cache[:start] + list(ids)
         return self._next(row)
 
+    def park(self, row: int, length: int) -> list[int]:
+        assert len(self.rows[row]) >= length, f"parks {length} tokens of {self.rows[row]}"
+        return list(self.rows[row][:length])
+
+    def restore(self, row: int, parked: list[int]) -> None:
+        self.rows[row] = list(parked)
+
     def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         time.sleep(0.002)  # long enough for the foreground request to arrive mid-run
         out = []
@@ -66,11 +73,14 @@ Req = tuple[int, Priority, int, int]  # key, class, prompt length, max_tokens
 
 async def serve(reqs: list[Req], slots: int, kv_tokens: int | None,
                 uids: dict[int, int] | None = None,
-                min_run_tokens: int = 16) -> tuple[dict[int, list[int]], int]:
-    """Streams each request (one uid each unless `uids` maps its key to one), 50 ms apart."""
+                min_run_tokens: int = 16, park_tokens: int = 0,
+                prompted: list[int] | None = None) -> tuple[dict[int, list[int]], int]:
+    """Streams each request (one uid each unless `uids` maps its key to one), 50 ms apart;
+    appends to `prompted` the prompt tokens the engine computed."""
     engine = Engine(FakeRuntime(), EngineConfig(  # type: ignore[arg-type]
         kv_slots=slots, token_budget=16 + slots, prefill_chunk=16, max_queue=16,
-        max_batch_texts=4, kv_tokens=kv_tokens, min_run_tokens=min_run_tokens))
+        max_batch_texts=4, kv_tokens=kv_tokens, min_run_tokens=min_run_tokens,
+        park_tokens=park_tokens))
     engine.start()
     out: dict[int, list[int]] = {}
 
@@ -96,19 +106,30 @@ async def serve(reqs: list[Req], slots: int, kv_tokens: int | None,
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     finally:
         engine.stop()
+    if prompted is not None:
+        prompted.append(engine.stats.tokens_prompted)
     return out, engine.stats.preempted
 
 
+@pytest.mark.parametrize("park_tokens", [0, 100, 10_000])
 @pytest.mark.parametrize("kv_tokens", [None, 200])
-async def test_preempted_sequences_resume_to_the_same_tokens(kv_tokens: int | None) -> None:
+async def test_preempted_sequences_resume_to_the_same_tokens(kv_tokens: int | None,
+                                                             park_tokens: int) -> None:
     reqs: list[Req] = [(1, Priority.BACKGROUND, 40, 120), (2, Priority.BACKGROUND, 33, 120),
                        (3, Priority.FOREGROUND, 20, 30), (4, Priority.SYSTEM, 50, 20)]
     alone: dict[int, list[int]] = {}
     for r in reqs:
         alone.update((await serve([r], slots=4, kv_tokens=None))[0])
-    busy, preempted = await serve(reqs, slots=2, kv_tokens=kv_tokens)
+    prompted: list[int] = []
+    busy, preempted = await serve(reqs, slots=2, kv_tokens=kv_tokens, park_tokens=park_tokens,
+                                  prompted=prompted)
     assert preempted > 0, "the foreground requests should have preempted background work"
     assert busy == alone
+    prompts = sum(r[2] for r in reqs)
+    if park_tokens == 0:  # recompute: the preempted re-prefill prompt + generated tokens
+        assert prompted[0] > prompts
+    elif park_tokens == 10_000:  # every preempted sequence's KV was kept: no prompt twice
+        assert prompted[0] == prompts
 
 
 @pytest.mark.parametrize("min_run", [1, 5, 23])
@@ -123,7 +144,8 @@ async def test_fair_share_preemption_in_one_class_resumes_to_the_same_tokens(
     alone: dict[int, list[int]] = {}
     for r in reqs:
         alone.update((await serve([r], slots=2, kv_tokens=None))[0])
-    busy, preempted = await serve(reqs, slots=2, kv_tokens=None, uids=uids,
-                                  min_run_tokens=min_run)
-    assert preempted > 0, "uids 2 and 3 should have taken rows from uid 1"
-    assert busy == alone
+    for park_tokens in (0, 10_000):
+        busy, preempted = await serve(reqs, slots=2, kv_tokens=None, uids=uids,
+                                      min_run_tokens=min_run, park_tokens=park_tokens)
+        assert preempted > 0, "uids 2 and 3 should have taken rows from uid 1"
+        assert busy == alone, f"park_tokens={park_tokens}"

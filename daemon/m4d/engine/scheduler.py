@@ -24,10 +24,12 @@ A step runs in this order:
 A paused sequence (its reader is behind: `backpressure.py`) gets no work and does not
 leave the queue, and it is the first to give its row to a waiting sequence.
 
-A preempted sequence loses its row and memory and waits again (`plan.preempted`); its
-generated tokens are kept and it resumes by re-prefilling prompt + generated tokens
-(recompute, not swap: the runtime's KV cache is one fixed row per slot, and the next
-sequence admitted to the row overwrites it). Greedy decoding resumes to the same tokens.
+A preempted sequence loses its row and memory and waits again (`plan.preempted`). While
+the park budget (`park_tokens`) has room, its KV stays: the engine copies it out of the
+row before the step runs (`plan.parked`) and back into the row it is given when it is
+admitted again (`plan.restored`), and it goes on decoding where it stopped. Otherwise it
+keeps only its generated tokens and resumes by re-prefilling prompt + generated tokens
+(recompute). Either way greedy decoding resumes to the same tokens.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class SeqState:
     preemptions: int = 0
     admitted_at: int = 0  # `generated` when it was last admitted: its run so far is the rest
     paused: bool = False  # its reader is behind (backpressure): no work, its row may go
+    parked: int = 0  # tokens of its KV the engine keeps aside while it waits (preempted)
 
     @property
     def prefill_len(self) -> int:
@@ -88,7 +91,11 @@ class PrefillChunk:
 class StepPlan:
     decode: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, row)
     prefill: list[PrefillChunk] = field(default_factory=list)
-    preempted: list[int] = field(default_factory=list)  # lost their row: re-prefill later
+    preempted: list[int] = field(default_factory=list)  # lost their row: wait again
+    # (seq_id, row, tokens): copy the KV out of the row before the step (preempted, parked)
+    parked: list[tuple[int, int, int]] = field(default_factory=list)
+    # (seq_id, row): copy its parked KV into the row before the step (admitted again)
+    restored: list[tuple[int, int]] = field(default_factory=list)
     expired: list[int] = field(default_factory=list)  # deadline passed: already forgotten
 
     @property
@@ -106,7 +113,8 @@ class Scheduler:
     def __init__(self, num_rows: int, token_budget: int, max_waiting: int,
                  chunk_size: int | None = None, *, policy: QueuePolicy | str = "fair",
                  kv: KVPool | None = None, min_run_tokens: int = 16,
-                 max_running: Callable[[int], int] | None = None) -> None:
+                 max_running: Callable[[int], int] | None = None,
+                 park_tokens: int = 0) -> None:
         chunk_size = chunk_size or max(1, token_budget - num_rows)
         if token_budget < chunk_size + num_rows:
             raise ValueError(
@@ -120,6 +128,8 @@ class Scheduler:
         self.max_running = max_running or (lambda uid: 0)  # uid -> KV rows it may hold; 0: all
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.kv = kv if kv is not None else KVPool(1 << 62, 1)  # default: rows are the limit
+        self.park_tokens = park_tokens  # KV tokens of preempted sequences kept aside, at most
+        self.parked_tokens = 0
         self._free_rows = list(range(num_rows - 1, -1, -1))  # pop() gives the lowest
         self._waiting: dict[int, SeqState] = {}
         self._admitted = 0
@@ -163,6 +173,8 @@ class Scheduler:
             return
         self._waiting.pop(seq_id, None)
         self._release(seq)
+        self.parked_tokens -= seq.parked
+        seq.parked = 0
 
     def _release(self, seq: SeqState) -> None:
         if self.running.pop(seq.id, None) is not None and seq.row is not None:
@@ -200,18 +212,22 @@ class Scheduler:
         for priority, seq in self.policy.order(list(self._waiting.values()), now):
             if seq.id in plan.preempted or seq.paused:
                 continue  # not back in the same step it was pushed out, nor while paused
-            n = self._next_chunk(seq)
+            n = self._next_chunk(seq) if seq.prefilling else 1
             if 0 < self.max_running(seq.uid) <= held[seq.uid]:
                 own = self._own_victim(seq)
                 if own is None or n > self._left(plan):
                     continue  # its uid holds all the rows it may: the next one's turn
                 self._preempt(plan, own)  # a swap within the uid's own rows
                 held[seq.uid] -= 1
-            if n > self._left(plan) or not self._make_room(plan, seq, n, self._victims(seq),
-                                                           need_row=True):
+            if n > self._left(plan) or not self._make_room(
+                    plan, seq, seq.computed + n, self._victims(seq), need_row=True):
                 break  # strict queue order: nobody overtakes the head
             del self._waiting[seq.id]
             seq.row = self._free_rows.pop()
+            if seq.parked:
+                plan.restored.append((seq.id, seq.row))
+                self.parked_tokens -= seq.parked
+                seq.parked = 0
             seq.admitted_at = seq.generated
             held[seq.uid] += 1
             seq.run_priority = priority
@@ -281,12 +297,18 @@ class Scheduler:
         return True
 
     def _preempt(self, plan: StepPlan, seq: SeqState) -> None:
+        row = seq.row
         self._release(seq)
         plan.decode = [d for d in plan.decode if d[0] != seq.id]
         plan.prefill = [c for c in plan.prefill if c.seq_id != seq.id]
         plan.preempted.append(seq.id)
-        seq.resumed = seq.generated
-        seq.computed = 0
+        if row is not None and 0 < seq.computed <= self.park_tokens - self.parked_tokens:
+            plan.parked.append((seq.id, row, seq.computed))  # keeps computed: no re-prefill
+            seq.parked = seq.computed
+            self.parked_tokens += seq.computed
+        else:
+            seq.resumed = seq.generated
+            seq.computed = 0
         seq.preemptions += 1
         self._waiting[seq.id] = seq
 

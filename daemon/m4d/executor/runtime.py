@@ -22,7 +22,7 @@ from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discove
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
 from m4d.model import kernels
 from m4d.model.bert import BertConfig, load_bert
-from m4d.model.llama import Llama, LlamaConfig, load_llama
+from m4d.model.llama import KVCache, Llama, LlamaConfig, load_llama
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class ComponentInfo:
     device: str
     kernels: str = ""  # the m4 kernel variant its quantized layers run on ("" = torch's)
 
+
+# A preempted sequence's KV cache while it waits: (k, v) [Hkv, tokens, Dh] per layer.
+ParkedKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 class Runtime:
     """Holds the loaded backbone and text encoder of one firmware image."""
@@ -174,6 +177,27 @@ class Runtime:
         row_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         logits = self.backbone(tok, pos, row_t, last_only=True)  # [B, 1, V]
         return logits[:, -1]
+
+    @torch.inference_mode()
+    def park(self, row: int, length: int) -> ParkedKV:
+        """A copy of the first `length` positions of KV row `row` in every layer: the cache
+        of a preempted sequence, kept while it waits (`restore` puts it back)."""
+        return [cache.save(row, length) for cache in self._kv_caches()]
+
+    @torch.inference_mode()
+    def restore(self, row: int, parked: ParkedKV) -> None:
+        """Puts a parked cache into KV row `row` (any row: positions are the sequence's)."""
+        for cache, saved in zip(self._kv_caches(), parked, strict=True):
+            cache.load(row, saved)
+
+    def _kv_caches(self) -> list[KVCache]:
+        assert self.backbone is not None
+        caches = []
+        for block in self.backbone.blocks:
+            cache = block.attention.kv_cache
+            assert cache is not None, "setup_caches() made every layer's cache"
+            caches.append(cache)
+        return caches
 
     @torch.inference_mode()
     def next_words(self, ids: list[int], n: int, max_word_tokens: int = 4) -> list[tuple[str, float]]:

@@ -87,6 +87,16 @@ class KVCache(nn.Module):
         self.v[row_idx[:, None], :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
         return row_idx
 
+    def save(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of positions [0, length) of a row: k, v [Hkv, length, Dh]."""
+        return self.k[row, :, :length].clone(), self.v[row, :, :length].clone()
+
+    def load(self, row: int, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Puts a copy made by `save` back, in positions [0, length) of `row`."""
+        k, v = saved
+        self.k[row, :, :k.shape[1]].copy_(k)
+        self.v[row, :, :v.shape[1]].copy_(v)
+
     def update(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
                rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, Hkv, S, Dh] at input_pos [B, S]; return [B, Hkv, length, Dh] views."""
