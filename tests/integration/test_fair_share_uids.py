@@ -23,7 +23,7 @@ import grpc
 import pytest
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
-from m4client import AdminClient
+from m4client import AdminClient, Client
 
 from tests.conftest import DaemonProcess, start_daemon
 from tests.integration.test_identity_uid import NOBODY, as_nobody, usage
@@ -98,3 +98,36 @@ def test_a_short_request_completes_promptly_while_another_app_floods(
     assert usage(after, 0).preempted >= 1, "B's slot came from A by preemption"
     assert usage(after, NOBODY).requests_ok == 1
     assert all(n < 1500 for n in tokens), "A's streams were still running when B finished"
+
+
+def test_a_stream_the_app_stops_reading_pauses_and_resumes_to_the_same_tokens(
+        daemon: DaemonProcess) -> None:
+    """Backpressure through the real transport: the Python client's small stream window
+    (m4client STREAM_WINDOW_BYTES) lets the daemon see that the app stopped reading, so the
+    sequence pauses after stream_pause_tokens (256) + a window's worth of tokens instead of
+    decoding to the end into gRPC's buffers; reading again resumes it, and the tokens are
+    the ones it gives read straight through."""
+    prompt, n = "Write a very long story about a lighthouse keeper.", 900
+    options = dict(task="complete", max_tokens=n, temperature=0.0, ignore_eos=True)
+    with Client(daemon.address, timeout=300) as client:
+        straight = [t for chunk in client.generate(prompt, **options) for t in chunk.token_ids]
+        assert len(straight) == n
+        with AdminClient(daemon.admin_address, timeout=30) as admin:
+            before = usage(admin.status(), 0).tokens_out
+            stream = iter(client.generate(prompt, **options))
+            got = list(next(stream).token_ids)  # the call runs; then the app reads nothing
+            deadline = time.monotonic() + 60
+            while True:
+                status = admin.status()
+                assert status.load is not None
+                if status.load.paused_sequences == 1:
+                    break
+                assert time.monotonic() < deadline, "the unread stream never paused"
+                time.sleep(0.2)
+            time.sleep(2.0)  # paused: it decodes no more
+            held = usage(admin.status(), 0).tokens_out - before
+            assert held < 256 + 400, f"{held} tokens decoded for a reader that took one"
+            assert held == usage(admin.status(), 0).tokens_out - before, "still decoding"
+        for chunk in stream:
+            got += chunk.token_ids
+    assert got == straight

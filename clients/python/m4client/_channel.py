@@ -21,9 +21,19 @@ APP_NAME_METADATA = "m4-app-name"
 #: Largest message either way (a batch of embeddings or an image fits well inside).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
+#: Bytes of a stream the client's transport takes in before the app reads them (the HTTP/2
+#: stream window it announces). m4d sees a slow reader only once this is full: gRPC's
+#: default (64 KiB, grown by bandwidth probing to megabytes) holds thousands of generated
+#: tokens, so a stream the app stopped reading would keep decoding. 4 KiB is about 100
+#: tokens; a larger message (embeddings, an image) still arrives in one read, since gRPC
+#: opens the window to the size of the message being read.
+STREAM_WINDOW_BYTES = 4096
+
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+    ("grpc.http2.bdp_probe", 0),  # keeps the window at STREAM_WINDOW_BYTES
 )
 
 _SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
