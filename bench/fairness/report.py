@@ -186,11 +186,12 @@ def notes(args: argparse.Namespace, m: Measurements, indexes: list[float],
                f"{num(pct([p.first_token_ms for p in iso.loaded], 99), 0)}; B failures: "
                f"{sum(p.ttft_ms is None for p in iso.idle + iso.loaded)}")
     for name, results in iso.floods.items():
-        refusals = sum((collections.Counter(r.refused) for r in results), collections.Counter())
+        flood_refused = sum((collections.Counter(r.refused) for r in results),
+                            collections.Counter())
         out.append(
             f"1. {name}: decode rate = tokens its read streams received / window, pooled over "
             f"the rounds; {sum(r.completed for r in results)} read streams completed, refused "
-            f"{dict(refusals) or 'never'} (retried after the hint, median "
+            f"{dict(flood_refused) or 'never'} (retried after the hint, median "
             f"{num(median([h for r in results for h in r.retry_hints_ms]), 0)} ms), errors "
             f"{[r.errors for r in results if r.errors] or 'none'}, unread streams at the end: "
             f"{[r.unread_ended for r in results]}")
@@ -207,7 +208,8 @@ def notes(args: argparse.Namespace, m: Measurements, indexes: list[float],
         f"{len(late_embed_ms)} Embed (ended after {num(median(late_embed_ms), 0)} ms, median), "
         f"DEADLINE_EXCEEDED from the daemon {by_daemon}, from the client's own deadline "
         f"{len(late) - by_daemon}; refused by code "
-        f"{dict(refused_codes) or 'none'}, refusal ms median {num(median(refusals), 1)}; "
+        f"{dict(refused_codes) or 'none'}, refusal ms median {num(median(refusals), 1)} "
+        f"p90 {num(pct(refusals, 90), 1)}; "
         f"late Generate calls had {num(median([o.tokens for o in gen_late]), 0)} of their "
         f"tokens (median) at the deadline; step time = client ms per token of the burst's "
         f"Generate streams, median {num(step, 1)} ms; daemon decode ms/token of those that "
