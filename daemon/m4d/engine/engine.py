@@ -16,6 +16,11 @@ runtime (torch, never on the event loop) and posts the events through an `Outbox
    background encoder batch defers to urgent generation and is cut to a slice too);
 5. the encoder batches that other devices' executors have run.
 
+At submit, a generation with a deadline is checked against the work the engine holds
+(`deadlines.py`, `goodput.py`): refused at once when it, or a call already held, would
+finish late. A preempted sequence's KV is parked aside while the park budget allows and put
+back into whatever row it gets next (`plan.parked`, `plan.restored`).
+
 Before each step, backpressure (`backpressure.py`): a sequence whose stream holds too many
 tokens its reader has not taken pauses (the scheduler plans nothing for it and may give its
 row away); the stream wakes the loop when its reader catches up; one whose reader takes
