@@ -7,14 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import torch
 from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
-from m4d.engine.goodput import StepCosts, Work, encoder_latest_start, finish_times, refusal
+from m4d.engine.goodput import (
+    GoodputConfig,
+    StepCosts,
+    Work,
+    encoder_latest_start,
+    finish_times,
+    refusal,
+)
 from m4d.errors import M4Error, Unavailable
-from m4d.requests import Caller, Finished, GenerateRequest, Priority, SamplingParams
+from m4d.requests import (
+    Caller,
+    EmbedRequest,
+    Finished,
+    GenerateRequest,
+    Priority,
+    SamplingParams,
+)
 
 from tests.unit.test_engine_resume import FakeRuntime
 
@@ -133,7 +148,8 @@ def request(max_tokens: int, deadline: float | None) -> GenerateRequest:
 
 async def test_the_engine_under_a_burst_finishes_what_it_admits_and_refuses_the_rest() -> None:
     e = Engine(RowCostRuntime(), EngineConfig(  # type: ignore[arg-type]
-        kv_slots=16, token_budget=64, prefill_chunk=16, max_queue=64, max_batch_texts=4))
+        kv_slots=16, token_budget=64, prefill_chunk=16, max_queue=64, max_batch_texts=4,
+        goodput=GoodputConfig(margin=0.5)))  # a third of the time spare: a busy CI machine
     e.start()
     try:
         for rows in (1, 2, 8):  # measure steps of a few batch sizes
@@ -167,3 +183,44 @@ def test_encoder_work_with_deadlines_may_start_as_late_as_the_earliest_deadline_
                                 safety=0.05) == pytest.approx(1.1 - 0.58 - 0.05)
     assert encoder_latest_start([(1.0, 8), (None, 1)], 0.010, 0.0, 0.0) is None, \
         "work without a deadline runs now"
+
+
+class SlowEncoder(RowCostRuntime):
+    """An encoder text costs 20 ms: a burst of Embeds is as long as a generation."""
+
+    encoder_device = "cpu"
+
+    def embed(self, texts: list[str]) -> tuple[Any, list[int]]:
+        time.sleep(0.020 * len(texts))
+        return torch.ones(len(texts), 4), [1] * len(texts)
+
+
+async def test_embeds_with_deadlines_wait_for_deadline_generations_and_both_are_in_time() -> None:
+    e = Engine(SlowEncoder(), EngineConfig(  # type: ignore[arg-type]
+        kv_slots=16, token_budget=64, prefill_chunk=16, max_queue=64, max_batch_texts=8,
+        goodput=GoodputConfig(margin=0.5)))
+    e.start()
+    try:
+        for rows in (1, 4):  # measure decode steps
+            await asyncio.gather(*(e.submit(request(20, None)).result() for _ in range(rows)))
+        await e.submit(EmbedRequest(task="embed", priority=Priority.FOREGROUND,
+                                    caller=Caller(uid=5), texts=["x"])).result()
+        now = time.monotonic()
+        generations = [e.submit(request(60, now + 3.0)) for _ in range(3)]
+        await asyncio.sleep(0.05)  # the generations are decoding
+        embeds = [e.submit(EmbedRequest(task="embed", priority=Priority.FOREGROUND,
+                                        caller=Caller(uid=5), texts=["a"] * 8, deadline=now + 3.0))
+                  for _ in range(4)]  # 4 × 8 texts × 20 ms = 0.64 s of encoder work
+        ended: dict[str, float] = {}
+
+        async def finish(name: str, stream: Any) -> None:
+            await stream.result()
+            ended[name] = time.monotonic() - now
+
+        await asyncio.gather(*(finish(f"g{i}", s) for i, s in enumerate(generations)),
+                             *(finish(f"e{i}", s) for i, s in enumerate(embeds)))
+        assert max(ended.values()) < 3.0, ended
+        # the embeds waited: they ended after the generations, which ran undisturbed
+        assert min(ended[f"e{i}"] for i in range(4)) > max(ended[f"g{i}"] for i in range(3))
+    finally:
+        e.stop()
