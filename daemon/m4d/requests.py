@@ -11,9 +11,12 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from m4d.errors import M4Error
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Priority(enum.IntEnum):
@@ -82,6 +85,23 @@ class RequestBase:
 class GenerateRequest(RequestBase):
     prompt_ids: list[int] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16))
+    constraint: TokenConstraint | None = None  # structured output: which tokens may come next
+
+
+class TokenConstraint(Protocol):
+    """Structured output (a JSON schema, a regex, a list of choices): which tokens may come
+    next, told every token that was sampled. One per sequence; the engine calls it on its
+    worker thread."""
+
+    def restrict(self, logits: torch.Tensor) -> None:
+        """Sets the logits [V] of every token that may not come next to -inf."""
+
+    def consume(self, token: int) -> None:
+        """Records a sampled token (one `restrict` allowed)."""
+
+    @property
+    def done(self) -> bool:
+        """The output is complete: nothing more may follow."""
 
 
 @dataclass

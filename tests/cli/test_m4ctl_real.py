@@ -108,3 +108,34 @@ def test_transcribe_keywords_ocr_and_ask_from_files(daemon, tmp_path) -> None:
     assert out.returncode == 0 and "Platform 9" in out.stdout, out.stderr
     out = m4ctl(daemon, "ocr", str(tmp_path / "missing.png"))
     assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_generate_with_a_schema_writes_json_that_validates(daemon, tmp_path) -> None:
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "country": {"enum": ["France", "Germany", "Italy"]}},
+        "required": ["city", "country"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    out = m4ctl(daemon, "generate", "--temperature", "0", "--max-tokens", "64", "--schema",
+                str(path), "The capital of France as JSON:")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    jsonschema.validate(answer, schema)
+    assert answer["country"] == "France"
+    out = m4ctl(daemon, "generate", "--temperature", "0", "--choices", "yes,no",
+                "Is Paris in France? Answer yes or no:")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("yes", "no")
+
+
+def test_an_invalid_schema_is_invalid_argument_on_one_line(daemon, tmp_path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"type": "objectx"}')
+    out = m4ctl(daemon, "generate", "--schema", str(path), "hello")
+    assert out.returncode == 1
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("m4ctl: error: INVALID_ARGUMENT: response_format.json_schema")
+    assert "objectx" in line

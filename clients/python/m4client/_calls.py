@@ -78,10 +78,15 @@ class Caller(ABC):
 
 def _generation(*, prompt: str | None = None, chat: pb.Chat | None = None, task: str = "",
                 priority: api.Priority | str | None = None, timeout: float | None = None,
+                json_schema: Mapping[str, Any] | str | None = None, regex: str | None = None,
+                choices: Sequence[str] | None = None,
                 **sampling: Unpack[SamplingOptions]) -> Call[api.GenerationChunk]:
     request = _convert.generate_request(prompt=prompt, chat=chat, task=task,
                                         params=_convert.sampling(**sampling),
                                         prio=_convert.priority(priority))
+    fmt = _convert.response_format(json_schema=json_schema, regex=regex, choices=choices)
+    if fmt is not None:
+        request.response_format.CopyFrom(fmt)
     return Call("Generate", request, _convert.generation_chunk, timeout)
 
 

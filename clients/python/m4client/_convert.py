@@ -8,6 +8,7 @@ seed, a wrong type) become `InvalidArgumentError` before anything is sent.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -101,6 +102,26 @@ def generate_request(
     if chat is not None:
         return pb.GenerateRequest(task=task, chat=chat, sampling=params, priority=prio)
     return pb.GenerateRequest(task=task, prompt=prompt or "", sampling=params, priority=prio)
+
+
+def response_format(*, json_schema: Mapping[str, Any] | str | None = None,
+                    regex: str | None = None,
+                    choices: Sequence[str] | None = None) -> pb.ResponseFormat | None:
+    """The structured-output format of a generation; None for free text."""
+    given = [name for name, v in (("json_schema", json_schema), ("regex", regex),
+                                  ("choices", choices)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of json_schema, regex and choices (got {given})")
+    if json_schema is not None:
+        text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        return pb.ResponseFormat(json_schema=text)
+    if regex is not None:
+        return pb.ResponseFormat(regex=regex)
+    if choices is not None:
+        if isinstance(choices, str):
+            raise TypeError("choices is a sequence of strings, not one string")
+        return pb.ResponseFormat(choices=pb.Choices(values=list(choices)))
+    return None
 
 
 def media_inputs(*, image: Any = None, audio: Any = None) -> dict[str, Any]:

@@ -7,8 +7,8 @@ twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypedDict
 
 from ._images import InstallProgress
 from .types import Priority
@@ -35,7 +35,16 @@ class CallOptions(TypedDict, total=False):
     timeout: float | None
 
 
-class GenerateOptions(SamplingOptions, CallOptions, total=False):
+class FormatOptions(TypedDict, total=False):
+    """Structured output, at most one of: a JSON schema (a dict, or its JSON text) the
+    output validates against, a regex it matches, or the choices it is one of."""
+
+    json_schema: Mapping[str, Any] | str | None
+    regex: str | None
+    choices: Sequence[str] | None
+
+
+class GenerateOptions(SamplingOptions, CallOptions, FormatOptions, total=False):
     """Everything `generate()` and `chat()` take besides their input."""
 
 

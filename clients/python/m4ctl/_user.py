@@ -29,6 +29,13 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
                 parents, cmd_generate)
     p.add_argument("prompt", metavar="PROMPT")
     _generation_flags(p, "generate")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--schema", metavar="FILE", help="structured output: a JSON Schema file "
+                     "the output validates against (- reads stdin)")
+    fmt.add_argument("--regex", metavar="REGEX", help="structured output: a regex (Rust "
+                     "syntax) the whole output matches")
+    fmt.add_argument("--choices", metavar="A,B,C", help="structured output: exactly one of "
+                     "these comma-separated strings")
 
     p = command(sub, "chat", "Chat with the model: interactive on stdin, or one turn with "
                 "--message.", parents, cmd_chat)
@@ -105,9 +112,25 @@ def _print_stream(stream: Stream[GenerationChunk], args: argparse.Namespace) -> 
     return result.text
 
 
+def response_format(args: argparse.Namespace) -> dict[str, Any]:
+    """The structured-output keyword argument of generate() from the flags, if any."""
+    if args.schema:
+        try:
+            text = sys.stdin.read() if args.schema == "-" else Path(args.schema).read_text()
+        except OSError as exc:
+            raise UsageError(f"--schema: cannot read {args.schema}: {exc.strerror}") from None
+        return {"json_schema": text}
+    if args.regex:
+        return {"regex": args.regex}
+    if args.choices:
+        return {"choices": [c.strip() for c in args.choices.split(",") if c.strip()]}
+    return {}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     with client(args) as m4:
-        stream = m4.generate(args.prompt, task=args.task, priority=args.priority, **sampling(args))
+        stream = m4.generate(args.prompt, task=args.task, priority=args.priority,
+                             **sampling(args), **response_format(args))
         _print_stream(stream, args)
     return 0
 

@@ -11,11 +11,13 @@ image's features go, and the runtime splices them in.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from m4d.errors import InvalidArgument
-from m4d.requests import GenerateRequest, MediaRequest
+from m4d.requests import GenerateRequest, MediaRequest, TokenConstraint
 
 if TYPE_CHECKING:
     from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
@@ -54,6 +56,21 @@ _EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 
+# What a template's answer must be, enforced while decoding (structured output): the
+# spoken-language-understanding answer is one JSON object with an intent and string slots.
+SCHEMAS: dict[str, dict[str, object]] = {
+    "slu": {
+        "type": "object",
+        "properties": {
+            "intent": {"type": "string", "pattern": "^[a-z][a-z_]{0,39}$"},
+            "slots": {"type": "object",
+                      "additionalProperties": {"type": "string", "maxLength": 64}},
+        },
+        "required": ["intent", "slots"],
+        "additionalProperties": False,
+    },
+}
+
 IMAGE_MARKER = "<image>"
 
 
@@ -80,11 +97,14 @@ class Answer:
 
 def plan_answer(request: MediaRequest, source: str, *, tokenizer: TextTokenizer | None,
                 template: ChatTemplate | None, max_context: int,
-                image: tuple[int, int] | None = None) -> Answer:
+                image: tuple[int, int] | None = None,
+                constrain: Callable[[str], TokenConstraint] | None = None) -> Answer:
     """The recognised text (`source`) and the question as a chat prompt for the backbone,
     with max_tokens cut to the room left in the context. `image`: (the projector's image
-    token, the number of image features) when the image's features are the prompt's.
-    Raises InvalidArgument when there is no backbone or the prompt fills the context."""
+    token, the number of image features) when the image's features are the prompt's;
+    `constrain`: compiles a JSON schema (text) into a constraint, for the templates whose
+    answer has one (`SCHEMAS`). Raises InvalidArgument when there is no backbone or the
+    prompt fills the context."""
     if tokenizer is None or request.sampling is None:
         raise InvalidArgument(f"task {request.task!r} needs a language backbone")
     messages = answer_messages(request.prompt_template, source, request.question)
@@ -106,7 +126,10 @@ def plan_answer(request: MediaRequest, source: str, *, tokenizer: TextTokenizer 
             f"{max_context}")
     sampling = dataclasses.replace(request.sampling,
                                    max_tokens=min(request.sampling.max_tokens, room))
+    schema = SCHEMAS.get(request.prompt_template)
+    constraint = (constrain(json.dumps(schema))
+                  if schema is not None and constrain is not None else None)
     return Answer(GenerateRequest(
         task=request.task, priority=request.priority, caller=request.caller, id=request.id,
         arrival=request.arrival, deadline=request.deadline, prompt_ids=ids,
-        sampling=sampling), splice_ids)
+        sampling=sampling, constraint=constraint), splice_ids)

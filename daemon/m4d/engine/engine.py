@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,11 @@ from m4d.requests import (
 )
 
 log = logging.getLogger(__name__)
+
+# The step loop's thread runs at this nice value (the kernels' helper threads run at 10), so
+# that the event loop (admission, refusals, streaming the tokens) is scheduled first when
+# both want a core: its work is short and every app waits on it.
+WORKER_NICE = 5
 
 
 class Engine(BesideGeneration):
@@ -221,6 +227,10 @@ class Engine(BesideGeneration):
 
     def _run(self) -> None:
         log.info("executor started", extra={"device": str(self.runtime.device)})
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+        except OSError as exc:  # not Linux's per-thread nice: run at the process's
+            log.warning("could not lower the step loop's priority: %s", exc)
         while True:
             with self._lock:
                 while not self._has_work() and not self._stopping:
@@ -413,7 +423,9 @@ class Engine(BesideGeneration):
                     first = time.monotonic()
                     seq.prefilled(first)
                     self.stats.observe_ttft(first - seq.request.arrival)
-                self._on_token(seq, sample(logits[None], [seq.params], [seq.generator])[0])
+                logits = logits[None]
+                self._constrain([seq], logits)
+                self._on_token(seq, sample(logits, [seq.params], [seq.generator])[0])
 
     def _decode(self, decode: list[tuple[int, int]]) -> int:
         """Runs a step's decode batch (most urgent first) in the slices the latency policy
@@ -428,6 +440,7 @@ class Engine(BesideGeneration):
             logits = self.runtime.decode([row for _, row in decode[piece.start:piece.stop]],
                                          [s.last_token for s in batch],
                                          [s.next_position for s in batch])
+            self._constrain(batch, logits)
             tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
             self.latency.decoded(len(batch), time.monotonic() - started)
             for seq, token in zip(batch, tokens, strict=True):
@@ -436,6 +449,15 @@ class Engine(BesideGeneration):
             if piece.may_yield and self._urgent_inbox:
                 break  # an urgent request waits: its prefill goes before the rest
         return done
+
+    @staticmethod
+    def _constrain(seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Structured output: forbids, in each constrained row, the tokens its format does
+        not allow next (the rows' logits are their own: changed in place)."""
+        with torch.inference_mode():  # the runtime's logits are inference tensors
+            for row, seq in enumerate(seqs):
+                if seq.constraint is not None:
+                    seq.constraint.restrict(logits[row])
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         self.stats.tokens_generated += 1

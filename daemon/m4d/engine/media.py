@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from m4d.engine.cascade import plan_answer
 from m4d.errors import InvalidArgument, M4Error
+from m4d.prepare.constraints import ResponseFormat
 from m4d.requests import (
     Embeddings,
     Event,
@@ -142,9 +143,12 @@ def outcome(runtime: Runtime, result: BatchResult) -> Event | Continuation:
         if features is not None:  # path 1: the image's features are the prompt's
             _, projector = runtime.media.projector_for(request.module)
             image = (int(projector["image_token_id"]), int(features.shape[0]))
-        answer = plan_answer(request, recognised.text, tokenizer=runtime.tokenizer,
-                             template=runtime.chat_template, max_context=runtime.max_context,
-                             image=image)
+        grammars = runtime.grammars
+        answer = plan_answer(
+            request, recognised.text, tokenizer=runtime.tokenizer,
+            template=runtime.chat_template, max_context=runtime.max_context, image=image,
+            constrain=None if grammars is None else lambda schema: grammars.compile(
+                ResponseFormat("json_schema", json_schema=schema)))
     except InvalidArgument as exc:
         return Failed(exc)
     embeds = None

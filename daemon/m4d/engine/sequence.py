@@ -39,6 +39,7 @@ class Sequence:
         self.stream = stream  # None only in tests that drive a Sequence by hand
         self.prompt_embeds = prompt_embeds  # path 1: the prompt with image features [S', D]
         self.params: SamplingParams = request.sampling
+        self.constraint = request.constraint  # structured output, or None
         self.generator: torch.Generator | None = make_generator(request.sampling)
         self.eos_id = tokenizer.eos_id
         self.decoder = IncrementalDecoder(tokenizer)
@@ -91,8 +92,14 @@ class Sequence:
     def add_token(self, token: int, max_context: int) -> tuple[TextDelta | None, Finished | None]:
         """Records a sampled token; returns the text to stream and, at the end, the finish."""
         self.tokens.append(token)
-        if token == self.eos_id and not self.params.ignore_eos:
-            return self._flush(), self._finished(FinishReason.EOS)
+        if token == self.eos_id and (not self.params.ignore_eos or self.constraint is not None):
+            return self._flush(), self._finished(FinishReason.EOS)  # a format allows it when complete
+        if self.constraint is not None:
+            self.constraint.consume(token)
+            if self.constraint.done:  # the format is complete: nothing may follow
+                self._held += self.decoder.push(token) + self.decoder.flush()
+                self._held_ids.append(token)
+                return self._flush(), self._finished(FinishReason.STOP)
         self._held += self.decoder.push(token)
         self._held_ids.append(token)
         stop_at = self._find_stop()

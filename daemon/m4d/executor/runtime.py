@@ -23,6 +23,7 @@ from m4d.executor.media import MEDIA_KINDS, MediaRuntime
 from m4d.model import kernels
 from m4d.model.bert import BertConfig, load_bert
 from m4d.model.llama import KVCache, Llama, LlamaConfig, load_llama
+from m4d.prepare.constraints import Grammars
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Runtime:
         self.backbone: Llama | None = None
         self.tokenizer: TextTokenizer | None = None
         self.chat_template: ChatTemplate | None = None
+        self.grammars: Grammars | None = None  # structured output over the backbone's tokens
         self.encoder: Any = None
         self.encoder_tokenizer: TextTokenizer | None = None
         self.encoder_spec: dict[str, Any] = {}
@@ -124,6 +126,9 @@ class Runtime:
         self.backbone = model
         self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]),
                                                  bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+        self.grammars = Grammars(self._path(spec["tokenizer"]), [self.tokenizer.eos_id or 0],
+                                 cfg.vocab_size)
+        self.grammars.tokenizer()  # ~0.3 s, here rather than on the first structured request
         template = spec.get("chat_template")
         if template:
             self.chat_template = ChatTemplate(template, bos_token=self.tokenizer.bos_token,

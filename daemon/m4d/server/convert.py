@@ -12,6 +12,7 @@ from typing import Any
 from m4.inference.v1 import inference_pb2 as pb
 
 from m4d.errors import InvalidArgument
+from m4d.prepare.constraints import ResponseFormat
 from m4d.requests import (
     Caller,
     ClassifyRequest,
@@ -66,6 +67,21 @@ def sampling_args(s: pb.SamplingParams) -> SamplingArgs:
         stop=tuple(s.stop), ignore_eos=s.ignore_eos)
 
 
+def response_format(req: pb.GenerateRequest) -> ResponseFormat | None:
+    """The request's response format; None when unset (free text)."""
+    if not req.HasField("response_format"):
+        return None
+    fmt = req.response_format
+    which = fmt.WhichOneof("format")
+    if which == "json_schema":
+        return ResponseFormat("json_schema", json_schema=fmt.json_schema)
+    if which == "regex":
+        return ResponseFormat("regex", regex=fmt.regex)
+    if which == "choices":
+        return ResponseFormat("choices", choices=tuple(fmt.choices.values))
+    raise InvalidArgument("response_format is set but empty: give json_schema, regex or choices")
+
+
 class Converter:
     """Converts the calls and answers of one served image (its `Tasks`)."""
 
@@ -83,7 +99,8 @@ class Converter:
         chat = [(m.role, m.content) for m in req.chat.messages] if which == "chat" else None
         return self.tasks.generate(task_id, origin(req.priority, caller, deadline),
                                    prompt=req.prompt if chat is None else None, chat=chat,
-                                   sampling=sampling_args(req.sampling))
+                                   sampling=sampling_args(req.sampling),
+                                   response_format=response_format(req))
 
     def embed(self, req: pb.EmbedRequest, caller: Caller, deadline: float | None) -> EmbedRequest:
         return self.tasks.embed(req.task or "embed", origin(req.priority, caller, deadline),

@@ -17,6 +17,7 @@ from typing import Any
 
 from m4d.config import Config
 from m4d.errors import InvalidArgument
+from m4d.prepare.constraints import Grammars, ResponseFormat
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 from m4d.requests import (
     Caller,
@@ -81,7 +82,7 @@ class Tasks:
 
     def __init__(self, config: Config, tasks: Sequence[dict[str, Any]], image: ImageInfo,
                  tokenizer: TextTokenizer | None, chat_template: ChatTemplate | None,
-                 max_context: int) -> None:
+                 max_context: int, grammars: Grammars | None = None) -> None:
         self.config = config
         self.tasks = {t["id"]: t for t in tasks}
         self.task_list = list(tasks)
@@ -89,6 +90,7 @@ class Tasks:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.max_context = max_context
+        self.grammars = grammars
 
     # ---- shared checks -------------------------------------------------------------
 
@@ -130,8 +132,10 @@ class Tasks:
 
     def generate(self, task_id: str, origin: Origin, *, prompt: str | None = None,
                  chat: Sequence[Turn] | None = None,
-                 sampling: SamplingArgs = SamplingArgs()) -> GenerateRequest:
-        """A generation from a prompt or (when `chat` is given) a chat."""
+                 sampling: SamplingArgs = SamplingArgs(),
+                 response_format: ResponseFormat | None = None) -> GenerateRequest:
+        """A generation from a prompt or (when `chat` is given) a chat; its output kept to
+        `response_format` when one is given."""
         which = "chat" if chat is not None else "prompt"
         task = self.task(task_id, "Generate")
         if chat is not None:
@@ -142,9 +146,14 @@ class Tasks:
         if expected and expected != which:
             raise InvalidArgument(f"task {task_id!r} takes a {expected}, not a {which}")
         ids = self.tokens(which, text)
+        constraint = None
+        if response_format is not None:
+            if self.grammars is None:
+                raise InvalidArgument("this image's backbone has no structured output")
+            constraint = self.grammars.compile(response_format)
         return GenerateRequest(task=task_id, priority=origin.priority, caller=origin.caller,
                                deadline=origin.deadline, prompt_ids=ids,
-                               sampling=self.sampling(sampling, len(ids)))
+                               sampling=self.sampling(sampling, len(ids)), constraint=constraint)
 
     def apply_template(self, task: dict[str, Any], prompt: str) -> str:
         """A task's prompt template: "" passes the text as is; "chat" renders it as one user
