@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 from m4d.config import Config
 from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
@@ -122,3 +123,26 @@ def test_an_invalid_format_is_invalid_argument(runtime: Runtime, fmt: ResponseFo
     assert runtime.grammars is not None
     with pytest.raises(InvalidArgument, match=message):
         runtime.grammars.compile(fmt)
+
+
+def test_a_tokenizer_llguidance_cannot_read_still_gets_structured_output(
+        tmp_path: Path) -> None:
+    # A word-level tokenizer without a decoder (as tiny imported checkpoints have): llguidance's
+    # own tokenizer.json reader refuses it, so each token's text stands for its bytes.
+    from m4d.prepare.constraints import Grammars
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "yes", "no", "maybe", "{", "}"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    grammars = Grammars(tmp_path / "tokenizer.json", [2], len(words))
+    constraint = grammars.compile(ResponseFormat("choices", choices=("yes", "no")))
+    logits = torch.zeros(len(words))
+    constraint.restrict(logits)
+    allowed = {words[i] for i in torch.nonzero(logits > float("-inf")).flatten().tolist()}
+    assert allowed == {"yes", "no"}
+    constraint.consume(words.index("no"))
+    logits = torch.zeros(len(words))
+    constraint.restrict(logits)
+    assert torch.nonzero(logits > float("-inf")).flatten().tolist() == [2]  # only the end

@@ -126,9 +126,13 @@ class Runtime:
         self.backbone = model
         self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]),
                                                  bos_id=cfg.bos_id, eos_id=cfg.eos_id)
-        self.grammars = Grammars(self._path(spec["tokenizer"]), [self.tokenizer.eos_id or 0],
-                                 cfg.vocab_size)
-        self.grammars.tokenizer()  # ~0.3 s, here rather than on the first structured request
+        grammars = Grammars(self._path(spec["tokenizer"]), [self.tokenizer.eos_id or 0],
+                            cfg.vocab_size)
+        try:
+            grammars.tokenizer()  # ~0.3 s, here rather than on the first structured request
+            self.grammars = grammars
+        except (ValueError, RuntimeError) as exc:  # the image serves, without structured output
+            log.warning("no structured output for this tokenizer", extra={"error": str(exc)})
         template = spec.get("chat_template")
         if template:
             self.chat_template = ChatTemplate(template, bos_token=self.tokenizer.bos_token,

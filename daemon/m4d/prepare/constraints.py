@@ -25,6 +25,8 @@ from typing import Literal
 
 import llguidance
 import torch
+from llguidance import TokenizerWrapper
+from tokenizers import Tokenizer
 
 from m4d.errors import InvalidArgument
 
@@ -76,6 +78,25 @@ class GrammarConstraint:
         return bool(self.matcher.is_stopped())
 
 
+class _TokenTexts:
+    """A tokenizer as llguidance's `TokenizerWrapper` wants it, for tokenizers its own
+    tokenizer.json reader does not take: each token is the text it decodes to alone."""
+
+    def __init__(self, tokenizer_json: Path, eos_ids: list[int]) -> None:
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        n = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.tokens = [self._tokenizer.decode([i], skip_special_tokens=False).encode()
+                       for i in range(n)]
+        self.special_token_ids = sorted(
+            i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special)
+        self.eos_token_id = eos_ids[0]
+        self.bos_token_id = None
+
+    def __call__(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
+
+
 class Grammars:
     """Compiles response formats for one tokenizer (tokenizer.json) and its end tokens."""
 
@@ -89,8 +110,16 @@ class Grammars:
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(
-                    str(self.tokenizer_json), n_vocab=self.vocab, eos_token=self.eos_ids)
+                try:
+                    source: str | TokenizerWrapper = str(self.tokenizer_json)
+                    self._tokenizer = llguidance.LLTokenizer(
+                        source, n_vocab=self.vocab, eos_token=self.eos_ids)
+                except ValueError as exc:  # e.g. a word-level tokenizer with no decoder
+                    log.info("llguidance cannot read %s (%s); using each token's text",
+                             self.tokenizer_json.name, exc)
+                    source = TokenizerWrapper(_TokenTexts(self.tokenizer_json, self.eos_ids))
+                    self._tokenizer = llguidance.LLTokenizer(
+                        source, n_vocab=self.vocab, eos_token=self.eos_ids)
             return self._tokenizer
 
     def grammar(self, fmt: ResponseFormat) -> str:
