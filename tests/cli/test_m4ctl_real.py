@@ -139,3 +139,24 @@ def test_an_invalid_schema_is_invalid_argument_on_one_line(daemon, tmp_path) -> 
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("m4ctl: error: INVALID_ARGUMENT: response_format.json_schema")
     assert "objectx" in line
+
+
+def test_count_tokens_matches_what_generate_feeds_and_tasks_show_their_window(daemon) -> None:
+    from m4client import Client
+
+    question = "What is the capital of France?"
+    with Client(daemon.address, timeout=120) as m4:
+        counted = m4.count_tokens(chat=[{"role": "user", "content": question}])
+        result = m4.chat_complete([{"role": "user", "content": question}], max_tokens=4,
+                                  temperature=0.0)
+        raw = m4.count_tokens(question, task="complete")
+        windows = {t.id: t.context_window for t in m4.list_tasks()}
+    assert counted.tokens == result.usage.prompt_tokens  # the chat template's tokens too
+    assert raw.tokens < counted.tokens
+    assert counted.context_window == windows["chat"] > 0 and counted.room > 0
+    assert windows["embed"] > 0 and windows["embed"] != windows["chat"]
+    out = m4ctl(daemon, "count-tokens", "--task", "complete", question)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{raw.tokens} tokens of {raw.context_window} ")
+    out = m4ctl(daemon, "count-tokens", "--task", "embed", question)
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr

@@ -124,6 +124,16 @@ def list_tasks(*, timeout: float | None = None) -> Call[api.TaskTable]:
     return Call("ListTasks", pb.ListTasksRequest(), _convert.task_table, timeout)
 
 
+def count_tokens(prompt: str | None = None, *, chat: api.ChatInput | None = None,
+                 task: str = "", timeout: float | None = None) -> Call[api.TokenCount]:
+    if (prompt is None) == (chat is None):
+        raise ValueError("give either a prompt or a chat")
+    request = (pb.CountTokensRequest(task=task, prompt=prompt) if prompt is not None else
+               pb.CountTokensRequest(task=task, chat=_convert.chat_messages(chat or [])))
+    return Call("CountTokens", request,
+                lambda m: api.TokenCount(m.tokens, m.context_window), timeout)
+
+
 def run(task: str, inputs: Mapping[str, api.InputValue], *, num_predictions: int = 0,
         priority: api.Priority | str | None = None, timeout: float | None = None,
         **sampling: Unpack[SamplingOptions]) -> Call[api.RunChunk]:

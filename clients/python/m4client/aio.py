@@ -110,6 +110,12 @@ class AsyncClient(_AsyncCaller):
     async def list_tasks(self, *, timeout: float | None = None) -> api.TaskTable:
         return await self._unary(_calls.list_tasks(timeout=timeout))
 
+    async def count_tokens(self, prompt: str | None = None, *,
+                           chat: api.ChatInput | None = None, task: str = "",
+                           timeout: float | None = None) -> api.TokenCount:
+        return await self._unary(_calls.count_tokens(prompt, chat=chat, task=task,
+                                                     timeout=timeout))
+
     def run(self, task: str, inputs: Mapping[str, api.InputValue],
             **options: Unpack[RunOptions]) -> AsyncStream[api.RunChunk]:
         return self._stream(_calls.run(task, inputs, **options))

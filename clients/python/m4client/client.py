@@ -134,6 +134,12 @@ class Client(_SyncCaller):
         """The active image's task table."""
         return self._unary(_calls.list_tasks(timeout=timeout))
 
+    def count_tokens(self, prompt: str | None = None, *, chat: api.ChatInput | None = None,
+                     task: str = "", timeout: float | None = None) -> api.TokenCount:
+        """The tokens a prompt (or a chat) takes for a generation task, as Generate would
+        feed them, and the task's context window."""
+        return self._unary(_calls.count_tokens(prompt, chat=chat, task=task, timeout=timeout))
+
     def run(self, task: str, inputs: Mapping[str, api.InputValue],
             **options: Unpack[RunOptions]) -> Stream[api.RunChunk]:
         """Run any task by id with named inputs, streamed (see `types.InputValue`); takes

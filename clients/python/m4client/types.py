@@ -228,6 +228,20 @@ class Task:
     outputs: tuple[IOSpec, ...]
     rpc: str
     streaming: bool
+    context_window: int = 0  # tokens its model holds at once (prompt + output); 0: none
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """A prompt's tokens as the model sees it, and the task's context window."""
+
+    tokens: int
+    context_window: int
+
+    @property
+    def room(self) -> int:
+        """Tokens left to generate after this prompt."""
+        return max(0, self.context_window - self.tokens)
 
 
 @dataclass(frozen=True)

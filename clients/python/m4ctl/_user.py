@@ -61,7 +61,13 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     p.add_argument("-n", type=int, default=0, metavar="N", help="how many words (default 5)")
     call_flags(p, task_help="task id (default: predict-next)")
 
-    command(sub, "tasks", "List the active image's tasks.", parents, cmd_tasks)
+    command(sub, "tasks", "List the active image's tasks (WINDOW: the tokens its model "
+            "holds).", parents, cmd_tasks)
+
+    p = command(sub, "count-tokens", "Count a prompt's tokens for a generation task, against "
+                "its context window.", parents, cmd_count_tokens)
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--task", default="", help="task id (default: generate)")
     command(sub, "wait", "Wait until the daemon serves (model loaded, self-test passed); "
             "--timeout bounds the wait (default 300 s).", parents, cmd_wait)
 
@@ -242,18 +248,30 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     def sig(specs: Iterable[Any]) -> str:
         return ", ".join(f"{s.name}:{kind(s)}" + ("" if s.required else "?") for s in specs)
 
-    rows = [("ID", "M4", "PATH", "MODULES", "INPUTS → OUTPUTS")]
+    rows = [("ID", "M4", "PATH", "MODULES", "WINDOW", "INPUTS → OUTPUTS")]
     rows += [
         (
             t.id,
             t.m4_id or "-",
             str(t.path),
             ",".join(t.modules) or "-",
+            str(t.context_window or "-"),
             f"{sig(t.inputs)} → {sig(t.outputs)}",
         )
         for t in table
     ]
     out.write("".join(line + "\n" for line in out.table(rows)))
+    return 0
+
+
+def cmd_count_tokens(args: argparse.Namespace) -> int:
+    with client(args) as m4:
+        count = m4.count_tokens(args.prompt, task=args.task)
+    if args.json:
+        out.json_line({"tokens": count.tokens, "contextWindow": count.context_window})
+    else:
+        out.write(f"{count.tokens} tokens of {count.context_window} "
+                  f"({count.room} left to generate)\n")
     return 0
 
 

@@ -152,6 +152,11 @@ class Runtime:
             name, "bert", sum(p.numel() for p in self.encoder.parameters()),
             self.compute_dtype_name, self.compute_dtype_name, str(self.encoder_device)))
 
+    @property
+    def encoder_window(self) -> int:
+        """Tokens the text encoder takes per text (0 without one)."""
+        return int(self.encoder_spec.get("max_seq_len", 256)) if self.encoder is not None else 0
+
     # ---- backbone ------------------------------------------------------------------
 
     @torch.inference_mode()

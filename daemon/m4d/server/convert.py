@@ -102,6 +102,17 @@ class Converter:
                                    sampling=sampling_args(req.sampling),
                                    response_format=response_format(req))
 
+    def count_tokens(self, req: pb.CountTokensRequest) -> pb.CountTokensResponse:
+        which = req.WhichOneof("input")
+        if which is None:
+            raise InvalidArgument("set either prompt or chat")
+        chat = [(m.role, m.content) for m in req.chat.messages] if which == "chat" else None
+        tokens, window = self.tasks.count_tokens(
+            req.task or ("chat" if which == "chat" else "generate"),
+            prompt=req.prompt if chat is None else None, chat=chat)
+        return pb.CountTokensResponse(tokens=tokens, context_window=window,
+                                      model=self.model_info())
+
     def embed(self, req: pb.EmbedRequest, caller: Caller, deadline: float | None) -> EmbedRequest:
         return self.tasks.embed(req.task or "embed", origin(req.priority, caller, deadline),
                                 req.texts)
@@ -286,6 +297,7 @@ class Converter:
                 adapter=t.get("adapter") or "", head=t.get("head") or "",
                 labels=t.get("labels") or [], rpc=t.get("rpc", ""),
                 streaming=bool(t.get("streaming")),
+                context_window=self.tasks.context_window(t),
                 inputs=[_io(s) for s in t.get("inputs", [])],
                 outputs=[_io(s) for s in t.get("outputs", [])]))
         return out

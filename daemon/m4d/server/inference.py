@@ -64,6 +64,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
                         context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
         return self.converter().task_table()
 
+    @unary
+    async def CountTokens(self, request: pb.CountTokensRequest,
+                          context: grpc.aio.ServicerContext) -> pb.CountTokensResponse:
+        return self.converter().count_tokens(request)
+
     @streaming
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:

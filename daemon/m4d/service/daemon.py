@@ -165,7 +165,8 @@ class Daemon:
         self._engines.add(engine)
         tasks = Tasks(
             self.config, manifest.tasks, ImageInfo(manifest.name, manifest.version, image.digest),
-            runtime.tokenizer, runtime.chat_template, runtime.max_context, runtime.grammars)
+            runtime.tokenizer, runtime.chat_template, runtime.max_context, runtime.grammars,
+            runtime.encoder_window)
         self.load_seconds = time.monotonic() - started
         return Serving(image, runtime, engine, tasks)
 

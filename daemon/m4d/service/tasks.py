@@ -82,7 +82,8 @@ class Tasks:
 
     def __init__(self, config: Config, tasks: Sequence[dict[str, Any]], image: ImageInfo,
                  tokenizer: TextTokenizer | None, chat_template: ChatTemplate | None,
-                 max_context: int, grammars: Grammars | None = None) -> None:
+                 max_context: int, grammars: Grammars | None = None,
+                 encoder_window: int = 0) -> None:
         self.config = config
         self.tasks = {t["id"]: t for t in tasks}
         self.task_list = list(tasks)
@@ -91,6 +92,7 @@ class Tasks:
         self.chat_template = chat_template
         self.max_context = max_context
         self.grammars = grammars
+        self.encoder_window = encoder_window  # tokens the text encoder takes (0: none)
 
     # ---- shared checks -------------------------------------------------------------
 
@@ -128,14 +130,20 @@ class Tasks:
             raise InvalidArgument(f"{field} has no tokens")
         return ids
 
+    def context_window(self, task: dict[str, Any]) -> int:
+        """Tokens the task's model holds at once: the backbone's context for anything
+        that generates, the text encoder's for embedding and classification, else 0."""
+        modules = task.get("modules") or []
+        if "backbone" in modules:
+            return self.max_context
+        return self.encoder_window if "text_encoder" in modules else 0
+
     # ---- generation ----------------------------------------------------------------
 
-    def generate(self, task_id: str, origin: Origin, *, prompt: str | None = None,
-                 chat: Sequence[Turn] | None = None,
-                 sampling: SamplingArgs = SamplingArgs(),
-                 response_format: ResponseFormat | None = None) -> GenerateRequest:
-        """A generation from a prompt or (when `chat` is given) a chat; its output kept to
-        `response_format` when one is given."""
+    def prompt_text(self, task_id: str, *, prompt: str | None = None,
+                    chat: Sequence[Turn] | None = None) -> tuple[dict[str, Any], str]:
+        """A generation task and the text its backbone sees: the chat rendered, or the
+        prompt through the task's template."""
         which = "chat" if chat is not None else "prompt"
         task = self.task(task_id, "Generate")
         if chat is not None:
@@ -145,6 +153,23 @@ class Tasks:
         expected = _input_kind(task)
         if expected and expected != which:
             raise InvalidArgument(f"task {task_id!r} takes a {expected}, not a {which}")
+        return task, text
+
+    def count_tokens(self, task_id: str, *, prompt: str | None = None,
+                     chat: Sequence[Turn] | None = None) -> tuple[int, int]:
+        """(tokens of the prompt as Generate would feed it, the task's context window)."""
+        task, text = self.prompt_text(task_id, prompt=prompt, chat=chat)
+        return len(self.tokens("chat" if chat is not None else "prompt", text)), \
+            self.context_window(task)
+
+    def generate(self, task_id: str, origin: Origin, *, prompt: str | None = None,
+                 chat: Sequence[Turn] | None = None,
+                 sampling: SamplingArgs = SamplingArgs(),
+                 response_format: ResponseFormat | None = None) -> GenerateRequest:
+        """A generation from a prompt or (when `chat` is given) a chat; its output kept to
+        `response_format` when one is given."""
+        which = "chat" if chat is not None else "prompt"
+        _, text = self.prompt_text(task_id, prompt=prompt, chat=chat)
         ids = self.tokens(which, text)
         constraint = None
         if response_format is not None:
