@@ -168,6 +168,10 @@ class Config:
     # KV cache tokens of preempted sequences kept aside, so they resume without recomputing
     # (memory only while they wait: ~46 KB a token for a float32 cache); 0: recompute.
     kv_park_tokens: int = 8192
+    # Prompt KV kept for reuse by later prompts with the same start (any app), in blocks of
+    # 64 tokens, evicted least recently used; memory ~46 KB a token at float32.
+    # 0: no prefix cache.
+    prefix_cache_tokens: int = 4096
     # Most texts in one Embed call, and most texts the encoder runs in one batch.
     max_batch_texts: int = 64
     # Longest text accepted in any field, in characters.
@@ -241,8 +245,8 @@ class Config:
             raise ConfigError(f"kernel_variant must be one of {', '.join(KERNEL_VARIANTS)} "
                               f"(got {self.kernel_variant!r})")
         for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kv_park_tokens",
-                    "kernel_threads", "uid_max_running", "uid_max_tokens_in_flight",
-                    "stream_pause_tokens"):
+                    "prefix_cache_tokens", "kernel_threads", "uid_max_running",
+                    "uid_max_tokens_in_flight", "stream_pause_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.weight_format in ("int4", "int8") and self.compute_dtype == "float32":

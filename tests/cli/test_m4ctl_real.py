@@ -160,3 +160,24 @@ def test_count_tokens_matches_what_generate_feeds_and_tasks_show_their_window(da
     assert out.stdout.startswith(f"{raw.tokens} tokens of {raw.context_window} ")
     out = m4ctl(daemon, "count-tokens", "--task", "embed", question)
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
+
+
+def test_a_shared_system_prompt_is_computed_once_and_status_counts_it(daemon) -> None:
+    from m4client import Client
+
+    system = "You are the calendar assistant of a phone. Answer in one short sentence. " * 20
+    questions = ["What day comes after Monday?", "What month comes after May?"]
+    before = json.loads(m4ctl(daemon, "--json", "status").stdout)
+    with Client(daemon.address, timeout=120) as m4:
+        results = [m4.chat_complete([{"role": "system", "content": system},
+                                     {"role": "user", "content": q}],
+                                    max_tokens=8, temperature=0.0) for q in questions]
+    after = json.loads(m4ctl(daemon, "--json", "status").stdout)
+    computed = int(after["tokensPrompted"]) - int(before.get("tokensPrompted", 0))
+    reused = int(after["prefixTokensReused"]) - int(before.get("prefixTokensReused", 0))
+    sent = sum(r.usage.prompt_tokens for r in results)
+    assert reused >= 64 * 3, "the second call's system prompt came from the cache"
+    assert computed == sent - reused
+    assert int(after["prefixCacheTokens"]) >= reused
+    out = m4ctl(daemon, "status")
+    assert "from the prefix cache" in out.stdout

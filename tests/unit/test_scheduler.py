@@ -491,3 +491,20 @@ op = st.builds(Op, arrivals, st.one_of(st.none(), st.integers(0, 50)))
 def test_limits_hold_property(ops: list[Op], policy: str, rows: int, chunk: int,
                               blocks: int) -> None:
     simulate(ops, policy, rows, chunk, blocks)
+
+
+def test_a_cached_prompt_prefix_is_restored_with_the_row_and_not_computed_again() -> None:
+    s = Scheduler(num_rows=2, token_budget=200, max_waiting=8, chunk_size=128)
+    a = seq(1, prompt=300)
+    a.cached = 192  # three 64-token blocks from the prefix cache
+    s.add(a)
+    assert a.computed == 192 and a.prefilling
+    plan = s.schedule(0.0)
+    assert plan.prefixed == [(1, a.row)]
+    [chunk] = plan.prefill
+    assert (chunk.start, chunk.length, chunk.last) == (192, 64, False)  # up to a chunk edge
+    s.update(plan)
+    plan = s.schedule(0.1)
+    assert plan.prefixed == [] and [(c.start, c.length, c.last) for c in plan.prefill] == [
+        (256, 44, True)]
+    assert a.cached == 0

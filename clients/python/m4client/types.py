@@ -474,4 +474,6 @@ class DaemonStatus:
     uids: list[UidUsage] = field(default_factory=list)  # lowest uid first
     devices: list[DeviceStatus] = field(default_factory=list)  # cpu first
     requests_stalled: int = 0  # of requests_cancelled: their clients stopped reading
+    prefix_cache_tokens: int = 0  # prompt tokens whose KV the prefix cache holds now
+    prefix_tokens_reused: int = 0  # prompt tokens taken from it since start
     raw: Any = field(default=None, repr=False, compare=False)

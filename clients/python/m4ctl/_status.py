@@ -44,7 +44,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{s.requests_cancelled:,} cancelled ({s.requests_stalled:,} stalled), "
             f"{s.requests_rejected:,} rejected",
         ),
-        ("tokens", f"{s.tokens_generated:,} generated, {s.tokens_prompted:,} prompted"),
+        ("tokens", f"{s.tokens_generated:,} generated, {s.tokens_prompted:,} prompted, "
+                   f"{s.prefix_tokens_reused:,} from the prefix cache "
+                   f"({s.prefix_cache_tokens:,} held)"),
         ("sequences", f"{s.active_sequences} active / {s.kv_slots} KV slots"),
     ]
     if args.quiet:

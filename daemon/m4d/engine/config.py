@@ -27,6 +27,8 @@ class EngineConfig:
     policy: QueuePolicy | str = "fair"  # the order waiting generation gets KV rows in
     min_run_tokens: int = 16  # tokens a sequence generates before its own class may preempt it
     park_tokens: int = 0  # KV tokens of preempted sequences kept aside (0: they recompute)
+    prefix_cache_tokens: int = 0  # prompt KV kept for reuse (0: off)
+    prefix_block: int = 64  # tokens per block of the prefix cache
     admission: AdmissionConfig | None = None  # per-uid quotas, limits per priority
     latency: LatencyConfig = field(default_factory=LatencyConfig)  # background vs urgent
     backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)  # slow readers

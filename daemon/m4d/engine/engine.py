@@ -46,6 +46,7 @@ from m4d.engine.config import EngineConfig
 from m4d.engine.deadlines import Deadlines
 from m4d.engine.kvpool import KVCapacityError, KVPool
 from m4d.engine.latency import LatencyPolicy, is_urgent
+from m4d.engine.prefixes import KVCopier, PrefixCache, Prefixes
 from m4d.engine.scheduler import PrefillChunk, Scheduler, SeqState
 from m4d.engine.sequence import Sequence, tokens_per_uid
 from m4d.engine.stats import EngineSnapshot, EngineStats
@@ -86,6 +87,8 @@ class Engine(BesideGeneration):
                                    park_tokens=config.park_tokens)
         self.latency = LatencyPolicy(config.latency)
         self.deadlines = Deadlines(config.goodput, self.latency, config.kv_slots)
+        self.prefixes = Prefixes(PrefixCache(config.prefix_block, config.prefix_cache_tokens),
+                                 KVCopier(runtime))
         self.batcher = Batcher(self.latency, max_batch_texts=config.max_batch_texts,
                                max_batch_media=config.max_batch_media,
                                encoder_max_wait=config.encoder_max_wait)
@@ -284,17 +287,19 @@ class Engine(BesideGeneration):
     def _add_sequence(self, request: GenerateRequest, stream: RequestStream,
                       prompt_embeds: torch.Tensor | None = None) -> None:
         ticket = self._tickets.get(request.id)
+        cached = 0 if prompt_embeds is not None else self.prefixes.arrived(
+            request.id, request.prompt_ids)
+        self._sequences[request.id] = seq = Sequence(request, stream, self.runtime.tokenizer,
+                                                     prompt_embeds)
+        seq.prompted = cached
         try:
             self.scheduler.add(SeqState(
                 id=request.id, priority=request.priority, arrival=request.arrival,
                 prompt_len=len(request.prompt_ids), max_new_tokens=request.sampling.max_tokens,
                 uid=request.caller.uid, weight=ticket.weight if ticket else 1.0,
-                deadline=request.deadline))
+                deadline=request.deadline, cached=cached))
         except KVCapacityError as exc:
             self._finish(request.id, Failed(InvalidArgument(str(exc))))
-            return
-        self._sequences[request.id] = Sequence(request, stream, self.runtime.tokenizer,
-                                               prompt_embeds)
 
     def _expire(self, cancels: set[int]) -> None:
         for rid in cancels:
@@ -344,6 +349,7 @@ class Engine(BesideGeneration):
         seq = self._sequences.pop(rid, None)
         ticket = self._tickets.pop(rid, None)
         self._parked.pop(rid, None)
+        self.prefixes.forget(rid)
         if stream is None:
             return
         self.batcher.remove(rid)
@@ -384,6 +390,8 @@ class Engine(BesideGeneration):
             self._parked[rid] = self.runtime.park(row, tokens)
         for rid, row in plan.restored:
             self.runtime.restore(row, self._parked.pop(rid))
+        for rid, row in plan.prefixed:  # a cached prompt prefix: its first chunk is after it
+            self.prefixes.admitted(rid, row)
         self._planned = not plan.empty
         if plan.empty:
             return
@@ -423,6 +431,8 @@ class Engine(BesideGeneration):
                     first = time.monotonic()
                     seq.prefilled(first)
                     self.stats.observe_ttft(first - seq.request.arrival)
+                    if seq.prompt_embeds is None:
+                        self.prefixes.computed(seq.request.prompt_ids, chunk.row)
                 logits = logits[None]
                 self._constrain([seq], logits)
                 self._on_token(seq, sample(logits, [seq.params], [seq.generator])[0])

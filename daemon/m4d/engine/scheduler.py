@@ -24,6 +24,10 @@ A step runs in this order:
 A paused sequence (its reader is behind: `backpressure.py`) gets no work and does not
 leave the queue, and it is the first to give its row to a waiting sequence.
 
+A sequence whose prompt starts with blocks the prefix cache holds (`cached`, set by the
+engine at arrival) counts them as computed: when it gets a row the engine copies them in
+(`plan.prefixed`) and its first chunk starts after them.
+
 A preempted sequence loses its row and memory and waits again (`plan.preempted`). While
 the park budget (`park_tokens`) has room, its KV stays: the engine copies it out of the
 row before the step runs (`plan.parked`) and back into the row it is given when it is
@@ -67,6 +71,7 @@ class SeqState:
     admitted_at: int = 0  # `generated` when it was last admitted: its run so far is the rest
     paused: bool = False  # its reader is behind (backpressure): no work, its row may go
     parked: int = 0  # tokens of its KV the engine keeps aside while it waits (preempted)
+    cached: int = 0  # prompt tokens the prefix cache restores when it first gets a row
 
     @property
     def prefill_len(self) -> int:
@@ -96,6 +101,8 @@ class StepPlan:
     parked: list[tuple[int, int, int]] = field(default_factory=list)
     # (seq_id, row): copy its parked KV into the row before the step (admitted again)
     restored: list[tuple[int, int]] = field(default_factory=list)
+    # (seq_id, row): copy its cached prompt prefix into the row before the step (admitted)
+    prefixed: list[tuple[int, int]] = field(default_factory=list)
     expired: list[int] = field(default_factory=list)  # deadline passed: already forgotten
 
     @property
@@ -160,6 +167,7 @@ class Scheduler:
         if seq.prompt_len < 1:
             raise ValueError(f"request {seq.id} has an empty prompt")
         self.kv.check_fits(seq.id, seq.prompt_len + seq.max_new_tokens)
+        seq.computed = max(seq.computed, seq.cached)  # the cached prefix counts as computed
         active = {s.uid for s in self.seqs.values()}
         if seq.uid not in active:
             self.policy.activate(seq, active)
@@ -228,6 +236,9 @@ class Scheduler:
                 plan.restored.append((seq.id, seq.row))
                 self.parked_tokens -= seq.parked
                 seq.parked = 0
+            if seq.cached:
+                plan.prefixed.append((seq.id, seq.row))
+                seq.cached = 0
             seq.admitted_at = seq.generated
             held[seq.uid] += 1
             seq.run_priority = priority

@@ -193,16 +193,18 @@ class Runtime:
         return logits[:, -1]
 
     @torch.inference_mode()
-    def park(self, row: int, length: int) -> ParkedKV:
-        """A copy of the first `length` positions of KV row `row` in every layer: the cache
-        of a preempted sequence, kept while it waits (`restore` puts it back)."""
-        return [cache.save(row, length) for cache in self._kv_caches()]
+    def park(self, row: int, length: int, start: int = 0) -> ParkedKV:
+        """A copy of positions [start, length) of KV row `row` in every layer: the cache of
+        a preempted sequence kept while it waits, or a prompt block for the prefix cache
+        (`restore` puts it back)."""
+        return [cache.save(row, length, start) for cache in self._kv_caches()]
 
     @torch.inference_mode()
-    def restore(self, row: int, parked: ParkedKV) -> None:
-        """Puts a parked cache into KV row `row` (any row: positions are the sequence's)."""
+    def restore(self, row: int, parked: ParkedKV, start: int = 0) -> None:
+        """Puts a parked cache into KV row `row` from position `start` (any row: positions
+        are the sequence's)."""
         for cache, saved in zip(self._kv_caches(), parked, strict=True):
-            cache.load(row, saved)
+            cache.load(row, saved, start)
 
     def _kv_caches(self) -> list[KVCache]:
         assert self.backbone is not None

@@ -87,15 +87,15 @@ class KVCache(nn.Module):
         self.v[row_idx[:, None], :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
         return row_idx
 
-    def save(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of positions [0, length) of a row: k, v [Hkv, length, Dh]."""
-        return self.k[row, :, :length].clone(), self.v[row, :, :length].clone()
+    def save(self, row: int, end: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of positions [start, end) of a row: k, v [Hkv, end - start, Dh]."""
+        return self.k[row, :, start:end].clone(), self.v[row, :, start:end].clone()
 
-    def load(self, row: int, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Puts a copy made by `save` back, in positions [0, length) of `row`."""
+    def load(self, row: int, saved: tuple[torch.Tensor, torch.Tensor], start: int = 0) -> None:
+        """Puts a copy made by `save` back into `row`, from position `start`."""
         k, v = saved
-        self.k[row, :, :k.shape[1]].copy_(k)
-        self.v[row, :, :v.shape[1]].copy_(v)
+        self.k[row, :, start:start + k.shape[1]].copy_(k)
+        self.v[row, :, start:start + v.shape[1]].copy_(v)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
                rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:

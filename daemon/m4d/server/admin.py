@@ -127,6 +127,8 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             out.requests_rejected = s.stats.rejected
             out.tokens_generated = s.stats.tokens_generated
             out.tokens_prompted = s.stats.tokens_prompted
+            out.prefix_cache_tokens = d.engine.prefixes.cache.tokens
+            out.prefix_tokens_reused = d.engine.prefixes.cache.tokens_reused
             out.active_sequences = s.active_sequences
             out.kv_slots = s.kv_slots
             view = usage_view(s, d.engine.recent)

@@ -346,6 +346,7 @@ def engine_config(config: Config) -> EngineConfig:
         max_batch_texts=config.max_batch_texts, max_batch_media=config.max_batch_media,
         kv_tokens=config.kv_pool_tokens or None, admission=admission,
         min_run_tokens=config.min_run_tokens, park_tokens=config.kv_park_tokens,
+        prefix_cache_tokens=config.prefix_cache_tokens,
         backpressure=BackpressureConfig(config.stream_pause_tokens, config.stream_stall_seconds),
         policy=(make_policy(config.queue_policy, aging=config.aging_seconds or None)
                 if config.queue_policy != "fcfs" else "fcfs"))
