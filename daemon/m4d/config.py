@@ -186,8 +186,12 @@ class Config:
     max_audio_seconds: float = 30.0
     # Most images or audio clips the media encoders run in one batch.
     max_batch_media: int = 8
-    # max_tokens when a Generate call does not say.
+    # max_tokens when a Generate call does not say (and the room a session's turn keeps for
+    # its reply when it does not say).
     default_max_tokens: int = 256
+    # Sessions one uid may hold at once (each is its transcript, a few KB; its KV lives in
+    # the prefix cache, which evicts idle sessions' blocks first); more: RESOURCE_EXHAUSTED.
+    sessions_per_uid: int = 256
     # Seconds in-flight calls get to finish after SIGTERM before they are cut off.
     drain_timeout: float = 30.0
     # Run the image's self-test at start: strict = refuse to serve when it fails.
@@ -262,7 +266,7 @@ class Config:
         for key in ("kv_slots", "max_context", "prefill_chunk", "step_token_budget", "max_queue",
                     "max_batch_texts", "max_text_chars", "max_message_bytes", "uid_max_concurrent",
                     "default_max_tokens", "max_image_bytes", "max_image_pixels", "max_batch_media",
-                    "min_run_tokens", "uid_max_queued"):
+                    "min_run_tokens", "uid_max_queued", "sessions_per_uid"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0 (got {getattr(self, key)})")
         if self.step_token_budget < self.prefill_chunk + self.kv_slots:

@@ -43,6 +43,14 @@ class FailedPrecondition(M4Error):
     """An operation on something in the wrong state."""
 
 
+class NotFound(M4Error):
+    """The thing named does not exist, or belongs to another caller (not told apart)."""
+
+
+class OutOfRange(M4Error):
+    """The request does not fit a limit of what it works on, e.g. a session's context window."""
+
+
 class PermissionDenied(M4Error):
     """The caller is not allowed to do this."""
 

@@ -86,6 +86,7 @@ class GenerateRequest(RequestBase):
     prompt_ids: list[int] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16))
     constraint: TokenConstraint | None = None  # structured output: which tokens may come next
+    keep_reply: bool = False  # a session's turn: its reply's KV goes to the prefix cache too
 
 
 class TokenConstraint(Protocol):

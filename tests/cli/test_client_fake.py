@@ -32,6 +32,7 @@ from m4client import AdminClient, AsyncClient, ChatMessage, Client, FinishReason
 MODEL = pb.ModelInfo(image_name="fake-image", image_version="0.0.1", image_digest="f" * 64)
 SLOW_WORD_S = 0.15  # a prompt starting with "slow" streams one word per this many seconds
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+FAKE_WINDOW = 2048  # the context window the fake's sessions report
 
 
 class FakeLog:
@@ -78,6 +79,7 @@ class FakeInference(pb_grpc.InferenceServicer):
 
     def __init__(self, log: FakeLog) -> None:
         self.log = log
+        self.sessions: dict[str, list[pb.ChatMessage]] = {}  # id -> transcript
 
     async def _words(
         self, text: str, s: pb.SamplingParams, context: Any
@@ -121,6 +123,52 @@ class FakeInference(pb_grpc.InferenceServicer):
         except (asyncio.CancelledError, GeneratorExit):
             self.log.cancel("Generate")
             raise
+
+    def _session(self, session_id: str) -> pb.Session:
+        transcript = self.sessions[session_id]
+        return pb.Session(session_id=session_id, task="chat", transcript=transcript,
+                          context_tokens=sum(len(m.content.split()) for m in transcript),
+                          context_window=FAKE_WINDOW, model=MODEL)
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.Session:
+        self.log.seen("CreateSession", request, context)
+        session_id = f"s{len(self.sessions) + 1}"
+        self.sessions[session_id] = ([pb.ChatMessage(role="system", content=request.instructions)]
+                                     if request.instructions else [])
+        return self._session(session_id)
+
+    async def GetSession(self, request: pb.SessionRef, context: Any) -> pb.Session:
+        self.log.seen("GetSession", request, context)
+        if request.session_id not in self.sessions:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
+        return self._session(request.session_id)
+
+    async def DeleteSession(self, request: pb.SessionRef,
+                            context: Any) -> pb.DeleteSessionResponse:
+        self.log.seen("DeleteSession", request, context)
+        if self.sessions.pop(request.session_id, None) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
+        return pb.DeleteSessionResponse()
+
+    async def SessionTurn(self, request: pb.SessionTurnRequest,
+                          context: Any) -> AsyncIterator[pb.GenerateResponse]:
+        """Echoes the user's message as a chat would answer it, and keeps the transcript."""
+        self.log.seen("SessionTurn", request, context)
+        transcript = self.sessions.get(request.session_id)
+        if transcript is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
+            return
+        reply: list[str] = []
+        async for response in self._words(request.user_message, request.sampling, context):
+            reply.append(response.text)
+            if response.finish_reason:
+                transcript += [pb.ChatMessage(role="user", content=request.user_message),
+                               pb.ChatMessage(role="assistant", content="".join(reply))]
+                response.session.CopyFrom(pb.SessionContext(
+                    session_id=request.session_id,
+                    context_tokens=self._session(request.session_id).context_tokens,
+                    context_window=FAKE_WINDOW))
+            yield response
 
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
         self.log.seen("Embed", request, context)
@@ -191,6 +239,7 @@ class FakeInference(pb_grpc.InferenceServicer):
                     inputs=[text_in],
                     outputs=[pb.IOSpec(name="words", kind="texts")],
                     rpc="PredictNext",
+                    context_window=FAKE_WINDOW,
                 ),
                 pb.Task(
                     id="echo",

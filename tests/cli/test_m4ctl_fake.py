@@ -150,7 +150,7 @@ def test_env_vars_and_plain_paths(fake: FakeM4d) -> None:
     assert r.returncode == 1 and r.stderr.startswith("m4ctl: error: UNAVAILABLE: ")
 
 
-def test_chat_reads_turns_and_keeps_history(fake: FakeM4d) -> None:
+def test_chat_reads_turns_into_a_session_and_deletes_it_at_exit(fake: FakeM4d) -> None:
     r = m4ctl(
         "--address",
         fake.app_address,
@@ -161,13 +161,24 @@ def test_chat_reads_turns_and_keeps_history(fake: FakeM4d) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "hello there\nsecond turn\n"  # no "> " prompt: stdin is not a TTY
-    chat = fake.log.last("Generate").chat.messages
-    assert [(m.role, m.content) for m in chat] == [
-        ("system", "be brief"),
-        ("user", "hello there"),
-        ("assistant", "hello there"),
-        ("user", "second turn"),
-    ]
+    assert fake.log.last("CreateSession").instructions == "be brief"
+    turns = [r for name, r in fake.log.requests if name == "SessionTurn"]
+    assert [t.user_message for t in turns] == ["hello there", "second turn"]  # only the new
+    session_id = turns[0].session_id
+    assert fake.log.last("DeleteSession").session_id == session_id
+    r = m4ctl("--address", fake.app_address, "chat", "--session", session_id, "-m", "x")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+
+
+def test_chat_keep_prints_the_session_and_resumes_it(fake: FakeM4d) -> None:
+    r = m4ctl("--address", fake.app_address, "chat", "--keep", "-m", "first")
+    assert r.returncode == 0, r.stderr
+    session_id = r.stderr.split("session: ")[1].split()[0]
+    r = m4ctl("--address", fake.app_address, "chat", "--session", session_id, "--stats",
+              "-m", "second one")
+    assert (r.returncode, r.stdout) == (0, "second one\n"), r.stderr
+    assert f"context: 6 of {fakes.FAKE_WINDOW} tokens" in r.stderr  # both turns
+    assert fake.log.last("DeleteSession").session_id == session_id
 
 
 # ------------------------------------------------------------------ in-process formatting
@@ -186,7 +197,7 @@ def test_chat_single_message_and_stats(fake: FakeM4d, capsys: pytest.CaptureFixt
     assert (code, out) == (0, "one shot\n")
     assert "tokens: 2 prompt + 2 completion = 4; finish: eos" in err
     assert "model: fake-image 0.0.1" in err
-    assert fake.log.last("Generate").sampling.seed == 3
+    assert fake.log.last("SessionTurn").sampling.seed == 3
 
 
 def test_app_name_flag(fake: FakeM4d, capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,11 +249,13 @@ def test_tasks_table(fake: FakeM4d, capsys: pytest.CaptureFixture[str]) -> None:
         "M4",
         "PATH",
         "MODULES",
+        "WINDOW",
         "INPUTS",
         "→",
         "OUTPUTS",
     ]
-    assert lines[2].split()[:4] == ["predict-next", "T1", "2", "backbone"]
+    assert lines[2].split()[:5] == ["predict-next", "T1", "2", "backbone", str(fakes.FAKE_WINDOW)]
+    assert lines[3].split()[4] == "-"  # a task without a context window
     assert "text:text → words:texts?" in lines[2]
     code, out, _ = run_main(capsys, "--address", fake.app_address, "tasks", "-q")
     assert out.split() == ["generate", "predict-next", "echo"]

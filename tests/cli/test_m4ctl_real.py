@@ -181,3 +181,20 @@ def test_a_shared_system_prompt_is_computed_once_and_status_counts_it(daemon) ->
     assert int(after["prefixCacheTokens"]) >= reused
     out = m4ctl(daemon, "status")
     assert "from the prefix cache" in out.stdout
+
+
+def test_chat_keeps_its_session_in_the_daemon_across_runs(daemon) -> None:
+    greedy = ("--temperature", "0", "--max-tokens", "16")
+    first = m4ctl(daemon, "chat", "--keep", "--stats", *greedy, "-m", "My name is Ada.")
+    assert first.returncode == 0, first.stderr
+    session = re.search(r"session: (\S+)", first.stderr)
+    assert session, first.stderr
+    total = int(re.search(r"= (\d+);", first.stderr).group(1))
+    second = m4ctl(daemon, "chat", "--session", session.group(1), "--stats", *greedy,
+                   "-m", "What is my name?")
+    assert second.returncode == 0, second.stderr
+    prompt = int(re.search(r"tokens: (\d+) prompt", second.stderr).group(1))
+    assert prompt > total, "the second run's turn carries the first one"
+    assert re.search(r"context: \d+ of \d+ tokens", second.stderr)
+    gone = m4ctl(daemon, "chat", "--session", session.group(1), "-m", "Hello?")
+    assert gone.returncode != 0 and "NOT_FOUND" in gone.stderr  # deleted without --keep

@@ -20,6 +20,7 @@ from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from . import _convert, _images
+from . import status as adm
 from . import types as api
 from ._channel import CHANNEL_OPTIONS, call_metadata, resolve_address
 from ._images import ImageInfo, ImageList
@@ -134,6 +135,49 @@ def count_tokens(prompt: str | None = None, *, chat: api.ChatInput | None = None
                 lambda m: api.TokenCount(m.tokens, m.context_window), timeout)
 
 
+def create_session(instructions: str = "", *, task: str = "",
+                   tools: Iterable[api.Tool | Mapping[str, Any]] = (),
+                   overflow: api.Overflow | str = api.Overflow.FAIL,
+                   timeout: float | None = None) -> Call[api.SessionInfo]:
+    request = pb.CreateSessionRequest(task=task, instructions=instructions,
+                                      tools=_convert.tools(tools),
+                                      overflow=_convert.overflow(overflow))
+    return Call("CreateSession", request, _convert.session_info, timeout)
+
+
+def session_turn(session_id: str, *, user_message: str | None = None,
+                 tool_result: tuple[str, str] | None = None,
+                 priority: api.Priority | str | None = None, timeout: float | None = None,
+                 tool_choice: str = "", json_schema: Mapping[str, Any] | str | None = None,
+                 regex: str | None = None, choices: Sequence[str] | None = None,
+                 **sampling: Unpack[SamplingOptions]) -> Call[api.GenerationChunk]:
+    request = pb.SessionTurnRequest(session_id=session_id, sampling=_convert.sampling(**sampling),
+                                    priority=_convert.priority(priority), tool_choice=tool_choice)
+    if tool_result is not None:
+        request.tool_result.CopyFrom(pb.ToolResult(call_id=tool_result[0],
+                                                   content=tool_result[1]))
+    else:
+        request.user_message = user_message or ""
+    fmt = _convert.response_format(json_schema=json_schema, regex=regex, choices=choices)
+    if fmt is not None:
+        request.response_format.CopyFrom(fmt)
+    return Call("SessionTurn", request, _convert.generation_chunk, timeout)
+
+
+def get_session(session_id: str, *, timeout: float | None = None) -> Call[api.SessionInfo]:
+    return Call("GetSession", pb.SessionRef(session_id=session_id), _convert.session_info,
+                timeout)
+
+
+def clone_session(session_id: str, *, timeout: float | None = None) -> Call[api.SessionInfo]:
+    return Call("CloneSession", pb.SessionRef(session_id=session_id), _convert.session_info,
+                timeout)
+
+
+def delete_session(session_id: str, *, timeout: float | None = None) -> Call[None]:
+    return Call("DeleteSession", pb.SessionRef(session_id=session_id), lambda m: None, timeout)
+
+
 def run(task: str, inputs: Mapping[str, api.InputValue], *, num_predictions: int = 0,
         priority: api.Priority | str | None = None, timeout: float | None = None,
         **sampling: Unpack[SamplingOptions]) -> Call[api.RunChunk]:
@@ -170,7 +214,7 @@ def ask(question: str, *, image: api.ImageInput | None = None,
 # ---------------------------------------------------------------- the Admin service
 
 
-def status(*, timeout: float | None = None) -> Call[api.DaemonStatus]:
+def status(*, timeout: float | None = None) -> Call[adm.DaemonStatus]:
     return Call("Status", admin_pb2.StatusRequest(), _convert.daemon_status, timeout)
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from m4.admin.v1 import admin_pb2
 from m4.inference.v1 import inference_pb2 as pb
 
+from . import status as adm
 from . import types as api
 from .errors import InvalidArgumentError
 
@@ -31,6 +32,11 @@ _FINISH = {
     pb.FINISH_REASON_LENGTH: api.FinishReason.LENGTH,
     pb.FINISH_REASON_STOP: api.FinishReason.STOP,
     pb.FINISH_REASON_CONTEXT: api.FinishReason.CONTEXT,
+    pb.FINISH_REASON_TOOL_CALL: api.FinishReason.TOOL_CALL,
+}
+_OVERFLOW = {
+    api.Overflow.FAIL: pb.OVERFLOW_FAIL,
+    api.Overflow.DROP_OLDEST: pb.OVERFLOW_DROP_OLDEST,
 }
 
 
@@ -124,6 +130,26 @@ def response_format(*, json_schema: Mapping[str, Any] | str | None = None,
     return None
 
 
+def tools(items: Iterable[api.Tool | Mapping[str, Any]]) -> list[pb.Tool]:
+    """Tool messages from `Tool`s or {"name", "description", "parameters"} dicts."""
+    out: list[pb.Tool] = []
+    for t in items:
+        tool = t if isinstance(t, api.Tool) else api.Tool(**t)
+        schema = tool.parameters
+        out.append(pb.Tool(name=tool.name, description=tool.description,
+                           parameters_schema=schema if isinstance(schema, str)
+                           else json.dumps(schema)))
+    return out
+
+
+def overflow(value: api.Overflow | str) -> int:
+    try:
+        return int(_OVERFLOW[api.Overflow(value)])
+    except ValueError:
+        choices = ", ".join(o.value for o in api.Overflow)
+        raise InvalidArgumentError(f"overflow must be one of {choices} (got {value!r})") from None
+
+
 def media_inputs(*, image: Any = None, audio: Any = None) -> dict[str, Any]:
     """{"image": Image} and/or {"audio": Audio | PcmAudio}; plain bytes are wrapped."""
     out: dict[str, Any] = {}
@@ -212,7 +238,18 @@ def _unary(msg: Any) -> dict[str, Any]:
 
 def generation_chunk(msg: pb.GenerateResponse) -> api.GenerationChunk:
     return copy(api.GenerationChunk, msg, finish_reason=_FINISH.get(msg.finish_reason),
+                tool_call=copy(api.ToolCall, msg.tool_call) if msg.HasField("tool_call") else None,
+                session=copy(api.SessionContext, msg.session) if msg.HasField("session") else None,
                 **_results(msg))
+
+
+def session_info(msg: pb.Session) -> api.SessionInfo:
+    overflow = next((k for k, v in _OVERFLOW.items() if v == msg.overflow), api.Overflow.FAIL)
+    return api.SessionInfo(
+        msg.session_id, msg.task, [api.ChatMessage(m.role, m.content) for m in msg.transcript],
+        msg.context_tokens, msg.context_window,
+        [api.Tool(t.name, t.description, json.loads(t.parameters_schema or "{}"))
+         for t in msg.tools], overflow, model_info(msg))
 
 
 def _labels(items: Iterable[pb.LabelScore]) -> list[api.LabelScore]:
@@ -259,19 +296,19 @@ def run_chunk(msg: pb.RunResponse) -> api.RunChunk:
     )
 
 
-def daemon_status(msg: admin_pb2.StatusResponse) -> api.DaemonStatus:
+def daemon_status(msg: admin_pb2.StatusResponse) -> adm.DaemonStatus:
     try:
         state = admin_pb2.DaemonState.Name(msg.state).removeprefix("DAEMON_STATE_")
     except ValueError:  # a newer daemon's state this client does not know
         state = str(msg.state)
     load = msg.load
     return copy(
-        api.DaemonStatus, msg, state=state,
-        components=[copy(api.ComponentStatus, c) for c in msg.components],
-        load=copy(api.EngineLoad, load, queues={q.priority_class: q.depth for q in load.queues},
-                  uid_limits=copy(api.UidLimits, load.uid_limits))
+        adm.DaemonStatus, msg, state=state,
+        components=[copy(adm.ComponentStatus, c) for c in msg.components],
+        load=copy(adm.EngineLoad, load, queues={q.priority_class: q.depth for q in load.queues},
+                  uid_limits=copy(adm.UidLimits, load.uid_limits))
         if msg.HasField("load") else None,
-        uids=[copy(api.UidUsage, u) for u in msg.uids],
-        devices=[copy(api.DeviceStatus, d) for d in msg.devices],
+        uids=[copy(adm.UidUsage, u) for u in msg.uids],
+        devices=[copy(adm.DeviceStatus, d) for d in msg.devices],
         raw=msg,
     )

@@ -48,6 +48,16 @@ class GenerateOptions(SamplingOptions, CallOptions, FormatOptions, total=False):
     """Everything `generate()` and `chat()` take besides their input."""
 
 
+class TurnOptions(SamplingOptions, FormatOptions, total=False):
+    """Everything a session's turn takes besides its message: sampling, a format, the
+    priority, the deadline and `tool_choice` ("auto" when the session has tools: the model
+    answers or calls one; "none"; "required"; or a tool's name)."""
+
+    priority: Priority | str | None
+    timeout: float | None
+    tool_choice: str
+
+
 class RunOptions(SamplingOptions, total=False):
     """Everything `run()` takes besides the task id and the inputs (`num_predictions`: for
     tasks that predict words; 0 is the daemon's default)."""

@@ -144,11 +144,14 @@ def collect_generation(chunks: Iterable[GenerationChunk]) -> GenerationResult:
     """Fold generation chunks into one result."""
     fold = _Fold()
     ids: list[int] = []
+    last: GenerationChunk | None = None
     for chunk in chunks:
         fold.add(chunk)
         ids.extend(chunk.token_ids)
+        last = chunk
     return GenerationResult(
-        "".join(fold.text), fold.finish, fold.usage, fold.timings, fold.model, tuple(ids)
+        "".join(fold.text), fold.finish, fold.usage, fold.timings, fold.model, tuple(ids),
+        tool_call=last.tool_call if last else None, session=last.session if last else None,
     )
 
 

@@ -22,10 +22,12 @@ import grpc
 import grpc.aio
 
 from . import _calls
+from . import status as adm
 from . import types as api
 from ._calls import Call
 from ._images import ImageInfo, ImageList
 from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
+from ._session import AsyncSession
 from ._stream import AsyncStream, collect_generation, collect_run
 from .errors import UnavailableError, from_rpc_error
 
@@ -116,6 +118,18 @@ class AsyncClient(_AsyncCaller):
         return await self._unary(_calls.count_tokens(prompt, chat=chat, task=task,
                                                      timeout=timeout))
 
+    async def session(self, instructions: str = "", *, task: str = "",
+                      tools: Iterable[api.Tool | Mapping[str, Any]] = (),
+                      overflow: api.Overflow | str = api.Overflow.FAIL,
+                      timeout: float | None = None) -> AsyncSession:
+        return AsyncSession(self, await self._unary(_calls.create_session(
+            instructions, task=task, tools=tools, overflow=overflow, timeout=timeout)))
+
+    async def resume_session(self, session_id: str, *,
+                             timeout: float | None = None) -> AsyncSession:
+        return AsyncSession(self, await self._unary(_calls.get_session(session_id,
+                                                                       timeout=timeout)))
+
     def run(self, task: str, inputs: Mapping[str, api.InputValue],
             **options: Unpack[RunOptions]) -> AsyncStream[api.RunChunk]:
         return self._stream(_calls.run(task, inputs, **options))
@@ -149,7 +163,7 @@ class AsyncAdminClient(_AsyncCaller):
 
     _admin = True
 
-    async def status(self, *, timeout: float | None = None) -> api.DaemonStatus:
+    async def status(self, *, timeout: float | None = None) -> adm.DaemonStatus:
         return await self._unary(_calls.status(timeout=timeout))
 
     async def install_image(self, tar_chunks: Iterable[bytes],

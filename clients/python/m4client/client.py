@@ -18,10 +18,12 @@ from typing import Any, TypeVar, Unpack
 import grpc
 
 from . import _calls, _health
+from . import status as adm
 from . import types as api
 from ._calls import Call
 from ._images import ImageInfo, ImageList
 from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
+from ._session import Session
 from ._stream import Stream, collect_generation, collect_run
 from .errors import UnavailableError, from_rpc_error
 
@@ -140,6 +142,20 @@ class Client(_SyncCaller):
         feed them, and the task's context window."""
         return self._unary(_calls.count_tokens(prompt, chat=chat, task=task, timeout=timeout))
 
+    def session(self, instructions: str = "", *, task: str = "",
+                tools: Iterable[api.Tool | Mapping[str, Any]] = (),
+                overflow: api.Overflow | str = api.Overflow.FAIL,
+                timeout: float | None = None) -> Session:
+        """A conversation the daemon keeps (see `m4client.Session`): `instructions` are its
+        system message; `tools` the functions the model may call; `overflow` what a turn
+        that does not fit the context window does ("fail", or "drop_oldest" turns)."""
+        return Session(self, self._unary(_calls.create_session(
+            instructions, task=task, tools=tools, overflow=overflow, timeout=timeout)))
+
+    def resume_session(self, session_id: str, *, timeout: float | None = None) -> Session:
+        """A session this app made earlier (on any connection), by its id."""
+        return Session(self, self._unary(_calls.get_session(session_id, timeout=timeout)))
+
     def run(self, task: str, inputs: Mapping[str, api.InputValue],
             **options: Unpack[RunOptions]) -> Stream[api.RunChunk]:
         """Run any task by id with named inputs, streamed (see `types.InputValue`); takes
@@ -182,7 +198,7 @@ class AdminClient(_SyncCaller):
 
     _admin = True
 
-    def status(self, *, timeout: float | None = None) -> api.DaemonStatus:
+    def status(self, *, timeout: float | None = None) -> adm.DaemonStatus:
         """What the daemon runs and how busy it is."""
         return self._unary(_calls.status(timeout=timeout))
 

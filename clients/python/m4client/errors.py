@@ -70,6 +70,14 @@ class PermissionDeniedError(M4Error, code="PERMISSION_DENIED"):
     """The caller is not allowed to make this call."""
 
 
+class NotFoundError(M4Error, code="NOT_FOUND"):
+    """What the call names does not exist (or is another app's, e.g. a session)."""
+
+
+class OutOfRangeError(M4Error, code="OUT_OF_RANGE"):
+    """The call does not fit a limit, e.g. a session's turn its context window."""
+
+
 class FailedPreconditionError(M4Error, code="FAILED_PRECONDITION"):
     """The operation does not fit the daemon's or the image's current state."""
 

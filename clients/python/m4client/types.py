@@ -8,10 +8,20 @@ module does not surface; nothing else here exposes generated code.
 from __future__ import annotations
 
 import enum
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+
+from .status import (  # noqa: F401 - the Admin service's types, also reached as types.X
+    ComponentStatus,
+    DaemonStatus,
+    DeviceStatus,
+    EngineLoad,
+    UidLimits,
+    UidUsage,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,6 +44,7 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     STOP = "stop"
     CONTEXT = "context"
+    TOOL_CALL = "tool_call"  # a session's reply that calls a tool (see `ToolCall`)
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One message of a chat conversation: role is "system", "user" or "assistant"."""
+    """One message of a chat conversation: role is "system", "user", "assistant" or "tool"
+    (a tool's result, in a session)."""
 
     role: str
     content: str
@@ -104,6 +116,8 @@ class GenerationChunk:
     usage: Usage | None = None
     timings: Timings | None = None
     model: ModelInfo | None = None
+    tool_call: ToolCall | None = None  # sessions, last chunk: the tool the model calls
+    session: SessionContext | None = None  # sessions, last chunk: the context after the turn
     raw: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -122,6 +136,8 @@ class GenerationResult:
     timings: Timings
     model: ModelInfo | None
     token_ids: tuple[int, ...] = ()
+    tool_call: ToolCall | None = None  # a session's reply that calls a tool
+    session: SessionContext | None = None  # a session's context after the turn
 
 
 @dataclass(frozen=True)
@@ -229,6 +245,62 @@ class Task:
     rpc: str
     streaming: bool
     context_window: int = 0  # tokens its model holds at once (prompt + output); 0: none
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model makes to one of a session's tools; answer it with
+    `Session.tool_result(call, ...)`."""
+
+    call_id: str
+    name: str
+    arguments_json: str  # validates against the tool's parameters schema
+
+    @property
+    def arguments(self) -> Any:
+        """The arguments, parsed."""
+        return json.loads(self.arguments_json)
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """A session's context after a turn."""
+
+    session_id: str
+    context_tokens: int  # the conversation's tokens now, the reply included
+    context_window: int
+    dropped_messages: int = 0  # dropped from the start to fit the turn (overflow drop_oldest)
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function a session offers the model: its name, what it does, and a JSON Schema
+    (a dict, or its JSON text) of its arguments."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] | str = field(default_factory=lambda: {"type": "object"})
+
+
+class Overflow(enum.StrEnum):
+    """What a session does when a turn does not fit its context window."""
+
+    FAIL = "fail"  # the turn fails (OutOfRangeError)
+    DROP_OLDEST = "drop_oldest"  # the oldest turns go; the instructions stay
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as the daemon holds it (`Session.info()`)."""
+
+    session_id: str
+    task: str
+    transcript: list[ChatMessage]  # the instructions (system) first
+    context_tokens: int
+    context_window: int
+    tools: list[Tool]
+    overflow: Overflow
+    model: ModelInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -369,111 +441,3 @@ class RunResult:
     # What a cascaded task answered from (a transcript, the text of an image).
     source_text: str = ""
     audio_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class ComponentStatus:
-    """One module of the loaded image."""
-
-    name: str
-    kind: str
-    parameters: int
-    weight_format: str
-    compute_dtype: str
-    device: str
-    kernels: str = ""  # the m4 CPU kernel variant, e.g. "avx2" ("" = torch's kernels)
-
-
-@dataclass(frozen=True)
-class UidUsage:
-    """What one caller uid has asked of the daemon (the uid is the kernel's; apps are labels)."""
-
-    uid: int
-    user: str  # "" when the uid has no user name
-    apps: list[str]
-    requests_ok: int
-    requests_failed: int
-    requests_rejected: int
-    tokens_in: int
-    tokens_out: int
-    tokens_per_second: float  # generated, over the recent window
-    in_flight: int
-    queued: int
-    priority_class: str  # class of its latest request after caps; "" before any
-    running: int = 0  # KV slots it holds now
-    tokens_in_flight: int = 0  # prompt + max_tokens of its requests in flight
-    preempted: int = 0  # times its sequences lost a KV slot and resumed later
-    stalled: int = 0  # its streams cancelled because it read nothing for too long
-
-
-@dataclass(frozen=True)
-class UidLimits:
-    """The caps every caller uid runs under; 0 means no limit."""
-
-    max_in_flight: int = 0
-    max_queued: int = 0
-    max_running: int = 0  # KV slots
-    max_tokens_in_flight: int = 0
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """The engine's load right now, and rates over a recent window."""
-
-    queues: dict[str, int]  # priority class -> requests waiting to start
-    running_sequences: int
-    decode_batch_size: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    decode_tokens_per_second: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    ttft_samples: int
-    window_seconds: float
-    uid_limits: UidLimits = UidLimits()
-    paused_sequences: int = 0  # waiting for their clients to read (backpressure)
-
-
-@dataclass(frozen=True)
-class DeviceStatus:
-    """A device the daemon's machine has, and the components placed on it."""
-
-    name: str
-    kind: str
-    description: str
-    memory_bytes: int
-    cores: int
-    flags: list[str]
-    components: list[str]
-    executor: str  # the executor thread running its work, "" when unused
-
-
-@dataclass(frozen=True)
-class DaemonStatus:
-    """What the daemon is running and how busy it is (AdminClient.status)."""
-
-    image_name: str
-    image_version: str
-    image_digest: str
-    daemon_version: str
-    state: str
-    uptime_seconds: float
-    memory_rss_bytes: int
-    requests_in_flight: int
-    requests_total: int
-    requests_cancelled: int
-    requests_rejected: int
-    tokens_generated: int
-    tokens_prompted: int
-    active_sequences: int
-    kv_slots: int
-    components: list[ComponentStatus]
-    threads: int
-    image_operation: str = ""  # the image operation in progress ("" when none)
-    load: EngineLoad | None = None  # None while the model loads
-    uids: list[UidUsage] = field(default_factory=list)  # lowest uid first
-    devices: list[DeviceStatus] = field(default_factory=list)  # cpu first
-    requests_stalled: int = 0  # of requests_cancelled: their clients stopped reading
-    prefix_cache_tokens: int = 0  # prompt tokens whose KV the prefix cache holds now
-    prefix_tokens_reused: int = 0  # prompt tokens taken from it since start
-    raw: Any = field(default=None, repr=False, compare=False)

@@ -37,10 +37,18 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     fmt.add_argument("--choices", metavar="A,B,C", help="structured output: exactly one of "
                      "these comma-separated strings")
 
-    p = command(sub, "chat", "Chat with the model: interactive on stdin, or one turn with "
+    p = command(sub, "chat", "Chat with the model in a session the daemon keeps (each turn "
+                "computes only its new tokens): interactive on stdin, or one turn with "
                 "--message.", parents, cmd_chat)
     p.add_argument("--system", metavar="TEXT", help="system message opening the conversation")
     p.add_argument("--message", "-m", metavar="TEXT", help="send one user message and exit")
+    p.add_argument("--session", metavar="ID", help="go on with a session kept earlier "
+                   "(--keep); deleted at exit unless --keep again")
+    p.add_argument("--keep", action="store_true", help="keep the session in the daemon at "
+                   "exit and print its id to stderr (default: delete it)")
+    p.add_argument("--overflow", choices=["fail", "drop_oldest"], default="drop_oldest",
+                   help="when the context window is full: drop the oldest turns (default) "
+                   "or fail the turn")
     _generation_flags(p, "chat")
 
     p = command(sub, "embed", "Embed texts; prints one line per text (first dims and norm).",
@@ -162,24 +170,31 @@ def _read_turns(interactive: bool) -> Iterable[str]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    history: list[ChatMessage] = []
-    if args.system:
-        history.append(ChatMessage("system", args.system))
+    if args.session and args.system:
+        raise UsageError("--system opens a new session; a kept one (--session) has its own")
     interactive = args.message is None and sys.stdin.isatty()
     turns: Iterable[str] = [args.message] if args.message is not None else _read_turns(interactive)
     with client(args) as m4:
-        for text in turns:
-            history.append(ChatMessage("user", text))
-            stream = m4.chat(history, task=args.task, priority=args.priority, **sampling(args))
-            try:
-                reply = _print_stream(stream, args)
-            except KeyboardInterrupt:
-                if not interactive:
-                    raise
-                out.write("\n")  # Ctrl-C at a terminal stops this reply, not the chat
-                history.pop()
-                continue
-            history.append(ChatMessage("assistant", reply))
+        session = (m4.resume_session(args.session) if args.session else
+                   m4.session(args.system or "", task=args.task, overflow=args.overflow))
+        try:
+            for text in turns:
+                stream = session.send(text, priority=args.priority, **sampling(args))
+                try:
+                    _print_stream(stream, args)
+                except KeyboardInterrupt:  # the turn is cancelled; the session is as it was
+                    if not interactive:
+                        raise
+                    out.write("\n")  # Ctrl-C at a terminal stops this reply, not the chat
+                    continue
+                if args.stats:
+                    out.err(f"context: {session.context_tokens} of {session.context_window} "
+                            "tokens")
+        finally:
+            if args.keep:
+                out.err(f"session: {session.id} (go on with: m4ctl chat --session {session.id})")
+            else:
+                session.delete()
     return 0
 
 

@@ -61,6 +61,7 @@ from m4d.requests import (
     EmbedRequest,
     Event,
     Failed,
+    Finished,
     FinishReason,
     GenerateRequest,
     RequestBase,
@@ -345,8 +346,10 @@ class Engine(BesideGeneration):
     def _finish(self, rid: int, event: Event) -> None:
         """Ends a request: frees its KV row, queue entry and ticket, posts its last event."""
         stream = self._streams.pop(rid, None)
-        self.scheduler.finish(rid)
         seq = self._sequences.pop(rid, None)
+        if seq is not None and seq.request.keep_reply and isinstance(event, Finished):
+            self._keep_reply(rid, seq)
+        self.scheduler.finish(rid)
         ticket = self._tickets.pop(rid, None)
         self._parked.pop(rid, None)
         self.prefixes.forget(rid)
@@ -370,6 +373,14 @@ class Engine(BesideGeneration):
         self._outbox.send(stream, event)
         if idle and self.on_idle is not None:
             self.on_idle()
+
+    def _keep_reply(self, rid: int, seq: Sequence) -> None:
+        """A session's turn ended: the KV of its prompt and reply, still in its row, goes to
+        the prefix cache, so the next turn (which starts with both) computes only its own."""
+        state = self.scheduler.seqs.get(rid)
+        if state is None or state.row is None or seq.prompt_embeds is not None:
+            return
+        self.prefixes.computed((seq.request.prompt_ids + seq.tokens)[:state.computed], state.row)
 
     def _fail_all(self, error: M4Error) -> None:
         for rid in list(self._streams):

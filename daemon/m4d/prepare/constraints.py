@@ -32,7 +32,7 @@ from m4d.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-FormatKind = Literal["json_schema", "regex", "choices"]
+FormatKind = Literal["json_schema", "regex", "choices", "lark"]  # lark: the daemon's own
 MAX_FORMAT_CHARS = 65_536  # a schema, regex or the choices together
 REGEX_SPECIAL = set("\\.+*?()|[]{}^$#&-~")
 
@@ -43,6 +43,7 @@ class ResponseFormat:
     json_schema: str = ""
     regex: str = ""
     choices: tuple[str, ...] = ()
+    lark: str = ""  # a grammar in llguidance's Lark dialect (tool calls; not in the API)
 
 
 def _escape(text: str) -> str:
@@ -124,7 +125,8 @@ class Grammars:
 
     def grammar(self, fmt: ResponseFormat) -> str:
         """llguidance's grammar for a format (not yet checked)."""
-        size = len(fmt.json_schema) + len(fmt.regex) + sum(len(c) for c in fmt.choices)
+        size = (len(fmt.json_schema) + len(fmt.regex) + len(fmt.lark)
+                + sum(len(c) for c in fmt.choices))
         if size > MAX_FORMAT_CHARS:
             raise InvalidArgument(f"response_format is {size} characters; at most "
                                   f"{MAX_FORMAT_CHARS}")
@@ -139,6 +141,8 @@ class Grammars:
                 return str(llguidance.LLMatcher.grammar_from_json_schema(schema))
             except ValueError as exc:
                 raise InvalidArgument(f"response_format.json_schema: {exc}") from None
+        if fmt.kind == "lark":
+            return fmt.lark
         if fmt.kind == "regex":
             if not fmt.regex:
                 raise InvalidArgument("response_format.regex is empty")

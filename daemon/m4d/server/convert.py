@@ -35,6 +35,14 @@ from m4d.requests import (
     Transcribed,
     Usage,
 )
+from m4d.service.sessions import (
+    Overflow,
+    Session,
+    Sessions,
+    TurnInput,
+    TurnResult,
+    parse_tool,
+)
 from m4d.service.tasks import Origin, SamplingArgs, Tasks
 
 _PRIORITY = {
@@ -48,6 +56,11 @@ _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.CONTEXT: pb.FINISH_REASON_CONTEXT,
+}
+_OVERFLOW = {
+    pb.OVERFLOW_UNSPECIFIED: Overflow.FAIL,
+    pb.OVERFLOW_FAIL: Overflow.FAIL,
+    pb.OVERFLOW_DROP_OLDEST: Overflow.DROP_OLDEST,
 }
 MEDIA_EVENTS = (Transcribed, TextRead, KeywordsHeard, SourceText)
 _LIST_INPUTS = ("keywords", "labels", "texts")  # text-list inputs of media tasks
@@ -67,7 +80,7 @@ def sampling_args(s: pb.SamplingParams) -> SamplingArgs:
         stop=tuple(s.stop), ignore_eos=s.ignore_eos)
 
 
-def response_format(req: pb.GenerateRequest) -> ResponseFormat | None:
+def response_format(req: pb.GenerateRequest | pb.SessionTurnRequest) -> ResponseFormat | None:
     """The request's response format; None when unset (free text)."""
     if not req.HasField("response_format"):
         return None
@@ -112,6 +125,53 @@ class Converter:
             prompt=req.prompt if chat is None else None, chat=chat)
         return pb.CountTokensResponse(tokens=tokens, context_window=window,
                                       model=self.model_info())
+
+    # ---- sessions ------------------------------------------------------------------
+
+    def create_session(self, req: pb.CreateSessionRequest, sessions: Sessions,
+                       uid: int) -> Session:
+        if req.overflow not in _OVERFLOW:
+            raise InvalidArgument(f"overflow {req.overflow} is not an Overflow value")
+        tools = [parse_tool(t.name, t.description, t.parameters_schema, i)
+                 for i, t in enumerate(req.tools)]
+        return sessions.create(uid, self.tasks, task=req.task, instructions=req.instructions,
+                               tools=tools, overflow=_OVERFLOW[req.overflow])
+
+    def session_turn(self, req: pb.SessionTurnRequest) -> TurnInput:
+        which = req.WhichOneof("turn")
+        if which is None:
+            raise InvalidArgument("set either user_message or tool_result")
+        return TurnInput(
+            user_message=req.user_message if which == "user_message" else None,
+            tool_result=((req.tool_result.call_id, req.tool_result.content)
+                         if which == "tool_result" else None),
+            sampling=sampling_args(req.sampling), response_format=response_format(req),
+            tool_choice=req.tool_choice)
+
+    def session(self, session: Session, sessions: Sessions) -> pb.Session:
+        tokens, window = sessions.context_tokens(session, self.tasks)
+        overflow = next(k for k, v in _OVERFLOW.items() if v is session.overflow and k)
+        return pb.Session(
+            session_id=session.id, task=session.task,
+            transcript=[pb.ChatMessage(role=r, content=c) for r, c in session.transcript],
+            context_tokens=tokens, context_window=window, overflow=overflow,
+            tools=[pb.Tool(name=t.name, description=t.description,
+                           parameters_schema=t.schema_text) for t in session.toolbox.tools],
+            model=self.model_info())
+
+    @staticmethod
+    def turn_finished(msg: pb.GenerateResponse, session_id: str, result: TurnResult) -> None:
+        """The last message of a session's turn: its tool call and the session's context."""
+        if result.tool_call is not None:
+            msg.finish_reason = pb.FINISH_REASON_TOOL_CALL
+            msg.tool_call.CopyFrom(pb.ToolCall(call_id=result.tool_call.call_id,
+                                               name=result.tool_call.name,
+                                               arguments_json=result.tool_call.arguments_json))
+        msg.session.CopyFrom(pb.SessionContext(
+            session_id=session_id, context_tokens=result.context_tokens,
+            context_window=result.window, dropped_messages=result.dropped))
+
+    # ---- Embed, Classify, PredictNext ----------------------------------------------
 
     def embed(self, req: pb.EmbedRequest, caller: Caller, deadline: float | None) -> EmbedRequest:
         return self.tasks.embed(req.task or "embed", origin(req.priority, caller, deadline),

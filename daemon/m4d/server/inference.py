@@ -30,10 +30,11 @@ from m4d.requests import (
     RequestBase,
     TextDelta,
 )
-from m4d.server.convert import Converter
+from m4d.server.convert import Converter, origin
 from m4d.server.identity import PeerLookup, caller_from_context
 from m4d.server.status import streaming, unary
 from m4d.service.daemon import Daemon
+from m4d.service.sessions import ReplyGate
 
 MEDIA_VALUES = ("image", "audio", "pcm", "tensor")  # Input values that take decoding
 
@@ -95,6 +96,65 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
                     raise event.error
         finally:
             stream.cancel()  # a no-op when the stream ended; frees the KV row otherwise
+
+    # ---- sessions ------------------------------------------------------------------
+
+    @unary
+    async def CreateSession(self, request: pb.CreateSessionRequest,
+                            context: grpc.aio.ServicerContext) -> pb.Session:
+        conv, sessions = self.converter(), self.daemon.sessions
+        session = conv.create_session(request, sessions, self.caller_of(context).uid)
+        return conv.session(session, sessions)
+
+    @unary
+    async def GetSession(self, request: pb.SessionRef,
+                         context: grpc.aio.ServicerContext) -> pb.Session:
+        sessions = self.daemon.sessions
+        session = sessions.get(self.caller_of(context).uid, request.session_id)
+        return self.converter().session(session, sessions)
+
+    @unary
+    async def CloneSession(self, request: pb.SessionRef,
+                           context: grpc.aio.ServicerContext) -> pb.Session:
+        sessions = self.daemon.sessions
+        copy = sessions.clone(self.caller_of(context).uid, request.session_id)
+        return self.converter().session(copy, sessions)
+
+    @unary
+    async def DeleteSession(self, request: pb.SessionRef,
+                            context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
+        self.daemon.sessions.delete(self.caller_of(context).uid, request.session_id)
+        return pb.DeleteSessionResponse()
+
+    @streaming
+    async def SessionTurn(self, request: pb.SessionTurnRequest,
+                          context: grpc.aio.ServicerContext,
+                          ) -> AsyncIterator[pb.GenerateResponse]:
+        conv, sessions, caller = self.converter(), self.daemon.sessions, self.caller_of(context)
+        session = sessions.get(caller.uid, request.session_id)
+        with sessions.turn(session):
+            plan = sessions.plan(session, conv.session_turn(request), conv.tasks,
+                                 origin(request.priority, caller, deadline_of(context)))
+            gate, held = ReplyGate(plan.tool_choice != "none"), []
+            model = pb.ModelInfo()
+            async for msg in self._generate(conv, plan.request):
+                if msg.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+                    held += msg.token_ids  # a tool call's text is not streamed
+                    model.MergeFrom(msg.model)  # on the first message, held or not
+                    msg.text = gate.push(msg.text)
+                    if msg.text:
+                        msg.token_ids[:] = held
+                        if model.ByteSize():  # the turn's first streamed message
+                            msg.model.CopyFrom(model)
+                        held, model = [], pb.ModelInfo()
+                        yield msg
+                    continue
+                msg.text = gate.rest()
+                if msg.text:
+                    msg.token_ids.extend(held)
+                conv.turn_finished(msg, session.id,
+                                   sessions.commit(plan, gate.text, msg.usage.completion_tokens))
+                yield msg
 
     async def _unary(self, domain: RequestBase) -> object:
         stream = await self._submit(domain)

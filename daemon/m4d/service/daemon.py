@@ -43,6 +43,7 @@ from m4d.engine.policy import make_policy
 from m4d.errors import FailedPrecondition, Unavailable
 from m4d.executor.runtime import Runtime
 from m4d.service.selftest import run_self_test
+from m4d.service.sessions import Sessions
 from m4d.service.tasks import ImageInfo, Tasks
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class Daemon:
         self._engines: set[Engine] = set()  # every engine started and not yet stopped
         self.load_seconds = 0.0  # the last image load + self-test: the swap's retry hint
         self.operation = ""  # the image operation in progress, for Status
+        # apps' conversations (text: they outlive an image swap)
+        self.sessions = Sessions(config.sessions_per_uid, config.default_max_tokens)
 
     # ---- what the servicers use ----------------------------------------------------
 

@@ -46,6 +46,7 @@ _MEDIA_HEADS = {"transcript": MediaOp.TRANSCRIBE, "keyword_match": MediaOp.KEYWO
                 "clip_image_embed": MediaOp.IMAGE_EMBED, "sensor_classifier": MediaOp.SENSOR_LABELS}
 
 Turn = tuple[str, str]  # one chat message: (role, content)
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # "tool": a tool's result
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,11 @@ class Tasks:
     def generate(self, task_id: str, origin: Origin, *, prompt: str | None = None,
                  chat: Sequence[Turn] | None = None,
                  sampling: SamplingArgs = SamplingArgs(),
-                 response_format: ResponseFormat | None = None) -> GenerateRequest:
+                 response_format: ResponseFormat | None = None,
+                 keep_reply: bool = False) -> GenerateRequest:
         """A generation from a prompt or (when `chat` is given) a chat; its output kept to
-        `response_format` when one is given."""
+        `response_format` when one is given; `keep_reply` (a session's turn) keeps the KV
+        of the reply too for the next turn."""
         which = "chat" if chat is not None else "prompt"
         _, text = self.prompt_text(task_id, prompt=prompt, chat=chat)
         ids = self.tokens(which, text)
@@ -178,7 +181,8 @@ class Tasks:
             constraint = self.grammars.compile(response_format)
         return GenerateRequest(task=task_id, priority=origin.priority, caller=origin.caller,
                                deadline=origin.deadline, prompt_ids=ids,
-                               sampling=self.sampling(sampling, len(ids)), constraint=constraint)
+                               sampling=self.sampling(sampling, len(ids)), constraint=constraint,
+                               keep_reply=keep_reply)
 
     def apply_template(self, task: dict[str, Any], prompt: str) -> str:
         """A task's prompt template: "" passes the text as is; "chat" renders it as one user
@@ -197,9 +201,9 @@ class Tasks:
             raise InvalidArgument("this image's backbone has no chat template")
         out = []
         for i, (role, content) in enumerate(messages):
-            if role not in ("system", "user", "assistant"):
+            if role not in CHAT_ROLES:
                 raise InvalidArgument(
-                    f"chat.messages[{i}].role is {role!r}; use system, user or assistant")
+                    f"chat.messages[{i}].role is {role!r}; use system, user, assistant or tool")
             self.text(f"chat.messages[{i}].content", content)
             out.append({"role": role, "content": content})
         return self.chat_template.render(out, add_generation_prompt=True)
