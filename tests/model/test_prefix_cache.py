@@ -104,3 +104,25 @@ def test_the_cache_evicts_least_recently_used_blocks_within_its_budget() -> None
     assert loaded == [((0, 4), 0), ((4, 8), 4)], "pinned blocks were not evicted"
     assert cache.lookup([0, 1, 2, 3, 9, 9, 9, 9, 5]) is not None
     assert cache.lookup([0, 1, 2, 3]) is None, "the last prompt token is always computed"
+
+
+def test_a_sessions_tail_is_found_under_its_chain_and_counts_its_own_size() -> None:
+    cache = PrefixCache(block=4, budget=12)
+    saved: list[tuple[int, int]] = []
+
+    def save(start: int, end: int) -> tuple[int, int]:
+        saved.append((start, end))
+        return (start, end)
+
+    turn = [1, 2, 3, 4, 5, 6]  # a turn's prompt and reply: one block and a tail of two
+    assert cache.insert(turn, save, tail=True) == 2 and cache.tokens == 6
+    assert saved == [(0, 4), (4, 6)]
+    hit = cache.lookup([*turn, 7, 8, 9])  # the next turn starts with it
+    assert hit is not None and hit.tokens == 6
+    loaded: list[tuple[object, int]] = []
+    cache.restore(hit, lambda kv, start: loaded.append((kv, start)))
+    assert loaded == [((0, 4), 0), ((4, 6), 4)]
+    assert cache.lookup([1, 2, 3, 4, 5, 9, 9]).tokens == 4, "a tail that differs is not used"
+    assert cache.lookup([*turn]).tokens == 4, "the last prompt token is always computed"
+    assert cache.lookup([9, 9, 9, 9, 5, 6, 7]) is None, "a tail belongs to its chain"
+    assert cache.insert([1, 2, 3, 4, 5], save) == 0  # no tail without tail=True

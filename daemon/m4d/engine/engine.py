@@ -380,7 +380,8 @@ class Engine(BesideGeneration):
         state = self.scheduler.seqs.get(rid)
         if state is None or state.row is None or seq.prompt_embeds is not None:
             return
-        self.prefixes.computed((seq.request.prompt_ids + seq.tokens)[:state.computed], state.row)
+        self.prefixes.computed((seq.request.prompt_ids + seq.tokens)[:state.computed], state.row,
+                               tail=True)
 
     def _fail_all(self, error: M4Error) -> None:
         for rid in list(self._streams):

@@ -10,6 +10,11 @@ first token) and pins it; the engine copies those blocks into the row the sequen
 (`restore`) and prefills only the rest. A copy of a block costs ~1 ms where computing it
 costs ~0.1 s on a 2-core CPU.
 
+A session's turn also keeps its last, partial block (`insert(..., tail=True)`): the next
+turn's prompt starts with this turn's prompt and reply, which rarely end on a block
+boundary, and without its tail the next turn would recompute up to a block of them. A tail
+is found under its parent block when the new prompt starts with its tokens.
+
 Memory is bounded by `budget` tokens; beyond it, unpinned blocks are evicted least recently
 used, the deepest of equally recent ones first (so a chain loses its tail before its head).
 The rest of the prompt is computed from the end of the restored prefix in the scheduler's
@@ -35,6 +40,10 @@ class _Block:
     used: int = 0  # LRU clock
     pins: int = 0
 
+    @property
+    def size(self) -> int:
+        return len(self.key[1])  # the block size, or less for a tail
+
 
 @dataclass
 class Hit:
@@ -49,6 +58,7 @@ class PrefixCache:
         self.block = block
         self.budget = budget  # tokens held at most
         self._blocks: dict[Key, _Block] = {}
+        self._tails: dict[Any, set[Key]] = {}  # parent key -> its partial blocks' keys
         self._clock = itertools.count(1)
         self.hits = 0  # sequences that reused a prefix
         self.tokens_reused = 0  # prompt tokens they did not compute
@@ -59,7 +69,7 @@ class PrefixCache:
 
     @property
     def tokens(self) -> int:
-        return len(self._blocks) * self.block
+        return sum(b.size for b in self._blocks.values())
 
     def _keys(self, ids: Sequence[int], n_blocks: int) -> list[Key]:
         keys: list[Key] = []
@@ -76,16 +86,24 @@ class PrefixCache:
             return None
         hit = Hit(0)
         now = next(self._clock)
+        parent: Any = None
         for key in self._keys(ids, (len(ids) - 1) // self.block):
             found = self._blocks.get(key)
             if found is None:
                 break
-            found.pins += 1
-            found.used = now
             hit.blocks.append(found)
+            parent = key
+        start = len(hit.blocks) * self.block
+        rest = tuple(ids[start:len(ids) - 1])  # the last prompt token is always computed
+        tails = [self._blocks[k] for k in self._tails.get(parent, ()) if rest[:len(k[1])] == k[1]]
+        if tails:
+            hit.blocks.append(max(tails, key=lambda b: b.size))
         if not hit.blocks:
             return None
-        hit.tokens = len(hit.blocks) * self.block
+        for found in hit.blocks:
+            found.pins += 1
+            found.used = now
+        hit.tokens = start + (hit.blocks[-1].size if tails else 0)
         self.hits += 1
         self.tokens_reused += hit.tokens
         return hit
@@ -101,32 +119,46 @@ class PrefixCache:
             found.pins -= 1
         hit.blocks = []
 
-    def insert(self, ids: Sequence[int], save: Callable[[int, int], Any]) -> int:
-        """Caches the full blocks of a computed prompt that are not cached yet, copying each
-        with `save(start, end)` from the sequence's row; returns how many it added."""
+    def insert(self, ids: Sequence[int], save: Callable[[int, int], Any],
+               tail: bool = False) -> int:
+        """Caches the full blocks of computed tokens that are not cached yet, and with
+        `tail` the partial block after them, copying each with `save(start, end)` from the
+        sequence's row; returns how many it added."""
         if not self.enabled:
             return 0
         now, added = next(self._clock), 0
-        for depth, key in enumerate(self._keys(ids, len(ids) // self.block)):
+        full = len(ids) // self.block
+        keys = self._keys(ids, full)
+        if tail and len(ids) > full * self.block:
+            keys.append((keys[-1] if keys else None, tuple(ids[full * self.block:])))
+        for depth, key in enumerate(keys):
             found = self._blocks.get(key)
             if found is not None:
                 found.used = now
                 continue
-            if not self._make_room():
+            size = len(key[1])
+            if not self._make_room(size):
                 break
             start = depth * self.block
-            self._blocks[key] = _Block(key, depth, save(start, start + self.block), now)
+            self._blocks[key] = _Block(key, depth, save(start, start + size), now)
+            if size < self.block:
+                self._tails.setdefault(key[0], set()).add(key)
             added += 1
         return added
 
-    def _make_room(self) -> bool:
-        """Evicts until one more block fits; False when every block is pinned."""
-        while self.tokens + self.block > self.budget:
+    def _make_room(self, size: int) -> bool:
+        """Evicts until `size` more tokens fit; False when every block is pinned."""
+        while self.tokens + size > self.budget:
             free = [b for b in self._blocks.values() if b.pins == 0]
             if not free:
                 return False
             victim = min(free, key=lambda b: (b.used, -b.depth))
             del self._blocks[victim.key]
+            siblings = self._tails.get(victim.key[0])
+            if siblings is not None:
+                siblings.discard(victim.key)
+                if not siblings:
+                    del self._tails[victim.key[0]]
         return True
 
 
@@ -167,9 +199,10 @@ class Prefixes:
         if hit is not None:
             self.cache.restore(hit, self.copier.load(row))
 
-    def computed(self, prompt_ids: Sequence[int], row: int) -> None:
-        """A prompt has been computed in `row`: its new full blocks are cached."""
-        self.cache.insert(prompt_ids, self.copier.save(row))
+    def computed(self, ids: Sequence[int], row: int, tail: bool = False) -> None:
+        """Tokens (a prompt; with `tail` a session's prompt and reply, the partial last
+        block too) have been computed in `row`: their new blocks are cached."""
+        self.cache.insert(ids, self.copier.save(row), tail)
 
     def forget(self, seq_id: int) -> None:
         """The sequence ended before it got a row: its hit is unpinned."""
