@@ -23,7 +23,10 @@ from benchkit.report import emit, num, progress, ratio, render_table, stamp
 
 log = progress("bench_sessions")
 TURNS, TOKENS, REPEATS = 10, 24, 3
-INSTRUCTIONS = "You are a helpful assistant on a phone. Answer in one short sentence."
+def instructions(rep: int) -> str:
+    """Each conversation its own system prompt: nothing is shared across them, so every
+    turn's cache hits are its own session's."""
+    return f"You are the helpful assistant of phone number {rep + 1}. Answer in one short sentence."
 TOPICS = ["bees", "rivers", "trains", "clouds", "pianos", "deserts", "owls", "bridges",
           "tomatoes", "comets"]
 
@@ -56,7 +59,7 @@ def session_side(args: argparse.Namespace) -> list[dict[str, Any]]:
         with Client(daemon.address, timeout=300) as m4, \
                 AdminClient(daemon.admin_address, timeout=30) as admin:
             for rep in range(REPEATS):
-                with m4.session(INSTRUCTIONS) as chat:
+                with m4.session(instructions(rep)) as chat:
                     for i in range(TURNS):
                         before = admin.status().tokens_prompted
                         ms, text, prompt, context = timed(chat.send(
@@ -77,7 +80,7 @@ def resend_side(args: argparse.Namespace) -> list[dict[str, Any]]:
         with Client(daemon.address, timeout=300) as m4, \
                 AdminClient(daemon.admin_address, timeout=30) as admin:
             for rep in range(REPEATS):
-                history = [{"role": "system", "content": INSTRUCTIONS}]
+                history = [{"role": "system", "content": instructions(rep)}]
                 for i in range(TURNS):
                     history.append({"role": "user", "content": message(i)})
                     before = admin.status().tokens_prompted

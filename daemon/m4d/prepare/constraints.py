@@ -137,10 +137,15 @@ class Grammars:
                 raise InvalidArgument(f"response_format.json_schema is not JSON: {exc}") from None
             if not isinstance(schema, dict):
                 raise InvalidArgument("response_format.json_schema must be a JSON object")
-            try:
-                return str(llguidance.LLMatcher.grammar_from_json_schema(schema))
+            try:  # the schema checked on its own, so errors quote the app's schema, not ours
+                self._check(str(llguidance.LLMatcher.grammar_from_json_schema(schema)), fmt)
             except ValueError as exc:
                 raise InvalidArgument(f"response_format.json_schema: {exc}") from None
+            # up to 4 spaces or newlines before the value: a model continues "JSON:" with its
+            # own " {" token, which a grammar starting at "{" would forbid (the tokens it
+            # picks otherwise are its second choices, and worse JSON)
+            return ("start: LEAD? value\nLEAD: /[ \\t\\r\\n]{1,4}/\n"
+                    f"value: %json {json.dumps(schema)}\n")
         if fmt.kind == "lark":
             return fmt.lark
         if fmt.kind == "regex":
@@ -152,13 +157,17 @@ class Grammars:
         return str(llguidance.LLMatcher.grammar_from_regex(
             "(" + "|".join(_escape(c) for c in fmt.choices) + ")"))
 
+    def _check(self, grammar: str, fmt: ResponseFormat) -> None:
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer())
+        if error and not error.startswith("WARNING"):
+            message = " ".join(line.strip() for line in error.splitlines() if line.strip())
+            raise InvalidArgument(f"response_format.{fmt.kind}: {message}")  # on one line
+
     def compile(self, fmt: ResponseFormat) -> GrammarConstraint:
         """A fresh constraint for one sequence; InvalidArgument when the format is not
         valid or not supported."""
         grammar, tokenizer = self.grammar(fmt), self.tokenizer()
-        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-        if error and not error.startswith("WARNING"):
-            raise InvalidArgument(f"response_format.{fmt.kind}: {error.strip()}")
+        self._check(grammar, fmt)
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise InvalidArgument(f"response_format.{fmt.kind}: {matcher.get_error()}")
