@@ -146,3 +146,18 @@ def test_a_tokenizer_llguidance_cannot_read_still_gets_structured_output(
     logits = torch.zeros(len(words))
     constraint.restrict(logits)
     assert torch.nonzero(logits > float("-inf")).flatten().tolist() == [2]  # only the end
+
+
+def test_json_may_start_after_a_space_and_whitespace_runs_are_bounded(runtime: Runtime) -> None:
+    assert runtime.grammars is not None and runtime.tokenizer is not None
+    fmt = ResponseFormat("json_schema", json_schema=json.dumps(
+        {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}))
+
+    def keeps(text: str) -> bool:
+        constraint = runtime.grammars.compile(fmt)
+        return all(constraint.matcher.consume_token(t) for t in runtime.tokenizer.encode(text))
+
+    assert keeps(' {"a": "x"}')  # the model's own " {" token
+    assert keeps('\n{\n  "a": "x"\n}')  # pretty-printed
+    assert not keeps('{"a": "x"\n \n \n')  # a model looping on blank lines is cut off
+    assert not keeps('      {"a": "x"}')  # at most 4 characters before the value
