@@ -70,17 +70,33 @@ def test_the_issue_scenario_the_short_request_finishes_within_its_own_length() -
 
 
 def test_sequences_are_not_movable_before_their_minimum_run() -> None:
-    s = Scheduler(num_rows=2, token_budget=18, max_waiting=100, chunk_size=16,
+    # B already holds a row: its second request waits until A's sequences ran 10 tokens
+    s = Scheduler(num_rows=4, token_budget=40, max_waiting=100, chunk_size=16,
                   min_run_tokens=10)
     sim = Sim(s)
-    sim.add(seq(1, 10, FOREGROUND, uid=A, max_new=1000))
-    sim.add(seq(2, 10, FOREGROUND, uid=A, max_new=1000))
+    for i in (1, 2, 5):
+        sim.add(seq(i, 10, FOREGROUND, uid=A, max_new=1000))
+    sim.add(seq(4, 10, FOREGROUND, uid=B, max_new=1000))
     sim.step()  # prefill: each has 1 token
     sim.add(seq(3, 10, FOREGROUND, uid=B, max_new=8))
     waited = 0
-    while not sim.step().preempted:
+    while not sim.step().preempted and waited < 50:
         waited += 1
     assert waited == 9 and 3 in s.running, "B waits until A's sequences ran 10 tokens, no more"
+
+
+def test_an_app_holding_no_row_does_not_wait_for_the_minimum_run() -> None:
+    # B holds nothing: A's sequences are movable once past their prefill (3 chunks of 16)
+    s = Scheduler(num_rows=2, token_budget=34, max_waiting=100, chunk_size=16,
+                  min_run_tokens=10)
+    sim = Sim(s)
+    sim.add(seq(1, 40, FOREGROUND, uid=A, max_new=1000))
+    sim.add(seq(2, 40, FOREGROUND, uid=A, max_new=1000))
+    sim.step()  # A's first chunks
+    sim.add(seq(3, 10, FOREGROUND, uid=B, max_new=8))
+    moved = [sim.step().preempted for _ in range(3)]
+    assert moved[:2] == [[], []], "a sequence in its prefill is not moved"
+    assert len(moved[2]) == 1 and 3 in s.running, "then B gets a row, not 10 tokens later"
 
 
 def test_a_resumed_sequence_gets_a_full_minimum_run_again() -> None:
