@@ -17,15 +17,16 @@ TIME = Tool("get_time", "The time now.", {"type": "object"})
 def test_a_call_is_held_back_and_text_is_streamed() -> None:
     gate = ReplyGate(calls_possible=True)
     pieces = ["<", "tool_", 'call>{"name": "get_time", ', '"arguments": {}}', "</tool_call>"]
-    assert [gate.push(p) for p in pieces] == [""] * len(pieces)
-    assert gate.is_call and gate.rest() == ""
+    assert [gate.push(p, [i]) for i, p in enumerate(pieces)] == [("", [])] * len(pieces)
+    assert gate.is_call and gate.rest() == ("", [])
     gate = ReplyGate(calls_possible=True)
-    assert [gate.push(p) for p in ["<", "b>bold", " text"]] == ["", "<b>bold", " text"]
-    assert not gate.is_call and gate.rest() == ""
+    assert [gate.push(p, [i]) for i, p in enumerate(["<", "b>bold", " text"])] == \
+        [("", []), ("<b>bold", [0, 1]), (" text", [2])]  # held ids go out with their text
+    assert not gate.is_call and gate.rest() == ("", [])
     gate = ReplyGate(calls_possible=True)
-    assert gate.push("<tool") == "" and gate.rest() == "<tool"  # ended before it could tell
+    assert gate.push("<tool", [7]) == ("", []) and gate.rest() == ("<tool", [7])  # ended early
     gate = ReplyGate(calls_possible=False)
-    assert gate.push("<tool_call>") == "<tool_call>"
+    assert gate.push("<tool_call>", [5]) == ("<tool_call>", [5])
 
 
 def test_the_toolbox_lists_tools_and_reads_calls_back() -> None:

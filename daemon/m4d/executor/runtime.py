@@ -316,9 +316,8 @@ class Runtime:
 
         if self.encoder is None or self.encoder_tokenizer is None:
             raise InvalidArgument("this image has no text encoder")
-        max_len = int(self.encoder_spec.get("max_seq_len", 256))
         vectors, counts = embed_with_counts(
-            self.encoder, self.encoder_tokenizer.tokenizer, texts, max_len,
+            self.encoder, self.encoder_tokenizer.tokenizer, texts, self.encoder_window,
             normalize=bool(self.encoder_spec.get("normalize", True)))
         return vectors.float(), counts
 

@@ -43,7 +43,7 @@ from m4d.service.sessions import (
     TurnResult,
     parse_tool,
 )
-from m4d.service.tasks import Origin, SamplingArgs, Tasks
+from m4d.service.tasks import Origin, SamplingArgs, Tasks, Turn
 
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.FOREGROUND,
@@ -57,11 +57,8 @@ _FINISH = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.CONTEXT: pb.FINISH_REASON_CONTEXT,
 }
-_OVERFLOW = {
-    pb.OVERFLOW_UNSPECIFIED: Overflow.FAIL,
-    pb.OVERFLOW_FAIL: Overflow.FAIL,
-    pb.OVERFLOW_DROP_OLDEST: Overflow.DROP_OLDEST,
-}
+_OVERFLOW_PB = {Overflow.FAIL: pb.OVERFLOW_FAIL, Overflow.DROP_OLDEST: pb.OVERFLOW_DROP_OLDEST}
+_OVERFLOW = {pb.OVERFLOW_UNSPECIFIED: Overflow.FAIL, **{v: k for k, v in _OVERFLOW_PB.items()}}
 MEDIA_EVENTS = (Transcribed, TextRead, KeywordsHeard, SourceText)
 _LIST_INPUTS = ("keywords", "labels", "texts")  # text-list inputs of media tasks
 
@@ -78,6 +75,18 @@ def sampling_args(s: pb.SamplingParams) -> SamplingArgs:
         top_p=s.top_p if s.HasField("top_p") else None,
         top_k=s.top_k, seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop), ignore_eos=s.ignore_eos)
+
+
+def generation_input(req: pb.GenerateRequest | pb.CountTokensRequest,
+                     ) -> tuple[str, str | None, list[Turn] | None]:
+    """(task id, prompt, chat) of a request with a prompt-or-chat input; the task defaults
+    to "generate" for a prompt and "chat" for a chat."""
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("set either prompt or chat")
+    if which == "chat":
+        return req.task or "chat", None, [(m.role, m.content) for m in req.chat.messages]
+    return req.task or "generate", req.prompt, None
 
 
 def response_format(req: pb.GenerateRequest | pb.SessionTurnRequest) -> ResponseFormat | None:
@@ -105,24 +114,14 @@ class Converter:
 
     def generate(self, req: pb.GenerateRequest, caller: Caller,
                  deadline: float | None) -> GenerateRequest:
-        which = req.WhichOneof("input")
-        if which is None:
-            raise InvalidArgument("set either prompt or chat")
-        task_id = req.task or ("chat" if which == "chat" else "generate")
-        chat = [(m.role, m.content) for m in req.chat.messages] if which == "chat" else None
+        task_id, prompt, chat = generation_input(req)
         return self.tasks.generate(task_id, origin(req.priority, caller, deadline),
-                                   prompt=req.prompt if chat is None else None, chat=chat,
-                                   sampling=sampling_args(req.sampling),
+                                   prompt=prompt, chat=chat, sampling=sampling_args(req.sampling),
                                    response_format=response_format(req))
 
     def count_tokens(self, req: pb.CountTokensRequest) -> pb.CountTokensResponse:
-        which = req.WhichOneof("input")
-        if which is None:
-            raise InvalidArgument("set either prompt or chat")
-        chat = [(m.role, m.content) for m in req.chat.messages] if which == "chat" else None
-        tokens, window = self.tasks.count_tokens(
-            req.task or ("chat" if which == "chat" else "generate"),
-            prompt=req.prompt if chat is None else None, chat=chat)
+        task_id, prompt, chat = generation_input(req)
+        tokens, window = self.tasks.count_tokens(task_id, prompt=prompt, chat=chat)
         return pb.CountTokensResponse(tokens=tokens, context_window=window,
                                       model=self.model_info())
 
@@ -150,11 +149,11 @@ class Converter:
 
     def session(self, session: Session, sessions: Sessions) -> pb.Session:
         tokens, window = sessions.context_tokens(session, self.tasks)
-        overflow = next(k for k, v in _OVERFLOW.items() if v is session.overflow and k)
         return pb.Session(
             session_id=session.id, task=session.task,
-            transcript=[pb.ChatMessage(role=r, content=c) for r, c in session.transcript],
-            context_tokens=tokens, context_window=window, overflow=overflow,
+            transcript=[pb.ChatMessage(role=r, content=c) for r, c in session.chat()],
+            context_tokens=tokens, context_window=window,
+            overflow=_OVERFLOW_PB[session.overflow],
             tools=[pb.Tool(name=t.name, description=t.description,
                            parameters_schema=t.schema_text) for t in session.toolbox.tools],
             model=self.model_info())

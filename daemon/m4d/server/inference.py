@@ -135,23 +135,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
         with sessions.turn(session):
             plan = sessions.plan(session, conv.session_turn(request), conv.tasks,
                                  origin(request.priority, caller, deadline_of(context)))
-            gate, held = ReplyGate(plan.tool_choice != "none"), []
-            model = pb.ModelInfo()
+            gate, first = ReplyGate(plan.tool_choice != "none"), True
             async for msg in self._generate(conv, plan.request):
                 if msg.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
-                    held += msg.token_ids  # a tool call's text is not streamed
-                    model.MergeFrom(msg.model)  # on the first message, held or not
-                    msg.text = gate.push(msg.text)
-                    if msg.text:
-                        msg.token_ids[:] = held
-                        if model.ByteSize():  # the turn's first streamed message
-                            msg.model.CopyFrom(model)
-                        held, model = [], pb.ModelInfo()
-                        yield msg
+                    text, ids = gate.push(msg.text, msg.token_ids)  # a tool call is held
+                    if text:
+                        out = pb.GenerateResponse(text=text, token_ids=ids)
+                        if first:  # the model on the first message streamed
+                            out.model.CopyFrom(conv.model_info())
+                            first = False
+                        yield out
                     continue
-                msg.text = gate.rest()
-                if msg.text:
-                    msg.token_ids.extend(held)
+                text, ids = gate.rest()
+                msg.text = text
+                msg.token_ids.extend(ids)
                 conv.turn_finished(msg, session.id,
                                    sessions.commit(plan, gate.text, msg.usage.completion_tokens))
                 yield msg

@@ -178,10 +178,6 @@ class Session:
         head: list[Turn] = [("system", system)] if system else []
         return head + list(self.messages if messages is None else messages)
 
-    @property
-    def transcript(self) -> list[Turn]:
-        return self.chat()
-
 
 @dataclass
 class TurnPlan:
@@ -222,7 +218,7 @@ class Sessions:
         if instructions:
             tasks.text("instructions", instructions)
         session = Session(secrets.token_hex(12), uid, task, instructions, toolbox, overflow)
-        tasks.count_tokens(task, chat=session.chat([("user", "?")]))  # a chat task?
+        tasks.prompt_ids(task, chat=session.chat([("user", "?")]))  # a chat task?
         if tools:  # every call grammar compiles now, not at the first turn
             if tasks.grammars is None:
                 raise InvalidArgument("this image's backbone has no structured output, which "
@@ -230,13 +226,17 @@ class Sessions:
             fmt = toolbox.grammar("auto")
             assert fmt is not None
             tasks.grammars.compile(fmt)
-        with self._lock:
-            held = sum(1 for s in self._sessions.values() if s.uid == uid)
-            if held >= self.per_uid:
-                raise ResourceExhausted(f"uid {uid} holds {held} sessions, the most one app "
-                                        "may hold (config sessions_per_uid); delete some")
-            self._sessions[session.id] = session
+        self._add(session)
         return session
+
+    def _add(self, session: Session) -> None:
+        with self._lock:
+            held = sum(1 for s in self._sessions.values() if s.uid == session.uid)
+            if held >= self.per_uid:
+                raise ResourceExhausted(f"uid {session.uid} holds {held} sessions, the most "
+                                        "one app may hold (config sessions_per_uid); delete "
+                                        "some")
+            self._sessions[session.id] = session
 
     def get(self, uid: int, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -246,14 +246,10 @@ class Sessions:
 
     def clone(self, uid: int, session_id: str) -> Session:
         source = self.get(uid, session_id)
-        with self._lock:
-            if sum(1 for s in self._sessions.values() if s.uid == uid) >= self.per_uid:
-                raise ResourceExhausted(f"uid {uid} holds the most sessions one app may hold "
-                                        "(config sessions_per_uid); delete some")
-            copy = Session(secrets.token_hex(12), uid, source.task, source.instructions,
-                           source.toolbox, source.overflow, list(source.messages),
-                           dict(source.pending), source.calls_made)
-            self._sessions[copy.id] = copy
+        copy = Session(secrets.token_hex(12), uid, source.task, source.instructions,
+                       source.toolbox, source.overflow, list(source.messages),
+                       dict(source.pending), source.calls_made)
+        self._add(copy)
         return copy
 
     def delete(self, uid: int, session_id: str) -> None:
@@ -285,9 +281,9 @@ class Sessions:
             raise InvalidArgument(f"response_format and tool_choice {choice!r} exclude each "
                                   "other: a turn either calls a tool or keeps to a format")
         fmt = turn.response_format or session.toolbox.grammar(choice)
-        messages, dropped, window = self._fit(session, list(session.messages), new, turn, tasks)
-        request = tasks.generate(session.task, origin, chat=session.chat(messages),
-                                 sampling=turn.sampling, response_format=fmt, keep_reply=True)
+        messages, ids, dropped, window = self._fit(session, list(session.messages), new, turn,
+                                                   tasks)
+        request = tasks.request(session.task, origin, ids, turn.sampling, fmt, keep_reply=True)
         return TurnPlan(session, messages, dropped, request, choice, window)
 
     def _new_messages(self, session: Session, turn: TurnInput, tasks: Tasks) -> list[Turn]:
@@ -305,16 +301,17 @@ class Sessions:
         return [("tool", content)]
 
     def _fit(self, session: Session, history: list[Turn], new: list[Turn], turn: TurnInput,
-             tasks: Tasks) -> tuple[list[Turn], int, int]:
+             tasks: Tasks) -> tuple[list[Turn], list[int], int, int]:
         """The history (oldest turns dropped as the session allows) with the new turn, such
-        that the prompt and the reply's room fit the window; how many messages were
-        dropped; the window."""
+        that the prompt and the reply's room fit the window; its prompt tokens; how many
+        messages were dropped; the window."""
         reserve = turn.sampling.max_tokens or self.reply_reserve
         dropped = 0
         while True:
-            tokens, window = tasks.count_tokens(session.task, chat=session.chat(history + new))
+            ids, window = tasks.prompt_ids(session.task, chat=session.chat(history + new))
+            tokens = len(ids)
             if tokens + reserve <= window:
-                return history + new, dropped, window
+                return history + new, ids, dropped, window
             if session.overflow is Overflow.FAIL or not history:
                 raise OutOfRange(
                     f"the session's next turn takes {tokens} tokens and its reply up to "
@@ -344,31 +341,35 @@ class Sessions:
 
 
 class ReplyGate:
-    """Streams a reply's text unless it is a tool call: text that may still turn out to
-    be `<tool_call>…` is held until it cannot, and a call is never streamed as text."""
+    """Streams a reply's text (and its token ids) unless it is a tool call: text that may
+    still turn out to be `<tool_call>…` is held until it cannot, and a call is never
+    streamed as text."""
 
     def __init__(self, calls_possible: bool) -> None:
         self.text = ""
         self._sent = 0
+        self._held: list[int] = []
         self._open = not calls_possible
 
-    def push(self, piece: str) -> str:
-        """The text to stream now (maybe "")."""
+    def push(self, piece: str, ids: Sequence[int] = ()) -> tuple[str, list[int]]:
+        """The text and token ids to stream now ("" and [] while held)."""
         self.text += piece
+        self._held += ids
         if not self._open:
             if CALL_OPEN.startswith(self.text) or self.text.startswith(CALL_OPEN):
-                return ""
+                return "", []
             self._open = True
-        out, self._sent = self.text[self._sent:], len(self.text)
-        return out
+        return self._release()
 
     @property
     def is_call(self) -> bool:
         return not self._open and self.text.startswith(CALL_OPEN)
 
-    def rest(self) -> str:
-        """Held text that turned out not to be a call."""
-        if self.is_call:
-            return ""
-        out, self._sent = self.text[self._sent:], len(self.text)
-        return out
+    def rest(self) -> tuple[str, list[int]]:
+        """Held text (and ids) that turned out not to be a call."""
+        return ("", []) if self.is_call else self._release()
+
+    def _release(self) -> tuple[str, list[int]]:
+        out, ids = self.text[self._sent:], self._held
+        self._sent, self._held = len(self.text), []
+        return out, ids

@@ -156,24 +156,33 @@ class Tasks:
             raise InvalidArgument(f"task {task_id!r} takes a {expected}, not a {which}")
         return task, text
 
+    def prompt_ids(self, task_id: str, *, prompt: str | None = None,
+                   chat: Sequence[Turn] | None = None) -> tuple[list[int], int]:
+        """(the tokens Generate feeds the backbone, the task's context window)."""
+        task, text = self.prompt_text(task_id, prompt=prompt, chat=chat)
+        return self.tokens("chat" if chat is not None else "prompt", text), \
+            self.context_window(task)
+
     def count_tokens(self, task_id: str, *, prompt: str | None = None,
                      chat: Sequence[Turn] | None = None) -> tuple[int, int]:
         """(tokens of the prompt as Generate would feed it, the task's context window)."""
-        task, text = self.prompt_text(task_id, prompt=prompt, chat=chat)
-        return len(self.tokens("chat" if chat is not None else "prompt", text)), \
-            self.context_window(task)
+        ids, window = self.prompt_ids(task_id, prompt=prompt, chat=chat)
+        return len(ids), window
 
     def generate(self, task_id: str, origin: Origin, *, prompt: str | None = None,
                  chat: Sequence[Turn] | None = None,
                  sampling: SamplingArgs = SamplingArgs(),
-                 response_format: ResponseFormat | None = None,
-                 keep_reply: bool = False) -> GenerateRequest:
+                 response_format: ResponseFormat | None = None) -> GenerateRequest:
         """A generation from a prompt or (when `chat` is given) a chat; its output kept to
-        `response_format` when one is given; `keep_reply` (a session's turn) keeps the KV
-        of the reply too for the next turn."""
-        which = "chat" if chat is not None else "prompt"
-        _, text = self.prompt_text(task_id, prompt=prompt, chat=chat)
-        ids = self.tokens(which, text)
+        `response_format` when one is given."""
+        ids, _ = self.prompt_ids(task_id, prompt=prompt, chat=chat)
+        return self.request(task_id, origin, ids, sampling, response_format)
+
+    def request(self, task_id: str, origin: Origin, ids: list[int], sampling: SamplingArgs,
+                response_format: ResponseFormat | None = None,
+                keep_reply: bool = False) -> GenerateRequest:
+        """A generation from prompt tokens `ids` (`prompt_ids`); `keep_reply` (a session's
+        turn) keeps the KV of the reply too for the next turn."""
         constraint = None
         if response_format is not None:
             if self.grammars is None:
