@@ -5,7 +5,7 @@ m4's kernels have one variant per instruction set (avx512vnni, avxvnni, avx2, sc
 all computing the same numbers. For every x86 variant this CPU runs, a child process (this
 script with `--one VARIANT`) starts m4d with that variant forced (M4_KERNEL_VARIANT, see
 benchkit.daemon.kernel_variant_env) and loads the llama_cpp build for the same instruction set
-from its own directory (`--llama-native`, `--llama-avx2`: directories made with
+from its own directory (`--llama-native`, `--llama-avxvnni`, `--llama-avx2`: directories made with
 `pip install --no-deps --target DIR <wheel>`), then measures, alternating m4d and llama.cpp
 within the child:
 
@@ -18,7 +18,9 @@ within the child:
   aggregate rate while all 16 decode, against llama.cpp's single stream on prompt 0 (median
   of 3 back-to-back runs per round).
 
-Pairs: avx512vnni and avxvnni against the native build, avx2 against the AVX2 build; scalar
+Pairs: avx512vnni against the native build, avxvnni against a build for AVX2 with AVX-VNNI
+and without AVX-512 (the native one if that directory is missing), avx2 against the AVX2
+build; scalar
 (the slow reference every variant is tested against: ~30 s per 256-token prefill) gets one
 round of one stream only, against the AVX2 build, and no targets. The issue's targets: one
 stream >= 1.5x llama.cpp, prefill >= 2x, 16 streams >= 5x llama.cpp's single stream. Ratios
@@ -28,7 +30,8 @@ warning, if none did). Progress goes to stderr, the table (or `--json`) to stdou
 minutes with the default 3 rounds on a quiet machine; `--quick` (1 round, no scalar) about 2.
 
     python bench/bench_variants.py --image build/images/default \\
-        [--llama-native /work/llama-py/native] [--llama-avx2 /work/llama-py/avx2] [--quick]
+        [--llama-native /work/llama-py/native] [--llama-avxvnni /work/llama-py/avxvnni] \\
+        [--llama-avx2 /work/llama-py/avx2] [--quick]
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from benchkit.streams import (
 )
 
 X86_VARIANTS = ("avx512vnni", "avxvnni", "avx2", "scalar")  # best first, as m4d ranks them
-BUILD_FOR = {"avx512vnni": "native", "avxvnni": "native", "avx2": "avx2", "scalar": "avx2"}
+BUILD_FOR = {"avx512vnni": "native", "avxvnni": "avxvnni", "avx2": "avx2", "scalar": "avx2"}
 ONE_STREAM_ONLY = {"scalar"}
 STREAMS = 16
 THREADS = 2  # llama.cpp's threads, and m4d's --threads in the one-stream daemon
@@ -320,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-avx2", type=Path, default=Path("/work/llama-py/avx2"),
                         help="llama_cpp built for AVX2 without AVX-512, a pip --target "
                              "directory (default /work/llama-py/avx2)")
+    parser.add_argument("--llama-avxvnni", type=Path, default=Path("/work/llama-py/avxvnni"),
+                        help="llama_cpp built for AVX2 with AVX-VNNI, without AVX-512, a pip "
+                             "--target directory (default /work/llama-py/avxvnni; the native "
+                             "build where it does not exist)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated variants (default: every x86 variant this CPU "
                              "runs)")
@@ -357,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                          "m4d.model.kernels build)")
     dirs = {"native": None if str(args.llama_native) == "-" else args.llama_native,
             "avx2": args.llama_avx2}
+    dirs["avxvnni"] = args.llama_avxvnni if args.llama_avxvnni.is_dir() else dirs["native"]
     log(f"variants {', '.join(variants)}; llama.cpp builds: "
         + ", ".join(f"{k} {v or 'installed'}" for k, v in dirs.items()))
     children = []

@@ -83,7 +83,8 @@ def _kind_inputs(kind: str, n: int, k: int, seed: int):
 @pytest.mark.parametrize("kind", sorted(kernels.WEIGHT_KINDS))
 def test_every_weight_kind_computes_its_format_on_every_variant(kind: str) -> None:
     """Integer activations (every block holds a +-127, so they quantize exactly) times the
-    stored blocks equal x @ W^T; random activations agree across variants bit for bit."""
+    stored blocks equal x @ W^T; random activations agree across variants bit for bit, for
+    every row count up to 9 (each variant's row groups and every remainder) and past a chunk."""
     n, k = 48, 192
     lin, w = _kind_inputs(kind, n, k, seed=len(kind))
     g = torch.Generator().manual_seed(3)
@@ -97,7 +98,7 @@ def test_every_weight_kind_computes_its_format_on_every_variant(kind: str) -> No
             kernels.select(v)
             exact = lin(xi).double()
             torch.testing.assert_close(exact, xi.double() @ w.t(), rtol=1e-6, atol=1e-4 * w.abs().max().item())
-            results[v] = (lin(x), lin(x.bfloat16()), exact)
+            results[v] = (lin(x), lin(x.bfloat16()), exact, *(lin(x[:m]) for m in range(1, 10)))
     finally:
         kernels.select(before)
     ref = results["scalar"]

@@ -32,10 +32,13 @@ class LayerStack(nn.Module):
     (``torch.export`` + a compiled C++ wrapper) is the way forward when it is worth a build
     step.
 
-    With w4a8 linears and float32 activations (m4d's default), a decode step (one token per
-    row, cached) skips the loop: ``m4.decode_layers`` runs all layers in one C++ call over
-    the same weights and caches (``fused``, built by ``Llama._fused_tensors``), because the
-    ~45 small torch ops per layer that glue its GEMMs together cost a fifth of the step.
+    With w4a8 linears and float32 activations (m4d's default), a cached forward (a decode
+    step, or a prompt chunk) skips the loop: ``m4.decode_layers`` runs all layers in one C++
+    call over the same weights and caches (``fused``, built by ``Llama._fused_tensors``),
+    because the ~45 small torch ops per layer that glue its GEMMs together cost a fifth of a
+    decode step and a third of a prefill. Each token is one row of that call, attending over
+    positions [0, its own] of its sequence's slot: a token's numbers are the same whether it
+    came in a prompt or was decoded, whatever else ran beside it.
     """
 
     fused: list[torch.Tensor]  # the tensors of m4.decode_layers, or empty: no fused step
@@ -53,13 +56,18 @@ class LayerStack(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None,
                 rows: torch.Tensor | None, length: int) -> torch.Tensor:
-        if len(self.fused) > 0 and mask is not None and input_pos is not None and x.size(1) == 1:
-            b, d = x.size(0), x.size(2)
+        if len(self.fused) > 0 and mask is not None and input_pos is not None:
+            # every token is a row of the step: a prompt's tokens attend over [0, pos] of
+            # their sequence's slot like decoding rows, their keys written first
+            b, s, d = x.size(0), x.size(1), x.size(2)
             row_idx = rows if rows is not None else torch.arange(b, device=x.device)
+            if s > 1:
+                row_idx = row_idx.repeat_interleave(s)
             out: torch.Tensor = torch.ops.m4.decode_layers(
-                x.view(b, d), self.fused, self.kinds, row_idx, input_pos.view(b), cos.view(b, -1),
-                sin.view(b, -1), self.n_heads, self.n_kv_heads, self.eps, self.scale)
-            return out.view(b, 1, d)
+                x.reshape(b * s, d), self.fused, self.kinds, row_idx, input_pos.reshape(b * s),
+                cos.reshape(b * s, -1), sin.reshape(b * s, -1), self.n_heads, self.n_kv_heads,
+                self.eps, self.scale)
+            return out.view(b, s, d)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, rows, length)
         return x

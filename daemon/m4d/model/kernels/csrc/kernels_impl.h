@@ -107,6 +107,10 @@ void quantize_rows(const void* x, bool bf16, int64_t rows, int64_t k, QuantView 
       out.s[o] = hsum<S>(S::add(v0, v1));
       out.s16[2 * o] = hsum<S>(v0);
       out.s16[2 * o + 1] = hsum<S>(v1);
+      const int8_t* digits = reinterpret_cast<const int8_t*>(q);  // 32 hi, then 32 lo
+      int16_t* wide = out.wide + o * kBlock;
+      for (int t = 0; t < kBlock; ++t)
+        wide[t] = static_cast<int16_t>(static_cast<int32_t>(kLoRadix) * digits[t] + digits[kBlock + t]);
     }
   }
 }
@@ -127,14 +131,30 @@ concept PairSums = requires(const uint8_t* w, const int32_t* x, typename S::I* s
   S::template pair_sums<true, false>(w, 0, 8, x, x, s, s);
 };
 
+// Whether backend S multiplies signed weight bytes by 254*hi + lo in int16 (QuantView::wide),
+// both digits in one product (avx2: vpmaddwd, where a byte product needs the sign trick).
+template <typename S>
+concept WideSums = requires(typename S::W w, const int16_t* x) {
+  S::wide_sums(S::dot_wide(S::wide_zero(), S::widen_signed(w), x));
+};
+
 // s[r] = 254 * (w . hi_r) + (w . lo_r) over groups [g0, g1) of one block (4 values each),
 // exact in int32. xr(r) points at row r's 16 digit words of this block.
-template <typename S, Kind K, int R, typename XR>
-void block_sums(const uint8_t* wb, int g0, int g1, XR xr, typename S::I* s) {
+template <typename S, Kind K, int R, typename XR, typename XW>
+void block_sums(const uint8_t* wb, int g0, int g1, XR xr, XW xw, typename S::I* s) {
   using W = typename S::W;
   typename S::I hs[R], ls[R];
   for (int r = 0; r < R; ++r) hs[r] = ls[r] = S::izero();
-  if constexpr (R == 2 && PairSums<S>) {  // two rows per multiply (i8mm)
+  if constexpr (!kind_has_min(K) && WideSums<S>) {  // signed bytes times both digits at once
+    typename S::Wide acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = S::wide_zero();
+    for (int g = g0; g < g1; ++g) {
+      const typename S::WideW wg = S::widen_signed(S::wload(wb + 64 * g));
+      for (int r = 0; r < R; ++r) acc[r] = S::dot_wide(acc[r], wg, xw(r) + 4 * g);
+    }
+    for (int r = 0; r < R; ++r) s[r] = S::wide_sums(acc[r]);
+    return;
+  } else if constexpr (R == 2 && PairSums<S>) {  // two rows per multiply (i8mm)
     S::template pair_sums<kind_is_q4(K), !kind_has_min(K)>(wb, g0, g1, xr(0), xr(1), hs, ls);
   } else if constexpr (kind_is_q4(K) && ShortSums<S>) {
     typename S::P hp[R], lp[R];
@@ -203,9 +223,10 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
       }
     }
     const auto xr = [&](int r) { return x.q + (r * kb + b) * 16; };
+    const auto xw = [&](int r) { return x.wide + (r * kb + b) * kBlock; };
     for (int h = 0; h < halves; ++h) {
       I sums[R];  // 254 * (w . hi) + (w . lo) per row, exact
-      block_sums<S, K, R>(wb, 4 * h * (halves - 1), halves == 2 ? 4 * h + 4 : 8, xr, sums);
+      block_sums<S, K, R>(wb, 4 * h * (halves - 1), halves == 2 ? 4 * h + 4 : 8, xr, xw, sums);
       for (int r = 0; r < R; ++r) {
         const int64_t o = r * kb + b;
         I s = sums[r];
@@ -235,21 +256,46 @@ void gemm_remainder(int64_t n, const uint8_t* w, const void* sc, QuantView x, in
   }
 }
 
+// Whether backend S runs a tile as two passes of 8 channels through S::Half (AVX2: with 16
+// registers, several rows' accumulators over 16 channels spill). Each channel's numbers are
+// its own lanes, so the split changes no bit.
+template <typename S>
+concept HalfTiles = requires { typename S::Half; };
+
+// rows per pass over a weight tile: T::kRows, or T::kRowsQ4 for nibbles where T has one
+template <typename T, Kind K>
+constexpr int tile_rows() {
+  if constexpr (kind_is_q4(K) && requires { T::kRowsQ4; }) return T::kRowsQ4;
+  else return T::kRows;
+}
+
+// rows [0, rows) of x against one tile; T is S, or S::Half over channels [8h, 8h + 8)
+template <typename T, Kind K>
+void gemm_row_groups(const uint8_t* w, const void* sc, QuantView x, int64_t rows, int64_t kb, void* y,
+                     bool bf16_out, int64_t ldy) {
+  const int64_t esize = bf16_out ? 2 : 4;
+  int64_t r = 0;
+  auto at = [&](int64_t row) { return rows_from(x, row, kb); };
+  constexpr int R = tile_rows<T, K>();
+  for (; r + R <= rows; r += R)
+    gemm_rows<T, K, R>(w, sc, at(r), kb, static_cast<char*>(y) + r * ldy * esize, bf16_out, ldy);
+  if (r < rows)
+    gemm_remainder<T, K, R - 1>(rows - r, w, sc, at(r), kb,
+                                       static_cast<char*>(y) + r * ldy * esize, bf16_out, ldy);
+}
+
 template <typename S, Kind K>
 void gemm_kind(const uint8_t* w, const void* sc, QuantView x, int64_t rows, int64_t kb, void* y,
                bool bf16_out, int64_t ldy) {
-  const int64_t esize = bf16_out ? 2 : 4;
-  int64_t r = 0;
-  auto at = [&](int64_t row) {
-    QuantView v{x.q + row * kb * 16, x.d + row * kb, x.s + row * kb, x.half + row * kb * 2,
-                x.s16 + row * kb * 2};
-    return v;
-  };
-  for (; r + S::kRows <= rows; r += S::kRows)
-    gemm_rows<S, K, S::kRows>(w, sc, at(r), kb, static_cast<char*>(y) + r * ldy * esize, bf16_out, ldy);
-  if (r < rows)
-    gemm_remainder<S, K, S::kRows - 1>(rows - r, w, sc, at(r), kb,
-                                       static_cast<char*>(y) + r * ldy * esize, bf16_out, ldy);
+  if constexpr (HalfTiles<S>) {
+    constexpr int64_t half = kTile / 2;  // channels per pass; weight bytes 4 per channel and group
+    const int64_t scale_size = kind_f16_scales(K) ? 2 : 4, esize = bf16_out ? 2 : 4;
+    for (int64_t h = 0; h < 2; ++h)
+      gemm_row_groups<typename S::Half, K>(w + 4 * half * h, static_cast<const char*>(sc) + half * h * scale_size,
+                                           x, rows, kb, static_cast<char*>(y) + half * h * esize, bf16_out, ldy);
+  } else {
+    gemm_row_groups<S, K>(w, sc, x, rows, kb, y, bf16_out, ldy);
+  }
 }
 
 template <typename S>

@@ -23,9 +23,8 @@ void linear(const Variant& v, Kind kind, const uint8_t* w, const void* sc, const
     const int64_t rows = std::min(kRowChunk, m - c0);
     const QuantView view = xq.resize(rows, k);
     parallel(rows, 4, [&](int64_t r0, int64_t r1) {  // rows are quantized independently
-      const QuantView part{view.q + r0 * kb * 16, view.d + r0 * kb, view.s + r0 * kb,
-                           view.half + r0 * kb * 2, view.s16 + r0 * kb * 2};
-      v.quantize_rows(static_cast<const char*>(x) + (c0 + r0) * k * xsize, x_bf16, r1 - r0, k, part);
+      v.quantize_rows(static_cast<const char*>(x) + (c0 + r0) * k * xsize, x_bf16, r1 - r0, k,
+                      rows_from(view, r0, kb));
     });
     parallel(tiles, std::max<int64_t>(1, tiles / 64), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)

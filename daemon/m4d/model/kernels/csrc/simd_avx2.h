@@ -1,18 +1,24 @@
-// SIMD primitives for the avx2 and avxvnni variants: 16 lanes as two ymm (lanes 0-7, 8-15).
-// avx2 is compiled with -mavx2 -mfma -mf16c; avxvnni adds -mavxvnni, which swaps the byte
-// dot product (maddubs + madd) for vpdpbusd. Both give the same integer sums.
+// SIMD primitives for the avx2 and avxvnni variants: 16 lanes as two ymm (lanes 0-7, 8-15),
+// and the GEMM tiles 8 channels at a time (Avx2Half). avx2 is compiled with -mavx2 -mfma
+// -mf16c; avxvnni adds -mavxvnni, which swaps the byte dot product (maddubs + madd) for
+// vpdpbusd. Both give the same integer sums.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "variant.h"
 
 namespace m4 {
 namespace {  // internal linkage: see variant.h
 
-struct Avx2 {
+// The GEMM tiles' backend: 8 channels (one ymm) at a time. With only 16 ymm registers, the
+// accumulators of several rows over all 16 channels of a tile spill to the stack; the tile is
+// run instead as two passes over its channels 0-7 and 8-15 (kernels_impl.h: HalfTiles), which
+// changes no number: every channel's sums and scales are its own lanes.
+struct Avx2Half {
 #if defined(__AVXVNNI__)
   static constexpr const char* kName = "avxvnni";
   static constexpr bool kOffsetSigned = true;  // dot_s sums (q + 128) * x: callers correct
@@ -20,12 +26,108 @@ struct Avx2 {
   static constexpr const char* kName = "avx2";
   static constexpr bool kOffsetSigned = false;  // dot_s sums q * x (sign trick below)
 #endif
-  static constexpr int kRows = 4;          // rows per unpacked weight tile (2 and 8 measured slower)
+  // rows per pass over a weight tile (measured on a Xeon with both: 2-6 rows; more rows
+  // spill their accumulators, fewer unpack the weights for too few)
+  static constexpr int kRows = 3;
+#if !defined(__AVXVNNI__)
+  static constexpr int kRowsQ4 = 4;  // nibbles: int16 sums, two registers per row
+#endif
+
+  using F = __m256;
+  using I = __m256i;
+  using W = __m256i;  // 32 weight bytes: 8 channels x 4
+
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F load_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static __m256i round_bf16(__m256 v) {  // nearest even, NaN stays NaN; bits in the low half
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    rounded = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded),
+                                                   _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan));
+    return _mm256_srli_epi32(rounded, 16);
+  }
+  static void store_bf16(uint16_t* p, F v) {
+    const __m256i r = round_bf16(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+
+  static I izero() { return _mm256_setzero_si256(); }
+  static I iset1(int32_t v) { return _mm256_set1_epi32(v); }
+  static F cvt_f(I a) { return _mm256_cvtepi32_ps(a); }
+  static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I imul254(I a) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(254)); }
+
+  static W wload(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static W nib_lo(W w) { return _mm256_and_si256(w, _mm256_set1_epi8(0x0F)); }
+  static W nib_hi(W w) { return _mm256_and_si256(_mm256_srli_epi16(w, 4), _mm256_set1_epi8(0x0F)); }
+#if defined(__AVXVNNI__)
+  // acc[j] += sum_t w[j][t] * x[t]: w unsigned bytes, x four int8 in one int32
+  static I dot_u(I acc, W w, int32_t x) { return _mm256_dpbusd_avx_epi32(acc, w, _mm256_set1_epi32(x)); }
+  static I dot_s(I acc, W w, int32_t x) { return dot_u(acc, w, x); }  // (q + 128) * x
+#else
+  // u8 * s8 pairs summed in int16 (no saturation: weights <= 127, |x| <= 127), then pairs
+  static I dot_u(I acc, W w, int32_t x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x)), _mm256_set1_epi16(1)));
+  }
+  // bytes q + 128 -> q, then |q| * (x with q's sign): the products stay within int16 pairs
+  static I dot_s(I acc, W w, int32_t x) {
+    const __m256i q = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(_mm256_set1_epi32(x), q)),
+                                                   _mm256_set1_epi16(1)));
+  }
+  // Signed bytes times QuantView::wide (254*hi + lo, int16): both digits in one vpmaddwd.
+  // WideW holds a group's 32 bytes (8 channels x 4 values) as int16: channels 0-3, then 4-7;
+  // Wide the int32 pair sums per channel: [c0 t01, c0 t23, c1 t01, c1 t23 | c2 .. c3 ..].
+  struct WideW { __m256i c03, c47; };
+  struct Wide { __m256i c03, c47; };
+  static Wide wide_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+  static WideW widen_signed(W w) {  // bytes q + 128 -> q
+    const __m256i q = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1))};
+  }
+  static Wide dot_wide(Wide acc, WideW w, const int16_t* x) {  // x: the group's 4 values
+    int64_t four;
+    std::memcpy(&four, x, sizeof four);
+    const __m256i xb = _mm256_set1_epi64x(four);
+    return {_mm256_add_epi32(acc.c03, _mm256_madd_epi16(w.c03, xb)), _mm256_add_epi32(acc.c47, _mm256_madd_epi16(w.c47, xb))};
+  }
+  static I wide_sums(Wide acc) {  // per channel 0..7, in order
+    const __m256i pairs = _mm256_hadd_epi32(acc.c03, acc.c47);  // [c0 c1 c4 c5 | c2 c3 c6 c7]
+    return _mm256_permute4x64_epi64(pairs, 0xD8);
+  }
+  // int16 partial sums (kernels_impl.h uses them for 4-bit weights, whose pairs stay small)
+  using P = __m256i;
+  static P pzero() { return _mm256_setzero_si256(); }
+  static P dot_u16(P acc, W w, int32_t x) {  // acc (int16 pairs) += w[2i]*x + w[2i+1]*x'
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, _mm256_set1_epi32(x)));
+  }
+  // 254 * hi + lo from int16 pair sums, as int32 per 4 bytes (per channel): the weighting
+  // rides on the widening multiply-add instead of a 32-bit multiply
+  static I widen_digits(P hi, P lo) {
+    return _mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(254)), _mm256_madd_epi16(lo, _mm256_set1_epi16(1)));
+  }
+#endif
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+struct Avx2 {
+  static constexpr const char* kName = Avx2Half::kName;
+  using Half = Avx2Half;                   // GEMM tiles run 8 channels at a time
   static constexpr int kAccumulators = 4;  // float vectors (8 ymm) attention keeps in registers
 
   struct F { __m256 lo, hi; };
   struct I { __m256i lo, hi; };
-  struct W { __m256i lo, hi; };
 
   static F zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static F set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
@@ -114,10 +216,6 @@ struct Avx2 {
   static I cvt_i(F a) { return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)}; }
   static F cvt_f(I a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
   static I iadd(I a, I b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
-  static I imul254(I a) {
-    const __m256i k = _mm256_set1_epi32(254);
-    return {_mm256_mullo_epi32(a.lo, k), _mm256_mullo_epi32(a.hi, k)};
-  }
   static int32_t ihsum(I a) {
     __m256i s = _mm256_add_epi32(a.lo, a.hi);
     __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
@@ -131,59 +229,6 @@ struct Avx2 {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w0, w1));
   }
 
-  static W wload(const uint8_t* p) {
-    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
-  }
-  static W nib_lo(W w) {
-    const __m256i m = _mm256_set1_epi8(0x0F);
-    return {_mm256_and_si256(w.lo, m), _mm256_and_si256(w.hi, m)};
-  }
-  static W nib_hi(W w) {
-    const __m256i m = _mm256_set1_epi8(0x0F);
-    return {_mm256_and_si256(_mm256_srli_epi16(w.lo, 4), m), _mm256_and_si256(_mm256_srli_epi16(w.hi, 4), m)};
-  }
-#if defined(__AVXVNNI__)
-  static __m256i dot_half(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
-  static I dot_s(I acc, W w, int32_t x) { return dot_u(acc, w, x); }  // (q + 128) * x
-#else
-  // u8 * s8 pairs summed in int16 (no saturation: weights <= 127, |x| <= 127), then pairs
-  static __m256i dot_half(__m256i acc, __m256i w, __m256i x) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
-  }
-  // bytes q + 128 -> q, then |q| * (x with q's sign): the products stay within int16 pairs
-  static __m256i dot_signed_half(__m256i acc, __m256i w, __m256i x) {
-    const __m256i q = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q)),
-                                                   _mm256_set1_epi16(1)));
-  }
-  static I dot_s(I acc, W w, int32_t x) {
-    const __m256i xb = _mm256_set1_epi32(x);
-    return {dot_signed_half(acc.lo, w.lo, xb), dot_signed_half(acc.hi, w.hi, xb)};
-  }
-#endif
-#if !defined(__AVXVNNI__)
-  // int16 partial sums (kernels_impl.h uses them for 4-bit weights, whose pairs stay small)
-  struct P { __m256i lo, hi; };
-  static P pzero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
-  static P dot_u16(P acc, W w, int32_t x) {  // acc (int16 pairs) += w[2i]*x + w[2i+1]*x'
-    const __m256i xb = _mm256_set1_epi32(x);
-    return {_mm256_add_epi16(acc.lo, _mm256_maddubs_epi16(w.lo, xb)),
-            _mm256_add_epi16(acc.hi, _mm256_maddubs_epi16(w.hi, xb))};
-  }
-  // 254 * hi + lo from int16 pair sums, as int32 per 4 bytes (per channel): the weighting
-  // rides on the widening multiply-add instead of a 32-bit multiply
-  static I widen_digits(P hi, P lo) {
-    const __m256i k254 = _mm256_set1_epi16(254), one = _mm256_set1_epi16(1);
-    return {_mm256_add_epi32(_mm256_madd_epi16(hi.lo, k254), _mm256_madd_epi16(lo.lo, one)),
-            _mm256_add_epi32(_mm256_madd_epi16(hi.hi, k254), _mm256_madd_epi16(lo.hi, one))};
-  }
-#endif
-  // acc[j] += sum_t w[j][t] * x[t]: w unsigned bytes, x four int8 in one int32
-  static I dot_u(I acc, W w, int32_t x) {
-    const __m256i xb = _mm256_set1_epi32(x);
-    return {dot_half(acc.lo, w.lo, xb), dot_half(acc.hi, w.hi, xb)};
-  }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
   static void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 };

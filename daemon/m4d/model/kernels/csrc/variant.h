@@ -73,17 +73,26 @@ struct QuantView {
   float* s;       // [rows, K/32] the block's float sum of x
   int32_t* half;  // [rows, K/32, 2] 254*sum(hi) + sum(lo) over values 0..15, then 16..31
   float* s16;     // [rows, K/32, 2] the float sums of x over values 0..15, then 16..31
+  int16_t* wide;  // [rows, K] 254*hi + lo per value, exact (|.| <= 32385): both digits in one
+                  // int16, for ISAs whose widest integer product is 16-bit (avx2: vpmaddwd)
 };
+// the view of rows [row, ...) of a view whose rows have kb blocks
+static inline QuantView rows_from(const QuantView& v, int64_t row, int64_t kb) {
+  return {v.q + row * kb * 16, v.d + row * kb, v.s + row * kb, v.half + row * kb * 2,
+          v.s16 + row * kb * 2, v.wide + row * kb * kBlock};
+}
 struct QuantRows {
   std::vector<int32_t> q, half;
   std::vector<float> d, s, s16;
+  std::vector<int16_t> wide;
   QuantView resize(int64_t rows, int64_t k) {
     q.resize(rows * k / 2);
     d.resize(rows * k / kBlock);
     s.resize(rows * k / kBlock);
     half.resize(rows * k / kBlock * 2);
     s16.resize(rows * k / kBlock * 2);
-    return {q.data(), d.data(), s.data(), half.data(), s16.data()};
+    wide.resize(rows * k);
+    return {q.data(), d.data(), s.data(), half.data(), s16.data(), wide.data()};
   }
 };
 
