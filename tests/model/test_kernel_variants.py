@@ -71,8 +71,9 @@ def _kind_inputs(kind: str, n: int, k: int, seed: int):
              + np.repeat(m.astype(np.float64), group, 1))
     else:
         group = 16 if kind == "q8_f32_g16" else 32
-        dt = np.float16 if kind == "q8_f16" else np.float32
-        q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+        dt = np.float16 if kind in ("q8_f16", "q5_f16") else np.float32
+        q = rng.integers(-16, 16, (n, k)) if kind == "q5_f16" else rng.integers(-127, 128, (n, k))
+        q = q.astype(np.int8)
         d = (rng.random((n, k // group)) * 0.01 + 1e-4).astype(dt)
         lin = q8_0_linear(torch.from_numpy(q), torch.from_numpy(d))
         w = q.astype(np.float64) * np.repeat(d.astype(np.float64), group, 1)
@@ -104,6 +105,27 @@ def test_every_weight_kind_computes_its_format_on_every_variant(kind: str) -> No
     ref = results["scalar"]
     for v, got in results.items():
         assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)), f"{v} differs from scalar"
+
+
+def test_q5_weights_take_5_bits_and_give_the_8_bit_numbers() -> None:
+    """Signed weights within [-16, 15] (a Q5_0 file's) are packed in 5 bits, 5/8 of the 8-bit
+    layout's bytes, and every variant gives exactly what the 8-bit layout gives."""
+    n, k = 64, 256
+    rng = np.random.default_rng(7)
+    q = torch.from_numpy(rng.integers(-16, 16, (n, k)).astype(np.int8))
+    q[0, :32] = torch.arange(-16, 16, dtype=torch.int8)  # every value, and both extremes
+    d = torch.from_numpy((rng.random((n, k // 32)) * 0.01 + 1e-4).astype(np.float16))
+    small, wide = q8_0_linear(q, d), q8_0_linear(q, d, compact=False)
+    assert (small.kind, wide.kind) == ("q5_f16", "q8_f16")
+    assert small.weight.numel() * 8 == wide.weight.numel() * 5
+    x = torch.randn(11, k, generator=torch.Generator().manual_seed(5))
+    before = kernels.variant()
+    try:
+        for v in kernels.runnable_variants():
+            kernels.select(v)
+            assert torch.equal(small(x), wide(x)), f"{v}: 5-bit and 8-bit layouts differ"
+    finally:
+        kernels.select(before)
 
 
 def test_linears_stored_in_mixed_kinds_become_one_exact_linear(tmp_path: Path) -> None:

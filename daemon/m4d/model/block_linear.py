@@ -37,8 +37,8 @@ class BlockLinear(nn.Module):
     in int32 and rows never share a reduction: batch invariant by construction, and the same
     bits on every kernel variant. ``kind`` says how the blocks are stored (WEIGHT_KINDS; the
     layouts are in kernels/csrc/variant.h): 4-bit with a scale and a min per 32 (GGUF Q4_0,
-    Q4_1, Q4_K), signed 8-bit with a scale per 32 or 16 (Q8_0, Q5_0, Q6_K), unsigned bytes
-    with a scale and a min per 32 (Q5_K).
+    Q4_1, Q4_K), signed 8-bit with a scale per 32 or 16 (Q8_0, Q6_K), signed 5-bit with a
+    scale per 32 (Q5_0), unsigned bytes with a scale and a min per 32 (Q5_K).
     """
 
     weight: torch.Tensor  # uint8, the kernel's tile layout
@@ -96,11 +96,14 @@ def q4_1_from_float(weight: torch.Tensor) -> BlockLinear:
 
 
 def q8_0_linear(qweight: torch.Tensor, scales: torch.Tensor, *,
-                out_dtype: torch.dtype | None = None) -> BlockLinear:
+                out_dtype: torch.dtype | None = None, compact: bool = True) -> BlockLinear:
     """Signed 8-bit weights with a scale per 32 values (GGUF's Q8_0, Q5_0; float16 scales) or
     per 16 or 32 with float32 scales (Q6_K). The ``w4a8`` format's LM head (the checkpoint's
     tied embedding is Q8_0). qweight int8 [N, K] in [-127, 127]; scales [N, K/32] fp16 or
-    fp32, or [N, K/16] fp32."""
+    fp32, or [N, K/16] fp32.
+
+    Values that fit 5 bits ([-16, 15] with fp16 scales per 32: a Q5_0 file's) are kept in 5
+    bits unless ``compact`` is off (kind ``q5_f16``): 5/8 of the bytes, the same numbers."""
     n, k = qweight.shape
     _check_tiles(n, k, "Q8_0")
     group = k // scales.shape[1] if scales.dim() == 2 and scales.shape[1] else 0
@@ -110,6 +113,9 @@ def q8_0_linear(qweight: torch.Tensor, scales: torch.Tensor, *,
         raise ValueError(f"Q8_0 needs int8 [N, K] and fp16 [N, K/32] or fp32 [N, K/32 or "
                          f"K/16] scales, got {qweight.dtype} {tuple(qweight.shape)} and "
                          f"{scales.dtype} {tuple(scales.shape)}")
+    if compact and not f32 and group == 32 and fits_q5(qweight):
+        w, sc = pack_q5_tiles(qweight, scales)
+        return BlockLinear("q5_f16", w, sc, n, k, out_dtype=out_dtype)
     w, sc = pack_q8_0_tiles(qweight, scales)
     kind = "q8_f32_g16" if group == 16 else "q8_f32" if f32 else "q8_f16"
     return BlockLinear(kind, w, sc, n, k, out_dtype=out_dtype)
@@ -189,6 +195,30 @@ def pack_q8_0_tiles(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.
     packed = _pack_bytes((q.astype(np.int16) + 128).astype(np.uint8))
     return (torch.from_numpy(packed),
             torch.from_numpy(np.ascontiguousarray(_tile_scales(scales, dtype, group)).reshape(-1)))
+
+
+def fits_q5(qweight: torch.Tensor) -> bool:
+    """Whether signed 8-bit weights all lie in Q5_0's range, [-16, 15]."""
+    q = qweight.contiguous().numpy()
+    return q.size > 0 and int(q.min()) >= -16 and int(q.max()) <= 15
+
+
+def pack_q5_tiles(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed weights in [-16, 15] with fp16 scales per 32 -> the kernel's Q5_F16 layout
+    (csrc/variant.h): per tile and block, u = q + 16's low nibbles as pack_q4_1_tiles lays
+    them out (256 bytes), then u's 5th bits (64 bytes: byte 4j + t holds in bit g the bit of
+    channel j's value 4g + t); per tile and block 16 scales."""
+    u = (qweight.contiguous().numpy().astype(np.int16) + 16).astype(np.uint8)  # [N, K], 0..31
+    n, k = u.shape
+    t, kb = n // KERNEL_TILE, k // Q8_0_GROUP
+    q6 = (u & 0x0F).reshape(t, KERNEL_TILE, kb, 4, 2, 4)  # [tile, j, block, c, nibble, t]
+    nibbles = (q6[:, :, :, :, 0, :] | (q6[:, :, :, :, 1, :] << 4)).transpose(0, 2, 3, 1, 4)
+    fifth = (u >> 4).reshape(t, KERNEL_TILE, kb, 8, 4)  # [tile, j, block, g, t]
+    weights = (1 << np.arange(8, dtype=np.uint8))[:, None]  # bit g
+    planes = (fifth * weights).sum(axis=3, dtype=np.uint8).transpose(0, 2, 1, 3)  # [tile, block, j, t]
+    packed = np.concatenate([nibbles.reshape(t, kb, 256), planes.reshape(t, kb, 64)], axis=2)
+    return (torch.from_numpy(np.ascontiguousarray(packed).reshape(-1)),
+            torch.from_numpy(np.ascontiguousarray(_tile_scales(scales, np.float16)).reshape(-1)))
 
 
 def pack_q8_1_tiles(qweight: torch.Tensor, scales: torch.Tensor,

@@ -63,7 +63,7 @@ VARIANTS = (
 NEUTRAL_SOURCES = ("dispatch.cpp", "ops.cpp")
 TORCH_SOURCES = ("torch_ops.cpp",)
 WEIGHT_KINDS = {"q4_f16": 0, "q4_f32": 1, "q8_f16": 2, "q8_f32": 3, "q8_f32_g16": 4, "q8u_f32": 5,
-                "q8u_f32_g16": 6}  # csrc/variant.h: Kind
+                "q8u_f32_g16": 6, "q5_f16": 7}  # csrc/variant.h: Kind
 
 ATTENTION_HEAD_DIMS = (32, 64, 128)  # what decode_attention is compiled for
 _lib = torch.library.Library("m4", "DEF")  # type: ignore[no-untyped-call]

@@ -59,7 +59,7 @@ Weight make_weight(m4::Kind kind, int64_t n, int64_t k, Rng& rng) {
   out.w.resize(blocks * m4::kind_tile_bytes(kind));
   for (auto& b : out.w) {
     const uint64_t r = rng.next() >> 33;
-    if (m4::kind_is_q4(kind)) b = static_cast<uint8_t>(r);
+    if (m4::kind_is_q4(kind) || m4::kind_is_q5(kind)) b = static_cast<uint8_t>(r);
     else if (kind == m4::Kind::Q8U_F32 || kind == m4::Kind::Q8U_F32_G16) b = static_cast<uint8_t>(r % 128);
     else b = static_cast<uint8_t>(1 + r % 255);  // q + 128 with q in [-127, 127]
   }
@@ -89,7 +89,7 @@ std::vector<float> randn(int64_t n, Rng& rng, float scale = 1.0f) {
 void run_linears(const m4::Variant& ref, const m4::Variant& v) {
   const m4::Kind kinds[] = {m4::Kind::Q4_F16, m4::Kind::Q4_F32, m4::Kind::Q8_F16,
                             m4::Kind::Q8_F32, m4::Kind::Q8_F32_G16, m4::Kind::Q8U_F32,
-                            m4::Kind::Q8U_F32_G16};
+                            m4::Kind::Q8U_F32_G16, m4::Kind::Q5_F16};
   for (const m4::Kind kind : kinds) {
     for (const int64_t m : {1, 3, 9, 70}) {
       Rng rng{0x9E3779B97F4A7C15ull + static_cast<uint64_t>(kind) * 131 + m};

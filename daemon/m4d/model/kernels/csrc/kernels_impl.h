@@ -145,16 +145,27 @@ void block_sums(const uint8_t* wb, int g0, int g1, XR xr, XW xw, typename S::I* 
   using W = typename S::W;
   typename S::I hs[R], ls[R];
   for (int r = 0; r < R; ++r) hs[r] = ls[r] = S::izero();
-  if constexpr (!kind_has_min(K) && WideSums<S>) {  // signed bytes times both digits at once
+  // group g's weight bytes: Q5 nibbles with their 5th bits, or as stored
+  const auto group = [wb](int g) {
+    if constexpr (kind_is_q5(K)) {
+      const W v = S::wload(wb + 64 * (g / 2));
+      return S::add_bit4(g % 2 == 0 ? S::nib_lo(v) : S::nib_hi(v), wb + kQ5HighBits, g);
+    } else {
+      return S::wload(wb + 64 * g);
+    }
+  };
+  if constexpr ((kind_signed_bytes(K) || kind_is_q5(K)) && WideSums<S>) {  // both digits at once
     typename S::Wide acc[R];
     for (int r = 0; r < R; ++r) acc[r] = S::wide_zero();
     for (int g = g0; g < g1; ++g) {
-      const typename S::WideW wg = S::widen_signed(S::wload(wb + 64 * g));
+      typename S::WideW wg;
+      if constexpr (kind_is_q5(K)) wg = S::widen_unsigned(group(g));
+      else wg = S::widen_signed(group(g));
       for (int r = 0; r < R; ++r) acc[r] = S::dot_wide(acc[r], wg, xw(r) + 4 * g);
     }
     for (int r = 0; r < R; ++r) s[r] = S::wide_sums(acc[r]);
     return;
-  } else if constexpr (R == 2 && PairSums<S>) {  // two rows per multiply (i8mm)
+  } else if constexpr (R == 2 && PairSums<S> && !kind_is_q5(K)) {  // two rows per multiply (i8mm)
     S::template pair_sums<kind_is_q4(K), !kind_has_min(K)>(wb, g0, g1, xr(0), xr(1), hs, ls);
   } else if constexpr (kind_is_q4(K) && ShortSums<S>) {
     typename S::P hp[R], lp[R];
@@ -176,10 +187,10 @@ void block_sums(const uint8_t* wb, int g0, int g1, XR xr, XW xw, typename S::I* 
         const W v = S::wload(wb + 64 * (g / 2));
         wg = (g % 2 == 0) ? S::nib_lo(v) : S::nib_hi(v);
       } else {
-        wg = S::wload(wb + 64 * g);
+        wg = group(g);
       }
       for (int r = 0; r < R; ++r) {
-        if constexpr (!kind_has_min(K)) {  // signed Q8 bytes, stored q + 128
+        if constexpr (kind_signed_bytes(K)) {  // signed Q8 bytes, stored q + 128
           hs[r] = S::dot_s(hs[r], wg, xr(r)[g]);
           ls[r] = S::dot_s(ls[r], wg, xr(r)[8 + g]);
         } else {
@@ -200,7 +211,9 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
   using F = typename S::F;
   using I = typename S::I;
   constexpr bool has_min = kind_has_min(K), f16 = kind_f16_scales(K);
-  constexpr bool signed_q = !has_min;  // Q8 bytes are q + 128
+  // what the block sums hold beyond sum(q * x): (q + 128) * x where the backend multiplies
+  // Q8's stored bytes as they are, (q + 16) * x for Q5 on every backend; taken off exactly
+  constexpr int32_t offset = kind_is_q5(K) ? 16 : kind_signed_bytes(K) && S::kOffsetSigned ? 128 : 0;
   constexpr int halves = kind_per16(K) ? 2 : 1;
   constexpr int64_t tile_bytes = kind_tile_bytes(K), tile_scales = kind_tile_scales(K);
   F acc[R];
@@ -230,9 +243,9 @@ void gemm_rows(const uint8_t* w, const void* sc, QuantView x, int64_t kb, void* 
       for (int r = 0; r < R; ++r) {
         const int64_t o = r * kb + b;
         I s = sums[r];
-        if constexpr (signed_q && S::kOffsetSigned) {
-          const int32_t off = halves == 2 ? x.half[2 * o + h] : x.half[2 * o] + x.half[2 * o + 1];
-          s = S::iadd(s, S::iset1(-128 * off));
+        if constexpr (offset != 0) {
+          const int32_t xsum = halves == 2 ? x.half[2 * o + h] : x.half[2 * o] + x.half[2 * o + 1];
+          s = S::iadd(s, S::iset1(-offset * xsum));
         }
         const F scale = S::mul(d[h], S::set1(x.d[o] * (1.0f / kLoRadix)));
         acc[r] = S::fmadd(S::cvt_f(s), scale, acc[r]);
@@ -309,6 +322,7 @@ void gemm_tile(Kind kind, const uint8_t* w, const void* sc, QuantView x, int64_t
     case Kind::Q8_F32_G16: gemm_kind<S, Kind::Q8_F32_G16>(w, sc, x, rows, kb, y, bf16_out, ldy); break;
     case Kind::Q8U_F32: gemm_kind<S, Kind::Q8U_F32>(w, sc, x, rows, kb, y, bf16_out, ldy); break;
     case Kind::Q8U_F32_G16: gemm_kind<S, Kind::Q8U_F32_G16>(w, sc, x, rows, kb, y, bf16_out, ldy); break;
+    case Kind::Q5_F16: gemm_kind<S, Kind::Q5_F16>(w, sc, x, rows, kb, y, bf16_out, ldy); break;
   }
 }
 

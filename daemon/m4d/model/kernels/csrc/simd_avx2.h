@@ -71,6 +71,12 @@ struct Avx2Half {
   static W wload(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static W nib_lo(W w) { return _mm256_and_si256(w, _mm256_set1_epi8(0x0F)); }
   static W nib_hi(W w) { return _mm256_and_si256(_mm256_srli_epi16(w, 4), _mm256_set1_epi8(0x0F)); }
+  // w | 16 where group g's bit is set in this half's Q5 plane (variant.h: Q5_F16): bit g to bit 4
+  static W add_bit4(W w, const uint8_t* plane, int g) {
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane));
+    const __m256i at4 = g <= 4 ? _mm256_slli_epi16(p, 4 - g) : _mm256_srli_epi16(p, g - 4);
+    return _mm256_or_si256(w, _mm256_and_si256(at4, _mm256_set1_epi8(0x10)));
+  }
 #if defined(__AVXVNNI__)
   // acc[j] += sum_t w[j][t] * x[t]: w unsigned bytes, x four int8 in one int32
   static I dot_u(I acc, W w, int32_t x) { return _mm256_dpbusd_avx_epi32(acc, w, _mm256_set1_epi32(x)); }
@@ -95,6 +101,9 @@ struct Avx2Half {
   static WideW widen_signed(W w) {  // bytes q + 128 -> q
     const __m256i q = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
     return {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1))};
+  }
+  static WideW widen_unsigned(W w) {
+    return {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1))};
   }
   static Wide dot_wide(Wide acc, WideW w, const int16_t* x) {  // x: the group's 4 values
     int64_t four;

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace m4 {
 namespace {  // internal linkage: see variant.h
@@ -85,6 +86,12 @@ struct Avx512Vnni {
   static W wload(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static W nib_lo(W w) { return _mm512_and_si512(w, _mm512_set1_epi8(0x0F)); }
   static W nib_hi(W w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(0x0F)); }
+  // w | 16 where group g's bit is set in a Q5 plane (variant.h: Q5_F16): bit g to bit 4
+  static W add_bit4(W w, const uint8_t* plane, int g) {
+    const __m512i p = _mm512_loadu_si512(plane);
+    const __m512i at4 = g <= 4 ? _mm512_slli_epi16(p, static_cast<unsigned>(4 - g)) : _mm512_srli_epi16(p, static_cast<unsigned>(g - 4));
+    return _mm512_ternarylogic_epi32(w, at4, _mm512_set1_epi8(0x10), 0xF8);  // w | (at4 & 0x10)
+  }
   // acc[j] += sum_t w[j][t] * x[t]: w unsigned bytes, x four int8 in one int32
   static I dot_u(I acc, W w, int32_t x) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x)); }
   // the same for q8 bytes stored as q + 128: sums (q + 128) * x here (kOffsetSigned)

@@ -6,6 +6,7 @@
 #include <arm_neon.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "variant.h"
 
@@ -137,6 +138,13 @@ struct NeonDotprod {
   }
   static W nib_hi(W w) {
     for (auto& v : w.v) v = vshrq_n_u8(v, 4);
+    return w;
+  }
+  // w | 16 where group g's bit is set in a Q5 plane (variant.h: Q5_F16): bit g to bit 4
+  static W add_bit4(W w, const uint8_t* plane, int g) {
+    const int8x16_t shift = vdupq_n_s8(static_cast<int8_t>(4 - g));  // negative: right
+    for (int i = 0; i < 4; ++i)
+      w.v[i] = vorrq_u8(w.v[i], vandq_u8(vshlq_u8(vld1q_u8(plane + 16 * i), shift), vdupq_n_u8(0x10)));
     return w;
   }
   // acc[j] += sum_t w[j][t] * x[t]: weights < 128 as signed bytes, x four int8 in one int32

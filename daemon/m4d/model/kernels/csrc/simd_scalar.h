@@ -96,6 +96,11 @@ struct Scalar {
   static W wload(const uint8_t* p) { W w; std::memcpy(w.b, p, 64); return w; }
   static W nib_lo(W w) { for (auto& b : w.b) b &= 0x0F; return w; }
   static W nib_hi(W w) { for (auto& b : w.b) b = static_cast<uint8_t>(b >> 4); return w; }
+  // w | 16 where group g's bit is set in a Q5 plane (variant.h: Q5_F16)
+  static W add_bit4(W w, const uint8_t* plane, int g) {
+    for (int i = 0; i < 64; ++i) w.b[i] |= static_cast<uint8_t>(((plane[i] >> g) & 1) << 4);
+    return w;
+  }
   static I dot_u(I acc, const W& w, int32_t x) {
     int8_t xb[4];
     std::memcpy(xb, &x, 4);

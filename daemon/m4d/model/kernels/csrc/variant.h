@@ -35,29 +35,42 @@ constexpr int64_t kRowChunk = 64;     // activation rows quantized and multiplie
 //          [-127, 127]); scales: 16 d (per 32), or 16 d for values 0..15 then 16 for 16..31
 //   Q8U_*  512 bytes as Q8_* but the byte is q itself (0..127, unsigned); 16 d then 16 m, or
 //          per 16 values: 16 d (values 0..15), 16 d (16..31), 16 m (0..15), 16 m (16..31)
+//   Q5_F16 320 bytes: the low 4 bits of u = q + 16 (q in [-16, 15]) as Q4_*'s 256, then their
+//          5th bits, 64 bytes: byte 4j+t's bit g is value 4g+t of channel j (so a group's
+//          bits sit where Q8_*'s chunk g has its bytes); scales 16 d fp16.
+//          Sums are taken over u and corrected by 16 * sum(x) exactly: the numbers of Q8_F16.
 enum class Kind : int64_t {
   Q4_F16 = 0,      // GGUF Q4_1 and Q4_0
   Q4_F32 = 1,      // GGUF Q4_K
-  Q8_F16 = 2,      // GGUF Q8_0 and Q5_0
+  Q8_F16 = 2,      // GGUF Q8_0 (and Q5_0 held in bytes)
   Q8_F32 = 3,      // int8 per 32 with float32 scales
   Q8_F32_G16 = 4,  // GGUF Q6_K: a scale per 16 values
   Q8U_F32 = 5,     // GGUF Q5_K: unsigned values with a scale and a min per 32
   Q8U_F32_G16 = 6, // unsigned values with a scale and a min per 16: any of Q4_K, Q5_K, Q6_K
                    // (w = d*(q - 32) = d*q - 32d), so linears stored in a mix of them are one
+  Q5_F16 = 7,      // GGUF Q5_0 in 5 bits (Q8_F16's numbers from 5/8 of its bytes)
 };
-constexpr int64_t kKinds = 7;
+constexpr int64_t kKinds = 8;
 
 // (static: internal linkage in every translation unit, so the linker never hands a variant's
 // ISA-specific copy of a shared inline function to code compiled for another ISA)
 static constexpr bool kind_valid(int64_t k) { return k >= 0 && k < kKinds; }
 static constexpr bool kind_is_q4(Kind k) { return k == Kind::Q4_F16 || k == Kind::Q4_F32; }
+static constexpr bool kind_is_q5(Kind k) { return k == Kind::Q5_F16; }
+static constexpr int64_t kQ5HighBits = 256;  // offset of Q5_F16's 5th-bit plane in a tile block
 static constexpr bool kind_has_min(Kind k) {
   return kind_is_q4(k) || k == Kind::Q8U_F32 || k == Kind::Q8U_F32_G16;
 }
 static constexpr bool kind_per16(Kind k) { return k == Kind::Q8_F32_G16 || k == Kind::Q8U_F32_G16; }
-static constexpr bool kind_f16_scales(Kind k) { return k == Kind::Q4_F16 || k == Kind::Q8_F16; }
+static constexpr bool kind_f16_scales(Kind k) {
+  return k == Kind::Q4_F16 || k == Kind::Q8_F16 || k == Kind::Q5_F16;
+}
+// signed weights stored as bytes q + 128
+static constexpr bool kind_signed_bytes(Kind k) { return !kind_has_min(k) && !kind_is_q5(k); }
 // weight bytes and scale values per (tile, block)
-static constexpr int64_t kind_tile_bytes(Kind k) { return kind_is_q4(k) ? kTile * kBlock / 2 : kTile * kBlock; }
+static constexpr int64_t kind_tile_bytes(Kind k) {
+  return kind_is_q4(k) ? kTile * kBlock / 2 : kind_is_q5(k) ? kTile * kBlock * 5 / 8 : kTile * kBlock;
+}
 static constexpr int64_t kind_tile_scales(Kind k) {
   return kTile * (kind_has_min(k) ? 2 : 1) * (kind_per16(k) ? 2 : 1);
 }
