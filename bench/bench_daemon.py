@@ -73,7 +73,7 @@ from benchkit.report import (
     render_table,
     stamp,
 )
-from benchkit.streams import NEW_TOKENS, PROMPT_TOKENS, GenSample, daemon_generate
+from benchkit.streams import NEW_TOKENS, NO_PREFIX_CACHE, PROMPT_TOKENS, GenSample, daemon_generate
 
 EMBED_BATCH = 32
 
@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> Measurements:
     batches = batches_of(sentences[2 * EMBED_BATCH:], EMBED_BATCH)
     torch.set_num_threads(args.threads)
 
-    daemon = Daemon(image, args.threads, args.self_test, kernel_variant=args.kernel_variant)
+    daemon = Daemon(image, args.threads, args.self_test, kernel_variant=args.kernel_variant,
+                    env=NO_PREFIX_CACHE)
     with daemon, Client(daemon.address, app_name="bench") as m4:
         log(f"started m4d (pid {daemon.proc.pid}); loading the references meanwhile")
         llm, llama_label = load_llama(gguf, args.threads)

@@ -55,6 +55,7 @@ from benchkit.options import add_image, add_json
 from benchkit.report import emit, median, num, progress, render_table, stamp
 from benchkit.streams import (
     NEW_TOKENS,
+    NO_PREFIX_CACHE,
     PROMPT_TOKENS,
     STREAM_NEW_TOKENS,
     STREAM_PROMPT_TOKENS,
@@ -98,7 +99,7 @@ def measure_variant(args: argparse.Namespace) -> dict[str, Any]:
     prompt = build_prompt(tokenizer, PROMPT_TOKENS)
     task = raw_prompt_task(manifest)
     prompt_ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
-    daemon = Daemon(image, THREADS, "warn", kernel_variant=args.one)
+    daemon = Daemon(image, THREADS, "warn", kernel_variant=args.one, env=NO_PREFIX_CACHE)
     with daemon, Client(daemon.address, app_name="bench-variants") as m4:
         serving = daemon.ready(m4)
         out["one"] = {**asdict(serving), "m4d": [], "llama": [], "other_cpu": []}

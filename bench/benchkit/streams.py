@@ -34,9 +34,15 @@ KV_SLOTS = 32
 UID_MAX_CONCURRENT = 64
 
 
+# The speed benches repeat their prompts (warm-up, rounds): with m4d's prefix cache on, the
+# repeats would be served from it and "prefill" would time a cache copy, not the model.
+NO_PREFIX_CACHE = {"M4D_PREFIX_CACHE_TOKENS": "0"}
+
+
 def streams_daemon_options() -> tuple[list[str], dict[str, str]]:
     """(flags, environment) of an m4d for the N-stream measurement."""
-    return ["--kv-slots", str(KV_SLOTS)], {"M4D_UID_MAX_CONCURRENT": str(UID_MAX_CONCURRENT)}
+    return (["--kv-slots", str(KV_SLOTS)],
+            {"M4D_UID_MAX_CONCURRENT": str(UID_MAX_CONCURRENT), **NO_PREFIX_CACHE})
 
 
 @dataclass

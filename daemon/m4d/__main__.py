@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-slots", help="generation sequences that run at once")
     p.add_argument("--max-context", help="longest prompt + output, in tokens")
     p.add_argument("--max-queue", help="waiting requests before UNAVAILABLE")
+    p.add_argument("--prefix-cache-tokens", help="prompt KV kept for reuse by later prompts "
+                   "with the same start (0 = no prefix cache)")
     p.add_argument("--self-test", help="strict, warn or off")
     p.add_argument("--state-dir", help="image store directory; boot from the store "
                    "(with --image: the factory image for an empty store)")
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: getattr(args, k) for k in (
         "image", "app_socket", "admin_socket", "weight_format", "compute_dtype", "threads",
-        "kernel_threads", "kernel_variant", "kv_slots", "max_context", "max_queue", "self_test",
+        "kernel_threads", "kernel_variant", "kv_slots", "max_context", "max_queue",
+        "prefix_cache_tokens", "self_test",
         "log_format", "log_level", "state_dir", "keys_dir", "require_signature", "swap_mode")}
     if args.state_dir is not None:
         overrides["image_source"] = "store"
