@@ -157,6 +157,9 @@ void block_sums(const uint8_t* wb, int g0, int g1, XR xr, XW xw, typename S::I* 
   if constexpr ((kind_signed_bytes(K) || kind_is_q5(K)) && WideSums<S>) {  // both digits at once
     typename S::Wide acc[R];
     for (int r = 0; r < R; ++r) acc[r] = S::wide_zero();
+    // unrolled whole, GCC loaded every group's widened weights up front and spilled them
+    // (avx2: 16 of its 16 registers); two groups at a time ran 1.25x faster
+#pragma GCC unroll 2
     for (int g = g0; g < g1; ++g) {
       typename S::WideW wg;
       if constexpr (kind_is_q5(K)) wg = S::widen_unsigned(group(g));
