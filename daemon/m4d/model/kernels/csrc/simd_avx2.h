@@ -141,30 +141,12 @@ struct Avx2 {
   static F zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static F set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
   static F load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-  static __m256 widen_bf16(__m128i raw) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-  static F load_bf16(const uint16_t* p) {
-    return {widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-            widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-  }
-  static F load_f16(const uint16_t* p) {
-    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-  }
+  static F load_bf16(const uint16_t* p) { return {Avx2Half::load_bf16(p), Avx2Half::load_bf16(p + 8)}; }
+  static F load_f16(const uint16_t* p) { return {Avx2Half::load_f16(p), Avx2Half::load_f16(p + 8)}; }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
-  static __m256i round_bf16(__m256 v) {  // nearest even, NaN stays NaN; bits in the high half
-    __m256i bits = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    rounded = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded),
-                                                   _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan));
-    return _mm256_srli_epi32(rounded, 16);
-  }
   static void store_bf16(uint16_t* p, F v) {
-    __m256i packed = _mm256_packus_epi32(round_bf16(v.lo), round_bf16(v.hi));  // per 128-bit lane
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+    Avx2Half::store_bf16(p, v.lo);
+    Avx2Half::store_bf16(p + 8, v.hi);
   }
   template <typename Op>
   static F map2(F a, F b, Op op) { return {op(a.lo, b.lo), op(a.hi, b.hi)}; }
