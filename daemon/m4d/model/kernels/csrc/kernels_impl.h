@@ -131,8 +131,9 @@ concept PairSums = requires(const uint8_t* w, const int32_t* x, typename S::I* s
   S::template pair_sums<true, false>(w, 0, 8, x, x, s, s);
 };
 
-// Whether backend S multiplies signed weight bytes by 254*hi + lo in int16 (QuantView::wide),
-// both digits in one product (avx2: vpmaddwd, where a byte product needs the sign trick).
+// Whether backend S multiplies weights widened to int16 (Q8's signed bytes, Q5's q + 16) by
+// 254*hi + lo in int16 (QuantView::wide), both digits in one product (avx2: vpmaddwd, where a
+// signed byte product needs the sign trick per digit).
 template <typename S>
 concept WideSums = requires(typename S::W w, const int16_t* x) {
   S::wide_sums(S::dot_wide(S::wide_zero(), S::widen_signed(w), x));
@@ -297,7 +298,7 @@ void gemm_row_groups(const uint8_t* w, const void* sc, QuantView x, int64_t rows
     gemm_rows<T, K, R>(w, sc, at(r), kb, static_cast<char*>(y) + r * ldy * esize, bf16_out, ldy);
   if (r < rows)
     gemm_remainder<T, K, R - 1>(rows - r, w, sc, at(r), kb,
-                                       static_cast<char*>(y) + r * ldy * esize, bf16_out, ldy);
+                                static_cast<char*>(y) + r * ldy * esize, bf16_out, ldy);
 }
 
 template <typename S, Kind K>
