@@ -46,8 +46,8 @@ def expected_kinds(width: int | None, layer: int) -> dict[str, str]:
     is one unsigned-byte linear with a scale and min per 16."""
     more = MORE_BITS[layer]
     w2 = "q8_f32_g16" if more else "q4_f32"
-    if width is None:  # Q5_0 and Q8_0 are both signed bytes with an fp16 scale per 32
-        return {"wqkv": "q8_f16", "wo": "q8_f16", "w13": "q8_f16", "w2": w2}
+    if width is None:  # Q5_0 in 5 bits; beside Q8_0 (v in the layers with more bits) in bytes
+        return {"wqkv": "q8_f16" if more else "q5_f16", "wo": "q5_f16", "w13": "q5_f16", "w2": w2}
     return {"wqkv": "q8u_f32_g16" if more else "q4_f32", "wo": "q4_f32", "w13": "q4_f32",
             "w2": w2}
 
