@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
 from typing import Any
 
 from benchkit.daemon import Daemon
-from benchkit.options import add_image, add_json, add_self_test
-from benchkit.report import emit, num, pct, progress, ratio, render_table, stamp
+from benchkit.options import daemon_bench_main
+from benchkit.report import num, pct, progress, ratio, render_table, stamp
 
 log = progress("bench_prefix")
 APPS, ROUNDS, TOKENS = 8, 2, 16
@@ -120,16 +119,12 @@ def render(r: dict[str, Any]) -> str:
                         {1, 2, 3}, notes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_image(parser)
-    add_self_test(parser)
-    add_json(parser)
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between two apps")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    emit(measure(args), render, args.json)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return daemon_bench_main(__doc__.split("\n\n")[0], measure, render, argv, add_options)
 
 
 if __name__ == "__main__":

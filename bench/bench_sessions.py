@@ -11,15 +11,14 @@ turn 10 <= 1.3x turn 1 in the session; replies identical to re-sending the histo
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from typing import Any
 
 from benchkit.daemon import Daemon
-from benchkit.options import add_image, add_json, add_self_test
-from benchkit.report import emit, num, progress, ratio, render_table, stamp
+from benchkit.options import daemon_bench_main
+from benchkit.report import num, progress, ratio, render_table, stamp
 
 log = progress("bench_sessions")
 TURNS, TOKENS, REPEATS = 10, 24, 3
@@ -126,14 +125,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_image(parser)
-    add_self_test(parser)
-    add_json(parser)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    emit(measure(args), render, args.json)
-    return 0
+    return daemon_bench_main(__doc__.split("\n\n")[0], measure, render, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from typing import Any
 
 import jsonschema
 from benchkit.daemon import Daemon
-from benchkit.options import add_image, add_json, add_self_test
-from benchkit.report import emit, num, progress, ratio, render_table, stamp
+from benchkit.options import daemon_bench_main
+from benchkit.report import num, progress, ratio, render_table, stamp
 
 log = progress("bench_structured")
 CONCURRENCY, MAX_TOKENS = 8, 160
@@ -257,16 +256,12 @@ def render(r: dict[str, Any]) -> str:
                         ["measure", "value", "target", "met"], rows, {1}, notes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_image(parser)
-    add_self_test(parser)
-    add_json(parser)
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=200)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    emit(measure(args), render, args.json)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return daemon_bench_main(__doc__.split("\n\n")[0], measure, render, argv, add_options)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ compared with). `--threads` and `--repeats` differ in meaning per script and sta
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from benchkit.imports import DEFAULT_IMAGE
+from benchkit.report import emit
 
 
 def add_image(parser: argparse.ArgumentParser,
@@ -40,3 +44,20 @@ def add_variant_options(parser: argparse.ArgumentParser) -> None:
                         help="compare with the llama_cpp package installed in DIR (pip "
                              "--target), e.g. a build for another instruction set (default: "
                              "the installed llama-cpp-python)")
+
+
+def daemon_bench_main(description: str, measure: Callable[[argparse.Namespace], Any],
+                      render: Callable[[Any], str], argv: Sequence[str] | None,
+                      add_options: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The main of a script that measures one m4d: --image, --self-test, --json and its own
+    options, then prints `measure(args)` as `render` makes it (or as JSON)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_image(parser)
+    add_self_test(parser)
+    add_json(parser)
+    if add_options is not None:
+        add_options(parser)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    emit(measure(args), render, args.json)
+    return 0

@@ -77,6 +77,28 @@ typename S::F exp_nonpositive(typename S::F x) {
   return S::mul(p, S::pow2i(n));
 }
 
+// Whether backend S multiplies weights widened to int16 (Q8's signed bytes, Q5's q + 16) by
+// 254*hi + lo in int16 (QuantView::wide), both digits in one product (avx2: vpmaddwd, where a
+// signed byte product needs the sign trick per digit).
+template <typename S>
+concept WideSums = requires(typename S::W w, const int16_t* x) {
+  S::wide_sums(S::dot_wide(S::wide_zero(), S::widen_signed(w), x));
+};
+
+// Whether backend S runs a tile as two passes of 8 channels through S::Half (AVX2: with 16
+// registers, several rows' accumulators over 16 channels spill). Each channel's numbers are
+// its own lanes, so the split changes no bit.
+template <typename S>
+concept HalfTiles = requires { typename S::Half; };
+
+// Whether a backend's GEMM reads QuantView::wide (itself, or its tiles' backend): only then
+// does quantize_rows fill it.
+template <typename S>
+constexpr bool reads_wide() {
+  if constexpr (HalfTiles<S>) return WideSums<typename S::Half>;
+  else return WideSums<S>;
+}
+
 // ------------------------------------------------------------------ activation quantization
 
 template <typename S>
@@ -107,10 +129,12 @@ void quantize_rows(const void* x, bool bf16, int64_t rows, int64_t k, QuantView 
       out.s[o] = hsum<S>(S::add(v0, v1));
       out.s16[2 * o] = hsum<S>(v0);
       out.s16[2 * o + 1] = hsum<S>(v1);
-      const int8_t* digits = reinterpret_cast<const int8_t*>(q);  // 32 hi, then 32 lo
-      int16_t* wide = out.wide + o * kBlock;
-      for (int t = 0; t < kBlock; ++t)
-        wide[t] = static_cast<int16_t>(static_cast<int32_t>(kLoRadix) * digits[t] + digits[kBlock + t]);
+      if constexpr (reads_wide<S>()) {
+        const int8_t* digits = reinterpret_cast<const int8_t*>(q);  // 32 hi, then 32 lo
+        int16_t* wide = out.wide + o * kBlock;
+        for (int t = 0; t < kBlock; ++t)
+          wide[t] = static_cast<int16_t>(static_cast<int32_t>(kLoRadix) * digits[t] + digits[kBlock + t]);
+      }
     }
   }
 }
@@ -131,14 +155,6 @@ concept PairSums = requires(const uint8_t* w, const int32_t* x, typename S::I* s
   S::template pair_sums<true, false>(w, 0, 8, x, x, s, s);
 };
 
-// Whether backend S multiplies weights widened to int16 (Q8's signed bytes, Q5's q + 16) by
-// 254*hi + lo in int16 (QuantView::wide), both digits in one product (avx2: vpmaddwd, where a
-// signed byte product needs the sign trick per digit).
-template <typename S>
-concept WideSums = requires(typename S::W w, const int16_t* x) {
-  S::wide_sums(S::dot_wide(S::wide_zero(), S::widen_signed(w), x));
-};
-
 // s[r] = 254 * (w . hi_r) + (w . lo_r) over groups [g0, g1) of one block (4 values each),
 // exact in int32. xr(r) points at row r's 16 digit words of this block.
 template <typename S, Kind K, int R, typename XR, typename XW>
@@ -146,11 +162,14 @@ void block_sums(const uint8_t* wb, int g0, int g1, XR xr, XW xw, typename S::I* 
   using W = typename S::W;
   typename S::I hs[R], ls[R];
   for (int r = 0; r < R; ++r) hs[r] = ls[r] = S::izero();
-  // group g's weight bytes: Q5 nibbles with their 5th bits, or as stored
+  // group g's weight bytes: groups 2c and 2c + 1 are chunk c's low and high nibbles (Q4, and
+  // Q5 with its 5th bits), or bytes as stored
   const auto group = [wb](int g) {
-    if constexpr (kind_is_q5(K)) {
+    if constexpr (kind_is_q4(K) || kind_is_q5(K)) {
       const W v = S::wload(wb + 64 * (g / 2));
-      return S::add_bit4(g % 2 == 0 ? S::nib_lo(v) : S::nib_hi(v), wb + kQ5HighBits, g);
+      const W nibbles = g % 2 == 0 ? S::nib_lo(v) : S::nib_hi(v);
+      if constexpr (kind_is_q5(K)) return S::add_bit4(nibbles, wb + kQ5HighBits, g);
+      else return nibbles;
     } else {
       return S::wload(wb + 64 * g);
     }
@@ -186,13 +205,7 @@ void block_sums(const uint8_t* wb, int g0, int g1, XR xr, XW xw, typename S::I* 
     return;
   } else {
     for (int g = g0; g < g1; ++g) {
-      W wg;
-      if constexpr (kind_is_q4(K)) {
-        const W v = S::wload(wb + 64 * (g / 2));
-        wg = (g % 2 == 0) ? S::nib_lo(v) : S::nib_hi(v);
-      } else {
-        wg = group(g);
-      }
+      const W wg = group(g);
       for (int r = 0; r < R; ++r) {
         if constexpr (kind_signed_bytes(K)) {  // signed Q8 bytes, stored q + 128
           hs[r] = S::dot_s(hs[r], wg, xr(r)[g]);
@@ -272,12 +285,6 @@ void gemm_remainder(int64_t n, const uint8_t* w, const void* sc, QuantView x, in
     else gemm_remainder<S, K, R - 1>(n, w, sc, x, kb, y, bf16_out, ldy);
   }
 }
-
-// Whether backend S runs a tile as two passes of 8 channels through S::Half (AVX2: with 16
-// registers, several rows' accumulators over 16 channels spill). Each channel's numbers are
-// its own lanes, so the split changes no bit.
-template <typename S>
-concept HalfTiles = requires { typename S::Half; };
 
 // rows per pass over a weight tile: T::kRows, or T::kRowsQ4 for nibbles where T has one
 template <typename T, Kind K>

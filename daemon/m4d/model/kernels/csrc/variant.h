@@ -87,7 +87,8 @@ struct QuantView {
   int32_t* half;  // [rows, K/32, 2] 254*sum(hi) + sum(lo) over values 0..15, then 16..31
   float* s16;     // [rows, K/32, 2] the float sums of x over values 0..15, then 16..31
   int16_t* wide;  // [rows, K] 254*hi + lo per value, exact (|.| <= 32385): both digits in one
-                  // int16, for ISAs whose widest integer product is 16-bit (avx2: vpmaddwd)
+                  // int16, for ISAs whose widest integer product is 16-bit (avx2: vpmaddwd);
+                  // filled only by variants whose GEMM reads it
 };
 // the view of rows [row, ...) of a view whose rows have kb blocks
 static inline QuantView rows_from(const QuantView& v, int64_t row, int64_t kb) {
