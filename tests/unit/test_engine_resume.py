@@ -58,6 +58,10 @@ class FakeRuntime:
     def restore(self, row: int, parked: list[int]) -> None:
         self.rows[row] = list(parked)
 
+    def discard_rows(self, rows: list[int]) -> None:
+        for row in rows:  # as the real cache: the row's memory is gone, it reads as empty
+            self.rows[row] = []
+
     def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         time.sleep(0.002)  # long enough for the foreground request to arrive mid-run
         out = []

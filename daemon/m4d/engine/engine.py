@@ -265,6 +265,7 @@ class Engine(BesideGeneration):
                 self._run_media()
                 self._run_backbone()
                 self._collect_offloaded()
+                self._vacate()  # the rows of sequences that ended in this pass
             except Exception as exc:  # a runtime failure must not kill the daemon
                 log.exception("executor step failed")
                 self._fail_all(Internal(f"model step failed: {exc}"))
@@ -400,6 +401,7 @@ class Engine(BesideGeneration):
             log.info("sequence preempted", extra={"request": rid})
         for rid, row, tokens in plan.parked:  # out of the rows before anything overwrites them
             self._parked[rid] = self.runtime.park(row, tokens)
+        self._vacate()  # before the restores and prefills below write into reused rows
         for rid, row in plan.restored:
             self.runtime.restore(row, self._parked.pop(rid))
         for rid, row in plan.prefixed:  # a cached prompt prefix: its first chunk is after it
@@ -416,6 +418,12 @@ class Engine(BesideGeneration):
             del plan.decode[done:]  # not run: they decode in the next step, uncharged
         self.scheduler.update(plan)
         self.stats.steps += 1
+
+    def _vacate(self) -> None:
+        """KV rows no sequence holds any more give their memory back."""
+        rows = self.scheduler.take_vacated()
+        if rows:
+            self.runtime.discard_rows(rows)
 
     def _prefill(self, chunks: list[PrefillChunk], now: float) -> None:
         """Runs a step's prompt chunks, most urgent first: a new request's first token

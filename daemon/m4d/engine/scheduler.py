@@ -140,6 +140,7 @@ class Scheduler:
         self.park_tokens = park_tokens  # KV tokens of preempted sequences kept aside, at most
         self.parked_tokens = 0
         self._free_rows = list(range(num_rows - 1, -1, -1))  # pop() gives the lowest
+        self._vacated: list[int] = []  # rows given up since `take_vacated`
         self._waiting: dict[int, SeqState] = {}
         self._admitted = 0
         self._now = 0.0
@@ -190,8 +191,15 @@ class Scheduler:
         if self.running.pop(seq.id, None) is not None and seq.row is not None:
             self._free_rows.append(seq.row)
             self._free_rows.sort(reverse=True)
+            self._vacated.append(seq.row)
         seq.row = None
         self.kv.release(seq.id)
+
+    def take_vacated(self) -> list[int]:
+        """Rows whose sequence ended or was preempted since the last call (a row may since
+        have gone to another sequence: its memory is given back before that one writes)."""
+        rows, self._vacated = self._vacated, []
+        return rows
 
     # ---- planning ------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discove
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
 from m4d.model import kernels
 from m4d.model.bert import BertConfig, load_bert
-from m4d.model.llama import KVCache, Llama, LlamaConfig, load_llama
+from m4d.model.kv_cache import KVCache
+from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4d.prepare.constraints import Grammars
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
@@ -205,6 +206,17 @@ class Runtime:
         are the sequence's)."""
         for cache, saved in zip(self._kv_caches(), parked, strict=True):
             cache.load(row, saved, start)
+
+    def discard_rows(self, rows: list[int]) -> None:
+        """KV rows that hold no sequence: their memory goes back to the system (it reads as
+        zeros until written again)."""
+        for cache in self._kv_caches():
+            for row in rows:
+                cache.discard(row)
+
+    def kv_resident_bytes(self) -> int:
+        """Bytes of the KV cache in RAM now."""
+        return sum(cache.resident_bytes() for cache in self._kv_caches()) if self.backbone else 0
 
     def _kv_caches(self) -> list[KVCache]:
         assert self.backbone is not None

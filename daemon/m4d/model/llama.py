@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from m4d.model import kernels
-from m4d.model.block_linear import KERNEL_TILE, BlockLinear, q8_0_from_float
+from m4d.model.block_linear import KERNEL_TILE, BlockEmbedding, BlockLinear, q8_0_from_float
+from m4d.model.kv_cache import KVCache
 from m4d.model.layer_stack import LayerStack, script_stack
 from m4d.model.quant import Int8DynamicLinear
 from m4d.model.weights import WeightFile, build_linear, resolve_weight_format
@@ -64,47 +65,6 @@ class LlamaConfig:
         d = asdict(self)
         d.pop("head_dim")
         return d
-
-
-class KVCache(nn.Module):
-    """Per-layer static cache. Row = slot (one sequence); positions written in place."""
-
-    k: torch.Tensor  # [n_slots, n_kv_heads, max_seq, head_dim]
-    v: torch.Tensor  # [n_slots, n_kv_heads, max_seq, head_dim]
-
-    def __init__(self, n_slots: int, n_kv_heads: int, max_seq: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        shape = (n_slots, n_kv_heads, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def write(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
-              rows: torch.Tensor | None) -> torch.Tensor:
-        """Write k/v [B, Hkv, S, Dh] at input_pos [B, S] of the rows; returns the rows [B]."""
-        row_idx = rows if rows is not None else torch.arange(k.shape[0], device=k.device)
-        self.k[row_idx[:, None], :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[row_idx[:, None], :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
-        return row_idx
-
-    def save(self, row: int, end: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of positions [start, end) of a row: k, v [Hkv, end - start, Dh]."""
-        return self.k[row, :, start:end].clone(), self.v[row, :, start:end].clone()
-
-    def load(self, row: int, saved: tuple[torch.Tensor, torch.Tensor], start: int = 0) -> None:
-        """Puts a copy made by `save` back into `row`, from position `start`."""
-        k, v = saved
-        self.k[row, :, start:start + k.shape[1]].copy_(k)
-        self.v[row, :, start:start + v.shape[1]].copy_(v)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
-               rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, Hkv, S, Dh] at input_pos [B, S]; return [B, Hkv, length, Dh] views."""
-        b = k.shape[0]
-        self.write(k, v, input_pos, rows)
-        if rows is None:  # fast path: compact rows 0..B-1, a view
-            return self.k[:b, :, :length], self.v[:b, :, :length]
-        return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
 def rope_tables(head_dim: int, max_seq: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +191,10 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # a table given, so nn.Embedding skips its random init (on the meta device that
+        # imports torch._refs: 1.5 s of start-up); load_llama assigns the real one
+        self.tok_embeddings: nn.Module = nn.Embedding(
+            cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied: holds the embedding matrix itself, multiplied with F.linear.
@@ -252,7 +215,7 @@ class Llama(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        return self.norm.weight.dtype
 
     def init_rope(self, device: torch.device | str = "cpu") -> None:
         cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_base)
@@ -262,7 +225,7 @@ class Llama(nn.Module):
         if max_seq > self.config.max_seq_len:
             raise ValueError(f"max_seq {max_seq} exceeds the model's context {self.config.max_seq_len}")
         dtype = dtype or self.dtype
-        device = self.tok_embeddings.weight.device
+        device = self.norm.weight.device
         fused = (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
                  and self.config.head_dim in kernels.ATTENTION_HEAD_DIMS and kernels.available())
         for layer in self.blocks:
@@ -435,19 +398,30 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
         def dense(name: str) -> nn.Parameter:
             return nn.Parameter(wf.dense(name).to(compute_dtype), requires_grad=False)
 
-        emb = dense("model.embed_tokens.weight")  # [V, D]
-        if emb.shape != (config.vocab_size, config.dim):
-            raise ValueError(f"embedding shape {tuple(emb.shape)} does not match the config")
-        model.tok_embeddings.weight = emb
-        head_weight = emb if config.tie_embeddings else dense("lm_head.weight")
-        head_name = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
+        emb_name = "model.embed_tokens.weight"
+        emb_shape = wf.dense_shape(emb_name)
+        if emb_shape != (config.vocab_size, config.dim):
+            raise ValueError(f"embedding shape {emb_shape} does not match the config")
+        head_name = emb_name if config.tie_embeddings else "lm_head.weight"
+        # w4a8 with a stored (quantized) table: the head runs on its own packed copy, so
+        # lookups gather rows from the stored blocks instead of holding the float table
+        in_blocks = (weight_format == "w4a8" and config.vocab_size % KERNEL_TILE == 0
+                     and wf.kind(emb_name) != "dense")
+        if in_blocks:
+            model.tok_embeddings = BlockEmbedding(wf.kind(emb_name), wf.blocks(emb_name),
+                                                  compute_dtype)
+            head_weight = dense(head_name) if wf.kind(head_name) == "dense" else None
+        else:
+            emb = dense(emb_name)  # [V, D]
+            model.tok_embeddings = nn.Embedding.from_pretrained(emb, freeze=True)
+            head_weight = emb if config.tie_embeddings else dense("lm_head.weight")
         if weight_format == "w8a8":  # the head is the largest matrix: batch it like the rest
             model.output = Int8DynamicLinear.from_float(head_weight, dtype=compute_dtype)
         elif weight_format == "w4a8" and config.vocab_size % KERNEL_TILE == 0:
             # the checkpoint's head blocks as they are (Q8_0, Q6_K, Q4_K, ...), batched like
             # the layers; a dense head is quantized to Q8_0
             head_out = (build_linear(wf, [head_name], "w4a8", torch.float32)
-                        if wf.kind(head_name) != "dense"
+                        if head_weight is None
                         else q8_0_from_float(head_weight, out_dtype=torch.float32))
             if isinstance(head_out, BlockLinear):
                 head_out.out_dtype = torch.float32

@@ -63,6 +63,19 @@ def dequantize_q8_0(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return torch.from_numpy(g.reshape(n, k))
 
 
+def dequantize(kind: str, blocks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A weight's stored tensors (as ``WeightFile.blocks`` returns them) of ``kind`` ("q4_1",
+    "q8_0", "q8_1") -> float32 [N, K]. Row-wise: a gather of rows dequantizes to the same
+    bits as the whole matrix."""
+    if kind == "q4_1":
+        return dequantize_q4_1(blocks[0], blocks[1], blocks[2])
+    if kind == "q8_1":
+        return dequantize_q8_1(blocks[0], blocks[1], blocks[2])
+    if kind == "q8_0":
+        return dequantize_q8_0(blocks[0], blocks[1])
+    raise ValueError(f"unknown stored kind {kind!r}")
+
+
 def dequantize_q8_1(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """Stored Q8_1 tensors (unsigned bytes, a scale and a min per 32) -> float32 [N, K]."""
     return dequantize_q8_0(qweight.to(torch.int16), scales) + mins.float().repeat_interleave(Q4_1_GROUP, dim=1)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from m4d.config import WEIGHT_FORMATS
 from m4d.model import kernels
 from m4d.model.block_linear import KERNEL_TILE, q4_1_from_float, stored_linear
-from m4d.model.qtensors import Q4_1_GROUP, dequantize_q4_1, dequantize_q8_0, dequantize_q8_1
+from m4d.model.qtensors import Q4_1_GROUP, dequantize
 from m4d.model.quant import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 M = TypeVar("M", bound=nn.Module)
@@ -94,6 +94,12 @@ class WeightFile:
         shape: list[int] = self._f.get_slice(key).get_shape()
         return shape
 
+    def dense_shape(self, name: str) -> tuple[int, int]:
+        """A weight's [N, K] as a matrix, whatever its stored kind."""
+        kind = self.kind(name)
+        n, k = self.shape(f"{name}.qweight" if kind != "dense" else name)[:2]
+        return n, k * 2 if kind == "q4_1" else k
+
     def get(self, key: str) -> torch.Tensor:
         t: torch.Tensor = self._f.get_tensor(key)
         return t
@@ -114,11 +120,7 @@ class WeightFile:
         kind = self.kind(name)
         if kind == "dense":
             return self.get(name).to(torch.float32)
-        if kind == "q4_1":
-            return dequantize_q4_1(*self.q4_1(name))
-        if kind == "q8_1":
-            return dequantize_q8_1(*self.blocks(name))
-        return dequantize_q8_0(*self.q8_0(name))
+        return dequantize(kind, self.blocks(name))
 
 
 def _tiles_fit(wf: WeightFile, name: str) -> bool:
