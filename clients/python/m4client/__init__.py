@@ -44,6 +44,7 @@ from .status import (
     DaemonStatus,
     DeviceStatus,
     EngineLoad,
+    MemoryUsage,
     UidLimits,
     UidUsage,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "KeywordHit",
     "LabelScore",
     "M4Error",
+    "MemoryUsage",
     "ModelInfo",
     "NotFoundError",
     "OutOfRangeError",

@@ -310,5 +310,6 @@ def daemon_status(msg: admin_pb2.StatusResponse) -> adm.DaemonStatus:
         if msg.HasField("load") else None,
         uids=[copy(adm.UidUsage, u) for u in msg.uids],
         devices=[copy(adm.DeviceStatus, d) for d in msg.devices],
+        memory=copy(adm.MemoryUsage, msg.memory) if msg.HasField("memory") else None,
         raw=msg,
     )

@@ -55,6 +55,21 @@ class UidLimits:
 
 
 @dataclass(frozen=True)
+class MemoryUsage:
+    """What the daemon's resident memory holds (bytes). rss = weights_mapped_resident +
+    weights_converted + kv_resident + runtime."""
+
+    rss_bytes: int
+    weights_mapped_bytes: int  # weights used in place from the image's mapped files
+    weights_mapped_resident_bytes: int  # of their pages, resident in the daemon now
+    weights_converted_bytes: int  # weights converted at load (private memory)
+    kv_resident_bytes: int  # KV cache in RAM now; grows and shrinks with the sequences
+    kv_reserved_bytes: int  # KV address space for every slot at the longest context
+    kv_budget_bytes: int  # the most KV sequences may hold at once
+    runtime_bytes: int  # Python, torch, gRPC, activations, parked and prefix-cached KV
+
+
+@dataclass(frozen=True)
 class EngineLoad:
     """The engine's load right now, and rates over a recent window."""
 
@@ -114,4 +129,5 @@ class DaemonStatus:
     requests_stalled: int = 0  # of requests_cancelled: their clients stopped reading
     prefix_cache_tokens: int = 0  # prompt tokens whose KV the prefix cache holds now
     prefix_tokens_reused: int = 0  # prompt tokens taken from it since start
+    memory: MemoryUsage | None = None  # by part; None while no image is loaded
     raw: Any = field(default=None, repr=False, compare=False)

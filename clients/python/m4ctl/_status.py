@@ -38,6 +38,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{s.daemon_version or '?'}, {s.state}, up {out.human_duration(s.uptime_seconds)}",
         ),
         ("memory", f"{out.human_bytes(s.memory_rss_bytes)} RSS, {s.threads} threads"),
+        *([] if s.memory is None else [
+            ("  weights", f"{out.human_bytes(s.memory.weights_mapped_bytes)} mapped from the "
+                          f"image ({out.human_bytes(s.memory.weights_mapped_resident_bytes)} "
+                          f"resident), {out.human_bytes(s.memory.weights_converted_bytes)} "
+                          "converted at load"),
+            ("  kv cache", f"{out.human_bytes(s.memory.kv_resident_bytes)} in use, budget "
+                           f"{out.human_bytes(s.memory.kv_budget_bytes)} (reserved "
+                           f"{out.human_bytes(s.memory.kv_reserved_bytes)} of address space)"),
+            ("  runtime", f"{out.human_bytes(s.memory.runtime_bytes)} (Python, torch, gRPC, "
+                          "activations, parked and cached prompt KV)"),
+        ]),
         (
             "requests",
             f"{s.requests_in_flight} in flight, {s.requests_total:,} total, "

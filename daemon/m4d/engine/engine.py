@@ -48,11 +48,12 @@ from m4d.engine.kvpool import KVCapacityError, KVPool
 from m4d.engine.latency import LatencyPolicy, is_urgent
 from m4d.engine.prefixes import KVCopier, PrefixCache, Prefixes
 from m4d.engine.scheduler import PrefillChunk, Scheduler, SeqState
-from m4d.engine.sequence import Sequence, tokens_per_uid
+from m4d.engine.sequence import Sequence, constrain, tokens_per_uid
 from m4d.engine.stats import EngineSnapshot, EngineStats
 from m4d.engine.stream import Outbox, RequestStream
 from m4d.engine.usage import RecentUsage
 from m4d.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, M4Error, Unavailable
+from m4d.executor.memory import trim_heap
 from m4d.executor.runtime import ParkedKV, Runtime
 from m4d.executor.sampling import sample
 from m4d.executor.workers import DeviceExecutor, executors_for
@@ -113,6 +114,7 @@ class Engine(BesideGeneration):
         self._tickets: dict[int, Ticket] = {}
         self._sequences: dict[int, Sequence] = {}  # generation, once admitted
         self._parked: dict[int, ParkedKV] = {}  # preempted sequences' KV, kept by the runtime
+        self._trim_due = False  # the last request ended: the heap's free pages go back
         self._outbox = Outbox()  # the events of the current step
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -265,7 +267,7 @@ class Engine(BesideGeneration):
                 self._run_media()
                 self._run_backbone()
                 self._collect_offloaded()
-                self._vacate()  # the rows of sequences that ended in this pass
+                self._vacate(trim=True)  # the rows of sequences that ended in this pass
             except Exception as exc:  # a runtime failure must not kill the daemon
                 log.exception("executor step failed")
                 self._fail_all(Internal(f"model step failed: {exc}"))
@@ -371,6 +373,7 @@ class Engine(BesideGeneration):
             self.stats.finish(stream.request.caller.uid, isinstance(event, Failed),
                               tokens_in, tokens_out)
             idle = self.stats.in_flight == 0
+        self._trim_due = self._trim_due or idle
         self._outbox.send(stream, event)
         if idle and self.on_idle is not None:
             self.on_idle()
@@ -419,11 +422,15 @@ class Engine(BesideGeneration):
         self.scheduler.update(plan)
         self.stats.steps += 1
 
-    def _vacate(self) -> None:
-        """KV rows no sequence holds any more give their memory back."""
+    def _vacate(self, trim: bool = False) -> None:
+        """KV rows no sequence holds any more give their memory back (with `trim`, once
+        the last request has ended, the heap's free pages too)."""
         rows = self.scheduler.take_vacated()
         if rows:
             self.runtime.discard_rows(rows)
+        if trim and self._trim_due and not self._has_work():
+            self._trim_due = False
+            trim_heap()
 
     def _prefill(self, chunks: list[PrefillChunk], now: float) -> None:
         """Runs a step's prompt chunks, most urgent first: a new request's first token
@@ -454,7 +461,7 @@ class Engine(BesideGeneration):
                     if seq.prompt_embeds is None:
                         self.prefixes.computed(seq.request.prompt_ids, chunk.row)
                 logits = logits[None]
-                self._constrain([seq], logits)
+                constrain([seq], logits)
                 self._on_token(seq, sample(logits, [seq.params], [seq.generator])[0])
 
     def _decode(self, decode: list[tuple[int, int]]) -> int:
@@ -470,7 +477,7 @@ class Engine(BesideGeneration):
             logits = self.runtime.decode([row for _, row in decode[piece.start:piece.stop]],
                                          [s.last_token for s in batch],
                                          [s.next_position for s in batch])
-            self._constrain(batch, logits)
+            constrain(batch, logits)
             tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
             self.latency.decoded(len(batch), time.monotonic() - started)
             for seq, token in zip(batch, tokens, strict=True):
@@ -479,15 +486,6 @@ class Engine(BesideGeneration):
             if piece.may_yield and self._urgent_inbox:
                 break  # an urgent request waits: its prefill goes before the rest
         return done
-
-    @staticmethod
-    def _constrain(seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Structured output: forbids, in each constrained row, the tokens its format does
-        not allow next (the rows' logits are their own: changed in place)."""
-        with torch.inference_mode():  # the runtime's logits are inference tensors
-            for row, seq in enumerate(seqs):
-                if seq.constraint is not None:
-                    seq.constraint.restrict(logits[row])
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         self.stats.tokens_generated += 1

@@ -358,6 +358,10 @@ class Scheduler:
         return (sum(-(-s.computed // block) for s in running),
                 self.num_rows * -(-max_context // block))
 
+    def kv_capacity(self, max_context: int) -> int:
+        """Tokens of KV the sequences may hold at once: the pool's, else every row's."""
+        return self.kv.capacity if self.kv.block_size > 1 else self.num_rows * max_context
+
     def update(self, plan: StepPlan) -> None:
         """Records that a plan ran: chunks are cached, decoders fed a token and got one."""
         for chunk in plan.prefill:

@@ -169,3 +169,12 @@ def tokens_per_uid(sequences: Iterable[Sequence]) -> dict[int, tuple[int, int]]:
         t_in, t_out = totals.get(seq.request.caller.uid, (0, 0))
         totals[seq.request.caller.uid] = (t_in + seq.tokens_in, t_out + len(seq.tokens))
     return totals
+
+
+def constrain(seqs: list[Sequence], logits: torch.Tensor) -> None:
+    """Structured output: forbids, in each constrained row, the tokens its format does not
+    allow next (the rows' logits are their own: changed in place)."""
+    with torch.inference_mode():  # the runtime's logits are inference tensors
+        for row, seq in enumerate(seqs):
+            if seq.constraint is not None:
+                seq.constraint.restrict(logits[row])

@@ -6,6 +6,7 @@ Every method here runs on the executor thread; nothing here is async or knows gR
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,10 +21,19 @@ from m4d.errors import InvalidArgument
 from m4d.executor.cpu import check_weight_format, cpu_features, resolve_compute_dtype
 from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
+from m4d.executor.memory import (
+    MemoryUsage,
+    mapped_resident_bytes,
+    module_tensors,
+    rss_bytes,
+    weight_bytes,
+)
+from m4d.executor.shared import shared_load
 from m4d.model import kernels
 from m4d.model.bert import BertConfig, load_bert
 from m4d.model.kv_cache import KVCache
 from m4d.model.llama import Llama, LlamaConfig, load_llama
+from m4d.model.mapped import release_pages
 from m4d.prepare.constraints import Grammars
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
@@ -81,6 +91,9 @@ class Runtime:
         self.encoder_spec: dict[str, Any] = {}
         self.max_context = config.max_context
         self.media = MediaRuntime(Path(image.path), self.compute_dtype)
+        self._kv_written: dict[int, int] = {}  # KV row -> positions written since discarded
+        self._weights: tuple[int, int] | None = None  # (mapped, converted) bytes, see memory()
+        self.phases: dict[str, float] = {}  # start-up: seconds per component (and backbone part)
 
     # ---- loading -------------------------------------------------------------------
 
@@ -111,22 +124,57 @@ class Runtime:
                 log.warning("component %s has kind %r that this daemon does not run",
                             name, spec["kind"])
                 continue
+            self.phases[name] = time.monotonic() - started
             log.info("loaded component", extra={"component": name, "kind": spec["kind"],
-                                                 "seconds": round(time.monotonic() - started, 2)})
+                                                 "seconds": round(self.phases[name], 2)})
+
+    def settle(self) -> None:
+        """What start-up leaves for after the image serves: the decoder layers' TorchScript
+        compile (~0.8 s; until then they run eagerly, with the same numbers), and the
+        mapped weight files' pages, read while they were converted, taken out of the
+        resident set (those used in place come back as they are touched)."""
+        if self.backbone is not None:
+            self.backbone.script()
+        release_pages()
 
     def _path(self, relative: str) -> Path:
         return Path(self.image.path) / relative
 
+    def _digest(self, relative: str) -> str | None:
+        """The file's sha256 as the verified manifest lists it: an image swapped in that holds
+        the same file maps the same pages."""
+        entry = self.image.manifest.files.get(relative)
+        return entry.sha256 if entry is not None else None
+
     def _load_backbone(self, name: str, spec: dict[str, Any]) -> None:
         cfg = LlamaConfig.from_dict(spec["config"])
         weight_format, dtype, kv_dtype = backbone_plan(self.config, self.device)
-        model = load_llama(self._path(spec["weights"]), cfg, weight_format=weight_format,
-                           compute_dtype=dtype, device=str(self.device))
+        mark = time.monotonic()
+
+        def phase(part: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            self.phases[f"{name}.{part}"] = now - mark
+            mark = now
+
+        digest = self._digest(spec["weights"])
+        model, shared = shared_load(
+            (digest, "llama", weight_format, str(dtype), str(self.device),
+             json.dumps(spec["config"], sort_keys=True)) if digest else None,
+            lambda: load_llama(self._path(spec["weights"]), cfg, weight_format=weight_format,
+                               compute_dtype=dtype, device=str(self.device), digest=digest))
+        if shared:
+            log.info("backbone weights shared with the image loaded beside", extra={
+                "component": name})
         self.max_context = min(self.config.max_context, cfg.max_seq_len)
-        model.setup_caches(self.config.kv_slots, self.max_context, kv_dtype)
+        phase("weights")
+        # the layers are scripted by `settle`, after the image serves
+        model.setup_caches(self.config.kv_slots, self.max_context, kv_dtype, script=False)
+        phase("caches")
         self.backbone = model
         self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]),
                                                  bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+        phase("tokenizer")
         grammars = Grammars(self._path(spec["tokenizer"]), [self.tokenizer.eos_id or 0],
                             cfg.vocab_size)
         try:
@@ -134,6 +182,7 @@ class Runtime:
             self.grammars = grammars
         except (ValueError, RuntimeError) as exc:  # the image serves, without structured output
             log.warning("no structured output for this tokenizer", extra={"error": str(exc)})
+        phase("grammars")
         template = spec.get("chat_template")
         if template:
             self.chat_template = ChatTemplate(template, bos_token=self.tokenizer.bos_token,
@@ -145,8 +194,12 @@ class Runtime:
 
     def _load_encoder(self, name: str, spec: dict[str, Any]) -> None:
         cfg = BertConfig.from_dict(spec["config"])
-        self.encoder = load_bert(self._path(spec["weights"]), cfg,
-                                 compute_dtype=self.compute_dtype, device=self.encoder_device)
+        digest = self._digest(spec["weights"])
+        self.encoder, _ = shared_load(
+            (digest, "bert", str(self.compute_dtype), str(self.encoder_device),
+             json.dumps(spec["config"], sort_keys=True)) if digest else None,
+            lambda: load_bert(self._path(spec["weights"]), cfg, compute_dtype=self.compute_dtype,
+                              device=self.encoder_device))
         self.encoder_tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]))
         self.encoder_spec = spec
         self.components.append(ComponentInfo(
@@ -164,6 +217,7 @@ class Runtime:
     def prefill(self, row: int, ids: list[int], start: int) -> torch.Tensor:
         """Puts a prompt chunk into KV row `row`; returns the last position's logits [V]."""
         assert self.backbone is not None
+        self._written(row, start + len(ids))
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, S]
         pos = torch.arange(start, start + len(ids), dtype=torch.long, device=self.device)[None]  # [1, S]
         rows = torch.tensor([row], dtype=torch.long, device=self.device)
@@ -174,6 +228,8 @@ class Runtime:
     def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each sequence, each at its own position; returns logits [B, V]."""
         assert self.backbone is not None
+        for row, position in zip(rows, positions, strict=True):
+            self._written(row, position + 1)
         b = len(rows)
         order = sorted(range(b), key=rows.__getitem__)
         if [rows[i] for i in order] == list(range(b)):
@@ -206,6 +262,7 @@ class Runtime:
         are the sequence's)."""
         for cache, saved in zip(self._kv_caches(), parked, strict=True):
             cache.load(row, saved, start)
+            self._written(row, start + saved[0].shape[1])
 
     def discard_rows(self, rows: list[int]) -> None:
         """KV rows that hold no sequence: their memory goes back to the system (it reads as
@@ -213,10 +270,30 @@ class Runtime:
         for cache in self._kv_caches():
             for row in rows:
                 cache.discard(row)
+        for row in rows:
+            self._kv_written.pop(row, None)
 
-    def kv_resident_bytes(self) -> int:
-        """Bytes of the KV cache in RAM now."""
-        return sum(cache.resident_bytes() for cache in self._kv_caches()) if self.backbone else 0
+    def _written(self, row: int, positions: int) -> None:
+        """Row `row` holds KV at positions [0, positions) at least."""
+        if positions > self._kv_written.get(row, 0):
+            self._kv_written[row] = positions
+
+    def memory(self, kv_budget_tokens: int) -> MemoryUsage:
+        """This process's memory by part; `kv_budget_tokens`: the scheduler's KV pool."""
+        caches = self._kv_caches() if self.backbone is not None else []
+        if self._weights is None:  # fixed once loaded
+            skip = {t.untyped_storage().data_ptr() for c in caches for t in (c.k, c.v)}
+            self._weights = weight_bytes(module_tensors(
+                [self.backbone, self.encoder, self.media.speech, self.media.ocr,
+                 self.media.clips, self.media.vision, self.media.projectors,
+                 self.media.sensors], skip, depth=4))
+        per_token = sum(2 * c.k[0, :, 0].numel() * c.k.element_size() for c in caches)
+        return MemoryUsage(
+            rss=rss_bytes(), weights_mapped=self._weights[0],
+            weights_mapped_resident=mapped_resident_bytes(), weights_converted=self._weights[1],
+            kv_resident=sum(c.row_bytes(n) for c in caches for n in list(self._kv_written.values())),
+            kv_reserved=sum(2 * c.k.numel() * c.k.element_size() for c in caches),
+            kv_budget=kv_budget_tokens * per_token)
 
     def _kv_caches(self) -> list[KVCache]:
         assert self.backbone is not None
@@ -313,6 +390,7 @@ class Runtime:
     def prefill_embeds(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """`prefill` for a chunk given as embeddings [S, D]; last position's logits [V]."""
         assert self.backbone is not None
+        self._written(row, start + embeds.shape[0])
         pos = torch.arange(start, start + embeds.shape[0], dtype=torch.long,
                            device=self.device)[None]  # [1, S]
         rows = torch.tensor([row], dtype=torch.long, device=self.device)

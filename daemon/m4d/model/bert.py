@@ -16,8 +16,10 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
+
+from m4d.model.mapped import MappedSafetensors
+from m4d.model.weights import embedding
 
 
 @dataclass
@@ -122,9 +124,9 @@ class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.pos_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.tok_embeddings = embedding(config.vocab_size, config.hidden_size)
+        self.pos_embeddings = embedding(config.max_position_embeddings, config.hidden_size)
+        self.type_embeddings = embedding(config.type_vocab_size, config.hidden_size)
         self.emb_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
 
@@ -223,16 +225,16 @@ def load_bert(
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> BertEncoder:
-    """Build on meta, mmap the safetensors file and assign its tensors; returns an eval model."""
+    """Build on meta, map the safetensors file and assign its tensors; returns an eval model."""
     with torch.device("meta"):
         model = BertEncoder(config)
-    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
-        names = list(f.keys())
-        expected = set(model.state_dict().keys())
-        if expected <= set(names):
-            state = {n: f.get_tensor(n) for n in expected}
-        else:
-            state = hf_to_canonical(f.get_tensor, names, config)
+    f = MappedSafetensors(weights_file)
+    names = f.keys()
+    expected = set(model.state_dict().keys())
+    if expected <= set(names):
+        state = {n: f.get(n) for n in expected}
+    else:
+        state = hf_to_canonical(f.get, names, config)
     for name, t in state.items():
         if not t.is_floating_point():
             raise ValueError(f"tensor {name!r} in {weights_file} is {t.dtype}, expected floating point")

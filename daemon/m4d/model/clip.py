@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m4d.errors import InvalidArgument
-from m4d.model.weights import load_into
+from m4d.model.weights import embedding, load_into
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -198,7 +198,7 @@ class TextTower(nn.Module):
     def __init__(self, cfg: ClipTextConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tok_embeddings = embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_embedding = nn.Parameter(torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)

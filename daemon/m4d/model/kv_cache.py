@@ -4,20 +4,18 @@ A KV cache is addressed as [row, head, position, dim] so every kernel reads it i
 a row holds as many positions as its sequence has, not the maximum. `LazyZeros` reserves
 the whole address range as private anonymous memory: the kernel gives it a page (zeros) the
 first time it is written and `discard` hands a range back, after which it reads as zeros
-again. The MMU's page table is the cache's block table: with 4 KiB pages a float32 head of
+again (reading a position never written maps the kernel's shared zero page: no RAM
+either). The MMU's page table is the cache's block table: with 4 KiB pages a float32 head of
 64 dims takes a page per 16 positions, the scheduler's KV block. This is how vAttention
 (Prabhu et al., 2024) pages a contiguous KV cache without changing the attention kernels.
 """
 
-import ctypes
 import mmap
-import os
 
 import torch
 from torch import nn
 
 PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class LazyZeros:
@@ -42,18 +40,6 @@ class LazyZeros:
         last = min(end, self.nbytes) // PAGE * PAGE
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
-
-    def resident_bytes(self) -> int:
-        """Bytes of this memory in RAM now (mincore(2) over its pages)."""
-        pages = -(-self.nbytes // PAGE)
-        if not pages:
-            return 0
-        vec = (ctypes.c_ubyte * pages)()
-        address = ctypes.c_void_p(self.tensor.data_ptr())
-        if _libc.mincore(address, ctypes.c_size_t(pages * PAGE), vec) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mincore: {os.strerror(err)}")
-        return sum(b & 1 for b in bytes(vec)) * PAGE
 
 
 class KVCache(nn.Module):
@@ -83,11 +69,14 @@ class KVCache(nn.Module):
         for memory in self._memory:
             memory.discard(row * row_bytes, (row + 1) * row_bytes)
 
-    def resident_bytes(self) -> int:
-        """Bytes of this cache in RAM (all of it off the CPU)."""
+    def row_bytes(self, positions: int) -> int:
+        """RAM a row takes once positions [0, positions) are written: whole pages of each
+        head's keys and values (all of it off the CPU)."""
+        head = self.k.shape[2] * self.k.shape[3] * self.k.element_size()
         if not self._memory:
-            return 2 * self.k.numel() * self.k.element_size()
-        return sum(m.resident_bytes() for m in self._memory)
+            return 2 * self.k.shape[1] * head
+        used = positions * self.k.shape[3] * self.k.element_size()
+        return 2 * self.k.shape[1] * min(head, -(-used // PAGE) * PAGE)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
               rows: torch.Tensor | None) -> torch.Tensor:

@@ -81,7 +81,8 @@ def script_stack(stack: LayerStack) -> nn.Module:
             warnings.simplefilter("ignore", DeprecationWarning)
             scripted: nn.Module = torch.jit.script(stack)
     except Exception as exc:  # any compile failure means: run eagerly
-        log.warning("decoder layers run eagerly: TorchScript failed: %s",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        log.warning("decoder layers run eagerly: TorchScript failed: %s: %s",
+                    type(exc).__name__, " / ".join(lines[:6]))
         return stack
     return scripted

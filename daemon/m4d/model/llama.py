@@ -25,7 +25,7 @@ from m4d.model.block_linear import KERNEL_TILE, BlockEmbedding, BlockLinear, q8_
 from m4d.model.kv_cache import KVCache
 from m4d.model.layer_stack import LayerStack, script_stack
 from m4d.model.quant import Int8DynamicLinear
-from m4d.model.weights import WeightFile, build_linear, resolve_weight_format
+from m4d.model.weights import WeightFile, build_linear, embedding, resolve_weight_format
 
 ATTN_BLOCK = 64  # cached attention spans a multiple of this many positions (see forward)
 
@@ -191,10 +191,7 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
-        # a table given, so nn.Embedding skips its random init (on the meta device that
-        # imports torch._refs: 1.5 s of start-up); load_llama assigns the real one
-        self.tok_embeddings: nn.Module = nn.Embedding(
-            cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
+        self.tok_embeddings: nn.Embedding | BlockEmbedding = embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied: holds the embedding matrix itself, multiplied with F.linear.
@@ -221,7 +218,11 @@ class Llama(nn.Module):
         cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_base)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def setup_caches(self, n_slots: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+    def setup_caches(self, n_slots: int, max_seq: int, dtype: torch.dtype | None = None,
+                     script: bool = True) -> None:
+        """KV caches for `n_slots` sequences of up to `max_seq` tokens, then the layer stack
+        over them: TorchScript'd, or with `script=False` eager until `script()` (the same
+        numbers; a fused decode step is one C++ call either way)."""
         if max_seq > self.config.max_seq_len:
             raise ValueError(f"max_seq {max_seq} exceeds the model's context {self.config.max_seq_len}")
         dtype = dtype or self.dtype
@@ -233,14 +234,24 @@ class Llama(nn.Module):
                                                self.config.head_dim, dtype, device)
             layer.attention.fused_decode = fused
         self.cache_slots, self.cache_seq = n_slots, max_seq
-        self._script_layers()
+        if script:
+            self._script_layers()
+        else:
+            self.__dict__["_stack"] = self._stack_over_caches()
+
+    def script(self) -> None:
+        """Compiles the layer stack with TorchScript (~0.8 s), if it is not already."""
+        if not self.scripted:
+            self._script_layers()
 
     def _script_layers(self) -> None:
         """(Re)builds the scripted layer stack over the current caches (see LayerStack); the
         layers run eagerly when TorchScript cannot compile them."""
-        stack = LayerStack(self.layers, self._fused_tensors(), self.config.n_heads,
-                           self.config.n_kv_heads, self.config.norm_eps, self.config.head_dim**-0.5)
-        self.__dict__["_stack"] = script_stack(stack)
+        self.__dict__["_stack"] = script_stack(self._stack_over_caches())
+
+    def _stack_over_caches(self) -> LayerStack:
+        return LayerStack(self.layers, self._fused_tensors(), self.config.n_heads,
+                          self.config.n_kv_heads, self.config.norm_eps, self.config.head_dim**-0.5)
 
     def _fused_tensors(self) -> tuple[list[torch.Tensor], list[int]] | None:
         """The layers' tensors and linears' weight kinds in m4.decode_layers' order when it
@@ -380,7 +391,7 @@ def greedy_generate(model: Llama, prompt_ids: list[int], max_new_tokens: int,
 
 
 def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
-               compute_dtype: torch.dtype, device: str = "cpu") -> Llama:
+               compute_dtype: torch.dtype, device: str = "cpu", digest: str | None = None) -> Llama:
     """Build the network on meta, then assign weights converted to ``weight_format``.
 
     weight_format: "int4" (exact from stored Q4_1; group-32 min/max quantization from dense),
@@ -394,7 +405,7 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
     weight_format = resolve_weight_format(weight_format, compute_dtype)
     with torch.device("meta"):
         model = Llama(config)
-    with WeightFile(weights_file) as wf:
+    with WeightFile(weights_file, digest) as wf:
         def dense(name: str) -> nn.Parameter:
             return nn.Parameter(wf.dense(name).to(compute_dtype), requires_grad=False)
 
@@ -405,31 +416,32 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
         head_name = emb_name if config.tie_embeddings else "lm_head.weight"
         # w4a8 with a stored (quantized) table: the head runs on its own packed copy, so
         # lookups gather rows from the stored blocks instead of holding the float table
-        in_blocks = (weight_format == "w4a8" and config.vocab_size % KERNEL_TILE == 0
-                     and wf.kind(emb_name) != "dense")
-        if in_blocks:
+        w4a8_head = weight_format == "w4a8" and config.vocab_size % KERNEL_TILE == 0
+        table: nn.Parameter | None = None
+        if w4a8_head and wf.kind(emb_name) != "dense":
             model.tok_embeddings = BlockEmbedding(wf.kind(emb_name), wf.blocks(emb_name),
                                                   compute_dtype)
-            head_weight = dense(head_name) if wf.kind(head_name) == "dense" else None
         else:
-            emb = dense(emb_name)  # [V, D]
-            model.tok_embeddings = nn.Embedding.from_pretrained(emb, freeze=True)
-            head_weight = emb if config.tie_embeddings else dense("lm_head.weight")
-        if weight_format == "w8a8":  # the head is the largest matrix: batch it like the rest
-            model.output = Int8DynamicLinear.from_float(head_weight, dtype=compute_dtype)
-        elif weight_format == "w4a8" and config.vocab_size % KERNEL_TILE == 0:
+            table = dense(emb_name)
+            assert isinstance(model.tok_embeddings, nn.Embedding)
+            model.tok_embeddings.weight = table
+        if w4a8_head:
             # the checkpoint's head blocks as they are (Q8_0, Q6_K, Q4_K, ...), batched like
             # the layers; a dense head is quantized to Q8_0
             head_out = (build_linear(wf, [head_name], "w4a8", torch.float32)
-                        if head_weight is None
-                        else q8_0_from_float(head_weight, out_dtype=torch.float32))
+                        if wf.kind(head_name) != "dense"
+                        else q8_0_from_float(dense(head_name), out_dtype=torch.float32))
             if isinstance(head_out, BlockLinear):
                 head_out.out_dtype = torch.float32
             model.output = head_out
         else:
-            head = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
-            head.weight = head_weight
-            model.output = head
+            head_weight = table if config.tie_embeddings and table is not None else dense(head_name)
+            if weight_format == "w8a8":  # the head is the largest matrix: batch it like the rest
+                model.output = Int8DynamicLinear.from_float(head_weight, dtype=compute_dtype)
+            else:
+                head = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
+                head.weight = head_weight
+                model.output = head
         model.norm.weight = dense("model.norm.weight")
         for i, layer in enumerate(model.blocks):
             p = f"model.layers.{i}."

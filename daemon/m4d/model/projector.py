@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m4d.errors import InvalidArgument
+from m4d.model.block_linear import BlockEmbedding
 from m4d.model.weights import load_into
 
 KINDS = ("linear", "mlp2x_gelu", "ldpnet", "ldpnetv2")
@@ -273,7 +274,7 @@ def splice_image(embeds_of_ids: Tensor, ids: Tensor, image_token_id: int,
     return torch.cat(parts).unsqueeze(0)
 
 
-def embed_prompt(tok_embeddings: nn.Embedding, ids: list[int], image_token_id: int,
+def embed_prompt(tok_embeddings: nn.Embedding | BlockEmbedding, ids: list[int], image_token_id: int,
                  image_features: Tensor) -> Tensor:
     """Embed ``ids`` with the backbone's table (placeholders may be out of the vocabulary, as
     LLaVA's -200) and splice the image features in: [1, S', D]."""

@@ -12,22 +12,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from m4d.config import WEIGHT_FORMATS
 from m4d.model import kernels
 from m4d.model.block_linear import KERNEL_TILE, q4_1_from_float, stored_linear
+from m4d.model.mapped import MappedSafetensors
 from m4d.model.qtensors import Q4_1_GROUP, dequantize
 from m4d.model.quant import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 M = TypeVar("M", bound=nn.Module)
 
 log = logging.getLogger(__name__)
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding for a network built on the meta device to be loaded: its random init is
+    skipped there (on meta it imports torch._refs, 1.5 s of start-up); elsewhere the usual."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
 
 
 def load_into(model: M, weights_file: str | Path, *, what: str,
@@ -40,11 +48,11 @@ def load_into(model: M, weights_file: str | Path, *, what: str,
     shape the config does not expect is a ValueError naming the file (``what`` says whose
     tensors they are)."""
     expected = model.state_dict()
-    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
-        missing = sorted(set(expected) - set(f.keys()))
-        if missing:
-            raise ValueError(f"{weights_file} lacks {len(missing)} {what} tensors, e.g. {missing[:3]}")
-        state = {n: f.get_tensor(n) for n in expected}
+    f = MappedSafetensors(weights_file)
+    missing = sorted(set(expected) - set(f.keys()))
+    if missing:
+        raise ValueError(f"{weights_file} lacks {len(missing)} {what} tensors, e.g. {missing[:3]}")
+    state = {n: f.get(n) for n in expected}
     for name, t in state.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(f"{weights_file}: tensor {name!r} is {list(t.shape)}, the config "
@@ -57,19 +65,20 @@ def load_into(model: M, weights_file: str | Path, *, what: str,
 
 
 class WeightFile:
-    """An mmap'd safetensors file in the image layout; tensors by HF-style base name.
+    """A mapped safetensors file in the image layout; tensors by HF-style base name, as
+    views of the file's pages (``MappedSafetensors``; ``digest``, the file's sha256, lets an
+    image that holds the same file share the map).
 
     A base name ``X`` is stored as ``X`` (dense), ``X.qweight/.scales/.mins`` (Q4_1, Q8_1) or
     ``X.qweight/.scales`` (Q8_0).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, digest: str | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"weights file not found: {self.path}")
-        handle: Any = safe_open(str(self.path), framework="pt", device="cpu")
-        self._f = handle
-        self._keys: set[str] = set(handle.keys())
+        self._f: MappedSafetensors | None = MappedSafetensors(self.path, digest)
+        self._keys: set[str] = set(self._f.keys())
 
     def __enter__(self) -> WeightFile:
         return self
@@ -91,8 +100,8 @@ class WeightFile:
 
     def shape(self, key: str) -> list[int]:
         """A stored tensor's shape, read from the header (no data is loaded)."""
-        shape: list[int] = self._f.get_slice(key).get_shape()
-        return shape
+        assert self._f is not None, "the WeightFile is closed"
+        return self._f.shape(key)
 
     def dense_shape(self, name: str) -> tuple[int, int]:
         """A weight's [N, K] as a matrix, whatever its stored kind."""
@@ -101,8 +110,8 @@ class WeightFile:
         return n, k * 2 if kind == "q4_1" else k
 
     def get(self, key: str) -> torch.Tensor:
-        t: torch.Tensor = self._f.get_tensor(key)
-        return t
+        assert self._f is not None, "the WeightFile is closed"
+        return self._f.get(key)
 
     def q4_1(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.get(f"{name}.qweight"), self.get(f"{name}.scales"), self.get(f"{name}.mins")

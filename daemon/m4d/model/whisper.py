@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from m4d.errors import InvalidArgument
-from m4d.model.weights import load_into
+from m4d.model.weights import embedding, load_into
 from m4d.prepare.audio import N_SAMPLES, SAMPLE_RATE, log_mel
 
 
@@ -214,8 +214,8 @@ class TextDecoder(nn.Module):
     def __init__(self, cfg: WhisperConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embeddings = nn.Embedding(cfg.max_target_positions, cfg.d_model)
+        self.tok_embeddings = embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings = embedding(cfg.max_target_positions, cfg.d_model)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 

@@ -27,6 +27,7 @@ from m4image.store import ImageEntry
 from m4d.engine.usage import EngineView, usage_view
 from m4d.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from m4d.executor.devices import describe
+from m4d.executor.memory import rss_bytes
 from m4d.requests import Priority
 from m4d.server.identity import PeerLookup, peer_from_context
 from m4d.server.status import streaming, unary
@@ -38,15 +39,6 @@ _STATES = {"loading": pb.DAEMON_STATE_LOADING, "ready": pb.DAEMON_STATE_READY,
 _CLASSES = {p: p.name.lower() for p in Priority}  # system, foreground, background
 _IMAGE_STATES = {"installed": pb.IMAGE_STATE_INSTALLED, "active": pb.IMAGE_STATE_ACTIVE,
                  "previous": pb.IMAGE_STATE_PREVIOUS, "trial": pb.IMAGE_STATE_TRIAL}
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process, from /proc (0 where there is none)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _timestamp(text: str) -> Timestamp:
@@ -134,6 +126,14 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             view = usage_view(s, d.engine.recent)
             out.load.CopyFrom(engine_load(view))
             out.uids.extend(uid_usage(view))
+            if d.runtime is not None:
+                m = d.runtime.memory(d.engine.scheduler.kv_capacity(d.runtime.max_context))
+                out.memory.CopyFrom(pb.MemoryUsage(
+                    rss_bytes=m.rss, weights_mapped_bytes=m.weights_mapped,
+                    weights_mapped_resident_bytes=m.weights_mapped_resident,
+                    weights_converted_bytes=m.weights_converted, kv_resident_bytes=m.kv_resident,
+                    kv_reserved_bytes=m.kv_reserved, kv_budget_bytes=m.kv_budget,
+                    runtime_bytes=m.runtime))
         if d.runtime is not None:
             for c in d.runtime.components:
                 out.components.append(pb.ComponentStatus(

@@ -21,11 +21,10 @@ load + self-test seconds; the measured load time is the hint).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import enum
 import gc
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.engine.policy import make_policy
 from m4d.errors import FailedPrecondition, Unavailable
+from m4d.executor.memory import trim_heap
 from m4d.executor.runtime import Runtime
 from m4d.service.selftest import run_self_test
 from m4d.service.sessions import Sessions
@@ -89,6 +89,7 @@ class Daemon:
         self._retiring: set[asyncio.Task[None]] = set()
         self._engines: set[Engine] = set()  # every engine started and not yet stopped
         self.load_seconds = 0.0  # the last image load + self-test: the swap's retry hint
+        self.phases: dict[str, float] = {}  # the last load's seconds per part (logged at ready)
         self.operation = ""  # the image operation in progress, for Status
         # apps' conversations (text: they outlive an image swap)
         self.sessions = Sessions(config.sessions_per_uid, config.default_max_tokens)
@@ -142,11 +143,22 @@ class Daemon:
         self._serving = await (boot or self._load_directly)()
         self._set_state(State.READY)
         log.info("ready", extra={"seconds": round(time.monotonic() - started, 2),
+                                 "since_exec": round(process_age(), 2),
+                                 "phases": {k: round(v, 3) for k, v in self.phases.items()},
                                  "image": self._serving.label})
+        await self._settle(self._serving)
+
+    async def _settle(self, serving: Serving) -> None:
+        """After an image starts serving: its deferred warm-up, then the load's temporaries
+        and read-once pages handed back (off the path to ready)."""
+        await asyncio.to_thread(serving.runtime.settle)
+        await asyncio.to_thread(release_memory)
 
     async def _load_directly(self) -> Serving:
         """`config.image` as it is: every hash verified, the signature not (development)."""
+        started = time.monotonic()
         image = await asyncio.to_thread(verify_image, self.config.image)
+        self.phases["verify"] = time.monotonic() - started
         serving = await self.start_image(image)
         verdict = await self.self_test(serving)
         if not verdict.passed and self.config.self_test == "strict":
@@ -163,6 +175,7 @@ class Daemon:
                                          "digest": image.digest, "path": str(image.path)})
         runtime = Runtime(image, self.config)
         await asyncio.to_thread(runtime.load)
+        self.phases.update(runtime.phases)
         engine = Engine(runtime, engine_config(self.config))
         engine.start()
         self._engines.add(engine)
@@ -184,6 +197,7 @@ class Daemon:
             log.info("self-test", extra={"check": r.name, "passed": r.passed,
                                          "detail": r.detail, "image": serving.label})
         self.load_seconds += time.monotonic() - started
+        self.phases["self_test"] = time.monotonic() - started
         failed = [r.detail for r in results if not r.passed]
         if failed:
             return Verdict(False, "; ".join(failed))
@@ -225,6 +239,7 @@ class Daemon:
                                          "old": old.label if old else None})
         if old is not None:
             self._retire(old)
+        await self._settle(new)
         return new
 
     async def _accept(self, new: Serving, commit: Callable[[Verdict], Awaitable[None]]) -> None:
@@ -260,6 +275,7 @@ class Daemon:
                     self._serving = await self.start_image(old_image)
                 raise
             self._serving = new
+            await self._settle(new)
             return new
         finally:
             self._blocked = None
@@ -322,12 +338,22 @@ class Daemon:
         return time.monotonic() - self.started
 
 
+def process_age() -> float:
+    """Seconds since this process was exec'd (Linux /proc; 0.0 elsewhere)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return 0.0
+    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the comm
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def release_memory() -> None:
     """Collects unreachable objects, then hands freed heap pages back to the OS
     (glibc's malloc_trim; a no-op elsewhere): an unloaded model's memory shows as free."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 def engine_config(config: Config) -> EngineConfig:

@@ -1,0 +1,61 @@
+"""Converted weights shared by the images loaded at once (executor stage).
+
+During a hot swap two images are loaded side by side. Weights used as stored are views of
+the image files, so an image whose file has the same content digest maps the same pages
+(`m4d.model.mapped`). Weights converted at load (packed for the kernels, cast to the
+compute dtype) are private memory: loading them again for the new image would hold two
+copies until the old image retires. A model loaded from the same file (digest), in the same
+format, dtype and device, is therefore not loaded again: the new image gets its own module
+tree over the same weight tensors (its own KV caches and layer stack), made by deep-copying
+the loaded one with every weight tensor kept as it is. Weights are never written after load.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from torch import nn
+
+from m4d.model.block_linear import BlockEmbedding
+from m4d.model.kv_cache import KVCache
+
+M = TypeVar("M", bound=nn.Module)
+
+log = logging.getLogger(__name__)
+
+_loaded: weakref.WeakValueDictionary[Hashable, nn.Module] = weakref.WeakValueDictionary()
+
+
+def shared_load(key: Hashable | None, load: Callable[[], M]) -> tuple[M, bool]:
+    """The model `load()` makes, or (True) a copy over the weights of the one loaded under
+    `key` that is still alive. `key` None: always loaded."""
+    loaded = _loaded.get(key) if key is not None else None
+    if loaded is not None:
+        return share_weights(loaded), True  # type: ignore[return-value]
+    model = load()
+    if key is not None:
+        _loaded[key] = model
+    return model, False
+
+
+def share_weights(model: M) -> M:
+    """A new module tree whose parameters and buffers are `model`'s own tensors; per-use
+    state is not copied: KV caches and the layer stack over them are None in the copy (the
+    caller sets them up)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        memo[id(t)] = t
+    for m in model.modules():
+        if isinstance(m, BlockEmbedding):
+            for t in m.blocks:
+                memo[id(t)] = t
+        elif isinstance(m, KVCache):
+            memo[id(m)] = None
+    stack = model.__dict__.get("_stack")
+    if stack is not None:
+        memo[id(stack)] = None
+    return copy.deepcopy(model, memo)
