@@ -6,7 +6,9 @@ Every method runs on the executor thread.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 
 from m4d.errors import InvalidArgument
+from m4d.executor.memory import own_mapping
+from m4d.executor.shared import shared_load
 from m4d.requests import Recognised, TextBox
 
 log = logging.getLogger(__name__)
@@ -32,8 +36,10 @@ class MediaComponent:
 class MediaRuntime:
     """The speech recogniser and the OCR pipeline of one image, by component name."""
 
-    def __init__(self, root: Path, compute_dtype: torch.dtype) -> None:
+    def __init__(self, root: Path, compute_dtype: torch.dtype,
+                 digest_of: Callable[[str], str | None] = lambda relative: None) -> None:
         self.root = root
+        self.digest_of = digest_of  # an image file's sha256 (shared loads across images)
         self.compute_dtype = compute_dtype
         self.devices: dict[str, torch.device] = {}  # component name -> where it runs
         self.speech: dict[str, Any] = {}  # component name -> WhisperTranscriber
@@ -52,8 +58,12 @@ class MediaRuntime:
             from m4d.model.whisper import WhisperConfig, WhisperTranscriber, load_whisper
 
             cfg = WhisperConfig.from_dict(spec["config"])
-            model = load_whisper(self.root / spec["weights"], cfg, compute_dtype=self.compute_dtype,
-                                 device=str(device))
+            digest = self.digest_of(spec["weights"])
+            model, _ = shared_load(
+                (digest, "whisper", str(self.compute_dtype), str(device),
+                 json.dumps(spec["config"], sort_keys=True)) if digest else None,
+                lambda: load_whisper(self.root / spec["weights"], cfg,
+                                     compute_dtype=self.compute_dtype, device=str(device)))
             self.speech[name] = WhisperTranscriber(model, self.root / spec["tokenizer"], cfg)
             self.sample_rates[name] = int(spec["config"].get("sample_rate", 16_000))
             return MediaComponent(name, kind, sum(p.numel() for p in model.parameters()))
@@ -64,6 +74,8 @@ class MediaRuntime:
                                               self.root / spec["recognizer"], spec["config"],
                                               compute_dtype=self.compute_dtype)
             self.ocr[name] = pipeline
+            own_mapping(pipeline.detector)
+            own_mapping(pipeline.recognizer)
             params = sum(p.numel() for m in (pipeline.detector, pipeline.recognizer)
                          for p in m.parameters())
             return MediaComponent(name, kind, params)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from m4d.model.block_linear import BlockEmbedding
+from m4d.model.kv_cache import LazyZeros
 from m4d.model.mapped import is_mapped, mapped_paths
 
 
@@ -114,3 +115,43 @@ def trim_heap() -> None:
     threads stop counting as the daemon's memory."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def own_mapping(module: nn.Module) -> int:
+    """Moves the converted weights of `module` (those not mapped from a file) into one
+    anonymous mapping of their own; returns its bytes. Loading interleaves them with the
+    conversion's temporaries on the C heap, whose holes glibc cannot give back while any
+    weight sits between them; in their own mapping they leave the heap to the temporaries
+    (trimmed after load) and go back to the system at once when the model is dropped (an
+    image swapped out). Run before anything keeps references to the old tensors."""
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    for m in module.modules():
+        tables: tuple[dict[str, Any], ...] = (m._parameters, m._buffers)
+        for table in tables:
+            for name, t in table.items():
+                if (t is not None and t.device.type == "cpu" and t.is_contiguous()
+                        and t.storage_offset() == 0 and not is_mapped(t)
+                        and t.untyped_storage().nbytes() == t.nbytes and t.nbytes >= 4096):
+                    slots.append((table, name, t))
+    unique: dict[int, torch.Tensor] = {}
+    for _, _, t in slots:
+        unique.setdefault(t.untyped_storage().data_ptr(), t)
+    total = sum(-(-t.nbytes // 64) * 64 for t in unique.values())
+    if not total:
+        return 0
+    arena = LazyZeros((total,), torch.uint8).tensor
+    moved: dict[int, torch.Tensor] = {}
+    offset = 0
+    for ptr, t in unique.items():
+        view = arena[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        moved[ptr] = view
+        offset += -(-t.nbytes // 64) * 64
+    with torch.no_grad():
+        for table, name, t in slots:
+            new = moved[t.untyped_storage().data_ptr()]
+            if isinstance(t, nn.Parameter):
+                t.data = new
+            else:
+                table[name] = new
+    return total

@@ -90,7 +90,7 @@ class Runtime:
         self.encoder_tokenizer: TextTokenizer | None = None
         self.encoder_spec: dict[str, Any] = {}
         self.max_context = config.max_context
-        self.media = MediaRuntime(Path(image.path), self.compute_dtype)
+        self.media = MediaRuntime(Path(image.path), self.compute_dtype, self._digest)
         self._kv_written: dict[int, int] = {}  # KV row -> positions written since discarded
         self._weights: tuple[int, int] | None = None  # (mapped, converted) bytes, see memory()
         self.phases: dict[str, float] = {}  # start-up: seconds per component (and backbone part)
@@ -124,6 +124,7 @@ class Runtime:
                 log.warning("component %s has kind %r that this daemon does not run",
                             name, spec["kind"])
                 continue
+            release_pages()  # what the conversion read stops counting before the next loads
             self.phases[name] = time.monotonic() - started
             log.info("loaded component", extra={"component": name, "kind": spec["kind"],
                                                  "seconds": round(self.phases[name], 2)})

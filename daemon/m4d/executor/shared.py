@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from m4d.executor.memory import own_mapping
 from m4d.model.block_linear import BlockEmbedding
 from m4d.model.kv_cache import KVCache
 
@@ -31,12 +32,14 @@ _loaded: weakref.WeakValueDictionary[Hashable, nn.Module] = weakref.WeakValueDic
 
 
 def shared_load(key: Hashable | None, load: Callable[[], M]) -> tuple[M, bool]:
-    """The model `load()` makes, or (True) a copy over the weights of the one loaded under
-    `key` that is still alive. `key` None: always loaded."""
+    """The model `load()` makes (its converted weights moved to a mapping of their own,
+    `own_mapping`), or (True) a copy over the weights of the one loaded under `key` that is
+    still alive. `key` None: always loaded."""
     loaded = _loaded.get(key) if key is not None else None
     if loaded is not None:
         return share_weights(loaded), True  # type: ignore[return-value]
     model = load()
+    own_mapping(model)
     if key is not None:
         _loaded[key] = model
     return model, False

@@ -26,6 +26,7 @@ import gc
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,7 @@ class Daemon:
                                          "old": old.label if old else None})
         if old is not None:
             self._retire(old)
+        del old  # the retirement holds it now
         await self._settle(new)
         return new
 
@@ -295,9 +297,16 @@ class Daemon:
         await self._wait_idle(engine, self.config.drain_timeout)
         await asyncio.to_thread(engine.stop)
         self._engines.discard(engine)
+        runtime = weakref.ref(engine.runtime)
         del engine
-        await asyncio.to_thread(release_memory)
-        log.info("old image retired", extra={"image": label,
+        # the frames that handed the old image over (the swap, the admin call) may hold it
+        # a little longer: its memory goes back once it is garbage, not before
+        for _ in range(RETIRE_COLLECT_TRIES):
+            await asyncio.to_thread(release_memory)
+            if runtime() is None:
+                break
+            await asyncio.sleep(0.5)
+        log.info("old image retired", extra={"image": label, "freed": runtime() is None,
                                              "seconds": round(time.monotonic() - started, 2)})
 
     async def _wait_idle(self, engine: Engine, timeout: float) -> None:
@@ -336,6 +345,9 @@ class Daemon:
     @property
     def uptime(self) -> float:
         return time.monotonic() - self.started
+
+
+RETIRE_COLLECT_TRIES = 20  # 0.5 s apart: how long an old image's memory is waited for
 
 
 def process_age() -> float:
