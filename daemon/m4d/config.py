@@ -225,6 +225,11 @@ class Config:
     # the memory, no call refused); "drain" unloads the old one first (calls get UNAVAILABLE
     # with a retry hint until the new one serves: at most drain_timeout + load + self-test).
     swap_mode: str = "overlap"
+    # The most resident memory (MiB) the daemon may hold during an "overlap" swap: when what
+    # it holds now plus what the new image does not share with the loaded one (its weight
+    # files of other content, and 64 MiB for its self-test) would pass this, that swap
+    # drains the old image first instead. 0: no limit.
+    swap_memory_mb: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
@@ -285,6 +290,8 @@ class Config:
                               f"max_message_bytes ({self.max_message_bytes})")
         if self.stream_stall_seconds <= 0:
             raise ConfigError(f"stream_stall_seconds must be > 0 (got {self.stream_stall_seconds})")
+        if self.swap_memory_mb < 0:
+            raise ConfigError(f"swap_memory_mb must be >= 0 (got {self.swap_memory_mb})")
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout must be >= 0 seconds (got {self.drain_timeout})")
         if 0 < self.uid_max_tokens_in_flight < self.max_context:

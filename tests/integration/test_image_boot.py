@@ -156,3 +156,23 @@ def test_drain_mode_swap_under_load(images: dict[str, Any], tmp_path: Path) -> N
               f"{max(load.rss) >> 20} MiB")
     finally:
         assert d.stop() == 0
+
+
+def test_an_overlap_swap_past_the_memory_budget_drains_instead(images: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    """swap_memory_mb: the new image would not fit beside the old one, so the swap unloads the
+    old one first; what the new image adds is estimated from the weight files it does not
+    share (v2 has v1's files, so only the self-test's margin)."""
+    d = start_store_daemon(images["v1"], tmp_path / "run", tmp_path / "state", images["keys"],
+                           env={"M4D_SWAP_MEMORY_MB": "1"})
+    try:
+        ok(d, "image", "install", str(images["v2"]))
+        ok(d, "image", "activate", "1.1.0")
+        assert served_version(d) == "1.1.0"
+        lines = [json.loads(x) for x in d.logs().splitlines() if x.startswith("{")]
+        budget = [x for x in lines if x["msg"] == "swap memory"]
+        assert len(budget) == 1 and budget[0]["mode"] == "drain", budget
+        assert budget[0]["new_image_adds_mib"] == 64 and budget[0]["budget_mib"] == 1, budget
+        assert any(x["msg"] == "drain-mode swap window closed" for x in lines)
+    finally:
+        d.stop()

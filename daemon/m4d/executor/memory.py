@@ -124,7 +124,7 @@ def own_mapping(module: nn.Module) -> int:
     weight sits between them; in their own mapping they leave the heap to the temporaries
     (trimmed after load) and go back to the system at once when the model is dropped (an
     image swapped out). Run before anything keeps references to the old tensors."""
-    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    slots: list[tuple[dict[str, Any], str, torch.Tensor, int]] = []  # ..., its storage
     for m in module.modules():
         tables: tuple[dict[str, Any], ...] = (m._parameters, m._buffers)
         for table in tables:
@@ -132,10 +132,10 @@ def own_mapping(module: nn.Module) -> int:
                 if (t is not None and t.device.type == "cpu" and t.is_contiguous()
                         and t.storage_offset() == 0 and not is_mapped(t)
                         and t.untyped_storage().nbytes() == t.nbytes and t.nbytes >= 4096):
-                    slots.append((table, name, t))
+                    slots.append((table, name, t, t.untyped_storage().data_ptr()))
     unique: dict[int, torch.Tensor] = {}
-    for _, _, t in slots:
-        unique.setdefault(t.untyped_storage().data_ptr(), t)
+    for _, _, t, ptr in slots:
+        unique.setdefault(ptr, t)
     total = sum(-(-t.nbytes // 64) * 64 for t in unique.values())
     if not total:
         return 0
@@ -148,8 +148,8 @@ def own_mapping(module: nn.Module) -> int:
         moved[ptr] = view
         offset += -(-t.nbytes // 64) * 64
     with torch.no_grad():
-        for table, name, t in slots:
-            new = moved[t.untyped_storage().data_ptr()]
+        for table, name, t, ptr in slots:  # a tied weight is in two modules' tables
+            new = moved[ptr]
             if isinstance(t, nn.Parameter):
                 t.data = new
             else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,10 @@ from m4d.executor.memory import (
 from m4d.executor.shared import shared_load
 from m4d.model import kernels
 from m4d.model.bert import BertConfig, load_bert
-from m4d.model.kv_cache import KVCache
+from m4d.model.kv_cache import KVRows
 from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4d.model.mapped import release_pages
+from m4d.model.packed import load_packed
 from m4d.prepare.constraints import Grammars
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
@@ -91,8 +93,9 @@ class Runtime:
         self.encoder_spec: dict[str, Any] = {}
         self.max_context = config.max_context
         self.media = MediaRuntime(Path(image.path), self.compute_dtype, self._digest)
-        self._kv_written: dict[int, int] = {}  # KV row -> positions written since discarded
+        self.kv_rows = KVRows([])  # the backbone's KV caches, row by row (set at its load)
         self._weights: tuple[int, int] | None = None  # (mapped, converted) bytes, see memory()
+        self._beside: list[threading.Thread] = []  # load work run beside the components'
         self.phases: dict[str, float] = {}  # start-up: seconds per component (and backbone part)
 
     # ---- loading -------------------------------------------------------------------
@@ -128,12 +131,14 @@ class Runtime:
             self.phases[name] = time.monotonic() - started
             log.info("loaded component", extra={"component": name, "kind": spec["kind"],
                                                  "seconds": round(self.phases[name], 2)})
+        started = time.monotonic()
+        for thread in self._beside:
+            thread.join()
+        self.phases["beside"] = time.monotonic() - started  # waited for work run beside
 
     def settle(self) -> None:
-        """What start-up leaves for after the image serves: the decoder layers' TorchScript
-        compile (~0.8 s; until then they run eagerly, with the same numbers), and the
-        mapped weight files' pages, read while they were converted, taken out of the
-        resident set (those used in place come back as they are touched)."""
+        """After the image serves: the layers' TorchScript compile (~0.8 s; until then they
+        run eagerly, the same numbers) and the mapped files' read-once pages released."""
         if self.backbone is not None:
             self.backbone.script()
         release_pages()
@@ -154,16 +159,21 @@ class Runtime:
 
         def phase(part: str) -> None:
             nonlocal mark
-            now = time.monotonic()
-            self.phases[f"{name}.{part}"] = now - mark
-            mark = now
+            self.phases[f"{name}.{part}"], mark = time.monotonic() - mark, time.monotonic()
 
         digest = self._digest(spec["weights"])
+        packed_file = spec.get("packed", {}).get(weight_format)
+
+        def load() -> Llama:
+            packed = (load_packed(self._path(packed_file), self._digest(packed_file))
+                      if packed_file and self.device.type == "cpu" else None)
+            return load_llama(self._path(spec["weights"]), cfg, weight_format=weight_format,
+                              compute_dtype=dtype, device=str(self.device), digest=digest,
+                              packed=packed)
+
         model, shared = shared_load(
             (digest, "llama", weight_format, str(dtype), str(self.device),
-             json.dumps(spec["config"], sort_keys=True)) if digest else None,
-            lambda: load_llama(self._path(spec["weights"]), cfg, weight_format=weight_format,
-                               compute_dtype=dtype, device=str(self.device), digest=digest))
+             json.dumps(spec["config"], sort_keys=True)) if digest else None, load)
         if shared:
             log.info("backbone weights shared with the image loaded beside", extra={
                 "component": name})
@@ -172,18 +182,24 @@ class Runtime:
         # the layers are scripted by `settle`, after the image serves
         model.setup_caches(self.config.kv_slots, self.max_context, kv_dtype, script=False)
         phase("caches")
+        self.kv_rows = KVRows([b.attention.kv_cache for b in model.blocks
+                               if b.attention.kv_cache is not None])
         self.backbone = model
         self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]),
                                                  bos_id=cfg.bos_id, eos_id=cfg.eos_id)
         phase("tokenizer")
         grammars = Grammars(self._path(spec["tokenizer"]), [self.tokenizer.eos_id or 0],
                             cfg.vocab_size)
-        try:
-            grammars.tokenizer()  # ~0.3 s, here rather than on the first structured request
-            self.grammars = grammars
-        except (ValueError, RuntimeError) as exc:  # the image serves, without structured output
-            log.warning("no structured output for this tokenizer", extra={"error": str(exc)})
-        phase("grammars")
+
+        def build_grammars() -> None:  # ~0.3 s: beside the other components' loads
+            try:
+                grammars.tokenizer()  # here rather than on the first structured request
+                self.grammars = grammars
+            except (ValueError, RuntimeError) as exc:  # served without structured output
+                log.warning("no structured output for this tokenizer", extra={"error": str(exc)})
+
+        self._beside.append(threading.Thread(target=build_grammars, name="m4-load-grammars"))
+        self._beside[-1].start()
         template = spec.get("chat_template")
         if template:
             self.chat_template = ChatTemplate(template, bos_token=self.tokenizer.bos_token,
@@ -255,55 +271,37 @@ class Runtime:
         """A copy of positions [start, length) of KV row `row` in every layer: the cache of
         a preempted sequence kept while it waits, or a prompt block for the prefix cache
         (`restore` puts it back)."""
-        return [cache.save(row, length, start) for cache in self._kv_caches()]
+        return [cache.save(row, length, start) for cache in self.kv_rows.caches]
 
     @torch.inference_mode()
     def restore(self, row: int, parked: ParkedKV, start: int = 0) -> None:
         """Puts a parked cache into KV row `row` from position `start` (any row: positions
         are the sequence's)."""
-        for cache, saved in zip(self._kv_caches(), parked, strict=True):
+        for cache, saved in zip(self.kv_rows.caches, parked, strict=True):
             cache.load(row, saved, start)
             self._written(row, start + saved[0].shape[1])
 
     def discard_rows(self, rows: list[int]) -> None:
         """KV rows that hold no sequence: their memory goes back to the system (it reads as
         zeros until written again)."""
-        for cache in self._kv_caches():
-            for row in rows:
-                cache.discard(row)
-        for row in rows:
-            self._kv_written.pop(row, None)
+        self.kv_rows.discard(rows)
 
     def _written(self, row: int, positions: int) -> None:
-        """Row `row` holds KV at positions [0, positions) at least."""
-        if positions > self._kv_written.get(row, 0):
-            self._kv_written[row] = positions
+        self.kv_rows.wrote(row, positions)
 
     def memory(self, kv_budget_tokens: int) -> MemoryUsage:
         """This process's memory by part; `kv_budget_tokens`: the scheduler's KV pool."""
-        caches = self._kv_caches() if self.backbone is not None else []
         if self._weights is None:  # fixed once loaded
-            skip = {t.untyped_storage().data_ptr() for c in caches for t in (c.k, c.v)}
+            skip = {t.untyped_storage().data_ptr() for c in self.kv_rows.caches for t in (c.k, c.v)}
             self._weights = weight_bytes(module_tensors(
                 [self.backbone, self.encoder, self.media.speech, self.media.ocr,
                  self.media.clips, self.media.vision, self.media.projectors,
                  self.media.sensors], skip, depth=4))
-        per_token = sum(2 * c.k[0, :, 0].numel() * c.k.element_size() for c in caches)
         return MemoryUsage(
             rss=rss_bytes(), weights_mapped=self._weights[0],
             weights_mapped_resident=mapped_resident_bytes(), weights_converted=self._weights[1],
-            kv_resident=sum(c.row_bytes(n) for c in caches for n in list(self._kv_written.values())),
-            kv_reserved=sum(2 * c.k.numel() * c.k.element_size() for c in caches),
-            kv_budget=kv_budget_tokens * per_token)
-
-    def _kv_caches(self) -> list[KVCache]:
-        assert self.backbone is not None
-        caches = []
-        for block in self.backbone.blocks:
-            cache = block.attention.kv_cache
-            assert cache is not None, "setup_caches() made every layer's cache"
-            caches.append(cache)
-        return caches
+            kv_resident=self.kv_rows.resident_bytes(), kv_reserved=self.kv_rows.reserved_bytes(),
+            kv_budget=kv_budget_tokens * self.kv_rows.token_bytes())
 
     @torch.inference_mode()
     def next_words(self, ids: list[int], n: int, max_word_tokens: int = 4) -> list[tuple[str, float]]:

@@ -23,6 +23,7 @@ from torch import nn
 from m4d.executor.memory import own_mapping
 from m4d.model.block_linear import BlockEmbedding
 from m4d.model.kv_cache import KVCache
+from m4d.model.mapped import mapped_digests
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -62,3 +63,17 @@ def share_weights(model: M) -> M:
     if stack is not None:
         memo[id(stack)] = None
     return copy.deepcopy(model, memo)
+
+
+def loaded_digests() -> set[str]:
+    """The content digests of the weight files whose models or maps are loaded now."""
+    return {key[0] for key in list(_loaded.keys())
+            if isinstance(key, tuple) and key and isinstance(key[0], str)} | mapped_digests()
+
+
+def unshared_bytes(files: dict[str, Any]) -> int:
+    """Bytes of an image's weight files (safetensors; `files`: path -> entry with size and
+    sha256) whose content is not loaded already: what loading it beside adds, about."""
+    loaded = loaded_digests()
+    return sum(e.size for rel, e in files.items()
+               if rel.endswith(".safetensors") and e.sha256 not in loaded)

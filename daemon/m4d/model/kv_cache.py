@@ -104,3 +104,36 @@ class KVCache(nn.Module):
         if rows is None:  # fast path: compact rows 0..B-1, a view
             return self.k[:b, :, :length], self.v[:b, :, :length]
         return self.k[rows, :, :length], self.v[rows, :, :length]
+
+
+class KVRows:
+    """A model's KV caches (one per layer) row by row, as the runtime uses them: the
+    positions each row has written since its memory was last given back, so what the KV
+    cache holds in RAM is known without asking the kernel page by page."""
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        self.caches = caches
+        self._written: dict[int, int] = {}  # row -> positions [0, n) written
+
+    def wrote(self, row: int, positions: int) -> None:
+        """Row `row` holds KV at positions [0, positions) (at least)."""
+        if positions > self._written.get(row, 0):
+            self._written[row] = positions
+
+    def discard(self, rows: list[int]) -> None:
+        """The rows hold no sequence: their memory goes back to the system."""
+        for cache in self.caches:
+            for row in rows:
+                cache.discard(row)
+        for row in rows:
+            self._written.pop(row, None)
+
+    def resident_bytes(self) -> int:
+        return sum(c.row_bytes(n) for c in self.caches for n in list(self._written.values()))
+
+    def reserved_bytes(self) -> int:
+        return sum(2 * c.k.numel() * c.k.element_size() for c in self.caches)
+
+    def token_bytes(self) -> int:
+        """Bytes one token's keys and values take in every layer."""
+        return sum(2 * c.k[0, :, 0].numel() * c.k.element_size() for c in self.caches)

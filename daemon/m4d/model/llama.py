@@ -12,6 +12,8 @@ Layout notes:
   row permutation of q/k so the stored weights are HF-style.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -391,7 +393,8 @@ def greedy_generate(model: Llama, prompt_ids: list[int], max_new_tokens: int,
 
 
 def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
-               compute_dtype: torch.dtype, device: str = "cpu", digest: str | None = None) -> Llama:
+               compute_dtype: torch.dtype, device: str = "cpu", digest: str | None = None,
+               packed: dict[str, nn.Module] | None = None) -> Llama:
     """Build the network on meta, then assign weights converted to ``weight_format``.
 
     weight_format: "int4" (exact from stored Q4_1; group-32 min/max quantization from dense),
@@ -401,8 +404,11 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
     activations as two int8 digits per row, the LM head too: the batched-serving format, see
     ``Int8DynamicLinear``), "bfloat16", "float32" (dense). Norms are kept in the compute
     dtype, the (tied) LM head dense in the compute dtype except with w8a8 and w4a8.
+    ``packed`` (w4a8 only): linears already packed for the kernels, by module name
+    (``m4d.model.packed``), used instead of packing the blocks.
     """
     weight_format = resolve_weight_format(weight_format, compute_dtype)
+    packed = packed if weight_format == "w4a8" else None  # linears packed by the builder
     with torch.device("meta"):
         model = Llama(config)
     with WeightFile(weights_file, digest) as wf:
@@ -425,7 +431,9 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
             table = dense(emb_name)
             assert isinstance(model.tok_embeddings, nn.Embedding)
             model.tok_embeddings.weight = table
-        if w4a8_head:
+        if w4a8_head and packed is not None and "output" in packed:
+            model.output = packed["output"]
+        elif w4a8_head:
             # the checkpoint's head blocks as they are (Q8_0, Q6_K, Q4_K, ...), batched like
             # the layers; a dense head is quantized to Q8_0
             head_out = (build_linear(wf, [head_name], "w4a8", torch.float32)
@@ -443,18 +451,25 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
                 head.weight = head_weight
                 model.output = head
         model.norm.weight = dense("model.norm.weight")
+        def linears(i: int) -> list[nn.Module]:  # numpy packing, mostly without the GIL
+            names = [f"layers.{i}.attention.wqkv", f"layers.{i}.attention.wo",
+                     f"layers.{i}.feed_forward.w13", f"layers.{i}.feed_forward.w2"]
+            if packed is not None and all(n in packed for n in names):
+                return [packed[n] for n in names]
+            att, ffn = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            return [build_linear(wf, names, weight_format, compute_dtype) for names in (
+                [att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"],
+                [att + "o_proj.weight"], [ffn + "gate_proj.weight", ffn + "up_proj.weight"],
+                [ffn + "down_proj.weight"])]
+
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            built = list(pool.map(linears, range(len(model.blocks))))
         for i, layer in enumerate(model.blocks):
             p = f"model.layers.{i}."
             layer.attention_norm.weight = dense(p + "input_layernorm.weight")
             layer.ffn_norm.weight = dense(p + "post_attention_layernorm.weight")
-            att, ffn = p + "self_attn.", p + "mlp."
-            layer.attention.wqkv = build_linear(
-                wf, [att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"],
-                weight_format, compute_dtype)
-            layer.attention.wo = build_linear(wf, [att + "o_proj.weight"], weight_format, compute_dtype)
-            layer.feed_forward.w13 = build_linear(
-                wf, [ffn + "gate_proj.weight", ffn + "up_proj.weight"], weight_format, compute_dtype)
-            layer.feed_forward.w2 = build_linear(wf, [ffn + "down_proj.weight"], weight_format, compute_dtype)
+            (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+             layer.feed_forward.w2) = built[i]
     model.init_rope(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

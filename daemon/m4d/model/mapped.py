@@ -42,6 +42,12 @@ def _map(path: Path, digest: str | None) -> mmap.mmap:
     return mapped
 
 
+def mapped_digests() -> set[str]:
+    """The content digests of the files mapped now (those mapped with one)."""
+    return {key[1] for key in list(_maps.keys())
+            if isinstance(key, tuple) and len(key) == 2 and key[0] == "sha256"}
+
+
 def mapped_paths() -> list[Path]:
     """The files mapped now (the path each was first mapped from)."""
     return [path for key, path in list(_paths.items()) if key in _maps]
@@ -63,7 +69,7 @@ class MappedSafetensors:
             header = json.loads(self._map[8:8 + header_len])
         except ValueError as exc:
             raise ValueError(f"{self.path}: unreadable safetensors header: {exc}") from exc
-        header.pop("__metadata__", None)
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._start = 8 + header_len
         self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
         for name, e in header.items():

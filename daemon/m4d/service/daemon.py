@@ -41,8 +41,9 @@ from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.engine.policy import make_policy
 from m4d.errors import FailedPrecondition, Unavailable
-from m4d.executor.memory import trim_heap
+from m4d.executor.memory import rss_bytes, trim_heap
 from m4d.executor.runtime import Runtime
+from m4d.executor.shared import unshared_bytes
 from m4d.service.selftest import run_self_test
 from m4d.service.sessions import Sessions
 from m4d.service.tasks import ImageInfo, Tasks
@@ -227,7 +228,7 @@ class Daemon:
         outcome; it raises to refuse the image), then switches. A strict self-test failure
         raises SelfTestFailed after `commit` has recorded it; the old image keeps serving
         (in drain mode it is loaded again)."""
-        if self.config.swap_mode == "drain":
+        if self.config.swap_mode == "drain" or self._over_swap_budget(image):
             return await self._swap_drained(image, commit)
         new = await self.start_image(image)
         try:
@@ -243,6 +244,18 @@ class Daemon:
         del old  # the retirement holds it now
         await self._settle(new)
         return new
+
+    def _over_swap_budget(self, image: VerifiedImage) -> bool:
+        """Whether loading `image` beside the serving one could pass swap_memory_mb."""
+        budget = self.config.swap_memory_mb << 20
+        if not budget:
+            return False
+        now, adds = rss_bytes(), unshared_bytes(image.manifest.files) + SWAP_SELF_TEST_BYTES
+        over = now + adds > budget
+        log.info("swap memory", extra={"rss_mib": now >> 20, "new_image_adds_mib": adds >> 20,
+                                        "budget_mib": budget >> 20,
+                                        "mode": "drain" if over else "overlap"})
+        return over
 
     async def _accept(self, new: Serving, commit: Callable[[Verdict], Awaitable[None]]) -> None:
         verdict = await self.self_test(new)
@@ -347,6 +360,7 @@ class Daemon:
         return time.monotonic() - self.started
 
 
+SWAP_SELF_TEST_BYTES = 64 << 20  # an image's self-test and first steps, beside the weights
 RETIRE_COLLECT_TRIES = 20  # 0.5 s apart: how long an old image's memory is waited for
 
 

@@ -40,17 +40,21 @@ async def watchdog(daemon: Daemon) -> None:
     stale_after = max(2 * interval, 3.0)  # an idle executor reports progress every second
     while True:
         await asyncio.sleep(interval)
-        engine = daemon.engine
-        if engine is None:
-            if daemon.swapping:  # a drain-mode swap: no engine for a few seconds, on purpose
-                notify(systemd.watchdog_ping)
-            continue
-        stalled = time.monotonic() - engine.stats.last_progress
-        if stalled < stale_after:
+        _watchdog_check(daemon, stale_after)  # no engine kept across the sleep (a swap)
+
+
+def _watchdog_check(daemon: Daemon, stale_after: float) -> None:
+    engine = daemon.engine
+    if engine is None:
+        if daemon.swapping:  # a drain-mode swap: no engine for a few seconds, on purpose
             notify(systemd.watchdog_ping)
-        else:
-            log.error("executor made no progress: withholding the watchdog ping",
-                      extra={"stalled_seconds": round(stalled, 1)})
+        return
+    stalled = time.monotonic() - engine.stats.last_progress
+    if stalled < stale_after:
+        notify(systemd.watchdog_ping)
+    else:
+        log.error("executor made no progress: withholding the watchdog ping",
+                  extra={"stalled_seconds": round(stalled, 1)})
 
 
 class StopSignals:
