@@ -34,6 +34,7 @@ def test_verifies_and_lists_every_file(built: tuple[VerifiedImage, list]) -> Non
     assert on_disk - {"manifest.json"} == set(image.manifest.files)
     assert set(image.manifest.files) == {
         "backbone/model.safetensors", "backbone/tokenizer.json",
+        "backbone/kernels.w4a8.safetensors",  # the linears packed as the kernels read them
         "text_encoder/model.safetensors", "text_encoder/tokenizer.json",
         "speech/model.safetensors", "speech/tokenizer.json",
         "ocr/detector.safetensors", "ocr/recognizer.safetensors",
@@ -45,6 +46,7 @@ def test_verifies_and_lists_every_file(built: tuple[VerifiedImage, list]) -> Non
 def test_manifest_contents(built: tuple[VerifiedImage, list]) -> None:
     m = built[0].manifest
     assert m.format == "m4-image/1" and m.name == "m4-default" and m.compatible == "m4-cpu-v1"
+    assert m.components["backbone"]["packed"] == {"w4a8": "backbone/kernels.w4a8.safetensors"}
     assert m.security_version >= 1
     assert {t["id"] for t in m.tasks} == TASKS
     by_id = {t["id"]: t for t in m.tasks}

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from m4client import AdminClient, Client, MemoryUsage
+from m4client import AdminClient, Client, InvalidArgumentError, MemoryUsage
 
 from tests.conftest import DaemonProcess, start_daemon
 from tests.integration.imagetools import m4ctl
@@ -143,3 +143,55 @@ def test_m4ctl_status_shows_memory_by_part(small: DaemonProcess) -> None:
     assert re.search(r"weights: .* mapped from the image \(.* resident\), .* converted",
                      done.stdout), done.stdout
     assert re.search(r"kv cache: .* in use, budget .*reserved", done.stdout), done.stdout
+
+
+@pytest.fixture(scope="module")
+def tight(default_image: Path, tmp_path_factory: pytest.TempPathFactory,
+          ) -> Iterator[DaemonProcess]:
+    """4 slots but KV memory for 1024 tokens: less than 4 streams of ~330 tokens want."""
+    d = start_daemon(default_image, tmp_path_factory.mktemp("tight"), "--kv-slots", "4",
+                     "--prefix-cache-tokens", "0", env={"M4D_KV_POOL_TOKENS": "1024"})
+    yield d
+    d.stop()
+
+
+def greedy(d: DaemonProcess, prompt: str, n: int) -> list[int]:
+    with Client(d.address, timeout=300) as m4:
+        ids: list[int] = []
+        for chunk in m4.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True):
+            ids += chunk.token_ids
+        return ids
+
+
+def test_a_kv_budget_below_the_demand_queues_and_preempts_to_the_same_tokens(
+        tight: DaemonProcess) -> None:
+    prompts = [f"Write the story of robot number {i}:" for i in range(4)]
+    alone = [greedy(tight, p, 320) for p in prompts[:2]]
+    results: dict[int, list[int]] = {}
+    peak = [0]
+
+    def run(i: int) -> None:
+        results[i] = greedy(tight, prompts[i], 320)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        m = memory(tight)
+        peak[0] = max(peak[0], m.kv_resident_bytes)
+        assert m.kv_budget_bytes == 1024 * per_token_of(m)
+        time.sleep(0.1)
+    assert sorted(results) == [0, 1, 2, 3] and all(len(r) == 320 for r in results.values())
+    assert results[0] == alone[0] and results[1] == alone[1]  # waiting or preempted: same tokens
+    assert 0 < peak[0] <= memory(tight).kv_budget_bytes + 4 * 30 * 2 * 3 * 4096  # + a page a head
+
+
+def test_a_request_larger_than_the_kv_budget_is_refused_clearly(tight: DaemonProcess) -> None:
+    with Client(tight.address, timeout=60) as m4, pytest.raises(InvalidArgumentError,
+                                                                match="KV cache for"):
+        m4.complete("Hello", max_tokens=1500)
+    assert greedy(tight, "Still serving?", 4)  # and the daemon serves on
+
+
+def per_token_of(m: MemoryUsage) -> int:
+    return m.kv_reserved_bytes // (4 * 2048)

@@ -124,8 +124,12 @@ def _pack_backbone(stage: Path, comp: dict[str, Any], report: Progress) -> None:
         log.warning("m4's kernels are not built: the image holds no packed backbone")
         return
     report("pack backbone", 0, 1)
-    model = load_llama(stage / comp["weights"], LlamaConfig.from_dict(comp["config"]),
-                       weight_format="w4a8", compute_dtype=torch.float32)
+    try:
+        model = load_llama(stage / comp["weights"], LlamaConfig.from_dict(comp["config"]),
+                           weight_format="w4a8", compute_dtype=torch.float32)
+    except (ValueError, RuntimeError) as exc:  # shapes no 4-bit format takes: served dense
+        log.info("the backbone is not packed for the kernels: %s", exc)
+        return
     if any(isinstance(m, BlockLinear) for m in model.modules()):
         rel = (Path(comp["weights"]).parent / PACKED_NAME).as_posix()
         with atomic_file(stage / rel) as tmp:

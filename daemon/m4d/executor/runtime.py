@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +94,6 @@ class Runtime:
         self.media = MediaRuntime(Path(image.path), self.compute_dtype, self._digest)
         self.kv_rows = KVRows([])  # the backbone's KV caches, row by row (set at its load)
         self._weights: tuple[int, int] | None = None  # (mapped, converted) bytes, see memory()
-        self._beside: list[threading.Thread] = []  # load work run beside the components'
         self.phases: dict[str, float] = {}  # start-up: seconds per component (and backbone part)
 
     # ---- loading -------------------------------------------------------------------
@@ -131,16 +129,18 @@ class Runtime:
             self.phases[name] = time.monotonic() - started
             log.info("loaded component", extra={"component": name, "kind": spec["kind"],
                                                  "seconds": round(self.phases[name], 2)})
-        started = time.monotonic()
-        for thread in self._beside:
-            thread.join()
-        self.phases["beside"] = time.monotonic() - started  # waited for work run beside
 
     def settle(self) -> None:
         """After the image serves: the layers' TorchScript compile (~0.8 s; until then they
-        run eagerly, the same numbers) and the mapped files' read-once pages released."""
+        run eagerly, the same numbers), the grammar tokenizer (~0.3 s; a structured request
+        before builds it) and the mapped files' read-once pages released."""
         if self.backbone is not None:
             self.backbone.script()
+        if self.grammars is not None:
+            try:
+                self.grammars.tokenizer()
+            except InvalidArgument as exc:  # served without structured output
+                log.warning("no structured output for this tokenizer", extra={"error": str(exc)})
         release_pages()
 
     def _path(self, relative: str) -> Path:
@@ -188,18 +188,9 @@ class Runtime:
         self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]),
                                                  bos_id=cfg.bos_id, eos_id=cfg.eos_id)
         phase("tokenizer")
-        grammars = Grammars(self._path(spec["tokenizer"]), [self.tokenizer.eos_id or 0],
-                            cfg.vocab_size)
-
-        def build_grammars() -> None:  # ~0.3 s: beside the other components' loads
-            try:
-                grammars.tokenizer()  # here rather than on the first structured request
-                self.grammars = grammars
-            except (ValueError, RuntimeError) as exc:  # served without structured output
-                log.warning("no structured output for this tokenizer", extra={"error": str(exc)})
-
-        self._beside.append(threading.Thread(target=build_grammars, name="m4-load-grammars"))
-        self._beside[-1].start()
+        # structured output; its tokenizer is built by `settle`, after the image serves
+        self.grammars = Grammars(self._path(spec["tokenizer"]), [self.tokenizer.eos_id or 0],
+                                 cfg.vocab_size)
         template = spec.get("chat_template")
         if template:
             self.chat_template = ChatTemplate(template, bos_token=self.tokenizer.bos_token,

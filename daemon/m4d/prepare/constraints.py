@@ -111,22 +111,33 @@ class Grammars:
         self.eos_ids = eos_ids
         self.vocab = vocab
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._failed: str | None = None  # why it cannot be built
         self._lock = threading.Lock()
 
     def tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the tokenizer, built on first use (~0.3 s; the daemon builds
+        it once the image serves). InvalidArgument when it cannot be built: the image then
+        serves without structured output."""
         with self._lock:
-            if self._tokenizer is None:
+            if self._tokenizer is None and self._failed is None:
                 try:
-                    source: str | TokenizerWrapper = str(self.tokenizer_json)
-                    self._tokenizer = llguidance.LLTokenizer(
-                        source, n_vocab=self.vocab, eos_token=self.eos_ids)
-                except ValueError as exc:  # e.g. a word-level tokenizer with no decoder
-                    log.info("llguidance cannot read %s (%s); using each token's text",
-                             self.tokenizer_json.name, exc)
-                    source = TokenizerWrapper(_TokenTexts(self.tokenizer_json, self.eos_ids))
-                    self._tokenizer = llguidance.LLTokenizer(
-                        source, n_vocab=self.vocab, eos_token=self.eos_ids)
+                    self._tokenizer = self._build()
+                except (ValueError, RuntimeError) as exc:
+                    self._failed = str(exc)
+            if self._tokenizer is None:
+                raise InvalidArgument(
+                    f"this image's backbone has no structured output: {self._failed}")
             return self._tokenizer
+
+    def _build(self) -> llguidance.LLTokenizer:
+        try:
+            return llguidance.LLTokenizer(str(self.tokenizer_json), n_vocab=self.vocab,
+                                          eos_token=self.eos_ids)
+        except ValueError as exc:  # e.g. a word-level tokenizer with no decoder
+            log.info("llguidance cannot read %s (%s); using each token's text",
+                     self.tokenizer_json.name, exc)
+            source = TokenizerWrapper(_TokenTexts(self.tokenizer_json, self.eos_ids))
+            return llguidance.LLTokenizer(source, n_vocab=self.vocab, eos_token=self.eos_ids)
 
     def grammar(self, fmt: ResponseFormat) -> str:
         """llguidance's grammar for a format (not yet checked)."""
