@@ -132,8 +132,9 @@ class Runtime:
 
     def settle(self) -> None:
         """After the image serves: the layers' TorchScript compile (~0.8 s; until then they
-        run eagerly, the same numbers), the grammar tokenizer (~0.3 s; a structured request
-        before builds it) and the mapped files' read-once pages released."""
+        run eagerly, the same numbers) and the grammar tokenizer (~0.3 s; a structured
+        request before builds it). (The pages a load read only to convert go after each
+        component; the weights used in place stay resident once the self-test touched them.)"""
         if self.backbone is not None:
             self.backbone.script()
         if self.grammars is not None:
@@ -141,7 +142,6 @@ class Runtime:
                 self.grammars.tokenizer()
             except InvalidArgument as exc:  # served without structured output
                 log.warning("no structured output for this tokenizer", extra={"error": str(exc)})
-        release_pages()
 
     def _path(self, relative: str) -> Path:
         return Path(self.image.path) / relative
