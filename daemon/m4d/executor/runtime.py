@@ -131,12 +131,9 @@ class Runtime:
                                                  "seconds": round(self.phases[name], 2)})
 
     def settle(self) -> None:
-        """After the image serves: the layers' TorchScript compile (~0.8 s; until then they
-        run eagerly, the same numbers) and the grammar tokenizer (~0.3 s; a structured
-        request before builds it). (The pages a load read only to convert go after each
-        component; the weights used in place stay resident once the self-test touched them.)"""
-        if self.backbone is not None:
-            self.backbone.script()
+        """After the image serves: the grammar tokenizer (~0.3 s; a structured request
+        before builds it). (The pages a load read only to convert go after each component;
+        the weights used in place stay resident once the self-test touched them.)"""
         if self.grammars is not None:
             try:
                 self.grammars.tokenizer()
@@ -179,8 +176,7 @@ class Runtime:
                 "component": name})
         self.max_context = min(self.config.max_context, cfg.max_seq_len)
         phase("weights")
-        # the layers are scripted by `settle`, after the image serves
-        model.setup_caches(self.config.kv_slots, self.max_context, kv_dtype, script=False)
+        model.setup_caches(self.config.kv_slots, self.max_context, kv_dtype)
         phase("caches")
         self.kv_rows = KVRows([b.attention.kv_cache for b in model.blocks
                                if b.attention.kv_cache is not None])

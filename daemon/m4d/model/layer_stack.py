@@ -1,9 +1,11 @@
 """The Llama decoder's layer loop as one call per step (model execution stage).
 
-``Llama`` runs its layers through a ``LayerStack``: TorchScript'd, so a whole forward is one
-call that releases the GIL once, and for a decode step of w4a8 linears in float32 one C++
-call (``m4.decode_layers``) over the same weights and KV caches. ``script_stack`` compiles a
-stack, falling back to the eager loop where TorchScript cannot.
+``Llama`` runs its layers through a ``LayerStack``: for w4a8 linears in float32 every cached
+forward is one C++ call (``m4.decode_layers``) over the same weights and KV caches, which
+releases the GIL for the whole step (such a stack stays eager: a 16-row step beside a busy
+Python thread measured 38.1 ms eager and 39.7 ms scripted); any other stack is TorchScript'd,
+so a whole forward is one call that releases the GIL once. ``script_stack`` compiles a stack,
+falling back to the eager loop where TorchScript cannot.
 """
 
 # no `from __future__ import annotations`: TorchScript compiles LayerStack.forward
