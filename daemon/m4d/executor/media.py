@@ -6,7 +6,6 @@ Every method runs on the executor thread.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 
 from m4d.errors import InvalidArgument
 from m4d.executor.memory import own_mapping
-from m4d.executor.shared import shared_load
+from m4d.executor.shared import model_key, shared_load
 from m4d.requests import Recognised, TextBox
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,7 @@ class MediaRuntime:
             cfg = WhisperConfig.from_dict(spec["config"])
             digest = self.digest_of(spec["weights"])
             model, _ = shared_load(
-                (digest, "whisper", str(self.compute_dtype), str(device),
-                 json.dumps(spec["config"], sort_keys=True)) if digest else None,
+                model_key(digest, "whisper", self.compute_dtype, device, config=spec["config"]),
                 lambda: load_whisper(self.root / spec["weights"], cfg,
                                      compute_dtype=self.compute_dtype, device=str(device)))
             self.speech[name] = WhisperTranscriber(model, self.root / spec["tokenizer"], cfg)

@@ -6,7 +6,6 @@ Every method here runs on the executor thread; nothing here is async or knows gR
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from m4d.executor.memory import (
     rss_bytes,
     weight_bytes,
 )
-from m4d.executor.shared import shared_load
+from m4d.executor.shared import model_key, shared_load
 from m4d.model import kernels
 from m4d.model.bert import BertConfig, load_bert
 from m4d.model.kv_cache import KVRows
@@ -168,9 +167,8 @@ class Runtime:
                               compute_dtype=dtype, device=str(self.device), digest=digest,
                               packed=packed)
 
-        model, shared = shared_load(
-            (digest, "llama", weight_format, str(dtype), str(self.device),
-             json.dumps(spec["config"], sort_keys=True)) if digest else None, load)
+        model, shared = shared_load(model_key(digest, "llama", weight_format, dtype, self.device,
+                                              config=spec["config"]), load)
         if shared:
             log.info("backbone weights shared with the image loaded beside", extra={
                 "component": name})
@@ -200,8 +198,8 @@ class Runtime:
         cfg = BertConfig.from_dict(spec["config"])
         digest = self._digest(spec["weights"])
         self.encoder, _ = shared_load(
-            (digest, "bert", str(self.compute_dtype), str(self.encoder_device),
-             json.dumps(spec["config"], sort_keys=True)) if digest else None,
+            model_key(digest, "bert", self.compute_dtype, self.encoder_device,
+                      config=spec["config"]),
             lambda: load_bert(self._path(spec["weights"]), cfg, compute_dtype=self.compute_dtype,
                               device=self.encoder_device))
         self.encoder_tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]))
@@ -221,7 +219,7 @@ class Runtime:
     def prefill(self, row: int, ids: list[int], start: int) -> torch.Tensor:
         """Puts a prompt chunk into KV row `row`; returns the last position's logits [V]."""
         assert self.backbone is not None
-        self._written(row, start + len(ids))
+        self.kv_rows.wrote(row, start + len(ids))
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, S]
         pos = torch.arange(start, start + len(ids), dtype=torch.long, device=self.device)[None]  # [1, S]
         rows = torch.tensor([row], dtype=torch.long, device=self.device)
@@ -233,7 +231,7 @@ class Runtime:
         """One token for each sequence, each at its own position; returns logits [B, V]."""
         assert self.backbone is not None
         for row, position in zip(rows, positions, strict=True):
-            self._written(row, position + 1)
+            self.kv_rows.wrote(row, position + 1)
         b = len(rows)
         order = sorted(range(b), key=rows.__getitem__)
         if [rows[i] for i in order] == list(range(b)):
@@ -266,15 +264,12 @@ class Runtime:
         are the sequence's)."""
         for cache, saved in zip(self.kv_rows.caches, parked, strict=True):
             cache.load(row, saved, start)
-            self._written(row, start + saved[0].shape[1])
+            self.kv_rows.wrote(row, start + saved[0].shape[1])
 
     def discard_rows(self, rows: list[int]) -> None:
         """KV rows that hold no sequence: their memory goes back to the system (it reads as
         zeros until written again)."""
         self.kv_rows.discard(rows)
-
-    def _written(self, row: int, positions: int) -> None:
-        self.kv_rows.wrote(row, positions)
 
     def memory(self, kv_budget_tokens: int) -> MemoryUsage:
         """This process's memory by part; `kv_budget_tokens`: the scheduler's KV pool."""
@@ -376,7 +371,7 @@ class Runtime:
     def prefill_embeds(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """`prefill` for a chunk given as embeddings [S, D]; last position's logits [V]."""
         assert self.backbone is not None
-        self._written(row, start + embeds.shape[0])
+        self.kv_rows.wrote(row, start + embeds.shape[0])
         pos = torch.arange(start, start + embeds.shape[0], dtype=torch.long,
                            device=self.device)[None]  # [1, S]
         rows = torch.tensor([row], dtype=torch.long, device=self.device)

@@ -13,6 +13,7 @@ the loaded one with every weight tensor kept as it is. Weights are never written
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import weakref
 from collections.abc import Callable, Hashable
@@ -30,6 +31,12 @@ M = TypeVar("M", bound=nn.Module)
 log = logging.getLogger(__name__)
 
 _loaded: weakref.WeakValueDictionary[Hashable, nn.Module] = weakref.WeakValueDictionary()
+
+
+def model_key(digest: str | None, *how: object, config: dict[str, Any]) -> Hashable | None:
+    """What makes two loads the same model: the weight file's content, how it is loaded
+    (kind, format, dtype, device) and the config; None (never shared) without a digest."""
+    return (digest, *map(str, how), json.dumps(config, sort_keys=True)) if digest else None
 
 
 def shared_load(key: Hashable | None, load: Callable[[], M]) -> tuple[M, bool]:

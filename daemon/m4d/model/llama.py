@@ -444,6 +444,7 @@ def load_llama(weights_file: Path, config: LlamaConfig, *, weight_format: str,
                 head.weight = head_weight
                 model.output = head
         model.norm.weight = dense("model.norm.weight")
+
         def linears(i: int) -> list[nn.Module]:  # numpy packing, mostly without the GIL
             names = [f"layers.{i}.attention.wqkv", f"layers.{i}.attention.wo",
                      f"layers.{i}.feed_forward.w13", f"layers.{i}.feed_forward.w2"]

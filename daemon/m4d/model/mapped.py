@@ -26,7 +26,8 @@ DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.
 
 # content key -> the file's map, while any tensor of it is alive (a tensor holds its map)
 _maps: weakref.WeakValueDictionary[object, mmap.mmap] = weakref.WeakValueDictionary()
-_paths: dict[object, Path] = {}  # content key -> the path it was mapped from
+# content key -> (the path it was mapped from, the map's address span); dropped with the map
+_spans: dict[object, tuple[Path, int, int]] = {}
 
 
 def _map(path: Path, digest: str | None) -> mmap.mmap:
@@ -38,7 +39,9 @@ def _map(path: Path, digest: str | None) -> mmap.mmap:
         with open(path, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         _maps[key] = mapped
-        _paths[key] = path.resolve()
+        base = torch.frombuffer(mapped, dtype=torch.uint8, count=1).data_ptr() if len(mapped) else 0
+        _spans[key] = (path.resolve(), base, base + len(mapped))
+        weakref.finalize(mapped, _spans.pop, key, None)
     return mapped
 
 
@@ -50,7 +53,7 @@ def mapped_digests() -> set[str]:
 
 def mapped_paths() -> list[Path]:
     """The files mapped now (the path each was first mapped from)."""
-    return [path for key, path in list(_paths.items()) if key in _maps]
+    return [path for path, _, _ in list(_spans.values())]
 
 
 class MappedSafetensors:
@@ -117,12 +120,4 @@ def release_pages() -> None:
 def is_mapped(t: torch.Tensor) -> bool:
     """Whether `t` lies in a file this module mapped."""
     ptr = t.untyped_storage().data_ptr()
-    for m in list(_maps.values()):
-        base = _address(m)
-        if base <= ptr < base + len(m):
-            return True
-    return False
-
-
-def _address(m: mmap.mmap) -> int:
-    return torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
+    return any(start <= ptr < end for _, start, end in list(_spans.values()))
