@@ -234,7 +234,7 @@ class Llama(nn.Module):
                                                self.config.head_dim, dtype, device)
             layer.attention.fused_decode = fused
         self.cache_slots, self.cache_seq = n_slots, max_seq
-        self._build_stack()
+        self.rebuild_stack()
 
     def _build_stack(self) -> None:
         """(Re)builds the layer stack over the current caches (see LayerStack). A fused stack
@@ -243,6 +243,16 @@ class Llama(nn.Module):
         holding the GIL. Any other is TorchScript'd (eager where TorchScript cannot)."""
         stack = self._stack_over_caches()
         self.__dict__["_stack"] = stack if len(stack.fused) > 0 else script_stack(stack)
+
+    def rebuild_stack(self) -> None:
+        """After linears were swapped (an adapter attached or detached in torch, see
+        ``m4d.adapters.modules``): the layers run eagerly, or as before once restored."""
+        if any(type(m).__name__ == "LoraLinear" for m in self.modules()):
+            self.__dict__["_stack"] = LayerStack(self.layers)  # eager: no fused step, no script
+        elif self.cache_slots:
+            self._build_stack()
+        else:
+            self.__dict__["_stack"] = LayerStack(self.layers)
 
     def _stack_over_caches(self) -> LayerStack:
         return LayerStack(self.layers, self._fused_tensors(), self.config.n_heads,
@@ -282,7 +292,7 @@ class Llama(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "Llama":  # .to(), .float(), ...
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         if self.cache_slots:  # the stack holds the old buffers: .to() may have made new ones
-            self._build_stack()
+            self.rebuild_stack()
         return self
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -348,6 +358,11 @@ class Llama(nn.Module):
     def forward_full(self, tokens: torch.Tensor | None,
                      embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Cache-free causal forward. tokens [B, S] (or embeds [B, S, D]) -> float32 logits [B, S, V]."""
+        return self.causal_logits(tokens, embeds)
+
+    def causal_logits(self, tokens: torch.Tensor | None,
+                      embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward_full`` outside inference mode, so gradients can flow (adapter training)."""
         if embeds is None:
             if tokens is None:
                 raise ValueError("give tokens or embeds")
