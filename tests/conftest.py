@@ -50,14 +50,16 @@ def text_image(default_image: Path, tmp_path_factory: pytest.TempPathFactory) ->
     only add time to each."""
     from tests.integration.imagetools import variant
 
-    keep = {"backbone", "text_encoder"}
     data = json.loads((default_image / "manifest.json").read_bytes())
+    keep = {"backbone", "text_encoder"} | {  # and the backbone's adapters (tasks use them)
+        k for k, v in data["components"].items() if v["kind"] == "lora"}
     tasks = [t for t in data["tasks"] if set(t["modules"]) <= keep]
     ids = {t["id"] for t in tasks}
     return variant(default_image, tmp_path_factory.mktemp("text-image") / "default", None,
                    components={k: v for k, v in data["components"].items() if k in keep},
                    tasks=tasks, self_test=[c for c in data["self_test"] if c["task"] in ids],
-                   files={p: e for p, e in data["files"].items() if p.split("/")[0] in keep})
+                   files={p: e for p, e in data["files"].items()
+                          if p.split("/")[0] in keep or p.split("/")[:2] in [["adapters", k] for k in keep]})
 
 
 @dataclass

@@ -172,6 +172,9 @@ class Config:
     # 64 tokens, evicted least recently used; memory ~46 KB a token at float32.
     # 0: no prefix cache.
     prefix_cache_tokens: int = 4096
+    # Memory for the backbone's task adapters (LoRA) kept loaded, in MiB; beyond it the least
+    # recently used one is dropped (and read again from the image on its next request).
+    adapter_memory_mb: int = 64
     # Most texts in one Embed call, and most texts the encoder runs in one batch.
     max_batch_texts: int = 64
     # Longest text accepted in any field, in characters.
@@ -254,7 +257,7 @@ class Config:
             raise ConfigError(f"kernel_variant must be one of {', '.join(KERNEL_VARIANTS)} "
                               f"(got {self.kernel_variant!r})")
         for key in ("aging_seconds", "uid_tokens_per_second", "kv_pool_tokens", "kv_park_tokens",
-                    "prefix_cache_tokens", "kernel_threads", "uid_max_running",
+                    "prefix_cache_tokens", "adapter_memory_mb", "kernel_threads", "uid_max_running",
                     "uid_max_tokens_in_flight", "stream_pause_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (got {getattr(self, key)})")

@@ -87,6 +87,7 @@ class GenerateRequest(RequestBase):
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16))
     constraint: TokenConstraint | None = None  # structured output: which tokens may come next
     keep_reply: bool = False  # a session's turn: its reply's KV goes to the prefix cache too
+    adapter: str = ""  # the task's LoRA on the backbone (an image component), "" for none
 
 
 class TokenConstraint(Protocol):
@@ -114,6 +115,7 @@ class EmbedRequest(RequestBase):
 class ClassifyRequest(RequestBase):
     text: str = ""
     labels: list[str] = field(default_factory=list)
+    head: str = ""  # a trained task head (an image component) instead of label similarity
 
 
 @dataclass
@@ -170,6 +172,7 @@ class MediaRequest(RequestBase):
     # ANSWER: the prompt template id and the caller's question; sampling for the answer.
     prompt_template: str = ""
     question: str = ""
+    adapter: str = ""  # the answer's LoRA on the backbone, "" for none
     sampling: SamplingParams | None = None
 
 

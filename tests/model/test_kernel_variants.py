@@ -176,7 +176,7 @@ def test_attention_and_decode_step_agree_bit_for_bit_across_variants() -> None:
                      torch.full((d,), 0.5), lins[2].weight, lins[2].sc, lins[3].weight, lins[3].sc, *caches]
             step = torch.ops.m4.decode_layers(x, layer * 2, [m.kind_code for m in lins] * 2,
                                               torch.tensor([2, 0, 1]), torch.tensor([5, 0, 15]), cos, sin,
-                                              h, hkv, 1e-5, dh**-0.5)
+                                              h, hkv, 1e-5, dh**-0.5, [], None)
             out[v] = (torch.ops.m4.decode_attention(q, kc, vc, rows, pos, 0.125),
                       torch.ops.m4.decode_attention(q.bfloat16(), kc.float(), vc.float(), rows, pos, 0.125),
                       step, *caches)
@@ -214,7 +214,8 @@ def arm_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_arm_neon_variants_under_qemu(arm_program: Path) -> None:
     """An ARMv8.6 CPU with dotprod and i8mm (qemu's "max"): both NEON variants run and give
-    the scalar reference's bits for every kind, attention and the decode step."""
+    the scalar reference's bits for every kind, attention and the decode step (with and without
+    per-row LoRA adapters)."""
     out = _run_kernel_test(arm_program, "qemu-aarch64", "-cpu", "max")
     for v in ("neon_i8mm", "neon_dotprod", "scalar"):
         assert f"variant: {v}\n" in out

@@ -250,7 +250,7 @@ def test_decode_layers_refuses_bad_input(variant: str) -> None:
         args = dict(x=x, layers=layer, kinds=kinds, rows=rows, pos=pos, cos=cos, sin=sin)
         args.update(change)
         return torch.ops.m4.decode_layers(args["x"], args["layers"], args["kinds"], args["rows"], args["pos"],
-                                          args["cos"], args["sin"], h, hkv, 1e-5, dh**-0.5)
+                                          args["cos"], args["sin"], h, hkv, 1e-5, dh**-0.5, [], None)
 
     assert call().shape == (2, d)
     assert cache[0][1, 0, 7].abs().sum() > 0  # row 1 wrote its key at position 7

@@ -126,3 +126,30 @@ def test_a_sessions_tail_is_found_under_its_chain_and_counts_its_own_size() -> N
     assert cache.lookup([*turn]).tokens == 4, "the last prompt token is always computed"
     assert cache.lookup([9, 9, 9, 9, 5, 6, 7]) is None, "a tail belongs to its chain"
     assert cache.insert([1, 2, 3, 4, 5], save) == 0  # no tail without tail=True
+
+
+def test_kv_computed_through_an_adapter_is_reused_only_with_that_adapter() -> None:
+    """The same prompt through two adapters (or none) has different KV: each chain of blocks
+    starts at its own root, tails included."""
+    from m4d.engine.prefixes import Prefixes
+
+    cache = PrefixCache(block=4, budget=64)
+    saves: list[str] = []
+
+    class Copier:
+        def save(self, row: int):  # type: ignore[no-untyped-def]
+            return lambda start, end: saves.append(f"{row}:{start}-{end}") or f"{row}:{start}"
+
+        def load(self, row: int):  # type: ignore[no-untyped-def]
+            return lambda kv, start: None
+
+    prefixes = Prefixes(cache, Copier())  # type: ignore[arg-type]
+    ids = list(range(11))
+    prefixes.computed(ids, row=1, adapter="slu")
+    assert prefixes.arrived(1, ids) == 0, "the base model must not reuse the adapter's KV"
+    assert prefixes.arrived(2, ids, adapter="other") == 0
+    assert prefixes.arrived(3, ids, adapter="slu") == 8
+    prefixes.computed(ids, row=2, tail=True)  # the base's own chain, with its tail
+    assert prefixes.arrived(4, [*ids, 5]) == 11
+    assert prefixes.arrived(5, [*ids, 5], adapter="slu") == 8  # the slu chain has no tail
+    assert len(saves) == 5  # 2 slu blocks, 2 base blocks and the base tail

@@ -56,13 +56,14 @@ class RecordingRuntime(FakeRuntime):
         self.on_decode: Callable[[list[int]], None] | None = None
         self.on_prefill: Callable[[int, int], None] | None = None
 
-    def prefill(self, row: int, ids: list[int], start: int) -> Any:
+    def prefill(self, row: int, ids: list[int], start: int, adapter: str = "") -> Any:
         if self.on_prefill is not None:
             self.on_prefill(row, start)
         self.calls.append(("prefill", (row,)))
         return super().prefill(row, ids, start)
 
-    def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> Any:
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int],
+               adapters: list[str] | None = None) -> Any:
         if self.on_decode is not None:
             self.on_decode(rows)
         self.calls.append(("decode", tuple(rows)))

@@ -45,7 +45,7 @@ class FakeRuntime:
         logits[hash(tuple(self.rows[row])) % VOCAB] = 1.0
         return logits
 
-    def prefill(self, row: int, ids: list[int], start: int) -> torch.Tensor:
+    def prefill(self, row: int, ids: list[int], start: int, adapter: str = "") -> torch.Tensor:
         cache = self.rows.setdefault(row, [])
         assert len(cache) >= start, f"a chunk at {start} but the row holds {len(cache)}"
         self.rows[row] = cache[:start] + list(ids)
@@ -62,7 +62,8 @@ class FakeRuntime:
         for row in rows:  # as the real cache: the row's memory is gone, it reads as empty
             self.rows[row] = []
 
-    def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int],
+               adapters: list[str] | None = None) -> torch.Tensor:
         time.sleep(0.002)  # long enough for the foreground request to arrive mid-run
         out = []
         for row, token, pos in zip(rows, tokens, positions, strict=True):

@@ -135,7 +135,8 @@ def test_queued_encoder_work_counts_before_the_generations() -> None:
 class RowCostRuntime(FakeRuntime):
     """A decode step of n rows sleeps 2 + 2·n ms: each row slows the others."""
 
-    def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int],
+               adapters: list[str] | None = None) -> torch.Tensor:
         time.sleep(0.002 * len(rows))
         return super().decode(rows, tokens, positions)
 

@@ -7,7 +7,8 @@ layer and the ones below; imports inside functions count, as they couple modules
     m4image                      the firmware image format and store: torch-free, no m4d
     m4d.{config,errors,logs,requests}   settings, domain errors, logs, request/result types
     m4d.prepare                  request bytes -> model inputs (tokens, audio features, pixels)
-    m4d.model                    the networks and their kernels
+    m4d.model, m4d.adapters      the networks and their kernels; task adapters (LoRA), their
+                                 data and training
     m4d.builder, m4d.executor    image building; the runtime that runs the networks (peers)
     m4d.engine                   scheduling and the step loop
     m4d.service                  the daemon's life cycle: boot, self-test, hot swap
@@ -39,7 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("m4image",),
     ("m4d", "m4d.config", "m4d.errors", "m4d.logs", "m4d.requests"),
     ("m4d.prepare",),
-    ("m4d.model",),
+    ("m4d.model", "m4d.adapters"),
     ("m4d.builder", "m4d.executor"),
     ("m4d.engine",),
     ("m4d.service",),

@@ -105,3 +105,46 @@ def test_media_requests_need_what_their_head_does(tasks: Tasks) -> None:
                           lists={"keywords": ["stop", "go"]})
     assert (request.module, request.keywords, request.priority) == (
         "speech", ["stop", "go"], Priority.BACKGROUND)
+
+
+ADAPTER_TASKS: list[dict[str, Any]] = [
+    {"id": "understand", "rpc": "Generate", "adapter": "slu", "prompt_template": "slu_adapter",
+     "inputs": [{"name": "prompt", "kind": "text"}]},
+    {"id": "command-intent", "rpc": "Classify", "head": "linear_head", "adapter": "intent-head",
+     "labels": ["turn_on_light", "turn_off_light"]},
+    {"id": "classify", "rpc": "Classify", "head": "similarity"},
+]
+
+
+def _adapter_tasks(adapters: tuple[str, ...] = ("slu",), error: str = "") -> Tasks:
+    return Tasks(Config(), ADAPTER_TASKS, ImageInfo("test", "1.0", "ab" * 32), WordTokenizer(),
+                 Template(), max_context=64, adapters=adapters,
+                 adapter_error=error)  # type: ignore[arg-type]
+
+
+def test_an_adapter_task_renders_its_template_and_names_its_adapter() -> None:
+    request = _adapter_tasks().generate("understand", ORIGIN, prompt="lights off")
+    assert request.adapter == "slu"
+    # the cascade's adapter template: a system line, then 'Request: "..."' as the user turn
+    assert request.prompt_ids == WordTokenizer().encode(
+        '<system> Turn the spoken request into JSON. <user> Request: "lights off" <assistant>')
+
+
+def test_an_adapter_the_image_lacks_or_cannot_run_is_refused_with_the_reason() -> None:
+    from m4d.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="adapter 'slu', which this image does not hold"):
+        _adapter_tasks(adapters=()).generate("understand", ORIGIN, prompt="lights off")
+    with pytest.raises(FailedPrecondition, match="fused decode step"):
+        _adapter_tasks(error="adapters run in m4's fused decode step").generate(
+            "understand", ORIGIN, prompt="lights off")
+
+
+def test_a_trained_head_classifies_over_its_own_labels_only() -> None:
+    tasks = _adapter_tasks()
+    request = tasks.classify("command-intent", ORIGIN, "lights off", [])
+    assert request.head == "intent-head" and request.labels == ["turn_on_light", "turn_off_light"]
+    assert tasks.classify("command-intent", ORIGIN, "x", ["turn_off_light"]).labels == ["turn_off_light"]
+    with pytest.raises(InvalidArgument, match="not among them: dim_light"):
+        tasks.classify("command-intent", ORIGIN, "x", ["dim_light"])
+    assert tasks.classify("classify", ORIGIN, "x", ["a", "b"]).head == ""

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-
 from m4image.fsutil import atomic_write_bytes
+from torch import Tensor
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -166,7 +165,7 @@ def write_peft(folder: Path, lora: Lora, extra: Mapping[str, Any] | None = None)
     from safetensors.torch import save
 
     folder.mkdir(parents=True, exist_ok=True)
-    top = "base_model.model." if lora.module == "backbone" else "base_model.model."
+    top = "base_model.model."  # PEFT's wrapper around the model's own names
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,14 +74,15 @@ def _model_kind(model: nn.Module) -> str:
 
 
 def _sizes(model: nn.Module) -> dict[str, tuple[list[int], int]]:
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg: Any = model.config
     if _model_kind(model) == "backbone":
         return llama_sizes(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim)
     return bert_sizes(cfg.hidden_size, cfg.intermediate_size)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
-    return list(model.layers)  # type: ignore[attr-defined]
+    layers: Any = model.layers
+    return list(layers)
 
 
 def _get(layer: nn.Module, path: str) -> nn.Module:
@@ -101,7 +103,8 @@ def attach(model: nn.Module, lora: Lora, trainable: bool = False) -> list[LoraLi
         raise AdapterError(f"the adapter is for the {lora.module}, not the {kind}")
     detach(model)
     sizes = _sizes(model)
-    wrapped, used = [], set()
+    wrapped: list[LoraLinear] = []
+    used: set[str] = set()
     for i, layer in enumerate(_layers(model)):
         for ours, parts in fused_parts(kind, i, {k: v[0] for k, v in sizes.items()}).items():
             present = [(p, lora.pairs[p.name]) for p in parts if p.name in lora.pairs]

@@ -25,7 +25,7 @@ from m4image.verify import VerifiedImage, verify_image
 from m4d.builder import selftests
 from m4d.builder.errors import BuildError
 from m4d.builder.importers.common import Progress
-from m4d.builder.tasks import default_tasks, media_tasks
+from m4d.builder.tasks import adapter_tasks, default_tasks, media_tasks
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,52 @@ def _pack_backbone(stage: Path, comp: dict[str, Any], report: Progress) -> None:
     report("pack backbone", 1, 1)
 
 
+ADAPTERS_DIR = Path(__file__).with_name("adapters")  # the default image's trained adapters
+
+
+def _add_adapters(stage: Path, components: dict[str, dict[str, Any]], folder: Path,
+                  report: Progress) -> None:
+    """Each PEFT folder under `folder` (trained by ``python -m m4d.adapters train``) as a
+    ``lora`` component, each head folder (``... head``) as a ``head`` component, with their
+    held-out metrics. An adapter is valid for one base: its recorded base (the backbone
+    weights' sha256) must be this image's backbone."""
+    import json
+    import shutil
+
+    from m4d.adapters.heads import HEAD_CONFIG, HEAD_WEIGHTS, read_head
+    from m4d.adapters.lora import PEFT_CONFIG, PEFT_WEIGHTS, read_peft
+
+    backbone = components.get("backbone")
+    for src in sorted(p for p in folder.iterdir() if (p / HEAD_CONFIG).is_file()):
+        if "text_encoder" not in components:
+            continue
+        head = read_head(src)
+        out = stage / "adapters" / src.name
+        out.mkdir(parents=True)
+        for name in (HEAD_CONFIG, HEAD_WEIGHTS):
+            shutil.copyfile(src / name, out / name)
+        metrics = json.loads((src / "metrics.json").read_text()) if (src / "metrics.json").is_file() else {}
+        components[src.name] = {"kind": "head", "module": "text_encoder", "dir": f"adapters/{src.name}",
+                                "labels": head.labels, "metrics": metrics.get("eval", {})}
+    for src in sorted(p for p in folder.iterdir() if (p / PEFT_CONFIG).is_file()):
+        lora = read_peft(src, "backbone")
+        base = sha256_file(stage / backbone["weights"]) if backbone is not None else ""
+        if lora.base_model != base:
+            raise BuildError(f"adapter {src.name} was trained on backbone {lora.base_model[:12] or '?'}, "
+                             f"not this image's {base[:12] or '(none)'}: retrain it (python -m m4d.adapters train)")
+        out = stage / "adapters" / src.name
+        out.mkdir(parents=True)
+        for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+            shutil.copyfile(src / name, out / name)
+        metrics = json.loads((src / "metrics.json").read_text()) if (src / "metrics.json").is_file() else {}
+        components[src.name] = {
+            "kind": "lora", "module": "backbone", "dir": f"adapters/{src.name}",
+            "rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets,
+            "base": base, "metrics": metrics.get("eval", {}),
+        }
+        report(f"adapter {src.name}", 1, 1)
+
+
 def _created() -> str:
     """Build time, or SOURCE_DATE_EPOCH for reproducible builds."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
@@ -162,6 +208,7 @@ def build_default_image(
                        encoder=package_dir(ENCODER_PACKAGE) / ENCODER_FOLDER,
                        speech=package_dir(SPEECH_PACKAGE) / SPEECH_FOLDER,
                        ocr=package_dir(OCR_PACKAGE) / OCR_FOLDER,
+                       adapters=ADAPTERS_DIR,
                        packages=(BACKBONE_PACKAGE, ENCODER_PACKAGE), progress=progress,
                        name=name, version=version, security_version=security_version,
                        force=force)
@@ -178,6 +225,7 @@ def build_image(
     clip: Path | None = None,
     vlm: Path | None = None,
     sensor: Path | None = None,
+    adapters: Path | None = None,
     packages: tuple[str, str] | None = None,
     progress: Progress | None = None,
     name: str = DEFAULT_NAME,
@@ -190,7 +238,8 @@ def build_image(
     Hugging Face checkpoint folder, a sentence-transformers text encoder folder, a Whisper
     speech model (a CTranslate2 folder with model.bin, or a Hugging Face folder) and an OCR
     model (a folder with EasyOCR's craft_mlt_25k.pth and english_g2.pth), any of them.
-    The task table keeps the tasks whose modules the image has."""
+    The task table keeps the tasks whose modules the image has; `adapters`: a folder of
+    trained adapters (PEFT folders) for the backbone, their tasks added."""
     report: Progress = progress or (lambda stage, done, total: None)
     output = Path(output)
     if (output.exists() or output.is_symlink()) and not force:
@@ -267,8 +316,10 @@ def build_image(
                                   "package_version": _package_version(OCR_PACKAGE)}
                 components["ocr"] = comp
                 self_test.append(selftests.ocr_check(stage, comp, report))
-            tasks = [t for t in default_tasks() + media_tasks(components)
-                     if set(t.modules) <= set(components)]
+            if adapters is not None and adapters.is_dir():
+                _add_adapters(stage, components, adapters, report)
+            tasks = adapter_tasks([t for t in default_tasks() + media_tasks(components)
+                                   if set(t.modules) <= set(components)], components)
 
             paths = sorted(p for p in stage.rglob("*") if p.is_file())
             files: dict[str, FileEntry] = {}

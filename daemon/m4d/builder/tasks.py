@@ -6,6 +6,7 @@ whose modules the image has. M4 task numbers are given where one matches.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from m4image.manifest import IOSpec, Task
@@ -153,3 +154,40 @@ def media_tasks(components: dict[str, dict[str, Any]]) -> list[Task]:
             "(and sent), then the backbone answers from it.",
             inputs=[image, text("question", "text", "The question.")], outputs=[answer]))
     return tasks
+
+
+def adapter_tasks(tasks: list[Task], components: dict[str, dict[str, Any]]) -> list[Task]:
+    """The tasks that run through a trained adapter of the image: with the spoken-language
+    understanding adapter ("slu"), T49 runs through it, and typed commands too; with the
+    intent head on the text encoder ("intent-head"), typed commands are classified by it."""
+    out = list(tasks)
+    head = components.get("intent-head", {})
+    if head.get("kind") == "head":
+        out.append(Task(
+            id="command-intent", path=3, modules=["text_encoder"], head="linear_head",
+            rpc="Classify", adapter="intent-head", labels=list(head["labels"]),
+            description="The intent of a typed command (path 3): a head trained on the text "
+            "encoder's sentence vector; its labels are the task's, its held-out accuracy is in "
+            "the image manifest (component 'intent-head').",
+            inputs=[IOSpec("text", "text", "The command.")],
+            outputs=[IOSpec("labels", "texts", "Every intent with its probability, best first.")]))
+    if components.get("slu", {}).get("kind") != "lora":
+        return out
+    tasks, out = out, []
+    for task in tasks:
+        if task.id == "speech-understand":
+            task = dataclasses.replace(
+                task, adapter="slu", prompt_template="slu_adapter",
+                description="Spoken-language understanding (M4 T49): the request in the audio "
+                "as JSON with an intent and slots, from the transcript (sent first) through "
+                "the backbone's trained SLU adapter.")
+        out.append(task)
+    out.append(Task(
+        id="understand", m4_id="T49", path=2, modules=["backbone"], head="lm_head",
+        rpc="Generate", streaming=True, adapter="slu", prompt_template="slu_adapter",
+        description="Understand a typed or transcribed command: its intent and slots as JSON, "
+        "through the backbone's trained SLU adapter (its held-out accuracy is in the image "
+        "manifest, component 'slu').",
+        inputs=[IOSpec("prompt", "text", "The command, as typed or transcribed.")],
+        outputs=[IOSpec("text", "text", 'JSON: {"intent": ..., "slots": {...}}, streamed.')]))
+    return out

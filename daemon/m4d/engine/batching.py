@@ -37,7 +37,7 @@ def encoder_texts(request: EncoderRequest) -> list[str]:
     """The texts an encoder request puts through the encoder."""
     if isinstance(request, EmbedRequest):
         return request.texts
-    return [request.text, *request.labels]
+    return [request.text] if request.head else [request.text, *request.labels]
 
 
 def _num_texts(requests: Iterable[EncoderRequest]) -> int:

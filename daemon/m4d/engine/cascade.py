@@ -17,72 +17,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from m4d.errors import InvalidArgument
+from m4d.prepare.prompts import answer_messages
 from m4d.requests import GenerateRequest, MediaRequest, TokenConstraint
 
 if TYPE_CHECKING:
     from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
-_PROMPTS: dict[str, tuple[str, str]] = {
-    # Spoken-language understanding (M4 T49 style): transcript -> intent and slots as JSON.
-    "slu": (
-        "You turn a spoken request into JSON with an \"intent\" (a short snake_case verb "
-        "phrase) and \"slots\" (the details, as an object). Reply with the JSON only.",
-        "Request: \"{source}\"",
-    ),
-    # Questions about the text in an image (M4 T21: OCR on rendered text).
-    "ocr_qa": (
-        "Answer the question using only the text found in an image. Be brief.",
-        "Text in the image:\n{source}\n\nQuestion: {question}",
-    ),
-    # Questions about what was said.
-    "speech_qa": (
-        "Answer the question using only what the speaker said. Be brief.",
-        "The speaker said: \"{source}\"\n\nQuestion: {question}",
-    ),
-    # Visual question answering (M4 T33): the image's features replace IMAGE_MARKER.
-    "vqa": ("", "<image>\n{question}"),
-}
-
-# Worked examples before the real turn: a small backbone follows a format it has just seen
-# (SmolLM2-135M answers free-form prose to the instruction alone, valid intent JSON after these).
-_EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
-    "slu": (
-        ("Set a timer for ten minutes.",
-         '{"intent": "set_timer", "slots": {"duration": "ten minutes"}}'),
-        ("What will the weather be like in Paris tomorrow?",
-         '{"intent": "get_weather", "slots": {"city": "Paris", "date": "tomorrow"}}'),
-        ("Play some jazz music in the living room.",
-         '{"intent": "play_music", "slots": {"genre": "jazz", "room": "living room"}}'),
-    ),
-}
-
 # What a template's answer must be, enforced while decoding (structured output): the
 # spoken-language-understanding answer is one JSON object with an intent and string slots.
-SCHEMAS: dict[str, dict[str, object]] = {
-    "slu": {
-        "type": "object",
-        "properties": {
-            "intent": {"type": "string", "pattern": "^[a-z][a-z_]{0,39}$"},
-            "slots": {"type": "object",
-                      "additionalProperties": {"type": "string", "maxLength": 64}},
-        },
-        "required": ["intent", "slots"],
-        "additionalProperties": False,
+_SLU_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "intent": {"type": "string", "pattern": "^[a-z][a-z_]{0,39}$"},
+        "slots": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 64}},
     },
+    "required": ["intent", "slots"],
+    "additionalProperties": False,
 }
+SCHEMAS: dict[str, dict[str, object]] = {"slu": _SLU_SCHEMA, "slu_adapter": _SLU_SCHEMA}
 
 IMAGE_MARKER = "<image>"
-
-
-def answer_messages(template: str, source: str, question: str) -> list[dict[str, str]]:
-    """The chat for a cascaded answer; ``template`` is a task's prompt_template."""
-    system, user = _PROMPTS[template]
-    turn = {"role": "user", "content": user.format(source=source.strip() or "(nothing)",
-                                                   question=question.strip())}
-    shots = [m for u, a in _EXAMPLES.get(template, ())
-             for m in ({"role": "user", "content": user.format(source=u, question="")},
-                       {"role": "assistant", "content": a})]
-    return ([{"role": "system", "content": system}] if system else []) + shots + [turn]
 
 
 @dataclass(frozen=True)
@@ -132,4 +86,4 @@ def plan_answer(request: MediaRequest, source: str, *, tokenizer: TextTokenizer 
     return Answer(GenerateRequest(
         task=request.task, priority=request.priority, caller=request.caller, id=request.id,
         arrival=request.arrival, deadline=request.deadline, prompt_ids=ids,
-        sampling=sampling, constraint=constraint), splice_ids)
+        sampling=sampling, constraint=constraint, adapter=request.adapter), splice_ids)

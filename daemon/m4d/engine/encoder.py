@@ -44,12 +44,16 @@ def run_encoder_batch(runtime: Runtime, batch: list[EncoderRequest],
         usage = Usage(prompt_tokens=tokens)
         if isinstance(request, EmbedRequest):
             yield request, Embeddings(vecs.tolist(), int(vecs.shape[1]), usage, timings)
-        else:
+            continue
+        if request.head:  # a trained head (path 3): its logits over the asked labels
+            names, logits = runtime.heads.logits(request.head, vecs[:1])
+            raw = [float(logits[0, names.index(label)]) for label in request.labels]
+            probs = softmax(raw, 1.0)
+        else:  # zero-shot: the text's similarity to each label's embedding
             query, labels = vecs[0], vecs[1:]
-            sims = (labels @ query).tolist()  # cosine: the vectors are normalised
-            probs = softmax(sims, SIMILARITY_TEMPERATURE)
-            ranked = sorted(
-                (LabelScore(label, p, s)
-                 for label, p, s in zip(request.labels, probs, sims, strict=True)),
-                key=lambda ls: -ls.score)
-            yield request, Ranked(ranked, usage, timings)
+            raw = (labels @ query).tolist()  # cosine: the vectors are normalised
+            probs = softmax(raw, SIMILARITY_TEMPERATURE)
+        ranked = sorted((LabelScore(label, p, s)
+                         for label, p, s in zip(request.labels, probs, raw, strict=True)),
+                        key=lambda ls: -ls.score)
+        yield request, Ranked(ranked, usage, timings)

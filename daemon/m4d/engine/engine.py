@@ -292,7 +292,7 @@ class Engine(BesideGeneration):
                       prompt_embeds: torch.Tensor | None = None) -> None:
         ticket = self._tickets.get(request.id)
         cached = 0 if prompt_embeds is not None else self.prefixes.arrived(
-            request.id, request.prompt_ids)
+            request.id, request.prompt_ids, request.adapter)
         self._sequences[request.id] = seq = Sequence(request, stream, self.runtime.tokenizer,
                                                      prompt_embeds)
         seq.prompted = cached
@@ -385,7 +385,7 @@ class Engine(BesideGeneration):
         if state is None or state.row is None or seq.prompt_embeds is not None:
             return
         self.prefixes.computed((seq.request.prompt_ids + seq.tokens)[:state.computed], state.row,
-                               tail=True)
+                               tail=True, adapter=seq.request.adapter)
 
     def _fail_all(self, error: M4Error) -> None:
         for rid in list(self._streams):
@@ -443,13 +443,13 @@ class Engine(BesideGeneration):
             resumed = bool(seq.tokens)  # preempted before: re-prefills prompt + generated
             if chunk.start == 0 and not resumed:
                 seq.started(now)
-            started = time.monotonic()
+            started, adapter = time.monotonic(), seq.request.adapter
             if seq.prompt_embeds is not None:  # path 1: image features among the tokens
                 logits = self.runtime.prefill_embeds(chunk.row, seq.chunk_embeds(
-                    chunk.start, chunk.length, self.runtime.token_embeddings), chunk.start)
+                    chunk.start, chunk.length, self.runtime.token_embeddings), chunk.start, adapter)
             else:
                 logits = self.runtime.prefill(
-                    chunk.row, seq.chunk_ids(chunk.start, chunk.length), chunk.start)
+                    chunk.row, seq.chunk_ids(chunk.start, chunk.length), chunk.start, adapter)
             self.stats.tokens_prompted += chunk.length
             seq.prompted += chunk.length
             self.deadlines.costs.prefilled(chunk.length, time.monotonic() - started)
@@ -459,7 +459,7 @@ class Engine(BesideGeneration):
                     seq.prefilled(first)
                     self.stats.observe_ttft(first - seq.request.arrival)
                     if seq.prompt_embeds is None:
-                        self.prefixes.computed(seq.request.prompt_ids, chunk.row)
+                        self.prefixes.computed(seq.request.prompt_ids, chunk.row, adapter=adapter)
                 logits = logits[None]
                 constrain([seq], logits)
                 self._on_token(seq, sample(logits, [seq.params], [seq.generator])[0])
@@ -476,7 +476,8 @@ class Engine(BesideGeneration):
             started = time.monotonic()
             logits = self.runtime.decode([row for _, row in decode[piece.start:piece.stop]],
                                          [s.last_token for s in batch],
-                                         [s.next_position for s in batch])
+                                         [s.next_position for s in batch],
+                                         [s.request.adapter for s in batch])
             constrain(batch, logits)
             tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
             self.latency.decoded(len(batch), time.monotonic() - started)

@@ -71,23 +71,24 @@ class PrefixCache:
     def tokens(self) -> int:
         return sum(b.size for b in self._blocks.values())
 
-    def _keys(self, ids: Sequence[int], n_blocks: int) -> list[Key]:
+    def _keys(self, ids: Sequence[int], n_blocks: int, root: Any = None) -> list[Key]:
         keys: list[Key] = []
-        parent: Any = None
+        parent: Any = root
         for i in range(n_blocks):
             key = (parent, tuple(ids[i * self.block:(i + 1) * self.block]))
             keys.append(key)
             parent = key
         return keys
 
-    def lookup(self, ids: Sequence[int]) -> Hit | None:
-        """The longest cached prefix of a prompt, pinned; None when none is cached."""
+    def lookup(self, ids: Sequence[int], root: Any = None) -> Hit | None:
+        """The longest cached prefix of a prompt, pinned; None when none is cached. `root`
+        names what computed the KV besides the tokens (a task's adapter; None: the base)."""
         if not self.enabled:
             return None
         hit = Hit(0)
         now = next(self._clock)
-        parent: Any = None
-        for key in self._keys(ids, (len(ids) - 1) // self.block):
+        parent: Any = root
+        for key in self._keys(ids, (len(ids) - 1) // self.block, root):
             found = self._blocks.get(key)
             if found is None:
                 break
@@ -120,7 +121,7 @@ class PrefixCache:
         hit.blocks = []
 
     def insert(self, ids: Sequence[int], save: Callable[[int, int], Any],
-               tail: bool = False) -> int:
+               tail: bool = False, root: Any = None) -> int:
         """Caches the full blocks of computed tokens that are not cached yet, and with
         `tail` the partial block after them, copying each with `save(start, end)` from the
         sequence's row; returns how many it added."""
@@ -128,9 +129,9 @@ class PrefixCache:
             return 0
         now, added = next(self._clock), 0
         full = len(ids) // self.block
-        keys = self._keys(ids, full)
+        keys = self._keys(ids, full, root)
         if tail and len(ids) > full * self.block:
-            keys.append((keys[-1] if keys else None, tuple(ids[full * self.block:])))
+            keys.append((keys[-1] if keys else root, tuple(ids[full * self.block:])))
         for depth, key in enumerate(keys):
             found = self._blocks.get(key)
             if found is not None:
@@ -184,10 +185,10 @@ class Prefixes:
         self.copier = copier
         self._hits: dict[int, Hit] = {}
 
-    def arrived(self, seq_id: int, prompt_ids: Sequence[int]) -> int:
+    def arrived(self, seq_id: int, prompt_ids: Sequence[int], adapter: str = "") -> int:
         """Prompt tokens of a new sequence that the cache holds (restored when it gets a
-        row; 0 when none)."""
-        hit = self.cache.lookup(prompt_ids)
+        row; 0 when none); KV computed through an adapter is only reused with it."""
+        hit = self.cache.lookup(prompt_ids, _root(adapter))
         if hit is None:
             return 0
         self._hits[seq_id] = hit
@@ -199,13 +200,20 @@ class Prefixes:
         if hit is not None:
             self.cache.restore(hit, self.copier.load(row))
 
-    def computed(self, ids: Sequence[int], row: int, tail: bool = False) -> None:
+    def computed(self, ids: Sequence[int], row: int, tail: bool = False,
+                 adapter: str = "") -> None:
         """Tokens (a prompt; with `tail` a session's prompt and reply, the partial last
-        block too) have been computed in `row`: their new blocks are cached."""
-        self.cache.insert(ids, self.copier.save(row), tail)
+        block too) have been computed in `row` (through `adapter`): their new blocks are
+        cached."""
+        self.cache.insert(ids, self.copier.save(row), tail, _root(adapter))
 
     def forget(self, seq_id: int) -> None:
         """The sequence ended before it got a row: its hit is unpinned."""
         hit = self._hits.pop(seq_id, None)
         if hit is not None:
             self.cache.release(hit)
+
+
+def _root(adapter: str) -> Any:
+    """Where a prompt's chain of blocks starts: the base model's KV, or an adapter's."""
+    return ("adapter", adapter) if adapter else None

@@ -17,6 +17,7 @@ from m4image.verify import VerifiedImage
 
 from m4d.config import Config, ConfigError
 from m4d.errors import InvalidArgument
+from m4d.executor.adapters import AdapterBank, HeadBank, unserved_reason
 from m4d.executor.cpu import check_weight_format, cpu_features, resolve_compute_dtype
 from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
@@ -31,7 +32,7 @@ from m4d.executor.shared import model_key, shared_load
 from m4d.model import kernels
 from m4d.model.bert import BertConfig, load_bert
 from m4d.model.kv_cache import KVRows
-from m4d.model.llama import Llama, LlamaConfig, load_llama
+from m4d.model.llama import Llama, LlamaConfig, RowAdapters, load_llama
 from m4d.model.mapped import release_pages
 from m4d.model.packed import load_packed
 from m4d.prepare.constraints import Grammars
@@ -92,6 +93,8 @@ class Runtime:
         self.max_context = config.max_context
         self.media = MediaRuntime(Path(image.path), self.compute_dtype, self._digest)
         self.kv_rows = KVRows([])  # the backbone's KV caches, row by row (set at its load)
+        self.adapters: AdapterBank | None = None  # the backbone's LoRA components
+        self.heads = HeadBank(image.manifest.components, self._path)  # the encoder's task heads
         self._weights: tuple[int, int] | None = None  # (mapped, converted) bytes, see memory()
         self.phases: dict[str, float] = {}  # start-up: seconds per component (and backbone part)
 
@@ -114,6 +117,8 @@ class Runtime:
                 self._load_backbone(name, spec)
             elif spec["kind"] == "bert":
                 self._load_encoder(name, spec)
+            elif spec["kind"] == "lora":
+                continue  # read on first use by the adapter bank (set up with the backbone)
             elif spec["kind"] in MEDIA_KINDS:
                 device = torch.device(self.placement.device_for(name))
                 loaded = self.media.load(name, spec, device)
@@ -179,6 +184,8 @@ class Runtime:
         self.kv_rows = KVRows([b.attention.kv_cache for b in model.blocks
                                if b.attention.kv_cache is not None])
         self.backbone = model
+        self.adapters = AdapterBank(self.image.manifest.components, cfg, self._path,
+                                    self.config.adapter_memory_mb << 20)
         self.tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]),
                                                  bos_id=cfg.bos_id, eos_id=cfg.eos_id)
         phase("tokenizer")
@@ -209,31 +216,50 @@ class Runtime:
             self.compute_dtype_name, self.compute_dtype_name, str(self.encoder_device)))
 
     @property
+    def adapter_error(self) -> str:
+        """Why this daemon cannot serve the backbone's adapters ("" when it can)."""
+        return unserved_reason(self.backbone)
+
+    @property
     def encoder_window(self) -> int:
         """Tokens the text encoder takes per text (0 without one)."""
         return int(self.encoder_spec.get("max_seq_len", 256)) if self.encoder is not None else 0
 
     # ---- backbone ------------------------------------------------------------------
 
+    def _lora(self, adapters: list[str]) -> RowAdapters | None:
+        return self.adapters.step(adapters) if self.adapters and any(adapters) else None
     @torch.inference_mode()
-    def prefill(self, row: int, ids: list[int], start: int) -> torch.Tensor:
-        """Puts a prompt chunk into KV row `row`; returns the last position's logits [V]."""
+    def prefill(self, row: int, ids: list[int], start: int, adapter: str = "") -> torch.Tensor:
+        """Puts a prompt chunk into KV row `row` (through the task's adapter, "" for none);
+        returns the last position's logits [V]."""
         assert self.backbone is not None
         self.kv_rows.wrote(row, start + len(ids))
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, S]
         pos = torch.arange(start, start + len(ids), dtype=torch.long, device=self.device)[None]  # [1, S]
         rows = torch.tensor([row], dtype=torch.long, device=self.device)
-        logits: torch.Tensor = self.backbone(tokens, pos, rows, last_only=True)  # [1, 1, V]
+        logits: torch.Tensor = self.backbone(tokens, pos, rows, last_only=True,
+                                             lora=self._lora([adapter]))  # [1, 1, V]
         return logits[0, -1]
 
     @torch.inference_mode()
-    def decode(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each sequence, each at its own position; returns logits [B, V]."""
+    def decode(self, rows: list[int], tokens: list[int], positions: list[int],
+               adapters: list[str] | None = None) -> torch.Tensor:
+        """One token for each sequence, each at its own position, each through its own
+        adapter ("" for none); returns logits [B, V]."""
         assert self.backbone is not None
         for row, position in zip(rows, positions, strict=True):
             self.kv_rows.wrote(row, position + 1)
         b = len(rows)
+        adapters = adapters or [""] * b
         order = sorted(range(b), key=rows.__getitem__)
+        if any(adapters):  # rows in any order: the fused step reads each row's own slot
+            tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
+            row_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+            out: torch.Tensor = self.backbone(tok, pos, row_t, last_only=True,
+                                              lora=self._lora(adapters))
+            return out[:, -1]
         if [rows[i] for i in order] == list(range(b)):
             # rows 0..B-1 in some order: run them in row order, the cache's fast path (views
             # instead of gathering each row's keys and values in every layer)
@@ -368,14 +394,16 @@ class Runtime:
         return out  # [S, D]
 
     @torch.inference_mode()
-    def prefill_embeds(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+    def prefill_embeds(self, row: int, embeds: torch.Tensor, start: int,
+                       adapter: str = "") -> torch.Tensor:
         """`prefill` for a chunk given as embeddings [S, D]; last position's logits [V]."""
         assert self.backbone is not None
         self.kv_rows.wrote(row, start + embeds.shape[0])
         pos = torch.arange(start, start + embeds.shape[0], dtype=torch.long,
                            device=self.device)[None]  # [1, S]
         rows = torch.tensor([row], dtype=torch.long, device=self.device)
-        logits: torch.Tensor = self.backbone(None, pos, rows, last_only=True, embeds=embeds[None])
+        logits: torch.Tensor = self.backbone(None, pos, rows, last_only=True, embeds=embeds[None],
+                                             lora=self._lora([adapter]))
         return logits[0, -1]
 
     # ---- text encoder --------------------------------------------------------------

@@ -57,7 +57,10 @@ class LayerStack(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None,
-                rows: torch.Tensor | None, length: int) -> torch.Tensor:
+                rows: torch.Tensor | None, length: int,
+                lora: list[torch.Tensor], adapters: torch.Tensor | None) -> torch.Tensor:
+        # lora, adapters: the step's LoRA tensors and each row's adapter (-1: none), as
+        # m4.decode_layers takes them; only the fused step serves adapters
         if len(self.fused) > 0 and mask is not None and input_pos is not None:
             # every token is a row of the step: a prompt's tokens attend over [0, pos] of
             # their sequence's slot like decoding rows, their keys written first
@@ -65,11 +68,15 @@ class LayerStack(nn.Module):
             row_idx = rows if rows is not None else torch.arange(b, device=x.device)
             if s > 1:
                 row_idx = row_idx.repeat_interleave(s)
+                if adapters is not None:
+                    adapters = adapters.repeat_interleave(s)
             out: torch.Tensor = torch.ops.m4.decode_layers(
                 x.reshape(b * s, d), self.fused, self.kinds, row_idx, input_pos.reshape(b * s),
                 cos.reshape(b * s, -1), sin.reshape(b * s, -1), self.n_heads, self.n_kv_heads,
-                self.eps, self.scale)
+                self.eps, self.scale, lora, adapters)
             return out.view(b, s, d)
+        if adapters is not None:
+            raise RuntimeError("per-row adapters run in the fused decode step only")
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, rows, length)
         return x

@@ -29,6 +29,8 @@ from m4d.model.layer_stack import LayerStack, script_stack
 from m4d.model.quant import Int8DynamicLinear
 from m4d.model.weights import WeightFile, build_linear, embedding, resolve_weight_format
 
+# a step's LoRA tensors (m4.decode_layers' `lora`) and each row's adapter index, -1: none
+RowAdapters = tuple[list[torch.Tensor], torch.Tensor]
 ATTN_BLOCK = 64  # cached attention spans a multiple of this many positions (see forward)
 
 
@@ -297,11 +299,19 @@ class Llama(nn.Module):
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, input_pos: torch.Tensor | None,
-                rows: torch.Tensor | None, length: int) -> torch.Tensor:
+                rows: torch.Tensor | None, length: int,
+                lora: RowAdapters | None = None) -> torch.Tensor:
+        tensors, ids = lora if lora is not None else ([], None)
         # no profiling-guided rewrites of a script: the same graph for every batch shape
         with torch.jit.optimized_execution(False):  # type: ignore[attr-defined]
-            out: torch.Tensor = self.__dict__["_stack"](x, cos, sin, mask, input_pos, rows, length)
+            out: torch.Tensor = self.__dict__["_stack"](x, cos, sin, mask, input_pos, rows, length,
+                                                        tensors, ids)
         return out
+
+    @property
+    def serves_adapters(self) -> bool:
+        """Whether a cached forward can give each row its own LoRA (the fused step only)."""
+        return self.fused
 
     def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # pos: [B, S] -> cos, sin: [B, S, 1, Dh]
@@ -314,8 +324,10 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor | None, input_pos: torch.Tensor,
                 rows: torch.Tensor | None = None, last_only: bool = False,
-                embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, input_pos: [B, S]; rows: [B] cache rows (None = rows 0..B-1).
+                embeds: torch.Tensor | None = None,
+                lora: RowAdapters | None = None) -> torch.Tensor:
+        """tokens, input_pos: [B, S]; rows: [B] cache rows (None = rows 0..B-1); lora: the
+        step's adapters (m4.decode_layers' tensors) and each row's, -1 for none [B].
 
         ``embeds`` [B, S, D] replaces ``tokens`` when the input is not (only) token ids, as
         in M4 path 1 where projected image or audio features sit among the prompt's tokens.
@@ -349,7 +361,7 @@ class Llama(nn.Module):
         mask = mask.unsqueeze(1)
         x = embeds
         cos, sin = self._rope(input_pos, x.dtype)
-        x = self._layers(x, cos, sin, mask, input_pos, rows, length)
+        x = self._layers(x, cos, sin, mask, input_pos, rows, length, lora)
         if last_only:
             x = x[:, -1:]
         return self._head(x)
@@ -360,9 +372,11 @@ class Llama(nn.Module):
         """Cache-free causal forward. tokens [B, S] (or embeds [B, S, D]) -> float32 logits [B, S, V]."""
         return self.causal_logits(tokens, embeds)
 
-    def causal_logits(self, tokens: torch.Tensor | None,
-                      embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """``forward_full`` outside inference mode, so gradients can flow (adapter training)."""
+    def causal_logits(self, tokens: torch.Tensor | None, embeds: torch.Tensor | None = None,
+                      select: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward_full`` outside inference mode, so gradients can flow (adapter training).
+        ``select`` [B, S] bool: only those positions' logits, as [N, V] (the head is the
+        largest matrix: a loss over a reply's tokens skips it for the prompt's)."""
         if embeds is None:
             if tokens is None:
                 raise ValueError("give tokens or embeds")
@@ -372,7 +386,7 @@ class Llama(nn.Module):
         pos = torch.arange(s, device=x.device).expand(b, s)
         cos, sin = self._rope(pos, x.dtype)
         x = self._layers(x, cos, sin, None, None, None, s)
-        return self._head(x)
+        return self._head(x if select is None else x[select])
 
 
 @torch.inference_mode()

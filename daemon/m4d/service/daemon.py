@@ -184,7 +184,8 @@ class Daemon:
         tasks = Tasks(
             self.config, manifest.tasks, ImageInfo(manifest.name, manifest.version, image.digest),
             runtime.tokenizer, runtime.chat_template, runtime.max_context, runtime.grammars,
-            runtime.encoder_window)
+            runtime.encoder_window, runtime.adapters.names if runtime.adapters else (),
+            runtime.adapter_error)
         self.load_seconds = time.monotonic() - started
         return Serving(image, runtime, engine, tasks)
 

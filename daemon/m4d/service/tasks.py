@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from m4d.config import Config
-from m4d.errors import InvalidArgument
+from m4d.errors import FailedPrecondition, InvalidArgument
 from m4d.prepare.constraints import Grammars, ResponseFormat
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 from m4d.requests import (
@@ -84,7 +84,8 @@ class Tasks:
     def __init__(self, config: Config, tasks: Sequence[dict[str, Any]], image: ImageInfo,
                  tokenizer: TextTokenizer | None, chat_template: ChatTemplate | None,
                  max_context: int, grammars: Grammars | None = None,
-                 encoder_window: int = 0) -> None:
+                 encoder_window: int = 0, adapters: Sequence[str] = (),
+                 adapter_error: str = "") -> None:
         self.config = config
         self.tasks = {t["id"]: t for t in tasks}
         self.task_list = list(tasks)
@@ -94,6 +95,8 @@ class Tasks:
         self.max_context = max_context
         self.grammars = grammars
         self.encoder_window = encoder_window  # tokens the text encoder takes (0: none)
+        self.adapters = set(adapters)  # the backbone adapters the image holds
+        self.adapter_error = adapter_error  # why adapters cannot run here ("" when they can)
 
     # ---- shared checks -------------------------------------------------------------
 
@@ -191,16 +194,35 @@ class Tasks:
         return GenerateRequest(task=task_id, priority=origin.priority, caller=origin.caller,
                                deadline=origin.deadline, prompt_ids=ids,
                                sampling=self.sampling(sampling, len(ids)), constraint=constraint,
-                               keep_reply=keep_reply)
+                               keep_reply=keep_reply, adapter=self.adapter(self.tasks[task_id]))
+
+    def adapter(self, task: dict[str, Any]) -> str:
+        """The task's LoRA on the backbone ("" for none); refused when this daemon cannot
+        serve it (see Runtime.adapter_error)."""
+        name = str(task.get("adapter") or "")
+        if name and name not in self.adapters:
+            raise FailedPrecondition(f"task {task['id']!r} runs with adapter {name!r}, which "
+                                     "this image does not hold")
+        if name and self.adapter_error:
+            raise FailedPrecondition(f"task {task['id']!r} runs with adapter {name!r}: "
+                                     f"{self.adapter_error}")
+        return name
 
     def apply_template(self, task: dict[str, Any], prompt: str) -> str:
         """A task's prompt template: "" passes the text as is; "chat" renders it as one user
-        turn with the backbone's chat template; any other string has {prompt} replaced."""
+        turn with the backbone's chat template; a cascade template (``m4d.engine.cascade``,
+        e.g. "slu_adapter") renders its chat with the text as the source; any other string
+        has {prompt} replaced."""
+        from m4d.prepare.prompts import TEMPLATES, answer_messages
+
         template = task.get("prompt_template") or ""
         if not template:
             return prompt
         if template == "chat":
             return self.render_chat([("user", prompt)])
+        if template in TEMPLATES:
+            messages = answer_messages(template, prompt, "")
+            return self.render_chat([(m["role"], m["content"]) for m in messages])
         return str(template).replace("{prompt}", prompt)
 
     def render_chat(self, messages: Sequence[Turn]) -> str:
@@ -257,15 +279,21 @@ class Tasks:
     def classify(self, task_id: str, origin: Origin, text: str,
                  labels: Sequence[str]) -> ClassifyRequest:
         task = self.task(task_id, "Classify")
-        labels = list(labels) or list(task.get("labels") or [])
+        own = list(task.get("labels") or [])
+        labels = list(labels) or own
         if not labels:
             raise InvalidArgument(f"labels is empty; task {task_id!r} needs candidate labels")
         labels = self.texts("labels", labels, MAX_LABELS)
         if len(set(labels)) != len(labels):
             raise InvalidArgument("labels has duplicates")
+        head = str(task.get("adapter") or "") if task.get("head") == "linear_head" else ""
+        if head and not set(labels) <= set(own):
+            raise InvalidArgument(f"task {task_id!r} is a trained head over its own labels; "
+                                  f"these are not among them: "
+                                  f"{', '.join(sorted(set(labels) - set(own)))}")
         return ClassifyRequest(task=task_id, priority=origin.priority, caller=origin.caller,
                                deadline=origin.deadline, text=self.text("text", text),
-                               labels=labels)
+                               labels=labels, head=head)
 
     def predict_next(self, task_id: str, origin: Origin, text: str,
                      num_predictions: int) -> PredictNextRequest:
@@ -319,7 +347,7 @@ class Tasks:
         lists = lists or {}
         request = MediaRequest(task=task["id"], priority=origin.priority, caller=origin.caller,
                                deadline=origin.deadline, op=op, module=task["modules"][0],
-                               media=media)
+                               media=media, adapter=self.adapter(task))
         if op is MediaOp.KEYWORDS:
             words = list(lists.get("keywords", []))
             if not words:

@@ -1,5 +1,6 @@
 """M4's own CPU kernels (``csrc/``): batched GEMMs over GGUF-style weight blocks, decode
-attention and a whole decode step, one variant per instruction set, chosen at load.
+attention and a whole decode step (with per-row LoRA adapters), one variant per instruction
+set, chosen at load.
 
 Layout (as ggml's CPU backend): ISA-neutral code (``ops.cpp``: the drivers; ``pool.h``: the
 thread pool; ``dispatch.cpp``: CPU features and the choice of variant; ``torch_ops.cpp``: the
@@ -66,6 +67,15 @@ WEIGHT_KINDS = {"q4_f16": 0, "q4_f32": 1, "q8_f16": 2, "q8_f32": 3, "q8_f32_g16"
                 "q8u_f32_g16": 6, "q5_f16": 7}  # csrc/variant.h: Kind
 
 ATTENTION_HEAD_DIMS = (32, 64, 128)  # what decode_attention is compiled for
+# decode_layers' per-row LoRA adapters (Punica's BGMV: the base GEMMs shared by the batch):
+# `lora` holds LORA_TENSORS float32 contiguous tensors per (adapter, layer), adapter-major,
+# (A^T [k_in, r], B^T [r, n_out]) for each of LORA_LINEARS, the scaling folded into B^T, two
+# empty tensors where an adapter leaves a linear alone; `adapters` [B] int: row b's adapter,
+# -1 (or None for all rows) for none. Row b adds (u @ A^T) @ B^T to the linear's output u ->
+# y right after the base linear (before RoPE and the KV write, SiLU, the residuals).
+LORA_LINEARS = ("qkv", "o", "w13", "w2")  # [d] -> [q + 2 kv], [q] -> [d], [d] -> [2 ffn], [ffn] -> [d]
+LORA_TENSORS = 2 * len(LORA_LINEARS)
+LORA_MAX_RANK = 256  # csrc/ops.h: kLoraMaxRank
 _lib = torch.library.Library("m4", "DEF")  # type: ignore[no-untyped-call]
 SCHEMAS = (
     "block_linear(Tensor x, Tensor w, Tensor sc, int kind, int n, int k, ScalarType out_dtype) "
@@ -73,7 +83,8 @@ SCHEMAS = (
     "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, "
     "float scale) -> Tensor",
     "decode_layers(Tensor x, Tensor[] layers, int[] kinds, Tensor rows, Tensor pos, Tensor cos, "
-    "Tensor sin, int n_heads, int n_kv_heads, float eps, float scale) -> Tensor",
+    "Tensor sin, int n_heads, int n_kv_heads, float eps, float scale, Tensor[] lora, "
+    "Tensor? adapters) -> Tensor",
     "set_threads(int n) -> ()",
     "get_threads() -> int",
     "compiled_variants() -> str[]",

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
@@ -139,57 +140,129 @@ void run_attention(const m4::Variant& ref, const m4::Variant& v) {
   }
 }
 
-void run_decode_step(const m4::Variant& ref, const m4::Variant& v) {
-  Rng rng{4242};
-  const int64_t d = 64, h = 4, hkv = 2, dh = 32, ffn = 96, slots = 3, t_max = 40, nb = 3, layers = 2;
-  const int64_t qkv = (h + 2 * hkv) * dh;
+// Two random layers of a small Llama, their caches' initial bytes and a step's inputs.
+struct DecodeFixture {
+  static constexpr int64_t d = 64, h = 4, hkv = 2, dh = 32, ffn = 96, t_max = 40, layers = 2;
+  static constexpr int64_t qkv = (h + 2 * hkv) * dh;
+  int64_t nb, slots;
+  std::vector<int64_t> rows, pos;
   std::vector<Weight> weights;
   std::vector<std::vector<float>> norms;
-  for (int64_t l = 0; l < layers; ++l) {
-    weights.push_back(make_weight(m4::Kind::Q4_F16, qkv, d, rng));
-    weights.push_back(make_weight(m4::Kind::Q8_F32_G16, d, h * dh, rng));
-    weights.push_back(make_weight(m4::Kind::Q4_F32, 2 * ffn, d, rng));
-    weights.push_back(make_weight(l == 0 ? m4::Kind::Q8U_F32 : m4::Kind::Q8U_F32_G16, d, ffn, rng));
-    std::vector<float> nrm(2 * d);
-    for (auto& x : nrm) x = 0.5f + rng.uniform();
-    norms.push_back(nrm);
+  std::vector<float> x0, cos, sin;
+
+  DecodeFixture(std::vector<int64_t> rows_in, std::vector<int64_t> pos_in, int64_t n_slots)
+      : nb(static_cast<int64_t>(rows_in.size())), slots(n_slots), rows(std::move(rows_in)), pos(std::move(pos_in)) {
+    Rng rng{4242};
+    for (int64_t l = 0; l < layers; ++l) {
+      weights.push_back(make_weight(m4::Kind::Q4_F16, qkv, d, rng));
+      weights.push_back(make_weight(m4::Kind::Q8_F32_G16, d, h * dh, rng));
+      weights.push_back(make_weight(m4::Kind::Q4_F32, 2 * ffn, d, rng));
+      weights.push_back(make_weight(l == 0 ? m4::Kind::Q8U_F32 : m4::Kind::Q8U_F32_G16, d, ffn, rng));
+      std::vector<float> nrm(2 * d);
+      for (auto& x : nrm) x = 0.5f + rng.uniform();
+      norms.push_back(nrm);
+    }
+    x0 = randn(nb * d, rng);
+    cos = randn(nb * dh, rng, 0.5f);
+    sin = randn(nb * dh, rng, 0.5f);
   }
-  const std::vector<float> x0 = randn(nb * d, rng), cos = randn(nb * dh, rng, 0.5f), sin = randn(nb * dh, rng, 0.5f);
-  const int64_t rows[] = {1, 0, 2}, pos[] = {5, 0, 39};
+
+  // the step on `var` from the same initial caches: x after the layers, and the caches
+  void run(const m4::Variant& var, bool kv_bf16, const m4::Lora& lora, std::vector<float>& out,
+           std::vector<uint8_t>& caches) const {
+    const int64_t cache_bytes = slots * hkv * t_max * dh * (kv_bf16 ? 2 : 4);
+    std::vector<uint8_t> cache(2 * layers * cache_bytes);
+    Rng crng{99};
+    for (size_t i = 0; i < cache.size(); i += 2) {  // finite values of either dtype
+      const uint16_t bits = to_bf16(crng.normal());
+      std::memcpy(cache.data() + i, &bits, 2);
+    }
+    if (!kv_bf16)
+      for (size_t i = 0; i < cache.size(); i += 4) {
+        const float f = crng.normal();
+        std::memcpy(cache.data() + i, &f, 4);
+      }
+    std::vector<m4::Layer> plan;
+    for (int64_t l = 0; l < layers; ++l) {
+      const Weight* w = &weights[4 * l];
+      plan.push_back({norms[l].data(), {m4::Kind::Q4_F16, w[0].w.data(), w[0].sc.data()},
+                      {m4::Kind::Q8_F32_G16, w[1].w.data(), w[1].sc.data()}, norms[l].data() + d,
+                      {m4::Kind::Q4_F32, w[2].w.data(), w[2].sc.data()},
+                      {l == 0 ? m4::Kind::Q8U_F32 : m4::Kind::Q8U_F32_G16, w[3].w.data(), w[3].sc.data()},
+                      cache.data() + 2 * l * cache_bytes, cache.data() + (2 * l + 1) * cache_bytes});
+    }
+    out = x0;
+    const m4::DecodeShape shape{nb, d, ffn, h, hkv, dh, t_max, kv_bf16, 1e-5f, 0.17677669f};
+    m4::decode_layers(var, out.data(), plan.data(), layers, shape, rows.data(), pos.data(), cos.data(),
+                      sin.data(), lora);
+    caches = cache;
+  }
+};
+
+void run_decode_step(const m4::Variant& ref, const m4::Variant& v) {
+  const DecodeFixture f({1, 0, 2}, {5, 0, 39}, 3);
   for (const bool kv_bf16 : {false, true}) {
     std::vector<float> out[2];
     std::vector<uint8_t> caches[2];
-    for (int which = 0; which < 2; ++which) {
-      const m4::Variant& var = which == 0 ? ref : v;
-      const int64_t cache_bytes = slots * hkv * t_max * dh * (kv_bf16 ? 2 : 4);
-      std::vector<uint8_t> cache(2 * layers * cache_bytes);
-      Rng crng{99};
-      for (size_t i = 0; i < cache.size(); i += 2) {  // finite values of either dtype
-        const uint16_t bits = to_bf16(crng.normal());
-        std::memcpy(cache.data() + i, &bits, 2);
-      }
-      if (!kv_bf16)
-        for (size_t i = 0; i < cache.size(); i += 4) {
-          const float f = crng.normal();
-          std::memcpy(cache.data() + i, &f, 4);
-        }
-      std::vector<m4::Layer> plan;
-      for (int64_t l = 0; l < layers; ++l) {
-        const Weight* w = &weights[4 * l];
-        plan.push_back({norms[l].data(), {m4::Kind::Q4_F16, w[0].w.data(), w[0].sc.data()},
-                        {m4::Kind::Q8_F32_G16, w[1].w.data(), w[1].sc.data()}, norms[l].data() + d,
-                        {m4::Kind::Q4_F32, w[2].w.data(), w[2].sc.data()},
-                        {l == 0 ? m4::Kind::Q8U_F32 : m4::Kind::Q8U_F32_G16, w[3].w.data(), w[3].sc.data()},
-                        cache.data() + 2 * l * cache_bytes, cache.data() + (2 * l + 1) * cache_bytes});
-      }
-      std::vector<float> x = x0;
-      const m4::DecodeShape shape{nb, d, ffn, h, hkv, dh, t_max, kv_bf16, 1e-5f, 0.17677669f};
-      m4::decode_layers(var, x.data(), plan.data(), layers, shape, rows, pos, cos.data(), sin.data());
-      out[which] = x;
-      caches[which] = cache;
-    }
+    for (int which = 0; which < 2; ++which) f.run(which == 0 ? ref : v, kv_bf16, {}, out[which], caches[which]);
     check(std::string(v.name) + " decode step" + (kv_bf16 ? " bf16 kv" : " f32 kv"), out[1], out[0]);
     check(std::string(v.name) + " decode step's KV writes" + (kv_bf16 ? " bf16 kv" : " f32 kv"), caches[1], caches[0]);
+  }
+}
+
+// Per-row LoRA adapters in the decode step: adapter 0 on five rows (a group of kLoraRows and
+// one more) with ranks 16, 8, 24, 5 (a tail of 5 and 8 columns); adapter 1, ranks 7 and 40 on
+// q/k/v and down only; two rows without. Every variant gives the scalar bits, and rows without
+// an adapter (or a call whose rows all have none) give the bits of the step without LoRA.
+void run_lora_step(const m4::Variant& ref, const m4::Variant& v) {
+  using F = DecodeFixture;
+  const DecodeFixture f({1, 0, 2, 6, 3, 5, 4, 7}, {5, 0, 39, 17, 1, 38, 20, 9}, 8);
+  const int64_t k_in[4] = {F::d, F::h * F::dh, F::d, F::ffn}, n_out[4] = {F::qkv, F::d, 2 * F::ffn, F::d};
+  const int64_t ranks[2][4] = {{16, 8, 24, 5}, {7, 0, 0, 40}};
+  Rng rng{515};
+  std::vector<std::vector<float>> mats;
+  std::vector<m4::LoraPair> pairs;
+  for (int a = 0; a < 2; ++a)
+    for (int64_t l = 0; l < F::layers; ++l)
+      for (int which = 0; which < 4; ++which) {
+        const int64_t r = ranks[a][which];
+        if (r == 0) {
+          pairs.push_back({nullptr, nullptr, 0});
+          continue;
+        }
+        mats.push_back(randn(k_in[which] * r, rng, 1.0f / std::sqrt(static_cast<float>(k_in[which]))));
+        mats.push_back(randn(r * n_out[which], rng, 0.5f / std::sqrt(static_cast<float>(r))));
+        pairs.push_back({mats[mats.size() - 2].data(), mats.back().data(), r});
+      }
+  const std::vector<int64_t> adapters = {0, -1, 1, 0, 0, -1, 0, 0}, none(adapters.size(), -1);
+  const m4::Lora lora{pairs.data(), 2, adapters.data()}, unused{pairs.data(), 2, none.data()};
+  for (const bool kv_bf16 : {false, true}) {
+    const std::string tag = kv_bf16 ? " bf16 kv" : " f32 kv";
+    std::vector<float> want, got, plain, all_none;
+    std::vector<uint8_t> want_kv, got_kv, plain_kv, all_none_kv;
+    f.run(ref, kv_bf16, lora, want, want_kv);
+    f.run(v, kv_bf16, lora, got, got_kv);
+    check(std::string(v.name) + " decode step with LoRA" + tag, got, want);
+    check(std::string(v.name) + " decode step's KV writes with LoRA" + tag, got_kv, want_kv);
+    f.run(v, kv_bf16, {}, plain, plain_kv);
+    f.run(v, kv_bf16, unused, all_none, all_none_kv);
+    check(std::string(v.name) + " decode step, LoRA on no row" + tag, all_none, plain);
+    check(std::string(v.name) + " decode step's KV writes, LoRA on no row" + tag, all_none_kv, plain_kv);
+    std::vector<float> got_plain_rows, want_plain_rows;  // the rows without an adapter
+    bool moved = true;  // and every row with one differs from its plain self
+    for (int64_t b = 0; b < f.nb; ++b) {
+      const auto row = [&](const std::vector<float>& x) { return std::vector<float>(x.begin() + b * F::d, x.begin() + (b + 1) * F::d); };
+      if (adapters[b] < 0) {
+        const auto g = row(got), w = row(plain);
+        got_plain_rows.insert(got_plain_rows.end(), g.begin(), g.end());
+        want_plain_rows.insert(want_plain_rows.end(), w.begin(), w.end());
+      } else {
+        moved = moved && row(got) != row(plain);
+      }
+    }
+    check(std::string(v.name) + " decode step with LoRA, rows without an adapter" + tag, got_plain_rows, want_plain_rows);
+    check(std::string(v.name) + " decode step with LoRA moves the adapters' rows" + tag,
+          std::vector<int>{moved ? 1 : 0}, std::vector<int>{1});
   }
 }
 
@@ -214,6 +287,7 @@ int main() {
     run_linears(*ref, *info.table);
     run_attention(*ref, *info.table);
     run_decode_step(*ref, *info.table);
+    run_lora_step(*ref, *info.table);
   }
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

@@ -484,11 +484,84 @@ void add_into(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) S::store(x + i, S::add(S::load(x + i), S::load(y + i)));
 }
 
+// ------------------------------------------------------------------ LoRA
+
+// out[r] (=, or += when `add`) the sums over j of in[r][j] * m[j] for R rows, over NC chunks
+// of 16 columns from n0: the R x NC accumulators stay in registers for the whole j loop,
+// each chunk of m is loaded once for the R rows.
+template <typename S, int R, int NC>
+void lora_chunks(const float* const* in, const float* m, int64_t k, int64_t n, int64_t n0,
+                 float* const* out, bool add) {
+  using F = typename S::F;
+  F acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = S::zero();
+  for (int64_t j = 0; j < k; ++j) {
+    F x[R];
+    for (int r = 0; r < R; ++r) x[r] = S::set1(in[r][j]);
+    for (int c = 0; c < NC; ++c) {
+      const F w = S::load(m + j * n + n0 + 16 * c);
+      for (int r = 0; r < R; ++r) acc[r][c] = S::fmadd(x[r], w, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) {
+      float* o = out[r] + n0 + 16 * c;
+      S::store(o, add ? S::add(S::load(o), acc[r][c]) : acc[r][c]);
+    }
+}
+
+// the last nt < 16 columns from n0, through a zero-padded copy of m's row part (its padding
+// lanes are computed and dropped)
+template <typename S, int R>
+void lora_tail(const float* const* in, const float* m, int64_t k, int64_t n, int64_t n0, int64_t nt,
+               float* const* out, bool add) {
+  using F = typename S::F;
+  F acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = S::zero();
+  float buf[16] = {};
+  for (int64_t j = 0; j < k; ++j) {
+    std::memcpy(buf, m + j * n + n0, nt * sizeof(float));
+    const F w = S::load(buf);
+    for (int r = 0; r < R; ++r) acc[r] = S::fmadd(S::set1(in[r][j]), w, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float o[16] = {};
+    std::memcpy(o, out[r] + n0, nt * sizeof(float));
+    S::store(o, add ? S::add(S::load(o), acc[r]) : acc[r]);
+    std::memcpy(out[r] + n0, o, nt * sizeof(float));
+  }
+}
+
+// R rows over all n columns: wide passes of NC chunks (R * NC accumulators within the
+// backend's register budget), the leftover whole chunks one at a time, then the tail
+template <typename S, int R>
+void lora_rows_r(const float* const* in, const float* m, int64_t k, int64_t n, float* const* out, bool add) {
+  constexpr int NC = S::kAccumulators / R >= 1 ? S::kAccumulators / R : 1;
+  int64_t n0 = 0;
+  for (; n0 + 16 * NC <= n; n0 += 16 * NC) lora_chunks<S, R, NC>(in, m, k, n, n0, out, add);
+  for (; n0 + 16 <= n; n0 += 16) lora_chunks<S, R, 1>(in, m, k, n, n0, out, add);
+  if (n0 < n) lora_tail<S, R>(in, m, k, n, n0, n - n0, out, add);
+}
+
+template <typename S>
+void lora_rows(const float* const* in, const float* m, int64_t rows, int64_t k, int64_t n,
+               float* const* out, bool add) {
+  static_assert(kLoraRows == 4, "lora_rows dispatches 1 to 4 rows");
+  switch (rows) {
+    case 1: lora_rows_r<S, 1>(in, m, k, n, out, add); break;
+    case 2: lora_rows_r<S, 2>(in, m, k, n, out, add); break;
+    case 3: lora_rows_r<S, 3>(in, m, k, n, out, add); break;
+    case 4: lora_rows_r<S, 4>(in, m, k, n, out, add); break;
+    default: break;
+  }
+}
+
 template <typename S>
 const Variant& make_variant() {
   static const Variant v{S::kName,        &quantize_rows<S>, &gemm_tile<S>, &attend<S>,
                          &scale_to_f32<S>, &store_from_f32<S>, &rms_norm<S>, &rope<S>,
-                         &silu_mul<S>,     &add_into<S>};
+                         &silu_mul<S>,     &add_into<S>,       &lora_rows<S>};
   return v;
 }
 

@@ -70,19 +70,69 @@ void rms_norm_rows(const Variant& v, const float* x, const float* w, int64_t row
   parallel(rows, 4, [&](int64_t r0, int64_t r1) { v.rms_norm(x + r0 * d, w, r1 - r0, d, eps, y + r0 * d); });
 }
 
+// rows with an adapter, by adapter, in groups of up to kLoraRows sharing one (a group reads
+// its matrices once for all its rows)
+struct LoraGroup {
+  int64_t adapter, n;
+  int64_t rows[kLoraRows];
+};
+
+std::vector<LoraGroup> lora_groups(const Lora& lora, int64_t nb) {
+  std::vector<LoraGroup> groups;
+  if (lora.adapters == nullptr || lora.n_adapters == 0) return groups;
+  std::vector<int64_t> order;
+  for (int64_t b = 0; b < nb; ++b)
+    if (lora.adapters[b] >= 0) order.push_back(b);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return lora.adapters[a] < lora.adapters[b]; });
+  for (const int64_t b : order) {
+    if (groups.empty() || groups.back().adapter != lora.adapters[b] || groups.back().n == kLoraRows)
+      groups.push_back({lora.adapters[b], 0, {}});
+    groups.back().rows[groups.back().n++] = b;
+  }
+  return groups;
+}
+
+// y[b] += (u[b] @ A) @ B for the rows of every group whose adapter touches linear `which` of
+// layer l (u rows k_in values apart, y rows n_out apart); rows are independent
+void add_lora(const Variant& v, const Lora& lora, const std::vector<LoraGroup>& groups, int64_t l,
+              int64_t n_layers, int which, const float* u, int64_t k_in, float* y, int64_t n_out) {
+  if (groups.empty()) return;
+  parallel(static_cast<int64_t>(groups.size()), 1, [&](int64_t g0, int64_t g1) {
+    float t[kLoraRows * kLoraMaxRank];  // u @ A per row
+    for (int64_t g = g0; g < g1; ++g) {
+      const LoraGroup& group = groups[g];
+      const LoraPair& p = lora.pairs[(group.adapter * n_layers + l) * 4 + which];
+      if (p.r == 0) continue;
+      const float* in[kLoraRows];
+      float* mid[kLoraRows];
+      float* out[kLoraRows];
+      for (int64_t i = 0; i < group.n; ++i) {
+        in[i] = u + group.rows[i] * k_in;
+        mid[i] = t + i * p.r;
+        out[i] = y + group.rows[i] * n_out;
+      }
+      v.lora_rows(in, p.a, group.n, k_in, p.r, mid, false);
+      v.lora_rows(mid, p.b, group.n, p.r, n_out, out, true);
+    }
+  });
+}
+
 }  // namespace
 
 void decode_layers(const Variant& v, float* x, const Layer* layers, int64_t n_layers,
                    const DecodeShape& s, const int64_t* rows, const int64_t* pos, const float* cos,
-                   const float* sin) {
+                   const float* sin, const Lora& lora) {
   const int64_t nb = s.nb, d = s.d, ffn = s.ffn, dh = s.dh;
   const int64_t q_size = s.n_heads * dh, kv_size = s.n_kv_heads * dh, qkv = q_size + 2 * kv_size;
   std::vector<float> h(nb * d), y(nb * std::max({qkv, 2 * ffn, d})), attn(nb * q_size), act(nb * ffn);
+  const std::vector<LoraGroup> groups = lora_groups(lora, nb);  // empty: no row has an adapter
   for (int64_t l = 0; l < n_layers; ++l) {
     const Layer& L = layers[l];
     // attention
     rms_norm_rows(v, x, L.attn_norm, nb, d, s.eps, h.data());
     linear(v, L.qkv.kind, L.qkv.w, L.qkv.sc, h.data(), false, nb, d, qkv, y.data(), false);  // [B, q | k | v]
+    add_lora(v, lora, groups, l, n_layers, 0, h.data(), d, y.data(), qkv);
     parallel(nb, 2, [&](int64_t b0, int64_t b1) {  // RoPE on q and k; k and v into the cache
       for (int64_t b = b0; b < b1; ++b) {
         float* yb = y.data() + b * qkv;
@@ -95,15 +145,18 @@ void decode_layers(const Variant& v, float* x, const Layer* layers, int64_t n_la
     decode_attention(v, y.data(), false, qkv, L.k_cache, L.v_cache, s.kv_bf16, rows, pos, nb,
                      s.n_heads, s.n_kv_heads, s.t_max, dh, s.scale, attn.data());
     linear(v, L.o.kind, L.o.w, L.o.sc, attn.data(), false, nb, q_size, d, y.data(), false);
+    add_lora(v, lora, groups, l, n_layers, 1, attn.data(), q_size, y.data(), d);
     v.add_into(x, y.data(), nb * d);
     // feed-forward
     rms_norm_rows(v, x, L.ffn_norm, nb, d, s.eps, h.data());
     linear(v, L.w13.kind, L.w13.w, L.w13.sc, h.data(), false, nb, d, 2 * ffn, y.data(), false);  // [B, gate | up]
+    add_lora(v, lora, groups, l, n_layers, 2, h.data(), d, y.data(), 2 * ffn);
     parallel(nb, 2, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         v.silu_mul(y.data() + b * 2 * ffn, y.data() + b * 2 * ffn + ffn, ffn, act.data() + b * ffn);
     });
     linear(v, L.w2.kind, L.w2.w, L.w2.sc, act.data(), false, nb, ffn, d, y.data(), false);
+    add_lora(v, lora, groups, l, n_layers, 3, act.data(), ffn, y.data(), d);
     v.add_into(x, y.data(), nb * d);
   }
 }

@@ -46,11 +46,30 @@ struct DecodeShape {
   float eps, scale;
 };
 
+constexpr int64_t kLoraMaxRank = 256;
+
+// One adapter's low-rank term on one linear: y += (u @ a) @ b, a [k_in, r], b [r, n_out]
+// float32 contiguous, the scaling already in b; r == 0: the adapter leaves the linear alone.
+struct LoraPair {
+  const float* a;
+  const float* b;
+  int64_t r;  // 0 or [1, kLoraMaxRank]
+};
+
+// Per-row adapters (Punica's BGMV: the base GEMM shared by the batch, each row's own term).
+struct Lora {
+  const LoraPair* pairs;    // [n_adapters][n_layers][4]: qkv, o, w13, w2
+  int64_t n_adapters;
+  const int64_t* adapters;  // [nb]: -1 (no adapter) or in [0, n_adapters); null: none
+};
+
 // x [nb, d] float32 through every layer, in place: RMSNorm, q/k/v, RoPE (cos, sin [nb, dh]),
 // the KV write at pos[b] of slot rows[b], attention, o, residual, RMSNorm, gate/up, SiLU, down,
-// residual.
+// residual. A row with an adapter adds its term to each linear's output as soon as the base
+// linear wrote it (before RoPE, before SiLU, before the residuals); rows without one compute
+// exactly what they would with no adapters at all.
 void decode_layers(const Variant& v, float* x, const Layer* layers, int64_t n_layers,
                    const DecodeShape& s, const int64_t* rows, const int64_t* pos, const float* cos,
-                   const float* sin);
+                   const float* sin, const Lora& lora = {nullptr, 0, nullptr});
 
 }  // namespace m4

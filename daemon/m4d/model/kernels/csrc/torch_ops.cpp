@@ -7,6 +7,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -116,13 +117,74 @@ constexpr int64_t kLayerTensors = 12;  // per layer, in this order:
 // attention norm [D] f32, wqkv (w, sc), wo (w, sc), ffn norm [D] f32, w13 (w, sc), w2 (w, sc),
 // k cache, v cache [S, Hkv, T, Dh] (f32 or bf16); `kinds` holds the four linears' kinds
 
+constexpr int64_t kLoraTensors = 8;  // per (adapter, layer), adapter-major, in this order:
+// qkv A^T, B^T, o A^T, B^T, w13 A^T, B^T, w2 A^T, B^T: A^T float32 [k_in, r], B^T float32
+// [r, n_out] (the scaling folded in), both contiguous; two empty tensors: linear untouched
+
+// The adapters' pairs in ops.h's order, every one checked against its linear's shape, and
+// the rows' adapter indices (int64 [B], -1 or in [0, n_adapters)).
+struct CheckedLora {
+  std::vector<m4::LoraPair> pairs;
+  int64_t n_adapters = 0;
+  at::Tensor adapters;  // undefined: no row has an adapter
+
+  m4::Lora lora() const {
+    return {pairs.data(), n_adapters, adapters.defined() ? adapters.data_ptr<int64_t>() : nullptr};
+  }
+};
+
+CheckedLora checked_lora(at::TensorList lora, const std::optional<at::Tensor>& adapters_in, int64_t nb,
+                         int64_t n_layers, const int64_t (&k_in)[4], const int64_t (&n_out)[4]) {
+  static const char* const names[4] = {"qkv", "o", "w13", "w2"};
+  CheckedLora out;
+  const int64_t per_adapter = kLoraTensors * n_layers;
+  TORCH_CHECK(static_cast<int64_t>(lora.size()) % per_adapter == 0, "lora must hold ", kLoraTensors,
+              " tensors per adapter and layer (", per_adapter, " per adapter for ", n_layers,
+              " layers), got ", lora.size());
+  const int64_t n_adapters = static_cast<int64_t>(lora.size()) / per_adapter;
+  out.n_adapters = n_adapters;
+  out.pairs.resize(n_adapters * n_layers * 4);
+  for (int64_t i = 0; i < n_adapters * n_layers * 4; ++i) {
+    const int64_t a = i / (4 * n_layers), l = i / 4 % n_layers, which = i % 4;
+    const at::Tensor& at_t = lora[2 * i];
+    const at::Tensor& bt_t = lora[2 * i + 1];
+    if (at_t.numel() == 0 && bt_t.numel() == 0) continue;  // r = 0: this linear untouched
+    const int64_t k = k_in[which], n = n_out[which];
+    auto fits = [](const at::Tensor& t) {
+      return t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.dim() == 2;
+    };
+    TORCH_CHECK(fits(at_t) && fits(bt_t), "lora: adapter ", a, " layer ", l, " ", names[which],
+                ": A^T and B^T must be contiguous float32 CPU matrices, got ", at_t.scalar_type(), " ",
+                at_t.sizes(), " and ", bt_t.scalar_type(), " ", bt_t.sizes());
+    const int64_t r = at_t.size(1);
+    TORCH_CHECK(at_t.size(0) == k && r >= 1 && r <= m4::kLoraMaxRank && bt_t.size(0) == r && bt_t.size(1) == n,
+                "lora: adapter ", a, " layer ", l, " ", names[which], ": A^T must be [", k,
+                ", r] and B^T [r, ", n, "] with 1 <= r <= ", m4::kLoraMaxRank, ", got ", at_t.sizes(),
+                " and ", bt_t.sizes());
+    out.pairs[i] = {at_t.data_ptr<float>(), bt_t.data_ptr<float>(), r};
+  }
+  if (!adapters_in.has_value()) return out;
+  const at::Tensor& ad = *adapters_in;
+  TORCH_CHECK(!at::isFloatingType(ad.scalar_type()) && !at::isComplexType(ad.scalar_type()) &&
+                  ad.scalar_type() != at::kBool && ad.device().is_cpu(),
+              "adapters must be an integer CPU tensor, got ", ad.scalar_type());
+  TORCH_CHECK(ad.numel() == nb, "adapters need one entry per row of x (", nb, "), got ", ad.numel());
+  out.adapters = ad.to(at::kLong).contiguous();
+  const int64_t* ap = out.adapters.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nb; ++b)
+    TORCH_CHECK(ap[b] >= -1 && ap[b] < n_adapters, "adapter ", ap[b], " of row ", b,
+                " out of range: -1 (none) or [0, ", n_adapters, ")");
+  return out;
+}
+
 // x [B, D] float32 through every layer for one decode step: row b is at position pos[b] of
-// cache slot rows[b]; cos, sin [B, Dh] float32, its RoPE angles. Returns the last layer's
-// output [B, D].
+// cache slot rows[b]; cos, sin [B, Dh] float32, its RoPE angles; row b adds adapter
+// adapters[b]'s LoRA terms (lora: kLoraTensors per adapter and layer; none without adapters or
+// where adapters[b] == -1). Returns the last layer's output [B, D].
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList layers, at::IntArrayRef kinds,
                          const at::Tensor& rows_in, const at::Tensor& pos_in, const at::Tensor& cos_t,
                          const at::Tensor& sin_t, int64_t n_heads, int64_t n_kv_heads, double eps,
-                         double scale) {
+                         double scale, at::TensorList lora, const std::optional<at::Tensor>& adapters) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "x must be float32 [B, D] on the CPU, got ", x_in.sizes(), " ", x_in.scalar_type());
   TORCH_CHECK(!layers.empty() && layers.size() % kLayerTensors == 0,
@@ -166,13 +228,15 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList layers, at::IntA
     plan[l] = {t[0].data_ptr<float>(), lin(1, qkv, d, 0),   lin(3, d, q_size, 1), t[5].data_ptr<float>(),
                lin(6, 2 * ffn, d, 2),  lin(8, d, ffn, 3),   t[10].data_ptr(),      t[11].data_ptr()};
   }
+  const int64_t k_in[4] = {d, q_size, d, ffn}, n_out[4] = {qkv, d, 2 * ffn, d};
+  const CheckedLora lo = checked_lora(lora, adapters, nb, n_layers, k_in, n_out);
   at::Tensor x = x_in.contiguous().clone();
   const m4::DecodeShape shape{nb, d, ffn, n_heads, n_kv_heads, dh, t_max, kv_bf16,
                               static_cast<float>(eps), static_cast<float>(scale)};
   if (nb > 0)
     m4::decode_layers(m4::active(), x.data_ptr<float>(), plan.data(), n_layers, shape,
                       rows.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), cos_t.data_ptr<float>(),
-                      sin_t.data_ptr<float>());
+                      sin_t.data_ptr<float>(), lo.lora());
   return x;
 }
 

@@ -26,6 +26,7 @@ constexpr int64_t kBlock = 32;        // values per quant block (weights and act
 constexpr int64_t kTile = 16;         // output channels per packed weight tile
 constexpr float kLoRadix = 254.0f;    // the second activation digit's weight
 constexpr int64_t kRowChunk = 64;     // activation rows quantized and multiplied per pass
+constexpr int64_t kLoraRows = 4;      // rows sharing an adapter per lora_rows call, at most
 
 // How a packed weight stores its blocks (m4d/model/quant.py packs them). Per tile of 16
 // channels and block of 32 values:
@@ -143,6 +144,12 @@ struct Variant {
   void (*silu_mul)(const float* g, const float* u, int64_t n, float* out);
   // x += y over n values
   void (*add_into)(float* x, const float* y, int64_t n);
+  // A LoRA term's product for `rows` rows (at most kLoraRows) sharing one matrix m [k, n]
+  // (contiguous, any n): per row r, acc[0..n) = sum over j in [0, k) of in[r][j] * m[j][0..n),
+  // accumulated in order of j by fused multiply-adds from 0; then out[r][0..n) = acc, or
+  // out[r][0..n) + acc (one add) when `add`. Every column is its own lane.
+  void (*lora_rows)(const float* const* in, const float* m, int64_t rows, int64_t k, int64_t n,
+                    float* const* out, bool add);
 };
 
 // Variants compiled into this library, best first (x86: avx512vnni, avxvnni, avx2, scalar;
