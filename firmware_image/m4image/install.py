@@ -7,6 +7,10 @@ then each listed file is written from its chunks while being hashed, so the byte
 the bytes installed, with no second read. ``commit`` hands the complete directory to the
 store, which publishes it with one rename. ``fill_from_dir`` and ``fill_from_tar`` feed a
 staging directory from an image directory or from a streamed tar.
+
+Add-ons (``m4image.addon``) are installed by the same pipeline: ``Staging`` takes whatever
+``Admits`` manifests of one ``Layout`` (the image's ``Admission`` here, the add-on store's
+own), and writes, hashes and checks the files that manifest lists.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from m4image import manifest as mf
 from m4image.durable import crashpoint, fsync_dir_step, write_all
 from m4image.keys import BadSignatureError, Keyring
+from m4image.layout import IMAGE, Layout
 from m4image.signature import KeyringSignatureCheck
 from m4image.tarstream import BLOCK, MAX_PAX_BYTES, ArchiveError, TarReader
 from m4image.verify import (
@@ -40,6 +46,7 @@ from m4image.verify import (
 
 __all__ = [
     "Admission",
+    "Admits",
     "DuplicateEntryError",
     "ImageTooLargeError",
     "InsufficientSpaceError",
@@ -69,6 +76,34 @@ class UnexpectedEntryError(ArchiveError):
     """The install tar is out of order: manifest.json first, manifest.sig second, then files."""
 
 
+class Listed(Protocol):
+    """What the install needs of a manifest: its name and version (for messages) and the
+    files it lists."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def files(self) -> Mapping[str, mf.FileEntry]: ...
+
+
+M = TypeVar("M", bound=Listed)
+M_co = TypeVar("M_co", bound=Listed, covariant=True)
+
+
+class Admits(Protocol[M_co]):
+    """What a store accepts: ``admit`` checks the exact manifest bytes and the signature's
+    (signature first) and returns the parsed manifest and the signing key id, or raises."""
+
+    @property
+    def layout(self) -> Layout: ...
+    @property
+    def max_bytes(self) -> int: ...
+
+    def admit(self, data: bytes, signature: bytes | None) -> tuple[M_co, str | None]: ...
+
+
 @dataclass(frozen=True)
 class Admission:
     """What a store accepts: images signed by a key of ``keyring`` (None: unchecked), built
@@ -81,8 +116,26 @@ class Admission:
     max_image_bytes: int
     check_floor: Callable[[mf.Manifest], None]
 
+    @property
+    def layout(self) -> Layout:
+        return IMAGE
 
-def check_entry_path(path: str) -> None:
+    @property
+    def max_bytes(self) -> int:
+        return self.max_image_bytes
+
+    def admit(self, data: bytes, signature: bytes | None) -> tuple[mf.Manifest, str | None]:
+        check: SignatureCheck | None = None
+        if self.keyring is not None:
+            check = KeyringSignatureCheck(self.keyring)
+        manifest, key_id = check_manifest(data, signature, signature_check=check,
+                                          expected_compatible=self.compatible,
+                                          daemon_version=self.daemon_version)
+        self.check_floor(manifest)
+        return manifest, key_id
+
+
+def check_entry_path(path: str, layout: Layout = IMAGE) -> None:
     bad = (
         path.startswith("/")
         or "\\" in path
@@ -92,7 +145,7 @@ def check_entry_path(path: str) -> None:
     if bad:
         raise UnsafePathError(
             f"the install tar holds the unsafe path {path!r} (absolute, '..' or empty parts); "
-            "the tar is malformed or malicious: nothing was installed"
+            f"the tar is malformed or malicious: nothing was installed ({layout.kind})"
         )
 
 
@@ -104,7 +157,7 @@ def folders(paths: Iterable[str]) -> set[str]:
     return out
 
 
-class Staging:
+class Staging(Generic[M]):
     """One install in progress: a 0700 directory under the store's ``staging/``, filled only
     with the manifest's files, each hashed while written; ``commit`` checks that it is
     complete, and the store then publishes it with one rename (holding its lock throughout)."""
@@ -112,15 +165,16 @@ class Staging:
     def __init__(
         self,
         staging_dir: Path,
-        admission: Admission,
+        admission: Admits[M],
         progress: Callable[[str, int, int], None] | None,
     ) -> None:
         self.admission = admission
+        self.layout = admission.layout
         self.progress = progress
         crashpoint()
         self.dir = Path(tempfile.mkdtemp(prefix="install-", dir=staging_dir))  # mode 0700
         self.store_root = staging_dir.parent  # named in the message about free space
-        self.manifest: mf.Manifest | None = None
+        self.manifest: M | None = None
         self.manifest_bytes = b""
         self.key_id: str | None = None
         self.written: set[str] = set()
@@ -129,38 +183,28 @@ class Staging:
         self.total = 0
         self.done = 0
 
-    def accept_manifest(self, data: bytes, signature: bytes | None) -> mf.Manifest:
-        admit = self.admission
-        check: SignatureCheck | None = None
-        if admit.keyring is not None:
-            check = KeyringSignatureCheck(admit.keyring)
-        manifest, key_id = check_manifest(
-            data,
-            signature,
-            signature_check=check,
-            expected_compatible=admit.compatible,
-            daemon_version=admit.daemon_version,
-        )
-        admit.check_floor(manifest)
+    def accept_manifest(self, data: bytes, signature: bytes | None) -> M:
+        kind, limit = self.layout.kind, self.admission.max_bytes
+        manifest, key_id = self.admission.admit(data, signature)
         self.total = sum(e.size for e in manifest.files.values())
-        if self.total > admit.max_image_bytes:
+        if self.total > limit:
             raise ImageTooLargeError(
-                f"image {manifest.name} {manifest.version} holds {self.total} bytes, over this "
-                f"store's limit of {admit.max_image_bytes}; raise the limit in the daemon's "
-                "config if the image is genuine"
+                f"{kind} {manifest.name} {manifest.version} holds {self.total} bytes, over "
+                f"this store's limit of {limit}; raise the limit in the daemon's config if "
+                f"the {kind} is genuine"
             )
         st = os.statvfs(self.dir)
         free = st.f_bavail * st.f_frsize
         if free < self.total + SPACE_MARGIN:
             raise InsufficientSpaceError(
-                f"{self.store_root} has {free} bytes free, the image needs {self.total} "
-                f"(+{SPACE_MARGIN} spare); remove unused images with `m4ctl image remove`"
+                f"{self.store_root} has {free} bytes free, the {kind} needs {self.total} "
+                f"(+{SPACE_MARGIN} spare); {self.layout.remove}"
             )
         self.manifest, self.manifest_bytes, self.key_id = manifest, data, key_id
         self.folders = folders(manifest.files)
-        self._write_whole(mf.MANIFEST_NAME, data)
+        self._write_whole(self.layout.manifest, data)
         if signature is not None:
-            self._write_whole(mf.SIGNATURE_NAME, signature)
+            self._write_whole(self.layout.signature, signature)
         return manifest
 
     def _write_whole(self, name: str, data: bytes) -> None:
@@ -187,8 +231,8 @@ class Staging:
         entry = self.manifest.files.get(rel)
         if entry is None:
             raise ExtraFileError(
-                f"{rel} is not listed in the manifest; an image may only hold the files its "
-                "signed manifest lists: nothing was installed"
+                f"{rel} is not listed in the manifest; an {self.layout.kind} may only hold the "
+                "files its signed manifest lists: nothing was installed"
             )
         if rel in self.written:
             raise DuplicateEntryError(f"{rel} appears twice in the install tar; nothing was installed")
@@ -224,7 +268,8 @@ class Staging:
             if h.hexdigest() != entry.sha256:
                 raise HashMismatchError(
                     f"{rel} has sha256 {h.hexdigest()}, the manifest says {entry.sha256} "
-                    "(corrupted in transfer or tampered): nothing was installed; get the image again"
+                    f"(corrupted in transfer or tampered): nothing was installed; get the "
+                    f"{self.layout.kind} again"
                 )
             crashpoint()
             os.fsync(fd)
@@ -241,7 +286,7 @@ class Staging:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise MissingFileError(
                 f"{missing[0]}{more} is listed in the manifest but was not in the install "
-                "tar: nothing was installed; send the whole image"
+                f"tar: nothing was installed; send the whole {self.layout.kind}"
             )
         for sub in sorted(self.made, key=lambda s: -s.count("/")):
             fsync_dir_step(self.dir / sub)
@@ -270,68 +315,73 @@ def file_chunks(path: Path, size: int) -> Iterator[bytes]:
         os.close(fd)
 
 
-def fill_from_dir(staging: Staging, root: Path) -> None:
+def fill_from_dir(staging: Staging[M], root: Path) -> None:
     """Stage an image directory: the manifest read once, each listed file read once and
     hashed as it is copied; unlisted files, links and special files are refused."""
-    manifest = staging.accept_manifest(read_manifest_bytes(root), read_signature_bytes(root))
-    extra = sorted(scan_files(root) - {mf.MANIFEST_NAME, mf.SIGNATURE_NAME} - set(manifest.files))
+    layout = staging.layout
+    manifest = staging.accept_manifest(read_manifest_bytes(root, layout),
+                                       read_signature_bytes(root, layout))
+    extra = sorted(scan_files(root, layout) - set(layout.reserved) - set(manifest.files))
     if extra:
         raise ExtraFileError(
             f"{extra[0]} is in {root} but not listed in the manifest; remove it or "
-            "rebuild the image: nothing was installed"
+            f"rebuild the {layout.kind}: nothing was installed"
         )
     for rel, entry in sorted(manifest.files.items()):
         staging.write_file(rel, file_chunks(root / rel, entry.size))
 
 
-def fill_from_tar(staging: Staging, chunks: Iterable[bytes]) -> None:
+def fill_from_tar(staging: Staging[M], chunks: Iterable[bytes]) -> None:
     """Stage an image from an uncompressed tar arriving in chunks.
 
     The tar must hold manifest.json first, then manifest.sig, then only files the manifest
-    lists (folders may appear too). Links, devices, unsafe or duplicate paths, unlisted
-    files, and sizes other than the manifest's are refused before their bytes are written;
-    hashes are checked as each file is written.
+    lists (folders may appear too); an add-on's: addon.json, addon.sig, then its files. Links,
+    devices, unsafe or duplicate paths, unlisted files, and sizes other than the manifest's
+    are refused before their bytes are written; hashes are checked as each file is written.
     """
-    head_limit = mf.MAX_MANIFEST_BYTES + mf.MAX_SIGNATURE_BYTES + 4 * (3 * BLOCK + MAX_PAX_BYTES)
+    layout = staging.layout
+    kind, manifest_name, signature_name = layout.kind, layout.manifest, layout.signature
+    limit = layout.max_manifest_bytes
+    head_limit = limit + mf.MAX_SIGNATURE_BYTES + 4 * (3 * BLOCK + MAX_PAX_BYTES)
     reader = TarReader(chunks, limit=head_limit)
     first = reader.next_entry()
-    if first is None or first.kind != "file" or first.path != mf.MANIFEST_NAME:
+    if first is None or first.kind != "file" or first.path != manifest_name:
         got = "an empty archive" if first is None else f"{first.kind} {first.path!r}"
         raise UnexpectedEntryError(
-            f"the install tar must start with {mf.MANIFEST_NAME}, it starts with {got}; "
-            "create it with `python -m m4image tar DIR -o FILE` (m4image.tarstream.iter_image_tar)"
+            f"the install tar must start with {manifest_name}, it starts with {got}; "
+            f"create it with {layout.tar}"
         )
-    if first.size > mf.MAX_MANIFEST_BYTES:
+    if first.size > limit:
         raise mf.ManifestError(
-            f"{mf.MANIFEST_NAME} is {first.size} bytes, over the {mf.MAX_MANIFEST_BYTES}-byte "
-            "limit; this is not an image this daemon can load"
+            f"{manifest_name} is {first.size} bytes, over the {limit}-byte "
+            f"limit; this is not an {kind} this daemon can load"
         )
-    data = b"".join(reader.data(mf.MANIFEST_NAME))
+    data = b"".join(reader.data(manifest_name))
     entry = reader.next_entry()
     signature = None
-    if entry is not None and entry.path == mf.SIGNATURE_NAME:
+    if entry is not None and entry.path == signature_name:
         if entry.kind != "file":
-            raise UnsafePathError(f"{mf.SIGNATURE_NAME} is a {entry.kind} entry; it must be a file")
+            raise UnsafePathError(f"{signature_name} is a {entry.kind} entry; it must be a file")
         if entry.size > mf.MAX_SIGNATURE_BYTES:
             raise BadSignatureError(
-                f"{mf.SIGNATURE_NAME} is {entry.size} bytes, over {mf.MAX_SIGNATURE_BYTES}: it "
-                "is not an m4 signature; re-sign the image"
+                f"{signature_name} is {entry.size} bytes, over {mf.MAX_SIGNATURE_BYTES}: it "
+                f"is not an m4 signature; re-sign the {kind}"
             )
-        signature = b"".join(reader.data(mf.SIGNATURE_NAME))
+        signature = b"".join(reader.data(signature_name))
         entry = reader.next_entry()
     manifest = staging.accept_manifest(data, signature)
     n_entries = len(manifest.files) + len(staging.folders) + 2
     reader.limit = (reader.bytes_read
                     + sum(e.size + (-e.size % BLOCK) for e in manifest.files.values())
                     + n_entries * (3 * BLOCK + 4096) + (1 << 20))  # fmt: skip
-    seen = {mf.MANIFEST_NAME, mf.SIGNATURE_NAME}
+    seen = {manifest_name, signature_name}
     while entry is not None:
         if entry.path != "" or entry.kind != "dir":
-            check_entry_path(entry.path)
+            check_entry_path(entry.path, layout)
         if entry.path in seen:
             raise DuplicateEntryError(
                 f"{entry.path!r} appears twice in the install tar (or out of order: "
-                f"{mf.MANIFEST_NAME} first, {mf.SIGNATURE_NAME} second); nothing was installed"
+                f"{manifest_name} first, {signature_name} second); nothing was installed"
             )
         seen.add(entry.path)
         if entry.kind == "dir":
@@ -345,7 +395,7 @@ def fill_from_tar(staging: Staging, chunks: Iterable[bytes]) -> None:
             staging.write_file(entry.path, reader.data(entry.path), declared_size=entry.size)
         else:
             raise UnsafePathError(
-                f"{entry.path!r} is a {entry.kind} entry in the install tar; images "
-                "hold regular files only: nothing was installed"
+                f"{entry.path!r} is a {entry.kind} entry in the install tar; an {kind} "
+                "holds regular files only: nothing was installed"
             )
         entry = reader.next_entry()

@@ -194,21 +194,22 @@ class Keyring:
             keys[kid] = TrustedKey(kid, None, True, None)
         return sorted(keys.values(), key=lambda k: (k.revoked, k.key_id))
 
-    def lookup(self, key_id: str) -> Ed25519PublicKey:
-        """The trusted public key with this id; RevokedKeyError or UnknownKeyError otherwise."""
+    def lookup(self, key_id: str, what: str = "the image") -> Ed25519PublicKey:
+        """The trusted public key with this id; RevokedKeyError or UnknownKeyError otherwise
+        (their messages name `what` was signed: "the image", "the add-on")."""
         entries = {k.key_id: k for k in self.list()}
         entry = entries.get(key_id)
         if entry is not None and entry.revoked:
             raise RevokedKeyError(
-                f"the image is signed with key {key_id}, which is revoked "
-                f"({self.directory / REVOKED_DIR / key_id}); get the image re-signed with a "
+                f"{what} is signed with key {key_id}, which is revoked "
+                f"({self.directory / REVOKED_DIR / key_id}); get {what} re-signed with a "
                 "current vendor key"
             )
         if entry is None or entry.public_key is None:
             trusted = sorted(k.key_id for k in entries.values() if not k.revoked)
             have = f"trusted keys: {', '.join(trusted)}" if trusted else "it holds no trusted keys"
             raise UnknownKeyError(
-                f"the image is signed with key {key_id}, which is not in the keyring "
+                f"{what} is signed with key {key_id}, which is not in the keyring "
                 f"{self.directory} ({have}); if that is the vendor's genuine key, add its public "
                 f"key with `m4ctl keys add FILE --keys {self.directory}`"
             )

@@ -10,7 +10,9 @@ stored next to the manifest as ``manifest.sig``, a small canonical JSON document
 and gives a refusal its precise reason (unknown vs revoked); it is not trusted: a wrong id
 simply fails the signature check. ``KeyringSignatureCheck`` is the check verification
 (``m4image.verify``) and installation (``m4image.install``) run before the manifest is parsed;
-making signatures is ``m4image.sign``.
+making signatures is ``m4image.sign``. Add-ons (``m4image.addon``) are signed the same way,
+``addon.sig`` over the exact bytes of ``addon.json``: every function takes the ``Layout`` of
+what it checks (an image's by default), which names the files and the fix in each message.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from cryptography.exceptions import InvalidSignature
 
 from m4image.fsutil import canonical_json
 from m4image.keys import BadSignatureError, Keyring, UnsignedImageError, check_key_id
-from m4image.manifest import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, ImageError
+from m4image.layout import IMAGE, Layout
+from m4image.manifest import MAX_SIGNATURE_BYTES, ImageError
 
 __all__ = [
     "ALGORITHM",
@@ -50,57 +53,62 @@ def encode_signature(key_id: str, signature: bytes) -> bytes:
     )
 
 
-def decode_signature(data: bytes) -> tuple[str, bytes]:
-    """(key id, 64 signature bytes) from manifest.sig; BadSignatureError when malformed."""
-    fix = "re-sign the image with `m4ctl image sign DIR --key KEY`"
+def decode_signature(data: bytes, layout: Layout = IMAGE) -> tuple[str, bytes]:
+    """(key id, 64 signature bytes) from manifest.sig (the layout's signature file);
+    BadSignatureError when malformed."""
+    name = layout.signature
+    fix = f"re-sign the {layout.kind} with {layout.sign}"
     if len(data) > MAX_SIGNATURE_BYTES:
         raise BadSignatureError(
-            f"{SIGNATURE_NAME} is over {MAX_SIGNATURE_BYTES} bytes, so it is not an m4 signature; {fix}"
+            f"{name} is over {MAX_SIGNATURE_BYTES} bytes, so it is not an m4 signature; {fix}"
         )
     try:
         d = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadSignatureError(f"{SIGNATURE_NAME} is not JSON (corrupted?); {fix}") from None
+        raise BadSignatureError(f"{name} is not JSON (corrupted?); {fix}") from None
     if not isinstance(d, dict) or d.get("format") != SIGNATURE_FORMAT:
         got = d.get("format") if isinstance(d, dict) else None
-        raise BadSignatureError(f"{SIGNATURE_NAME} format is {got!r}, expected {SIGNATURE_FORMAT!r}; {fix}")
+        raise BadSignatureError(f"{name} format is {got!r}, expected {SIGNATURE_FORMAT!r}; {fix}")
     if set(d) != {"algorithm", "format", "key_id", "signature"}:
-        raise BadSignatureError(f"{SIGNATURE_NAME} has keys {sorted(d)}, not those of {SIGNATURE_FORMAT}; {fix}")
+        raise BadSignatureError(f"{name} has keys {sorted(d)}, not those of {SIGNATURE_FORMAT}; {fix}")
     if d["algorithm"] != ALGORITHM:
-        raise BadSignatureError(f"{SIGNATURE_NAME} algorithm {d['algorithm']!r} is not supported; {fix}")
+        raise BadSignatureError(f"{name} algorithm {d['algorithm']!r} is not supported; {fix}")
     if not isinstance(d["key_id"], str) or not isinstance(d["signature"], str):
-        raise BadSignatureError(f"{SIGNATURE_NAME}: key_id and signature must be strings; {fix}")
+        raise BadSignatureError(f"{name}: key_id and signature must be strings; {fix}")
     try:
         key_id = check_key_id(d["key_id"])
         sig = base64.b64decode(d["signature"], validate=True)
     except (ImageError, binascii.Error):
-        raise BadSignatureError(f"{SIGNATURE_NAME}: malformed key_id or signature; {fix}") from None
+        raise BadSignatureError(f"{name}: malformed key_id or signature; {fix}") from None
     if len(sig) != 64:
-        raise BadSignatureError(f"{SIGNATURE_NAME}: an ed25519 signature is 64 bytes, got {len(sig)}; {fix}")
+        raise BadSignatureError(f"{name}: an ed25519 signature is 64 bytes, got {len(sig)}; {fix}")
     return key_id, sig
 
 
-def verify_signature(manifest: bytes, signature: bytes | None, keyring: Keyring) -> str:
+def verify_signature(manifest: bytes, signature: bytes | None, keyring: Keyring,
+                     layout: Layout = IMAGE) -> str:
     """Check manifest.sig over the exact manifest bytes; return the signing key id.
 
     Raises UnsignedImageError, BadSignatureError (malformed or not matching), UnknownKeyError
     or RevokedKeyError (both from ``keyring.lookup``).
     """
+    what = f"the {layout.kind}"
     if signature is None:
+        development = (" (development images: skip the signature check explicitly, e.g. "
+                       "`m4ctl image verify --unsigned`)" if layout is IMAGE else "")
         raise UnsignedImageError(
-            f"the image has no {SIGNATURE_NAME} and the keyring {keyring.directory} requires one; "
-            "sign it with `m4ctl image sign DIR --key KEY.key` (development images: skip the "
-            "signature check explicitly, e.g. `m4ctl image verify --unsigned`)"
+            f"{what} has no {layout.signature} and the keyring {keyring.directory} requires "
+            f"one; sign it with {layout.sign}{development}"
         )
-    key_id, sig = decode_signature(signature)
-    public = keyring.lookup(key_id)
+    key_id, sig = decode_signature(signature, layout)
+    public = keyring.lookup(key_id, what)
     try:
         public.verify(sig, manifest)
     except InvalidSignature:
         raise BadSignatureError(
-            f"{SIGNATURE_NAME} does not match manifest.json for key {key_id}: the manifest was "
-            "modified after signing, or the signature is corrupt; re-download the image, or "
-            "rebuild and re-sign it"
+            f"{layout.signature} does not match {layout.manifest} for key {key_id}: the "
+            f"manifest was modified after signing, or the signature is corrupt; re-download "
+            f"{what}, or rebuild and re-sign it"
         ) from None
     return key_id
 
@@ -108,11 +116,12 @@ def verify_signature(manifest: bytes, signature: bytes | None, keyring: Keyring)
 class KeyringSignatureCheck:
     """A ``verify.SignatureCheck`` backed by a Keyring (read afresh on every check)."""
 
-    def __init__(self, keyring: Keyring) -> None:
+    def __init__(self, keyring: Keyring, layout: Layout = IMAGE) -> None:
         self.keyring = keyring
+        self.layout = layout
 
     def __call__(self, manifest: bytes, signature: bytes | None) -> str:
-        return verify_signature(manifest, signature, self.keyring)
+        return verify_signature(manifest, signature, self.keyring, self.layout)
 
     def __repr__(self) -> str:
         return f"KeyringSignatureCheck({self.keyring!r})"

@@ -156,3 +156,7 @@ class State:
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_dict())
+
+    def digests(self) -> set[str]:
+        """The installed images (the store's entries ``images/<digest>``)."""
+        return set(self.images)

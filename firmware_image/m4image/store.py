@@ -25,7 +25,6 @@ real install/activate/rollback at each of those points.
 from __future__ import annotations
 
 import builtins
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -44,7 +43,7 @@ from m4image.boot import (
     NoTrialError,
     WrongStateError,
 )
-from m4image.durable import crashpoint, crashpoints_passed, fsync_dir_step
+from m4image.durable import crashpoints_passed
 from m4image.install import (
     Admission,
     DuplicateEntryError,
@@ -126,7 +125,11 @@ _STATUS_CODES: list[tuple[type[BaseException], str]] = [
 
 
 def status_code_for(exc: BaseException) -> str:
-    """The gRPC status code name for an image or store error (for the admin servicer)."""
+    """The gRPC status code name for an image or store error (for the admin servicer); an
+    error class may name its own (``status_code``, e.g. the add-on store's not-found)."""
+    own = getattr(type(exc), "status_code", None)
+    if isinstance(own, str):
+        return own
     for cls, code in _STATUS_CODES:
         if isinstance(exc, cls):
             return code
@@ -155,7 +158,7 @@ class StoreStatus:
 # ---- the store --------------------------------------------------------------------------------
 
 
-class Store(StoreDir):
+class Store(StoreDir[State]):
     """The image store in one state directory (``m4image.statedir``): installed images, which
     one boots, and the way back; safe across threads and processes."""
 
@@ -172,7 +175,13 @@ class Store(StoreDir):
         self.compatible = compatible
         self.daemon_version = daemon_version
         self.max_image_bytes = max_image_bytes
-        super().__init__(state_dir, history_limit=history_limit, clock=clock)
+        super().__init__(state_dir, history_limit=history_limit, clock=clock, entries="images",
+                         new_state=State, parse_state=State.from_bytes)
+
+    @property
+    def images_dir(self) -> Path:
+        """``images/``: one directory per installed image, named by its digest."""
+        return self.entries_dir
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -226,23 +235,14 @@ class Store(StoreDir):
 
     # ---- installing ----------------------------------------------------------------------
 
-    def _publish(self, staging: Staging, digest: str) -> str:
+    def _publish(self, staging: Staging[Manifest], digest: str) -> str:
         """Rename a complete staging directory to images/<digest> and record it."""
         assert staging.manifest is not None
         state = self._load()
         if digest in state.images:
             staging.abort()
             return digest
-        target = self.images_dir / digest
-        if os.path.lexists(target):  # not in state.json: debris; recovery removes it on open
-            self._discard(target)
-        fsync_dir_step(staging.dir)
-        crashpoint()
-        os.chmod(staging.dir, 0o755)
-        crashpoint()
-        os.rename(staging.dir, target)
-        fsync_dir_step(self.images_dir)
-        fsync_dir_step(self.staging_dir)
+        self._publish_entry(staging.dir, digest)
         m = staging.manifest
         state.images[digest] = ImageRecord(m.name, m.version, m.security_version, m.compatible,
                                            staging.total, staging.key_id, now_text(self.clock))
@@ -286,7 +286,7 @@ class Store(StoreDir):
 
     def _install(
         self,
-        fill: Callable[[Staging], None],
+        fill: Callable[[Staging[Manifest]], None],
         keyring: Keyring | None,
         allow_downgrade: bool,
         progress: Callable[[str, int, int], None] | None,

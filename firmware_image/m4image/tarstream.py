@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ __all__ = [
     "TarReader",
     "TruncatedArchiveError",
     "iter_image_tar",
+    "iter_signed_tar",
 ]
 
 BLOCK = 512
@@ -333,14 +334,23 @@ def iter_image_tar(directory: str | Path, *, chunk: int = CHUNK) -> Iterator[byt
     root = Path(directory)
     manifest_bytes = (root / MANIFEST_NAME).read_bytes()
     manifest = Manifest.from_json(manifest_bytes)
-    yield _header(MANIFEST_NAME, len(manifest_bytes)) + manifest_bytes + bytes(-len(manifest_bytes) % BLOCK)
-    sig = root / SIGNATURE_NAME
+    yield from iter_signed_tar(root, MANIFEST_NAME, SIGNATURE_NAME, manifest_bytes,
+                               {p: e.size for p, e in manifest.files.items()}, chunk=chunk)
+
+
+def iter_signed_tar(root: Path, manifest_name: str, signature_name: str, manifest_bytes: bytes,
+                    sizes: Mapping[str, int], *, chunk: int = CHUNK) -> Iterator[bytes]:
+    """A signed directory (an image or an add-on, ``m4image.addon``) as an uncompressed tar:
+    the exact manifest bytes, the signature if there is one, then the listed files (sizes
+    from the manifest) in path order, read as they are sent."""
+    yield _header(manifest_name, len(manifest_bytes)) + manifest_bytes + bytes(-len(manifest_bytes) % BLOCK)
+    sig = root / signature_name
     if sig.is_file():
         data = sig.read_bytes()
-        yield _header(SIGNATURE_NAME, len(data)) + data + bytes(-len(data) % BLOCK)
-    for rel, entry in sorted(manifest.files.items()):
-        yield _header(rel, entry.size)
-        yield from _file_chunks(root / rel, entry.size, chunk)
-        if entry.size % BLOCK:
-            yield bytes(-entry.size % BLOCK)
+        yield _header(signature_name, len(data)) + data + bytes(-len(data) % BLOCK)
+    for rel, size in sorted(sizes.items()):
+        yield _header(rel, size)
+        yield from _file_chunks(root / rel, size, chunk)
+        if size % BLOCK:
+            yield bytes(-size % BLOCK)
     yield bytes(2 * BLOCK)

@@ -8,6 +8,10 @@ unsafe paths, links and unlisted files, then check every listed file's size and 
 
 ``check_manifest`` is the same gate for the manifest alone; the image store's streamed install
 uses it before it writes any payload byte, then hashes each file while writing it.
+
+The file-level checks (the manifest read once, the signature file, safe paths, no unlisted
+file, every file's size and hash: ``check_payload``) take a ``Layout``, so add-ons
+(``m4image.addon``) are verified by the same code as images.
 """
 
 from __future__ import annotations
@@ -16,18 +20,17 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from m4image.fsutil import sha256_fd
 from m4image.keys import Keyring, SignatureError
+from m4image.layout import IMAGE, Layout
 from m4image.manifest import (
-    MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
     MAX_SIGNATURE_BYTES,
-    SIGNATURE_NAME,
+    FileEntry,
     ImageError,
     Manifest,
     ManifestError,
@@ -50,6 +53,8 @@ __all__ = [
     "VerifiedImage",
     "check_file_table",
     "check_manifest",
+    "check_paths",
+    "check_payload",
     "check_relative_path",
     "parse_version",
     "read_manifest_bytes",
@@ -119,8 +124,9 @@ class VerifiedImage:
         return self.path / relative
 
 
-def check_relative_path(rel: str) -> PurePosixPath:
+def check_relative_path(rel: str, layout: Layout = IMAGE) -> PurePosixPath:
     """A manifest path must be relative, POSIX, normalised and stay inside the image."""
+    rebuild = layout.rebuild
     p = PurePosixPath(rel)
     bad = (
         not rel
@@ -132,10 +138,10 @@ def check_relative_path(rel: str) -> PurePosixPath:
     if bad:
         raise UnsafePathError(
             f"manifest lists unsafe path {rel!r} (absolute, '..', '.', empty or backslash parts); "
-            f"the image is malformed or malicious: {_REBUILD}"
+            f"the {layout.kind} is malformed or malicious: {rebuild}"
         )
-    if rel in (MANIFEST_NAME, SIGNATURE_NAME):
-        raise UnsafePathError(f"manifest lists {rel!r} as a payload file; it must not: {_REBUILD}")
+    if rel in layout.reserved:
+        raise UnsafePathError(f"manifest lists {rel!r} as a payload file; it must not: {rebuild}")
     return p
 
 
@@ -176,32 +182,35 @@ def _read_and_close(fd: int, limit: int) -> bytes:
         os.close(fd)
 
 
-def read_manifest_bytes(root: Path) -> bytes:
+def read_manifest_bytes(root: Path, layout: Layout = IMAGE) -> bytes:
     """The exact bytes of ``root/manifest.json`` (no links, regular file, size-capped), read once."""
-    path = root / MANIFEST_NAME
+    path = root / layout.manifest
+    limit = layout.max_manifest_bytes
     opened = _open_regular(path, str(path), lambda e: _link_or(path, ManifestError(f"cannot read {path}: {e}")))
     if opened is None:
-        raise ManifestError(f"{path} is missing; {root} is not a firmware image")
+        what = "a firmware image" if layout is IMAGE else f"an {layout.kind}"
+        raise ManifestError(f"{path} is missing; {root} is not {what}")
     fd, st = opened
-    if st.st_size > MAX_MANIFEST_BYTES:
+    if st.st_size > limit:
         os.close(fd)
         raise ManifestError(
-            f"{path} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit; refusing to parse it"
+            f"{path} is {st.st_size} bytes, over the {limit}-byte limit; refusing to parse it"
         )
-    return _read_and_close(fd, MAX_MANIFEST_BYTES + 1)
+    return _read_and_close(fd, limit + 1)
 
 
-def read_signature_bytes(root: Path) -> bytes | None:
+def read_signature_bytes(root: Path, layout: Layout = IMAGE) -> bytes | None:
     """The bytes of ``root/manifest.sig`` (capped), or None when the image has none."""
-    path = root / SIGNATURE_NAME
+    path = root / layout.signature
     opened = _open_regular(path, str(path), lambda e: _link_or(path, SignatureError(f"cannot read {path}: {e}")))
     if opened is None:
         return None
     return _read_and_close(opened[0], MAX_SIGNATURE_BYTES + 1)  # the checker refuses anything over the cap
 
 
-def scan_files(root: Path) -> set[str]:
+def scan_files(root: Path, layout: Layout = IMAGE) -> set[str]:
     """Every regular file under root as a relative POSIX path; links and special files raise."""
+    fix = layout.rebuild
     found: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in dirnames + filenames:
@@ -209,33 +218,33 @@ def scan_files(root: Path) -> set[str]:
             rel = os.path.relpath(full, root).replace(os.sep, "/")
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):
-                raise UnsafePathError(f"{rel} is a symbolic link; images must hold regular files only: {_REBUILD}")
+                raise UnsafePathError(f"{rel} is a symbolic link; images must hold regular files only: {fix}")
             if stat.S_ISDIR(st.st_mode):
                 continue
             if not stat.S_ISREG(st.st_mode):
-                raise UnsafePathError(f"{rel} is not a regular file (device, fifo or socket): {_REBUILD}")
+                raise UnsafePathError(f"{rel} is not a regular file (device, fifo or socket): {fix}")
             found.add(rel)
     return found
 
 
-def _check_file(root: Path, rel: str, size: int, sha256: str) -> None:
+def _check_file(root: Path, rel: str, size: int, sha256: str, fix: str) -> None:
     opened = _open_regular(root / rel, rel, lambda e: UnsafePathError(
-        f"{rel} cannot be opened safely ({e.strerror}): {_REBUILD}"))
+        f"{rel} cannot be opened safely ({e.strerror}): {fix}"))
     if opened is None:
-        raise MissingFileError(f"{rel} is listed in the manifest but missing from {root}: {_REBUILD}")
+        raise MissingFileError(f"{rel} is listed in the manifest but missing from {root}: {fix}")
     fd, st = opened
     try:
         if st.st_size != size:
             what = "truncated" if st.st_size < size else "larger than listed"
             raise SizeMismatchError(
-                f"{rel} is {st.st_size} bytes, the manifest says {size} ({what}): {_REBUILD}"
+                f"{rel} is {st.st_size} bytes, the manifest says {size} ({what}): {fix}"
             )
         digest, n = sha256_fd(fd)
         if n != size:
-            raise SizeMismatchError(f"{rel} changed size while being read ({n} != {size}): {_REBUILD}")
+            raise SizeMismatchError(f"{rel} changed size while being read ({n} != {size}): {fix}")
         if digest != sha256:
             raise HashMismatchError(
-                f"{rel} has sha256 {digest}, the manifest says {sha256} (corrupted or tampered): {_REBUILD}"
+                f"{rel} has sha256 {digest}, the manifest says {sha256} (corrupted or tampered): {fix}"
             )
     finally:
         os.close(fd)
@@ -260,15 +269,21 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 def check_file_table(manifest: Manifest) -> None:
     """Every listed path is safe, and no listed file is also the folder of another one."""
+    check_paths(manifest.files)
+
+
+def check_paths(files: Mapping[str, object], layout: Layout = IMAGE) -> None:
+    """Every listed path is safe, and no listed file is also the folder of another one."""
     folders: set[str] = set()
-    for rel in manifest.files:
-        check_relative_path(rel)
+    for rel in files:
+        check_relative_path(rel, layout)
         parts = rel.split("/")
         folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    clash = sorted(folders & set(manifest.files))
+    clash = sorted(folders & set(files))
     if clash:
         raise UnsafePathError(
-            f"manifest lists {clash[0]!r} both as a file and as the folder of other files: {_REBUILD}"
+            f"manifest lists {clash[0]!r} both as a file and as the folder of other files: "
+            f"{layout.rebuild}"
         )
 
 
@@ -307,6 +322,30 @@ def check_manifest(
     return manifest, key_id
 
 
+def check_payload(root: Path, files: Mapping[str, FileEntry], layout: Layout = IMAGE, *,
+                  progress: Callable[[str, int, int], None] | None = None) -> None:
+    """The directory holds exactly the listed files (besides the manifest and signature),
+    regular files with the listed sizes and sha256."""
+    present = scan_files(root, layout) - set(layout.reserved)
+    extra = sorted(present - set(files))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ExtraFileError(
+            f"{extra[0]}{more} is in {root} but not listed in the manifest; "
+            f"remove it or {layout.rebuild}"
+        )
+    total = len(files)
+    entries = sorted(files.items())
+    # hashlib and os.read let go of the GIL: files are hashed side by side (a boot verifies
+    # every byte), and a failure is reported for the first bad file in path order
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        checks = pool.map(lambda item: _check_file(root, item[0], item[1].size, item[1].sha256,
+                                                   layout.rebuild), entries)
+        for i, _ in enumerate(checks, 1):
+            if progress:
+                progress("verify files", i, total)
+
+
 def verify_image(
     directory: str | Path,
     *,
@@ -341,24 +380,7 @@ def verify_image(
         expected_compatible=expected_compatible,
         daemon_version=daemon_version,
     )
-    present = scan_files(root) - {MANIFEST_NAME, SIGNATURE_NAME}
-    extra = sorted(present - set(manifest.files))
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ExtraFileError(
-            f"{extra[0]}{more} is in {root} but not listed in the manifest; "
-            f"remove it or {_REBUILD}"
-        )
-    total = len(manifest.files)
-    entries = sorted(manifest.files.items())
-    # hashlib and os.read let go of the GIL: files are hashed side by side (a boot verifies
-    # every byte), and a failure is reported for the first bad file in path order
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        checks = pool.map(lambda item: _check_file(root, item[0], item[1].size, item[1].sha256),
-                          entries)
-        for i, _ in enumerate(checks, 1):
-            if progress:
-                progress("verify files", i, total)
+    check_payload(root, manifest.files, progress=progress)
     return VerifiedImage(
         path=root.resolve(),
         manifest=manifest,
