@@ -33,6 +33,7 @@ from m4d.adapters.train import (
     train_lora,
 )
 from m4d.model.llama import greedy_generate
+from m4d.prepare.prompts import answer_messages
 
 
 def _bar(label: str) -> Callable[[int, int, float], None]:
@@ -49,16 +50,31 @@ def _bar(label: str) -> Callable[[int, int, float], None]:
     return show
 
 
+def slu_listed_messages(text: str) -> list[dict[str, str]]:
+    """The base backbone's fairest SLU prompt: the image's (worked examples) plus the intents
+    and slots the adapter was trained on, so its answers can be scored by name."""
+    from m4d.adapters.slu_templates import SCHEMA
+
+    messages = answer_messages("slu", text, "")
+    listed = "; ".join(f"{intent} ({', '.join(slots) or 'no slots'})" for intent, slots in SCHEMA.items())
+    messages[0]["content"] += f" Use one of these intents, with these slots: {listed}."
+    return messages
+
+
 def generate(backbone: Backbone, template: str, inputs: Sequence[str], lora: Lora | None,
              max_tokens: int = 48, progress: Callable[[int, int, float], None] | None = None) -> list[str]:
-    """Greedy answers (float32 base, the adapter attached in torch when given)."""
+    """Greedy answers (float32 base, the adapter attached in torch when given); template
+    "slu_listed": ``slu_listed_messages``."""
     model, tok = backbone.model, backbone.tokenizer
     if lora is not None:
         attach(model, lora)
     try:
         outs = []
         for i, text in enumerate(inputs):
-            ids = prompt_ids(backbone, template, text)
+            if template == "slu_listed":
+                ids = tok.encode(backbone.chat.render(slu_listed_messages(text), add_generation_prompt=True))
+            else:
+                ids = prompt_ids(backbone, template, text)
             outs.append(tok.decode(greedy_generate(model, ids, max_tokens, tok.eos_id)))
             if progress is not None:
                 progress(i + 1, len(inputs), 0.0)
@@ -82,7 +98,8 @@ def score(scorer: str, outputs: Sequence[str], pairs: Sequence[tuple[str, str]],
 def train_command(args: argparse.Namespace) -> int:
     from m4d.adapters.lora import write_peft
 
-    settings = TrainSettings(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")),
+    settings = TrainSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                             targets=tuple(args.targets.split(",")),
                              lr=args.lr, batch=args.batch, max_steps=args.steps, seed=args.seed,
                              threads=args.threads)
     backbone = load_backbone(args.image)
@@ -167,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--out", type=Path, required=True, help="the PEFT folder to write")
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout while training")
     t.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch", type=int, default=8)

@@ -35,9 +35,10 @@ class LoraLinear(nn.Module):
     """``base(x)`` plus, for each adapted part, ``s·(x·Aᵀ)·Bᵀ`` in the part's output rows."""
 
     def __init__(self, base: nn.Module, parts: Sequence[tuple[FusedPart, LoraPair]],
-                 trainable: bool = False) -> None:
+                 trainable: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
+        self.dropout = dropout  # on the adapter's input, in training only (as PEFT)
         self.parts = [part for part, _ in parts]
         self.scaling = [pair.scaling for _, pair in parts]
         self.a = nn.ParameterList(nn.Parameter(p.a.clone(), requires_grad=trainable) for _, p in parts)
@@ -46,6 +47,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y: Tensor = self.base(x)  # [..., N]
+        if self.training and self.dropout > 0:
+            x = F.dropout(x, self.dropout)
         pieces: list[Tensor] = []
         at = 0
         for part, a, b, s in zip(self.parts, self.a, self.b, self.scaling, strict=True):
@@ -95,7 +98,8 @@ def _set(layer: nn.Module, path: str, module: nn.Module) -> None:
     setattr(getattr(layer, owner), name, module)
 
 
-def attach(model: nn.Module, lora: Lora, trainable: bool = False) -> list[LoraLinear]:
+def attach(model: nn.Module, lora: Lora, trainable: bool = False,
+           dropout: float = 0.0) -> list[LoraLinear]:
     """Wraps every fused linear the adapter touches (in place); returns the wrappers.
     Refuses an adapter for another module or with linears the model does not have."""
     kind = _model_kind(model)
@@ -115,7 +119,7 @@ def attach(model: nn.Module, lora: Lora, trainable: bool = False) -> list[LoraLi
                     raise AdapterError(f"{part.name}: lora_A {tuple(pair.a.shape)} / lora_B "
                                        f"{tuple(pair.b.shape)} do not fit the model")
             used.update(p.name for p, _ in present)
-            wrapper = LoraLinear(_get(layer, ours), present, trainable)
+            wrapper = LoraLinear(_get(layer, ours), present, trainable, dropout)
             _set(layer, ours, wrapper)
             wrapped.append(wrapper)
     unknown = sorted(set(lora.pairs) - used)

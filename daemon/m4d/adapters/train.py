@@ -38,6 +38,7 @@ ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class TrainSettings:
     rank: int = 8
     alpha: float = 16.0
+    dropout: float = 0.1  # on the adapter's input while training
     targets: tuple[str, ...] = ALL_LINEARS
     lr: float = 1e-3
     batch: int = 8
@@ -151,7 +152,7 @@ def train_lora(backbone: Backbone, template: str, pairs: Sequence[tuple[str, str
     model = backbone.model
     init = new_lora(model, settings.rank, settings.alpha, settings.targets, seed=settings.seed)
     init.base_model = backbone.digest
-    wrappers = attach(model, init, trainable=True)
+    wrappers = attach(model, init, trainable=True, dropout=settings.dropout)
     params = [p for w in wrappers for p in w.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     warmup = max(1, settings.max_steps // 20)
