@@ -30,7 +30,8 @@ from pathlib import Path
 
 from m4image.fsutil import atomic_write_bytes
 
-from m4d.adapters.slu_templates import SCHEMA, TEMPLATES, VALUES
+from m4d.adapters.slu_templates import SCHEMA, TEMPLATES
+from m4d.adapters.slu_values import VALUES
 
 # split -> (templates held out, values held out)
 SPLITS: dict[str, tuple[bool, bool]] = {
