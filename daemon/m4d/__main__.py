@@ -106,13 +106,15 @@ async def serve(config: Config) -> int:
     # torch and grpc load here, after the config is known good
     from m4d.server.app import Servers, start_metrics
     from m4d.service import systemd
+    from m4d.service.addons import AddonManager
     from m4d.service.daemon import Daemon, State
     from m4d.service.images import ImageManager
     from m4d.service.lifecycle import StopSignals, notify, watchdog
 
     daemon = Daemon(config)
     images = ImageManager(daemon) if config.image_source == "store" else None
-    servers = Servers(config, daemon, images)
+    addons = AddonManager(daemon) if config.image_source == "store" else None  # with the images
+    servers = Servers(config, daemon, images, addons)
     try:
         await servers.start()
     except (OSError, RuntimeError) as exc:  # RelayError, SystemdError too

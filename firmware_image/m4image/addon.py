@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "ADDON",
     "ADDON_FORMAT",
     "COMPONENT_FILES",
+    "AdapterMismatchError",
     "AddonError",
     "AddonManifest",
     "AddonManifestError",
@@ -94,6 +95,10 @@ class TaskClashError(AddonError):
 
 class ComponentClashError(AddonError):
     """A component of the add-on is named like one of the base image's."""
+
+
+class AdapterMismatchError(AddonError):
+    """An adapter's files do not fit the image (shapes, layers, labels) or its manifest."""
 
 
 def check_name(name: str, what: str) -> str:
@@ -220,7 +225,7 @@ class AddonManifest:
 
 def build_addon_manifest(*, name: str, version: str, base: str, created: str,
                          components: dict[str, dict[str, Any]],
-                         tasks: list[Task | dict[str, Any]],
+                         tasks: Sequence[Task | dict[str, Any]],
                          files: dict[str, FileEntry]) -> AddonManifest:
     """Assemble an add-on manifest and validate it as a reader would (JSON round trip)."""
     raw = {"format": ADDON_FORMAT, "name": name, "version": version, "base": base,

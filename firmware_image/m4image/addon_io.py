@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,7 +103,7 @@ def _created() -> str:
 
 
 def write_addon(out: Path, *, name: str, version: str, base: str,
-                components: dict[str, dict[str, Any]], tasks: list[Task | dict[str, Any]],
+                components: dict[str, dict[str, Any]], tasks: Sequence[Task | dict[str, Any]],
                 payload: Mapping[str, Path], key: Path | None = None,
                 force: bool = False) -> VerifiedAddon:
     """An add-on directory at `out`, built whole and published with one rename: the

@@ -52,6 +52,8 @@ __all__ = ["ADDONS_FORMAT", "AddonEntry", "AddonNotFoundError", "AddonStore", "A
 ADDONS_FORMAT = "m4-addons/1"
 DEFAULT_MAX_ADDON_BYTES = 1 << 30  # 1 GiB of payload
 HISTORY_LIMIT = 200
+# a look at a complete, verified add-on before it is published (its directory, its manifest)
+Inspect = Callable[[Path, AddonManifest], None]
 
 
 class AddonNotFoundError(StoreError):
@@ -189,21 +191,24 @@ class AddonStore(StoreDir[AddonsState]):
     # ---- changes -------------------------------------------------------------------------
 
     def install_stream(self, chunks: Iterable[bytes], keyring: Keyring | None,
-                       check: Callable[[AddonManifest], None], *, keep: bool = False) -> Installed:
+                       check: Callable[[AddonManifest], None], *, inspect: Inspect | None = None,
+                       keep: bool = False) -> Installed:
         """Install from an add-on tar arriving in chunks (addon.json, addon.sig, files);
-        `check` refuses a manifest before anything is written. With `keep`, the directory
-        of an add-on this one replaces stays until `purge`."""
-        return self._install(lambda s: fill_from_tar(s, chunks), keyring, check, keep)
+        `check` refuses a manifest before anything is written, `inspect` the complete
+        directory (staged, verified) before it is published. With `keep`, the directory of
+        an add-on this one replaces stays until `purge`."""
+        return self._install(lambda s: fill_from_tar(s, chunks), keyring, check, inspect, keep)
 
     def install_from_dir(self, directory: str | Path, keyring: Keyring | None,
                          check: Callable[[AddonManifest], None] = lambda m: None, *,
-                         keep: bool = False) -> Installed:
+                         inspect: Inspect | None = None, keep: bool = False) -> Installed:
         """Install an add-on directory (each file read once, hashed as it is copied)."""
-        return self._install(lambda s: fill_from_dir(s, Path(directory)), keyring, check, keep)
+        return self._install(lambda s: fill_from_dir(s, Path(directory)), keyring, check,
+                             inspect, keep)
 
     def _install(self, fill: Callable[[Staging[AddonManifest]], None],
                  keyring: Keyring | None, check: Callable[[AddonManifest], None],
-                 keep: bool) -> Installed:
+                 inspect: Inspect | None, keep: bool) -> Installed:
         with self._locked():
             staging = Staging(self.staging_dir, _Admission(keyring, self.max_addon_bytes, check),
                               None)
@@ -212,6 +217,8 @@ class AddonStore(StoreDir[AddonsState]):
                 digest = staging.commit()
                 assert staging.manifest is not None
                 m = staging.manifest
+                if inspect is not None:
+                    inspect(staging.dir, m)
                 state = self._load()
                 old = state.addons.get(m.name)
                 if old is not None and old.digest == digest:

@@ -13,6 +13,7 @@ failure is an `M4Error` whose `.code` is the gRPC status code name.
 
 from __future__ import annotations
 
+from ._addons import AddonChange, AddonComponent, AddonInfo, AddonList, AddonTask
 from ._channel import (
     ADDRESS_ENV,
     ADMIN_ADDRESS_ENV,
@@ -90,6 +91,11 @@ __all__ = [
     "APP_NAME_METADATA",
     "DEFAULT_ADDRESS",
     "DEFAULT_ADMIN_ADDRESS",
+    "AddonChange",
+    "AddonComponent",
+    "AddonInfo",
+    "AddonList",
+    "AddonTask",
     "AdminClient",
     "AsyncAdminClient",
     "AsyncClient",

@@ -19,9 +19,10 @@ from m4.admin.v1 import admin_pb2, admin_pb2_grpc
 from m4.inference.v1 import inference_pb2 as pb
 from m4.inference.v1 import inference_pb2_grpc as pb_grpc
 
-from . import _convert, _images
+from . import _addons, _convert, _images
 from . import status as adm
 from . import types as api
+from ._addons import AddonChange, AddonList
 from ._channel import CHANNEL_OPTIONS, call_metadata, resolve_address
 from ._images import ImageInfo, ImageList
 from ._options import GenerateOptions, InstallOptions, RunOptions, SamplingOptions
@@ -278,4 +279,20 @@ def rollback(*, allow_downgrade: bool = False, timeout: float | None = None,
 def remove_image(image: str, *, timeout: float | None = None) -> Call[str]:
     request = admin_pb2.RemoveImageRequest(image=image)
     return Call("RemoveImage", request, lambda msg: str(msg.digest), timeout)
+
+
+def install_addon(tar_chunks: Iterable[bytes], *,
+                  timeout: float | None = None) -> Call[AddonChange]:
+    """InstallAddon: the add-on tar streamed in, one answer."""
+    return Call("InstallAddon", _addons.install_requests(tar_chunks), _addons.installed_addon,
+                timeout)
+
+
+def list_addons(*, timeout: float | None = None) -> Call[AddonList]:
+    return Call("ListAddons", admin_pb2.ListAddonsRequest(), _addons.addon_list, timeout)
+
+
+def remove_addon(name: str, *, timeout: float | None = None) -> Call[AddonChange]:
+    return Call("RemoveAddon", admin_pb2.RemoveAddonRequest(name=name), _addons.removed_addon,
+                timeout)
 

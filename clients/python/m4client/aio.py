@@ -24,6 +24,7 @@ import grpc.aio
 from . import _calls
 from . import status as adm
 from . import types as api
+from ._addons import AddonChange, AddonList
 from ._calls import Call
 from ._images import ImageInfo, ImageList
 from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
@@ -190,3 +191,13 @@ class AsyncAdminClient(_AsyncCaller):
 
     async def remove_image(self, image: str, *, timeout: float | None = None) -> str:
         return await self._unary(_calls.remove_image(image, timeout=timeout))
+
+    async def install_addon(self, tar_chunks: Iterable[bytes], *,
+                            timeout: float | None = None) -> AddonChange:
+        return await self._unary(_calls.install_addon(tar_chunks, timeout=timeout))
+
+    async def list_addons(self, *, timeout: float | None = None) -> AddonList:
+        return await self._unary(_calls.list_addons(timeout=timeout))
+
+    async def remove_addon(self, name: str, *, timeout: float | None = None) -> AddonChange:
+        return await self._unary(_calls.remove_addon(name, timeout=timeout))

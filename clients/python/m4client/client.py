@@ -20,6 +20,7 @@ import grpc
 from . import _calls, _health
 from . import status as adm
 from . import types as api
+from ._addons import AddonChange, AddonList
 from ._calls import Call
 from ._images import ImageInfo, ImageList
 from ._options import CallOptions, GenerateOptions, InstallOptions, RunOptions
@@ -234,3 +235,19 @@ class AdminClient(_SyncCaller):
     def remove_image(self, image: str, *, timeout: float | None = None) -> str:
         """Deletes an installed image that is not active, previous or on trial; its digest."""
         return self._unary(_calls.remove_image(image, timeout=timeout))
+
+    # ---- add-ons ---------------------------------------------------------------------
+
+    def install_addon(self, tar_chunks: Iterable[bytes], *,
+                      timeout: float | None = None) -> AddonChange:
+        """Streams an add-on tar (`m4image.addon_io.iter_addon_tar`) to the daemon, which
+        verifies it against the image it serves and serves its tasks at once."""
+        return self._unary(_calls.install_addon(tar_chunks, timeout=timeout))
+
+    def list_addons(self, *, timeout: float | None = None) -> AddonList:
+        """The installed add-ons and whether each applies to the image served."""
+        return self._unary(_calls.list_addons(timeout=timeout))
+
+    def remove_addon(self, name: str, *, timeout: float | None = None) -> AddonChange:
+        """Uninstalls an add-on: its tasks go at once, calls running through it finish."""
+        return self._unary(_calls.remove_addon(name, timeout=timeout))

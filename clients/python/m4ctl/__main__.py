@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from m4client import M4Error
 
-from . import _doctor, _image, _keys, _media, _status, _top, _user
+from . import _adapter, _doctor, _image, _keys, _media, _status, _top, _user
 from ._output import err
 from ._parser import EXIT_USAGE, PROG, root
 from ._tools import ToolError, UsageError
@@ -29,7 +29,7 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 
 #: The nouns, in the order `m4ctl --help` lists their commands.
-NOUNS = (_user, _media, _status, _top, _image, _keys, _doctor)
+NOUNS = (_user, _media, _status, _top, _image, _adapter, _keys, _doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,7 @@ from m4d.engine.stats import EngineSnapshot, EngineStats
 from m4d.engine.stream import Outbox, RequestStream
 from m4d.engine.usage import RecentUsage
 from m4d.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, M4Error, Unavailable
+from m4d.executor.adapters import holding, release
 from m4d.executor.memory import trim_heap
 from m4d.executor.runtime import ParkedKV, Runtime
 from m4d.executor.sampling import sample
@@ -138,12 +139,11 @@ class Engine(BesideGeneration):
     # ---- the event loop's side ---------------------------------------------------------
 
     def submit(self, request: RequestBase) -> RequestStream:
-        """Queues a request; raises Unavailable at once when the queue is full, and the
-        admission's error when the caller is over its quota."""
+        """Queues a request (its adapter or head held until it ends); refusals raise at once."""
         stream = RequestStream(request, self.cancel)
         stream.wake = self._wake
         uid = request.caller.uid
-        with self._lock:
+        with self._lock, holding(self.runtime, request):
             if self._stopping:
                 raise Unavailable("the daemon is shutting down; retry on the next start",
                                   retry_after=5.0)
@@ -358,6 +358,7 @@ class Engine(BesideGeneration):
         self.prefixes.forget(rid)
         if stream is None:
             return
+        release(self.runtime, stream.request)  # an add-on's component may go once unheld
         self.batcher.remove(rid)
         if seq is not None:
             tokens_in, tokens_out = seq.tokens_in, len(seq.tokens)

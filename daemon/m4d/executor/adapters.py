@@ -1,17 +1,27 @@
-"""The backbone's LoRA adapters as the fused decode step takes them (model execution stage).
+"""The backbone's LoRA adapters as the fused decode step takes them, and the text encoder's
+task heads (model execution stage).
 
 An image's ``lora`` components (PEFT folders) are read on first use and kept, converted to
 ``m4.decode_layers``' fused form (``m4d.adapters.lora.decode_tensors``), under a byte budget:
 the least recently used one goes when a new one does not fit (vLLM's ``max_loras``, by
 bytes). Each step asks ``step(names)`` for its rows' adapters: the tensors of the adapters
 present, once each, and every row's index among them (-1: none), as in Punica's BGMV.
+
+Add-ons (``m4d.service.addons``) put components into a running bank (``add``, their files
+under the add-on's own directory) and take them out (``retire``). The engine holds the
+component of every request it accepts until the request ends (``holding``, ``release``): a
+retired component takes no new request at once, and goes (its memory, and then its files)
+only when the last request holding it has ended, so no call already accepted ever fails. The
+banks are read on the executor thread and changed from the event loop: a lock guards them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +29,113 @@ import torch
 
 from m4d.adapters.heads import Head, read_head
 from m4d.adapters.lora import AdapterError, decode_tensors, llama_sizes, read_peft
+from m4d.errors import InvalidArgument
 from m4d.model.llama import Llama, LlamaConfig, RowAdapters
 
 log = logging.getLogger(__name__)
 
 
-class AdapterBank:
+class _Components:
+    """The components of one kind a bank serves: the image's (files under the image) and
+    add-ons' (files under their own root), with the requests holding each."""
+
+    kind = ""
+
+    def __init__(self, specs: Mapping[str, Mapping[str, Any]], path: Callable[[str], Path]) -> None:
+        self.specs = {n: s for n, s in specs.items() if self._serves(s)}
+        self.path = path  # the image's files
+        self._roots: dict[str, Path] = {}  # an add-on component's root (its add-on directory)
+        self._holds: dict[str, int] = {}  # requests accepted and not ended, per component
+        self._retired: dict[str, list[Callable[[], None]]] = {}  # going once nobody holds it
+        self._lock = threading.RLock()
+
+    def _serves(self, spec: Mapping[str, Any]) -> bool:
+        return bool(spec.get("kind") == self.kind)
+
+    @property
+    def names(self) -> list[str]:
+        """The components that take new requests."""
+        return sorted(n for n in self.specs if n not in self._retired)
+
+    def folder(self, name: str) -> Path:
+        spec = self.specs[name]
+        root = self._roots.get(name)
+        return root / str(spec["dir"]) if root is not None else self.path(str(spec["dir"]))
+
+    def add(self, name: str, spec: Mapping[str, Any], root: Path) -> None:
+        """Serve an add-on's component, its files under `root`, from now on."""
+        if not self._serves(spec):
+            raise AdapterError(f"{name}: a {spec.get('kind')} component is not a {self.kind}")
+        with self._lock:
+            if name in self.specs:
+                raise AdapterError(f"a component named {name!r} is served already")
+            self.specs[name], self._roots[name] = dict(spec), root
+
+    def retire(self, name: str, gone: Callable[[], None]) -> int:
+        """Take no new request for `name`; drop it once no request holds it, then call
+        `gone` (at once, or on the executor thread). Returns the requests still holding it."""
+        with self._lock:
+            if name not in self.specs:
+                gone()
+                return 0
+            self._retired.setdefault(name, []).append(gone)
+            held = self._holds.get(name, 0)
+            if not held:
+                self._drop(name)
+            return held
+
+    def hold(self, name: str) -> None:
+        with self._lock:
+            if name not in self.specs or name in self._retired:
+                raise AdapterError(f"no {self.kind} {name!r} is served (any more)")
+            self._holds[name] = self._holds.get(name, 0) + 1
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            left = self._holds.get(name, 0) - 1
+            if left > 0:
+                self._holds[name] = left
+                return
+            self._holds.pop(name, None)
+            if name in self._retired:
+                self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        """Forget a retired component (under the lock) and tell whoever waits for it."""
+        self.specs.pop(name, None)
+        self._roots.pop(name, None)
+        self._forget(name)
+        for gone in self._retired.pop(name, []):
+            gone()
+        log.info(f"{self.kind} retired", extra={"component": name})
+
+    def _forget(self, name: str) -> None:
+        """Drop what was loaded of it."""
+
+
+class AdapterBank(_Components):
+    kind = "lora"
+
     def __init__(self, specs: Mapping[str, Mapping[str, Any]], config: LlamaConfig,
                  path: Callable[[str], Path], budget_bytes: int) -> None:
         # name -> the image's lora components on the backbone (`specs`: all its components)
-        self.specs = {n: s for n, s in specs.items()
-                      if s["kind"] == "lora" and s.get("module") == "backbone"}
+        super().__init__(specs, path)
         self.config = config
-        self.path = path
         self.budget_bytes = budget_bytes
         self._loaded: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self.loads = 0  # adapters read from the image (again after an eviction)
         self.evictions = 0
 
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.specs)
+    def _serves(self, spec: Mapping[str, Any]) -> bool:
+        return spec.get("kind") == "lora" and spec.get("module") == "backbone"
+
+    def _forget(self, name: str) -> None:
+        self._loaded.pop(name, None)
 
     @property
     def resident_bytes(self) -> int:
-        return sum(_nbytes(t) for t in self._loaded.values())
+        with self._lock:
+            return sum(_nbytes(t) for t in self._loaded.values())
 
     def step(self, names: Sequence[str]) -> RowAdapters | None:
         """The adapters of a step's rows ("" = none), or None when no row has one."""
@@ -57,51 +149,105 @@ class AdapterBank:
         return tensors, torch.tensor([index.get(n, -1) for n in names], dtype=torch.long)
 
     def get(self, name: str, keep: Sequence[str] = ()) -> list[torch.Tensor]:
-        """One adapter's fused tensors, read from the image on first use; AdapterError for
-        an adapter the image lacks or one that does not fit the backbone."""
-        found = self._loaded.get(name)
-        if found is not None:
-            self._loaded.move_to_end(name)
-            return found
-        spec = self.specs.get(name)
-        if spec is None:
-            raise AdapterError(f"the image has no adapter {name!r}")
+        """One adapter's fused tensors, read from its files on first use; AdapterError for
+        an adapter the bank lacks or one that does not fit the backbone."""
+        with self._lock:
+            found = self._loaded.get(name)
+            if found is not None:
+                self._loaded.move_to_end(name)
+                return found
+            if name not in self.specs:
+                raise AdapterError(f"the image has no adapter {name!r}")
+            folder = self.folder(name)
         cfg = self.config
-        lora = read_peft(self.path(str(spec["dir"])), "backbone")
+        lora = read_peft(folder, "backbone")  # outside the lock: the event loop may add one
         tensors = decode_tensors(lora, cfg.n_layers, llama_sizes(
             cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim))
         size = _nbytes(tensors)
-        while self._loaded and self.resident_bytes + size > self.budget_bytes:
-            victim = next((n for n in self._loaded if n not in keep), None)
-            if victim is None:
-                break  # every loaded one is in this step: go over the budget for it
-            del self._loaded[victim]
-            self.evictions += 1
-            log.info("adapter evicted", extra={"adapter": victim})
-        self._loaded[name] = tensors
-        self.loads += 1
+        with self._lock:
+            while self._loaded and self.resident_bytes + size > self.budget_bytes:
+                victim = next((n for n in self._loaded if n not in keep), None)
+                if victim is None:
+                    break  # every loaded one is in this step: go over the budget for it
+                del self._loaded[victim]
+                self.evictions += 1
+                log.info("adapter evicted", extra={"adapter": victim})
+            if name in self.specs:  # (a retired one that went meanwhile is not kept)
+                self._loaded[name] = tensors
+            self.loads += 1
         log.info("adapter loaded", extra={"adapter": name, "bytes": size, "rank": lora.rank,
                                           "targets": lora.targets})
         return tensors
 
 
-class HeadBank:
-    """The image's task heads on the text encoder (``head`` components), read on first use
-    (a few KB each: kept once read)."""
+class HeadBank(_Components):
+    """The task heads on the text encoder (``head`` components), read on first use (a few KB
+    each: kept once read)."""
+
+    kind = "head"
 
     def __init__(self, specs: Mapping[str, Mapping[str, Any]], path: Callable[[str], Path]) -> None:
-        self.specs = {n: s for n, s in specs.items() if s["kind"] == "head"}
-        self.path = path
+        super().__init__(specs, path)
         self._loaded: dict[str, Head] = {}
+
+    def _forget(self, name: str) -> None:
+        self._loaded.pop(name, None)
 
     def logits(self, name: str, vectors: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """The head's labels and its logits [N, L] for pooled encoder vectors [N, D]."""
-        head = self._loaded.get(name)
-        if head is None:
-            if name not in self.specs:
+        with self._lock:
+            head = self._loaded.get(name)
+            if head is None and name not in self.specs:
                 raise AdapterError(f"the image has no task head {name!r}")
-            head = self._loaded[name] = read_head(self.path(str(self.specs[name]["dir"])))
+            folder = self.folder(name) if head is None else None
+        if folder is not None:
+            head = read_head(folder)
+            with self._lock:
+                if name in self.specs:
+                    self._loaded[name] = head
+        assert head is not None
         return head.labels, head.logits(vectors)
+
+
+def _held(runtime: Any, request: Any) -> list[tuple[_Components, str]]:
+    """The components a request runs through: its adapter (generation, media) or its
+    trained head (Classify), in the runtime's banks."""
+    out: list[tuple[_Components, str]] = []
+    adapter, head = getattr(request, "adapter", ""), getattr(request, "head", "")
+    adapters, heads = getattr(runtime, "adapters", None), getattr(runtime, "heads", None)
+    if adapter and adapters is not None:
+        out.append((adapters, adapter))
+    if head and heads is not None:
+        out.append((heads, head))
+    return out
+
+
+@contextlib.contextmanager
+def holding(runtime: Any, request: Any) -> Iterator[None]:
+    """Holds the request's adapter or head until `release` (the engine calls it when the
+    request ends); refused with InvalidArgument when it was removed, and let go again when
+    the block raises (the request was not accepted)."""
+    taken: list[tuple[_Components, str]] = []
+    try:
+        for bank, name in _held(runtime, request):
+            try:
+                bank.hold(name)
+            except AdapterError:
+                raise InvalidArgument(
+                    f"unknown task {request.task!r}: its {bank.kind} {name!r} was removed "
+                    "(`m4ctl adapter list` shows the installed add-ons)") from None
+            taken.append((bank, name))
+        yield
+    except BaseException:
+        for bank, name in taken:
+            bank.release(name)
+        raise
+
+
+def release(runtime: Any, request: Any) -> None:
+    """The request has ended: its adapter or head is no longer held by it."""
+    for bank, name in _held(runtime, request):
+        bank.release(name)
 
 
 def unserved_reason(backbone: Llama | None) -> str:

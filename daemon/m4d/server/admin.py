@@ -1,11 +1,13 @@
-"""The Admin servicer, served only on the admin socket: daemon status and firmware images.
+"""The Admin servicer, served only on the admin socket: daemon status, firmware images and
+add-ons.
 
 A thin adapter: each handler checks the caller (the kernel's uid and groups, via the admin
 socket's PeerRelay: root, the daemon's own uid, or a member of `config.admin_group`),
-converts the request, calls the image manager (`m4d.service.images`), and converts the
-answer. Errors become status codes in `m4d.server.status` (image errors through
+converts the request, calls the image manager (`m4d.service.images`) or the add-on manager
+(`m4d.service.addons`), and converts the answer. Errors become status codes in `m4d.server.status` (image errors through
 `m4image.store.status_code_for`). Operations that change what is served (ActivateImage now,
-Rollback) run to completion even if the caller goes away: a swap is never left half done.
+Rollback, InstallAddon, RemoveAddon) run to completion even if the caller goes away: a swap
+or an add-on change is never left half done.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from m4d.executor.memory import rss_bytes
 from m4d.requests import Priority
 from m4d.server.identity import PeerLookup, peer_from_context
 from m4d.server.status import streaming, unary
+from m4d.service.addons import AddonManager, AddonView
 from m4d.service.daemon import Daemon
 from m4d.service.images import ImageManager, InstallProgress
 
@@ -55,11 +58,45 @@ def image_info(e: ImageEntry) -> pb.ImageInfo:
                         installed_at=_timestamp(e.installed_at), state=_IMAGE_STATES[e.state])
 
 
+def addon_info(view: AddonView) -> pb.AddonInfo:
+    e, m = view.entry, view.manifest
+    out = pb.AddonInfo(name=e.name, version=e.version, digest=e.digest, base_digest=e.base,
+                       size_bytes=e.size, signed_by=e.signed_by or "",
+                       installed_at=_timestamp(e.installed_at), applies=view.applies,
+                       reason=view.reason)
+    if m is None:
+        return out
+    out.tasks.extend(pb.AddonTask(id=t["id"], rpc=t["rpc"], description=t["description"],
+                                  adapter=t.get("adapter") or "") for t in m.tasks)
+    for name, spec in m.components.items():
+        out.components.append(pb.AddonComponent(
+            name=name, kind=spec["kind"], module=spec["module"], rank=spec.get("rank", 0),
+            alpha=spec.get("alpha", 0.0), targets=spec.get("targets", []),
+            labels=spec.get("labels", []), metrics=flat_numbers(spec.get("metrics", {})),
+            served_as=view.served_as.get(name, "")))
+    return out
+
+
+def flat_numbers(tree: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a JSON object, by dotted key ({"a": {"b": 1}} -> {"a.b": 1.0})."""
+    if isinstance(tree, bool):
+        return {}
+    if isinstance(tree, (int, float)):
+        return {prefix: float(tree)}
+    if not isinstance(tree, dict):
+        return {}
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        out.update(flat_numbers(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, daemon: Daemon, images: ImageManager | None,
-                 peers: PeerLookup | None = None) -> None:
+                 peers: PeerLookup | None = None, addons: AddonManager | None = None) -> None:
         self.daemon = daemon
         self.image_manager = images  # None when the daemon serves a directory, not a store
+        self.addon_manager = addons  # likewise
         self.peers = peers  # the admin socket's PeerRelay: who is behind each connection
 
     # ---- who may call --------------------------------------------------------------
@@ -94,6 +131,14 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
                 "(image_source = \"image\"), without an image store; start m4d with "
                 "--state-dir DIR (or image_source = \"store\") to install and activate images")
         return self.image_manager
+
+    def addons(self) -> AddonManager:
+        if self.addon_manager is None:
+            raise FailedPrecondition(
+                f"this daemon serves the image directory {self.daemon.config.image} as it is "
+                "(image_source = \"image\"), without a state directory for add-ons; start m4d "
+                "with --state-dir DIR (or image_source = \"store\") to install add-ons")
+        return self.addon_manager
 
     # ---- status --------------------------------------------------------------------
 
@@ -233,6 +278,45 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         if not request.image:
             raise InvalidArgument("name the image to remove (digest, prefix or version)")
         return pb.RemoveImageResponse(digest=await self.images().remove(request.image))
+
+
+    # ---- add-ons -------------------------------------------------------------------
+
+    @unary
+    async def InstallAddon(self, request_iterator: AsyncIterator[pb.InstallAddonRequest],
+                           context: grpc.aio.ServicerContext) -> pb.InstallAddonResponse:
+        self.authorize(context)
+        addons = self.addons()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                yield message.chunk
+
+        change = await _complete(addons.install(chunks()))
+        out = pb.InstallAddonResponse(addon=addon_info(change.view),
+                                      calls_finishing=change.finishing, changed=change.changed)
+        if change.replaced is not None:
+            out.replaced.CopyFrom(addon_info(AddonView(change.replaced, None, False, "replaced")))
+        return out
+
+    @unary
+    async def ListAddons(self, request: pb.ListAddonsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListAddonsResponse:
+        self.authorize(context)
+        views = await self.addons().listing()
+        image = self.daemon.image
+        return pb.ListAddonsResponse(addons=[addon_info(v) for v in views],
+                                     image_digest=image.digest if image is not None else "")
+
+    @unary
+    async def RemoveAddon(self, request: pb.RemoveAddonRequest,
+                          context: grpc.aio.ServicerContext) -> pb.RemoveAddonResponse:
+        self.authorize(context)
+        if not request.name:
+            raise InvalidArgument("name the add-on to remove (`m4ctl adapter list` shows them)")
+        change = await _complete(self.addons().remove(request.name))
+        return pb.RemoveAddonResponse(addon=addon_info(change.view),
+                                      calls_finishing=change.finishing)
 
 
 def engine_load(view: EngineView) -> pb.EngineLoad:

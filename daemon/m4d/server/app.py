@@ -32,6 +32,7 @@ from m4d.server.metrics import MetricsServer
 from m4d.server.relay import PeerRelay
 from m4d.server.sockets import clear_socket_path, private_dir
 from m4d.service import systemd
+from m4d.service.addons import AddonManager
 from m4d.service.daemon import Daemon
 from m4d.service.images import ImageManager
 
@@ -66,10 +67,12 @@ def _relays(config: Config) -> tuple[PeerRelay, PeerRelay]:
 class Servers:
     """The app and admin servers, each behind its relay, with their health services."""
 
-    def __init__(self, config: Config, daemon: Daemon, images: ImageManager | None) -> None:
+    def __init__(self, config: Config, daemon: Daemon, images: ImageManager | None,
+                 addons: AddonManager | None = None) -> None:
         self.config = config
         self.daemon = daemon
         self.images = images
+        self.addons = addons
         self._health = {INFERENCE: health.aio.HealthServicer(),
                         ADMIN: health.aio.HealthServicer()}
         self._running: list[tuple[grpc.aio.Server, PeerRelay]] = []
@@ -91,7 +94,7 @@ class Servers:
         inference = InferenceServicer(self.daemon, peers=app)
         await self._start(app, INFERENCE, lambda server:
                           inference_pb2_grpc.add_InferenceServicer_to_server(inference, server))
-        administration = AdminServicer(self.daemon, self.images, peers=admin)
+        administration = AdminServicer(self.daemon, self.images, peers=admin, addons=self.addons)
         await self._start(admin, ADMIN, lambda server:
                           admin_pb2_grpc.add_AdminServicer_to_server(administration, server))
         log.info("listening", extra={"app_socket": app.address, "admin_socket": admin.address})

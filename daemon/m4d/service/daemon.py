@@ -16,6 +16,9 @@ calls in flight finish on the old image, which is then drained and stopped in th
 background. With swap_mode "drain" the old image is drained and unloaded first: inference
 calls get UNAVAILABLE with a retry hint until the new one serves (at most drain_timeout +
 load + self-test seconds; the measured load time is the hint).
+
+Every image loaded is handed to the `extensions` before it serves: the installed add-ons
+pinned to its digest join its adapter banks and task table (`m4d.service.addons`).
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class Daemon:
         self.load_seconds = 0.0  # the last image load + self-test: the swap's retry hint
         self.phases: dict[str, float] = {}  # the last load's seconds per part (logged at ready)
         self.operation = ""  # the image operation in progress, for Status
+        # called with each image loaded, before it serves (the add-ons pinned to it join it)
+        self.extensions: list[Callable[[Serving], Awaitable[None]]] = []
         # apps' conversations (text: they outlive an image swap)
         self.sessions = Sessions(config.sessions_per_uid, config.default_max_tokens)
 
@@ -109,6 +114,11 @@ class Daemon:
     @property
     def engine(self) -> Engine | None:
         return self._serving.engine if self._serving else None
+
+    @property
+    def current(self) -> Serving | None:
+        """The image serving new calls, if any (for listings: never Unavailable)."""
+        return self._serving
 
     @property
     def swapping(self) -> bool:
@@ -186,8 +196,11 @@ class Daemon:
             runtime.tokenizer, runtime.chat_template, runtime.max_context, runtime.grammars,
             runtime.encoder_window, runtime.adapters.names if runtime.adapters else (),
             runtime.adapter_error)
+        serving = Serving(image, runtime, engine, tasks)
+        for extend in self.extensions:
+            await extend(serving)
         self.load_seconds = time.monotonic() - started
-        return Serving(image, runtime, engine, tasks)
+        return serving
 
     async def self_test(self, serving: Serving) -> Verdict:
         """Runs the image's self-test on its own engine (self_test = "off": not run)."""

@@ -21,12 +21,11 @@ and leave it on trial, for the administrator to `m4ctl image mark-good` or roll 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +40,9 @@ from m4image.store import (
 )
 
 from m4d import __version__
-from m4d.errors import Cancelled, FailedPrecondition, Unavailable
+from m4d.errors import FailedPrecondition, Unavailable
 from m4d.service.daemon import Daemon, SelfTestFailed, Serving, Verdict
+from m4d.service.transfer import pull_chunks
 
 log = logging.getLogger(__name__)
 
@@ -187,25 +187,8 @@ class ImageManager:
                 loop.call_soon_threadsafe(updates.put_nowait, InstallProgress(
                     stage, counts["received"], total_bytes, counts["written"], counts["image"]))
 
-        async def next_chunk() -> bytes | None:
-            return await anext(chunks, None)
-
-        def pull() -> Iterator[bytes]:  # on the worker thread: one gRPC message at a time
-            while True:
-                future = asyncio.run_coroutine_threadsafe(next_chunk(), loop)
-                while True:
-                    if gone.is_set():
-                        future.cancel()
-                        raise Cancelled("the install was cancelled: the client went away")
-                    try:
-                        chunk = future.result(timeout=0.5)
-                        break
-                    except concurrent.futures.TimeoutError:
-                        continue
-                if chunk is None:
-                    return
-                counts["received"] += len(chunk)
-                yield chunk
+        def received(n: int) -> None:
+            counts["received"] += n
 
         def progress(stage: str, done: int, total: int) -> None:
             counts["written"], counts["image"] = done, total
@@ -213,7 +196,8 @@ class ImageManager:
 
         def work() -> str:
             report("signature", force=True)
-            digest: str = store.install_stream(pull(), self.keyring,
+            digest: str = store.install_stream(pull_chunks(chunks, loop, gone, received),
+                                               self.keyring,
                                                allow_downgrade=allow_downgrade, progress=progress)
             return digest
 

@@ -95,8 +95,28 @@ class Tasks:
         self.max_context = max_context
         self.grammars = grammars
         self.encoder_window = encoder_window  # tokens the text encoder takes (0: none)
-        self.adapters = set(adapters)  # the backbone adapters the image holds
+        self.image_adapters = frozenset(adapters)  # the backbone adapters the image holds
+        self.adapters = set(adapters)  # and those of the add-ons applied (`extend`)
         self.adapter_error = adapter_error  # why adapters cannot run here ("" when they can)
+        self.owners: dict[str, tuple[list[str], list[str]]] = {}  # add-on -> ids, adapters
+
+    def extend(self, owner: str, tasks: Sequence[dict[str, Any]], adapters: Sequence[str]) -> None:
+        """An add-on's tasks (with the backbone adapters they run with) join the table, in
+        place of the ones it had; each table is swapped in whole, never changed in place."""
+        self.withdraw(owner)
+        self.owners[owner] = ([t["id"] for t in tasks], list(adapters))
+        self._rebuild(self.task_list + list(tasks))
+
+    def withdraw(self, owner: str) -> list[str]:
+        """An add-on's tasks leave the table (new calls get "unknown task"); their ids."""
+        ids, _ = self.owners.pop(owner, ([], []))
+        self._rebuild([t for t in self.task_list if t["id"] not in ids])
+        return ids
+
+    def _rebuild(self, task_list: list[dict[str, Any]]) -> None:
+        self.task_list = task_list
+        self.tasks = {t["id"]: t for t in task_list}
+        self.adapters = set(self.image_adapters).union(*(a for _, a in self.owners.values()))
 
     # ---- shared checks -------------------------------------------------------------
 
