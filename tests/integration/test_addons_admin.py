@@ -82,6 +82,7 @@ def kit(text_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     v2 = variant(text_image, root / "v2", key, version="1.1.0")
     kit: dict[str, Any] = {"root": root, "keys": keys, "key": key, "v1": v1, "v2": v2}
     peft1 = _lora_folder(v1, root / "peft1", seed=1)
+    (peft1 / "metrics.json").write_text(json.dumps({"eval": {"adapter": {"exact_match": 0.5}}}))
     peft2 = _lora_folder(v1, root / "peft2", seed=2)
     travel = ("--name", "travel", "--peft", str(peft1), "--task-id", "travel-plan",
               "--prompt-template", "{prompt}", "--description", "Plans trips.")
@@ -168,6 +169,7 @@ def test_pack_install_call_list_remove_with_m4ctl(daemon: DaemonProcess,
     assert addon["version"] == "1.0.0" and addon["tasks"][0]["id"] == "travel-plan"
     comp = addon["components"][0]
     assert (comp["name"], comp["kind"], comp["rank"]) == ("travel-lora", "lora", 8)
+    assert comp["metrics"] == {"adapter.exact_match": 0.5}
     assert comp["servedAs"] == f"travel/travel-lora@{addon['digest'][:12]}"
     with Client(daemon.address) as c:
         table = {t.id: t for t in c.list_tasks()}

@@ -55,7 +55,8 @@ class _Components:
     @property
     def names(self) -> list[str]:
         """The components that take new requests."""
-        return sorted(n for n in self.specs if n not in self._retired)
+        with self._lock:
+            return sorted(n for n in self.specs if n not in self._retired)
 
     def folder(self, name: str) -> Path:
         spec = self.specs[name]
