@@ -1,5 +1,6 @@
 """`m4ctl adapter ...`: add-ons, task adapters signed by a vendor and pinned to one image:
-packed here (`pack`) and managed on the daemon (`install`, `list`, `remove`).
+trained (`train`) and packed here (`pack`), managed on the daemon (`install`, `list`,
+`remove`).
 
 `pack` works on files with the daemon side's tools (`m4d.adapters.pack`, which needs torch
 to check the adapter against the image), imported when it runs. The other verbs call the
@@ -59,6 +60,20 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     p.add_argument("--out", "-o", required=True, metavar="DIR|FILE.tar",
                    help="the add-on directory, or its install tar")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p = command(adapter, "train", "Train a LoRA on the backbone from a JSONL file of "
+                "{\"input\", \"output\"} lines, on this CPU (the daemon side's trainer); "
+                "writes a PEFT folder and metrics.json to pack.", parents, cmd_adapter_train)
+    p.add_argument("--image", required=True, metavar="DIR", help="the base image")
+    p.add_argument("--template", "--task", required=True, metavar="NAME",
+                   help="the prompt template the task serves with (e.g. slu_adapter)")
+    p.add_argument("--data", required=True, metavar="FILE", help="training JSONL")
+    p.add_argument("--eval", metavar="FILE", help="held-out JSONL, scored at the end")
+    p.add_argument("--scorer", default="exact", choices=("exact", "slu"))
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="the PEFT folder to write")
+    for flag, kind, default in (("--rank", int, 8), ("--alpha", float, 16.0), ("--steps", int, 300),
+                                ("--lr", float, 1e-3), ("--batch", int, 8), ("--seed", int, 0),
+                                ("--threads", int, 0)):
+        p.add_argument(flag, type=kind, default=default)
     p = command(adapter, "install", "Install an add-on on the daemon (streamed over the admin "
                 "socket); it is verified against the image served and its tasks are served "
                 "at once.", parents, cmd_adapter_install)
@@ -107,6 +122,16 @@ def cmd_adapter_pack(args: argparse.Namespace) -> int:
         f"signed by: {addon.signed_by}",
         f"tasks: {', '.join(t['id'] for t in m.tasks)}"])
     return 0
+
+
+def cmd_adapter_train(args: argparse.Namespace) -> int:
+    trainer = daemon_side("m4d.adapters.__main__", "adapter train")
+    argv = ["train", "--image", args.image, "--template", args.template, "--data", args.data,
+            "--scorer", args.scorer, "--out", args.out]
+    argv += ["--eval", args.eval] if args.eval else []
+    for name in ("rank", "alpha", "steps", "lr", "batch", "seed", "threads"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    return int(trainer.main(argv))
 
 
 # ---- the daemon (admin socket) ------------------------------------------------------------------

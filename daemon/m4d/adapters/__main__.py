@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from m4image.fsutil import atomic_write_bytes
 
-from m4d.adapters.lora import Lora
+from m4d.adapters.lora import AdapterError, Lora
 from m4d.adapters.modules import attach, detach
 from m4d.adapters.train import (
     Backbone,
@@ -199,7 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    return head_command(args) if args.command == "head" else train_command(args)
+    try:
+        return head_command(args) if args.command == "head" else train_command(args)
+    except (AdapterError, OSError) as exc:  # bad data or files: one line, what to fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
