@@ -213,14 +213,18 @@ def fused_parts(module: str, layer: int, sizes: Mapping[str, Sequence[int]]) -> 
     return out
 
 
-def fuse(pairs: Sequence[tuple[FusedPart, LoraPair]], n_in: int, n_out: int) -> tuple[Tensor, Tensor]:
+def fuse(pairs: Sequence[tuple[FusedPart, LoraPair]], n_in: int, n_out: int
+         ) -> tuple[Tensor, Tensor, Tensor]:
     """The parts' pairs as one fused pair: ``Aᵀ`` [in, R] and ``s·Bᵀ`` [R, out], R the sum of
-    the parts' ranks (empty tensors when no part is adapted)."""
+    the parts' ranks, and ``Bᵀ``'s row spans: int32 [R, 2], row j's part's output columns
+    [start, stop) (zero elsewhere), or empty where every row spans the whole output (empty
+    tensors when no part is adapted)."""
     if not pairs:
-        return torch.empty(0), torch.empty(0)
+        return torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int32)
     total = sum(pair.rank for _, pair in pairs)
     at = torch.zeros(n_in, total)
     bt = torch.zeros(total, n_out)
+    spans = torch.zeros(total, 2, dtype=torch.int32)
     j = 0
     for part, pair in pairs:
         r = pair.rank
@@ -229,8 +233,10 @@ def fuse(pairs: Sequence[tuple[FusedPart, LoraPair]], n_in: int, n_out: int) -> 
                                f"{tuple(pair.b.shape)} do not fit the model's [{part.stop - part.start}, {n_in}] linear")
         at[:, j:j + r] = pair.a.t()
         bt[j:j + r, part.start:part.stop] = pair.b.t() * pair.scaling
+        spans[j:j + r] = torch.tensor([part.start, part.stop], dtype=torch.int32)
         j += r
-    return at.contiguous(), bt.contiguous()
+    whole = bool((spans[:, 0] == 0).all() and (spans[:, 1] == n_out).all())
+    return at.contiguous(), bt.contiguous(), torch.empty(0, dtype=torch.int32) if whole else spans
 
 
 def llama_sizes(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, ffn: int) -> dict[str, tuple[list[int], int]]:
@@ -245,15 +251,15 @@ def bert_sizes(hidden: int, intermediate: int) -> dict[str, tuple[list[int], int
             "feed_forward.w1": ([intermediate], hidden), "feed_forward.w2": ([hidden], intermediate)}
 
 
-def fused_layers(lora: Lora, n_layers: int,
-                 sizes: Mapping[str, tuple[list[int], int]]) -> list[dict[str, tuple[Tensor, Tensor]]]:
-    """Per layer, each fused linear's (Aᵀ, s·Bᵀ) (empty tensors where not adapted). Refuses
-    pairs for layers or linears the model does not have."""
+def fused_layers(lora: Lora, n_layers: int, sizes: Mapping[str, tuple[list[int], int]]
+                 ) -> list[dict[str, tuple[Tensor, Tensor, Tensor]]]:
+    """Per layer, each fused linear's (Aᵀ, s·Bᵀ, Bᵀ's row spans) as `fuse` makes them (empty
+    tensors where not adapted). Refuses pairs for layers or linears the model does not have."""
     known: set[str] = set()
     out = []
     for layer in range(n_layers):
         parts = fused_parts(lora.module, layer, {k: v[0] for k, v in sizes.items()})
-        fused: dict[str, tuple[Tensor, Tensor]] = {}
+        fused: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for ours, members in parts.items():
             known.update(p.name for p in members)
             present = [(p, lora.pairs[p.name]) for p in members if p.name in lora.pairs]
@@ -265,8 +271,25 @@ def fused_layers(lora: Lora, n_layers: int,
     return out
 
 
-def decode_tensors(lora: Lora, n_layers: int, sizes: Mapping[str, tuple[list[int], int]]) -> list[Tensor]:
-    """``m4.decode_layers``' ``lora`` tensors for one adapter: per layer (Aᵀ, Bᵀ) of qkv, o,
-    w13, w2 in that order."""
+DECODE_DTYPES = (torch.float32, torch.bfloat16)  # what m4.decode_layers reads adapters in
+
+
+def decode_tensors(lora: Lora, n_layers: int, sizes: Mapping[str, tuple[list[int], int]],
+                   dtype: torch.dtype = torch.float32, spans: bool = False) -> list[Tensor]:
+    """``m4.decode_layers``' ``lora`` tensors for one adapter: per layer, qkv, o, w13, w2's
+    (Aᵀ, Bᵀ) in `dtype` (float32, or bfloat16: half the memory and the bytes a step reads;
+    converted after the scaling is folded into Bᵀ), each followed by its Bᵀ's int32 row
+    spans when `spans` (empty where every row spans the whole output): the decode step then
+    skips the zeros outside each fused part's slice (two thirds of q/k/v's Bᵀ when each part
+    has the same rank, half of gate/up's), with the same numbers."""
+    if dtype not in DECODE_DTYPES:
+        raise ValueError(f"adapters decode in float32 or bfloat16, not {dtype}")
     order = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
-    return [t for layer in fused_layers(lora, n_layers, sizes) for name in order for t in layer[name]]
+    out: list[Tensor] = []
+    for layer in fused_layers(lora, n_layers, sizes):
+        for name in order:
+            at, bt, row_spans = layer[name]
+            out += [at.to(dtype).contiguous(), bt.to(dtype).contiguous()]
+            if spans:
+                out.append(row_spans)
+    return out

@@ -68,11 +68,14 @@ WEIGHT_KINDS = {"q4_f16": 0, "q4_f32": 1, "q8_f16": 2, "q8_f32": 3, "q8_f32_g16"
 
 ATTENTION_HEAD_DIMS = (32, 64, 128)  # what decode_attention is compiled for
 # decode_layers' per-row LoRA adapters (Punica's BGMV: the base GEMMs shared by the batch):
-# `lora` holds LORA_TENSORS float32 contiguous tensors per (adapter, layer), adapter-major,
-# (A^T [k_in, r], B^T [r, n_out]) for each of LORA_LINEARS, the scaling folded into B^T, two
-# empty tensors where an adapter leaves a linear alone; `adapters` [B] int: row b's adapter,
-# -1 (or None for all rows) for none. Row b adds (u @ A^T) @ B^T to the linear's output u ->
-# y right after the base linear (before RoPE and the KV write, SiLU, the residuals).
+# `lora` holds LORA_TENSORS contiguous tensors per (adapter, layer), adapter-major, (A^T
+# [k_in, r], B^T [r, n_out]) for each of LORA_LINEARS, both float32 or both bfloat16 (widened
+# as read: a bf16 pair gives the bits of the float32 pair of its values), the scaling folded
+# into B^T, two empty tensors where an adapter leaves a linear alone. Any pair may be followed
+# by an int32 tensor, B^T's row spans: [r, 2], row j zero outside columns [start, stop), not
+# read there (a fused linear's parts), or empty: whole rows. `adapters` [B] int: row b's
+# adapter, -1 (or None for all rows) for none. Row b adds (u @ A^T) @ B^T to the linear's
+# output u -> y right after the base linear (before RoPE and the KV write, SiLU, the residuals).
 LORA_LINEARS = ("qkv", "o", "w13", "w2")  # [d] -> [q + 2 kv], [q] -> [d], [d] -> [2 ffn], [ffn] -> [d]
 LORA_TENSORS = 2 * len(LORA_LINEARS)
 LORA_MAX_RANK = 256  # csrc/ops.h: kLoraMaxRank

@@ -143,7 +143,7 @@ void run_attention(const m4::Variant& ref, const m4::Variant& v) {
 // Two random layers of a small Llama, their caches' initial bytes and a step's inputs.
 struct DecodeFixture {
   static constexpr int64_t d = 64, h = 4, hkv = 2, dh = 32, ffn = 96, t_max = 40, layers = 2;
-  static constexpr int64_t qkv = (h + 2 * hkv) * dh;
+  static constexpr int64_t q = h * dh, kv = hkv * dh, qkv = q + 2 * kv;
   int64_t nb, slots;
   std::vector<int64_t> rows, pos;
   std::vector<Weight> weights;
@@ -266,6 +266,95 @@ void run_lora_step(const m4::Variant& ref, const m4::Variant& v) {
   }
 }
 
+// The adapters' storage forms: bfloat16 pairs (every variant gives the scalar bits, and a
+// bf16 pair gives the bits of the float32 pair holding its values widened, also beside float32
+// pairs of another adapter in the same call), and B's row spans (a fused linear's parts: each
+// part's rows zero outside its slice of the output, skipped there) giving the bits of the same
+// matrices without spans.
+void run_lora_forms(const m4::Variant& ref, const m4::Variant& v) {
+  using F = DecodeFixture;
+  const DecodeFixture f({1, 0, 2, 6, 3, 5, 4, 7}, {5, 0, 39, 17, 1, 38, 20, 9}, 8);
+  const int64_t k_in[4] = {F::d, F::h * F::dh, F::d, F::ffn}, n_out[4] = {F::qkv, F::d, 2 * F::ffn, F::d};
+  // per linear, its parts' (rank, first column, end column): q | k | v, o whole, gate | up,
+  // down with a row reaching columns [19, 45) only (not a multiple of 16) and a zero row
+  struct Part { int64_t r, c0, c1; };
+  const std::vector<Part> parts[4] = {
+      {{6, 0, F::q}, {5, F::q, F::q + F::kv}, {5, F::q + F::kv, F::qkv}},
+      {{8, 0, F::d}},
+      {{12, 0, F::ffn}, {12, F::ffn, 2 * F::ffn}},
+      {{3, 0, F::d}, {1, 19, 45}, {1, 7, 7}}};
+  Rng rng{616};
+  const int64_t n_adapters = 2;
+  std::vector<std::vector<float>> mats;  // float32 values, bf16-exact for adapter 0
+  std::vector<std::vector<uint16_t>> bits;  // adapter 0's as bf16
+  std::vector<std::vector<int32_t>> spans;
+  std::vector<m4::LoraPair> as_f32, as_bf16, with_spans;  // adapter 0 bf16 in the last two
+  for (int64_t a = 0; a < n_adapters; ++a)
+    for (int64_t l = 0; l < F::layers; ++l)
+      for (int which = 0; which < 4; ++which) {
+        int64_t r = 0;
+        for (const Part& p : parts[which]) r += p.r;
+        const float a_scale = 1.0f / std::sqrt(static_cast<float>(k_in[which]));
+        std::vector<float> am = randn(k_in[which] * r, rng, a_scale);
+        std::vector<float> bm(r * n_out[which], 0.0f);
+        std::vector<int32_t> sp;
+        int64_t j = 0;
+        for (const Part& p : parts[which])
+          for (int64_t t = 0; t < p.r; ++t, ++j) {
+            for (int64_t c = p.c0; c < p.c1; ++c)
+              bm[j * n_out[which] + c] = rng.normal() * 0.5f / std::sqrt(static_cast<float>(r));
+            sp.push_back(static_cast<int32_t>(p.c0));
+            sp.push_back(static_cast<int32_t>(p.c1));
+          }
+        std::vector<uint16_t> ab(am.size()), bb(bm.size());
+        if (a == 0) {  // adapter 0's float32 values are its bf16 ones widened
+          const auto round = [](std::vector<float>& f, std::vector<uint16_t>& b) {
+            for (size_t i = 0; i < f.size(); ++i) {
+              b[i] = to_bf16(f[i]);
+              const uint32_t u = static_cast<uint32_t>(b[i]) << 16;
+              std::memcpy(&f[i], &u, 4);
+            }
+          };
+          round(am, ab);
+          round(bm, bb);
+        }
+        mats.push_back(std::move(am));
+        mats.push_back(std::move(bm));
+        bits.push_back(std::move(ab));
+        bits.push_back(std::move(bb));
+        spans.push_back(std::move(sp));
+        const float* fa = mats[mats.size() - 2].data();
+        const float* fb = mats.back().data();
+        const bool bf16 = a == 0;
+        const void* pa = bf16 ? static_cast<const void*>(bits[bits.size() - 2].data()) : fa;
+        const void* pb = bf16 ? static_cast<const void*>(bits.back().data()) : fb;
+        as_f32.push_back({fa, fb, r});
+        as_bf16.push_back({pa, pb, r, bf16});
+        with_spans.push_back({pa, pb, r, bf16, spans.back().data()});
+      }
+  const std::vector<int64_t> adapters = {0, -1, 1, 0, 0, -1, 0, 1};
+  const m4::Lora f32{as_f32.data(), n_adapters, adapters.data()}, bf16{as_bf16.data(), n_adapters, adapters.data()},
+      spanned{with_spans.data(), n_adapters, adapters.data()};
+  for (const bool kv_bf16 : {false, true}) {
+    const std::string tag = kv_bf16 ? " bf16 kv" : " f32 kv";
+    std::vector<float> want, got, wide, spanned_ref, spanned_got;
+    std::vector<uint8_t> want_kv, got_kv, wide_kv, spanned_ref_kv, spanned_got_kv;
+    f.run(ref, kv_bf16, bf16, want, want_kv);
+    f.run(v, kv_bf16, bf16, got, got_kv);
+    check(std::string(v.name) + " decode step with bf16 LoRA" + tag, got, want);
+    check(std::string(v.name) + " decode step's KV writes with bf16 LoRA" + tag, got_kv, want_kv);
+    f.run(v, kv_bf16, f32, wide, wide_kv);
+    check(std::string(v.name) + " decode step, bf16 LoRA = its values widened to f32" + tag, got, wide);
+    check(std::string(v.name) + " decode step's KV writes, bf16 LoRA = widened f32" + tag, got_kv, wide_kv);
+    f.run(ref, kv_bf16, spanned, spanned_ref, spanned_ref_kv);
+    f.run(v, kv_bf16, spanned, spanned_got, spanned_got_kv);
+    check(std::string(v.name) + " decode step with LoRA row spans" + tag, spanned_got, spanned_ref);
+    check(std::string(v.name) + " decode step, LoRA row spans skip only zeros" + tag, spanned_got, got);
+    check(std::string(v.name) + " decode step's KV writes, LoRA row spans skip only zeros" + tag, spanned_got_kv,
+          got_kv);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -288,6 +377,7 @@ int main() {
     run_attention(*ref, *info.table);
     run_decode_step(*ref, *info.table);
     run_lora_step(*ref, *info.table);
+    run_lora_forms(*ref, *info.table);
   }
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "variant.h"
 
@@ -486,75 +487,106 @@ void add_into(float* x, const float* y, int64_t n) {
 
 // ------------------------------------------------------------------ LoRA
 
-// out[r] (=, or += when `add`) the sums over j of in[r][j] * m[j] for R rows, over NC chunks
-// of 16 columns from n0: the R x NC accumulators stay in registers for the whole j loop,
-// each chunk of m is loaded once for the R rows.
-template <typename S, int R, int NC>
-void lora_chunks(const float* const* in, const float* m, int64_t k, int64_t n, int64_t n0,
-                 float* const* out, bool add) {
+// 16 values of a LoRA matrix from element i: float32, or bfloat16 widened (exact: a shift)
+template <typename S, bool BF16>
+typename S::F load_lora(const void* m, int64_t i) {
+  if constexpr (BF16) return S::load_bf16(static_cast<const uint16_t*>(m) + i);
+  else return S::load(static_cast<const float*>(m) + i);
+}
+
+// whether row j of a matrix with row spans (lora_rows: null = every row whole) may be nonzero
+// in columns [n0, n1)
+inline bool lora_span_meets(const int32_t* span, int64_t j, int64_t n0, int64_t n1) {
+  return span == nullptr || (span[2 * j] < span[2 * j + 1] && span[2 * j] < n1 && span[2 * j + 1] > n0);
+}
+
+// out[r] (=, or += when `add`) the sums over j of in[r][j] * m[j] for R rows, over the
+// columns [n0, n0 + 16 * (NC - 1) + nt), nt in [1, 16]: NC chunks of 16, the last one nt wide.
+// The R x NC accumulators stay in registers for the whole j loop, each chunk of m is loaded
+// once for the R rows; rows of m that are zero across these columns (by `span`) are skipped,
+// unread. A short last chunk is loaded whole where m holds 16 values there (its lanes past
+// the columns are the next row's values, computed and dropped), through a zero-padded copy
+// at m's end: every column's sum is the same whichever way it was loaded.
+template <typename S, bool BF16, int R, int NC>
+void lora_block(const float* const* in, const void* m, const int32_t* span, int64_t k, int64_t n, int64_t n0,
+                int64_t nt, float* const* out, bool add) {
   using F = typename S::F;
+  using E = typename std::conditional<BF16, uint16_t, float>::type;  // m's element
+  const E* me = static_cast<const E*>(m);
+  const int64_t width = 16 * (NC - 1) + nt, room = k * n - n0 - 16 * NC;
+  const int64_t whole = nt == 16 ? k : room < 0 ? 0 : min_of<int64_t>(k, room / n + 1);  // rows loaded whole
   F acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c) acc[r][c] = S::zero();
-  for (int64_t j = 0; j < k; ++j) {
+  const auto term = [&](int64_t j, const E* last) {  // row j; its last chunk from `last`
     F x[R];
     for (int r = 0; r < R; ++r) x[r] = S::set1(in[r][j]);
     for (int c = 0; c < NC; ++c) {
-      const F w = S::load(m + j * n + n0 + 16 * c);
+      const F w = load_lora<S, BF16>(c == NC - 1 ? last : me + j * n + n0 + 16 * c, 0);
       for (int r = 0; r < R; ++r) acc[r][c] = S::fmadd(x[r], w, acc[r][c]);
     }
+  };
+  for (int64_t j = 0; j < whole; ++j)
+    if (lora_span_meets(span, j, n0, n0 + width)) term(j, me + j * n + n0 + 16 * (NC - 1));
+  for (int64_t j = whole; j < k; ++j) {
+    if (!lora_span_meets(span, j, n0, n0 + width)) continue;
+    E buf[16] = {};
+    std::memcpy(buf, me + j * n + n0 + 16 * (NC - 1), nt * sizeof(E));
+    term(j, buf);
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c) {
       float* o = out[r] + n0 + 16 * c;
-      S::store(o, add ? S::add(S::load(o), acc[r][c]) : acc[r][c]);
+      if (c < NC - 1 || nt == 16) {
+        S::store(o, add ? S::add(S::load(o), acc[r][c]) : acc[r][c]);
+      } else {
+        float part[16] = {};
+        std::memcpy(part, o, nt * sizeof(float));
+        S::store(part, add ? S::add(S::load(part), acc[r][c]) : acc[r][c]);
+        std::memcpy(o, part, nt * sizeof(float));
+      }
     }
 }
 
-// the last nt < 16 columns from n0, through a zero-padded copy of m's row part (its padding
-// lanes are computed and dropped)
-template <typename S, int R>
-void lora_tail(const float* const* in, const float* m, int64_t k, int64_t n, int64_t n0, int64_t nt,
-               float* const* out, bool add) {
-  using F = typename S::F;
-  F acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = S::zero();
-  float buf[16] = {};
-  for (int64_t j = 0; j < k; ++j) {
-    std::memcpy(buf, m + j * n + n0, nt * sizeof(float));
-    const F w = S::load(buf);
-    for (int r = 0; r < R; ++r) acc[r] = S::fmadd(S::set1(in[r][j]), w, acc[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    float o[16] = {};
-    std::memcpy(o, out[r] + n0, nt * sizeof(float));
-    S::store(o, add ? S::add(S::load(o), acc[r]) : acc[r]);
-    std::memcpy(out[r] + n0, o, nt * sizeof(float));
-  }
+// the last `rest` < 16 * C columns from n0 in one pass of (rest + 15) / 16 chunks
+template <typename S, bool BF16, int R, int C>
+void lora_rest(const float* const* in, const void* m, const int32_t* span, int64_t k, int64_t n, int64_t n0,
+               int64_t rest, float* const* out, bool add) {
+  if constexpr (C > 1)
+    if (rest <= 16 * (C - 1)) return lora_rest<S, BF16, R, C - 1>(in, m, span, k, n, n0, rest, out, add);
+  lora_block<S, BF16, R, C>(in, m, span, k, n, n0, rest - 16 * (C - 1), out, add);
 }
 
-// R rows over all n columns: wide passes of NC chunks (R * NC accumulators within the
-// backend's register budget), the leftover whole chunks one at a time, then the tail
-template <typename S, int R>
-void lora_rows_r(const float* const* in, const float* m, int64_t k, int64_t n, float* const* out, bool add) {
+// R rows over all n columns: passes of NC chunks (R * NC accumulators within the backend's
+// register budget), then what is left in one pass (so a matrix of fewer than 16 * NC
+// columns, an A^T, is one pass over its k rows)
+template <typename S, bool BF16, int R>
+void lora_rows_r(const float* const* in, const void* m, const int32_t* span, int64_t k, int64_t n,
+                 float* const* out, bool add) {
   constexpr int NC = S::kAccumulators / R >= 1 ? S::kAccumulators / R : 1;
   int64_t n0 = 0;
-  for (; n0 + 16 * NC <= n; n0 += 16 * NC) lora_chunks<S, R, NC>(in, m, k, n, n0, out, add);
-  for (; n0 + 16 <= n; n0 += 16) lora_chunks<S, R, 1>(in, m, k, n, n0, out, add);
-  if (n0 < n) lora_tail<S, R>(in, m, k, n, n0, n - n0, out, add);
+  for (; n0 + 16 * NC <= n; n0 += 16 * NC) lora_block<S, BF16, R, NC>(in, m, span, k, n, n0, 16, out, add);
+  if (n0 < n) lora_rest<S, BF16, R, NC>(in, m, span, k, n, n0, n - n0, out, add);
+}
+
+template <typename S, bool BF16>
+void lora_rows_of(const float* const* in, const void* m, const int32_t* span, int64_t rows, int64_t k,
+                  int64_t n, float* const* out, bool add) {
+  static_assert(kLoraRows == 4, "lora_rows dispatches 1 to 4 rows");
+  switch (rows) {
+    case 1: lora_rows_r<S, BF16, 1>(in, m, span, k, n, out, add); break;
+    case 2: lora_rows_r<S, BF16, 2>(in, m, span, k, n, out, add); break;
+    case 3: lora_rows_r<S, BF16, 3>(in, m, span, k, n, out, add); break;
+    case 4: lora_rows_r<S, BF16, 4>(in, m, span, k, n, out, add); break;
+    default: break;
+  }
 }
 
 template <typename S>
-void lora_rows(const float* const* in, const float* m, int64_t rows, int64_t k, int64_t n,
-               float* const* out, bool add) {
-  static_assert(kLoraRows == 4, "lora_rows dispatches 1 to 4 rows");
-  switch (rows) {
-    case 1: lora_rows_r<S, 1>(in, m, k, n, out, add); break;
-    case 2: lora_rows_r<S, 2>(in, m, k, n, out, add); break;
-    case 3: lora_rows_r<S, 3>(in, m, k, n, out, add); break;
-    case 4: lora_rows_r<S, 4>(in, m, k, n, out, add); break;
-    default: break;
-  }
+void lora_rows(const float* const* in, const void* m, bool m_bf16, const int32_t* span, int64_t rows,
+               int64_t k, int64_t n, float* const* out, bool add) {
+  if (m_bf16) lora_rows_of<S, true>(in, m, span, rows, k, n, out, add);
+  else lora_rows_of<S, false>(in, m, span, rows, k, n, out, add);
 }
 
 template <typename S>

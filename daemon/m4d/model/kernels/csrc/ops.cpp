@@ -112,8 +112,8 @@ void add_lora(const Variant& v, const Lora& lora, const std::vector<LoraGroup>& 
         mid[i] = t + i * p.r;
         out[i] = y + group.rows[i] * n_out;
       }
-      v.lora_rows(in, p.a, group.n, k_in, p.r, mid, false);
-      v.lora_rows(mid, p.b, group.n, p.r, n_out, out, true);
+      v.lora_rows(in, p.a, p.bf16, nullptr, group.n, k_in, p.r, mid, false);
+      v.lora_rows(mid, p.b, p.bf16, p.span, group.n, p.r, n_out, out, true);
     }
   });
 }

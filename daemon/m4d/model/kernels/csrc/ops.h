@@ -49,11 +49,17 @@ struct DecodeShape {
 constexpr int64_t kLoraMaxRank = 256;
 
 // One adapter's low-rank term on one linear: y += (u @ a) @ b, a [k_in, r], b [r, n_out]
-// float32 contiguous, the scaling already in b; r == 0: the adapter leaves the linear alone.
+// contiguous, both float32 or both bfloat16 bits (widened exactly as they are read: a bf16
+// pair gives the bits of the float32 pair holding the same values), the scaling already in
+// b; r == 0: the adapter leaves the linear alone. `span` null, or [r][2]: b's row j is zero
+// outside columns [span[2j], span[2j+1]) (a fused linear's parts: each part's rows reach only
+// its slice of the output), and those zeros are not read.
 struct LoraPair {
-  const float* a;
-  const float* b;
+  const void* a;
+  const void* b;
   int64_t r;  // 0 or [1, kLoraMaxRank]
+  bool bf16 = false;
+  const int32_t* span = nullptr;
 };
 
 // Per-row adapters (Punica's BGMV: the base GEMM shared by the batch, each row's own term).

@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -118,8 +119,11 @@ constexpr int64_t kLayerTensors = 12;  // per layer, in this order:
 // k cache, v cache [S, Hkv, T, Dh] (f32 or bf16); `kinds` holds the four linears' kinds
 
 constexpr int64_t kLoraTensors = 8;  // per (adapter, layer), adapter-major, in this order:
-// qkv A^T, B^T, o A^T, B^T, w13 A^T, B^T, w2 A^T, B^T: A^T float32 [k_in, r], B^T float32
-// [r, n_out] (the scaling folded in), both contiguous; two empty tensors: linear untouched
+// qkv A^T, B^T, o A^T, B^T, w13 A^T, B^T, w2 A^T, B^T: A^T [k_in, r], B^T [r, n_out] (the
+// scaling folded in), both contiguous, both float32 or both bfloat16; two empty tensors:
+// linear untouched. Any pair may be followed by an int32 tensor, its B^T's row spans: [r, 2],
+// row j zero outside columns [start, stop) (the kernels skip those zeros: the caller's
+// promise, not checked), or empty: every row whole.
 
 // The adapters' pairs in ops.h's order, every one checked against its linear's shape, and
 // the rows' adapter indices (int64 [B], -1 or in [0, n_adapters)).
@@ -133,35 +137,72 @@ struct CheckedLora {
   }
 };
 
+bool is_span(const at::Tensor& t) { return at::isIntegralType(t.scalar_type(), /*includeBool=*/true); }
+
 CheckedLora checked_lora(at::TensorList lora, const std::optional<at::Tensor>& adapters_in, int64_t nb,
                          int64_t n_layers, const int64_t (&k_in)[4], const int64_t (&n_out)[4]) {
   static const char* const names[4] = {"qkv", "o", "w13", "w2"};
   CheckedLora out;
-  const int64_t per_adapter = kLoraTensors * n_layers;
-  TORCH_CHECK(static_cast<int64_t>(lora.size()) % per_adapter == 0, "lora must hold ", kLoraTensors,
-              " tensors per adapter and layer (", per_adapter, " per adapter for ", n_layers,
-              " layers), got ", lora.size());
-  const int64_t n_adapters = static_cast<int64_t>(lora.size()) / per_adapter;
+  // (A^T, B^T, row spans or null) in order: a pair takes the integer tensor after it
+  std::vector<std::tuple<const at::Tensor*, const at::Tensor*, const at::Tensor*>> found;
+  size_t i = 0;
+  while (i + 1 < lora.size() && !is_span(lora[i])) {
+    const bool spans = i + 2 < lora.size() && is_span(lora[i + 2]);
+    found.emplace_back(&lora[i], &lora[i + 1], spans ? &lora[i + 2] : nullptr);
+    i += spans ? 3 : 2;
+  }
+  const int64_t per_adapter = 4 * n_layers;  // pairs
+  const int64_t n_pairs = static_cast<int64_t>(found.size());
+  TORCH_CHECK(i == lora.size() && n_pairs % per_adapter == 0, "lora must hold ", kLoraTensors,
+              " tensors per adapter and layer (A^T and B^T of qkv, o, w13, w2, each pair optionally "
+              "followed by its int32 row spans): ", per_adapter, " pairs per adapter for ", n_layers,
+              " layers, got ", lora.size(), " tensors",
+              i == lora.size() ? " making " + std::to_string(n_pairs) + " pairs"
+              : is_span(lora[i]) ? " (tensor " + std::to_string(i) + " is integer but follows no pair)"
+                                 : " (the last one has no B^T)");
+  const int64_t n_adapters = n_pairs / per_adapter;
   out.n_adapters = n_adapters;
-  out.pairs.resize(n_adapters * n_layers * 4);
-  for (int64_t i = 0; i < n_adapters * n_layers * 4; ++i) {
-    const int64_t a = i / (4 * n_layers), l = i / 4 % n_layers, which = i % 4;
-    const at::Tensor& at_t = lora[2 * i];
-    const at::Tensor& bt_t = lora[2 * i + 1];
-    if (at_t.numel() == 0 && bt_t.numel() == 0) continue;  // r = 0: this linear untouched
+  out.pairs.resize(n_pairs);
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    const int64_t a = p / (4 * n_layers), l = p / 4 % n_layers, which = p % 4;
+    const auto [at_p, bt_p, span_p] = found[p];
+    const at::Tensor& at_t = *at_p;
+    const at::Tensor& bt_t = *bt_p;
+    const bool has_span = span_p != nullptr && span_p->numel() > 0;
+    if (at_t.numel() == 0 && bt_t.numel() == 0) {  // r = 0: this linear untouched
+      TORCH_CHECK(!has_span, "lora: adapter ", a, " layer ", l, " ", names[which],
+                  ": row spans given for a linear the adapter leaves alone");
+      continue;
+    }
     const int64_t k = k_in[which], n = n_out[which];
     auto fits = [](const at::Tensor& t) {
-      return t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.dim() == 2;
+      return (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) && t.is_contiguous() &&
+             t.device().is_cpu() && t.dim() == 2;
     };
-    TORCH_CHECK(fits(at_t) && fits(bt_t), "lora: adapter ", a, " layer ", l, " ", names[which],
-                ": A^T and B^T must be contiguous float32 CPU matrices, got ", at_t.scalar_type(), " ",
-                at_t.sizes(), " and ", bt_t.scalar_type(), " ", bt_t.sizes());
+    TORCH_CHECK(fits(at_t) && fits(bt_t) && at_t.scalar_type() == bt_t.scalar_type(), "lora: adapter ", a,
+                " layer ", l, " ", names[which], ": A^T and B^T must be contiguous CPU matrices, both float32 "
+                "or both bfloat16, got ", at_t.scalar_type(), " ", at_t.sizes(), " and ", bt_t.scalar_type(), " ",
+                bt_t.sizes());
     const int64_t r = at_t.size(1);
     TORCH_CHECK(at_t.size(0) == k && r >= 1 && r <= m4::kLoraMaxRank && bt_t.size(0) == r && bt_t.size(1) == n,
                 "lora: adapter ", a, " layer ", l, " ", names[which], ": A^T must be [", k,
                 ", r] and B^T [r, ", n, "] with 1 <= r <= ", m4::kLoraMaxRank, ", got ", at_t.sizes(),
                 " and ", bt_t.sizes());
-    out.pairs[i] = {at_t.data_ptr<float>(), bt_t.data_ptr<float>(), r};
+    const int32_t* span = nullptr;
+    if (has_span) {
+      const at::Tensor& st = *span_p;
+      TORCH_CHECK(st.scalar_type() == at::kInt && st.is_contiguous() && st.device().is_cpu() &&
+                      st.dim() == 2 && st.size(0) == r && st.size(1) == 2,
+                  "lora: adapter ", a, " layer ", l, " ", names[which], ": B^T's row spans must be a "
+                  "contiguous int32 [r, 2] = [", r, ", 2] CPU tensor (or empty), got ", st.scalar_type(), " ",
+                  st.sizes());
+      span = st.data_ptr<int32_t>();
+      for (int64_t j = 0; j < r; ++j)
+        TORCH_CHECK(0 <= span[2 * j] && span[2 * j] <= span[2 * j + 1] && span[2 * j + 1] <= n, "lora: adapter ",
+                    a, " layer ", l, " ", names[which], ": row ", j, "'s span [", span[2 * j], ", ",
+                    span[2 * j + 1], ") is not within [0, ", n, ")");
+    }
+    out.pairs[p] = {at_t.data_ptr(), bt_t.data_ptr(), r, at_t.scalar_type() == at::kBFloat16, span};
   }
   if (!adapters_in.has_value()) return out;
   const at::Tensor& ad = *adapters_in;
@@ -179,8 +220,8 @@ CheckedLora checked_lora(at::TensorList lora, const std::optional<at::Tensor>& a
 
 // x [B, D] float32 through every layer for one decode step: row b is at position pos[b] of
 // cache slot rows[b]; cos, sin [B, Dh] float32, its RoPE angles; row b adds adapter
-// adapters[b]'s LoRA terms (lora: kLoraTensors per adapter and layer; none without adapters or
-// where adapters[b] == -1). Returns the last layer's output [B, D].
+// adapters[b]'s LoRA terms (lora: kLoraTensors per adapter and layer, and any pair's spans;
+// none without adapters or where adapters[b] == -1). Returns the last layer's output [B, D].
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList layers, at::IntArrayRef kinds,
                          const at::Tensor& rows_in, const at::Tensor& pos_in, const at::Tensor& cos_t,
                          const at::Tensor& sin_t, int64_t n_heads, int64_t n_kv_heads, double eps,

@@ -145,11 +145,15 @@ struct Variant {
   // x += y over n values
   void (*add_into)(float* x, const float* y, int64_t n);
   // A LoRA term's product for `rows` rows (at most kLoraRows) sharing one matrix m [k, n]
-  // (contiguous, any n): per row r, acc[0..n) = sum over j in [0, k) of in[r][j] * m[j][0..n),
-  // accumulated in order of j by fused multiply-adds from 0; then out[r][0..n) = acc, or
-  // out[r][0..n) + acc (one add) when `add`. Every column is its own lane.
-  void (*lora_rows)(const float* const* in, const float* m, int64_t rows, int64_t k, int64_t n,
-                    float* const* out, bool add);
+  // (contiguous, any n; float32, or bfloat16 bits when `m_bf16`, widened exactly): per row r,
+  // acc[0..n) = sum over j in [0, k) of in[r][j] * m[j][0..n), accumulated in order of j by
+  // fused multiply-adds from 0; then out[r][0..n) = acc, or out[r][0..n) + acc (one add) when
+  // `add`. Every column is its own lane. `span` null, or [k][2]: m's row j is zero outside
+  // columns [span[2j], span[2j+1]) (the caller's promise), and may be skipped there: a term
+  // whose weight is an exact zero adds nothing, so the sums keep their bits (but for the sign
+  // of a zero sum, or an infinite input times the zero).
+  void (*lora_rows)(const float* const* in, const void* m, bool m_bf16, const int32_t* span,
+                    int64_t rows, int64_t k, int64_t n, float* const* out, bool add);
 };
 
 // Variants compiled into this library, best first (x86: avx512vnni, avxvnni, avx2, scalar;
