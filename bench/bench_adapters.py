@@ -115,7 +115,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                                        "up_proj", "down_proj"], seed=i)
         for pair in lora.pairs.values():
             pair.b = torch.randn(pair.b.shape) * 0.01
-        bank += decode_tensors(lora, cfg.n_layers, sizes)
+        bank += decode_tensors(lora, cfg.n_layers, sizes, dtype=torch.bfloat16, spans=True)  # as served
     ids = torch.tensor([(i % 5) - 1 for i in range(16)])  # 4 adapters and the base, spread
     rows = torch.arange(16)
     tokens = torch.randint(0, cfg.vocab_size, (16, 1))

@@ -121,13 +121,17 @@ def test_adapter_bank_loads_on_first_use_and_evicts_least_recently_used(
     for i in range(3):
         write_peft(tmp_path / f"a{i}", _random_lora(model, 10 + i, ["q_proj", "v_proj"]))
         specs[f"a{i}"] = {"kind": "lora", "module": "backbone", "dir": f"a{i}"}
-    one = sum(t.numel() * 4 for t in _tensors(model, _random_lora(model, 10, ["q_proj", "v_proj"])))
+    c = model.config  # one adapter's bytes as the bank keeps it (bf16, with row spans)
+    one = sum(t.numel() * t.element_size() for t in decode_tensors(
+        _random_lora(model, 10, ["q_proj", "v_proj"]), c.n_layers,
+        llama_sizes(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim), torch.bfloat16, spans=True))
     bank = AdapterBank({**specs, "enc": {"kind": "lora", "module": "text_encoder", "dir": "x"}},
                        model.config, lambda rel: tmp_path / rel, budget_bytes=2 * one + 1)
     assert bank.names == ["a0", "a1", "a2"] and bank.loads == 0
     step = bank.step(["a1", "", "a0", "a1"])
     assert step is not None and step[1].tolist() == [0, -1, 1, 0]
-    assert len(step[0]) == 2 * 8 * model.config.n_layers and bank.loads == 2
+    assert sum(t.is_floating_point() for t in step[0]) == 2 * 8 * model.config.n_layers
+    assert all(t.dtype in (torch.bfloat16, torch.int32) for t in step[0]) and bank.loads == 2
     assert bank.step(["", ""]) is None
     bank.step(["a2"])  # over budget: a1 was used least recently (a0 after it)
     assert bank.evictions == 1 and bank.resident_bytes <= 2 * one + 1
