@@ -15,7 +15,8 @@ from m4image.verify import VerifiedImage, verify_image
 pytestmark = pytest.mark.slow
 
 TASKS = {"generate", "complete", "chat", "predict-next", "embed", "classify", "transcribe",
-         "keyword-spot", "speech-understand", "speech-ask", "ocr", "ocr-ask"}
+         "keyword-spot", "speech-understand", "speech-ask", "ocr", "ocr-ask", "understand",
+         "command-intent"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,9 @@ def test_verifies_and_lists_every_file(built: tuple[VerifiedImage, list]) -> Non
         "speech/model.safetensors", "speech/tokenizer.json",
         "ocr/detector.safetensors", "ocr/recognizer.safetensors",
         "self_test/ocr.png", "self_test/speech.wav",
+        # the trained adapters: the SLU LoRA (PEFT files) and the intent head
+        "adapters/slu/adapter_config.json", "adapters/slu/adapter_model.safetensors",
+        "adapters/intent-head/head.json", "adapters/intent-head/head.safetensors",
     }
     assert not [p for p in image.path.parent.iterdir() if ".tmp-" in p.name]  # staging gone
 
