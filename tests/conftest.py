@@ -51,8 +51,8 @@ def text_image(default_image: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from tests.integration.imagetools import variant
 
     data = json.loads((default_image / "manifest.json").read_bytes())
-    keep = {"backbone", "text_encoder"} | {  # and the backbone's adapters (tasks use them)
-        k for k, v in data["components"].items() if v["kind"] == "lora"}
+    keep = {"backbone", "text_encoder"} | {  # and their adapters and heads (tasks use them)
+        k for k, v in data["components"].items() if v["kind"] in ("lora", "head")}
     tasks = [t for t in data["tasks"] if set(t["modules"]) <= keep]
     ids = {t["id"] for t in tasks}
     return variant(default_image, tmp_path_factory.mktemp("text-image") / "default", None,
