@@ -264,7 +264,10 @@ class Daemon:
         budget = self.config.swap_memory_mb << 20
         if not budget:
             return False
-        now, adds = rss_bytes(), unshared_bytes(image.manifest.files) + SWAP_SELF_TEST_BYTES
+        lazy = tuple(f"{c['dir']}/" for c in image.manifest.components.values()  # adapters load
+                     if c["kind"] in ("lora", "head"))  # on first use, within adapter_memory_mb
+        files = {p: e for p, e in image.manifest.files.items() if not p.startswith(lazy)}
+        now, adds = rss_bytes(), unshared_bytes(files) + SWAP_SELF_TEST_BYTES
         over = now + adds > budget
         log.info("swap memory", extra={"rss_mib": now >> 20, "new_image_adds_mib": adds >> 20,
                                         "budget_mib": budget >> 20,
