@@ -64,11 +64,11 @@ class Runtime:
                  registry: DeviceRegistry | None = None) -> None:
         self.image = image
         self.config = config
-        # where each component runs (config `placement`); ConfigError for a missing device
+        # where each component runs (config `placement`, adapters aside); ConfigError if no device
         self.registry = registry if registry is not None else discover()
         self.placement: Placement = place(
-            config.placement, {n: s["kind"] for n, s in image.manifest.components.items()},
-            self.registry)
+            config.placement, {n: s["kind"] for n, s in image.manifest.components.items()
+                               if s["kind"] not in ("lora", "head")}, self.registry)
         self.backbone_name = next((n for n, s in image.manifest.components.items()
                                    if s["kind"] == "llama"), "")
         self.encoder_name = next((n for n, s in image.manifest.components.items()
