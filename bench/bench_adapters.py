@@ -96,7 +96,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from m4d.adapters.lora import decode_tensors, llama_sizes
+    from m4d.adapters.lora import decode_tensors, sizes_for
     from m4d.adapters.modules import new_lora
     from m4d.model import kernels
     from m4d.model.llama import LlamaConfig, load_llama
@@ -108,7 +108,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     model = load_llama(args.image / spec["weights"], cfg, weight_format="w4a8",
                        compute_dtype=torch.float32)
     model.setup_caches(16, 512)
-    sizes = llama_sizes(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim)
+    sizes = sizes_for(cfg)
     bank: list[torch.Tensor] = []
     for i in range(4):
         lora = new_lora(model, 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",

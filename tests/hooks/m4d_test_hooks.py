@@ -155,6 +155,25 @@ def kill_at_durable_step(n: int) -> None:
             module.crashpoint = crashpoint  # type: ignore[attr-defined]
 
 
+def killed_at_durable_step(n: int, run: Callable[[], None]) -> int:
+    """`run` in a forked child that the store SIGKILLs at its n-th durable step (counted as
+    `kill_at_durable_step` counts); returns the child's exit code (-9 when killed, 1 when
+    `run` raised, its traceback on stderr, 0 when it ran to the end first)."""
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:  # the process that gets killed
+        kill_at_durable_step(n)
+        try:
+            run()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def _crash_store_after_ready(module: ModuleType, steps: int) -> None:
     from m4image.durable import crashpoints_passed
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from m4d.adapters.lora import AdapterError, Lora, decode_tensors, llama_sizes, write_peft
+from m4d.adapters.lora import AdapterError, Lora, decode_tensors, sizes_for, write_peft
 from m4d.adapters.modules import attach, detach, new_lora
 from m4d.executor.adapters import AdapterBank
 from m4d.model.llama import Llama
@@ -30,8 +30,7 @@ def _random_lora(model: Llama, seed: int, targets: list[str], rank: int = 8) -> 
 
 def _tensors(model: Llama, lora: Lora) -> list[torch.Tensor]:
     c = model.config
-    return decode_tensors(lora, c.n_layers, llama_sizes(c.dim, c.n_heads, c.n_kv_heads,
-                                                          c.head_dim, c.ffn_dim))
+    return decode_tensors(lora, c.n_layers, sizes_for(c))
 
 
 def _greedy(model: Llama, prompts: list[list[int]], rows: list[int], adapters: list[int],
@@ -124,7 +123,7 @@ def test_adapter_bank_loads_on_first_use_and_evicts_least_recently_used(
     c = model.config  # one adapter's bytes as the bank keeps it (bf16, with row spans)
     one = sum(t.numel() * t.element_size() for t in decode_tensors(
         _random_lora(model, 10, ["q_proj", "v_proj"]), c.n_layers,
-        llama_sizes(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim), torch.bfloat16, spans=True))
+        sizes_for(c), torch.bfloat16, spans=True))
     bank = AdapterBank({**specs, "enc": {"kind": "lora", "module": "text_encoder", "dir": "x"}},
                        model.config, lambda rel: tmp_path / rel, budget_bytes=2 * one + 1)
     assert bank.names == ["a0", "a1", "a2"] and bank.loads == 0

@@ -11,11 +11,10 @@ durable step (`m4d_test_hooks.kill_at_durable_step`), and prints "N EXITCODE" pe
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
+from functools import partial
 
-from m4d_test_hooks import kill_at_durable_step
+from m4d_test_hooks import killed_at_durable_step
 from m4image.addon_io import iter_addon_tar
 from m4image.addon_store import AddonStore
 from m4image.durable import crashpoints_passed
@@ -38,17 +37,9 @@ def main(mode: str, keys_dir: str, v1: str, v2: str) -> None:
             run(state_dir.strip(), keys_dir, v1, v2)
             print(crashpoints_passed() - start)
             continue
-        pid = os.fork()
-        if pid == 0:  # the process that gets killed
-            kill_at_durable_step(crashpoints_passed() + int(n))
-            try:
-                run(state_dir.strip(), keys_dir, v1, v2)
-            except BaseException:
-                traceback.print_exc()
-                os._exit(1)
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        print(n, os.waitstatus_to_exitcode(status), flush=True)
+        code = killed_at_durable_step(crashpoints_passed() + int(n),
+                                      partial(run, state_dir.strip(), keys_dir, v1, v2))
+        print(n, code, flush=True)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ crash is still a real process killed by SIGKILL in the middle of real file-syste
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
+from functools import partial
 
-from m4d_test_hooks import kill_at_durable_step
+from m4d_test_hooks import killed_at_durable_step
 from m4image.durable import crashpoints_passed
 from m4image.keys import Keyring
 from m4image.store import Store
@@ -41,17 +40,9 @@ def run(state_dir: str, keys_dir: str, image_b: str, image_c: str) -> None:
 def serve(keys_dir: str, image_b: str, image_c: str) -> None:
     for line in sys.stdin:
         n, state_dir = line.split(maxsplit=1)
-        pid = os.fork()
-        if pid == 0:  # the process that gets killed
-            kill_at_durable_step(int(n))
-            try:
-                run(state_dir.strip(), keys_dir, image_b, image_c)
-            except BaseException:
-                traceback.print_exc()
-                os._exit(1)
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        print(n, os.waitstatus_to_exitcode(status), flush=True)
+        code = killed_at_durable_step(int(n), partial(run, state_dir.strip(), keys_dir,
+                                                          image_b, image_c))
+        print(n, code, flush=True)
 
 
 if __name__ == "__main__":

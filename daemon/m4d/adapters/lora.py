@@ -200,13 +200,13 @@ class FusedPart:
     stop: int
 
 
-def fused_parts(module: str, layer: int, sizes: Mapping[str, Sequence[int]]) -> dict[str, list[FusedPart]]:
-    """Per fused linear of `layer` (``attention.wqkv`` ...), its parts with their output rows;
-    `sizes` gives each fused linear's part sizes (``{"attention.wqkv": [q, kv, kv], ...}``)."""
+def fused_parts(module: str, layer: int, sizes: Sizes) -> dict[str, list[FusedPart]]:
+    """Per fused linear of `layer` (``attention.wqkv`` ...), its parts with their output rows
+    (`sizes`: ``llama_sizes`` / ``bert_sizes``)."""
     out: dict[str, list[FusedPart]] = {}
     for ours, theirs in FUSED[module].items():
         start, parts = 0, []
-        for hf, size in zip(theirs, sizes[ours], strict=True):
+        for hf, size in zip(theirs, sizes[ours][0], strict=True):
             parts.append(FusedPart(f"{LAYER_PREFIX[module]}.{layer}.{hf}", start, start + size))
             start += size
         out[ours] = parts
@@ -239,6 +239,18 @@ def fuse(pairs: Sequence[tuple[FusedPart, LoraPair]], n_in: int, n_out: int
     return at.contiguous(), bt.contiguous(), torch.empty(0, dtype=torch.int32) if whole else spans
 
 
+# each fused linear's part sizes (output rows) and input size
+Sizes = Mapping[str, tuple[list[int], int]]
+
+
+def sizes_for(config: Any) -> dict[str, tuple[list[int], int]]:
+    """``llama_sizes`` or ``bert_sizes`` of a network's config (LlamaConfig, BertConfig)."""
+    if hasattr(config, "ffn_dim"):
+        return llama_sizes(config.dim, config.n_heads, config.n_kv_heads, config.head_dim,
+                           config.ffn_dim)
+    return bert_sizes(config.hidden_size, config.intermediate_size)
+
+
 def llama_sizes(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, ffn: int) -> dict[str, tuple[list[int], int]]:
     """Each fused Llama linear's part sizes and input size."""
     q, kv = n_heads * head_dim, n_kv_heads * head_dim
@@ -251,14 +263,13 @@ def bert_sizes(hidden: int, intermediate: int) -> dict[str, tuple[list[int], int
             "feed_forward.w1": ([intermediate], hidden), "feed_forward.w2": ([hidden], intermediate)}
 
 
-def fused_layers(lora: Lora, n_layers: int, sizes: Mapping[str, tuple[list[int], int]]
-                 ) -> list[dict[str, tuple[Tensor, Tensor, Tensor]]]:
+def fused_layers(lora: Lora, n_layers: int, sizes: Sizes) -> list[dict[str, tuple[Tensor, Tensor, Tensor]]]:
     """Per layer, each fused linear's (Aᵀ, s·Bᵀ, Bᵀ's row spans) as `fuse` makes them (empty
     tensors where not adapted). Refuses pairs for layers or linears the model does not have."""
     known: set[str] = set()
     out = []
     for layer in range(n_layers):
-        parts = fused_parts(lora.module, layer, {k: v[0] for k, v in sizes.items()})
+        parts = fused_parts(lora.module, layer, sizes)
         fused: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for ours, members in parts.items():
             known.update(p.name for p in members)
@@ -274,7 +285,7 @@ def fused_layers(lora: Lora, n_layers: int, sizes: Mapping[str, tuple[list[int],
 DECODE_DTYPES = (torch.float32, torch.bfloat16)  # what m4.decode_layers reads adapters in
 
 
-def decode_tensors(lora: Lora, n_layers: int, sizes: Mapping[str, tuple[list[int], int]],
+def decode_tensors(lora: Lora, n_layers: int, sizes: Sizes,
                    dtype: torch.dtype = torch.float32, spans: bool = False) -> list[Tensor]:
     """``m4.decode_layers``' ``lora`` tensors for one adapter: per layer, qkv, o, w13, w2's
     (Aᵀ, Bᵀ) in `dtype` (float32, or bfloat16: half the memory and the bytes a step reads;
@@ -284,10 +295,9 @@ def decode_tensors(lora: Lora, n_layers: int, sizes: Mapping[str, tuple[list[int
     has the same rank, half of gate/up's), with the same numbers."""
     if dtype not in DECODE_DTYPES:
         raise ValueError(f"adapters decode in float32 or bfloat16, not {dtype}")
-    order = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
     out: list[Tensor] = []
     for layer in fused_layers(lora, n_layers, sizes):
-        for name in order:
+        for name in LLAMA_FUSED:  # qkv, o, w13, w2: the op's order
             at, bt, row_spans = layer[name]
             out += [at.to(dtype).contiguous(), bt.to(dtype).contiguous()]
             if spans:

@@ -25,9 +25,8 @@ from m4d.adapters.lora import (
     FusedPart,
     Lora,
     LoraPair,
-    bert_sizes,
     fused_parts,
-    llama_sizes,
+    sizes_for,
 )
 
 
@@ -77,10 +76,8 @@ def _model_kind(model: nn.Module) -> str:
 
 
 def _sizes(model: nn.Module) -> dict[str, tuple[list[int], int]]:
-    cfg: Any = model.config
-    if _model_kind(model) == "backbone":
-        return llama_sizes(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim)
-    return bert_sizes(cfg.hidden_size, cfg.intermediate_size)
+    _model_kind(model)  # a Llama or a BERT encoder, else AdapterError
+    return sizes_for(model.config)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
@@ -110,7 +107,7 @@ def attach(model: nn.Module, lora: Lora, trainable: bool = False,
     wrapped: list[LoraLinear] = []
     used: set[str] = set()
     for i, layer in enumerate(_layers(model)):
-        for ours, parts in fused_parts(kind, i, {k: v[0] for k, v in sizes.items()}).items():
+        for ours, parts in fused_parts(kind, i, sizes).items():
             present = [(p, lora.pairs[p.name]) for p in parts if p.name in lora.pairs]
             if not present:
                 continue
@@ -168,7 +165,7 @@ def new_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str],
     lora = Lora(kind, rank, alpha)
     n_layers = len(_layers(model))
     for i in layers if layers is not None else range(n_layers):
-        for ours, parts in fused_parts(kind, i, {k: v[0] for k, v in sizes.items()}).items():
+        for ours, parts in fused_parts(kind, i, sizes).items():
             for part in parts:
                 if part.name.rsplit(".", 1)[-1] not in targets:
                     continue
@@ -188,7 +185,7 @@ def merge(model: nn.Module, lora: Lora) -> None:
     kind = _model_kind(model)
     sizes = _sizes(model)
     for i, layer in enumerate(_layers(model)):
-        for ours, parts in fused_parts(kind, i, {k: v[0] for k, v in sizes.items()}).items():
+        for ours, parts in fused_parts(kind, i, sizes).items():
             linear = _get(layer, ours)
             for part in parts:
                 pair = lora.pairs.get(part.name)

@@ -31,11 +31,11 @@ from m4image.manifest import Manifest
 from m4image.verify import verify_image
 
 from m4d.adapters.heads import Head, read_head
-from m4d.adapters.lora import AdapterError, Lora, decode_tensors, llama_sizes, read_peft
+from m4d.adapters.lora import AdapterError, Lora, decode_tensors, read_peft, sizes_for
 from m4d.model.llama import LlamaConfig
 from m4d.prepare.prompts import TEMPLATES
 
-__all__ = ["TaskFlags", "check_component", "check_template", "pack_addon"]
+__all__ = ["TaskFlags", "check_component", "check_template", "component_spec", "pack_addon"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -68,8 +68,7 @@ def fit_lora(folder: Path, image: Manifest) -> Lora:
     if _SHA256.match(lora.base_model) and lora.base_model != weights:
         raise AdapterError(f"{folder} was trained on the backbone {lora.base_model[:12]}, not "
                            f"the image's {weights[:12]}: train it on this image's backbone")
-    decode_tensors(lora, cfg.n_layers, llama_sizes(cfg.dim, cfg.n_heads, cfg.n_kv_heads,
-                                                   cfg.head_dim, cfg.ffn_dim))
+    decode_tensors(lora, cfg.n_layers, sizes_for(cfg))
     return lora
 
 
@@ -104,6 +103,19 @@ def check_component(spec: Mapping[str, Any], folder: Path, image: Manifest) -> N
         head = fit_head(folder, image)
         if head.labels != list(spec["labels"]):
             raise AdapterError(f"{folder}: the head's labels are not the manifest's")
+
+
+def component_spec(folder: Path, component: str, adapter: Lora | Head, base: str = "") -> dict[str, Any]:
+    """The manifest entry (image or add-on) of an adapter whose files are in `folder` and go
+    under ``adapters/<component>``: a LoRA on the backbone (`base`: the backbone weights'
+    sha256 it is pinned to) or a head on the text encoder, with its held-out metrics."""
+    spec: dict[str, Any]
+    if isinstance(adapter, Lora):
+        spec = {"kind": "lora", "module": "backbone", "rank": adapter.rank,
+                "alpha": adapter.alpha, "targets": adapter.targets, "base": base}
+    else:
+        spec = {"kind": "head", "module": "text_encoder", "labels": adapter.labels}
+    return {**spec, "dir": f"adapters/{component}", "metrics": _metrics(folder)}
 
 
 def _metrics(folder: Path) -> dict[str, Any]:
@@ -151,17 +163,13 @@ def pack_addon(base_image: Path, out: Path, *, name: str, version: str, key: Pat
     component = check_name(component or f"{name}-{'lora' if peft else 'head'}", "component")
     folder = peft or head
     assert folder is not None
-    spec: dict[str, Any]
     if peft is not None:
-        lora = fit_lora(peft, image.manifest)
         backbone = _component_of(image.manifest, "llama")
-        spec = {"kind": "lora", "module": "backbone", "rank": lora.rank, "alpha": lora.alpha,
-                "targets": lora.targets, "base": image.manifest.files[backbone["weights"]].sha256}
+        spec = component_spec(folder, component, fit_lora(peft, image.manifest),
+                              base=image.manifest.files[backbone["weights"]].sha256)
     else:
-        spec = {"kind": "head", "module": "text_encoder",
-                "labels": fit_head(folder, image.manifest).labels}
-    spec.update(dir=f"adapters/{component}", metrics=_metrics(folder))
-    kind = "lora" if peft is not None else "head"
+        spec = component_spec(folder, component, fit_head(folder, image.manifest))
+    kind = spec["kind"]
     served = [dict(t, adapter=t.get("adapter") or component) for t in tasks] if tasks \
         else [_task(flags, component, spec, name)]
     for t in served:

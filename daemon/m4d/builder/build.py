@@ -147,40 +147,31 @@ def _add_adapters(stage: Path, components: dict[str, dict[str, Any]], folder: Pa
     ``lora`` component, each head folder (``... head``) as a ``head`` component, with their
     held-out metrics. An adapter is valid for one base: its recorded base (the backbone
     weights' sha256) must be this image's backbone."""
-    import json
     import shutil
 
-    from m4d.adapters.heads import HEAD_CONFIG, HEAD_WEIGHTS, read_head
-    from m4d.adapters.lora import PEFT_CONFIG, PEFT_WEIGHTS, read_peft
+    from m4image.addon import COMPONENT_FILES
+
+    from m4d.adapters.heads import HEAD_CONFIG, read_head
+    from m4d.adapters.lora import PEFT_CONFIG, read_peft
+    from m4d.adapters.pack import component_spec
 
     backbone = components.get("backbone")
-    for src in sorted(p for p in folder.iterdir() if (p / HEAD_CONFIG).is_file()):
-        if "text_encoder" not in components:
+    base = sha256_file(stage / backbone["weights"]) if backbone is not None else ""
+    for src in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if (src / PEFT_CONFIG).is_file():
+            lora = read_peft(src, "backbone")
+            if lora.base_model != base:
+                raise BuildError(f"adapter {src.name} was trained on backbone {lora.base_model[:12] or '?'}, "
+                                 f"not this image's {base[:12] or '(none)'}: retrain it on this backbone (make adapters)")
+            spec = component_spec(src, src.name, lora, base)
+        elif (src / HEAD_CONFIG).is_file() and "text_encoder" in components:
+            spec = component_spec(src, src.name, read_head(src))
+        else:
             continue
-        head = read_head(src)
-        out = stage / "adapters" / src.name
-        out.mkdir(parents=True)
-        for name in (HEAD_CONFIG, HEAD_WEIGHTS):
-            shutil.copyfile(src / name, out / name)
-        metrics = json.loads((src / "metrics.json").read_text()) if (src / "metrics.json").is_file() else {}
-        components[src.name] = {"kind": "head", "module": "text_encoder", "dir": f"adapters/{src.name}",
-                                "labels": head.labels, "metrics": metrics.get("eval", {})}
-    for src in sorted(p for p in folder.iterdir() if (p / PEFT_CONFIG).is_file()):
-        lora = read_peft(src, "backbone")
-        base = sha256_file(stage / backbone["weights"]) if backbone is not None else ""
-        if lora.base_model != base:
-            raise BuildError(f"adapter {src.name} was trained on backbone {lora.base_model[:12] or '?'}, "
-                             f"not this image's {base[:12] or '(none)'}: retrain it on this backbone (make adapters)")
-        out = stage / "adapters" / src.name
-        out.mkdir(parents=True)
-        for name in (PEFT_CONFIG, PEFT_WEIGHTS):
-            shutil.copyfile(src / name, out / name)
-        metrics = json.loads((src / "metrics.json").read_text()) if (src / "metrics.json").is_file() else {}
-        components[src.name] = {
-            "kind": "lora", "module": "backbone", "dir": f"adapters/{src.name}",
-            "rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets,
-            "base": base, "metrics": metrics.get("eval", {}),
-        }
+        (stage / spec["dir"]).mkdir(parents=True)
+        for name in COMPONENT_FILES[spec["kind"]]:
+            shutil.copyfile(src / name, stage / spec["dir"] / name)
+        components[src.name] = spec
         report(f"adapter {src.name}", 1, 1)
 
 

@@ -33,11 +33,15 @@ from typing import Any
 import torch
 
 from m4d.adapters.heads import Head, read_head
-from m4d.adapters.lora import AdapterError, decode_tensors, llama_sizes, read_peft
+from m4d.adapters.lora import AdapterError, decode_tensors, read_peft, sizes_for
 from m4d.errors import InvalidArgument
 from m4d.model.llama import Llama, LlamaConfig, RowAdapters
 
 log = logging.getLogger(__name__)
+
+# the component kinds the banks serve: read on first use, inside the module they adapt (not
+# loaded, placed or counted at start-up like the image's networks)
+ADAPTER_KINDS = ("lora", "head")
 
 
 class _Components:
@@ -167,8 +171,7 @@ class AdapterBank(_Components):
             folder = self.folder(name)
         cfg = self.config
         lora = read_peft(folder, "backbone")  # outside the lock: the event loop may add one
-        sizes = llama_sizes(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim)
-        tensors = decode_tensors(lora, cfg.n_layers, sizes, dtype=torch.bfloat16, spans=True)
+        tensors = decode_tensors(lora, cfg.n_layers, sizes_for(cfg), dtype=torch.bfloat16, spans=True)
         size = _nbytes(tensors)
         with self._lock:
             while self._loaded and self.resident_bytes + size > self.budget_bytes:

@@ -17,7 +17,7 @@ from m4image.verify import VerifiedImage
 
 from m4d.config import Config, ConfigError
 from m4d.errors import InvalidArgument
-from m4d.executor.adapters import AdapterBank, HeadBank, unserved_reason
+from m4d.executor.adapters import ADAPTER_KINDS, AdapterBank, HeadBank, unserved_reason
 from m4d.executor.cpu import check_weight_format, cpu_features, resolve_compute_dtype
 from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
@@ -68,7 +68,7 @@ class Runtime:
         self.registry = registry if registry is not None else discover()
         self.placement: Placement = place(
             config.placement, {n: s["kind"] for n, s in image.manifest.components.items()
-                               if s["kind"] not in ("lora", "head")}, self.registry)
+                               if s["kind"] not in ADAPTER_KINDS}, self.registry)
         self.backbone_name = next((n for n, s in image.manifest.components.items()
                                    if s["kind"] == "llama"), "")
         self.encoder_name = next((n for n, s in image.manifest.components.items()
@@ -117,8 +117,8 @@ class Runtime:
                 self._load_backbone(name, spec)
             elif spec["kind"] == "bert":
                 self._load_encoder(name, spec)
-            elif spec["kind"] == "lora":
-                continue  # read on first use by the adapter bank (set up with the backbone)
+            elif spec["kind"] in ADAPTER_KINDS:
+                continue  # read on first use by the adapter and head banks
             elif spec["kind"] in MEDIA_KINDS:
                 device = torch.device(self.placement.device_for(name))
                 loaded = self.media.load(name, spec, device)
@@ -251,16 +251,9 @@ class Runtime:
         for row, position in zip(rows, positions, strict=True):
             self.kv_rows.wrote(row, position + 1)
         b = len(rows)
-        adapters = adapters or [""] * b
+        lora = self._lora(adapters or [])
         order = sorted(range(b), key=rows.__getitem__)
-        if any(adapters):  # rows in any order: the fused step reads each row's own slot
-            tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
-            pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
-            row_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-            out: torch.Tensor = self.backbone(tok, pos, row_t, last_only=True,
-                                              lora=self._lora(adapters))
-            return out[:, -1]
-        if [rows[i] for i in order] == list(range(b)):
+        if lora is None and [rows[i] for i in order] == list(range(b)):
             # rows 0..B-1 in some order: run them in row order, the cache's fast path (views
             # instead of gathering each row's keys and values in every layer)
             tok = torch.tensor([tokens[i] for i in order], dtype=torch.long, device=self.device)[:, None]  # [B, 1]
@@ -271,10 +264,11 @@ class Runtime:
             back = torch.empty(b, dtype=torch.long, device=self.device)
             back[torch.tensor(order, dtype=torch.long, device=self.device)] = torch.arange(b, device=self.device)
             return logits[back]
+        # rows in any order (with adapters: always, the fused step reads each row's own slot)
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
         row_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-        logits = self.backbone(tok, pos, row_t, last_only=True)  # [B, 1, V]
+        logits = self.backbone(tok, pos, row_t, last_only=True, lora=lora)  # [B, 1, V]
         return logits[:, -1]
 
     @torch.inference_mode()

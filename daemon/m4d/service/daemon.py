@@ -44,6 +44,7 @@ from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.engine.policy import make_policy
 from m4d.errors import FailedPrecondition, Unavailable
+from m4d.executor.adapters import ADAPTER_KINDS
 from m4d.executor.memory import rss_bytes, trim_heap
 from m4d.executor.runtime import Runtime
 from m4d.executor.shared import unshared_bytes
@@ -265,7 +266,7 @@ class Daemon:
         if not budget:
             return False
         lazy = tuple(f"{c['dir']}/" for c in image.manifest.components.values()  # adapters load
-                     if c["kind"] in ("lora", "head"))  # on first use, within adapter_memory_mb
+                     if c["kind"] in ADAPTER_KINDS)  # on first use, within adapter_memory_mb
         files = {p: e for p, e in image.manifest.files.items() if not p.startswith(lazy)}
         now, adds = rss_bytes(), unshared_bytes(files) + SWAP_SELF_TEST_BYTES
         over = now + adds > budget
