@@ -16,7 +16,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 SCRIPTS = ("bench_daemon.py", "bench_scheduling.py", "bench_backbone.py", "bench_media.py",
-           "bench_gil.py", "bench_kernels.py", "bench_footprint.py", "bench_adapters.py")
+           "bench_gil.py", "bench_kernels.py", "bench_footprint.py", "bench_adapters.py",
+           "bench_tasks.py")
 
 
 def takes_image(script: Path) -> bool:
