@@ -79,10 +79,13 @@ adapters: setup
 	$(PY) -m m4d.builder --default --no-adapters --output $(BUILD)/images/base --force -q
 	$(PY) -m m4d.adapters.slu_data --out $(BUILD)/slu --train 4000 --eval 300 --seed 0
 	$(PY) -m m4d.adapters train --image $(BUILD)/images/base --template slu_adapter \
-	  --data $(BUILD)/slu/train.jsonl --eval $(BUILD)/slu/eval.jsonl --eval-limit 160 --scorer slu \
-	  --base-template slu_listed --steps 300 --threads 1 --out $(ADAPTERS)/slu
+	  --data $(BUILD)/slu/train.jsonl --val $(BUILD)/slu/val.jsonl --eval $(BUILD)/slu/eval.jsonl \
+	  --eval-limit 160 --scorer slu --base-template slu_listed --steps 600 --patience 4 \
+	  --out $(ADAPTERS)/slu
 	$(PY) -m m4d.adapters head --image $(BUILD)/images/base --data $(BUILD)/slu/train.labels.jsonl \
-	  --eval $(BUILD)/slu/eval.labels.jsonl --out $(ADAPTERS)/intent-head
+	  --val $(BUILD)/slu/val.labels.jsonl --eval $(BUILD)/slu/eval.labels.jsonl --lora-rank 8 \
+	  --threads 1 --out $(ADAPTERS)/intent-head --lora-out $(ADAPTERS)/intent-lora
+	cp $(BUILD)/slu/response_schema.json $(ADAPTERS)/slu/
 
 # The main job: the daemon on the default image, answering real requests, then stopping.
 demo: setup image

@@ -172,8 +172,9 @@ class Config:
     # 64 tokens, evicted least recently used; memory ~46 KB a token at float32.
     # 0: no prefix cache.
     prefix_cache_tokens: int = 4096
-    # Memory for the backbone's task adapters (LoRA) kept loaded, in MiB; beyond it the least
-    # recently used one is dropped (and read again from the image on its next request).
+    # Memory for the task adapters (LoRA) kept loaded, in MiB, for the backbone's and again
+    # for the text encoder's; beyond it the least recently used one is dropped (and read
+    # again from the image on its next request).
     adapter_memory_mb: int = 64
     # Most texts in one Embed call, and most texts the encoder runs in one batch.
     max_batch_texts: int = 64

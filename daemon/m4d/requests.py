@@ -109,6 +109,7 @@ class TokenConstraint(Protocol):
 @dataclass
 class EmbedRequest(RequestBase):
     texts: list[str] = field(default_factory=list)
+    encoder_lora: str = ""  # the task's LoRA on the text encoder (a component), "" for none
 
 
 @dataclass
@@ -116,6 +117,7 @@ class ClassifyRequest(RequestBase):
     text: str = ""
     labels: list[str] = field(default_factory=list)
     head: str = ""  # a trained task head (an image component) instead of label similarity
+    encoder_lora: str = ""  # the text encoder's LoRA (the head's, or the task's), "" for none
 
 
 @dataclass
@@ -171,6 +173,7 @@ class MediaRequest(RequestBase):
     label_prompt: str = "{}"
     # ANSWER: the prompt template id and the caller's question; sampling for the answer.
     prompt_template: str = ""
+    response_schema: str = ""  # the task's JSON schema for the answer, "" for the template's
     question: str = ""
     adapter: str = ""  # the answer's LoRA on the backbone, "" for none
     sampling: SamplingParams | None = None

@@ -14,15 +14,19 @@ An add-on is a directory (or the uncompressed tar of it, for transfer) signed li
                                "rank": 8, "alpha": 16, "targets": [...],
                                "base": "<sha256 of the image's backbone weights file>",
                                "metrics": {...}},
+                    "<name>": {"kind": "lora", "module": "text_encoder", ...,
+                               "base": "<sha256 of the image's text encoder weights file>"},
                     "<name>": {"kind": "head", "module": "text_encoder", "dir": ...,
-                               "labels": [...], "metrics": {...}}},
+                               "labels": [...], "lora": "<a text_encoder lora it runs with>",
+                               "metrics": {...}}},
      "tasks": [<task, the image manifest's schema (m4image.manifest.Task)>, ...],
      "files": {"<path>": {"size": int, "sha256": hex}, ...}}
 
 A component is what an image's ``lora`` and ``head`` components are (the PEFT files
 ``adapter_config.json`` + ``adapter_model.safetensors``, or ``head.json`` +
 ``head.safetensors``), its ``dir`` relative to the add-on. A task's ``adapter`` names a
-component of the add-on or of the base image.
+component of the add-on or of the base image; so does a head's ``lora`` (optional: the LoRA on
+the text encoder the head was trained with, which its Classify runs the encoder through).
 
 ``AddonManifest.from_json`` checks what the add-on says of itself; ``check_base`` checks it
 against the image it would join (its digest, its backbone, its components, the task ids
@@ -71,7 +75,8 @@ ADDON = Layout(
 # the files each component kind holds, under its dir
 COMPONENT_FILES = {"lora": ("adapter_config.json", "adapter_model.safetensors"),
                    "head": ("head.json", "head.safetensors")}
-COMPONENT_MODULES = {"lora": "backbone", "head": "text_encoder"}
+COMPONENT_MODULES = {"lora": ("backbone", "text_encoder"), "head": ("text_encoder",)}
+MODULE_KINDS = {"backbone": "llama", "text_encoder": "bert"}  # the image component a module is
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REPACK = "pack it again with `m4ctl adapter pack`"
@@ -127,9 +132,9 @@ def _component(name: str, spec: Any, files: Collection[str]) -> dict[str, Any]:
         raise AddonManifestError(f"{where}.kind: {kind!r}; an add-on holds "
                                  f"{' and '.join(COMPONENT_FILES)} components")
     module = _need(spec, "module", str, where)
-    if module != COMPONENT_MODULES[kind]:
+    if module not in COMPONENT_MODULES[kind]:
         raise AddonManifestError(f"{where}.module: a {kind} adapts the "
-                                 f"{COMPONENT_MODULES[kind]}, not {module!r}")
+                                 f"{' or the '.join(COMPONENT_MODULES[kind])}, not {module!r}")
     folder = _need(spec, "dir", str, where).rstrip("/")
     for needed in COMPONENT_FILES[kind]:
         if f"{folder}/{needed}" not in files:
@@ -145,12 +150,14 @@ def _component(name: str, spec: Any, files: Collection[str]) -> dict[str, Any]:
         if not all(isinstance(t, str) for t in _need(spec, "targets", list, where)):
             raise AddonManifestError(f"{where}.targets: expected a list of strings")
         if not _SHA256.match(_need(spec, "base", str, where)):
-            raise AddonManifestError(f"{where}.base: expected the sha256 of the backbone "
+            raise AddonManifestError(f"{where}.base: expected the sha256 of the {module} "
                                      "weights it was trained on")
     else:
         labels = _need(spec, "labels", list, where)
         if len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
             raise AddonManifestError(f"{where}.labels: expected two or more label strings")
+        if "lora" in spec:
+            check_name(_need(spec, "lora", str, where), "component")
     return dict(spec, dir=folder)
 
 
@@ -246,19 +253,29 @@ def check_base(addon: AddonManifest, image: Manifest, digest: str,
             f"add-on {addon.name} {addon.version} is built for the image {addon.base[:12]}, "
             f"not for {label}, which this daemon serves; pack it again with "
             "`m4ctl adapter pack --base-image` pointing at the image served")
-    backbone = next((s for s in image.components.values() if s.get("kind") == "llama"), None)
-    weights = image.files.get(str(backbone.get("weights"))) if backbone else None
     for name, spec in addon.components.items():
         if name in image.components:
             raise ComponentClashError(
                 f"add-on {addon.name}: component {name!r} is named like a component of the "
                 f"image {label}; rename it and pack again")
+        module = str(spec.get("module"))
+        adapted = next((s for s in image.components.values()
+                        if s.get("kind") == MODULE_KINDS.get(module)), None)
+        weights = image.files.get(str(adapted.get("weights"))) if adapted else None
+        what = module.replace("_", " ")
         if spec["kind"] == "lora" and (weights is None or spec["base"] != weights.sha256):
             raise OtherBaseError(
-                f"add-on {addon.name}: adapter {name!r} was trained on the backbone "
+                f"add-on {addon.name}: adapter {name!r} was trained on the {what} "
                 f"{spec['base'][:12]}, and the image {label} has "
-                f"{weights.sha256[:12] if weights else 'no backbone'}; train it on this "
-                "image's backbone and pack it again")
+                f"{weights.sha256[:12] if weights else f'no {what}'}; train it on this "
+                f"image's {what} and pack it again")
+        lora = spec.get("lora") or ""
+        used = addon.components.get(lora) or image.components.get(lora) if lora else None
+        if lora and (used is None or used.get("kind") != "lora"
+                     or used.get("module") != "text_encoder"):
+            raise AddonManifestError(
+                f"add-on {addon.name}: head {name!r} runs with {lora!r}, which is neither a "
+                "LoRA on the text encoder in the add-on nor one of the image's")
     own = {t["id"] for t in image.tasks}
     for task in addon.tasks:
         tid = task["id"]
@@ -283,9 +300,9 @@ def _check_task(addon: AddonManifest, image: Manifest, task: dict[str, Any]) -> 
     if spec is None or spec.get("kind") not in COMPONENT_FILES:
         raise AddonManifestError(f"{where} names adapter {name!r}, which is neither a "
                                  "component of the add-on nor an adapter of the image")
-    if spec["kind"] == "lora" and "backbone" not in task["modules"]:
-        raise AddonManifestError(f"{where}: adapter {name!r} adapts the backbone, which the "
-                                 "task does not run on")
+    if spec["kind"] == "lora" and spec.get("module") not in task["modules"]:
+        raise AddonManifestError(f"{where}: adapter {name!r} adapts the {spec.get('module')}, "
+                                 "which the task does not run on")
     if spec["kind"] == "head":
         if task["head"] != "linear_head" or task["rpc"] != "Classify":
             raise AddonManifestError(f"{where}: a task head ({name!r}) serves Classify with "

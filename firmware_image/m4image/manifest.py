@@ -132,6 +132,19 @@ class IOSpec:
         }
 
 
+def _json_object_text(text: str, where: str) -> str:
+    """`text` when it is empty or a JSON object (a JSON schema); ManifestError otherwise."""
+    if not text:
+        return ""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: must be a JSON object (a JSON schema)")
+    return text
+
+
 @dataclass(frozen=True)
 class Task:
     """One entry of the task table (mirrors m4.inference.v1.Task)."""
@@ -149,10 +162,12 @@ class Task:
     prompt_template: str = ""
     labels: list[str] = field(default_factory=list)
     streaming: bool = False
+    response_schema: str = ""  # JSON schema (text) the output keeps to, enforced while decoding
 
     _REQUIRED: ClassVar[dict[str, type]] = {"id": str, "path": int, "description": str, "modules": list, "head": str,
                  "inputs": list, "outputs": list, "rpc": str}  # fmt: skip
-    _OPTIONAL: ClassVar[dict[str, type]] = {"m4_id": str, "adapter": str, "prompt_template": str, "labels": list, "streaming": bool}
+    _OPTIONAL: ClassVar[dict[str, type]] = {"m4_id": str, "adapter": str, "prompt_template": str, "labels": list, "streaming": bool,
+                                            "response_schema": str}
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Task:
@@ -177,6 +192,7 @@ class Task:
             prompt_template=d.get("prompt_template") or "",
             labels=_str_list(d.get("labels") or [], f"{where}.labels"),
             streaming=bool(d.get("streaming")),
+            response_schema=_json_object_text(d.get("response_schema") or "", f"{where}.response_schema"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +210,7 @@ class Task:
             "outputs": [x.to_dict() for x in self.outputs],
             "rpc": self.rpc,
             "streaming": self.streaming,
+            **({"response_schema": self.response_schema} if self.response_schema else {}),
         }
 
 

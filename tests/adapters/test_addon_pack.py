@@ -93,9 +93,25 @@ def test_pack_writes_a_tar_the_store_installs(base: dict[str, Any]) -> None:
                                     lambda m: None)
     assert done.entry.digest == addon.digest
     assert addon.manifest.components["travel-lora"]["metrics"] == {"exact": 0.9}
+    assert "response_schema" not in addon.manifest.tasks[0]  # free text: the folder has none
     with pytest.raises(AdapterError, match="already exists"):
         pack_addon(base["image"], tar, name="travel", version="1.0.0", key=base["key"],
                    peft=base["tmp"] / "ours")
+
+
+def test_a_response_schema_beside_the_adapter_becomes_its_tasks(base: dict[str, Any]) -> None:
+    folder = base["tmp"] / "ours"
+    _our_lora(folder, base["weights"])
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    (folder / "response_schema.json").write_text(json.dumps(schema, indent=2))
+    addon = pack_addon(base["image"], base["tmp"] / "trip", name="trip", version="1.0.0",
+                       key=base["key"], peft=folder)
+    assert json.loads(addon.manifest.tasks[0]["response_schema"]) == schema
+    assert json.loads(addon.manifest.components["trip-lora"]["response_schema"]) == schema
+    (folder / "response_schema.json").write_text("[]")
+    with pytest.raises(AdapterError, match=r"response_schema\.json: must be a JSON object"):
+        pack_addon(base["image"], base["tmp"] / "trip2", name="trip", version="1.0.0",
+                   key=base["key"], peft=folder)
 
 
 def test_a_head_packs_as_a_classify_task_with_its_labels(base: dict[str, Any]) -> None:

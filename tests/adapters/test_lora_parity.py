@@ -160,3 +160,39 @@ def test_bad_adapters_are_refused_with_the_reason(tmp_path: Path) -> None:
         read_peft(folder, "backbone")
     with pytest.raises(AdapterError, match="is missing"):
         read_peft(tmp_path / "nowhere", "backbone")
+
+
+def test_bf16_training_keeps_the_adapter_in_float32_and_the_loss_close(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dtype` bfloat16 runs the matmuls under autocast (fast where the CPU has bf16
+    arithmetic); the LoRA's weights and gradients stay float32 and the loss is float32's
+    within bf16's rounding. "auto" follows the CPU."""
+    from m4d.adapters import train
+
+    _, ours = _hf_llama(tmp_path)
+    lora = new_lora(ours, rank=4, alpha=8, targets=LLAMA_TARGETS, seed=3)
+    for pair in lora.pairs.values():
+        pair.b = torch.randn(pair.b.shape, generator=torch.Generator().manual_seed(4)) * 0.1
+    wrappers = attach(ours, lora, trainable=True)
+    params = [p for w in wrappers for p in w.parameters() if p.requires_grad]
+    batch = [([5, 9, 17, 33, 2, 8, 90, 4], 5), ([7, 7, 1, 60, 3], 3)]
+    losses, grads = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for p in params:
+            p.grad = None
+        loss = train._loss(ours, batch, dtype)
+        loss.backward()  # type: ignore[no-untyped-call]
+        losses[dtype], grads[dtype] = loss.item(), torch.cat([p.grad.flatten() for p in params])
+        assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+    assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 0.02 * losses[torch.float32]
+    cos = torch.nn.functional.cosine_similarity(grads[torch.bfloat16], grads[torch.float32], dim=0)
+    assert cos > 0.99  # the same direction, to bf16's rounding
+    detach(ours)
+
+    for has, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(train, "has_bf16_arithmetic", lambda has=has: has)
+        assert train.TrainSettings(dtype="auto").compute_dtype == want
+        assert train.TrainSettings(dtype="float32").compute_dtype == torch.float32
+    with pytest.raises(AdapterError, match="dtype 'float16' is not auto, bfloat16 or float32"):
+        _ = train.TrainSettings(dtype="float16").compute_dtype

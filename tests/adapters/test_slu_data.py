@@ -244,7 +244,7 @@ def _read(path: Path) -> list[dict[str, object]]:
 def test_cli_writes_every_split_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "data"
     assert slu_data.main(["--out", str(out), "--train", "64", "--eval", "32", "--seed", "3"]) == 0
-    names = {f"{s}{kind}.jsonl" for s in SPLITS for kind in ("", ".labels")}
+    names = {f"{s}{kind}.jsonl" for s in SPLITS for kind in ("", ".labels")} | {"response_schema.json"}
     assert {p.name for p in out.iterdir()} == names  # no temporary file left next to them
     printed = capsys.readouterr().out
     assert "train: 64 examples" in printed and "eval: 32 examples" in printed
@@ -262,6 +262,24 @@ def test_cli_writes_every_split_whole(tmp_path: Path, capsys: pytest.CaptureFixt
                    capture_output=True)
     for name in names:
         assert (again / name).read_bytes() == (out / name).read_bytes()
+    assert json.loads((out / "response_schema.json").read_text()) == slu_data.response_schema()
+
+
+def test_the_response_schema_takes_every_target_and_only_the_schemas_intents_and_slots() -> None:
+    import jsonschema  # a dev dependency: installed with the tests
+
+    schema = slu_data.response_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for split in SPLITS:
+        for example in examples(split, 2 * len(INTENTS), seed=11):
+            validator.validate(json.loads(target(example)))
+    for wrong in ({"intent": "cancel_call", "slots": {"time": "noon"}},  # a near miss
+                  {"intent": "set_alarm", "slots": {"room": "kitchen"}},  # another intent's slot
+                  {"intent": "pause_music", "slots": {}, "extra": 1},
+                  {"intent": "set_timer", "slots": {"duration": ""}},
+                  {"intent": "set_timer"}):
+        assert not validator.is_valid(wrong), wrong
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:

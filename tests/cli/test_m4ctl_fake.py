@@ -249,13 +249,14 @@ def test_tasks_table(fake: FakeM4d, capsys: pytest.CaptureFixture[str]) -> None:
         "M4",
         "PATH",
         "MODULES",
+        "ADAPTER",
         "WINDOW",
         "INPUTS",
         "→",
         "OUTPUTS",
     ]
-    assert lines[2].split()[:5] == ["predict-next", "T1", "2", "backbone", str(fakes.FAKE_WINDOW)]
-    assert lines[3].split()[4] == "-"  # a task without a context window
+    assert lines[2].split()[:6] == ["predict-next", "T1", "2", "backbone", "-", str(fakes.FAKE_WINDOW)]
+    assert lines[3].split()[5] == "-"  # a task without a context window
     assert "text:text → words:texts?" in lines[2]
     code, out, _ = run_main(capsys, "--address", fake.app_address, "tasks", "-q")
     assert out.split() == ["generate", "predict-next", "echo"]

@@ -45,7 +45,44 @@ def test_the_image_ships_the_slu_adapter_with_its_held_out_accuracy(default_imag
     assert held_out["intent_accuracy"] > slu["metrics"]["base"]["intent_accuracy"]
     table = {t.id: t for t in m4.list_tasks()}
     assert table["understand"].adapter == "slu" and table["speech-understand"].adapter == "slu"
-    assert table["generate"].adapter == ""
+    assert table["generate"].adapter == "" and table["generate"].response_schema == ""
+    # the answers' schema travels with the adapter: its intents, each with its own slots
+    assert json.loads(table["understand"].response_schema) == json.loads(slu["response_schema"])
+    assert table["speech-understand"].response_schema == table["understand"].response_schema
+
+
+def test_answers_keep_to_the_tasks_schema(m4: Client) -> None:
+    """Commands no intent fits still get one of the adapter's intents and only its slots."""
+    import jsonschema
+
+    schema = json.loads({t.id: t for t in m4.list_tasks()}["understand"].response_schema)
+    for text in ("Forget about the wake up call at seven.", "Sing me the alphabet backwards.",
+                 *(c[0] for c in COMMANDS)):
+        answer = _understand(m4, text)
+        jsonschema.validate(json.loads(answer), schema)
+
+
+def test_the_intent_head_runs_through_the_encoder_lora_it_was_trained_with(
+        default_image: Path, m4: Client) -> None:
+    """The head of command-intent names its LoRA on the text encoder (pinned to the encoder's
+    weights); held out, the pair beats the head on the frozen encoder, which beats zero-shot,
+    and it reads "too dark" as a light to turn on (the frozen encoder's head: weather)."""
+    manifest = json.loads((default_image / "manifest.json").read_text())
+    components = manifest["components"]
+    head, lora = components["intent-head"], components[components["intent-head"]["lora"]]
+    assert (lora["kind"], lora["module"]) == ("lora", "text_encoder")
+    assert lora["base"] == manifest["files"][components["text_encoder"]["weights"]]["sha256"]
+    held_out = head["metrics"]
+    assert held_out["head"]["n"] >= 300
+    assert held_out["head"]["accuracy"] > held_out["frozen_head"]["accuracy"] > held_out["base"]["accuracy"]
+    size = sum(manifest["files"][f"{lora['dir']}/{f}"]["size"]
+               for f in ("adapter_config.json", "adapter_model.safetensors"))
+    assert size < 1 << 20
+    for text, intent in (("it's too dark in here", "turn_on_light"),
+                         ("Could you switch off the bedroom light", "turn_off_light"),
+                         ("Please call Grandma", "call_contact")):
+        best = m4.classify(text, task="command-intent").best
+        assert best is not None and best.label == intent, (text, best)
 
 
 def test_typed_commands_become_their_intent_and_slots(m4: Client) -> None:

@@ -40,9 +40,11 @@ def test_verifies_and_lists_every_file(built: tuple[VerifiedImage, list]) -> Non
         "speech/model.safetensors", "speech/tokenizer.json",
         "ocr/detector.safetensors", "ocr/recognizer.safetensors",
         "self_test/ocr.png", "self_test/speech.wav",
-        # the trained adapters: the SLU LoRA (PEFT files) and the intent head
+        # the trained adapters: the SLU LoRA (PEFT files), the intent head and the LoRA on
+        # the text encoder it was trained with
         "adapters/slu/adapter_config.json", "adapters/slu/adapter_model.safetensors",
         "adapters/intent-head/head.json", "adapters/intent-head/head.safetensors",
+        "adapters/intent-lora/adapter_config.json", "adapters/intent-lora/adapter_model.safetensors",
     }
     assert not [p for p in image.path.parent.iterdir() if ".tmp-" in p.name]  # staging gone
 

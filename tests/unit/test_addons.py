@@ -190,7 +190,7 @@ def test_manifest_schema_names_the_bad_key(world: dict[str, Any]) -> None:
             AddonManifest.from_dict({**good, **change})
     lora = good["components"]["travel-lora"]
     for change, match in [({"kind": "conv"}, "an add-on holds lora and head"),
-                          ({"module": "text_encoder"}, "adapts the backbone"),
+                          ({"module": "speech"}, "adapts the backbone or the text_encoder"),
                           ({"dir": "adapters/elsewhere"}, "not among the add-on's files"),
                           ({"base": "x"}, "sha256 of the backbone")]:
         with pytest.raises(AddonManifestError, match=match):

@@ -190,7 +190,7 @@ class EncoderRuntime:
         self.placement = _Placement({"backbone": "cpu", "text_encoder": encoder_device})
         self.threads: list[str] = []
 
-    def embed(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    def embed(self, texts: list[str], loras: list[str] | None = None) -> tuple[torch.Tensor, list[int]]:
         self.threads.append(threading.current_thread().name)
         return torch.ones(len(texts), 4), [len(t) for t in texts]
 

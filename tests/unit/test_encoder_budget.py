@@ -20,7 +20,7 @@ from tests.unit.test_engine_resume import FakeRuntime
 class FakeWithEncoder(FakeRuntime):
     encoder_device = "cpu"
 
-    def embed(self, texts: list[str]) -> tuple[Any, list[int]]:
+    def embed(self, texts: list[str], loras: list[str] | None = None) -> tuple[Any, list[int]]:
         return torch.ones(len(texts), 4), [1] * len(texts)
 
 

@@ -490,7 +490,7 @@ class TimedEncoder:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def embed(self, texts: list[str]) -> tuple[Any, list[int]]:
+    def embed(self, texts: list[str], loras: list[str] | None = None) -> tuple[Any, list[int]]:
         import time
 
         import torch

@@ -191,7 +191,7 @@ class SlowEncoder(RowCostRuntime):
 
     encoder_device = "cpu"
 
-    def embed(self, texts: list[str]) -> tuple[Any, list[int]]:
+    def embed(self, texts: list[str], loras: list[str] | None = None) -> tuple[Any, list[int]]:
         time.sleep(0.020 * len(texts))
         return torch.ones(len(texts), 4), [1] * len(texts)
 

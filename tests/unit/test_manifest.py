@@ -72,6 +72,9 @@ def test_task_defaults_are_filled() -> None:
         del t[key]
     m = parse(raw(tasks=[t]))
     assert m.tasks[0]["m4_id"] == "" and m.tasks[0]["labels"] == [] and m.tasks[0]["streaming"] is False
+    assert "response_schema" not in m.tasks[0]  # written only when a task has one
+    t["response_schema"] = '{"type": "object"}'
+    assert parse(raw(tasks=[t])).task("embed").response_schema == '{"type": "object"}'
 
 
 def test_build_manifest_accepts_dataclasses() -> None:
@@ -117,6 +120,8 @@ def test_unicode_is_utf8_not_escaped() -> None:
         (lambda d: d["tasks"][0].update(labels=[1]), "tasks[0].labels[0]: expected a string"),
         (lambda d: d["tasks"][0].update(modules=["vision"]), "'vision' is not a component"),
         (lambda d: d["tasks"][0].update(color="red"), "tasks[0].color: unknown key"),
+        (lambda d: d["tasks"][0].update(response_schema="{not json"), "tasks[0].response_schema: not JSON"),
+        (lambda d: d["tasks"][0].update(response_schema="[1]"), "tasks[0].response_schema: must be a JSON object"),
         (lambda d: d["tasks"][0]["inputs"][0].update(kind="smell"), "tasks[0].inputs[0].kind"),
         (lambda d: d["tasks"][0]["inputs"][0].pop("name"), "tasks[0].inputs[0].name: missing"),
         (lambda d: d["tasks"][0]["outputs"][0].update(shape=["a"]), "tasks[0].outputs[0].shape[0]"),

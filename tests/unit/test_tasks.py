@@ -107,9 +107,10 @@ def test_media_requests_need_what_their_head_does(tasks: Tasks) -> None:
         "speech", ["stop", "go"], Priority.BACKGROUND)
 
 
+SLU_SCHEMA = '{"type": "object", "properties": {"intent": {"enum": ["lights_on", "lights_off"]}}}'
 ADAPTER_TASKS: list[dict[str, Any]] = [
     {"id": "understand", "rpc": "Generate", "adapter": "slu", "prompt_template": "slu_adapter",
-     "inputs": [{"name": "prompt", "kind": "text"}]},
+     "inputs": [{"name": "prompt", "kind": "text"}], "response_schema": SLU_SCHEMA},
     {"id": "command-intent", "rpc": "Classify", "head": "linear_head", "adapter": "intent-head",
      "labels": ["turn_on_light", "turn_off_light"]},
     {"id": "classify", "rpc": "Classify", "head": "similarity"},
@@ -148,3 +149,31 @@ def test_a_trained_head_classifies_over_its_own_labels_only() -> None:
     with pytest.raises(InvalidArgument, match="not among them: dim_light"):
         tasks.classify("command-intent", ORIGIN, "x", ["dim_light"])
     assert tasks.classify("classify", ORIGIN, "x", ["a", "b"]).head == ""
+
+
+class RecordingGrammars:
+    """Stands for m4d.prepare.constraints.Grammars: what it was asked to compile."""
+
+    def __init__(self) -> None:
+        self.compiled: list[Any] = []
+
+    def compile(self, fmt: Any) -> object:
+        self.compiled.append(fmt)
+        return object()
+
+
+def test_a_task_with_a_response_schema_keeps_to_it_unless_the_caller_gives_one() -> None:
+    from m4d.prepare.constraints import ResponseFormat
+
+    tasks = _adapter_tasks()
+    tasks.grammars = grammars = RecordingGrammars()  # type: ignore[assignment]
+    assert tasks.generate("understand", ORIGIN, prompt="lights off").constraint is not None
+    own = ResponseFormat("choices", choices=("yes", "no"))
+    tasks.generate("understand", ORIGIN, prompt="lights off", response_format=own)
+    assert grammars.compiled == [ResponseFormat("json_schema", json_schema=SLU_SCHEMA), own]
+    # a task without one is free text, as before
+    free = Tasks(Config(), TASKS, ImageInfo("test", "1.0", "ab" * 32), WordTokenizer(),
+                 Template(), max_context=64)  # type: ignore[arg-type]
+    free.grammars = grammars  # type: ignore[assignment]
+    assert free.generate("generate", ORIGIN, prompt="hi").constraint is None
+    assert len(grammars.compiled) == 2

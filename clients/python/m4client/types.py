@@ -245,6 +245,8 @@ class Task:
     rpc: str
     streaming: bool
     context_window: int = 0  # tokens its model holds at once (prompt + output); 0: none
+    # the JSON schema its output keeps to (JSON text; enforced by the daemon), "" for free text
+    response_schema: str = ""
 
 
 @dataclass(frozen=True)

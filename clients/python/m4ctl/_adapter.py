@@ -31,26 +31,27 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     adapter = verbs(command(sub, "adapter", "Pack, install, list and remove add-ons (task "
                             "adapters signed by a vendor, pinned to one image).", parents),
                     "adapter")
-    p = command(adapter, "pack", "Pack a PEFT LoRA folder or a task head as a signed add-on "
-                "for one image (checked to fit it).", parents, cmd_adapter_pack)
+    p = command(adapter, "pack", "Pack a PEFT LoRA folder, a task head, or a head with the "
+                "LoRA on the text encoder it was trained with, as a signed add-on for one image "
+                "(checked to fit it).", parents, cmd_adapter_pack)
     p.add_argument("--base-image", required=True, metavar="DIR",
                    help="the image the add-on is for (its digest is pinned)")
     p.add_argument("--name", required=True, help="the add-on's name (installing the same "
                    "name again replaces it)")
     p.add_argument("--version", default="1.0.0", help="the add-on's version")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--peft", metavar="DIR", help="a PEFT LoRA folder on the backbone "
-                      "(adapter_config.json + adapter_model.safetensors)")
-    what.add_argument("--head", metavar="DIR", help="a task head on the text encoder "
-                      "(head.json + head.safetensors)")
+    p.add_argument("--peft", metavar="DIR", help="a PEFT LoRA folder on the backbone or the "
+                   "text encoder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--head", metavar="DIR", help="a task head on the text encoder (head.json + "
+                   "head.safetensors); with --peft, the head runs with that LoRA on the encoder")
     p.add_argument("--component", default="", metavar="NAME",
                    help="the adapter's name in the add-on (default NAME-lora / NAME-head)")
     g = p.add_argument_group("the task it serves (or --task-json)")
     g.add_argument("--task-json", metavar="FILE", help="a task (or a list of tasks) in the "
                    "image manifest's schema; a missing adapter is this one")
     g.add_argument("--task-id", default="", metavar="ID", help="the task id (default: NAME)")
-    g.add_argument("--rpc", default="", choices=("", "Generate", "Classify"),
-                   help="Generate (a LoRA) or Classify (a head)")
+    g.add_argument("--rpc", default="", choices=("", "Generate", "Embed", "Classify"),
+                   help="Generate (a LoRA on the backbone), Embed (a LoRA on the text encoder) "
+                   "or Classify (a head)")
     g.add_argument("--prompt-template", default="", metavar="TEXT",
                    help='how the prompt reaches the backbone: "chat" (default), a text with '
                    "{prompt}, or a template the daemon knows")
@@ -67,12 +68,16 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     p.add_argument("--template", "--task", required=True, metavar="NAME",
                    help="the prompt template the task serves with (e.g. slu_adapter)")
     p.add_argument("--data", required=True, metavar="FILE", help="training JSONL")
+    p.add_argument("--val", metavar="FILE", help="validation JSONL for early stopping, best "
+                   "worded apart from --data (default: a tenth of --data held out)")
     p.add_argument("--eval", metavar="FILE", help="held-out JSONL, scored at the end")
     p.add_argument("--scorer", default="exact", choices=("exact", "slu"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="the matmuls' dtype (auto: bfloat16 where the CPU has bf16 arithmetic)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="the PEFT folder to write")
     for flag, kind, default in (("--rank", int, 8), ("--alpha", float, 16.0), ("--steps", int, 300),
                                 ("--lr", float, 1e-3), ("--batch", int, 8), ("--seed", int, 0),
-                                ("--threads", int, 0)):
+                                ("--threads", int, 0), ("--patience", int, 3)):
         p.add_argument(flag, type=kind, default=default)
     p = command(adapter, "install", "Install an add-on on the daemon (streamed over the admin "
                 "socket); it is verified against the image served and its tasks are served "
@@ -102,6 +107,9 @@ def _tasks(path: str | None) -> list[dict[str, Any]] | None:
 
 
 def cmd_adapter_pack(args: argparse.Namespace) -> int:
+    if not args.peft and not args.head:
+        raise UsageError("give the adapter: --peft DIR, --head DIR, or both (a head with the "
+                         "LoRA on the text encoder it was trained with)")
     pack = daemon_side("m4d.adapters.pack", "adapter pack")
     lora = daemon_side("m4d.adapters.lora", "adapter pack")
     flags = pack.TaskFlags(task_id=args.task_id, rpc=args.rpc,
@@ -127,9 +135,10 @@ def cmd_adapter_pack(args: argparse.Namespace) -> int:
 def cmd_adapter_train(args: argparse.Namespace) -> int:
     trainer = daemon_side("m4d.adapters.__main__", "adapter train")
     argv = ["train", "--image", args.image, "--template", args.template, "--data", args.data,
-            "--scorer", args.scorer, "--out", args.out]
+            "--scorer", args.scorer, "--out", args.out, "--dtype", args.dtype]
     argv += ["--eval", args.eval] if args.eval else []
-    for name in ("rank", "alpha", "steps", "lr", "batch", "seed", "threads"):
+    argv += ["--val", args.val] if args.val else []
+    for name in ("rank", "alpha", "steps", "lr", "batch", "seed", "threads", "patience"):
         argv += [f"--{name}", str(getattr(args, name))]
     return int(trainer.main(argv))
 

@@ -69,8 +69,9 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     p.add_argument("-n", type=int, default=0, metavar="N", help="how many words (default 5)")
     call_flags(p, task_help="task id (default: predict-next)")
 
-    command(sub, "tasks", "List the active image's tasks (WINDOW: the tokens its model "
-            "holds).", parents, cmd_tasks)
+    command(sub, "tasks", "List the active image's tasks (ADAPTER: the LoRA or head it runs "
+            "through; WINDOW: the tokens its model holds; --json gives each task's output "
+            "schema).", parents, cmd_tasks)
 
     p = command(sub, "count-tokens", "Count a prompt's tokens for a generation task, against "
                 "its context window.", parents, cmd_count_tokens)
@@ -263,15 +264,16 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     def sig(specs: Iterable[Any]) -> str:
         return ", ".join(f"{s.name}:{kind(s)}" + ("" if s.required else "?") for s in specs)
 
-    rows = [("ID", "M4", "PATH", "MODULES", "WINDOW", "INPUTS → OUTPUTS")]
+    rows = [("ID", "M4", "PATH", "MODULES", "ADAPTER", "WINDOW", "INPUTS → OUTPUTS")]
     rows += [
         (
             t.id,
             t.m4_id or "-",
             str(t.path),
             ",".join(t.modules) or "-",
+            t.adapter or "-",
             str(t.context_window or "-"),
-            f"{sig(t.inputs)} → {sig(t.outputs)}",
+            f"{sig(t.inputs)} → {sig(t.outputs)}" + (" (JSON schema)" if t.response_schema else ""),
         )
         for t in table
     ]

@@ -1,5 +1,6 @@
 """``python -m m4d.adapters train``: a backbone LoRA trained on this CPU from a JSONL file;
-``python -m m4d.adapters head``: a linear head on the text encoder (tooling for device makers).
+``python -m m4d.adapters head``: a linear head on the text encoder, with ``--lora-rank R`` a
+LoRA on the encoder trained with it (tooling for device makers).
 
     python -m m4d.adapters train --image build/images/default --template slu_adapter \\
         --data train.jsonl --eval eval.jsonl --scorer slu --out firmware_image/adapters/slu
@@ -101,12 +102,15 @@ def train_command(args: argparse.Namespace) -> int:
     settings = TrainSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                              targets=tuple(args.targets.split(",")),
                              lr=args.lr, batch=args.batch, max_steps=args.steps, seed=args.seed,
+                             patience=args.patience, dtype=args.dtype,
                              threads=args.threads)
     backbone = load_backbone(args.image)
     pairs = read_pairs(args.data)
     print(f"training a rank-{settings.rank} LoRA on {len(pairs)} examples "
           f"({', '.join(settings.targets)})", file=sys.stderr)
-    lora, report = train_lora(backbone, args.template, pairs, settings, progress=_bar("train"))
+    validation = read_pairs(args.val) if args.val is not None else []
+    lora, report = train_lora(backbone, args.template, pairs, settings, progress=_bar("train"),
+                              validation=validation)
     metrics: dict[str, Any] = {"train": {**report.__dict__, "settings": settings.__dict__}}
     if args.eval is not None:
         records = [json.loads(line) for line in args.eval.read_text().splitlines() if line.strip()]
@@ -126,44 +130,60 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encoder_vectors(image: Path, texts: Sequence[str]) -> torch.Tensor:
-    """The image's text encoder's pooled vectors for `texts`, as the daemon computes them."""
-    from tokenizers import Tokenizer
-
-    from m4d.model.bert import BertConfig, embed_with_counts, load_bert
-
-    spec = json.loads((image / "manifest.json").read_text())["components"]["text_encoder"]
-    model = load_bert(image / spec["weights"], BertConfig.from_dict(spec["config"]))
-    tokenizer = Tokenizer.from_file(str(image / spec["tokenizer"]))
-    with torch.inference_mode():
-        vectors, _ = embed_with_counts(model, tokenizer, list(texts), int(spec.get("max_seq_len", 256)),
-                                       normalize=bool(spec.get("normalize", True)))
-    return vectors.float()
-
-
 def head_command(args: argparse.Namespace) -> int:
-    """A linear head on the text encoder from {"text", "label"} lines; held-out accuracy
-    against zero-shot classification by label similarity (what the image does without it)."""
+    """A linear head on the text encoder from {"text", "label"} lines, with `--lora-rank` a
+    LoRA on the encoder trained with it (``m4d.adapters.encoder_lora``); held-out accuracy
+    against the frozen-encoder head and zero-shot classification by label similarity (what
+    the image does without it)."""
+    from m4d.adapters.encoder_lora import (
+        STORE_DTYPE,
+        EncoderTrainSettings,
+        load_encoder,
+        predict,
+        read_labelled,
+        train_encoder_head,
+        vectors,
+    )
     from m4d.adapters.heads import accuracy, train_head, write_head
+    from m4d.adapters.lora import write_peft
 
-    def read(path: Path) -> list[dict[str, str]]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    train = read(args.data)
-    head = train_head(_encoder_vectors(args.image, [r["text"] for r in train]),
-                      [r["label"] for r in train], seed=args.seed)
-    metrics: dict[str, Any] = {"train": {"examples": len(train), "labels": head.labels}}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    encoder, train = load_encoder(args.image), read_labelled(args.data)
+    frozen = train_head(vectors(encoder, [t for t, _ in train]), [y for _, y in train], seed=args.seed)
+    head, lora, lora_out = frozen, None, args.lora_out or args.out.with_name(f"{args.out.name}-lora")
+    metrics: dict[str, Any] = {"train": {"examples": len(train), "labels": frozen.labels}}
+    if args.lora_rank:
+        settings = EncoderTrainSettings(
+            rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
+            dropout=args.lora_dropout, targets=tuple(args.lora_targets.split(",")), lr=args.lr,
+            head_lr=args.lr, batch=args.batch, max_epochs=args.epochs, patience=args.patience,
+            seed=args.seed, threads=args.threads)
+        print(f"training a rank-{settings.rank} LoRA on the text encoder with the head on "
+              f"{len(train)} examples ({', '.join(settings.targets)})", file=sys.stderr)
+        validation = read_labelled(args.val) if args.val is not None else []
+        lora, head, report = train_encoder_head(encoder, train, settings, validation,
+                                                progress=_bar("train"), frozen=frozen)
+        head.lora = lora_out.name  # the component the builder makes of the PEFT folder
+        metrics["train"]["lora"] = {**report.__dict__, "settings": settings.__dict__}
     if args.eval is not None:
-        held = read(args.eval)
-        vectors = _encoder_vectors(args.image, [r["text"] for r in held])
-        expected = [r["label"] for r in held]
-        tuned = [head.labels[i] for i in head.logits(vectors).argmax(-1).tolist()]
-        label_vectors = _encoder_vectors(args.image, [lab.replace("_", " ") for lab in head.labels])
-        zero_shot = [head.labels[i] for i in (vectors @ label_vectors.T).argmax(-1).tolist()]
-        metrics["eval"] = {"head": {"accuracy": accuracy(tuned, expected), "n": len(held)},
-                           "base": {"accuracy": accuracy(zero_shot, expected), "n": len(held)},
+        held = read_labelled(args.eval)
+        texts, expected = [t for t, _ in held], [y for _, y in held]
+        plain = vectors(encoder, texts)
+        label_vectors = vectors(encoder, [lab.replace("_", " ") for lab in frozen.labels])
+        zero_shot = [frozen.labels[i] for i in (plain @ label_vectors.T).argmax(-1).tolist()]
+        scores = {"head": accuracy(predict(frozen, plain), expected),
+                  "base": accuracy(zero_shot, expected)}
+        if lora is not None:  # the head through its LoRA (as served), and the frozen one
+            scores = {"head": accuracy(predict(head, vectors(encoder, texts, lora)), expected),
+                      "frozen_head": scores["head"], "base": scores["base"]}
+        metrics["eval"] = {**{k: {"accuracy": v, "n": len(held)} for k, v in scores.items()},
                            "examples": len(held)}
         print(json.dumps(metrics["eval"], indent=2))
+    if lora is not None:
+        write_peft(lora_out, lora, dtype=STORE_DTYPE)
+        atomic_write_bytes(lora_out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        print(f"wrote {lora_out}", file=sys.stderr)
     write_head(args.out, head)
     atomic_write_bytes(args.out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     print(f"wrote {args.out}", file=sys.stderr)
@@ -177,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--image", type=Path, required=True, help="the base image directory")
     t.add_argument("--template", required=True, help="the task's prompt template (e.g. slu_adapter)")
     t.add_argument("--data", type=Path, required=True, help="training JSONL: {\"input\", \"output\"}")
+    t.add_argument("--val", type=Path, help="validation JSONL for early stopping, best worded "
+                   "apart from --data (default: a tenth of --data held out)")
     t.add_argument("--eval", type=Path, help="held-out JSONL, scored at the end")
     t.add_argument("--eval-limit", type=int, default=0, help="score only the first N held-out examples")
     t.add_argument("--scorer", default="exact", choices=["exact", "slu"])
@@ -189,14 +211,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--patience", type=int, default=3,
+                   help="evaluations without a better validation loss before stopping")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="the matmuls' dtype (auto: bfloat16 where the CPU has bf16 arithmetic)")
     h = sub.add_parser("head", help="train a linear head on the text encoder from JSONL text/label lines")
     h.add_argument("--image", type=Path, required=True, help="the base image directory")
     h.add_argument("--data", type=Path, required=True, help="training JSONL: {\"text\", \"label\"}")
     h.add_argument("--eval", type=Path, help="held-out JSONL, scored at the end")
     h.add_argument("--out", type=Path, required=True, help="the head folder to write")
     h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    h.add_argument("--lora-rank", type=int, default=0, help="train a LoRA of this rank on the "
+                   "text encoder with the head (0: the head alone, on the frozen encoder)")
+    h.add_argument("--lora-out", type=Path, help="the LoRA's PEFT folder (default: OUT-lora); "
+                   "the head names it as the component it runs with")
+    h.add_argument("--lora-alpha", type=float, default=0.0, help="(default: twice the rank)")
+    h.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout while training")
+    h.add_argument("--lora-targets", default="query,key,value,dense",
+                   help="the encoder linears to adapt (dense: attention output, FFN in and out)")
+    h.add_argument("--val", type=Path, help="validation JSONL for early stopping, best worded "
+                   "apart from --data (default: a tenth of --data held out)")
+    h.add_argument("--lr", type=float, default=1e-3)
+    h.add_argument("--batch", type=int, default=32)
+    h.add_argument("--epochs", type=float, default=6.0, help="at most this many passes over --data")
+    h.add_argument("--patience", type=int, default=4,
+                   help="evaluations (every 50 steps) without a better validation accuracy "
+                   "before stopping")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     try:

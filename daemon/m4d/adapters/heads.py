@@ -2,9 +2,11 @@
 normalised sentence vector, one output per label, trained on the device's CPU.
 
 A head is two files in an adapter folder: ``head.safetensors`` (``weight`` [L, D] and
-``bias`` [L], float32) and ``head.json`` (its labels, in output order). The encoder stays
+``bias`` [L], float32) and ``head.json`` (its labels, in output order, and the LoRA on the
+encoder it was trained with, if any: ``"lora": "<component>"``). Here the encoder stays
 frozen: training embeds the examples once and fits the layer by softmax regression (L-BFGS,
-weight decay, seeded), so a head over a few thousand examples trains in seconds.
+weight decay, seeded), so a head over a few thousand examples trains in seconds. Training an
+encoder LoRA with it is ``m4d.adapters.encoder_lora``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Head:
     labels: list[str]
     weight: Tensor  # [L, D] float32
     bias: Tensor  # [L]
+    lora: str = ""  # the encoder LoRA it was trained with (a component name), "" for none
 
     def logits(self, vectors: Tensor) -> Tensor:
         """vectors [N, D] (the encoder's pooled output) -> [N, L]."""
@@ -40,7 +43,8 @@ def read_head(folder: Path) -> Head:
     from safetensors.torch import load_file
 
     try:
-        labels = list(json.loads((folder / HEAD_CONFIG).read_text())["labels"])
+        config = json.loads((folder / HEAD_CONFIG).read_text())
+        labels, lora = list(config["labels"]), str(config.get("lora") or "")
         tensors = load_file(str(folder / HEAD_WEIGHTS))
     except (OSError, ValueError, KeyError) as exc:
         raise AdapterError(f"{folder} is not a task head ({HEAD_CONFIG} with its labels and "
@@ -50,7 +54,7 @@ def read_head(folder: Path) -> Head:
             or weight.shape[0] != len(labels):
         raise AdapterError(f"{folder / HEAD_WEIGHTS}: needs weight [labels, dim] and bias "
                            f"[labels] for its {len(labels)} labels")
-    return Head(labels, weight.float(), bias.float())
+    return Head(labels, weight.float(), bias.float(), lora)
 
 
 def write_head(folder: Path, head: Head) -> None:
@@ -59,7 +63,8 @@ def write_head(folder: Path, head: Head) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / HEAD_WEIGHTS, save(
         {"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}))
-    atomic_write_bytes(folder / HEAD_CONFIG, (json.dumps({"labels": head.labels}, indent=2) + "\n").encode())
+    config: dict[str, object] = {"labels": head.labels, **({"lora": head.lora} if head.lora else {})}
+    atomic_write_bytes(folder / HEAD_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
 
 
 def train_head(vectors: Tensor, labels: Sequence[str], *, weight_decay: float = 1e-3,

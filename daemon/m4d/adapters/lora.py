@@ -159,9 +159,30 @@ def read_peft(folder: Path, module: str = "backbone") -> Lora:
     return lora
 
 
-def write_peft(folder: Path, lora: Lora, extra: Mapping[str, Any] | None = None) -> None:
-    """Writes ``lora`` as a PEFT folder (each file whole or not at all). Pairs that share
-    the adapter's rank and alpha need no pattern; others go into rank/alpha patterns."""
+def peft_module(folder: Path) -> str:
+    """Which module a PEFT folder adapts ("backbone" or "text_encoder"), from its tensors'
+    names (read from the header: no weights loaded)."""
+    from safetensors import safe_open
+
+    path = folder / PEFT_WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterError(f"{path} is not a safetensors file: {exc}") from exc
+    found = {module for key in keys if (m := _KEY.match(key)) is not None
+             for module, prefix in LAYER_PREFIX.items() if m["module"].startswith(prefix + ".")}
+    if len(found) != 1:
+        raise AdapterError(f"{path}: its LoRA weights are not those of one module "
+                           f"({', '.join(MODULES)}): {', '.join(sorted(found)) or 'none'}")
+    return found.pop()
+
+
+def write_peft(folder: Path, lora: Lora, extra: Mapping[str, Any] | None = None,
+               dtype: torch.dtype = torch.float32) -> None:
+    """Writes ``lora`` as a PEFT folder (each file whole or not at all), its weights in
+    `dtype` (float16 halves the file; `read_peft` reads them back as float32). Pairs that
+    share the adapter's rank and alpha need no pattern; others go into rank/alpha patterns."""
     from safetensors.torch import save
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,8 +191,8 @@ def write_peft(folder: Path, lora: Lora, extra: Mapping[str, Any] | None = None)
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for name, pair in sorted(lora.pairs.items()):
-        tensors[f"{top}{name}.lora_A.weight"] = pair.a.detach().float().contiguous()
-        tensors[f"{top}{name}.lora_B.weight"] = pair.b.detach().float().contiguous()
+        tensors[f"{top}{name}.lora_A.weight"] = pair.a.detach().to(dtype).contiguous()
+        tensors[f"{top}{name}.lora_B.weight"] = pair.b.detach().to(dtype).contiguous()
         alpha = pair.scaling * (math.sqrt(pair.rank) if lora.rslora else pair.rank)
         if pair.rank != lora.rank:
             ranks[name] = pair.rank
@@ -280,6 +301,19 @@ def fused_layers(lora: Lora, n_layers: int, sizes: Sizes) -> list[dict[str, tupl
     if unknown:
         raise AdapterError(f"the adapter has linears the model does not: {', '.join(unknown[:4])}")
     return out
+
+
+def encoder_terms(lora: Lora, config: Any, device: torch.device | None = None) -> list[dict[str, Any]]:
+    """Per layer of a BERT encoder (`config`: its BertConfig), each adapted fused linear's
+    low-rank terms as the encoder's forward adds them per row (``m4d.model.bert.LowRank``:
+    float32, each part's own slice of B), on `device`."""
+    from m4d.model.bert import LowRank
+
+    if lora.module != "text_encoder":
+        raise AdapterError(f"the adapter is for the {lora.module}, not the text_encoder")
+    return [{name: LowRank.from_fused(at.to(device), bt.to(device), spans)
+             for name, (at, bt, spans) in layer.items() if at.numel()}
+            for layer in fused_layers(lora, config.num_hidden_layers, sizes_for(config))]
 
 
 DECODE_DTYPES = (torch.float32, torch.bfloat16)  # what m4.decode_layers reads adapters in

@@ -5,6 +5,10 @@ backbone's LoRA learns to write `target(example)`; the text encoder's head learn
 Examples are made here from the templates and slot values of `slu_templates`, never collected:
 
 - "train": training templates filled with training values;
+- "val": the training templates kept back from "train" (every `VAL_EVERY`-th of each
+  intent's) with training values: the trainer's early stopping watches its loss, so it
+  keeps the adapter that words it has not seen serve best, not the one that knows its
+  training sentences best;
 - "eval": held-out templates with held-out values (the number that counts: phrasings and
   words the adapter never saw);
 - "eval_values" / "eval_templates": only the values, or only the templates, held out, to tell
@@ -36,6 +40,7 @@ from m4d.adapters.slu_values import VALUES
 # split -> (templates held out, values held out)
 SPLITS: dict[str, tuple[bool, bool]] = {
     "train": (False, False),
+    "val": (False, False),
     "eval": (True, True),
     "eval_values": (False, True),
     "eval_templates": (True, False),
@@ -49,6 +54,16 @@ _STYLES = ("sentence", "lower", "bare")
 _STYLE_WEIGHTS = (6, 3, 1)
 _DROP_PUNCT = str.maketrans("", "", ",.?!:;")  # from the template's words, never from values
 _TRIES = 10  # draws per example to avoid repeating a text already in the list
+VAL_EVERY = 8  # every 8th training template of an intent is the "val" split's
+
+
+def templates(split: str, intent: str) -> tuple[str, ...]:
+    """The phrasings `split` draws from for `intent`."""
+    pool = TEMPLATES[intent]
+    if SPLITS[split][0]:
+        return pool.held_out
+    val = split == "val"
+    return tuple(t for i, t in enumerate(pool.train) if (i % VAL_EVERY == VAL_EVERY - 1) == val)
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,7 @@ def examples(split: str, n: int, seed: int = 0) -> list[Example]:
         raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, not {n}")
-    held_templates, held_values = SPLITS[split]
+    held_values = SPLITS[split][1]
     rng = random.Random(f"slu/{split}/{seed}")
     out: list[Example] = []
     seen: set[str] = set()
@@ -109,9 +124,9 @@ def examples(split: str, n: int, seed: int = 0) -> list[Example]:
         if i % len(INTENTS) == 0:
             order = rng.sample(INTENTS, len(INTENTS))
         intent = order[i % len(INTENTS)]
-        pool = TEMPLATES[intent]
+        phrasings = templates(split, intent)
         for _ in range(_TRIES):
-            template = rng.choice(pool.held_out if held_templates else pool.train)
+            template = rng.choice(phrasings)
             values = {f: rng.choice(VALUES[f].held_out if held_values else VALUES[f].train)
                       for f in fields(template)}
             style = rng.choices(_STYLES, _STYLE_WEIGHTS)[0]
@@ -128,6 +143,22 @@ def target(example: Example) -> str:
     slots = {k: example.slots[k] for k in sorted(example.slots)}
     return json.dumps({"intent": example.intent, "slots": slots}, ensure_ascii=False,
                       separators=(", ", ": "))
+
+
+def response_schema(max_value: int = 64) -> dict[str, object]:
+    """The JSON schema of `target`: one of the intents, each with only its own slots (in
+    `target`'s order: by name), each a string. The task serving the adapter enforces it
+    while decoding, so an answer names an intent the adapter knows, never a near miss
+    ("cancel_call"), and no slot its intent lacks."""
+    def one(intent: str) -> dict[str, object]:
+        slots = {s: {"type": "string", "minLength": 1, "maxLength": max_value}
+                 for s in sorted(SCHEMA[intent])}
+        return {"type": "object",
+                "properties": {"intent": {"const": intent},
+                               "slots": {"type": "object", "properties": slots,
+                                         "additionalProperties": False}},
+                "required": ["intent", "slots"], "additionalProperties": False}
+    return {"anyOf": [one(intent) for intent in INTENTS]}
 
 
 def parse(output: str) -> tuple[str | None, dict[str, str]]:
@@ -224,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.train < 0 or args.eval < 0:
         parser.error("--train and --eval must be >= 0")
     args.out.mkdir(parents=True, exist_ok=True)
+    schema = args.out / "response_schema.json"
+    atomic_write_bytes(schema, (json.dumps(response_schema(), indent=1) + "\n").encode())
+    print(f"the answers' JSON schema -> {schema}")
     for split in SPLITS:
         data = examples(split, args.train if split == "train" else args.eval, args.seed)
         count = write_jsonl(args.out / f"{split}.jsonl", data)

@@ -4,9 +4,13 @@ a JSONL file of {"input", "output"} pairs, the base frozen.
 The base is the image's own backbone, dequantized from its stored blocks to float32 (the
 numbers the served model starts from). Each example becomes the task's chat prompt (the
 cascade's template, as the daemon renders it) followed by the output and the end-of-turn
-token; the loss is the cross-entropy of the output tokens only. AdamW, seeded, a held-out
-slice of the training file for early stopping (the best adapter by held-out loss is kept),
-and the result written as a PEFT folder (``m4d.adapters.lora.write_peft``).
+token; the loss is the cross-entropy of the output tokens only. AdamW, seeded, early
+stopping on a validation set (the best adapter by its loss is kept), and the result written
+as a PEFT folder (``m4d.adapters.lora.write_peft``). The validation set is best worded
+apart from the training set (other phrasings, as ``slu_data``'s "val" split): its loss then
+says how the adapter serves requests worded as it never saw, which stops falling well
+before the training set's does. Without one, a random slice of the training file is held
+out.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 from m4d.adapters.lora import AdapterError, Lora
 from m4d.adapters.modules import attach, collect, detach, new_lora
+from m4d.model.cpu import has_bf16_arithmetic
 from m4d.model.llama import Llama, LlamaConfig, load_llama
 from m4d.prepare.prompts import answer_messages
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
@@ -45,9 +50,20 @@ class TrainSettings:
     max_steps: int = 300
     eval_every: int = 25
     patience: int = 3  # evaluations without a better held-out loss before stopping
-    held_out: float = 0.1  # of the training file, for early stopping
+    held_out: float = 0.1  # of the training file, for early stopping without a validation set
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
+    # the forward and backward's matmuls: "bfloat16" (autocast; the LoRA's weights, its
+    # optimiser and the loss stay float32), "float32", or "auto": bfloat16 where the CPU has
+    # bf16 arithmetic (m4d.model.cpu), float32 elsewhere
+    dtype: str = "auto"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise AdapterError(f"dtype {self.dtype!r} is not auto, bfloat16 or float32")
+        bf16 = self.dtype == "bfloat16" or (self.dtype == "auto" and has_bf16_arithmetic())
+        return torch.bfloat16 if bf16 else torch.float32
 
 
 @dataclass
@@ -59,6 +75,7 @@ class TrainReport:
     seconds: float
     examples: int
     history: list[dict[str, float]] = field(default_factory=list)
+    dtype: str = "float32"  # what the matmuls ran in
 
 
 @dataclass(frozen=True)
@@ -121,9 +138,11 @@ def _encode(backbone: Backbone, template: str, pairs: Sequence[tuple[str, str]])
     return out
 
 
-def _loss(model: Llama, batch: Sequence[tuple[list[int], int]]) -> torch.Tensor:
-    """Mean cross-entropy of the output tokens; rows right-padded (causal: padding after a
-    row's tokens changes none of its logits)."""
+def _loss(model: Llama, batch: Sequence[tuple[list[int], int]],
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mean cross-entropy of the output tokens, in float32; rows right-padded (causal:
+    padding after a row's tokens changes none of its logits). `dtype` bfloat16: the
+    matmuls under autocast."""
     length = max(len(ids) for ids, _ in batch)
     tokens = torch.zeros(len(batch), length, dtype=torch.long)
     wanted = torch.zeros(len(batch), length, dtype=torch.bool)  # positions predicting an output token
@@ -131,22 +150,29 @@ def _loss(model: Llama, batch: Sequence[tuple[list[int], int]]) -> torch.Tensor:
         tokens[i, :len(ids)] = torch.tensor(ids)
         wanted[i, start - 1:len(ids) - 1] = True
     targets = tokens[:, 1:][wanted[:, :-1]]
-    logits = model.causal_logits(tokens, select=wanted)  # [N, V] at the wanted positions
-    return F.cross_entropy(logits, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = model.causal_logits(tokens, select=wanted)  # [N, V] at the wanted positions
+    return F.cross_entropy(logits.float(), targets)
 
 
 def train_lora(backbone: Backbone, template: str, pairs: Sequence[tuple[str, str]],
                settings: TrainSettings = TrainSettings(),
-               progress: Callable[[int, int, float], None] | None = None) -> tuple[Lora, TrainReport]:
-    """Trains a LoRA on (input, output) pairs; returns the best adapter by held-out loss."""
+               progress: Callable[[int, int, float], None] | None = None,
+               validation: Sequence[tuple[str, str]] = ()) -> tuple[Lora, TrainReport]:
+    """Trains a LoRA on (input, output) pairs; returns the best adapter by the loss on
+    `validation` (by default a slice of `pairs`, held out)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
+    dtype = settings.compute_dtype
     rng = random.Random(settings.seed)
     data = _encode(backbone, template, pairs)
     rng.shuffle(data)
-    n_held = max(1, int(len(data) * settings.held_out)) if len(data) > 1 else 0
-    held, train = data[:n_held], data[n_held:]
+    if validation:
+        held, train = _encode(backbone, template, validation), data
+    else:
+        n_held = max(1, int(len(data) * settings.held_out)) if len(data) > 1 else 0
+        held, train = data[:n_held], data[n_held:]
     if not train:
         raise AdapterError("too few examples to train on after holding some out")
     model = backbone.model
@@ -169,7 +195,7 @@ def train_lora(backbone: Backbone, template: str, pairs: Sequence[tuple[str, str
                 order += rng.sample(range(len(train)), len(train))
             batch = [train[i] for i in order[:settings.batch]]
             del order[:settings.batch]
-            loss = _loss(model, batch)
+            loss = _loss(model, batch, dtype)
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -180,7 +206,7 @@ def train_lora(backbone: Backbone, template: str, pairs: Sequence[tuple[str, str
             if progress is not None:
                 progress(step, settings.max_steps, running)
             if step % settings.eval_every == 0 or step == settings.max_steps:
-                held_loss = _held_out_loss(model, held) if held else running
+                held_loss = _held_out_loss(model, held, dtype) if held else running
                 history.append({"step": step, "train_loss": running, "held_out_loss": held_loss})
                 log.info("step %d: train loss %.4f, held-out %.4f", step, running, held_loss)
                 if best is None or held_loss < best[0] - 1e-4:
@@ -194,16 +220,17 @@ def train_lora(backbone: Backbone, template: str, pairs: Sequence[tuple[str, str
         detach(model)
     assert best is not None
     return best[2], TrainReport(step, best[1], running, best[0], time.monotonic() - started,
-                                len(data), history)
+                                len(data), history, str(dtype).removeprefix("torch."))
 
 
 @torch.no_grad()
-def _held_out_loss(model: Llama, held: Sequence[tuple[list[int], int]], batch: int = 16) -> float:
+def _held_out_loss(model: Llama, held: Sequence[tuple[list[int], int]],
+                   dtype: torch.dtype = torch.float32, batch: int = 16) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(held), batch):
         part = held[i:i + batch]
-        total += _loss(model, part).item() * len(part)
+        total += _loss(model, part, dtype).item() * len(part)
         count += len(part)
     model.train()
     return total / count

@@ -143,26 +143,33 @@ ADAPTERS_DIR = Path(__file__).with_name("adapters")  # the default image's train
 
 def _add_adapters(stage: Path, components: dict[str, dict[str, Any]], folder: Path,
                   report: Progress) -> None:
-    """Each PEFT folder under `folder` (trained by ``python -m m4d.adapters train``) as a
-    ``lora`` component, each head folder (``... head``) as a ``head`` component, with their
-    held-out metrics. An adapter is valid for one base: its recorded base (the backbone
-    weights' sha256) must be this image's backbone."""
+    """Each PEFT folder under `folder` (trained by ``python -m m4d.adapters train``, or by
+    ``... head --lora-rank``) as a ``lora`` component on the module it adapts (the backbone or
+    the text encoder), each head folder (``... head``) as a ``head`` component (naming the
+    encoder LoRA it was trained with, if any), with their held-out metrics. An adapter is
+    valid for one base: its recorded base (the sha256 of the weights of the module it adapts)
+    must be this image's, as a head's LoRA must be one of the image's."""
     import shutil
 
     from m4image.addon import COMPONENT_FILES
 
     from m4d.adapters.heads import HEAD_CONFIG, read_head
-    from m4d.adapters.lora import PEFT_CONFIG, read_peft
+    from m4d.adapters.lora import PEFT_CONFIG, peft_module, read_peft
     from m4d.adapters.pack import component_spec
 
-    backbone = components.get("backbone")
-    base = sha256_file(stage / backbone["weights"]) if backbone is not None else ""
+    digests: dict[str, str] = {}  # module -> its weights' sha256 (each file hashed once)
     for src in sorted(p for p in folder.iterdir() if p.is_dir()):
         if (src / PEFT_CONFIG).is_file():
-            lora = read_peft(src, "backbone")
+            module = peft_module(src)  # the component of that name is what it adapts
+            if module != "backbone" and module not in components:
+                continue
+            if module not in digests:
+                adapted = components.get(module)
+                digests[module] = sha256_file(stage / adapted["weights"]) if adapted else ""
+            lora, base, what = read_peft(src, module), digests[module], module.replace("_", " ")
             if lora.base_model != base:
-                raise BuildError(f"adapter {src.name} was trained on backbone {lora.base_model[:12] or '?'}, "
-                                 f"not this image's {base[:12] or '(none)'}: retrain it on this backbone (make adapters)")
+                raise BuildError(f"adapter {src.name} was trained on {what} {lora.base_model[:12] or '?'}, "
+                                 f"not this image's {base[:12] or '(none)'}: retrain it on this {what} (make adapters)")
             spec = component_spec(src, src.name, lora, base)
         elif (src / HEAD_CONFIG).is_file() and "text_encoder" in components:
             spec = component_spec(src, src.name, read_head(src))
@@ -173,6 +180,11 @@ def _add_adapters(stage: Path, components: dict[str, dict[str, Any]], folder: Pa
             shutil.copyfile(src / name, stage / spec["dir"] / name)
         components[src.name] = spec
         report(f"adapter {src.name}", 1, 1)
+    for name, spec in components.items():
+        used = components.get(spec.get("lora", "")) if spec.get("kind") == "head" else None
+        if spec.get("lora") and (used is None or used.get("module") != "text_encoder"):
+            raise BuildError(f"head {name} was trained with the text encoder's LoRA "
+                             f"{spec['lora']!r}, which is not among the adapters in {folder}")
 
 
 def _created() -> str:

@@ -159,25 +159,28 @@ def media_tasks(components: dict[str, dict[str, Any]]) -> list[Task]:
 def adapter_tasks(tasks: list[Task], components: dict[str, dict[str, Any]]) -> list[Task]:
     """The tasks that run through a trained adapter of the image: with the spoken-language
     understanding adapter ("slu"), T49 runs through it, and typed commands too; with the
-    intent head on the text encoder ("intent-head"), typed commands are classified by it."""
+    intent head on the text encoder ("intent-head"), typed commands are classified by it
+    (through the LoRA on the encoder it was trained with, when its component names one)."""
     out = list(tasks)
     head = components.get("intent-head", {})
     if head.get("kind") == "head":
+        lora = f", through its LoRA on the encoder ('{head['lora']}')" if head.get("lora") else ""
         out.append(Task(
             id="command-intent", path=3, modules=["text_encoder"], head="linear_head",
             rpc="Classify", adapter="intent-head", labels=list(head["labels"]),
             description="The intent of a typed command (path 3): a head trained on the text "
-            "encoder's sentence vector; its labels are the task's, its held-out accuracy is in "
-            "the image manifest (component 'intent-head').",
+            f"encoder's sentence vector{lora}; its labels are the task's, its held-out accuracy "
+            "is in the image manifest (component 'intent-head').",
             inputs=[IOSpec("text", "text", "The command.")],
             outputs=[IOSpec("labels", "texts", "Every intent with its probability, best first.")]))
     if components.get("slu", {}).get("kind") != "lora":
         return out
     tasks, out = out, []
+    schema = str(components["slu"].get("response_schema") or "")  # the adapter's intents
     for task in tasks:
         if task.id == "speech-understand":
             task = dataclasses.replace(
-                task, adapter="slu", prompt_template="slu_adapter",
+                task, adapter="slu", prompt_template="slu_adapter", response_schema=schema,
                 description="Spoken-language understanding (M4 T49): the request in the audio "
                 "as JSON with an intent and slots, from the transcript (sent first) through "
                 "the backbone's trained SLU adapter.")
@@ -185,6 +188,7 @@ def adapter_tasks(tasks: list[Task], components: dict[str, dict[str, Any]]) -> l
     out.append(Task(
         id="understand", m4_id="T49", path=2, modules=["backbone"], head="lm_head",
         rpc="Generate", streaming=True, adapter="slu", prompt_template="slu_adapter",
+        response_schema=schema,
         description="Understand a typed or transcribed command: its intent and slots as JSON, "
         "through the backbone's trained SLU adapter (its held-out accuracy is in the image "
         "manifest, component 'slu').",

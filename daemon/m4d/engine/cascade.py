@@ -56,8 +56,8 @@ def plan_answer(request: MediaRequest, source: str, *, tokenizer: TextTokenizer 
     """The recognised text (`source`) and the question as a chat prompt for the backbone,
     with max_tokens cut to the room left in the context. `image`: (the projector's image
     token, the number of image features) when the image's features are the prompt's;
-    `constrain`: compiles a JSON schema (text) into a constraint, for the templates whose
-    answer has one (`SCHEMAS`). Raises InvalidArgument when there is no backbone or the
+    `constrain`: compiles a JSON schema (text) into a constraint, for the tasks whose
+    answer has one (the task's own `response_schema`, else its template's in `SCHEMAS`). Raises InvalidArgument when there is no backbone or the
     prompt fills the context."""
     if tokenizer is None or request.sampling is None:
         raise InvalidArgument(f"task {request.task!r} needs a language backbone")
@@ -80,9 +80,9 @@ def plan_answer(request: MediaRequest, source: str, *, tokenizer: TextTokenizer 
             f"{max_context}")
     sampling = dataclasses.replace(request.sampling,
                                    max_tokens=min(request.sampling.max_tokens, room))
-    schema = SCHEMAS.get(request.prompt_template)
-    constraint = (constrain(json.dumps(schema))
-                  if schema is not None and constrain is not None else None)
+    schema = request.response_schema or (json.dumps(SCHEMAS[request.prompt_template])
+                                         if request.prompt_template in SCHEMAS else "")
+    constraint = constrain(schema) if schema and constrain is not None else None
     return Answer(GenerateRequest(
         task=request.task, priority=request.priority, caller=request.caller, id=request.id,
         arrival=request.arrival, deadline=request.deadline, prompt_ids=ids,

@@ -1,7 +1,9 @@
 """Encoder work (M4 path 3): embedding and similarity classification, batched together.
 
 The Embed and Classify requests of a batch (`Batcher.next_encoder` picks them) run through
-the text encoder in one forward pass: the tasks share the module, so they share the batch.
+the text encoder in one forward pass: the tasks share the module, so they share the batch,
+each text through its request's LoRA on the encoder (or none) inside that one pass. A
+request whose LoRA cannot be read fails alone (FAILED_PRECONDITION, with the reason).
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+from m4d.adapters.lora import AdapterError
 from m4d.engine.batching import EncoderRequest, encoder_texts
+from m4d.errors import FailedPrecondition
 from m4d.executor.runtime import Runtime
 from m4d.requests import (
     Embeddings,
     EmbedRequest,
     Event,
+    Failed,
     LabelScore,
     Ranked,
     Timings,
@@ -31,8 +36,16 @@ def run_encoder_batch(runtime: Runtime, batch: list[EncoderRequest],
                       ) -> Iterator[tuple[EncoderRequest, Event]]:
     """Each request of the batch with its answer, from one forward pass over all texts."""
     started = time.monotonic()
+    unreadable = _unreadable_loras(runtime, batch)
+    for request in batch:
+        if request.encoder_lora in unreadable:
+            yield request, Failed(FailedPrecondition(
+                f"task {request.task!r}: its LoRA on the text encoder "
+                f"{request.encoder_lora!r} cannot be used: {unreadable[request.encoder_lora]}"))
+    batch = [r for r in batch if r.encoder_lora not in unreadable]
     per_request = [encoder_texts(r) for r in batch]
-    vectors, counts = runtime.embed([t for texts in per_request for t in texts])  # [N, D]
+    loras = [r.encoder_lora for r, texts in zip(batch, per_request, strict=True) for _ in texts]
+    vectors, counts = runtime.embed([t for texts in per_request for t in texts], loras)  # [N, D]
     end = time.monotonic()
     offset = 0
     for request, texts in zip(batch, per_request, strict=True):
@@ -57,3 +70,18 @@ def run_encoder_batch(runtime: Runtime, batch: list[EncoderRequest],
                          for label, p, s in zip(request.labels, probs, raw, strict=True)),
                         key=lambda ls: -ls.score)
         yield request, Ranked(ranked, usage, timings)
+
+
+def _unreadable_loras(runtime: Runtime, batch: list[EncoderRequest]) -> dict[str, str]:
+    """The batch's encoder LoRAs that cannot be read or do not fit, each with the reason
+    (the others are loaded now, for the pass)."""
+    names = list(dict.fromkeys(r.encoder_lora for r in batch if r.encoder_lora))
+    bad: dict[str, str] = {}
+    for name in names:
+        try:
+            if runtime.encoder_loras is None:
+                raise AdapterError("this image has no text encoder")
+            runtime.encoder_loras.get(name, keep=names)
+        except (AdapterError, OSError) as exc:
+            bad[name] = str(exc)
+    return bad

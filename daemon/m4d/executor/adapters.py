@@ -1,5 +1,5 @@
-"""The backbone's LoRA adapters as the fused decode step takes them, and the text encoder's
-task heads (model execution stage).
+"""The backbone's LoRA adapters as the fused decode step takes them, the text encoder's
+LoRA adapters and task heads (model execution stage).
 
 An image's ``lora`` components (PEFT folders) are read on first use and kept, converted to
 ``m4.decode_layers``' fused form (``m4d.adapters.lora.decode_tensors``) in bfloat16 with each
@@ -11,6 +11,11 @@ They are kept under a byte budget:
 the least recently used one goes when a new one does not fit (vLLM's ``max_loras``, by
 bytes). Each step asks ``step(names)`` for its rows' adapters: the tensors of the adapters
 present, once each, and every row's index among them (-1: none), as in Punica's BGMV.
+
+The text encoder's ``lora`` components (``module`` "text_encoder") are kept the same way, in
+the encoder's per-row form (``m4d.model.bert.LowRank``: float32, each fused part's own slice
+of B, on the encoder's device), under a budget of their own; an encoder pass asks
+``rows(names)`` for its texts' adapters.
 
 Add-ons (``m4d.service.addons``) put components into a running bank (``add``, their files
 under the add-on's own directory) and take them out (``retire``). The engine holds the
@@ -28,13 +33,21 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from m4d.adapters.heads import Head, read_head
-from m4d.adapters.lora import AdapterError, decode_tensors, read_peft, sizes_for
+from m4d.adapters.lora import (
+    AdapterError,
+    Lora,
+    decode_tensors,
+    encoder_terms,
+    read_peft,
+    sizes_for,
+)
 from m4d.errors import InvalidArgument
+from m4d.model.bert import BertConfig, LowRank, RowLoras
 from m4d.model.llama import Llama, LlamaConfig, RowAdapters
 
 log = logging.getLogger(__name__)
@@ -123,29 +136,83 @@ class _Components:
         """Drop what was loaded of it."""
 
 
-class AdapterBank(_Components):
-    kind = "lora"
+Loaded = TypeVar("Loaded")
 
-    def __init__(self, specs: Mapping[str, Mapping[str, Any]], config: LlamaConfig,
-                 path: Callable[[str], Path], budget_bytes: int) -> None:
-        # name -> the image's lora components on the backbone (`specs`: all its components)
+
+class _LoraBank(_Components, Generic[Loaded]):
+    """LoRA components of one module, read on first use, converted (`_convert`) and kept
+    under a byte budget: the least recently used one goes when a new one does not fit."""
+
+    kind = "lora"
+    module = ""
+
+    def __init__(self, specs: Mapping[str, Mapping[str, Any]], path: Callable[[str], Path],
+                 budget_bytes: int) -> None:
         super().__init__(specs, path)
-        self.config = config
         self.budget_bytes = budget_bytes
-        self._loaded: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        self._loaded: OrderedDict[str, tuple[Loaded, int]] = OrderedDict()  # name -> (form, bytes)
         self.loads = 0  # adapters read from the image (again after an eviction)
         self.evictions = 0
 
     def _serves(self, spec: Mapping[str, Any]) -> bool:
-        return spec.get("kind") == "lora" and spec.get("module") == "backbone"
+        return spec.get("kind") == "lora" and spec.get("module") == self.module
 
     def _forget(self, name: str) -> None:
         self._loaded.pop(name, None)
 
+    def _convert(self, lora: Lora) -> tuple[Loaded, int]:
+        """The adapter in the form its module runs it, and that form's bytes."""
+        raise NotImplementedError
+
     @property
     def resident_bytes(self) -> int:
         with self._lock:
-            return sum(_nbytes(t) for t in self._loaded.values())
+            return sum(size for _, size in self._loaded.values())
+
+    def get(self, name: str, keep: Sequence[str] = ()) -> Loaded:
+        """One adapter as its module runs it, read from its files on first use; AdapterError
+        for an adapter the bank lacks or one that does not fit the module."""
+        with self._lock:
+            found = self._loaded.get(name)
+            if found is not None:
+                self._loaded.move_to_end(name)
+                return found[0]
+            if name not in self.specs:
+                raise AdapterError(f"the image has no adapter {name!r}")
+            folder = self.folder(name)
+        lora = read_peft(folder, self.module)  # outside the lock: the event loop may add one
+        loaded, size = self._convert(lora)
+        with self._lock:
+            while self._loaded and self.resident_bytes + size > self.budget_bytes:
+                victim = next((n for n in self._loaded if n not in keep), None)
+                if victim is None:
+                    break  # every loaded one is in this step: go over the budget for it
+                del self._loaded[victim]
+                self.evictions += 1
+                log.info("adapter evicted", extra={"adapter": victim})
+            if name in self.specs:  # (a retired one that went meanwhile is not kept)
+                self._loaded[name] = (loaded, size)
+            self.loads += 1
+        log.info("adapter loaded", extra={"adapter": name, "adapts": self.module, "bytes": size,
+                                          "rank": lora.rank, "targets": lora.targets})
+        return loaded
+
+
+class AdapterBank(_LoraBank[list[torch.Tensor]]):
+    """The backbone's LoRA components, in ``m4.decode_layers``' fused form (bf16, row spans)."""
+
+    module = "backbone"
+
+    def __init__(self, specs: Mapping[str, Mapping[str, Any]], config: LlamaConfig,
+                 path: Callable[[str], Path], budget_bytes: int) -> None:
+        # name -> the image's lora components on the backbone (`specs`: all its components)
+        super().__init__(specs, path, budget_bytes)
+        self.config = config
+
+    def _convert(self, lora: Lora) -> tuple[list[torch.Tensor], int]:
+        cfg = self.config
+        tensors = decode_tensors(lora, cfg.n_layers, sizes_for(cfg), dtype=torch.bfloat16, spans=True)
+        return tensors, _nbytes(tensors)
 
     def step(self, names: Sequence[str]) -> RowAdapters | None:
         """The adapters of a step's rows ("" = none), or None when no row has one."""
@@ -158,35 +225,34 @@ class AdapterBank(_Components):
         index = {name: i for i, name in enumerate(present)}
         return tensors, torch.tensor([index.get(n, -1) for n in names], dtype=torch.long)
 
-    def get(self, name: str, keep: Sequence[str] = ()) -> list[torch.Tensor]:
-        """One adapter's fused tensors, read from its files on first use; AdapterError for
-        an adapter the bank lacks or one that does not fit the backbone."""
-        with self._lock:
-            found = self._loaded.get(name)
-            if found is not None:
-                self._loaded.move_to_end(name)
-                return found
-            if name not in self.specs:
-                raise AdapterError(f"the image has no adapter {name!r}")
-            folder = self.folder(name)
-        cfg = self.config
-        lora = read_peft(folder, "backbone")  # outside the lock: the event loop may add one
-        tensors = decode_tensors(lora, cfg.n_layers, sizes_for(cfg), dtype=torch.bfloat16, spans=True)
-        size = _nbytes(tensors)
-        with self._lock:
-            while self._loaded and self.resident_bytes + size > self.budget_bytes:
-                victim = next((n for n in self._loaded if n not in keep), None)
-                if victim is None:
-                    break  # every loaded one is in this step: go over the budget for it
-                del self._loaded[victim]
-                self.evictions += 1
-                log.info("adapter evicted", extra={"adapter": victim})
-            if name in self.specs:  # (a retired one that went meanwhile is not kept)
-                self._loaded[name] = tensors
-            self.loads += 1
-        log.info("adapter loaded", extra={"adapter": name, "bytes": size, "rank": lora.rank,
-                                          "targets": lora.targets})
-        return tensors
+
+EncoderTerms = list[dict[str, LowRank]]  # per layer, each adapted fused linear's terms
+
+
+class EncoderLoraBank(_LoraBank[EncoderTerms]):
+    """The text encoder's LoRA components, as its forward pass adds them per row."""
+
+    module = "text_encoder"
+
+    def __init__(self, specs: Mapping[str, Mapping[str, Any]], config: BertConfig,
+                 path: Callable[[str], Path], budget_bytes: int,
+                 device: torch.device | None = None) -> None:
+        super().__init__(specs, path, budget_bytes)
+        self.config = config
+        self.device = device  # the encoder's (None: the CPU)
+
+    def _convert(self, lora: Lora) -> tuple[EncoderTerms, int]:
+        layers = encoder_terms(lora, self.config, self.device)
+        return layers, sum(t.nbytes for layer in layers for t in layer.values())
+
+    def rows(self, names: Sequence[str]) -> RowLoras | None:
+        """The adapters of a pass's texts ("" = none), or None when no text has one."""
+        present = list(dict.fromkeys(n for n in names if n))
+        if not present:
+            return None
+        index = {name: i for i, name in enumerate(present)}
+        return RowLoras([self.get(name, keep=present) for name in present],
+                        torch.tensor([index.get(n, -1) for n in names], dtype=torch.long))
 
 
 class HeadBank(_Components):
@@ -218,16 +284,32 @@ class HeadBank(_Components):
         return head.labels, head.logits(vectors)
 
 
+def encoder_adapters(components: Mapping[str, Mapping[str, Any]],
+                     served: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a text-encoder task may name as its adapter, each with the LoRA on the encoder it
+    runs with: a LoRA on the encoder (itself), a task head (the LoRA named in its spec's
+    "lora", "" for none). `served`: the names components are served as (an add-on's)."""
+    served = served or {}
+    out: dict[str, str] = {}
+    for name, spec in components.items():
+        key = served.get(name, name)
+        if spec.get("kind") == "lora" and spec.get("module") == "text_encoder":
+            out[key] = key
+        elif spec.get("kind") == "head":
+            lora = str(spec.get("lora") or "")
+            out[key] = served.get(lora, lora)
+    return out
+
+
 def _held(runtime: Any, request: Any) -> list[tuple[_Components, str]]:
-    """The components a request runs through: its adapter (generation, media) or its
-    trained head (Classify), in the runtime's banks."""
+    """The components a request runs through: its adapter (generation, media), its trained
+    head (Classify) and its LoRA on the text encoder (Embed, Classify), in the runtime's banks."""
     out: list[tuple[_Components, str]] = []
-    adapter, head = getattr(request, "adapter", ""), getattr(request, "head", "")
-    adapters, heads = getattr(runtime, "adapters", None), getattr(runtime, "heads", None)
-    if adapter and adapters is not None:
-        out.append((adapters, adapter))
-    if head and heads is not None:
-        out.append((heads, head))
+    for field, bank_name in (("adapter", "adapters"), ("head", "heads"),
+                             ("encoder_lora", "encoder_loras")):
+        name, bank = getattr(request, field, ""), getattr(runtime, bank_name, None)
+        if name and bank is not None:
+            out.append((bank, name))
     return out
 
 

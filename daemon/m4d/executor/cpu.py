@@ -1,6 +1,6 @@
 """What this CPU computes well, stage 0 of serving (beside `devices`): whether it has bf16
-arithmetic, which decides what `compute_dtype = "auto"` means, and whether the weight
-format asked for computes correct numbers here.
+arithmetic, which decides what `compute_dtype = "auto"` means, whether the weight format
+asked for computes correct numbers here, and which of m4's kernel variants runs.
 
 bf16 is fast only where the CPU multiplies bf16 itself: x86 with AVX512_BF16 (or AMX), ARM
 with the BF16 extension. Elsewhere torch and oneDNN emulate it through float32 and it is
@@ -21,65 +21,17 @@ without bf16 (57 against 1.4 with torch held to AVX2). "auto" gives those backbo
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-from dataclasses import dataclass
 
 from m4d.config import ConfigError
+from m4d.model import kernels
+from m4d.model.cpu import CpuFeatures, cpu_features, has_bf16_arithmetic
 
 log = logging.getLogger(__name__)
 
-# CPU flags (torch.cpu.get_capabilities() names) that mean bf16 multiply-adds in hardware
-BF16_FLAGS = {"x86_64": ("avx512_bf16", "amx_bf16"), "arm64": ("bf16", "sve_bf16")}
-# ONEDNN_MAX_CPU_ISA levels below AVX512_CORE_BF16: oneDNN emulates bf16 under them
-ONEDNN_NO_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
-                  "AVX512_CORE_VNNI")
 # weight formats whose torch kernels need bf16 activations to be fast (see the docstring)
 BF16_ACTIVATION_FORMATS = ("int4", "int8")
 DENSE_FORMATS = ("bfloat16", "float32")  # compute in their own dtype
-
-
-@dataclass(frozen=True)
-class CpuFeatures:
-    """What torch reports about the CPU it runs on."""
-
-    architecture: str  # "x86_64", "arm64", ...
-    flags: frozenset[str]  # the true entries of torch.cpu.get_capabilities()
-    aten_capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", ...
-    onednn_max_isa: str = ""  # the ONEDNN_MAX_CPU_ISA environment setting, upper case
-
-    def describe(self) -> str:
-        """One line for logs and errors: `x86_64, torch AVX2, oneDNN AVX2, no bf16`."""
-        parts = [self.architecture, f"torch {self.aten_capability}"]
-        if self.onednn_max_isa:
-            parts.append(f"oneDNN {self.onednn_max_isa}")
-        parts += [f for f in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "bf16")
-                  if f in self.flags]
-        return ", ".join(parts) + ("" if has_bf16_arithmetic(self) else ", no bf16 arithmetic")
-
-
-@functools.cache
-def cpu_features() -> CpuFeatures:
-    """This process's CPU as torch sees it (read once: torch fixes its choice at start)."""
-    import torch
-
-    caps = torch.cpu.get_capabilities()
-    arch = str(caps.get("architecture", "")).lower()
-    arch = {"amd64": "x86_64", "aarch64": "arm64"}.get(arch, arch)
-    return CpuFeatures(arch, frozenset(k for k, v in caps.items() if v is True),
-                       torch.backends.cpu.get_cpu_capability(),
-                       os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper())
-
-
-def has_bf16_arithmetic(features: CpuFeatures | None = None) -> bool:
-    """True where bf16 matmuls run in hardware, faster than float32."""
-    f = features or cpu_features()
-    if not any(flag in f.flags for flag in BF16_FLAGS.get(f.architecture, ())):
-        return False
-    if f.architecture == "x86_64":  # held to a lesser ISA by torch's switches
-        return f.aten_capability == "AVX512" and f.onednn_max_isa not in ONEDNN_NO_BF16
-    return True
 
 
 def resolve_compute_dtype(setting: str, weight_format: str | None = None,
@@ -96,7 +48,7 @@ def resolve_compute_dtype(setting: str, weight_format: str | None = None,
         return weight_format
     if weight_format in BF16_ACTIVATION_FORMATS:
         return "bfloat16"
-    return "bfloat16" if has_bf16_arithmetic(features) else "float32"
+    return "bfloat16" if has_bf16_arithmetic(features or cpu_features()) else "float32"
 
 
 def check_weight_format(weight_format: str) -> None:
@@ -117,4 +69,22 @@ def check_weight_format(weight_format: str) -> None:
 
 
 __all__ = ["CpuFeatures", "check_weight_format", "cpu_features", "has_bf16_arithmetic",
-           "resolve_compute_dtype"]
+           "resolve_compute_dtype", "select_kernels"]
+
+
+def select_kernels(setting: str) -> str:
+    """Puts the kernel variant of `setting` ("auto" or a name) in use and logs it; returns
+    its name ("" without the kernels, which is an error only for a forced variant)."""
+    if not kernels.available():
+        if setting != "auto":
+            raise ConfigError(f"kernel_variant={setting}: m4's kernels are not built here "
+                              "(run 'python -m m4d.model.kernels build')")
+        return ""
+    try:
+        chosen = kernels.select(setting)
+    except ValueError as exc:
+        raise ConfigError(f"kernel_variant={setting}: {exc}") from exc
+    log.info("kernels", extra={"variant": chosen, "setting": setting,
+                               "runnable": kernels.runnable_variants(),
+                               "cpu_features": kernels.cpu_features()})
+    return chosen

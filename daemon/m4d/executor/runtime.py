@@ -15,10 +15,21 @@ from typing import Any
 import torch
 from m4image.verify import VerifiedImage
 
-from m4d.config import Config, ConfigError
+from m4d.config import Config
 from m4d.errors import InvalidArgument
-from m4d.executor.adapters import ADAPTER_KINDS, AdapterBank, HeadBank, unserved_reason
-from m4d.executor.cpu import check_weight_format, cpu_features, resolve_compute_dtype
+from m4d.executor.adapters import (
+    ADAPTER_KINDS,
+    AdapterBank,
+    EncoderLoraBank,
+    HeadBank,
+    unserved_reason,
+)
+from m4d.executor.cpu import (
+    check_weight_format,
+    cpu_features,
+    resolve_compute_dtype,
+    select_kernels,
+)
 from m4d.executor.devices import DeviceRegistry, Placement, cpu_threads, discover, place
 from m4d.executor.media import MEDIA_KINDS, MediaRuntime
 from m4d.executor.memory import (
@@ -95,6 +106,7 @@ class Runtime:
         self.kv_rows = KVRows([])  # the backbone's KV caches, row by row (set at its load)
         self.adapters: AdapterBank | None = None  # the backbone's LoRA components
         self.heads = HeadBank(image.manifest.components, self._path)  # the encoder's task heads
+        self.encoder_loras: EncoderLoraBank | None = None  # its LoRA components (with the encoder)
         self._weights: tuple[int, int] | None = None  # (mapped, converted) bytes, see memory()
         self.phases: dict[str, float] = {}  # start-up: seconds per component (and backbone part)
 
@@ -211,6 +223,8 @@ class Runtime:
                               device=self.encoder_device))
         self.encoder_tokenizer = TextTokenizer.from_file(self._path(spec["tokenizer"]))
         self.encoder_spec = spec
+        self.encoder_loras = EncoderLoraBank(self.image.manifest.components, cfg, self._path,
+                                             self.config.adapter_memory_mb << 20, self.encoder_device)
         self.components.append(ComponentInfo(
             name, "bert", sum(p.numel() for p in self.encoder.parameters()),
             self.compute_dtype_name, self.compute_dtype_name, str(self.encoder_device)))
@@ -403,15 +417,17 @@ class Runtime:
     # ---- text encoder --------------------------------------------------------------
 
     @torch.inference_mode()
-    def embed(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """Pooled (and normalised, if the head says so) embeddings [N, D], token counts."""
+    def embed(self, texts: list[str], loras: list[str] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Pooled (and normalised, if the head says so) embeddings [N, D], token counts; each
+        text through its own LoRA on the encoder (`loras`, "" for none), in one pass."""
         from m4d.model.bert import embed_with_counts
 
-        if self.encoder is None or self.encoder_tokenizer is None:
+        if self.encoder is None or self.encoder_tokenizer is None or self.encoder_loras is None:
             raise InvalidArgument("this image has no text encoder")
         vectors, counts = embed_with_counts(
             self.encoder, self.encoder_tokenizer.tokenizer, texts, self.encoder_window,
-            normalize=bool(self.encoder_spec.get("normalize", True)))
+            normalize=bool(self.encoder_spec.get("normalize", True)),
+            lora=self.encoder_loras.rows(loras or []))
         return vectors.float(), counts
 
 
@@ -457,24 +473,6 @@ def backbone_format(weight_format: str, compute_dtype: torch.dtype,
     log.warning("weight_format w4a8 needs m4's CPU kernels, which are not available for %s "
                 "(not built, or not a CPU): the same weights run as int4", device)
     return "int4", compute_dtype
-
-
-def select_kernels(setting: str) -> str:
-    """Puts the kernel variant of `setting` ("auto" or a name) in use and logs it; returns
-    its name ("" without the kernels, which is an error only for a forced variant)."""
-    if not kernels.available():
-        if setting != "auto":
-            raise ConfigError(f"kernel_variant={setting}: m4's kernels are not built here "
-                              "(run 'python -m m4d.model.kernels build')")
-        return ""
-    try:
-        chosen = kernels.select(setting)
-    except ValueError as exc:
-        raise ConfigError(f"kernel_variant={setting}: {exc}") from exc
-    log.info("kernels", extra={"variant": chosen, "setting": setting,
-                               "runnable": kernels.runnable_variants(),
-                               "cpu_features": kernels.cpu_features()})
-    return chosen
 
 
 def _starts_word(piece: str) -> bool:

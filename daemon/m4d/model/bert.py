@@ -5,11 +5,19 @@ plus optional L2-normalisation head as sentence-transformers applies it. Weights
 from a firmware image's safetensors file by mmap; both our canonical tensor names (what the
 image builder writes) and the Hugging Face names (with or without a ``bert.`` prefix) are
 accepted.
+
+Per-row LoRA (serving, as Punica's BGMV for the backbone): a forward pass may take
+``RowLoras``, each text's adapter (or none) and each adapter's low-rank terms per layer.
+The shared linears run over the whole batch; each adapter then adds ``s·(x·Aᵀ)·Bᵀ`` into the
+rows of its texts only (rows without one pay nothing), the model itself never changed, so one
+model object serves any mix of adapters, and two images at once during a hot swap. The
+low-rank terms are computed in float32 whatever the encoder's compute dtype, and rounded
+once into the linear's output dtype as they are added (as ``LoraLinear`` adds them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -72,6 +80,80 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """One adapter's low-rank terms on one fused linear, float32: ``Aᵀ`` [in, R] (its parts'
+    A side by side) and, per part, its columns of R, ``s·Bᵀ`` [r, part rows] and the part's
+    output rows (q, k and v each write only their third of ``wqkv``'s output)."""
+
+    at: Tensor  # [in, R]
+    parts: tuple[tuple[int, int, Tensor, int, int], ...]  # (r0, r1, s·Bᵀ [r1-r0, stop-start], start, stop)
+
+    @classmethod
+    def from_fused(cls, at: Tensor, bt: Tensor, spans: Tensor) -> LowRank:
+        """From ``m4d.adapters.lora.fuse``'s form: Aᵀ [in, R], s·Bᵀ [R, out] and Bᵀ's row
+        spans (int32 [R, 2]; empty when every row spans the whole output)."""
+        at, bt = at.float().contiguous(), bt.float()
+        if spans.numel() == 0:
+            return cls(at, ((0, at.shape[1], bt.contiguous(), 0, bt.shape[1]),))
+        rows, parts, r0 = spans.tolist(), [], 0
+        for j in range(1, len(rows) + 1):  # a part: consecutive rows of R with one span
+            if j == len(rows) or rows[j] != rows[r0]:
+                start, stop = rows[r0]
+                parts.append((r0, j, bt[r0:j, start:stop].contiguous(), start, stop))
+                r0 = j
+        return cls(at, tuple(parts))
+
+    @property
+    def nbytes(self) -> int:
+        return (self.at.numel() + sum(p[2].numel() for p in self.parts)) * 4
+
+    def add(self, y: Tensor, x: Tensor, rows: Tensor) -> Tensor:
+        """y [B, S, N] = linear(x [B, S, K]), with the terms added in batch rows `rows`."""
+        h = x.index_select(0, rows).float() @ self.at  # [n, S, R]
+        for r0, r1, bt, start, stop in self.parts:
+            y[rows, :, start:stop] += (h[..., r0:r1] @ bt).to(y.dtype)  # [n, S, part rows]
+        return y
+
+
+# one layer's per-row LoRA: per adapter of the pass, its batch rows and its terms by linear
+LayerLora = Sequence[tuple[Tensor, Mapping[str, LowRank]]]
+
+
+def _linear(linear: nn.Module, x: Tensor, name: str, lora: LayerLora) -> Tensor:
+    """``linear(x)`` shared by the batch, then each adapter's terms in its own rows."""
+    y: Tensor = linear(x)
+    for rows, terms in lora:
+        low = terms.get(name)
+        if low is not None:
+            y = low.add(y, x, rows)
+    return y
+
+
+class RowLoras(NamedTuple):
+    """The per-row LoRA of a pass over N texts (Punica's BGMV index): each adapter present's
+    terms per layer (fused linear name -> LowRank, as ``m4d.adapters.lora.BERT_FUSED`` names
+    them), and each text's adapter among them (-1: none)."""
+
+    adapters: Sequence[Sequence[Mapping[str, LowRank]]]  # [adapter][layer]
+    per_row: Tensor  # long [N]
+
+    def slice(self, start: int, stop: int) -> RowLoras | None:
+        """The texts [start, stop) (None when none of them has an adapter)."""
+        per_row = self.per_row[start:stop]
+        return RowLoras(self.adapters, per_row) if bool((per_row >= 0).any()) else None
+
+    def groups(self, device: torch.device) -> list[tuple[Tensor, Sequence[Mapping[str, LowRank]]]]:
+        """Per adapter with rows in the pass: its rows (long [n]) and its terms per layer."""
+        index = self.per_row.to(device)
+        out = []
+        for a, terms in enumerate(self.adapters):
+            rows = (index == a).nonzero().flatten()
+            if rows.numel():
+                out.append((rows, terms))
+        return out
+
+
 class Attention(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -79,15 +161,14 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.wo = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, lora: LayerLora = ()) -> Tensor:
         # x: [B, S, D]; mask: [B, 1, 1, S] bool, True = attend
         b, s, d = x.shape
         h, dh = self.config.num_attention_heads, self.config.head_dim
-        q, k, v = self.wqkv(x).split(d, dim=-1)  # each [B, S, D]
+        q, k, v = _linear(self.wqkv, x, "attention.wqkv", lora).chunk(3, dim=-1)  # each [B, S, D]
         q, k, v = (t.view(b, s, h, dh).transpose(1, 2) for t in (q, k, v))  # [B, H, S, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, Dh]
-        out: Tensor = self.wo(y.transpose(1, 2).reshape(b, s, d))  # [B, S, D]
-        return out
+        return _linear(self.wo, y.transpose(1, 2).reshape(b, s, d), "attention.wo", lora)  # [B, S, D]
 
 
 class FeedForward(nn.Module):
@@ -97,9 +178,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = _ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.w2(self.act(self.w1(x)))  # [B, S, D] -> [B, S, F] -> [B, S, D]
-        return out
+    def forward(self, x: Tensor, lora: LayerLora = ()) -> Tensor:
+        hidden = self.act(_linear(self.w1, x, "feed_forward.w1", lora))  # [B, S, F]
+        return _linear(self.w2, hidden, "feed_forward.w2", lora)  # [B, S, D]
 
 
 class EncoderLayer(nn.Module):
@@ -112,9 +193,9 @@ class EncoderLayer(nn.Module):
         self.feed_forward = FeedForward(config)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = self.attention_norm(x + self.attention(x, mask))
-        out: Tensor = self.ffn_norm(x + self.feed_forward(x))
+    def forward(self, x: Tensor, mask: Tensor, lora: LayerLora = ()) -> Tensor:
+        x = self.attention_norm(x + self.attention(x, mask, lora))
+        out: Tensor = self.ffn_norm(x + self.feed_forward(x, lora))
         return out
 
 
@@ -131,9 +212,10 @@ class BertEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+        lora: RowLoras | None = None,
     ) -> Tensor:
-        # input_ids, attention_mask, token_type_ids: [B, S]
+        # input_ids, attention_mask, token_type_ids: [B, S]; lora: each row's adapter (or none)
         s = input_ids.shape[1]
         if s > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {s} exceeds max_position_embeddings {self.config.max_position_embeddings}")
@@ -143,8 +225,9 @@ class BertEncoder(nn.Module):
         x = self.tok_embeddings(input_ids) + self.pos_embeddings(pos) + self.type_embeddings(token_type_ids)
         x = self.emb_norm(x)  # [B, S, D]
         mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
-        for layer in self.layers:
-            x = layer(x, mask)
+        groups = lora.groups(x.device) if lora is not None else []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, [(rows, terms[i]) for rows, terms in groups])
         return x  # type: ignore[no-any-return]  # [B, S, D]
 
 
@@ -272,9 +355,11 @@ def embed_with_counts(
     *,
     normalize: bool = True,
     batch_size: int = 64,
+    lora: RowLoras | None = None,
 ) -> Embeddings:
     """Embed texts with a ``tokenizers.Tokenizer``: float32 [N, D] and each text's token count
-    (after truncation, special tokens included: what the encoder actually processed)."""
+    (after truncation, special tokens included: what the encoder actually processed).
+    `lora`: each text's adapter (index [N])."""
     if max_seq_len > model.config.max_position_embeddings:
         raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings {model.config.max_position_embeddings}")
     configure_tokenizer(tokenizer, max_seq_len, model.config.pad_token_id)
@@ -287,7 +372,8 @@ def embed_with_counts(
         ids = torch.tensor([e.ids for e in encs], dtype=torch.long, device=device)  # [B, S]
         mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.long, device=device)
         types = torch.tensor([e.type_ids for e in encs], dtype=torch.long, device=device)
-        chunks.append(head(model(ids, mask, types), mask))  # [B, D]
+        rows = lora.slice(start, start + batch_size) if lora is not None else None
+        chunks.append(head(model(ids, mask, types, rows), mask))  # [B, D]
         counts.extend(int(sum(e.attention_mask)) for e in encs)
     if not chunks:
         return Embeddings(torch.empty(0, model.config.hidden_size), counts)

@@ -357,6 +357,7 @@ class Converter:
                 labels=t.get("labels") or [], rpc=t.get("rpc", ""),
                 streaming=bool(t.get("streaming")),
                 context_window=self.tasks.context_window(t),
+                response_schema=t.get("response_schema") or "",
                 inputs=[_io(s) for s in t.get("inputs", [])],
                 outputs=[_io(s) for s in t.get("outputs", [])]))
         return out

@@ -45,12 +45,15 @@ from m4image.manifest import ImageError
 from m4d.adapters.lora import AdapterError
 from m4d.adapters.pack import check_component, check_template
 from m4d.errors import FailedPrecondition, Unavailable
-from m4d.executor.adapters import AdapterBank, HeadBank
+from m4d.executor.adapters import AdapterBank, EncoderLoraBank, HeadBank, encoder_adapters
 from m4d.service.daemon import Daemon, Serving
 from m4d.service.tasks import Tasks
 from m4d.service.transfer import pull_chunks
 
 log = logging.getLogger(__name__)
+
+
+Bank = AdapterBank | EncoderLoraBank | HeadBank
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Applied:
 
     name: str
     digest: str
-    components: dict[str, tuple[AdapterBank | HeadBank, str]]  # component -> (bank, served as)
+    components: dict[str, tuple[Bank, str]]  # component -> (bank, served as)
     task_ids: list[str]
 
 
@@ -141,14 +144,15 @@ class AddonManager:
         """Puts the add-on's components in the banks and its tasks in the table; returns
         the version of it that this replaces (still in the banks: retire it)."""
         m, runtime = addon.manifest, serving.runtime
-        banks: dict[str, AdapterBank | HeadBank | None] = {"lora": runtime.adapters,
-                                                            "head": runtime.heads}
-        components: dict[str, tuple[AdapterBank | HeadBank, str]] = {}
+        banks: dict[tuple[str, str], Bank | None] = {
+            ("lora", "backbone"): runtime.adapters, ("lora", "text_encoder"): runtime.encoder_loras,
+            ("head", "text_encoder"): runtime.heads}
+        components: dict[str, tuple[Bank, str]] = {}
         for comp, spec in m.components.items():
-            bank = banks[spec["kind"]]
+            bank = banks.get((spec["kind"], spec.get("module", "")))
             if bank is None:
-                raise FailedPrecondition(f"add-on {m.name}: the image has no backbone for "
-                                         f"adapter {comp!r}")
+                raise FailedPrecondition(f"add-on {m.name}: the image has no "
+                                         f"{spec.get('module')} for adapter {comp!r}")
             components[comp] = (bank, served_name(m.name, comp, addon.digest))
         applied = self._applied.setdefault(serving.tasks, {})
         old = applied.get(m.name)
@@ -160,7 +164,8 @@ class AddonManager:
         tasks = [dict(t, adapter=renamed.get(t.get("adapter") or "", t.get("adapter") or ""))
                  for t in m.tasks]
         serving.tasks.extend(m.name, tasks, [key for comp, (bank, key) in components.items()
-                                            if isinstance(bank, AdapterBank)])
+                                            if isinstance(bank, AdapterBank)],
+                             encoder_adapters(m.components, renamed))
         applied[m.name] = Applied(m.name, addon.digest, components, [t["id"] for t in tasks])
         return old
 
@@ -213,7 +218,8 @@ class AddonManager:
             def check(m: AddonManifest) -> None:  # before a payload byte is written
                 others = {t for name, a in applied.items() if name != m.name for t in a.task_ids}
                 check_base(m, image.manifest, image.digest, others)
-                loras = [c for c, s in m.components.items() if s["kind"] == "lora"]
+                loras = [c for c, s in m.components.items()
+                         if s["kind"] == "lora" and s.get("module") == "backbone"]
                 if loras and serving.runtime.adapter_error:
                     raise AdapterMismatchError(f"add-on {m.name}: adapter {loras[0]!r} cannot "
                                                f"run here: {serving.runtime.adapter_error}")

@@ -44,7 +44,7 @@ from m4d.engine.config import EngineConfig
 from m4d.engine.engine import Engine
 from m4d.engine.policy import make_policy
 from m4d.errors import FailedPrecondition, Unavailable
-from m4d.executor.adapters import ADAPTER_KINDS
+from m4d.executor.adapters import ADAPTER_KINDS, encoder_adapters
 from m4d.executor.memory import rss_bytes, trim_heap
 from m4d.executor.runtime import Runtime
 from m4d.executor.shared import unshared_bytes
@@ -196,7 +196,7 @@ class Daemon:
             self.config, manifest.tasks, ImageInfo(manifest.name, manifest.version, image.digest),
             runtime.tokenizer, runtime.chat_template, runtime.max_context, runtime.grammars,
             runtime.encoder_window, runtime.adapters.names if runtime.adapters else (),
-            runtime.adapter_error)
+            runtime.adapter_error, encoder_adapters(manifest.components))
         serving = Serving(image, runtime, engine, tasks)
         for extend in self.extensions:
             await extend(serving)

@@ -85,7 +85,8 @@ class Tasks:
                  tokenizer: TextTokenizer | None, chat_template: ChatTemplate | None,
                  max_context: int, grammars: Grammars | None = None,
                  encoder_window: int = 0, adapters: Sequence[str] = (),
-                 adapter_error: str = "") -> None:
+                 adapter_error: str = "", encoder_adapters: Mapping[str, str] | None = None,
+                 ) -> None:
         self.config = config
         self.tasks = {t["id"]: t for t in tasks}
         self.task_list = list(tasks)
@@ -98,25 +99,34 @@ class Tasks:
         self.image_adapters = frozenset(adapters)  # the backbone adapters the image holds
         self.adapters = set(adapters)  # and those of the add-ons applied (`extend`)
         self.adapter_error = adapter_error  # why adapters cannot run here ("" when they can)
-        self.owners: dict[str, tuple[list[str], list[str]]] = {}  # add-on -> ids, adapters
+        # add-on -> its task ids, backbone adapters and encoder adapters (`extend`)
+        self.owners: dict[str, tuple[list[str], list[str], dict[str, str]]] = {}
+        # what a text-encoder task may name as its adapter -> the encoder LoRA it runs with
+        self.image_encoder_adapters = dict(encoder_adapters or {})
+        self.encoder_adapters = dict(self.image_encoder_adapters)
 
-    def extend(self, owner: str, tasks: Sequence[dict[str, Any]], adapters: Sequence[str]) -> None:
-        """An add-on's tasks (with the backbone adapters they run with) join the table, in
-        place of the ones it had; each table is swapped in whole, never changed in place."""
+    def extend(self, owner: str, tasks: Sequence[dict[str, Any]], adapters: Sequence[str],
+               encoder_adapters: Mapping[str, str] | None = None) -> None:
+        """An add-on's tasks (with the backbone adapters they run with, and its components a
+        text-encoder task may name: `encoder_adapters`) join the table, in place of the ones
+        it had; each table is swapped in whole, never changed in place."""
         self.withdraw(owner)
-        self.owners[owner] = ([t["id"] for t in tasks], list(adapters))
+        self.owners[owner] = ([t["id"] for t in tasks], list(adapters), dict(encoder_adapters or {}))
         self._rebuild(self.task_list + list(tasks))
 
     def withdraw(self, owner: str) -> list[str]:
         """An add-on's tasks leave the table (new calls get "unknown task"); their ids."""
-        ids, _ = self.owners.pop(owner, ([], []))
+        ids = self.owners.pop(owner, ([], [], {}))[0]
         self._rebuild([t for t in self.task_list if t["id"] not in ids])
         return ids
 
     def _rebuild(self, task_list: list[dict[str, Any]]) -> None:
         self.task_list = task_list
         self.tasks = {t["id"]: t for t in task_list}
-        self.adapters = set(self.image_adapters).union(*(a for _, a in self.owners.values()))
+        self.adapters = set(self.image_adapters).union(*(a for _, a, _ in self.owners.values()))
+        self.encoder_adapters = dict(self.image_encoder_adapters)
+        for _, _, more in self.owners.values():
+            self.encoder_adapters.update(more)
 
     # ---- shared checks -------------------------------------------------------------
 
@@ -207,6 +217,10 @@ class Tasks:
         """A generation from prompt tokens `ids` (`prompt_ids`); `keep_reply` (a session's
         turn) keeps the KV of the reply too for the next turn."""
         constraint = None
+        schema = str(self.tasks[task_id].get("response_schema") or "")
+        if response_format is None and schema and self.grammars is not None:
+            # the task's own format (its adapter writes it unaided too, less surely)
+            response_format = ResponseFormat("json_schema", json_schema=schema)
         if response_format is not None:
             if self.grammars is None:
                 raise InvalidArgument("this image's backbone has no structured output")
@@ -291,10 +305,31 @@ class Tasks:
     # ---- Embed, Classify, PredictNext ----------------------------------------------
 
     def embed(self, task_id: str, origin: Origin, texts: Sequence[str]) -> EmbedRequest:
-        self.task(task_id, "Embed")
+        task = self.task(task_id, "Embed")
         return EmbedRequest(task=task_id, priority=origin.priority, caller=origin.caller,
                             deadline=origin.deadline,
-                            texts=self.texts("texts", texts, self.config.max_batch_texts))
+                            texts=self.texts("texts", texts, self.config.max_batch_texts),
+                            encoder_lora=self.encoder_lora(task))
+
+    def encoder_lora(self, task: dict[str, Any]) -> str:
+        """The LoRA a text-encoder task runs the encoder with ("" for none): its adapter when
+        that is a LoRA on the encoder, or the one its trained head was trained with; refused
+        when this image (with its add-ons) does not hold it."""
+        name = str(task.get("adapter") or "")
+        if not name:
+            return ""
+        lora = self.encoder_adapters.get(name)
+        if lora is None:
+            if task.get("head") == "linear_head":
+                return ""  # a head the image lacks is refused when the request holds it
+            raise FailedPrecondition(f"task {task['id']!r} runs the text encoder with adapter "
+                                     f"{name!r}, which is not a LoRA on the text encoder that "
+                                     "this image holds")
+        if lora and self.encoder_adapters.get(lora) != lora:
+            raise FailedPrecondition(f"task {task['id']!r}: its head {name!r} was trained with "
+                                     f"the text encoder's LoRA {lora!r}, which this image does "
+                                     "not hold")
+        return lora
 
     def classify(self, task_id: str, origin: Origin, text: str,
                  labels: Sequence[str]) -> ClassifyRequest:
@@ -313,7 +348,7 @@ class Tasks:
                                   f"{', '.join(sorted(set(labels) - set(own)))}")
         return ClassifyRequest(task=task_id, priority=origin.priority, caller=origin.caller,
                                deadline=origin.deadline, text=self.text("text", text),
-                               labels=labels, head=head)
+                               labels=labels, head=head, encoder_lora=self.encoder_lora(task))
 
     def predict_next(self, task_id: str, origin: Origin, text: str,
                      num_predictions: int) -> PredictNextRequest:
@@ -388,6 +423,7 @@ class Tasks:
         if op is MediaOp.ANSWER:
             request.question = self.text("question", question) if question is not None else ""
             request.prompt_template = task.get("prompt_template") or ""
+            request.response_schema = task.get("response_schema") or ""
             if self.tokenizer is None:
                 raise InvalidArgument("this image has no language backbone")
             # The prompt is built after recognition; reserve room for it in the context.
