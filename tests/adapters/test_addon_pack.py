@@ -12,15 +12,16 @@ from typing import Any
 
 import pytest
 import torch
-from m4d.adapters.heads import Head, write_head
+from m4d.adapters.heads import Head, Hidden, read_head, write_head
 from m4d.adapters.lora import AdapterError, write_peft
 from m4d.adapters.modules import new_lora
-from m4d.adapters.pack import TaskFlags, check_template, pack_addon
+from m4d.adapters.pack import TaskFlags, check_component, check_template, pack_addon
 from m4d.model.llama import Llama, LlamaConfig
 from m4image.addon_io import verify_addon
 from m4image.addon_store import AddonStore
 from m4image.keys import Keyring
 from m4image.sign import generate_keypair
+from m4image.verify import verify_image
 
 from tests.unit.addonkit import WEIGHTS
 from tests.unit.imagekit import make_image, payload
@@ -121,6 +122,33 @@ def test_a_head_packs_as_a_classify_task_with_its_labels(base: dict[str, Any]) -
     task = addon.manifest.tasks[0]
     assert (task["rpc"], task["head"], task["adapter"], task["labels"]) == (
         "Classify", "linear_head", "lights-head", ["off", "on"])
+
+
+def test_an_mlp_head_packs_and_its_first_layer_must_take_the_encoder_vector(
+        base: dict[str, Any]) -> None:
+    head = Head(["off", "on"], torch.randn(2, 32), torch.zeros(2),
+                hidden=Hidden(torch.randn(32, 384), torch.zeros(32), "gelu"))
+    write_head(base["tmp"] / "mlp", head)
+    addon = pack_addon(base["image"], base["tmp"] / "lights", name="lights", version="1.0.0",
+                       key=base["key"], head=base["tmp"] / "mlp")
+    task = addon.manifest.tasks[0]
+    assert (task["rpc"], task["adapter"], task["labels"]) == (
+        "Classify", "lights-head", ["off", "on"])
+    verified = verify_addon(addon.path, keyring=Keyring(base["keys"]))
+    folder = verified.path / "adapters" / "lights-head"
+    packed = read_head(folder)
+    assert packed.hidden is not None and packed.dim == 384
+    # the daemon's check of the files it is sent, before it publishes the add-on
+    check_component(verified.manifest.components["lights-head"], folder,
+                    verify_image(base["image"]).manifest)
+    assert all(torch.equal(packed.tensors()[k], t) for k, t in head.tensors().items())
+    # 384 wide at the output layer, but its hidden layer takes 768-dimensional vectors
+    write_head(base["tmp"] / "wide", Head(["off", "on"], torch.zeros(2, 384), torch.zeros(2),
+                                          hidden=Hidden(torch.zeros(384, 768), torch.zeros(384))))
+    with pytest.raises(AdapterError, match="the head takes 768-dimensional vectors"):
+        pack_addon(base["image"], base["tmp"] / "wide-addon", name="wide", version="1",
+                   key=base["key"], head=base["tmp"] / "wide")
+    assert not (base["tmp"] / "wide-addon").exists()
 
 
 def test_tasks_from_json_name_this_adapter_unless_they_say(base: dict[str, Any]) -> None:

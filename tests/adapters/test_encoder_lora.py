@@ -19,7 +19,7 @@ from m4d.adapters.encoder_lora import (
     train_encoder_head,
     vectors,
 )
-from m4d.adapters.heads import read_head, write_head
+from m4d.adapters.heads import read_head, train_head, write_head
 from m4d.adapters.lora import peft_module, read_peft, write_peft
 from m4d.adapters.modules import attach, detach
 from m4d.model.bert import BertConfig, BertEncoder
@@ -90,6 +90,31 @@ def test_trained_adapter_written_loads_and_gives_the_same_vectors(tmp_path: Path
     assert size < sum(p.a.numel() + p.b.numel() for p in lora.pairs.values()) * 3
 
 
+def test_an_mlp_head_trains_with_the_lora_from_the_frozen_mlp_head(tmp_path: Path) -> None:
+    encoder = _encoder()
+    train, val = _examples(96, seed=1), _examples(24, seed=2)
+    frozen = train_head(vectors(encoder, [t for t, _ in train]), [y for _, y in train],
+                        hidden=16, seed=3)
+    settings = EncoderTrainSettings(rank=4, alpha=8, batch=8, max_epochs=4, eval_every=5, lr=1e-2,
+                                    head_lr=1e-2, seed=3)
+    lora, head, report = train_encoder_head(encoder, train, settings, validation=val,
+                                            frozen=frozen)
+    assert head.hidden is not None and frozen.hidden is not None
+    assert head.hidden.weight.shape == (16, CFG.hidden_size) and head.weight.shape == (3, 16)
+    assert head.labels == frozen.labels and report.best_step > 0
+    for name, start in frozen.tensors().items():  # every layer of the head trained on
+        assert (head.tensors()[name] - start).abs().max().item() > 1e-4, name
+    assert not any(t.requires_grad for t in head.tensors().values())
+    write_head(tmp_path / "head", head)
+    texts = [t for t, _ in val]
+    assert torch.equal(read_head(tmp_path / "head").logits(vectors(encoder, texts, lora)),
+                       head.logits(vectors(encoder, texts, lora)))
+    # without a head to start from, settings.hidden trains the frozen MLP head here
+    _, fresh, _ = train_encoder_head(encoder, train, EncoderTrainSettings(
+        rank=2, batch=8, max_epochs=1, eval_every=5, seed=3, hidden=8), validation=val)
+    assert fresh.hidden is not None and fresh.hidden.weight.shape == (8, CFG.hidden_size)
+
+
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "m4d.adapters", *args], capture_output=True,
                           text=True, timeout=600)
@@ -124,3 +149,21 @@ def test_head_with_lora_rank_on_the_real_image(default_image: Path, tmp_path: Pa
                 "--out", str(tmp_path / "plain"))
     assert done.returncode == 0, done.stderr
     assert read_head(tmp_path / "plain").lora == "" and not (tmp_path / "plain-lora").exists()
+
+
+def test_head_with_hidden_on_the_real_image(default_image: Path, tmp_path: Path) -> None:
+    rows = [("turn on the lights", "on"), ("lights on please", "on"), ("switch the lamp on", "on"),
+            ("turn off the lights", "off"), ("lights off please", "off"),
+            ("switch the lamp off", "off")]
+    data = _labelled(tmp_path / "train.jsonl", rows)
+    val = _labelled(tmp_path / "val.jsonl", [("make it bright", "on"), ("make it dark", "off")])
+    done = _run("head", "--image", str(default_image), "--data", str(data), "--eval", str(val),
+                "--out", str(tmp_path / "mlp"), "--hidden", "8", "--activation", "relu",
+                "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    head = read_head(tmp_path / "mlp")
+    assert head.hidden is not None and head.hidden.activation == "relu"
+    assert head.hidden.weight.shape == (8, 384) and head.labels == ["off", "on"]
+    metrics = json.loads((tmp_path / "mlp" / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"head", "linear_head", "base", "examples"}
+    assert (metrics["train"]["hidden"], metrics["train"]["activation"]) == (8, "relu")

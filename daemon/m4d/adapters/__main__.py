@@ -1,6 +1,7 @@
 """``python -m m4d.adapters train``: a backbone LoRA trained on this CPU from a JSONL file;
-``python -m m4d.adapters head``: a linear head on the text encoder, with ``--lora-rank R`` a
-LoRA on the encoder trained with it (tooling for device makers).
+``python -m m4d.adapters head``: a head on the text encoder (linear, or with ``--hidden H`` a
+small MLP), with ``--lora-rank R`` a LoRA on the encoder trained with it (tooling for device
+makers).
 
     python -m m4d.adapters train --image build/images/default --template slu_adapter \\
         --data train.jsonl --eval eval.jsonl --scorer slu --out firmware_image/adapters/slu
@@ -131,10 +132,11 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def head_command(args: argparse.Namespace) -> int:
-    """A linear head on the text encoder from {"text", "label"} lines, with `--lora-rank` a
-    LoRA on the encoder trained with it (``m4d.adapters.encoder_lora``); held-out accuracy
-    against the frozen-encoder head and zero-shot classification by label similarity (what
-    the image does without it)."""
+    """A head on the text encoder from {"text", "label"} lines (linear, or an MLP with
+    `--hidden`), with `--lora-rank` a LoRA on the encoder trained with it
+    (``m4d.adapters.encoder_lora``); held-out accuracy against the frozen-encoder head, the
+    linear frozen-encoder head (for an MLP) and zero-shot classification by label similarity
+    (what the image does without it)."""
     from m4d.adapters.encoder_lora import (
         STORE_DTYPE,
         EncoderTrainSettings,
@@ -150,15 +152,20 @@ def head_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder, train = load_encoder(args.image), read_labelled(args.data)
-    frozen = train_head(vectors(encoder, [t for t, _ in train]), [y for _, y in train], seed=args.seed)
+    train_vectors, train_labels = vectors(encoder, [t for t, _ in train]), [y for _, y in train]
+    frozen = train_head(train_vectors, train_labels, seed=args.seed, hidden=args.hidden,
+                        activation=args.activation)
     head, lora, lora_out = frozen, None, args.lora_out or args.out.with_name(f"{args.out.name}-lora")
-    metrics: dict[str, Any] = {"train": {"examples": len(train), "labels": frozen.labels}}
+    metrics: dict[str, Any] = {"train": {"examples": len(train), "labels": frozen.labels,
+                                         "hidden": args.hidden}}
+    if args.hidden:
+        metrics["train"]["activation"] = args.activation
     if args.lora_rank:
         settings = EncoderTrainSettings(
             rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
             dropout=args.lora_dropout, targets=tuple(args.lora_targets.split(",")), lr=args.lr,
             head_lr=args.lr, batch=args.batch, max_epochs=args.epochs, patience=args.patience,
-            seed=args.seed, threads=args.threads)
+            seed=args.seed, threads=args.threads, hidden=args.hidden)
         print(f"training a rank-{settings.rank} LoRA on the text encoder with the head on "
               f"{len(train)} examples ({', '.join(settings.targets)})", file=sys.stderr)
         validation = read_labelled(args.val) if args.val is not None else []
@@ -177,6 +184,9 @@ def head_command(args: argparse.Namespace) -> int:
         if lora is not None:  # the head through its LoRA (as served), and the frozen one
             scores = {"head": accuracy(predict(head, vectors(encoder, texts, lora)), expected),
                       "frozen_head": scores["head"], "base": scores["base"]}
+        if args.hidden:  # what the MLP adds over the linear head (both on the frozen encoder)
+            linear = train_head(train_vectors, train_labels, seed=args.seed)
+            scores["linear_head"] = accuracy(predict(linear, plain), expected)
         metrics["eval"] = {**{k: {"accuracy": v, "n": len(held)} for k, v in scores.items()},
                            "examples": len(held)}
         print(json.dumps(metrics["eval"], indent=2))
@@ -217,13 +227,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="the matmuls' dtype (auto: bfloat16 where the CPU has bf16 arithmetic)")
-    h = sub.add_parser("head", help="train a linear head on the text encoder from JSONL text/label lines")
+    h = sub.add_parser("head", help="train a head (linear, or a small MLP) on the text encoder "
+                       "from JSONL text/label lines")
     h.add_argument("--image", type=Path, required=True, help="the base image directory")
     h.add_argument("--data", type=Path, required=True, help="training JSONL: {\"text\", \"label\"}")
     h.add_argument("--eval", type=Path, help="held-out JSONL, scored at the end")
     h.add_argument("--out", type=Path, required=True, help="the head folder to write")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    h.add_argument("--hidden", type=int, default=0, help="the head's hidden layer width "
+                   "(0: a linear head; else an MLP with one hidden layer)")
+    h.add_argument("--activation", default="gelu", choices=["gelu", "relu"],
+                   help="the hidden layer's activation")
     h.add_argument("--lora-rank", type=int, default=0, help="train a LoRA of this rank on the "
                    "text encoder with the head (0: the head alone, on the frozen encoder)")
     h.add_argument("--lora-out", type=Path, help="the LoRA's PEFT folder (default: OUT-lora); "

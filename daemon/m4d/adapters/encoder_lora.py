@@ -4,8 +4,9 @@ tooling for device makers, not the daemon), on the device's CPU from {"text", "l
 The encoder is the image's own, in float32, frozen; the LoRA (every attention and FFN linear
 by default) and the head are trained together on the cross-entropy of the head's logits over
 the pooled, normalised vector, exactly as the daemon computes it. The head starts from the
-frozen-encoder head (``m4d.adapters.heads.train_head``: the L-BFGS optimum on frozen vectors)
-and the LoRA from PEFT's initialisation (B = 0), so training starts at that head's answers.
+frozen-encoder head (``m4d.adapters.heads.train_head``: the L-BFGS optimum on frozen vectors;
+linear or an MLP, every weight of it trained on here) and the LoRA from PEFT's
+initialisation (B = 0), so training starts at that head's answers.
 AdamW, seeded, with early stopping on a validation set: the best state by its accuracy (then
 loss) is kept. The validation set is best worded apart from the training set (``slu_data``'s
 "val" split); without one, a slice of the training file is held out.
@@ -61,6 +62,7 @@ class EncoderTrainSettings:
     held_out: float = 0.1  # of the training file, for early stopping without a validation set
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
+    hidden: int = 0  # the head's hidden layer when none is given to start from (0: linear)
 
 
 @dataclass
@@ -169,7 +171,7 @@ def train_encoder_head(encoder: Encoder, examples: Sequence[tuple[str, str]],
         raise AdapterError("too few examples to train on and validate with")
     if frozen is None:
         frozen = train_head(vectors(encoder, [t for t, _ in train]), [y for _, y in train],
-                            seed=settings.seed)
+                            seed=settings.seed, hidden=settings.hidden)
     labels = frozen.labels
     unknown = sorted({y for _, y in [*train, *held]} - set(labels))
     if unknown:
@@ -177,12 +179,13 @@ def train_encoder_head(encoder: Encoder, examples: Sequence[tuple[str, str]],
     model = encoder.model
     init = new_lora(model, settings.rank, settings.alpha, settings.targets, seed=settings.seed)
     init.base_model = encoder.digest
-    weight = torch.nn.Parameter(frozen.weight.clone())
-    bias = torch.nn.Parameter(frozen.bias.clone())
+    head_params = {name: torch.nn.Parameter(t.clone()) for name, t in frozen.tensors().items()}
+    trainable = frozen.with_tensors(head_params)  # runs through the parameters
     wrappers = attach(model, init, trainable=True, dropout=settings.dropout)
     params = [p for w in wrappers for p in w.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": params, "lr": settings.lr},
-                             {"params": [weight, bias], "lr": settings.head_lr}], weight_decay=0.0)
+                             {"params": list(head_params.values()), "lr": settings.head_lr}],
+                            weight_decay=0.0)
     total = max(1, int(settings.max_epochs * math.ceil(len(train) / settings.batch)))
     warmup = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
@@ -199,11 +202,11 @@ def train_encoder_head(encoder: Encoder, examples: Sequence[tuple[str, str]],
                 order += rng.sample(range(len(train)), len(train))
             batch = [train[i] for i in order[:settings.batch]]
             del order[:settings.batch]
-            logits = F.linear(_batch_vectors(encoder, [t for t, _ in batch]), weight, bias)
+            logits = trainable.logits(_batch_vectors(encoder, [t for t, _ in batch]))
             loss = F.cross_entropy(logits, torch.tensor([targets[y] for _, y in batch]))
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_([*params, weight, bias], 1.0)
+            torch.nn.utils.clip_grad_norm_([*params, *head_params.values()], 1.0)
             opt.step()
             sched.step()
             step += 1
@@ -213,7 +216,7 @@ def train_encoder_head(encoder: Encoder, examples: Sequence[tuple[str, str]],
             if step % settings.eval_every and step != total:
                 continue
             model.eval()
-            head = Head(labels, weight.detach().clone(), bias.detach().clone())
+            head = frozen.with_tensors({n: p.detach().clone() for n, p in head_params.items()})
             accuracy, val_loss = _evaluate(encoder, head, held)
             history.append({"step": step, "train_loss": running, "val_loss": val_loss,
                             "val_accuracy": accuracy})

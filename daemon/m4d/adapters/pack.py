@@ -11,9 +11,9 @@ A PEFT folder is taken as the peft library writes it (``adapter_config.json`` +
 It must fit the module it adapts (the backbone, or the text encoder: which one its tensors'
 names say): every LoRA pair a linear the module has, of its shape (``m4d.adapters.lora``),
 and, when it records the module's weights digest (our trainers do), that digest must be the
-image's. A head must take the text encoder's vector. The same checks run
-again in the daemon on the files it is sent, before the add-on is published
-(``check_component``).
+image's. A head (linear or an MLP) must take the text encoder's vector with its first
+layer. The same checks run again in the daemon on the files it is sent, before the add-on
+is published (``check_component``).
 """
 
 from __future__ import annotations
@@ -99,13 +99,14 @@ def fit_lora(folder: Path, image: Manifest, module: str = "") -> Lora:
 
 
 def fit_head(folder: Path, image: Manifest) -> Head:
-    """A task head, checked to take the image's text-encoder vectors."""
+    """A task head (linear or an MLP), checked to take the image's text-encoder vectors
+    (its first layer's input)."""
     encoder = _component_of(image, "bert")
     head = read_head(folder)
     dim = int(encoder.get("dimensions") or encoder.get("config", {}).get("hidden_size", 0))
-    if head.weight.shape[1] != dim:
-        raise AdapterError(f"{folder}: the head takes {head.weight.shape[1]}-dimensional "
-                           f"vectors, the image's text encoder gives {dim}")
+    if head.dim != dim:
+        raise AdapterError(f"{folder}: the head takes {head.dim}-dimensional vectors, the "
+                           f"image's text encoder gives {dim}")
     return head
 
 

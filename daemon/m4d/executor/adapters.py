@@ -257,7 +257,7 @@ class EncoderLoraBank(_LoraBank[EncoderTerms]):
 
 class HeadBank(_Components):
     """The task heads on the text encoder (``head`` components), read on first use (a few KB
-    each: kept once read)."""
+    each, a few hundred KB for an MLP head: kept once read)."""
 
     kind = "head"
 
