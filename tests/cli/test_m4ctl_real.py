@@ -65,7 +65,7 @@ def test_classify_predict_tasks_status(daemon) -> None:
     out = m4ctl(daemon, "tasks")
     assert out.returncode == 0 and "predict-next" in out.stdout and "T1" in out.stdout
     understand = next(line.split() for line in out.stdout.splitlines() if line.startswith("understand "))
-    assert understand[1:5] == ["T49", "2", "backbone", "slu"] and understand[-2:] == ["JSON", "schema)"]
+    assert understand[1:5] == ["T49", "2", "backbone", "slu"] and understand[-2:] == ["(JSON", "schema)"]
     out = m4ctl(daemon, "status")
     assert out.returncode == 0 and "m4-default" in out.stdout and "READY" in out.stdout.upper()
 
