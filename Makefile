@@ -73,15 +73,16 @@ $(IMAGE)/manifest.json: | setup
 image: $(IMAGE)/manifest.json
 
 # The default image's trained adapters (daemon/m4d/builder/adapters), made again from data
-# the repository generates: ~30 min on 2 cores. Then `rm -rf $(IMAGE) && make image`.
+# the repository generates: ~45 min on 2 cores (the SLU LoRA in bf16 where the CPU has bf16
+# arithmetic, float32 elsewhere: slower). Then `rm -rf $(IMAGE) && make image`.
 ADAPTERS := daemon/m4d/builder/adapters
 adapters: setup
 	$(PY) -m m4d.builder --default --no-adapters --output $(BUILD)/images/base --force -q
 	$(PY) -m m4d.adapters.slu_data --out $(BUILD)/slu --train 4000 --eval 300 --seed 0
 	$(PY) -m m4d.adapters train --image $(BUILD)/images/base --template slu_adapter \
 	  --data $(BUILD)/slu/train.jsonl --val $(BUILD)/slu/val.jsonl --eval $(BUILD)/slu/eval.jsonl \
-	  --eval-limit 160 --scorer slu --base-template slu_listed --steps 600 --patience 4 \
-	  --out $(ADAPTERS)/slu
+	  --eval-limit 96 --scorer slu --base-template slu_listed --steps 480 --patience 4 \
+	  --threads 2 --out $(ADAPTERS)/slu
 	$(PY) -m m4d.adapters head --image $(BUILD)/images/base --data $(BUILD)/slu/train.labels.jsonl \
 	  --val $(BUILD)/slu/val.labels.jsonl --eval $(BUILD)/slu/eval.labels.jsonl --lora-rank 8 \
 	  --threads 1 --out $(ADAPTERS)/intent-head --lora-out $(ADAPTERS)/intent-lora
