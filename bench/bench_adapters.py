@@ -30,7 +30,7 @@ from benchkit.report import num, progress, render_table, stamp
 log = progress("bench_adapters")
 
 
-def _base_understand(client: Any, text: str) -> str:
+def _base_understand(client: Any, text: str, schema: str) -> str:
     """The base backbone with the image's SLU prompt (worked examples) told the adapter's
     intents and slots, the schema enforced: T49 without the adapter, scored fairly."""
     from m4d.adapters.__main__ import slu_listed_messages
@@ -38,7 +38,7 @@ def _base_understand(client: Any, text: str) -> str:
 
     messages = slu_listed_messages(text)
     result = client.chat_complete(messages, task="chat", temperature=0, max_tokens=48,
-                                  json_schema=SCHEMAS["slu"])
+                                  json_schema=schema or SCHEMAS["slu"])
     return str(result.text)
 
 
@@ -62,7 +62,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 return str(client.complete(e.text, task="understand", temperature=0, max_tokens=48).text)
 
             def base(e: slu_data.Example) -> str:
-                return _base_understand(client, e.text)
+                return _base_understand(client, e.text, schema)
 
             def speak(e: slu_data.Example) -> str:
                 from tests import speech
@@ -75,6 +75,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 return str(client.classify(e.text, task="command-intent").labels[0].label)
 
             labels = sorted({e.intent for e in examples})
+            schema = {t.id: t for t in client.list_tasks()}["understand"].response_schema
 
             def zero_shot(e: slu_data.Example) -> str:
                 ranked = client.classify(e.text, [lab.replace("_", " ") for lab in labels], task="classify")

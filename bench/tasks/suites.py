@@ -177,23 +177,24 @@ def understand(ctx: Context, task: Any) -> Suite:
         _slu_score(examples), len(examples), HELD_OUT)
 
 
-def _base_slu(ctx: Context, text: str) -> str:
+def _base_slu(ctx: Context, text: str, schema: str) -> str:
     """The base backbone (task `chat`) with the image's SLU prompt (worked examples) told the
-    adapter's intents and slots, the schema enforced: T49 without the adapter, as
-    bench_adapters.py scores it."""
+    adapter's intents and slots, the adapter task's schema enforced (the template's where
+    the task has none): T49 without the adapter, as bench_adapters.py scores it."""
     from m4d.adapters.__main__ import slu_listed_messages
     from m4d.engine.cascade import SCHEMAS
 
     return str(ctx.client.chat_complete(slu_listed_messages(text), task="chat",
-                                        max_tokens=SLU_TOKENS, json_schema=SCHEMAS["slu"],
-                                        **GREEDY).text)
+                                        max_tokens=SLU_TOKENS,
+                                        json_schema=schema or SCHEMAS["slu"], **GREEDY).text)
 
 
 def base_understand(ctx: Context, task: Any) -> Suite | None:
     if not ctx.has("chat"):
         return None
     examples = _commands(ctx)
-    return Suite(SLU_METRICS, examples, lambda e: _base_slu(ctx, e.text),
+    schema = str(getattr(task, "response_schema", "") or "")
+    return Suite(SLU_METRICS, examples, lambda e: _base_slu(ctx, e.text, schema),
                  _slu_score(examples), len(examples),
                  "base backbone (task chat), the SLU prompt with worked examples and the "
                  "intents listed, JSON schema enforced")
@@ -212,9 +213,10 @@ def base_speech_understand(ctx: Context, task: Any) -> Suite | None:
         return None
     examples = _commands(ctx)
     items = [(e, ctx.clip(e.text)) for e in examples]
+    schema = str(getattr(task, "response_schema", "") or "")
 
     def call(item: tuple[Any, Any]) -> str:
-        return _base_slu(ctx, ctx.client.transcribe(item[1]).text)
+        return _base_slu(ctx, ctx.client.transcribe(item[1]).text, schema)
 
     return Suite(SLU_METRICS, items, call, _slu_score(examples), len(examples),
                  "transcribe, then the base backbone with the SLU prompt (as understand's "
