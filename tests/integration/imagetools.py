@@ -103,3 +103,28 @@ def start_store_daemon(factory: Path, run: Path, state_dir: Path, keys_dir: Path
         raise
     d.extra_env["state_dir"] = str(state_dir)
     return d
+
+
+def random_lora(image: Path, out: Path, module: str, targets: list[str], *, rank: int,
+                seed: int) -> Path:
+    """A PEFT folder for the image's backbone or text encoder (`module`): new_lora on its
+    real shapes with a random B (an untrained adapter that visibly changes the answers),
+    pinned to that component's weights."""
+    import torch
+    from m4d.adapters.lora import write_peft
+    from m4d.adapters.modules import new_lora
+    from m4d.model.bert import BertConfig, BertEncoder
+    from m4d.model.llama import Llama, LlamaConfig
+
+    manifest = json.loads((image / "manifest.json").read_bytes())
+    spec = manifest["components"][module]
+    with torch.device("meta"):
+        model = (Llama(LlamaConfig.from_dict(spec["config"])) if module == "backbone"
+                 else BertEncoder(BertConfig.from_dict(spec["config"])))
+    lora = new_lora(model, rank=rank, alpha=2 * rank, targets=targets, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    for pair in lora.pairs.values():
+        pair.b = torch.randn(pair.b.shape, generator=gen) * 0.05
+    lora.base_model = manifest["files"][spec["weights"]]["sha256"]
+    write_peft(out, lora)
+    return out

@@ -26,29 +26,20 @@ from m4image.sign import generate_keypair
 
 from tests.conftest import DaemonProcess
 from tests.hooks.m4d_test_hooks import hooks_env
-from tests.integration.imagetools import dev_keys, flip_byte, m4ctl, start_store_daemon, variant
+from tests.integration.imagetools import (
+    dev_keys,
+    flip_byte,
+    m4ctl,
+    random_lora,
+    start_store_daemon,
+    variant,
+)
 
 PROMPT = "Two days in Rome"
 
 
 def _lora_folder(image: Path, out: Path, seed: int) -> Path:
-    """A PEFT folder for the image's backbone: new_lora on its real shapes with a random B
-    (an untrained adapter that visibly changes the answers), pinned to its weights."""
-    from m4d.adapters.lora import write_peft
-    from m4d.adapters.modules import new_lora
-    from m4d.model.llama import Llama, LlamaConfig
-
-    manifest = json.loads((image / "manifest.json").read_bytes())
-    spec = manifest["components"]["backbone"]
-    with torch.device("meta"):
-        model = Llama(LlamaConfig.from_dict(spec["config"]))
-    lora = new_lora(model, rank=8, alpha=16, targets=["q_proj", "v_proj", "o_proj"], seed=seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    for pair in lora.pairs.values():
-        pair.b = torch.randn(pair.b.shape, generator=gen) * 0.05
-    lora.base_model = manifest["files"][spec["weights"]]["sha256"]
-    write_peft(out, lora)
-    return out
+    return random_lora(image, out, "backbone", ["q_proj", "v_proj", "o_proj"], rank=8, seed=seed)
 
 
 def _head_folder(out: Path) -> Path:

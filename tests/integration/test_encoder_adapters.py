@@ -26,28 +26,14 @@ from m4image.fsutil import sha256_file
 from m4image.sign import sign_image
 
 from tests.conftest import DaemonProcess
-from tests.integration.imagetools import dev_keys, m4ctl, start_store_daemon, variant
+from tests.integration.imagetools import dev_keys, m4ctl, random_lora, start_store_daemon, variant
 
 TEXTS = ["switch the lamp on please", "it's far too dark in here", "will it rain tomorrow"]
 LABELS = ["lights_off", "lights_on", "weather"]
 
 
 def _lora_folder(image: Path, out: Path, seed: int, targets: list[str]) -> Path:
-    from m4d.adapters.lora import write_peft
-    from m4d.adapters.modules import new_lora
-    from m4d.model.bert import BertConfig, BertEncoder
-
-    manifest = json.loads((image / "manifest.json").read_bytes())
-    spec = manifest["components"]["text_encoder"]
-    with torch.device("meta"):
-        model = BertEncoder(BertConfig.from_dict(spec["config"]))
-    lora = new_lora(model, rank=4, alpha=8, targets=targets, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    for pair in lora.pairs.values():
-        pair.b = torch.randn(pair.b.shape, generator=gen) * 0.05
-    lora.base_model = manifest["files"][spec["weights"]]["sha256"]
-    write_peft(out, lora)
-    return out
+    return random_lora(image, out, "text_encoder", targets, rank=4, seed=seed)
 
 
 def _head_folder(out: Path, seed: int, lora: str = "") -> Path:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from m4d.adapters.heads import Head, train_head
 from m4d.adapters.lora import AdapterError, Lora, LoraPair, encoder_terms
 from m4d.adapters.modules import attach, collect, detach, new_lora
+from m4d.adapters.train import read_pairs
 from m4d.model.bert import (
     BertConfig,
     BertEncoder,
@@ -108,19 +109,7 @@ def load_encoder(image: Path) -> Encoder:
 
 def read_labelled(path: Path) -> list[tuple[str, str]]:
     """(text, label) per line of a JSONL file; a clear error for a bad line."""
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            out.append((str(record["text"]), str(record["label"])))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise AdapterError(f"{path}:{n}: each line must be a JSON object with \"text\" "
-                               f"and \"label\" strings ({exc})") from exc
-    if not out:
-        raise AdapterError(f"{path} holds no examples")
-    return out
+    return read_pairs(path, "text", "label")
 
 
 def vectors(encoder: Encoder, texts: Sequence[str], lora: Lora | None = None) -> torch.Tensor:

@@ -104,18 +104,19 @@ def load_backbone(image: Path) -> Backbone:
     return Backbone(model, tok, chat, digest)
 
 
-def read_pairs(path: Path) -> list[tuple[str, str]]:
-    """(input, output) per line of a JSONL file; a clear error for a bad line."""
+def read_pairs(path: Path, first: str = "input", second: str = "output") -> list[tuple[str, str]]:
+    """(record[first], record[second]) per line of a JSONL file ({"input", "output"} for a
+    LoRA, {"text", "label"} for a head); a clear error for a bad line."""
     pairs = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            pairs.append((str(record["input"]), str(record["output"])))
+            pairs.append((str(record[first]), str(record[second])))
         except (ValueError, KeyError, TypeError) as exc:
-            raise AdapterError(f"{path}:{n}: each line must be a JSON object with \"input\" "
-                               f"and \"output\" strings ({exc})") from exc
+            raise AdapterError(f"{path}:{n}: each line must be a JSON object with \"{first}\" "
+                               f"and \"{second}\" strings ({exc})") from exc
     if not pairs:
         raise AdapterError(f"{path} holds no examples")
     return pairs
