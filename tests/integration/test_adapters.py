@@ -52,14 +52,17 @@ def test_the_image_ships_the_slu_adapter_with_its_held_out_accuracy(default_imag
 
 
 def test_answers_keep_to_the_tasks_schema(m4: Client) -> None:
-    """Commands no intent fits still get one of the adapter's intents and only its slots."""
+    """Commands no intent fits still get one of the adapter's intents and only its slots,
+    and every slot value is copied from the command as written (its spans: x-m4-span)."""
     import jsonschema
 
     schema = json.loads({t.id: t for t in m4.list_tasks()}["understand"].response_schema)
     for text in ("Forget about the wake up call at seven.", "Sing me the alphabet backwards.",
                  *(c[0] for c in COMMANDS)):
         answer = _understand(m4, text)
-        jsonschema.validate(json.loads(answer), schema)
+        parsed = json.loads(answer)
+        jsonschema.validate(parsed, schema)
+        assert all(value and value in text for value in parsed["slots"].values()), answer
 
 
 def test_the_intent_head_runs_through_the_encoder_lora_it_was_trained_with(

@@ -177,3 +177,16 @@ def test_a_task_with_a_response_schema_keeps_to_it_unless_the_caller_gives_one()
     free.grammars = grammars  # type: ignore[assignment]
     assert free.generate("generate", ORIGIN, prompt="hi").constraint is None
     assert len(grammars.compiled) == 2
+
+
+def test_a_task_schemas_marked_strings_are_spans_of_the_prompt() -> None:
+    import json
+
+    span = {"type": "object", "properties": {"room": {"type": "string", "x-m4-span": True}}}
+    tasks = Tasks(Config(), [{**ADAPTER_TASKS[0], "response_schema": json.dumps(span)}],
+                  ImageInfo("test", "1.0", "ab" * 32), WordTokenizer(), Template(), max_context=64,
+                  adapters=("slu",))  # type: ignore[arg-type]
+    tasks.grammars = grammars = RecordingGrammars()  # type: ignore[assignment]
+    tasks.generate("understand", ORIGIN, prompt="lights off in the den")
+    room = json.loads(grammars.compiled[0].json_schema)["properties"]["room"]
+    assert set(room) == {"enum"} and {"den", "the den", "lights off in the den"} <= set(room["enum"])

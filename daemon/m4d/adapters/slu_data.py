@@ -36,6 +36,7 @@ from m4image.fsutil import atomic_write_bytes
 
 from m4d.adapters.slu_templates import SCHEMA, TEMPLATES
 from m4d.adapters.slu_values import VALUES
+from m4d.prepare.constraints import SPAN
 
 # split -> (templates held out, values held out)
 SPLITS: dict[str, tuple[bool, bool]] = {
@@ -147,11 +148,13 @@ def target(example: Example) -> str:
 
 def response_schema(max_value: int = 64) -> dict[str, object]:
     """The JSON schema of `target`: one of the intents, each with only its own slots (in
-    `target`'s order: by name), each a string. The task serving the adapter enforces it
-    while decoding, so an answer names an intent the adapter knows, never a near miss
-    ("cancel_call"), and no slot its intent lacks."""
+    `target`'s order: by name), each a string copied from the request (``x-m4-span``:
+    the daemon makes it a choice among the request's spans). The task serving the adapter
+    enforces it while decoding, so an answer names an intent the adapter knows, never a
+    near miss ("cancel_call"), no slot its intent lacks, and no misspelt value
+    ("nursary" for "nursery")."""
     def one(intent: str) -> dict[str, object]:
-        slots = {s: {"type": "string", "minLength": 1, "maxLength": max_value}
+        slots = {s: {"type": "string", "minLength": 1, "maxLength": max_value, SPAN: True}
                  for s in sorted(SCHEMA[intent])}
         return {"type": "object",
                 "properties": {"intent": {"const": intent},

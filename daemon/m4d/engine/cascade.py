@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from m4d.errors import InvalidArgument
+from m4d.prepare.constraints import bind_spans
 from m4d.prepare.prompts import answer_messages
 from m4d.requests import GenerateRequest, MediaRequest, TokenConstraint
 
@@ -80,8 +81,9 @@ def plan_answer(request: MediaRequest, source: str, *, tokenizer: TextTokenizer 
             f"{max_context}")
     sampling = dataclasses.replace(request.sampling,
                                    max_tokens=min(request.sampling.max_tokens, room))
-    schema = request.response_schema or (json.dumps(SCHEMAS[request.prompt_template])
-                                         if request.prompt_template in SCHEMAS else "")
+    schema = (bind_spans(request.response_schema, source) if request.response_schema else
+              json.dumps(SCHEMAS[request.prompt_template])
+              if request.prompt_template in SCHEMAS else "")
     constraint = constrain(schema) if schema and constrain is not None else None
     return Answer(GenerateRequest(
         task=request.task, priority=request.priority, caller=request.caller, id=request.id,

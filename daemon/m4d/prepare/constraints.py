@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,35 @@ class ResponseFormat:
     regex: str = ""
     choices: tuple[str, ...] = ()
     lark: str = ""  # a grammar in llguidance's Lark dialect (tool calls; not in the API)
+
+
+SPAN = "x-m4-span"  # a string schema marked so is a span of the request's text (task schemas)
+MAX_SPAN_WORDS = 8
+_SPAN_EDGES = ",.;:!?\"()[]"  # stripped from a span's ends (not "'": "kids' room")
+
+
+def bind_spans(schema: str, text: str | None) -> str:
+    """A task's JSON schema with each string marked ``"x-m4-span": true`` replaced by the
+    choice of the spans of `text` (runs of up to MAX_SPAN_WORDS words, exactly as written
+    between them, the outer punctuation off): a slot is then copied from the request, never
+    misspelt. Without a text (or one with no words) the mark is dropped and the string is
+    free."""
+    text = text or ""
+    words = [m.span() for m in re.finditer(r"\S+", text)]
+    spans = {text[words[i][0]:words[j - 1][1]].strip(_SPAN_EDGES) for i in range(len(words))
+             for j in range(i + 1, min(len(words), i + MAX_SPAN_WORDS) + 1)}
+    choices = sorted(s for s in spans if s)
+
+    def bind(node: object) -> object:
+        if isinstance(node, list):
+            return [bind(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get(SPAN) is True:
+            return {"enum": choices} if choices else {k: v for k, v in node.items() if k != SPAN}
+        return {k: bind(v) for k, v in node.items()}
+
+    return json.dumps(bind(json.loads(schema)))
 
 
 def _escape(text: str) -> str:

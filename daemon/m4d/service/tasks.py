@@ -17,7 +17,7 @@ from typing import Any
 
 from m4d.config import Config
 from m4d.errors import FailedPrecondition, InvalidArgument
-from m4d.prepare.constraints import Grammars, ResponseFormat
+from m4d.prepare.constraints import Grammars, ResponseFormat, bind_spans
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 from m4d.requests import (
     Caller,
@@ -209,18 +209,20 @@ class Tasks:
         """A generation from a prompt or (when `chat` is given) a chat; its output kept to
         `response_format` when one is given."""
         ids, _ = self.prompt_ids(task_id, prompt=prompt, chat=chat)
-        return self.request(task_id, origin, ids, sampling, response_format)
+        source = prompt if prompt is not None else (chat[-1][1] if chat else None)
+        return self.request(task_id, origin, ids, sampling, response_format, source=source)
 
     def request(self, task_id: str, origin: Origin, ids: list[int], sampling: SamplingArgs,
                 response_format: ResponseFormat | None = None,
-                keep_reply: bool = False) -> GenerateRequest:
+                keep_reply: bool = False, source: str | None = None) -> GenerateRequest:
         """A generation from prompt tokens `ids` (`prompt_ids`); `keep_reply` (a session's
         turn) keeps the KV of the reply too for the next turn."""
         constraint = None
         schema = str(self.tasks[task_id].get("response_schema") or "")
         if response_format is None and schema and self.grammars is not None:
-            # the task's own format (its adapter writes it unaided too, less surely)
-            response_format = ResponseFormat("json_schema", json_schema=schema)
+            # the task's own format (its adapter writes it unaided too, less surely); its
+            # marked strings are spans of `source` (the prompt, or the chat's last message)
+            response_format = ResponseFormat("json_schema", json_schema=bind_spans(schema, source))
         if response_format is not None:
             if self.grammars is None:
                 raise InvalidArgument("this image's backbone has no structured output")
