@@ -35,10 +35,11 @@ def _base_understand(client: Any, text: str, schema: str) -> str:
     intents and slots, the schema enforced: T49 without the adapter, scored fairly."""
     from m4d.adapters.__main__ import slu_listed_messages
     from m4d.engine.cascade import SCHEMAS
+    from m4d.prepare.constraints import bind_spans
 
-    messages = slu_listed_messages(text)
+    messages = slu_listed_messages(text)  # the schema bound to the text, as the task's is
     result = client.chat_complete(messages, task="chat", temperature=0, max_tokens=48,
-                                  json_schema=schema or SCHEMAS["slu"])
+                                  json_schema=bind_spans(schema, text) if schema else SCHEMAS["slu"])
     return str(result.text)
 
 

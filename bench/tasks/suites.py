@@ -183,10 +183,12 @@ def _base_slu(ctx: Context, text: str, schema: str) -> str:
     the task has none): T49 without the adapter, as bench_adapters.py scores it."""
     from m4d.adapters.__main__ import slu_listed_messages
     from m4d.engine.cascade import SCHEMAS
+    from m4d.prepare.constraints import bind_spans
 
     return str(ctx.client.chat_complete(slu_listed_messages(text), task="chat",
-                                        max_tokens=SLU_TOKENS,
-                                        json_schema=schema or SCHEMAS["slu"], **GREEDY).text)
+                                        max_tokens=SLU_TOKENS, **GREEDY,  # bound as the task's
+                                        json_schema=bind_spans(schema, text) if schema
+                                        else SCHEMAS["slu"]).text)
 
 
 def base_understand(ctx: Context, task: Any) -> Suite | None:
