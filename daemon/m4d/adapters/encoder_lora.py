@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from m4d.adapters.heads import Head, train_head
 from m4d.adapters.lora import AdapterError, Lora, LoraPair, encoder_terms
 from m4d.adapters.modules import attach, collect, detach, new_lora
-from m4d.adapters.train import read_pairs
+from m4d.adapters.train import batches, read_pairs, warmup_cosine
 from m4d.model.bert import (
     BertConfig,
     BertEncoder,
@@ -176,21 +176,16 @@ def train_encoder_head(encoder: Encoder, examples: Sequence[tuple[str, str]],
                              {"params": list(head_params.values()), "lr": settings.head_lr}],
                             weight_decay=0.0)
     total = max(1, int(settings.max_epochs * math.ceil(len(train) / settings.batch)))
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, total) / total)))
+    sched = warmup_cosine(opt, total)
     targets = {label: i for i, label in enumerate(labels)}
     best: tuple[float, float, int, Lora, Head] | None = None
     history: list[dict[str, float]] = []
     started, step, bad, running = time.monotonic(), 0, 0, 0.0
-    order: list[int] = []
+    draw = batches(rng, train, settings.batch)
     try:
         while step < total:
             model.train()
-            if len(order) < settings.batch:
-                order += rng.sample(range(len(train)), len(train))
-            batch = [train[i] for i in order[:settings.batch]]
-            del order[:settings.batch]
+            batch = next(draw)
             logits = trainable.logits(_batch_vectors(encoder, [t for t, _ in batch]))
             loss = F.cross_entropy(logits, torch.tensor([targets[y] for _, y in batch]))
             opt.zero_grad()

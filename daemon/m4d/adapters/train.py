@@ -20,9 +20,10 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from m4d.prepare.prompts import answer_messages
 from m4d.prepare.tokenizer import ChatTemplate, TextTokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -156,6 +158,24 @@ def _loss(model: Llama, batch: Sequence[tuple[list[int], int]],
     return F.cross_entropy(logits.float(), targets)
 
 
+def batches(rng: random.Random, items: Sequence[T], size: int) -> Iterator[list[T]]:
+    """Batches of `size` for ever, each pass over `items` in a new order (the adapter and
+    head trainers' draw)."""
+    order: list[int] = []
+    while True:
+        if len(order) < size:
+            order += rng.sample(range(len(items)), len(items))
+        yield [items[i] for i in order[:size]]
+        del order[:size]
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A linear warm-up over the first 5 % of `total` steps, then a cosine to zero."""
+    warmup = max(1, total // 20)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, total) / total)))
+
+
 def train_lora(backbone: Backbone, template: str, pairs: Sequence[tuple[str, str]],
                settings: TrainSettings = TrainSettings(),
                progress: Callable[[int, int, float], None] | None = None,
@@ -182,20 +202,15 @@ def train_lora(backbone: Backbone, template: str, pairs: Sequence[tuple[str, str
     wrappers = attach(model, init, trainable=True, dropout=settings.dropout)
     params = [p for w in wrappers for p in w.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    warmup = max(1, settings.max_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, settings.max_steps) / settings.max_steps)))
+    sched = warmup_cosine(opt, settings.max_steps)
     best: tuple[float, int, Lora] | None = None
     history: list[dict[str, float]] = []
     started, step, bad, running = time.monotonic(), 0, 0, 0.0
-    order: list[int] = []
+    draw = batches(rng, train, settings.batch)
     try:
         model.train()
         while step < settings.max_steps:
-            if len(order) < settings.batch:
-                order += rng.sample(range(len(train)), len(train))
-            batch = [train[i] for i in order[:settings.batch]]
-            del order[:settings.batch]
+            batch = next(draw)
             loss = _loss(model, batch, dtype)
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
